@@ -1,0 +1,413 @@
+//! The reconciler: `GrpcService` + selected pods in the cache → keys in etcd → status.
+
+mod pods;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, field, info, info_span, instrument, warn};
+
+pub use pods::{PodMapper, strip_pod};
+use status::{Outcome, next_status};
+
+use crate::crd::{FINALIZER, GrpcService};
+use crate::desired::{Plan, Policy, desired};
+use crate::metrics::{Metrics, ServiceLabels};
+use crate::registry::{Claim, Owner, Registry};
+use crate::{Error, Result};
+
+/// The field manager for status writes (server-side apply).
+pub const FIELD_MANAGER: &str = "grpc-registrar";
+
+/// How often a healthy service is re-synced even without events, to repair out-of-band edits.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// How often a service in conflict re-checks whether the target was freed.
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
+
+/// Everything a reconcile needs.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// The etcd registry.
+    pub registry: Registry,
+    /// The stripped pod cache.
+    pub pods: Store<Pod>,
+    /// Target policy.
+    pub policy: Policy,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per service uid, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context over a pod store.
+    #[must_use]
+    pub fn new(
+        client: Client,
+        registry: Registry,
+        pods: Store<Pod>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            registry,
+            pods,
+            policy,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// Where the controller watches.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// One namespace, or all when `None`.
+    pub namespace: Option<String>,
+}
+
+fn api<K>(client: &Client, scope: &Scope) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match &scope.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. Setting `ready` once the caches are synced.
+///
+/// Graceful shutdown finishes in-flight reconciles and does not revoke the etcd lease.
+pub async fn run(
+    client: Client,
+    registry: Registry,
+    scope: Scope,
+    policy: Policy,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let services: Api<GrpcService> = api(&client, &scope);
+    let pods_api: Api<Pod> = api(&client, &scope);
+
+    let (pod_store, pod_writer) = reflector::store();
+    let pod_events = watcher(pods_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(strip_pod)
+        .reflect(pod_writer)
+        .touched_objects();
+
+    let lease_events = futures::stream::unfold(registry.lease_events(), |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(_) => return Some(((), rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+
+    let controller = Controller::new(services, watcher::Config::default().any_semantic());
+    let mapper = PodMapper::new(controller.store(), pod_store.clone());
+    let svc_store = controller.store();
+    {
+        let (pods, ready) = (pod_store.clone(), ready.clone());
+        tokio::spawn(async move {
+            if pods.wait_until_ready().await.is_ok() && svc_store.wait_until_ready().await.is_ok() {
+                info!(
+                    pods = pods.len(),
+                    services = svc_store.len(),
+                    "caches synced"
+                );
+                ready.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+    let ctx = Arc::new(Context::new(client, registry, pod_store, policy, metrics));
+    let prune = mapper.clone();
+    controller
+        .watches_stream(pod_events, move |pod| mapper.map(&pod))
+        .reconcile_all_on(lease_events.inspect(move |()| prune.prune()))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            if let Err(e) = result {
+                warn!(error = %e, "reconcile loop reported an error");
+            }
+            future::ready(())
+        })
+        .instrument(info_span!("controller"))
+        .await;
+    info!("controller stopped");
+}
+
+/// Reconciles one `GrpcService`: finalizer, then apply or cleanup.
+///
+/// # Errors
+/// Retried by [`error_policy`] with backoff.
+#[instrument(skip_all, fields(namespace = field::Empty, name = %svc.name_any(), target = field::Empty))]
+pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started();
+    let namespace = svc
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    tracing::Span::current().record("namespace", namespace.as_str());
+    // Never compute desired state from a half-filled cache: that would delete live keys.
+    ctx.pods
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::MissingField("pod cache"))?;
+    let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &namespace);
+    let uid = svc.uid().unwrap_or_default();
+    let action = finalizer(&api, FINALIZER, svc, |event| async {
+        match event {
+            Finalizer::Apply(svc) => svc.apply(&ctx).await,
+            Finalizer::Cleanup(svc) => svc.cleanup(&ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    ctx.failures.lock().expect("lock").remove(&uid);
+    Ok(action)
+}
+
+/// Requeues a failed reconcile with per-service exponential backoff (200 ms doubling to 60 s).
+pub fn error_policy(svc: Arc<GrpcService>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error);
+    let attempts = {
+        let mut failures = ctx.failures.lock().expect("lock");
+        let n = failures.entry(svc.uid().unwrap_or_default()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_millis(200)
+        .saturating_mul(1 << attempts.min(9))
+        .min(Duration::from_secs(60));
+    warn!(namespace = svc.namespace().unwrap_or_default(), name = %svc.name_any(), error = %error, attempts, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+impl GrpcService {
+    fn owner(&self) -> Result<Owner> {
+        Ok(Owner {
+            uid: self.uid().ok_or(Error::MissingField("metadata.uid"))?,
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+        })
+    }
+
+    fn ttl(&self, ctx: &Context) -> Duration {
+        self.spec
+            .ttl_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or_else(|| ctx.registry.default_ttl(), Duration::from_secs)
+    }
+
+    /// Publishes the ready selected pods and reports the outcome in status.
+    async fn apply(&self, ctx: &Context) -> Result<Action> {
+        let owner = self.owner()?;
+        let plan = match Plan::new(self, &ctx.policy) {
+            Ok(plan) => plan,
+            Err(e) => {
+                warn!(error = %e, "invalid spec");
+                self.patch_status(
+                    ctx,
+                    &Outcome::InvalidSpec {
+                        message: e.to_string(),
+                    },
+                )
+                .await?;
+                return Ok(Action::await_change());
+            }
+        };
+        tracing::Span::current().record("target", plan.target.as_str());
+
+        // A changed target: free the old one first, so it never holds stale endpoints.
+        if let Some(old) = self.status.as_ref().and_then(|s| s.target.as_deref())
+            && old != plan.target
+        {
+            let deleted = ctx.registry.release(old, &owner).await?;
+            info!(old_target = old, deleted, "released previous target");
+        }
+
+        match self.claim(ctx, &plan.target, &owner).await {
+            Ok(Claim::Owned) => {}
+            Ok(Claim::Conflict { owner: other, .. }) => {
+                let outcome = Outcome::Conflict {
+                    target: &plan.target,
+                    owner: format!("{}/{}", other.namespace, other.name),
+                };
+                self.patch_status(ctx, &outcome).await?;
+                return Ok(Action::requeue(CONFLICT_RECHECK));
+            }
+            Err(e) => return self.etcd_failed(ctx, &plan.target, None, e).await,
+        }
+
+        let selected = ctx.pods.state_filter(|pod| plan.selects(pod));
+        let want = match desired(&plan, &selected) {
+            Ok(want) => want,
+            Err(e) => {
+                warn!(error = %e, "spec yields no consistent key set");
+                self.patch_status(
+                    ctx,
+                    &Outcome::InvalidSpec {
+                        message: e.to_string(),
+                    },
+                )
+                .await?;
+                return Ok(Action::await_change());
+            }
+        };
+        let entries: Arc<BTreeMap<String, Vec<u8>>> = Arc::new(want.entries.clone());
+        let report = match ctx
+            .registry
+            .sync(&plan.target, &owner, self.ttl(ctx), entries)
+            .await
+        {
+            Ok(report) => report,
+            Err(e) => return self.etcd_failed(ctx, &plan.target, Some(&want), e).await,
+        };
+        if report.puts + report.deletes > 0 {
+            info!(
+                puts = report.puts,
+                deletes = report.deletes,
+                registered = report.registered,
+                revision = report.revision,
+                lease_id = report.lease_id,
+                "registry updated"
+            );
+        }
+        ctx.metrics
+            .registered_endpoints
+            .get_or_create(&ServiceLabels {
+                namespace: owner.namespace.clone(),
+                name: owner.name.clone(),
+            })
+            .set(i64::try_from(report.registered).unwrap_or(i64::MAX));
+        let outcome = Outcome::Synced {
+            target: &plan.target,
+            desired: &want,
+            report: &report,
+        };
+        self.patch_status(ctx, &outcome).await?;
+        Ok(Action::requeue(RESYNC))
+    }
+
+    /// Claims the target; takes it over when the recorded owner no longer exists.
+    async fn claim(&self, ctx: &Context, target: &str, owner: &Owner) -> Result<Claim> {
+        let claim = ctx.registry.claim(target, owner).await?;
+        let Claim::Conflict {
+            owner: other,
+            mod_revision,
+        } = &claim
+        else {
+            return Ok(claim);
+        };
+        if other.namespace.is_empty() {
+            return Ok(claim);
+        }
+        let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &other.namespace);
+        let alive = api
+            .get_opt(&other.name)
+            .await
+            .map_err(Error::kube("look up target owner"))?
+            .is_some_and(|o| o.uid().as_deref() == Some(other.uid.as_str()));
+        if alive {
+            Ok(claim)
+        } else {
+            info!(stale_owner = %format!("{}/{}", other.namespace, other.name), "target owner no longer exists; taking over");
+            ctx.registry.take_over(target, owner, *mod_revision).await
+        }
+    }
+
+    /// Reports an etcd failure in status (best effort) and hands the error to the retry policy.
+    async fn etcd_failed(
+        &self,
+        ctx: &Context,
+        target: &str,
+        want: Option<&crate::desired::Desired>,
+        error: Error,
+    ) -> Result<Action> {
+        let outcome = Outcome::EtcdUnavailable {
+            target,
+            message: error.to_string(),
+            desired: want,
+        };
+        if let Err(e) = self.patch_status(ctx, &outcome).await {
+            warn!(error = %e, "failed to report etcd failure in status");
+        }
+        Err(error)
+    }
+
+    /// Deletes this service's keys and ownership record; the finalizer is released after.
+    async fn cleanup(&self, ctx: &Context) -> Result<Action> {
+        let owner = self.owner()?;
+        let mut targets: Vec<String> = self
+            .status
+            .as_ref()
+            .and_then(|s| s.target.clone())
+            .into_iter()
+            .collect();
+        if let Ok(plan) = Plan::new(self, &ctx.policy)
+            && !targets.contains(&plan.target)
+        {
+            targets.push(plan.target);
+        }
+        for target in targets {
+            let deleted = ctx.registry.release(&target, &owner).await?;
+            info!(target, deleted, "deregistered service");
+        }
+        ctx.metrics.registered_endpoints.remove(&ServiceLabels {
+            namespace: owner.namespace,
+            name: owner.name,
+        });
+        Ok(Action::await_change())
+    }
+
+    /// Writes status with server-side apply, only when it changed.
+    async fn patch_status(&self, ctx: &Context, outcome: &Outcome<'_>) -> Result<()> {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let next = next_status(
+            self.status.as_ref(),
+            self.metadata.generation,
+            outcome,
+            &now,
+        );
+        if self.status.as_ref() == Some(&next) {
+            return Ok(());
+        }
+        let api: Api<GrpcService> =
+            Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
+        let patch = json!({
+            "apiVersion": "grpc-registrar.io/v1alpha1",
+            "kind": "GrpcService",
+            "status": next,
+        });
+        api.patch_status(
+            &self.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(Error::kube("patch status"))?;
+        Ok(())
+    }
+}

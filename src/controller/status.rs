@@ -1,0 +1,245 @@
+//! Building a `GrpcServiceStatus` from the outcome of a reconcile, purely.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::GrpcServiceStatus;
+use crate::desired::Desired;
+use crate::registry::SyncReport;
+
+/// The condition types the controller maintains.
+pub const CONDITIONS: [&str; 4] = ["Ready", "Conflict", "InvalidSpec", "EtcdUnavailable"];
+
+/// What a reconcile found.
+#[derive(Clone, Debug)]
+pub enum Outcome<'a> {
+    /// The registry matches the desired state.
+    Synced {
+        /// The target written.
+        target: &'a str,
+        /// The desired state and its counts.
+        desired: &'a Desired,
+        /// What the sync did.
+        report: &'a SyncReport,
+    },
+    /// The spec cannot be applied.
+    InvalidSpec {
+        /// The reason, from [`crate::desired::SpecError`].
+        message: String,
+    },
+    /// Another GrpcService owns the target.
+    Conflict {
+        /// The contested target.
+        target: &'a str,
+        /// `namespace/name` of the owner.
+        owner: String,
+    },
+    /// etcd could not be reached or refused the write.
+    EtcdUnavailable {
+        /// The target the write was for.
+        target: &'a str,
+        /// The error.
+        message: String,
+        /// Counts, when the pods were evaluated before the failure.
+        desired: Option<&'a Desired>,
+    },
+}
+
+/// The next status, keeping `lastTransitionTime` of conditions whose status did not change and
+/// `lastSyncTime` unless the registry changed, so an unchanged outcome yields an equal status and
+/// no write.
+#[must_use]
+pub fn next_status(
+    prev: Option<&GrpcServiceStatus>,
+    generation: Option<i64>,
+    outcome: &Outcome<'_>,
+    now: &Time,
+) -> GrpcServiceStatus {
+    let mut status = prev.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    // (type, status, reason, message) for each maintained condition.
+    let mut set =
+        |ready: bool, conflict: bool, invalid: bool, etcd: bool, reason: &str, message: &str| {
+            let flags = [ready, conflict, invalid, etcd];
+            let conditions = CONDITIONS
+                .iter()
+                .zip(flags)
+                .map(|(type_, on)| {
+                    let value = if on { "True" } else { "False" };
+                    let old = prev.and_then(|p| p.conditions.iter().find(|c| c.type_ == *type_));
+                    let (reason, message) = if on || *type_ == "Ready" {
+                        (reason.to_owned(), message.to_owned())
+                    } else {
+                        ("AsExpected".to_owned(), String::new())
+                    };
+                    Condition {
+                        type_: (*type_).to_owned(),
+                        status: value.to_owned(),
+                        reason,
+                        message,
+                        observed_generation: generation,
+                        last_transition_time: old
+                            .filter(|o| o.status == value)
+                            .map_or_else(|| now.clone(), |o| o.last_transition_time.clone()),
+                    }
+                })
+                .collect();
+            status.conditions = conditions;
+        };
+    match outcome {
+        Outcome::Synced {
+            target,
+            desired,
+            report,
+        } => {
+            set(
+                true,
+                false,
+                false,
+                false,
+                "Synced",
+                &format!(
+                    "{} of {} selected pods registered",
+                    report.registered, desired.selected
+                ),
+            );
+            status.target = Some((*target).to_owned());
+            counts(&mut status, Some(desired));
+            status.registered_endpoints = i32::try_from(report.registered).unwrap_or(i32::MAX);
+            status.lease_id = Some(format!("{:x}", report.lease_id));
+            if report.puts + report.deletes > 0 || status.etcd_revision.is_none() {
+                status.etcd_revision = Some(report.revision);
+                status.last_sync_time = Some(now.clone());
+            }
+        }
+        Outcome::InvalidSpec { message } => {
+            set(false, false, true, false, "InvalidSpec", message);
+        }
+        Outcome::Conflict { target, owner } => {
+            set(
+                false,
+                true,
+                false,
+                false,
+                "Conflict",
+                &format!("target {target:?} is owned by GrpcService {owner}"),
+            );
+            status.target = None;
+            status.registered_endpoints = 0;
+            status.lease_id = None;
+        }
+        Outcome::EtcdUnavailable {
+            target,
+            message,
+            desired,
+        } => {
+            set(false, false, false, true, "EtcdUnavailable", message);
+            status.target = Some((*target).to_owned());
+            counts(&mut status, *desired);
+        }
+    }
+    status
+}
+
+fn counts(status: &mut GrpcServiceStatus, desired: Option<&Desired>) {
+    if let Some(d) = desired {
+        status.selected_pods = i32::try_from(d.selected).unwrap_or(i32::MAX);
+        status.ready_pods = i32::try_from(d.ready).unwrap_or(i32::MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn synced(puts: usize) -> GrpcServiceStatus {
+        let desired = Desired {
+            selected: 3,
+            ready: 2,
+            ..Desired::default()
+        };
+        let report = SyncReport {
+            puts,
+            registered: 2,
+            revision: 42,
+            lease_id: 255,
+            ..SyncReport::default()
+        };
+        next_status(
+            None,
+            Some(1),
+            &Outcome::Synced {
+                target: "services/default/greeter",
+                desired: &desired,
+                report: &report,
+            },
+            &t(10),
+        )
+    }
+
+    #[test]
+    fn synced_status_reports_counts_lease_and_ready_condition() {
+        let s = synced(2);
+        assert_eq!(s.target.as_deref(), Some("services/default/greeter"));
+        assert_eq!(
+            (s.selected_pods, s.ready_pods, s.registered_endpoints),
+            (3, 2, 2)
+        );
+        assert_eq!(s.lease_id.as_deref(), Some("ff"));
+        assert_eq!(s.etcd_revision, Some(42));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "True");
+        assert_eq!(s.conditions.len(), 4);
+    }
+
+    #[test]
+    fn unchanged_outcome_yields_an_equal_status_so_nothing_is_written() {
+        let first = synced(2);
+        let desired = Desired {
+            selected: 3,
+            ready: 2,
+            ..Desired::default()
+        };
+        let report = SyncReport {
+            registered: 2,
+            revision: 99,
+            lease_id: 255,
+            ..SyncReport::default()
+        };
+        let again = next_status(
+            Some(&first),
+            Some(1),
+            &Outcome::Synced {
+                target: "services/default/greeter",
+                desired: &desired,
+                report: &report,
+            },
+            &t(500),
+        );
+        assert_eq!(again, first);
+    }
+
+    #[test]
+    fn conflict_sets_conflict_true_and_ready_false_with_a_fresh_transition_time() {
+        let first = synced(1);
+        let s = next_status(
+            Some(&first),
+            Some(2),
+            &Outcome::Conflict {
+                target: "t",
+                owner: "other/svc".into(),
+            },
+            &t(20),
+        );
+        let conflict = s.conditions.iter().find(|c| c.type_ == "Conflict").unwrap();
+        assert_eq!(conflict.status, "True");
+        assert!(conflict.message.contains("other/svc"));
+        assert_eq!(conflict.last_transition_time, t(20));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(s.registered_endpoints, 0);
+    }
+}

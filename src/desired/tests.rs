@@ -1,0 +1,347 @@
+use super::*;
+use crate::fixtures::{PodBuilder, service};
+use serde_json::json;
+
+fn plan() -> Plan {
+    Plan::new(&service("greeter"), &Policy::default()).unwrap()
+}
+
+fn keys(d: &Desired) -> Vec<&str> {
+    d.entries.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn ready_running_pod_is_registered_under_the_default_target() {
+    let d = desired(&plan(), &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
+    assert_eq!(keys(&d), ["services/default/greeter/10.0.0.7:50051"]);
+    assert_eq!((d.selected, d.ready), (1, 1));
+}
+
+#[test]
+fn value_is_etcd_naming_json_with_pod_metadata() {
+    let pod = PodBuilder::ready("p1", "10.0.0.7")
+        .label(ZONE_LABEL, "zone-a")
+        .build();
+    let d = desired(&plan(), &[pod]).unwrap();
+    let value = String::from_utf8(d.entries.values().next().unwrap().clone()).unwrap();
+    assert_eq!(
+        value,
+        r#"{"Op":0,"Addr":"10.0.0.7:50051","Metadata":{"namespace":"default","node":"node-1","pod":"p1","zone":"zone-a"}}"#
+    );
+}
+
+#[test]
+fn static_metadata_and_selected_labels_are_merged_but_cannot_override_reserved_keys() {
+    let mut svc = service("greeter");
+    svc.spec.metadata = BTreeMap::from([("version".into(), "v2".into())]);
+    svc.spec.metadata_from_labels = vec!["track".into(), "absent".into(), "pod".into()];
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let pod = PodBuilder::ready("p1", "10.0.0.7")
+        .label("track", "canary")
+        .label("pod", "spoofed")
+        .build();
+    let d = desired(&plan, &[pod]).unwrap();
+    let ep = tonic_etcd_resolver::format::parse(d.entries.values().next().unwrap()).unwrap();
+    assert_eq!(
+        ep.metadata.unwrap(),
+        json!({"namespace":"default","node":"node-1","pod":"p1","track":"canary","version":"v2"})
+    );
+}
+
+#[test]
+fn address_format_value_is_the_bare_address() {
+    let mut svc = service("greeter");
+    svc.spec.format = ValueFormat::Address;
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
+    assert_eq!(d.entries.values().next().unwrap(), b"10.0.0.7:50051");
+}
+
+#[test]
+fn unready_pod_is_not_registered_but_counted_as_selected() {
+    let d = desired(
+        &plan(),
+        &[PodBuilder::ready("p1", "10.0.0.7").not_ready().build()],
+    )
+    .unwrap();
+    assert!(d.entries.is_empty());
+    assert_eq!((d.selected, d.ready), (1, 0));
+    assert_eq!(d.skipped["p1"], Skip::NotReady);
+}
+
+#[test]
+fn publish_not_ready_addresses_registers_running_unready_pods() {
+    let mut svc = service("greeter");
+    svc.spec.publish_not_ready_addresses = true;
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let d = desired(
+        &plan,
+        &[PodBuilder::ready("p1", "10.0.0.7").not_ready().build()],
+    )
+    .unwrap();
+    assert_eq!(d.entries.len(), 1);
+    assert_eq!(d.ready, 0);
+}
+
+#[test]
+fn publish_not_ready_addresses_still_requires_running() {
+    let mut svc = service("greeter");
+    svc.spec.publish_not_ready_addresses = true;
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let pod = PodBuilder::ready("p1", "10.0.0.7")
+        .not_ready()
+        .phase("Pending")
+        .build();
+    assert_eq!(
+        desired(&plan, &[pod]).unwrap().skipped["p1"],
+        Skip::NotRunning
+    );
+}
+
+#[test]
+fn pod_that_is_not_running_is_not_registered() {
+    for phase in ["Pending", "Succeeded", "Failed", "Unknown"] {
+        let d = desired(
+            &plan(),
+            &[PodBuilder::ready("p1", "10.0.0.7").phase(phase).build()],
+        )
+        .unwrap();
+        assert_eq!(d.skipped["p1"], Skip::NotRunning, "{phase}");
+    }
+}
+
+#[test]
+fn pod_without_ip_is_not_registered() {
+    let d = desired(
+        &plan(),
+        &[PodBuilder::ready("p1", "10.0.0.7").no_ip().build()],
+    )
+    .unwrap();
+    assert_eq!(d.skipped["p1"], Skip::NoPodIp);
+}
+
+#[test]
+fn terminating_pod_is_deregistered_before_exit_even_when_still_ready() {
+    let d = desired(
+        &plan(),
+        &[PodBuilder::ready("p1", "10.0.0.7").terminating().build()],
+    )
+    .unwrap();
+    assert_eq!(d.skipped["p1"], Skip::Terminating);
+    assert!(d.entries.is_empty());
+}
+
+#[test]
+fn ready_condition_false_blocks_registration_so_readiness_gates_count() {
+    // The kubelet folds readiness gates into the Ready condition: Ready=False with all containers
+    // ready is exactly an unmet gate.
+    let d = desired(
+        &plan(),
+        &[PodBuilder::ready("p1", "10.0.0.7").not_ready().build()],
+    )
+    .unwrap();
+    assert_eq!(d.skipped["p1"], Skip::NotReady);
+}
+
+#[test]
+fn named_port_resolves_per_pod() {
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1")
+            .port("grpc", 50051)
+            .build(),
+        PodBuilder::ready("p2", "10.0.0.2")
+            .port("grpc", 9090)
+            .build(),
+    ];
+    let d = desired(&plan(), &pods).unwrap();
+    assert_eq!(
+        keys(&d),
+        [
+            "services/default/greeter/10.0.0.1:50051",
+            "services/default/greeter/10.0.0.2:9090"
+        ]
+    );
+}
+
+#[test]
+fn pod_without_the_named_port_is_skipped() {
+    let d = desired(
+        &plan(),
+        &[PodBuilder::ready("p1", "10.0.0.7")
+            .port("http", 8080)
+            .build()],
+    )
+    .unwrap();
+    assert_eq!(d.skipped["p1"], Skip::PortNotFound);
+}
+
+#[test]
+fn numeric_port_is_used_as_is() {
+    let mut svc = service("greeter");
+    svc.spec.port = IntOrString::Int(7000);
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
+    assert_eq!(keys(&d), ["services/default/greeter/10.0.0.7:7000"]);
+}
+
+#[test]
+fn ipv6_pod_address_is_bracketed_in_key_and_value() {
+    let d = desired(&plan(), &[PodBuilder::ready("p1", "fd00::7").build()]).unwrap();
+    assert_eq!(keys(&d), ["services/default/greeter/[fd00::7]:50051"]);
+    let ep = tonic_etcd_resolver::format::parse(d.entries.values().next().unwrap()).unwrap();
+    assert_eq!(ep.addr, "[fd00::7]:50051");
+}
+
+#[test]
+fn selector_selects_only_matching_pods_in_the_same_namespace() {
+    let plan = plan();
+    assert!(plan.selects(&PodBuilder::ready("p", "10.0.0.1").build()));
+    assert!(
+        !plan.selects(
+            &PodBuilder::ready("p", "10.0.0.1")
+                .label("app", "other")
+                .build()
+        )
+    );
+    assert!(
+        !plan.selects(
+            &PodBuilder::ready("p", "10.0.0.1")
+                .namespace("other")
+                .build()
+        )
+    );
+}
+
+#[test]
+fn key_template_reproduces_seed_layouts() {
+    let mut svc = service("greeter");
+    svc.spec.target = Some("services/default/greeter".into());
+    svc.spec.key_template = Some("{target}/{pod}.{namespace}/{ip}-{port}".into());
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
+    assert_eq!(
+        keys(&d),
+        ["services/default/greeter/p1.default/10.0.0.7-50051"]
+    );
+}
+
+#[test]
+fn key_template_that_collides_is_an_error_naming_both_pods() {
+    let mut svc = service("greeter");
+    svc.spec.key_template = Some("{target}/{namespace}".into());
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").build(),
+    ];
+    let err = desired(&plan, &pods).unwrap_err();
+    assert!(
+        matches!(err, SpecError::KeyCollision { ref first, ref second, .. } if first == "p1" && second == "p2")
+    );
+}
+
+#[test]
+fn key_template_with_unknown_placeholder_or_foreign_prefix_is_rejected() {
+    for bad in [
+        "{target}/{host}",
+        "/elsewhere/{addr}",
+        "{target}/{addr",
+        "{target}/",
+        "{target}/x}",
+    ] {
+        assert!(KeyTemplate::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn custom_target_under_own_namespace_prefix_is_allowed() {
+    let mut svc = service("greeter");
+    svc.spec.target = Some("services/default/greeter-v2".into());
+    assert_eq!(
+        Plan::new(&svc, &Policy::default()).unwrap().target,
+        "services/default/greeter-v2"
+    );
+}
+
+#[test]
+fn custom_target_in_another_namespace_prefix_is_refused_unless_allowed() {
+    let mut svc = service("greeter");
+    svc.spec.target = Some("services/payments/greeter".into());
+    let err = Plan::new(&svc, &Policy::default()).unwrap_err();
+    assert!(matches!(err, SpecError::TargetNotAllowed { .. }), "{err}");
+    let policy = Policy {
+        custom_targets: CustomTargets::parse("ops, default"),
+        ..Policy::default()
+    };
+    assert!(Plan::new(&svc, &policy).is_ok());
+}
+
+#[test]
+fn target_inside_the_registrar_records_is_refused_even_when_custom_targets_are_allowed() {
+    let mut svc = service("greeter");
+    svc.spec.target = Some("grpc-registrar/owners".into());
+    let policy = Policy {
+        custom_targets: CustomTargets::All,
+        ..Policy::default()
+    };
+    assert!(matches!(
+        Plan::new(&svc, &policy),
+        Err(SpecError::Target(..))
+    ));
+}
+
+#[test]
+fn malformed_targets_are_refused() {
+    for bad in ["", "a//b", "a/b/", "a b"] {
+        let mut svc = service("greeter");
+        svc.spec.target = Some(bad.into());
+        let policy = Policy {
+            custom_targets: CustomTargets::All,
+            ..Policy::default()
+        };
+        assert!(
+            matches!(Plan::new(&svc, &policy), Err(SpecError::Target(..))),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn empty_selector_is_an_invalid_spec() {
+    let mut svc = service("greeter");
+    svc.spec.selector = Default::default();
+    assert!(matches!(
+        Plan::new(&svc, &Policy::default()),
+        Err(SpecError::Selector(_))
+    ));
+}
+
+#[test]
+fn out_of_range_numeric_port_is_an_invalid_spec() {
+    let mut svc = service("greeter");
+    svc.spec.port = IntOrString::Int(0);
+    assert_eq!(
+        Plan::new(&svc, &Policy::default()).unwrap_err(),
+        SpecError::PortRange(0)
+    );
+}
+
+#[test]
+fn custom_targets_flag_parses_none_list_and_star() {
+    assert_eq!(CustomTargets::parse(""), CustomTargets::None);
+    assert_eq!(CustomTargets::parse("*"), CustomTargets::All);
+    assert_eq!(
+        CustomTargets::parse("a,b"),
+        CustomTargets::Namespaces(vec!["a".into(), "b".into()])
+    );
+}
+
+#[test]
+fn digit_only_port_name_is_an_invalid_spec() {
+    let mut svc = service("greeter");
+    svc.spec.port = IntOrString::String("1234".into());
+    assert!(matches!(
+        Plan::new(&svc, &Policy::default()),
+        Err(SpecError::PortName(_))
+    ));
+}

@@ -1,0 +1,68 @@
+//! The HTTP side: `/metrics`, `/healthz` and `/readyz`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+
+/// What the endpoints report on.
+#[derive(Clone)]
+pub struct Health {
+    /// Metrics to encode.
+    pub metrics: Arc<Metrics>,
+    /// Set once the caches have synced and the controller is reconciling.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Serves the endpoints on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// Accept-loop I/O errors.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds `addr`.
+///
+/// # Errors
+/// The address is taken or not local.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        health.metrics.encode(),
+    )
+}
+
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    if health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches syncing")
+    }
+}

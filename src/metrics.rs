@@ -1,0 +1,186 @@
+//! Prometheus metrics (prometheus-client), registered once and shared through an `Arc`.
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the reconcile failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// [`crate::Error::metric_label`].
+    pub error: &'static str,
+}
+
+/// Labels of the etcd latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// `range` or `txn`.
+    pub op: &'static str,
+}
+
+/// Labels of per-service gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// The GrpcService namespace.
+    pub namespace: String,
+    /// The GrpcService name.
+    pub name: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100µs .. ~13s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Every metric the controller exports.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Reconciles run.
+    pub reconciliations: Counter,
+    /// Reconciles failed, by error kind.
+    pub failures: Family<ErrorLabels, Counter>,
+    /// Reconcile duration in seconds.
+    pub reconcile_duration: Histogram,
+    /// etcd request latency in seconds, by operation.
+    pub etcd_duration: Family<OpLabels, Histogram>,
+    /// Keys registered per service.
+    pub registered_endpoints: Family<ServiceLabels, Gauge>,
+    /// Successful lease renewals.
+    pub lease_keepalives: Counter,
+    /// Failed or broken lease renewals.
+    pub lease_keepalive_failures: Counter,
+    /// Leases granted.
+    pub lease_grants: Counter,
+    /// Leases found lost (expired or revoked) and replaced.
+    pub lease_losses: Counter,
+    /// Completed re-puts of every owned key after a lease loss.
+    pub lease_replays: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("grpc_registrar");
+        let reconciliations = Counter::default();
+        let failures = Family::<ErrorLabels, Counter>::default();
+        let reconcile_duration = latency_histogram();
+        let etcd_duration = Family::<OpLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let registered_endpoints = Family::<ServiceLabels, Gauge>::default();
+        let lease_keepalives = Counter::default();
+        let lease_keepalive_failures = Counter::default();
+        let lease_grants = Counter::default();
+        let lease_losses = Counter::default();
+        let lease_replays = Counter::default();
+        registry.register("reconciliations", "Reconciles run", reconciliations.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles failed, by error kind",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "etcd_request_duration_seconds",
+            "etcd request latency",
+            etcd_duration.clone(),
+        );
+        registry.register(
+            "registered_endpoints",
+            "Keys registered per GrpcService",
+            registered_endpoints.clone(),
+        );
+        registry.register(
+            "lease_keepalives",
+            "Successful lease renewals",
+            lease_keepalives.clone(),
+        );
+        registry.register(
+            "lease_keepalive_failures",
+            "Failed or broken lease renewals",
+            lease_keepalive_failures.clone(),
+        );
+        registry.register("lease_grants", "Leases granted", lease_grants.clone());
+        registry.register(
+            "lease_losses",
+            "Leases lost and replaced",
+            lease_losses.clone(),
+        );
+        registry.register(
+            "lease_replays",
+            "Re-puts of every owned key after a lease loss",
+            lease_replays.clone(),
+        );
+        Self {
+            registry,
+            reconciliations,
+            failures,
+            reconcile_duration,
+            etcd_duration,
+            registered_endpoints,
+            lease_keepalives,
+            lease_keepalive_failures,
+            lease_grants,
+            lease_losses,
+            lease_replays,
+        }
+    }
+}
+
+impl Metrics {
+    /// Starts a reconcile: counts it and returns a timer that records its duration on drop.
+    #[must_use]
+    pub fn reconcile_started(&self) -> ReconcileTimer<'_> {
+        self.reconciliations.inc();
+        ReconcileTimer {
+            started: Instant::now(),
+            histogram: &self.reconcile_duration,
+        }
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, error: &crate::Error) {
+        self.failures
+            .get_or_create(&ErrorLabels {
+                error: error.metric_label(),
+            })
+            .inc();
+    }
+
+    /// Records an etcd request that started at `started`.
+    pub fn observe_etcd(&self, op: &'static str, started: Instant) {
+        self.etcd_duration
+            .get_or_create(&OpLabels { op })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Encodes every metric in the text exposition format.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Records a reconcile's duration when dropped, whichever way the reconcile ends.
+pub struct ReconcileTimer<'a> {
+    started: Instant,
+    histogram: &'a Histogram,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,189 @@
+//! A real etcd server per test.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::{controlplane_bin, free_port};
+
+/// How long a start may take before the test fails.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A running etcd on free loopback ports with its own data dir.
+pub struct EtcdServer {
+    child: Option<Child>,
+    dir: TempDir,
+    client_port: u16,
+    peer_port: u16,
+    starts: u32,
+    extra_args: Vec<String>,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it serves requests.
+    ///
+    /// # Panics
+    /// When the binary is missing or etcd is not ready within the deadline.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts etcd with extra flags (e.g. `--auth-token-ttl=5`).
+    ///
+    /// # Panics
+    /// As [`EtcdServer::start`].
+    pub async fn start_with(extra_args: &[&str]) -> Self {
+        let mut server = Self {
+            child: None,
+            dir: tempfile::Builder::new()
+                .prefix("etcd-test-")
+                .tempdir()
+                .expect("failed to create etcd temp dir"),
+            client_port: free_port(),
+            peer_port: free_port(),
+            starts: 0,
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        server.spawn();
+        server.wait_ready().await;
+        server
+    }
+
+    /// The client URL, `http://127.0.0.1:<port>`.
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// A connected client.
+    ///
+    /// # Panics
+    /// When the connection cannot be set up.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("failed to connect to test etcd")
+    }
+
+    /// Kills etcd (SIGKILL), keeping its data dir and ports.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data dir, and waits until it is ready.
+    ///
+    /// # Panics
+    /// As [`EtcdServer::start`].
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Stops etcd, deletes its data, and starts an empty etcd on the same address.
+    ///
+    /// # Panics
+    /// As [`EtcdServer::start`].
+    pub async fn wipe_and_restart(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(self.data_dir()).expect("failed to wipe etcd data dir");
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let bin = controlplane_bin("etcd", "ETCD_BIN");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("failed to open etcd log");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(bin)
+            .arg(format!("--name=test-{}", self.client_port))
+            .arg(format!("--data-dir={}", self.data_dir().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test-{}={peer}", self.client_port))
+            .arg("--log-level=warn")
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("failed to clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("failed to spawn etcd");
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_DEADLINE;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("etcd exited during start ({status}):\n{}", self.log_tail());
+            }
+            let probe = async {
+                let mut client = etcd_client::Client::connect([self.endpoint()], None).await?;
+                client.status().await
+            };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd not ready within {READY_DEADLINE:?}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last part of etcd's log.
+    #[must_use]
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_path(), 8192)
+    }
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let cut = text.len().saturating_sub(max);
+    let start = (cut..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    text[start..].to_owned()
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- etcd log ({} starts) ---\n{}\n--- end etcd log ---",
+                self.starts,
+                self.log_tail()
+            );
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Real servers for tests, in the redis-test shape: a fresh process per test on free loopback
+//! ports with a temp dir, readiness polled with a bound, killed on drop, its log printed when the
+//! test fails.
+//!
+//! # Layout
+//! - [`etcd`]: an etcd server built from the pinned Go module by `scripts/controlplane.sh`.
+
+pub mod etcd;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+pub use etcd::EtcdServer;
+
+/// The workspace root (this crate lives one level below it).
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("test-support lives inside the workspace")
+        .to_path_buf()
+}
+
+/// A free TCP port on 127.0.0.1, found by binding port 0.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("failed to find a free port")
+}
+
+/// Finds a control-plane binary: `$<ENV>` if set, else `target/controlplane/bin/<name>`.
+///
+/// # Panics
+/// When the binary is missing: tests never skip for want of a real server. `make test` (or
+/// `scripts/controlplane.sh`) builds it.
+#[must_use]
+pub fn controlplane_bin(name: &str, env: &str) -> PathBuf {
+    let path = std::env::var_os(env).map_or_else(
+        || workspace_root().join("target/controlplane/bin").join(name),
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "{name} binary not found at {}: run `make test` or `scripts/controlplane.sh` to build it (or set {env})",
+        path.display()
+    );
+    path
+}

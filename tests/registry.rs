@@ -1,0 +1,234 @@
+//! The registry against a real etcd: leases, batching, lease loss, ownership, cleanup.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::GetOptions;
+use grpc_registrar::metrics::Metrics;
+use grpc_registrar::registry::{Claim, Owner, Registry, RegistryConfig};
+use test_support::EtcdServer;
+use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
+
+const TTL: Duration = Duration::from_secs(5);
+
+async fn registry(etcd: &EtcdServer) -> (Registry, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::default());
+    let config = RegistryConfig {
+        default_ttl: TTL,
+        op_timeout: Duration::from_secs(2),
+        ..RegistryConfig::new(vec![etcd.endpoint()])
+    };
+    (Registry::connect(config, metrics.clone()).await.unwrap(), metrics)
+}
+
+fn owner(name: &str) -> Owner {
+    Owner {
+        uid: format!("uid-{name}"),
+        namespace: "default".into(),
+        name: name.into(),
+    }
+}
+
+fn entries(target: &str, n: usize) -> Arc<BTreeMap<String, Vec<u8>>> {
+    Arc::new(
+        (0..n)
+            .map(|i| {
+                let addr = format!("10.{}.{}.{}:50051", i / 65536, (i / 256) % 256, i % 256);
+                let value = format::render(ValueFormat::EtcdNaming, &Endpoint::new(addr.clone()));
+                (format::endpoint_key(target, &addr), value)
+            })
+            .collect(),
+    )
+}
+
+/// Key -> (value, lease) under a prefix.
+async fn dump(etcd: &EtcdServer, prefix: &str) -> BTreeMap<String, (Vec<u8>, i64)> {
+    let resp = etcd
+        .client()
+        .await
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (kv.value().to_vec(), kv.lease()),
+            )
+        })
+        .collect()
+}
+
+/// Polls `check` until it holds or the deadline passes.
+async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    while !check().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn claim_and_sync(reg: &Registry, target: &str, who: &Owner, n: usize) {
+    assert_eq!(reg.claim(target, who).await.unwrap(), Claim::Owned);
+    reg.sync(target, who, TTL, entries(target, n)).await.unwrap();
+}
+
+#[tokio::test]
+async fn keys_appear_on_one_shared_lease_in_etcd_naming_format() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    claim_and_sync(&reg, "services/default/a", &owner("a"), 3).await;
+    claim_and_sync(&reg, "services/default/b", &owner("b"), 2).await;
+
+    let leases = reg.lease_ids().await;
+    assert_eq!(leases.len(), 1, "one lease per controller and TTL");
+    let keys = dump(&etcd, "services/").await;
+    assert_eq!(keys.len(), 5);
+    for (key, (value, lease)) in &keys {
+        assert_eq!(*lease, leases[0], "{key}");
+        let ep = format::parse(value).unwrap();
+        assert!(key.ends_with(&format!("/{}", ep.addr)));
+        assert!(std::str::from_utf8(value).unwrap().starts_with(r#"{"Op":0,"Addr":"#));
+    }
+}
+
+#[tokio::test]
+async fn a_key_that_is_no_longer_desired_is_deleted_and_unchanged_keys_are_not_rewritten() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let target = "services/default/greeter";
+    claim_and_sync(&reg, target, &owner("greeter"), 2).await;
+    let before = dump(&etcd, "services/").await;
+
+    let mut one = (*entries(target, 2)).clone();
+    let dropped = one.keys().last().unwrap().clone();
+    one.remove(&dropped);
+    let report = reg.sync(target, &owner("greeter"), TTL, Arc::new(one)).await.unwrap();
+    assert_eq!((report.puts, report.deletes), (0, 1));
+    let after = dump(&etcd, "services/").await;
+    assert!(!after.contains_key(&dropped));
+    assert_eq!(after.len(), 1);
+    assert_eq!(after.iter().next(), before.iter().find(|(k, _)| **k != dropped));
+}
+
+#[tokio::test]
+async fn lease_loss_leads_to_a_new_lease_and_a_full_re_put() {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    claim_and_sync(&reg, "services/default/a", &owner("a"), 3).await;
+    claim_and_sync(&reg, "services/default/b", &owner("b"), 200).await;
+    let old = reg.lease_ids().await[0];
+
+    etcd.client().await.lease_revoke(old).await.unwrap();
+    assert!(dump(&etcd, "services/").await.is_empty(), "revoking drops the keys");
+
+    eventually("every key re-put on a new lease", Duration::from_secs(15), || async {
+        let keys = dump(&etcd, "services/").await;
+        keys.len() == 203 && keys.values().all(|(_, lease)| *lease != old && *lease != 0)
+    })
+    .await;
+    let new = reg.lease_ids().await;
+    assert_eq!(new.len(), 1);
+    assert_ne!(new[0], old);
+    assert_eq!(metrics.lease_losses.get(), 1);
+}
+
+#[tokio::test]
+async fn a_second_claimant_gets_conflict_and_writes_nothing() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let target = "services/default/greeter";
+    claim_and_sync(&reg, target, &owner("first"), 1).await;
+
+    let claim = reg.claim(target, &owner("second")).await.unwrap();
+    let Claim::Conflict { owner: holder, .. } = claim else {
+        panic!("expected a conflict, got {claim:?}");
+    };
+    assert_eq!(holder, owner("first"));
+
+    let err = reg
+        .sync(target, &owner("second"), TTL, entries(target, 5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, grpc_registrar::Error::OwnershipLost { .. }), "{err}");
+    assert_eq!(dump(&etcd, "services/").await.len(), 1, "the guarded txn wrote nothing");
+    assert_eq!(reg.claim(target, &owner("first")).await.unwrap(), Claim::Owned);
+}
+
+#[tokio::test]
+async fn a_thousand_endpoints_apply_in_txns_of_at_most_128_ops() {
+    let etcd = EtcdServer::start_with(&["--max-txn-ops=128"]).await;
+    let (reg, _) = registry(&etcd).await;
+    let target = "services/default/big";
+    assert_eq!(reg.claim(target, &owner("big")).await.unwrap(), Claim::Owned);
+    let report = reg.sync(target, &owner("big"), TTL, entries(target, 1000)).await.unwrap();
+    assert_eq!(report.puts, 1000);
+    assert_eq!(report.txns, 8, "ceil(1000 / 128)");
+    assert_eq!(dump(&etcd, "services/").await.len(), 1000);
+}
+
+#[tokio::test]
+async fn release_removes_exactly_the_owned_keys_and_leaves_foreign_keys_alone() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let target = "services/default/foo";
+    claim_and_sync(&reg, target, &owner("foo"), 4).await;
+    let mut client = etcd.client().await;
+    for foreign in ["services/default/foo_bar/1.2.3.4:5", "/etcdv3_resolver/foo/1.2.3.4:5", "services/default/foo"] {
+        client.put(foreign, "1.2.3.4:5", None).await.unwrap();
+    }
+
+    assert_eq!(reg.release(target, &owner("intruder")).await.unwrap(), 0, "not the owner: no-op");
+    assert_eq!(dump(&etcd, "services/default/foo/").await.len(), 4);
+
+    assert_eq!(reg.release(target, &owner("foo")).await.unwrap(), 4);
+    assert!(dump(&etcd, "services/default/foo/").await.is_empty());
+    assert!(dump(&etcd, &reg.owner_key(target)).await.is_empty());
+    let left: Vec<String> = dump(&etcd, "").await.into_keys().collect();
+    assert_eq!(
+        left,
+        ["/etcdv3_resolver/foo/1.2.3.4:5", "services/default/foo", "services/default/foo_bar/1.2.3.4:5"]
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_rebuilds_its_stream_across_an_etcd_restart_and_the_lease_survives() {
+    let mut etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    claim_and_sync(&reg, "services/default/a", &owner("a"), 3).await;
+    let lease = reg.lease_ids().await[0];
+
+    etcd.restart().await;
+    let restarted = Instant::now();
+    let renewed = metrics.lease_keepalives.get();
+    // Past a full TTL after the restart, renewals must have resumed on the same lease.
+    eventually("keep-alives resumed for longer than the ttl", TTL * 4, || async {
+        metrics.lease_keepalives.get() >= renewed + 2 && restarted.elapsed() > TTL + Duration::from_secs(1)
+    })
+    .await;
+    let keys = dump(&etcd, "services/").await;
+    assert_eq!(keys.len(), 3);
+    assert!(keys.values().all(|(_, l)| *l == lease), "same lease, never lost");
+    assert_eq!(metrics.lease_losses.get(), 0);
+}
+
+#[tokio::test]
+async fn wiped_etcd_gets_the_ownership_records_and_keys_back() {
+    let mut etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let target = "services/default/a";
+    claim_and_sync(&reg, target, &owner("a"), 3).await;
+
+    etcd.wipe_and_restart().await;
+    eventually("owner record and keys restored", Duration::from_secs(20), || async {
+        dump(&etcd, "services/").await.len() == 3 && dump(&etcd, &reg.owner_key(target)).await.len() == 1
+    })
+    .await;
+}

@@ -20,7 +20,10 @@ async fn registry(etcd: &EtcdServer) -> (Registry, Arc<Metrics>) {
         op_timeout: Duration::from_secs(2),
         ..RegistryConfig::new(vec![etcd.endpoint()])
     };
-    (Registry::connect(config, metrics.clone()).await.unwrap(), metrics)
+    (
+        Registry::connect(config, metrics.clone()).await.unwrap(),
+        metrics,
+    )
 }
 
 fn owner(name: &str) -> Owner {
@@ -77,7 +80,9 @@ where
 
 async fn claim_and_sync(reg: &Registry, target: &str, who: &Owner, n: usize) {
     assert_eq!(reg.claim(target, who).await.unwrap(), Claim::Owned);
-    reg.sync(target, who, TTL, entries(target, n)).await.unwrap();
+    reg.sync(target, who, TTL, entries(target, n))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -95,7 +100,11 @@ async fn keys_appear_on_one_shared_lease_in_etcd_naming_format() {
         assert_eq!(*lease, leases[0], "{key}");
         let ep = format::parse(value).unwrap();
         assert!(key.ends_with(&format!("/{}", ep.addr)));
-        assert!(std::str::from_utf8(value).unwrap().starts_with(r#"{"Op":0,"Addr":"#));
+        assert!(
+            std::str::from_utf8(value)
+                .unwrap()
+                .starts_with(r#"{"Op":0,"Addr":"#)
+        );
     }
 }
 
@@ -110,12 +119,18 @@ async fn a_key_that_is_no_longer_desired_is_deleted_and_unchanged_keys_are_not_r
     let mut one = (*entries(target, 2)).clone();
     let dropped = one.keys().last().unwrap().clone();
     one.remove(&dropped);
-    let report = reg.sync(target, &owner("greeter"), TTL, Arc::new(one)).await.unwrap();
+    let report = reg
+        .sync(target, &owner("greeter"), TTL, Arc::new(one))
+        .await
+        .unwrap();
     assert_eq!((report.puts, report.deletes), (0, 1));
     let after = dump(&etcd, "services/").await;
     assert!(!after.contains_key(&dropped));
     assert_eq!(after.len(), 1);
-    assert_eq!(after.iter().next(), before.iter().find(|(k, _)| **k != dropped));
+    assert_eq!(
+        after.iter().next(),
+        before.iter().find(|(k, _)| **k != dropped)
+    );
 }
 
 #[tokio::test]
@@ -127,12 +142,19 @@ async fn lease_loss_leads_to_a_new_lease_and_a_full_re_put() {
     let old = reg.lease_ids().await[0];
 
     etcd.client().await.lease_revoke(old).await.unwrap();
-    assert!(dump(&etcd, "services/").await.is_empty(), "revoking drops the keys");
+    assert!(
+        dump(&etcd, "services/").await.is_empty(),
+        "revoking drops the keys"
+    );
 
-    eventually("every key re-put on a new lease", Duration::from_secs(15), || async {
-        let keys = dump(&etcd, "services/").await;
-        keys.len() == 203 && keys.values().all(|(_, lease)| *lease != old && *lease != 0)
-    })
+    eventually(
+        "every key re-put on a new lease",
+        Duration::from_secs(15),
+        || async {
+            let keys = dump(&etcd, "services/").await;
+            keys.len() == 203 && keys.values().all(|(_, lease)| *lease != old && *lease != 0)
+        },
+    )
     .await;
     let new = reg.lease_ids().await;
     assert_eq!(new.len(), 1);
@@ -157,9 +179,19 @@ async fn a_second_claimant_gets_conflict_and_writes_nothing() {
         .sync(target, &owner("second"), TTL, entries(target, 5))
         .await
         .unwrap_err();
-    assert!(matches!(err, grpc_registrar::Error::OwnershipLost { .. }), "{err}");
-    assert_eq!(dump(&etcd, "services/").await.len(), 1, "the guarded txn wrote nothing");
-    assert_eq!(reg.claim(target, &owner("first")).await.unwrap(), Claim::Owned);
+    assert!(
+        matches!(err, grpc_registrar::Error::OwnershipLost { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        dump(&etcd, "services/").await.len(),
+        1,
+        "the guarded txn wrote nothing"
+    );
+    assert_eq!(
+        reg.claim(target, &owner("first")).await.unwrap(),
+        Claim::Owned
+    );
 }
 
 #[tokio::test]
@@ -167,8 +199,14 @@ async fn a_thousand_endpoints_apply_in_txns_of_at_most_128_ops() {
     let etcd = EtcdServer::start_with(&["--max-txn-ops=128"]).await;
     let (reg, _) = registry(&etcd).await;
     let target = "services/default/big";
-    assert_eq!(reg.claim(target, &owner("big")).await.unwrap(), Claim::Owned);
-    let report = reg.sync(target, &owner("big"), TTL, entries(target, 1000)).await.unwrap();
+    assert_eq!(
+        reg.claim(target, &owner("big")).await.unwrap(),
+        Claim::Owned
+    );
+    let report = reg
+        .sync(target, &owner("big"), TTL, entries(target, 1000))
+        .await
+        .unwrap();
     assert_eq!(report.puts, 1000);
     assert_eq!(report.txns, 8, "ceil(1000 / 128)");
     assert_eq!(dump(&etcd, "services/").await.len(), 1000);
@@ -181,11 +219,19 @@ async fn release_removes_exactly_the_owned_keys_and_leaves_foreign_keys_alone() 
     let target = "services/default/foo";
     claim_and_sync(&reg, target, &owner("foo"), 4).await;
     let mut client = etcd.client().await;
-    for foreign in ["services/default/foo_bar/1.2.3.4:5", "/etcdv3_resolver/foo/1.2.3.4:5", "services/default/foo"] {
+    for foreign in [
+        "services/default/foo_bar/1.2.3.4:5",
+        "/etcdv3_resolver/foo/1.2.3.4:5",
+        "services/default/foo",
+    ] {
         client.put(foreign, "1.2.3.4:5", None).await.unwrap();
     }
 
-    assert_eq!(reg.release(target, &owner("intruder")).await.unwrap(), 0, "not the owner: no-op");
+    assert_eq!(
+        reg.release(target, &owner("intruder")).await.unwrap(),
+        0,
+        "not the owner: no-op"
+    );
     assert_eq!(dump(&etcd, "services/default/foo/").await.len(), 4);
 
     assert_eq!(reg.release(target, &owner("foo")).await.unwrap(), 4);
@@ -194,7 +240,11 @@ async fn release_removes_exactly_the_owned_keys_and_leaves_foreign_keys_alone() 
     let left: Vec<String> = dump(&etcd, "").await.into_keys().collect();
     assert_eq!(
         left,
-        ["/etcdv3_resolver/foo/1.2.3.4:5", "services/default/foo", "services/default/foo_bar/1.2.3.4:5"]
+        [
+            "/etcdv3_resolver/foo/1.2.3.4:5",
+            "services/default/foo",
+            "services/default/foo_bar/1.2.3.4:5"
+        ]
     );
 }
 
@@ -209,13 +259,21 @@ async fn keep_alive_rebuilds_its_stream_across_an_etcd_restart_and_the_lease_sur
     let restarted = Instant::now();
     let renewed = metrics.lease_keepalives.get();
     // Past a full TTL after the restart, renewals must have resumed on the same lease.
-    eventually("keep-alives resumed for longer than the ttl", TTL * 4, || async {
-        metrics.lease_keepalives.get() >= renewed + 2 && restarted.elapsed() > TTL + Duration::from_secs(1)
-    })
+    eventually(
+        "keep-alives resumed for longer than the ttl",
+        TTL * 4,
+        || async {
+            metrics.lease_keepalives.get() >= renewed + 2
+                && restarted.elapsed() > TTL + Duration::from_secs(1)
+        },
+    )
     .await;
     let keys = dump(&etcd, "services/").await;
     assert_eq!(keys.len(), 3);
-    assert!(keys.values().all(|(_, l)| *l == lease), "same lease, never lost");
+    assert!(
+        keys.values().all(|(_, l)| *l == lease),
+        "same lease, never lost"
+    );
     assert_eq!(metrics.lease_losses.get(), 0);
 }
 
@@ -227,8 +285,13 @@ async fn wiped_etcd_gets_the_ownership_records_and_keys_back() {
     claim_and_sync(&reg, target, &owner("a"), 3).await;
 
     etcd.wipe_and_restart().await;
-    eventually("owner record and keys restored", Duration::from_secs(20), || async {
-        dump(&etcd, "services/").await.len() == 3 && dump(&etcd, &reg.owner_key(target)).await.len() == 1
-    })
+    eventually(
+        "owner record and keys restored",
+        Duration::from_secs(20),
+        || async {
+            dump(&etcd, "services/").await.len() == 3
+                && dump(&etcd, &reg.owner_key(target)).await.len() == 1
+        },
+    )
     .await;
 }

@@ -411,3 +411,6 @@ impl GrpcService {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -123,7 +123,10 @@ impl EtcdServer {
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test-{}={peer}", self.client_port))
+            .arg(format!(
+                "--initial-cluster=test-{}={peer}",
+                self.client_port
+            ))
             .arg("--log-level=warn")
             .args(&self.extra_args)
             .stdin(Stdio::null())
@@ -171,7 +174,9 @@ fn tail(path: &Path, max: usize) -> String {
         let _ = f.read_to_string(&mut text);
     }
     let cut = text.len().saturating_sub(max);
-    let start = (cut..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    let start = (cut..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
     text[start..].to_owned()
 }
 

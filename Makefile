@@ -2,21 +2,21 @@
 SHELL := /usr/bin/env bash
 .SHELLFLAGS := -euo pipefail -c
 
-# Tools the build and the tests need, fetched or built by the project's own scripts.
-PROTOC := $(shell scripts/protoc.sh)
-export PROTOC
-CONTROLPLANE_BIN := $(shell scripts/controlplane.sh)
-export ETCD_BIN := $(CONTROLPLANE_BIN)/etcd
+.PHONY: tools test lint crd demo bench
 
-.PHONY: test lint unit crd demo bench
+## tools: protoc (Debian's protobuf-compiler) and etcd built from the pinned Go module
+## (tests/controlplane/go.mod) into target/controlplane/bin, cached. Fails loudly when it cannot.
+tools:
+	scripts/protoc.sh >/dev/null
+	scripts/controlplane.sh >/dev/null
 
-## test: lint, then every test (unit, mock API, real etcd). CI runs exactly this.
-test: lint
+## test: lint, then every test (unit, mock API server, real etcd). CI runs exactly this.
+test: tools lint
 	cargo test --workspace --all-targets
 	cargo test --workspace --doc
 
 ## lint: formatting and clippy, warnings denied.
-lint:
+lint: tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
@@ -25,7 +25,7 @@ crd:
 	cargo run -q --bin crdgen > crds/grpcservice.yaml
 
 ## bench: registry and cache figures against a real etcd.
-bench:
+bench: tools
 	cargo bench --bench registry
 
 ## demo: a local etcd plus the controller against your current kube context.

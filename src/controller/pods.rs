@@ -77,6 +77,11 @@ pub fn strip_pod(pod: &mut Pod) {
     });
 }
 
+/// pod -> the services it matched at its last event.
+type Matched = Arc<Mutex<HashMap<ObjectRef<Pod>, HashSet<ObjectRef<GrpcService>>>>>;
+/// service -> (generation, parsed selector).
+type Selectors = Arc<Mutex<HashMap<ObjectRef<GrpcService>, (Option<i64>, Option<Selector>)>>>;
+
 /// Maps pod events to the GrpcServices they concern, and only those.
 ///
 /// A pod whose labels changed must wake the services it *left* as well as those it joined, so
@@ -86,9 +91,9 @@ pub struct PodMapper {
     services: Store<GrpcService>,
     pods: Store<Pod>,
     /// pod -> services it matched at its last event.
-    matched: Arc<Mutex<HashMap<ObjectRef<Pod>, HashSet<ObjectRef<GrpcService>>>>>,
+    matched: Matched,
     /// Parsed selectors, by service and generation, so a pod event parses none.
-    selectors: Arc<Mutex<HashMap<ObjectRef<GrpcService>, (Option<i64>, Option<Selector>)>>>,
+    selectors: Selectors,
 }
 
 impl PodMapper {
@@ -170,7 +175,7 @@ mod tests {
         pod.metadata.annotations = Some([("big".to_owned(), "x".repeat(4096))].into());
         pod.metadata.managed_fields = Some(vec![Default::default()]);
         let plan = crate::desired::Plan::new(&service("greeter"), &Default::default()).unwrap();
-        let before = crate::desired::desired(&plan, &[pod.clone()]).unwrap();
+        let before = crate::desired::desired(&plan, std::slice::from_ref(&pod)).unwrap();
         strip_pod(&mut pod);
         assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
         assert_eq!(crate::desired::desired(&plan, &[pod]).unwrap(), before);
@@ -200,7 +205,7 @@ mod tests {
         let mut other = service("other");
         other.spec.selector.match_labels = Some([("app".to_owned(), "other".to_owned())].into());
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
-        let (svcs, pods, _w) = stores(&[service("greeter"), other], &[pod.clone()]);
+        let (svcs, pods, _w) = stores(&[service("greeter"), other], std::slice::from_ref(&pod));
         let mapper = PodMapper::new(svcs, pods);
         assert_eq!(
             mapper.map(&pod),
@@ -211,7 +216,7 @@ mod tests {
     #[test]
     fn pod_relabelled_out_of_a_selector_still_wakes_the_service_it_left() {
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
-        let (svcs, pods, mut writer) = stores(&[service("greeter")], &[pod.clone()]);
+        let (svcs, pods, mut writer) = stores(&[service("greeter")], std::slice::from_ref(&pod));
         let mapper = PodMapper::new(svcs, pods);
         assert_eq!(mapper.map(&pod).len(), 1);
         let moved = PodBuilder::ready("p1", "10.0.0.1")
@@ -228,7 +233,7 @@ mod tests {
     #[test]
     fn deleted_pod_wakes_its_services_and_is_forgotten() {
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
-        let (svcs, pods, mut writer) = stores(&[service("greeter")], &[pod.clone()]);
+        let (svcs, pods, mut writer) = stores(&[service("greeter")], std::slice::from_ref(&pod));
         let mapper = PodMapper::new(svcs, pods);
         mapper.map(&pod);
         writer.apply_watcher_event(&Event::Delete(pod.clone()));
@@ -241,7 +246,7 @@ mod tests {
         let pod = PodBuilder::ready("p1", "10.0.0.1")
             .namespace("prod")
             .build();
-        let (svcs, pods, _w) = stores(&[service("greeter")], &[pod.clone()]);
+        let (svcs, pods, _w) = stores(&[service("greeter")], std::slice::from_ref(&pod));
         assert!(PodMapper::new(svcs, pods).map(&pod).is_empty());
     }
 }

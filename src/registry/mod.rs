@@ -107,6 +107,9 @@ pub struct SyncReport {
     pub lease_id: i64,
 }
 
+/// Desired keys and values of one target, shared between a sync and the replay record.
+pub type Entries = Arc<BTreeMap<String, Vec<u8>>>;
+
 /// What was last applied to a target, kept to re-put everything after a lease loss.
 struct Applied {
     owner: Owner,
@@ -468,7 +471,7 @@ async fn replay(inner: Weak<Inner>, mut events: broadcast::Receiver<LeaseEvent>)
         };
         let Some(inner) = inner.upgrade() else { return };
         let registry = Registry { inner };
-        let pending: Vec<(String, Owner, Arc<BTreeMap<String, Vec<u8>>>)> = registry
+        let pending: Vec<(String, Owner, Entries)> = registry
             .inner
             .applied
             .lock()

@@ -1,0 +1,259 @@
+//! Registry and cache figures against a real etcd (no `--unsafe-no-fsync`): prints a table.
+//!
+//! - cold registration of 10,000 endpoints: one target (txn batches of 128), and 1,000 targets
+//!   of 10 (claim + sync each, 32 in flight);
+//! - bytes per cached pod in the reflector store, stripped against unstripped.
+//!
+//! Run with `make bench` (or `cargo bench --bench registry`). Medians and p99/max over runs.
+
+use std::alloc::System;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use grpc_registrar::controller::strip_pod;
+use grpc_registrar::metrics::Metrics;
+use grpc_registrar::registry::{Claim, Owner, Registry, RegistryConfig};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector;
+use kube::runtime::watcher::Event;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use test_support::EtcdServer;
+use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const RUNS: usize = 5;
+
+fn entries(target: &str, base: usize, n: usize) -> Arc<BTreeMap<String, Vec<u8>>> {
+    Arc::new(
+        (base..base + n)
+            .map(|i| {
+                let addr = format!("10.{}.{}.{}:50051", i / 65536, (i / 256) % 256, i % 256);
+                let md = serde_json::json!({"namespace": "default", "node": "node-1", "pod": format!("greeter-{i}")});
+                let value = format::render(ValueFormat::EtcdNaming, &Endpoint::new(addr.clone()).with_metadata(md));
+                (format::endpoint_key(target, &addr), value)
+            })
+            .collect(),
+    )
+}
+
+fn owner(i: usize) -> Owner {
+    Owner {
+        uid: format!("uid-{i}"),
+        namespace: "default".into(),
+        name: format!("svc-{i}"),
+    }
+}
+
+async fn fresh_registry(etcd: &EtcdServer) -> Registry {
+    let config = RegistryConfig {
+        op_timeout: Duration::from_secs(30),
+        ..RegistryConfig::new(vec![etcd.endpoint()])
+    };
+    Registry::connect(config, Arc::new(Metrics::default()))
+        .await
+        .unwrap()
+}
+
+async fn one_target(n: usize) -> (Duration, usize) {
+    let etcd = EtcdServer::start().await;
+    let reg = fresh_registry(&etcd).await;
+    let target = "services/default/big";
+    let data = entries(target, 0, n);
+    let started = Instant::now();
+    assert_eq!(reg.claim(target, &owner(0)).await.unwrap(), Claim::Owned);
+    let report = reg
+        .sync(target, &owner(0), Duration::from_secs(30), data)
+        .await
+        .unwrap();
+    (started.elapsed(), report.txns + 1)
+}
+
+async fn many_targets(services: usize, per: usize) -> (Duration, usize) {
+    let etcd = EtcdServer::start().await;
+    let reg = fresh_registry(&etcd).await;
+    let work: Vec<_> = (0..services)
+        .map(|i| (format!("services/default/svc-{i}"), owner(i), i))
+        .map(|(t, o, i)| {
+            let data = entries(&t, i * per, per);
+            (t, o, data)
+        })
+        .collect();
+    let started = Instant::now();
+    let txns: usize = futures::stream::iter(work)
+        .map(|(target, who, data)| {
+            let reg = reg.clone();
+            async move {
+                assert_eq!(reg.claim(&target, &who).await.unwrap(), Claim::Owned);
+                reg.sync(&target, &who, Duration::from_secs(30), data)
+                    .await
+                    .unwrap()
+                    .txns
+                    + 1
+            }
+        })
+        .buffer_unordered(32)
+        .fold(0, |a, b| async move { a + b })
+        .await;
+    (started.elapsed(), txns)
+}
+
+/// A pod as the API server sends it for a typical Deployment replica, managedFields included.
+fn realistic_pod(i: usize) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": format!("greeter-7d9f8c6b5-{i:05}"), "namespace": "default",
+            "generateName": "greeter-7d9f8c6b5-", "uid": format!("6f1c2a1e-0000-4000-8000-{i:012}"),
+            "resourceVersion": "123456", "creationTimestamp": "2026-11-21T10:00:00Z",
+            "labels": {"app": "greeter", "pod-template-hash": "7d9f8c6b5", "version": "v1"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-21T10:00:00Z", "prometheus.io/scrape": "true"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "greeter-7d9f8c6b5", "uid": "aaaa", "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [
+                {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "time": "2026-11-21T10:00:00Z", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app": {}, "f:pod-template-hash": {}}, "f:ownerReferences": {}},
+                              "f:spec": {"f:containers": {"k:{\"name\":\"server\"}": {".": {}, "f:image": {}, "f:ports": {}, "f:readinessProbe": {}, "f:resources": {}}}}}},
+                {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "time": "2026-11-21T10:00:05Z", "fieldsType": "FieldsV1", "subresource": "status",
+                 "fieldsV1": {"f:status": {"f:conditions": {}, "f:containerStatuses": {}, "f:hostIP": {}, "f:phase": {}, "f:podIP": {}, "f:podIPs": {}, "f:startTime": {}}}}
+            ]
+        },
+        "spec": {
+            "nodeName": "node-1", "serviceAccountName": "default", "restartPolicy": "Always", "dnsPolicy": "ClusterFirst",
+            "terminationGracePeriodSeconds": 30, "schedulerName": "default-scheduler",
+            "containers": [{
+                "name": "server", "image": "registry.example.com/greeter:v1.2.3", "imagePullPolicy": "IfNotPresent",
+                "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}, {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+                "env": [{"name": "RUST_LOG", "value": "info"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "readinessProbe": {"grpc": {"port": 50051}, "periodSeconds": 5},
+                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]
+            }],
+            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]
+        },
+        "status": {
+            "phase": "Running", "podIP": format!("10.1.{}.{}", i / 256, i % 256), "podIPs": [{"ip": format!("10.1.{}.{}", i / 256, i % 256)}],
+            "hostIP": "192.0.2.10", "startTime": "2026-11-21T10:00:01Z", "qosClass": "Burstable",
+            "conditions": [
+                {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": "2026-11-21T10:00:02Z"},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": "2026-11-21T10:00:01Z"},
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-21T10:00:05Z"},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-11-21T10:00:05Z"},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-21T10:00:00Z"}
+            ],
+            "containerStatuses": [{"name": "server", "ready": true, "restartCount": 0, "started": true, "image": "registry.example.com/greeter:v1.2.3",
+                "imageID": "registry.example.com/greeter@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "containerID": "containerd://0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "state": {"running": {"startedAt": "2026-11-21T10:00:02Z"}}, "lastState": {}}]
+        }
+    }))
+    .unwrap()
+}
+
+/// Heap bytes per pod held by a reflector store of `n` pods.
+fn bytes_per_cached_pod(n: usize, strip: bool) -> f64 {
+    // Net heap growth over building the pods as the watcher would and filing them in the store.
+    let region = Region::new(GLOBAL);
+    let pods: Vec<Pod> = (0..n)
+        .map(|i| {
+            let mut p = realistic_pod(i);
+            if strip {
+                strip_pod(&mut p);
+            }
+            p
+        })
+        .collect();
+    let (store, mut writer) = reflector::store::<Pod>();
+    writer.apply_watcher_event(&Event::Init);
+    for p in pods {
+        writer.apply_watcher_event(&Event::InitApply(p));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    let stats = region.change();
+    assert_eq!(store.len(), n);
+    let held = stats.bytes_allocated as f64 - stats.bytes_deallocated as f64;
+    drop(store);
+    drop(writer);
+    held / n as f64
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    let mut single = Vec::new();
+    let mut single_txns = 0;
+    for _ in 0..RUNS {
+        let (t, txns) = one_target(10_000).await;
+        single.push(t.as_secs_f64() * 1e3);
+        single_txns = txns;
+    }
+    let max = single.iter().copied().fold(0.0, f64::max);
+    rows.push((
+        "register 10,000 endpoints, 1 target, cold".into(),
+        format!(
+            "median {:.0} ms, max {:.0} ms, {} txns, {:.0} endpoints/s",
+            median(single.clone()),
+            max,
+            single_txns,
+            10_000.0 / (median(single) / 1e3)
+        ),
+    ));
+
+    let mut many = Vec::new();
+    let mut many_txns = 0;
+    for _ in 0..RUNS {
+        let (t, txns) = many_targets(1_000, 10).await;
+        many.push(t.as_secs_f64() * 1e3);
+        many_txns = txns;
+    }
+    let max = many.iter().copied().fold(0.0, f64::max);
+    rows.push((
+        "register 10,000 endpoints, 1,000 targets x 10, cold".into(),
+        format!(
+            "median {:.0} ms, max {:.0} ms, {} txns (claim + batch), {:.0} endpoints/s",
+            median(many.clone()),
+            max,
+            many_txns,
+            10_000.0 / (median(many) / 1e3)
+        ),
+    ));
+
+    let stripped = median((0..3).map(|_| bytes_per_cached_pod(10_000, true)).collect());
+    let full = median(
+        (0..3)
+            .map(|_| bytes_per_cached_pod(10_000, false))
+            .collect(),
+    );
+    rows.push((
+        "reflector bytes per cached pod, stripped".into(),
+        format!("{stripped:.0} B"),
+    ));
+    rows.push((
+        "reflector bytes per cached pod, unstripped (baseline)".into(),
+        format!("{full:.0} B ({:.1}x)", full / stripped),
+    ));
+
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    println!("\n{:width$}  figure", "scenario");
+    println!("{}  {}", "-".repeat(width), "-".repeat(60));
+    for (name, figure) in &rows {
+        println!("{name:width$}  {figure}");
+    }
+    let json: serde_json::Map<String, serde_json::Value> =
+        rows.into_iter().map(|(k, v)| (k, v.into())).collect();
+    let dir = test_support::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("registry.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+}

@@ -11,8 +11,9 @@ tools:
 	scripts/controlplane.sh >/dev/null
 
 ## test: lint, then every test (unit, mock API server, real etcd). CI runs exactly this.
+## (Benches are compiled by clippy --all-targets and run by `make bench`, not here.)
 test: tools lint
-	cargo test --workspace --all-targets
+	cargo test --workspace --lib --bins --tests --examples
 	cargo test --workspace --doc
 
 ## lint: formatting and clippy, warnings denied.

@@ -3,7 +3,7 @@
 mod pods;
 pub mod status;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ pub use pods::{PodMapper, strip_pod};
 use status::{Outcome, next_status};
 
 use crate::crd::{FINALIZER, GrpcService};
-use crate::desired::{Plan, Policy, desired};
+use crate::desired::{Plan, Policy, SpecError, desired};
 use crate::metrics::{Metrics, ServiceLabels};
 use crate::registry::{Claim, Owner, Registry};
 use crate::{Error, Result};
@@ -226,17 +226,7 @@ impl GrpcService {
         let owner = self.owner()?;
         let plan = match Plan::new(self, &ctx.policy) {
             Ok(plan) => plan,
-            Err(e) => {
-                warn!(error = %e, "invalid spec");
-                self.patch_status(
-                    ctx,
-                    &Outcome::InvalidSpec {
-                        message: e.to_string(),
-                    },
-                )
-                .await?;
-                return Ok(Action::await_change());
-            }
+            Err(e) => return self.invalid_spec(ctx, &e).await,
         };
         tracing::Span::current().record("target", plan.target.as_str());
 
@@ -262,21 +252,11 @@ impl GrpcService {
         }
 
         let selected = ctx.pods.state_filter(|pod| plan.selects(pod));
-        let want = match desired(&plan, &selected) {
+        let mut want = match desired(&plan, &selected) {
             Ok(want) => want,
-            Err(e) => {
-                warn!(error = %e, "spec yields no consistent key set");
-                self.patch_status(
-                    ctx,
-                    &Outcome::InvalidSpec {
-                        message: e.to_string(),
-                    },
-                )
-                .await?;
-                return Ok(Action::await_change());
-            }
+            Err(e) => return self.invalid_spec(ctx, &e).await,
         };
-        let entries: Arc<BTreeMap<String, Vec<u8>>> = Arc::new(want.entries.clone());
+        let entries = Arc::new(std::mem::take(&mut want.entries));
         let report = match ctx
             .registry
             .sync(&plan.target, &owner, self.ttl(ctx), entries)
@@ -336,6 +316,17 @@ impl GrpcService {
             info!(stale_owner = %format!("{}/{}", other.namespace, other.name), "target owner no longer exists; taking over");
             ctx.registry.take_over(target, owner, *mod_revision).await
         }
+    }
+
+    /// Reports a spec that cannot be applied. What is already published stays (a typo must not
+    /// take a service down); the next spec or pod change is reconciled afresh.
+    async fn invalid_spec(&self, ctx: &Context, error: &SpecError) -> Result<Action> {
+        warn!(error = %error, "invalid spec");
+        let outcome = Outcome::InvalidSpec {
+            message: error.to_string(),
+        };
+        self.patch_status(ctx, &outcome).await?;
+        Ok(Action::await_change())
     }
 
     /// Reports an etcd failure in status (best effort) and hands the error to the retry policy.

@@ -13,8 +13,8 @@ tools:
 ## test: lint, then every test (unit, mock API server, real etcd). CI runs exactly this.
 ## (Benches are compiled by clippy --all-targets and run by `make bench`, not here.)
 test: tools lint
-	cargo test --workspace --lib --bins --tests --examples
 	cargo test --workspace --doc
+	cargo test --workspace --lib --bins --tests --examples
 
 ## lint: formatting and clippy, warnings denied.
 lint: tools

@@ -184,47 +184,48 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Runs a cold registration of 10,000 endpoints `RUNS` times and formats its row.
+async fn registration_row<F, Fut>(name: &str, txn_note: &str, run: F) -> (String, String)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (Duration, usize)>,
+{
+    let mut millis = Vec::new();
+    let mut txns = 0;
+    for _ in 0..RUNS {
+        let (took, used) = run().await;
+        millis.push(took.as_secs_f64() * 1e3);
+        txns = used;
+    }
+    let max = millis.iter().copied().fold(0.0, f64::max);
+    let med = median(millis);
+    (
+        name.into(),
+        format!(
+            "median {med:.0} ms, max {max:.0} ms, {txns} txns{txn_note}, {:.0} endpoints/s",
+            10_000.0 / (med / 1e3)
+        ),
+    )
+}
+
 #[tokio::main]
 async fn main() {
     let mut rows: Vec<(String, String)> = Vec::new();
 
-    let mut single = Vec::new();
-    let mut single_txns = 0;
-    for _ in 0..RUNS {
-        let (t, txns) = one_target(10_000).await;
-        single.push(t.as_secs_f64() * 1e3);
-        single_txns = txns;
-    }
-    let max = single.iter().copied().fold(0.0, f64::max);
-    rows.push((
-        "register 10,000 endpoints, 1 target, cold".into(),
-        format!(
-            "median {:.0} ms, max {:.0} ms, {} txns, {:.0} endpoints/s",
-            median(single.clone()),
-            max,
-            single_txns,
-            10_000.0 / (median(single) / 1e3)
-        ),
-    ));
-
-    let mut many = Vec::new();
-    let mut many_txns = 0;
-    for _ in 0..RUNS {
-        let (t, txns) = many_targets(1_000, 10).await;
-        many.push(t.as_secs_f64() * 1e3);
-        many_txns = txns;
-    }
-    let max = many.iter().copied().fold(0.0, f64::max);
-    rows.push((
-        "register 10,000 endpoints, 1,000 targets x 10, cold".into(),
-        format!(
-            "median {:.0} ms, max {:.0} ms, {} txns (claim + batch), {:.0} endpoints/s",
-            median(many.clone()),
-            max,
-            many_txns,
-            10_000.0 / (median(many) / 1e3)
-        ),
-    ));
+    rows.push(
+        registration_row("register 10,000 endpoints, 1 target, cold", "", || {
+            one_target(10_000)
+        })
+        .await,
+    );
+    rows.push(
+        registration_row(
+            "register 10,000 endpoints, 1,000 targets x 10, cold",
+            " (claim + batch)",
+            || many_targets(1_000, 10),
+        )
+        .await,
+    );
 
     let stripped = median((0..3).map(|_| bytes_per_cached_pod(10_000, true)).collect());
     let full = median(

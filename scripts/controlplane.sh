@@ -15,6 +15,7 @@ stamp="$bin/.stamp"
 # binary name -> Go package (all pinned by tests/controlplane/go.mod)
 declare -A packages=(
   [etcd]=go.etcd.io/etcd/server/v3
+  [kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
 )
 
 if ! command -v go >/dev/null 2>&1; then

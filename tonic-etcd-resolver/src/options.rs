@@ -1,0 +1,198 @@
+//! How the resolver connects to backends and how it behaves with no endpoints.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tonic::transport::Endpoint as TonicEndpoint;
+
+use crate::Error;
+
+type Configure = Arc<dyn Fn(TonicEndpoint) -> TonicEndpoint + Send + Sync>;
+
+/// Settings applied to every backend connection, and the resolver's retry pacing.
+///
+/// ```
+/// use std::time::Duration;
+/// use tonic_etcd_resolver::Options;
+///
+/// let options = Options::default()
+///     .connect_timeout(Duration::from_secs(1))
+///     .timeout(Duration::from_secs(3))
+///     .configure(|endpoint| endpoint.user_agent("my-app").unwrap());
+/// ```
+#[derive(Clone)]
+pub struct Options {
+    /// Bound on establishing one backend connection, and on each reachability probe.
+    pub(crate) connect_timeout: Duration,
+    /// Per-request deadline, if any.
+    pub(crate) timeout: Option<Duration>,
+    /// HTTP/2 keep-alive ping interval, so a silently dead backend is noticed.
+    pub(crate) keep_alive: Option<(Duration, Duration)>,
+    /// Disable Nagle on backend sockets.
+    pub(crate) tcp_nodelay: bool,
+    /// TLS to backends.
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<tonic::transport::ClientTlsConfig>,
+    /// A final hook over each backend's `Endpoint`.
+    pub(crate) configure: Option<Configure>,
+    /// `None`: fail fast with `Unavailable` when no endpoint is up. `Some(d)`: wait up to `d`.
+    pub(crate) wait_for_endpoints: Option<Duration>,
+    /// First retry delay after an etcd or backend failure.
+    pub(crate) retry_min: Duration,
+    /// Largest retry delay.
+    pub(crate) retry_max: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            timeout: None,
+            keep_alive: Some((Duration::from_secs(30), Duration::from_secs(10))),
+            tcp_nodelay: true,
+            #[cfg(feature = "tls")]
+            tls: None,
+            configure: None,
+            wait_for_endpoints: None,
+            retry_min: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("timeout", &self.timeout)
+            .field("keep_alive", &self.keep_alive)
+            .field("tcp_nodelay", &self.tcp_nodelay)
+            .field("configure", &self.configure.is_some())
+            .field("wait_for_endpoints", &self.wait_for_endpoints)
+            .field("retry_min", &self.retry_min)
+            .field("retry_max", &self.retry_max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Options {
+    /// Bound on connecting to one backend (default 5 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Deadline for each request (default none).
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// HTTP/2 keep-alive: ping every `interval`, drop the connection after `timeout` without an
+    /// answer (default 30 s / 10 s). `None` disables it.
+    #[must_use]
+    pub fn keep_alive(mut self, keep_alive: Option<(Duration, Duration)>) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
+    /// Whether to set `TCP_NODELAY` on backend sockets (default true).
+    #[must_use]
+    pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
+        self.tcp_nodelay = enabled;
+        self
+    }
+
+    /// TLS to every backend; endpoints are then dialled as `https://`.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// A hook applied last to each backend's [`tonic::transport::Endpoint`], for any setting
+    /// not covered here.
+    #[must_use]
+    pub fn configure(
+        mut self,
+        f: impl Fn(TonicEndpoint) -> TonicEndpoint + Send + Sync + 'static,
+    ) -> Self {
+        self.configure = Some(Arc::new(f));
+        self
+    }
+
+    /// With no endpoint up, wait up to `max` for one instead of failing fast.
+    ///
+    /// The default fails an RPC at once with `Unavailable`, as grpc-go does, so callers can
+    /// retry or degrade. Waiting suits batch jobs started before their backends.
+    #[must_use]
+    pub fn wait_for_endpoints(mut self, max: Duration) -> Self {
+        self.wait_for_endpoints = Some(max);
+        self
+    }
+
+    /// Retry pacing after etcd or backend failures: exponential from `min` to `max`, jittered.
+    #[must_use]
+    pub fn retry(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_min = min;
+        self.retry_max = max.max(min);
+        self
+    }
+
+    pub(crate) fn backoff(&self) -> Box<dyn Iterator<Item = Duration> + Send> {
+        let max = self.retry_max;
+        let delays = ExponentialBuilder::default()
+            .with_min_delay(self.retry_min)
+            .with_max_delay(self.retry_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .chain(std::iter::repeat(max));
+        Box::new(delays)
+    }
+
+    pub(crate) fn scheme(&self) -> &'static str {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return "https";
+        }
+        "http"
+    }
+
+    /// The tonic endpoint for one backend address.
+    ///
+    /// # Errors
+    /// [`Error::InvalidEndpoint`] when the address does not make a URI.
+    pub fn endpoint(&self, addr: &str) -> Result<TonicEndpoint, Error> {
+        let invalid = |source| Error::InvalidEndpoint {
+            addr: addr.to_owned(),
+            source,
+        };
+        let mut endpoint = TonicEndpoint::from_shared(format!("{}://{addr}", self.scheme()))
+            .map_err(invalid)?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(self.tcp_nodelay);
+        if let Some(timeout) = self.timeout {
+            endpoint = endpoint.timeout(timeout);
+        }
+        if let Some((interval, timeout)) = self.keep_alive {
+            endpoint = endpoint
+                .http2_keep_alive_interval(interval)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(invalid)?;
+        }
+        if let Some(configure) = &self.configure {
+            endpoint = configure(endpoint);
+        }
+        Ok(endpoint)
+    }
+}

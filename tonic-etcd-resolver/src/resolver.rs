@@ -1,0 +1,497 @@
+//! The registry side: a prefix Get, then a Watch from the next revision, re-listing after any
+//! compaction or broken stream, and never emptying the endpoint set because etcd is unreachable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use futures::Stream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tower::discover::Change;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::format::{self, Endpoint, watch_prefix};
+use crate::pool::Pool;
+use crate::{Error, LbChannel, Options, Result};
+
+/// The current registry content: key to endpoint.
+pub type Snapshot = Arc<BTreeMap<String, Endpoint>>;
+
+/// Stops the background task when the last handle goes.
+pub(crate) struct Guard(JoinHandle<()>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counters a user may want to export.
+#[derive(Debug, Default)]
+pub struct Stats {
+    malformed: AtomicU64,
+    relists: AtomicU64,
+}
+
+impl Stats {
+    /// Registry values skipped because they did not parse.
+    #[must_use]
+    pub fn malformed_values(&self) -> u64 {
+        self.malformed.load(Ordering::Relaxed)
+    }
+
+    /// Full re-lists after a compaction, a cancelled watch or a broken stream.
+    #[must_use]
+    pub fn relists(&self) -> u64 {
+        self.relists.load(Ordering::Relaxed)
+    }
+}
+
+/// Resolves one target from etcd and load-balances over it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tonic_etcd_resolver::{Options, Resolver};
+///
+/// let resolver = Resolver::connect(["http://127.0.0.1:2379"], "services/default/greeter", Options::default()).await?;
+/// let channel = resolver.channel(); // pass to any generated client
+/// let endpoints = resolver.endpoints(); // watch::Receiver of the current snapshot
+/// # drop((channel, endpoints));
+/// # Ok(()) }
+/// ```
+pub struct Resolver {
+    target: String,
+    pool: Arc<Pool>,
+    snapshot: watch::Receiver<Snapshot>,
+    stats: Arc<Stats>,
+    guard: Arc<Guard>,
+}
+
+impl Resolver {
+    /// Connects to etcd and resolves `target`.
+    ///
+    /// The etcd client is created with `require_leader` and HTTP/2 keep-alive, so a watch on a
+    /// partitioned member fails instead of hanging.
+    ///
+    /// # Errors
+    /// When etcd cannot be reached for the first listing.
+    pub async fn connect<E: AsRef<str>, S: AsRef<[E]>>(
+        etcd_endpoints: S,
+        target: impl Into<String>,
+        options: Options,
+    ) -> Result<Self> {
+        let connect = ConnectOptions::new()
+            .with_require_leader(true)
+            .with_connect_timeout(options.connect_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(etcd_endpoints, Some(connect))
+            .await
+            .map_err(|source| Error::Etcd {
+                op: "connect to etcd",
+                source,
+            })?;
+        Self::new(client, target, options).await
+    }
+
+    /// Resolves `target` with an existing client. Give the client `with_require_leader(true)`.
+    ///
+    /// Returns after the first listing, so [`Resolver::endpoints`] is populated at once.
+    ///
+    /// # Errors
+    /// When the first listing fails.
+    pub async fn new(client: Client, target: impl Into<String>, options: Options) -> Result<Self> {
+        let target = target.into();
+        let stats = Arc::new(Stats::default());
+        let pool = Pool::new(options.clone());
+        let mut state = Registry {
+            client,
+            prefix: watch_prefix(&target),
+            entries: BTreeMap::new(),
+            stats: stats.clone(),
+            timeout: options.connect_timeout.max(Duration::from_secs(1)),
+        };
+        let revision = state.list().await?;
+        let (tx, rx) = watch::channel(Arc::new(state.entries.clone()));
+        pool.set(&addrs(&state.entries));
+        info!(
+            target,
+            endpoints = state.entries.len(),
+            revision,
+            "resolved"
+        );
+        let task = tokio::spawn(
+            run(state, revision, tx, pool.clone(), options)
+                .instrument(info_span!("resolver", target = %target)),
+        );
+        Ok(Self {
+            target,
+            pool,
+            snapshot: rx,
+            stats,
+            guard: Arc::new(Guard(task)),
+        })
+    }
+
+    /// The resolved target.
+    #[must_use]
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// A load-balanced channel over the endpoints that are up. See [`LbChannel`].
+    #[must_use]
+    pub fn channel(&self) -> LbChannel {
+        LbChannel {
+            pool: self.pool.clone(),
+            _guard: self.guard.clone(),
+        }
+    }
+
+    /// A plain tonic [`Channel`] from `Channel::balance_channel`, fed by [`Resolver::discover`].
+    ///
+    /// Prefer [`Resolver::channel`]: tonic's balancer keeps routing to a registered backend whose
+    /// connection has failed (tonic#2839). This exists for APIs that insist on a `Channel`.
+    #[must_use]
+    pub fn balance_channel(&self) -> Channel {
+        let (channel, tx) = Channel::balance_channel::<String>(64);
+        let changes = self.discover();
+        let guard = self.guard.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let _guard = guard;
+            let mut changes = std::pin::pin!(changes);
+            while let Some(Ok(change)) = changes.next().await {
+                let change = match change {
+                    Change::Insert(k, v) => tonic::transport::channel::Change::Insert(k, v),
+                    Change::Remove(k) => tonic::transport::channel::Change::Remove(k),
+                };
+                if tx.send(change).await.is_err() {
+                    return;
+                }
+            }
+        });
+        channel
+    }
+
+    /// The current endpoints, updated as the registry changes.
+    #[must_use]
+    pub fn endpoints(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// Addresses the channel currently picks from (registered and reachable).
+    #[must_use]
+    pub fn ready_endpoints(&self) -> Vec<String> {
+        self.pool.ready_addrs()
+    }
+
+    /// Skipped values and re-lists.
+    #[must_use]
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Discovery changes keyed by address, for a tower balancer of your own: inserts for the
+    /// current set first, then each change. It implements `tower::discover::Discover`.
+    pub fn discover(
+        &self,
+    ) -> impl Stream<Item = Result<Change<String, TonicEndpoint>, Infallible>> + Send + use<> {
+        let options = self.pool.options().clone();
+        let rx = self.snapshot.clone();
+        let state = (
+            rx,
+            BTreeSet::<String>::new(),
+            std::collections::VecDeque::new(),
+            true,
+        );
+        futures::stream::unfold(state, move |(mut rx, mut known, mut pending, mut first)| {
+            let options = options.clone();
+            async move {
+                loop {
+                    if let Some(change) = pending.pop_front() {
+                        return Some((Ok(change), (rx, known, pending, first)));
+                    }
+                    if !first && rx.changed().await.is_err() {
+                        return None;
+                    }
+                    first = false;
+                    let now = addrs(&rx.borrow_and_update());
+                    for gone in known.difference(&now) {
+                        pending.push_back(Change::Remove(gone.clone()));
+                    }
+                    for new in now.difference(&known) {
+                        match options.endpoint(new) {
+                            Ok(endpoint) => {
+                                pending.push_back(Change::Insert(new.clone(), endpoint))
+                            }
+                            Err(e) => warn!(addr = new, error = %e, "skipping endpoint"),
+                        }
+                    }
+                    known = now;
+                }
+            }
+        })
+    }
+}
+
+fn addrs(entries: &BTreeMap<String, Endpoint>) -> BTreeSet<String> {
+    entries.values().map(|e| e.addr.clone()).collect()
+}
+
+/// The resolver's view of the registry.
+struct Registry {
+    client: Client,
+    prefix: String,
+    entries: BTreeMap<String, Endpoint>,
+    stats: Arc<Stats>,
+    timeout: Duration,
+}
+
+impl Registry {
+    /// Replaces `entries` with a fresh listing and returns its revision.
+    async fn list(&mut self) -> Result<i64> {
+        let mut kv = self.client.kv_client();
+        let resp = tokio::time::timeout(
+            self.timeout,
+            kv.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            op: "list endpoints",
+        })?
+        .map_err(|source| Error::Etcd {
+            op: "list endpoints",
+            source,
+        })?;
+        let mut entries = BTreeMap::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some(endpoint) = self.parse(&key, kv.value()) {
+                entries.insert(key, endpoint);
+            }
+        }
+        self.entries = entries;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    fn parse(&self, key: &str, value: &[u8]) -> Option<Endpoint> {
+        match format::parse(value) {
+            Ok(endpoint) => Some(endpoint),
+            Err(e) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                warn!(key, error = %e, "skipping malformed registry value");
+                None
+            }
+        }
+    }
+
+    /// Applies one watch event; returns whether the endpoint set changed.
+    fn apply(&mut self, event: &etcd_client::Event) -> bool {
+        let Some(kv) = event.kv() else { return false };
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match event.event_type() {
+            EventType::Put => match self.parse(&key, kv.value()) {
+                Some(endpoint) if self.entries.get(&key) == Some(&endpoint) => false,
+                Some(endpoint) => {
+                    self.entries.insert(key, endpoint);
+                    true
+                }
+                // The key no longer names a usable endpoint.
+                None => self.entries.remove(&key).is_some(),
+            },
+            EventType::Delete => self.entries.remove(&key).is_some(),
+        }
+    }
+}
+
+/// Why a watch ended.
+enum WatchEnd {
+    /// The revision was compacted; re-list.
+    Compacted(i64),
+    /// The stream broke or was cancelled; re-list.
+    Broken(String),
+}
+
+/// Watches from `revision + 1` forever, re-listing with backoff after any interruption.
+async fn run(
+    mut registry: Registry,
+    mut revision: i64,
+    tx: watch::Sender<Snapshot>,
+    pool: Arc<Pool>,
+    options: Options,
+) {
+    let publish = |registry: &Registry| {
+        let snapshot: Snapshot = Arc::new(registry.entries.clone());
+        pool.set(&addrs(&snapshot));
+        tx.send_replace(snapshot);
+    };
+    let mut delays = options.backoff();
+    loop {
+        let end = watch_from(
+            &mut registry,
+            &mut revision,
+            &publish,
+            &mut delays,
+            &options,
+        )
+        .await;
+        match end {
+            WatchEnd::Compacted(at) => warn!(
+                revision,
+                compact_revision = at,
+                "watch revision compacted; re-listing"
+            ),
+            WatchEnd::Broken(error) => warn!(revision, error, "registry watch ended; re-listing"),
+        }
+        // Re-list until it succeeds; the last known endpoints stay in use meanwhile.
+        loop {
+            let delay = delays.next().unwrap_or(options.retry_max);
+            tokio::time::sleep(delay).await;
+            match registry.list().await {
+                Ok(rev) => {
+                    registry.stats.relists.fetch_add(1, Ordering::Relaxed);
+                    revision = rev;
+                    publish(&registry);
+                    info!(
+                        revision,
+                        endpoints = registry.entries.len(),
+                        "re-listed registry"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "failed to re-list registry; keeping the last known endpoints")
+                }
+            }
+        }
+    }
+}
+
+async fn watch_from(
+    registry: &mut Registry,
+    revision: &mut i64,
+    publish: &impl Fn(&Registry),
+    delays: &mut Box<dyn Iterator<Item = Duration> + Send>,
+    options: &Options,
+) -> WatchEnd {
+    let watch_options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(*revision + 1)
+        .with_progress_notify();
+    let opened = tokio::time::timeout(
+        registry.timeout,
+        registry
+            .client
+            .watch(registry.prefix.as_str(), Some(watch_options)),
+    )
+    .await;
+    let mut stream = match opened {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return WatchEnd::Broken(e.to_string()),
+        Err(_) => return WatchEnd::Broken("timed out opening watch".into()),
+    };
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return WatchEnd::Broken("stream closed".into()),
+            Err(e) => return WatchEnd::Broken(e.to_string()),
+        };
+        if resp.canceled() {
+            return if resp.compact_revision() > 0 {
+                WatchEnd::Compacted(resp.compact_revision())
+            } else {
+                WatchEnd::Broken(format!("watch cancelled: {}", resp.cancel_reason()))
+            };
+        }
+        // A healthy message: later failures start their backoff afresh.
+        *delays = options.backoff();
+        let mut changed = false;
+        for event in resp.events() {
+            changed |= registry.apply(event);
+            if let Some(kv) = event.kv() {
+                *revision = (*revision).max(kv.mod_revision());
+            }
+        }
+        if resp.events().is_empty()
+            && let Some(header) = resp.header()
+        {
+            // Progress notification: everything up to here has been seen.
+            *revision = (*revision).max(header.revision());
+        }
+        if changed {
+            debug!(
+                revision = *revision,
+                endpoints = registry.entries.len(),
+                "registry changed"
+            );
+            publish(registry);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_support::EtcdServer;
+
+    #[tokio::test]
+    async fn compacted_watch_revision_leads_to_a_relist_with_no_lost_update() {
+        let etcd = EtcdServer::start().await;
+        let mut client = etcd.client().await;
+        let target = "services/default/compact";
+        let put = |i: u16| format::endpoint_key(target, &format!("10.0.0.{i}:50051"));
+        for i in 1..=3 {
+            let addr = format!("10.0.0.{i}:50051");
+            client
+                .put(
+                    put(i),
+                    format::render(format::ValueFormat::Address, &Endpoint::new(addr)),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        client.delete(put(1), None).await.unwrap();
+        let head = client
+            .get("x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        client.compact(head, None).await.unwrap();
+
+        // A resolver whose last seen revision (1) is now compacted away.
+        let options =
+            Options::default().retry(Duration::from_millis(10), Duration::from_millis(50));
+        let stats = Arc::new(Stats::default());
+        let registry = Registry {
+            client,
+            prefix: watch_prefix(target),
+            entries: BTreeMap::new(),
+            stats: stats.clone(),
+            timeout: Duration::from_secs(2),
+        };
+        let (tx, mut rx) = watch::channel(Snapshot::default());
+        let pool = Pool::new(options.clone());
+        let task = tokio::spawn(run(registry, 1, tx, pool, options));
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.len() == 2))
+            .await
+            .expect("re-listed after compaction")
+            .unwrap();
+        assert!(stats.relists() >= 1);
+        let keys: Vec<String> = rx.borrow().keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [put(2), put(3)],
+            "the delete before compaction is not lost"
+        );
+        task.abort();
+    }
+}

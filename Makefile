@@ -4,11 +4,12 @@ SHELL := /usr/bin/env bash
 
 .PHONY: tools test lint crd demo bench
 
-## tools: protoc (Debian's protobuf-compiler) and etcd built from the pinned Go module
-## (tests/controlplane/go.mod) into target/controlplane/bin, cached. Fails loudly when it cannot.
+## tools: protoc (Debian's protobuf-compiler); etcd, kube-apiserver and the Go interop client built from pinned Go modules
+## (tests/controlplane, tests/interop) into target/, cached. Fails loudly when it cannot.
 tools:
 	scripts/protoc.sh >/dev/null
 	scripts/controlplane.sh >/dev/null
+	scripts/interop.sh >/dev/null
 
 ## test: lint, then every test (unit, mock API server, real etcd). CI runs exactly this.
 ## (Benches are compiled by clippy --all-targets and run by `make bench`, not here.)
@@ -20,6 +21,8 @@ test: tools lint
 lint: tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	test -z "$$(gofmt -l tests/interop)" || { echo "gofmt: tests/interop is not formatted" >&2; exit 1; }
+	cd tests/interop && go vet ./...
 
 ## crd: regenerate the committed CRD (a test fails when it drifts).
 crd:

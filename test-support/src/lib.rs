@@ -37,13 +37,34 @@ pub fn free_port() -> u16 {
 /// `scripts/controlplane.sh`) builds it.
 #[must_use]
 pub fn controlplane_bin(name: &str, env: &str) -> PathBuf {
-    let path = std::env::var_os(env).map_or_else(
-        || workspace_root().join("target/controlplane/bin").join(name),
-        PathBuf::from,
-    );
+    built_bin(
+        "target/controlplane/bin",
+        name,
+        env,
+        "scripts/controlplane.sh",
+    )
+}
+
+/// The Go interop client built from `tests/interop` by `scripts/interop.sh`.
+///
+/// # Panics
+/// When it is missing, as [`controlplane_bin`].
+#[must_use]
+pub fn interop_bin() -> PathBuf {
+    built_bin(
+        "target/interop/bin",
+        "interop",
+        "INTEROP_BIN",
+        "scripts/interop.sh",
+    )
+}
+
+fn built_bin(dir: &str, name: &str, env: &str, script: &str) -> PathBuf {
+    let path =
+        std::env::var_os(env).map_or_else(|| workspace_root().join(dir).join(name), PathBuf::from);
     assert!(
         path.is_file(),
-        "{name} binary not found at {}: run `make test` or `scripts/controlplane.sh` to build it (or set {env})",
+        "{name} binary not found at {}: run `make test` or `{script}` to build it (or set {env})",
         path.display()
     );
     path

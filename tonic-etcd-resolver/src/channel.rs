@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::body::Body;
 use tower::{BoxError, ServiceExt};
@@ -26,25 +27,39 @@ pub struct LbChannel {
 }
 
 impl LbChannel {
+    /// The next endpoint that is up. With none up, waits while some endpoint is still on its
+    /// first connection attempt (bounded by the connect timeout), then fails fast with
+    /// `Unavailable` unless `wait_for_endpoints` allows a longer wait.
     async fn pick(pool: &Pool) -> Result<Ready, BoxError> {
         if let Some(ready) = pool.pick() {
             return Ok(ready);
         }
-        let Some(max) = pool.options().wait_for_endpoints else {
-            return Err(unavailable().into());
-        };
+        let options = pool.options();
+        let max = options
+            .wait_for_endpoints
+            .unwrap_or_default()
+            .max(if pool.connecting() {
+                options.connect_timeout
+            } else {
+                Duration::ZERO
+            });
+        let waiting_allowed = options.wait_for_endpoints.is_some();
         let wait = async {
             loop {
                 let changed = pool.changed.notified();
                 if let Some(ready) = pool.pick() {
-                    return ready;
+                    return Some(ready);
+                }
+                if !waiting_allowed && !pool.connecting() {
+                    return None;
                 }
                 changed.await;
             }
         };
-        tokio::time::timeout(max, wait)
-            .await
-            .map_err(|_| -> BoxError { unavailable().into() })
+        match tokio::time::timeout(max, wait).await {
+            Ok(Some(ready)) => Ok(ready),
+            Ok(None) | Err(_) => Err(unavailable().into()),
+        }
     }
 }
 

@@ -49,6 +49,8 @@ pub(crate) struct Ready {
 
 struct Member {
     task: JoinHandle<()>,
+    /// Set once the first reachability probe has finished, either way.
+    probed: Arc<AtomicBool>,
 }
 
 /// Every backend the registry lists, and the subset that may be picked.
@@ -56,9 +58,11 @@ pub(crate) struct Pool {
     options: Options,
     members: Mutex<HashMap<String, Member>>,
     ready: RwLock<Arc<Vec<Ready>>>,
-    /// Signalled whenever the ready set changes.
+    /// Signalled whenever the ready set changes or a first probe finishes.
     pub(crate) changed: Notify,
     next: AtomicUsize,
+    /// Members whose first probe has not finished: an RPC waits for them rather than failing.
+    unprobed: AtomicUsize,
 }
 
 impl Pool {
@@ -69,6 +73,7 @@ impl Pool {
             ready: RwLock::default(),
             changed: Notify::new(),
             next: AtomicUsize::new(0),
+            unprobed: AtomicUsize::new(0),
         })
     }
 
@@ -88,6 +93,7 @@ impl Pool {
         for addr in &gone {
             if let Some(member) = members.remove(addr) {
                 member.task.abort();
+                self.probed(&member.probed);
             }
             info!(addr, "endpoint removed");
         }
@@ -97,8 +103,10 @@ impl Pool {
         for addr in addrs {
             if !members.contains_key(addr) {
                 info!(addr, "endpoint added");
-                let task = tokio::spawn(member(Arc::downgrade(self), addr.clone()));
-                members.insert(addr.clone(), Member { task });
+                let probed = Arc::new(AtomicBool::new(false));
+                self.unprobed.fetch_add(1, Ordering::AcqRel);
+                let task = tokio::spawn(member(Arc::downgrade(self), addr.clone(), probed.clone()));
+                members.insert(addr.clone(), Member { task, probed });
             }
         }
     }
@@ -111,6 +119,19 @@ impl Pool {
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % ready.len();
         Some(ready[i].clone())
+    }
+
+    /// Whether some endpoint is still on its first connection attempt.
+    pub(crate) fn connecting(&self) -> bool {
+        self.unprobed.load(Ordering::Acquire) > 0
+    }
+
+    /// Records a member's first probe as finished (once).
+    fn probed(&self, flag: &AtomicBool) {
+        if !flag.swap(true, Ordering::AcqRel) {
+            self.unprobed.fetch_sub(1, Ordering::AcqRel);
+            self.changed.notify_waiters();
+        }
     }
 
     /// Addresses currently picked from, for tests and observability.
@@ -146,7 +167,7 @@ impl Drop for Pool {
 }
 
 /// Keeps one endpoint's connection: probe until reachable, serve until it fails, repeat.
-async fn member(pool: Weak<Pool>, addr: String) {
+async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>) {
     let Some(strong) = pool.upgrade() else { return };
     let options = strong.options.clone();
     drop(strong);
@@ -173,6 +194,9 @@ async fn member(pool: Weak<Pool>, addr: String) {
             if matches!(probe, Ok(Ok(_))) {
                 break;
             }
+            if let Some(pool) = pool.upgrade() {
+                pool.probed(&probed);
+            }
             let delay = delays.next().unwrap_or(options.retry_max);
             debug!(addr, ?delay, "endpoint unreachable; probing again");
             tokio::time::sleep(delay).await;
@@ -188,6 +212,7 @@ async fn member(pool: Weak<Pool>, addr: String) {
             set.retain(|r| r.addr != name);
             set.push(ready);
         });
+        strong.probed(&probed);
         drop(strong);
         debug!(addr, "endpoint up");
         while !health.down.load(Ordering::Acquire) {

@@ -31,6 +31,7 @@ crd:
 ## bench: registry and cache figures against a real etcd.
 bench: tools
 	cargo bench --bench registry
+	cargo bench -p tonic-etcd-resolver --bench resolver
 
 ## demo: a local etcd plus the controller against your current kube context.
 demo:

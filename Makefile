@@ -15,12 +15,14 @@ tools:
 ## (Benches are compiled by clippy --all-targets and run by `make bench`, not here.)
 test: tools lint
 	cargo test --workspace --doc
+	cargo test -p tonic-etcd-resolver --features tls --test tls
 	cargo test --workspace --lib --bins --tests --examples
 
 ## lint: formatting and clippy, warnings denied.
 lint: tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p tonic-etcd-resolver --all-targets --features tls -- -D warnings
 	test -z "$$(gofmt -l tests/interop)" || { echo "gofmt: tests/interop is not formatted" >&2; exit 1; }
 	cd tests/interop && go vet ./...
 

@@ -55,6 +55,28 @@ impl GreeterServer {
     /// # Errors
     /// When the address cannot be bound.
     pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::serve(addr, tonic::transport::Server::builder()).await
+    }
+
+    /// Serves over TLS with `identity` (PEM certificate and key).
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the identity is unusable.
+    #[cfg(feature = "tls")]
+    pub async fn start_tls(
+        addr: SocketAddr,
+        identity: tonic::transport::Identity,
+    ) -> std::io::Result<Self> {
+        let builder = tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(std::io::Error::other)?;
+        Self::serve(addr, builder).await
+    }
+
+    async fn serve(
+        addr: SocketAddr,
+        mut builder: tonic::transport::Server,
+    ) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("greeter")
@@ -72,7 +94,7 @@ impl GreeterServer {
         });
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         runtime.spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(service)
                 .serve_with_incoming(incoming)
                 .await;

@@ -15,13 +15,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, field, info, info_span, instrument, warn};
 
-pub use pods::{PodMapper, strip_pod};
+pub use pods::{PodMapper, Selections, strip_pod};
 use status::{Outcome, next_status};
 
 use crate::crd::{FINALIZER, GrpcService};
@@ -51,6 +51,8 @@ pub struct Context {
     pub policy: Policy,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Which pods each service last selected; read by the pod mapper.
+    pub selections: Selections,
     /// Consecutive failures per service uid, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -71,6 +73,7 @@ impl Context {
             pods,
             policy,
             metrics,
+            selections: Selections::default(),
             failures: Mutex::default(),
         }
     }
@@ -126,8 +129,19 @@ pub async fn run(
     });
 
     let controller = Controller::new(services, watcher::Config::default().any_semantic());
-    let mapper = PodMapper::new(controller.store(), pod_store.clone());
     let svc_store = controller.store();
+    let ctx = Arc::new(Context::new(
+        client,
+        registry,
+        pod_store.clone(),
+        policy,
+        metrics,
+    ));
+    let mapper = PodMapper::new(
+        controller.store(),
+        pod_store.clone(),
+        ctx.selections.clone(),
+    );
     {
         let (pods, ready) = (pod_store.clone(), ready.clone());
         tokio::spawn(async move {
@@ -141,7 +155,6 @@ pub async fn run(
             }
         });
     }
-    let ctx = Arc::new(Context::new(client, registry, pod_store, policy, metrics));
     let prune = mapper.clone();
     controller
         .watches_stream(pod_events, move |pod| mapper.map(&pod))
@@ -252,6 +265,10 @@ impl GrpcService {
         }
 
         let selected = ctx.pods.state_filter(|pod| plan.selects(pod));
+        ctx.selections.record(
+            ObjectRef::from_obj(self),
+            selected.iter().map(|pod| ObjectRef::from_obj(pod.as_ref())),
+        );
         let mut want = match desired(&plan, &selected) {
             Ok(want) => want,
             Err(e) => return self.invalid_spec(ctx, &e).await,
@@ -366,6 +383,7 @@ impl GrpcService {
             let deleted = ctx.registry.release(&target, &owner).await?;
             info!(target, deleted, "deregistered service");
         }
+        ctx.selections.record(ObjectRef::from_obj(self), []);
         ctx.metrics.registered_endpoints.remove(&ServiceLabels {
             namespace: owner.namespace,
             name: owner.name,

@@ -77,74 +77,124 @@ pub fn strip_pod(pod: &mut Pod) {
     });
 }
 
-/// pod -> the services it matched at its last event.
-type Matched = Arc<Mutex<HashMap<ObjectRef<Pod>, HashSet<ObjectRef<GrpcService>>>>>;
 /// service -> (generation, parsed selector).
 type Selectors = Arc<Mutex<HashMap<ObjectRef<GrpcService>, (Option<i64>, Option<Selector>)>>>;
 
-/// Maps pod events to the GrpcServices they concern, and only those.
+/// Which pods each service's last reconcile selected, and the reverse.
 ///
-/// A pod whose labels changed must wake the services it *left* as well as those it joined, so
-/// the mapper remembers which services each pod last matched.
+/// The reconciler records its selection; the pod mapper reads it, so a pod that leaves a
+/// selector (relabelled or deleted) wakes the service that registered it, however its earlier
+/// events were ordered against the service's own.
+#[derive(Clone, Default)]
+pub struct Selections(Arc<Mutex<SelectionIndex>>);
+
+#[derive(Default)]
+struct SelectionIndex {
+    by_pod: HashMap<ObjectRef<Pod>, HashSet<ObjectRef<GrpcService>>>,
+    by_service: HashMap<ObjectRef<GrpcService>, HashSet<ObjectRef<Pod>>>,
+}
+
+impl Selections {
+    /// Records the pods `service` selected in its latest reconcile (empty when it is gone).
+    pub fn record(
+        &self,
+        service: ObjectRef<GrpcService>,
+        pods: impl IntoIterator<Item = ObjectRef<Pod>>,
+    ) {
+        let pods: HashSet<ObjectRef<Pod>> = pods.into_iter().collect();
+        let mut index = self.0.lock().expect("lock");
+        let previous = index.by_service.remove(&service).unwrap_or_default();
+        for pod in previous.difference(&pods) {
+            if let Some(services) = index.by_pod.get_mut(pod) {
+                services.remove(&service);
+                if services.is_empty() {
+                    index.by_pod.remove(pod);
+                }
+            }
+        }
+        for pod in &pods {
+            index
+                .by_pod
+                .entry(pod.clone())
+                .or_default()
+                .insert(service.clone());
+        }
+        if !pods.is_empty() {
+            index.by_service.insert(service, pods);
+        }
+    }
+
+    /// The services whose last reconcile selected `pod`.
+    #[must_use]
+    pub fn services_of(&self, pod: &ObjectRef<Pod>) -> Vec<ObjectRef<GrpcService>> {
+        self.0
+            .lock()
+            .expect("lock")
+            .by_pod
+            .get(pod)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        let index = self.0.lock().expect("lock");
+        index.by_pod.is_empty() && index.by_service.is_empty()
+    }
+}
+
+/// Maps pod events to the GrpcServices they concern, and only those: the services whose
+/// selector matches the pod now, plus those whose last reconcile selected it.
 #[derive(Clone)]
 pub struct PodMapper {
     services: Store<GrpcService>,
     pods: Store<Pod>,
-    /// pod -> services it matched at its last event.
-    matched: Matched,
+    selections: Selections,
     /// Parsed selectors, by service and generation, so a pod event parses none.
     selectors: Selectors,
 }
 
 impl PodMapper {
-    /// A mapper over the service and pod stores.
+    /// A mapper over the service and pod stores and the reconciler's selections.
     #[must_use]
-    pub fn new(services: Store<GrpcService>, pods: Store<Pod>) -> Self {
+    pub fn new(services: Store<GrpcService>, pods: Store<Pod>, selections: Selections) -> Self {
         Self {
             services,
             pods,
-            matched: Arc::default(),
+            selections,
             selectors: Arc::default(),
         }
     }
 
-    /// The services a pod event concerns: those it matches now, plus those it matched before.
+    /// The services a pod event concerns.
     pub fn map(&self, pod: &Pod) -> Vec<ObjectRef<GrpcService>> {
         let pod_ref = ObjectRef::from_obj(pod);
         let namespace = pod.namespace();
-        let gone = self.pods.get(&pod_ref).is_none();
-        let now: HashSet<ObjectRef<GrpcService>> = if gone {
-            HashSet::new()
-        } else {
+        let mut wake: HashSet<ObjectRef<GrpcService>> =
+            self.selections.services_of(&pod_ref).into_iter().collect();
+        if self.pods.get(&pod_ref).is_some() {
             let mut selectors = self.selectors.lock().expect("lock");
-            self.services
-                .state()
-                .iter()
-                .filter(|svc| svc.namespace() == namespace)
-                .filter(|svc| {
-                    let key = ObjectRef::from_obj(svc.as_ref());
-                    let generation = svc.metadata.generation;
-                    let entry = selectors.entry(key).or_insert((None, None));
-                    if entry.0 != generation || entry.1.is_none() {
-                        *entry = (
-                            generation,
-                            Selector::try_from(svc.spec.selector.clone()).ok(),
-                        );
-                    }
-                    entry.1.as_ref().is_some_and(|s| s.matches(pod.labels()))
-                })
-                .map(|svc| ObjectRef::from_obj(svc.as_ref()))
-                .collect()
-        };
-        let mut matched = self.matched.lock().expect("lock");
-        let before = if now.is_empty() {
-            matched.remove(&pod_ref)
-        } else {
-            matched.insert(pod_ref, now.clone())
-        };
-        let mut all = now;
-        all.extend(before.into_iter().flatten());
-        all.into_iter().collect()
+            wake.extend(
+                self.services
+                    .state()
+                    .iter()
+                    .filter(|svc| svc.namespace() == namespace)
+                    .filter(|svc| {
+                        let key = ObjectRef::from_obj(svc.as_ref());
+                        let generation = svc.metadata.generation;
+                        let entry = selectors.entry(key).or_insert((None, None));
+                        if entry.0 != generation || entry.1.is_none() {
+                            *entry = (
+                                generation,
+                                Selector::try_from(svc.spec.selector.clone()).ok(),
+                            );
+                        }
+                        entry.1.as_ref().is_some_and(|s| s.matches(pod.labels()))
+                    })
+                    .map(|svc| ObjectRef::from_obj(svc.as_ref())),
+            );
+        }
+        wake.into_iter().collect()
     }
 
     /// Forgets parsed selectors of services no longer in the store.
@@ -206,7 +256,7 @@ mod tests {
         other.spec.selector.match_labels = Some([("app".to_owned(), "other".to_owned())].into());
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
         let (svcs, pods, _w) = stores(&[service("greeter"), other], std::slice::from_ref(&pod));
-        let mapper = PodMapper::new(svcs, pods);
+        let mapper = PodMapper::new(svcs, pods, Selections::default());
         assert_eq!(
             mapper.map(&pod),
             [ObjectRef::new("greeter").within("default")]
@@ -214,31 +264,37 @@ mod tests {
     }
 
     #[test]
-    fn pod_relabelled_out_of_a_selector_still_wakes_the_service_it_left() {
+    fn pod_relabelled_out_of_a_selector_wakes_the_service_that_selected_it() {
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
         let (svcs, pods, mut writer) = stores(&[service("greeter")], std::slice::from_ref(&pod));
-        let mapper = PodMapper::new(svcs, pods);
-        assert_eq!(mapper.map(&pod).len(), 1);
+        let selections = Selections::default();
+        let mapper = PodMapper::new(svcs, pods, selections.clone());
+        let greeter = ObjectRef::new("greeter").within("default");
+        // The reconciler selected the pod before any pod event was mapped.
+        selections.record(greeter.clone(), [ObjectRef::from_obj(&pod)]);
         let moved = PodBuilder::ready("p1", "10.0.0.1")
             .label("app", "elsewhere")
             .build();
         writer.apply_watcher_event(&Event::Apply(moved.clone()));
-        assert_eq!(
-            mapper.map(&moved),
-            [ObjectRef::new("greeter").within("default")]
-        );
-        assert!(mapper.map(&moved).is_empty(), "woken once, then forgotten");
+        assert_eq!(mapper.map(&moved), std::slice::from_ref(&greeter));
+        // Its next reconcile no longer selects the pod: later events wake nobody.
+        selections.record(greeter, []);
+        assert!(mapper.map(&moved).is_empty());
+        assert!(selections.is_empty(), "nothing retained");
     }
 
     #[test]
-    fn deleted_pod_wakes_its_services_and_is_forgotten() {
+    fn deleted_pod_wakes_the_services_that_selected_it() {
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
         let (svcs, pods, mut writer) = stores(&[service("greeter")], std::slice::from_ref(&pod));
-        let mapper = PodMapper::new(svcs, pods);
-        mapper.map(&pod);
+        let selections = Selections::default();
+        let mapper = PodMapper::new(svcs, pods, selections.clone());
+        selections.record(
+            ObjectRef::new("greeter").within("default"),
+            [ObjectRef::from_obj(&pod)],
+        );
         writer.apply_watcher_event(&Event::Delete(pod.clone()));
         assert_eq!(mapper.map(&pod).len(), 1);
-        assert!(mapper.matched.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -247,6 +303,10 @@ mod tests {
             .namespace("prod")
             .build();
         let (svcs, pods, _w) = stores(&[service("greeter")], std::slice::from_ref(&pod));
-        assert!(PodMapper::new(svcs, pods).map(&pod).is_empty());
+        assert!(
+            PodMapper::new(svcs, pods, Selections::default())
+                .map(&pod)
+                .is_empty()
+        );
     }
 }

@@ -1,14 +1,13 @@
 //! A real etcd server per test.
 
 use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::{controlplane_bin, free_port};
+use crate::{controlplane_bin, free_port, tail};
 
 /// How long a start may take before the test fails.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -166,18 +165,6 @@ impl EtcdServer {
     pub fn log_tail(&self) -> String {
         tail(&self.log_path(), 8192)
     }
-}
-
-fn tail(path: &Path, max: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = File::open(path) {
-        let _ = f.read_to_string(&mut text);
-    }
-    let cut = text.len().saturating_sub(max);
-    let start = (cut..text.len())
-        .find(|i| text.is_char_boundary(*i))
-        .unwrap_or(0);
-    text[start..].to_owned()
 }
 
 impl Drop for EtcdServer {

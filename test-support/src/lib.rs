@@ -4,13 +4,32 @@
 //!
 //! # Layout
 //! - [`etcd`]: an etcd server built from the pinned Go module by `scripts/controlplane.sh`.
+//! - [`controlplane`]: etcd plus kube-apiserver from the same module, with certificates, RBAC
+//!   and a kubeconfig.
 
+pub mod controlplane;
 pub mod etcd;
 
+use std::io::Read;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+pub use controlplane::ControlPlane;
 pub use etcd::EtcdServer;
+
+/// The last `max` bytes of a log file (empty when it cannot be read).
+#[must_use]
+pub fn tail(path: &Path, max: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let cut = text.len().saturating_sub(max);
+    let start = (cut..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    text[start..].to_owned()
+}
 
 /// The workspace root (this crate lives one level below it).
 #[must_use]

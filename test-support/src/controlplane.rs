@@ -1,0 +1,302 @@
+//! A real Kubernetes control plane: etcd plus kube-apiserver, driven like envtest.
+//!
+//! Serving and client certificates are generated per start (rcgen), the admin identity is a
+//! client certificate in `system:masters`, authorization is RBAC, and a kubeconfig is written to
+//! the temp dir so that kubectl and kube-rs both use it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tempfile::TempDir;
+
+use crate::{controlplane_bin, free_port, tail};
+
+/// How long kube-apiserver may take to become ready.
+const READY_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Files written for one control plane.
+struct Pki {
+    ca: PathBuf,
+    serving_cert: PathBuf,
+    serving_key: PathBuf,
+    sa_key: PathBuf,
+    sa_pub: PathBuf,
+    admin_cert: String,
+    admin_key: String,
+    ca_pem: String,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let write = |name: &str, body: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, body).expect("failed to write pki file");
+        path
+    };
+    let ca_key = KeyPair::generate().expect("failed to generate ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "grpc-registrar test ca");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .expect("failed to self-sign ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let serving_key = KeyPair::generate().expect("failed to generate serving key");
+    let mut serving = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("serving params");
+    serving
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let serving_cert = serving
+        .signed_by(&serving_key, &issuer)
+        .expect("failed to sign serving cert");
+
+    let admin_key = KeyPair::generate().expect("failed to generate admin key");
+    let mut admin = CertificateParams::new(Vec::<String>::new()).expect("admin params");
+    admin.distinguished_name.push(DnType::CommonName, "admin");
+    admin
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let admin_cert = admin
+        .signed_by(&admin_key, &issuer)
+        .expect("failed to sign admin cert");
+
+    let sa_key = KeyPair::generate().expect("failed to generate service account key");
+    Pki {
+        ca: write("ca.crt", &ca_cert.pem()),
+        serving_cert: write("apiserver.crt", &serving_cert.pem()),
+        serving_key: write("apiserver.key", &serving_key.serialize_pem()),
+        sa_key: write("sa.key", &sa_key.serialize_pem()),
+        sa_pub: write("sa.pub", &sa_key.public_key_pem()),
+        admin_cert: admin_cert.pem(),
+        admin_key: admin_key.serialize_pem(),
+        ca_pem: ca_cert.pem(),
+    }
+}
+
+/// A running etcd plus kube-apiserver on free loopback ports, killed on drop.
+pub struct ControlPlane {
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    dir: TempDir,
+    port: u16,
+    kubeconfig: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver and waits until `/readyz` answers.
+    ///
+    /// # Panics
+    /// When a binary is missing or the API server is not ready within the deadline.
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("controlplane-")
+            .tempdir()
+            .expect("failed to create control plane temp dir");
+        let pki = pki(dir.path());
+        let (etcd_client, etcd_peer, port) = (free_port(), free_port(), free_port());
+
+        let log = |name: &str| File::create(dir.path().join(name)).expect("failed to create log");
+        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        let etcd = Command::new(controlplane_bin("etcd", "ETCD_BIN"))
+            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=default={peer_url}"))
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log("etcd.log"))
+            .stderr(log("etcd.log"))
+            .spawn()
+            .expect("failed to spawn control plane etcd");
+
+        let apiserver = Command::new(controlplane_bin("kube-apiserver", "KUBE_APISERVER_BIN"))
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg(format!("--cert-dir={}", dir.path().join("certs").display()))
+            .arg(format!("--secure-port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--allow-privileged=true")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--authorization-mode=RBAC")
+            .arg(format!("--client-ca-file={}", pki.ca.display()))
+            .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                pki.serving_key.display()
+            ))
+            .arg(format!(
+                "--service-account-key-file={}",
+                pki.sa_pub.display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                pki.sa_key.display()
+            ))
+            .arg("--service-account-issuer=https://127.0.0.1")
+            .arg("--enable-priority-and-fairness=false")
+            .arg("--v=1")
+            .stdin(Stdio::null())
+            .stdout(log("kube-apiserver.log"))
+            .stderr(log("kube-apiserver.log"))
+            .spawn()
+            .expect("failed to spawn kube-apiserver");
+
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(port, &pki))
+            .expect("failed to write kubeconfig");
+        let mut plane = Self {
+            etcd: Some(etcd),
+            apiserver: Some(apiserver),
+            dir,
+            port,
+            kubeconfig,
+        };
+        plane.wait_ready().await;
+        plane
+    }
+
+    /// The kubeconfig path, for kubectl and for clients.
+    #[must_use]
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The API server URL.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// A fresh admin client (one per runtime: kube clients are bound to the runtime they run on).
+    ///
+    /// # Panics
+    /// When the kubeconfig cannot be read.
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)
+            .expect("failed to read kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("failed to load kubeconfig");
+        kube::Client::try_from(config).expect("failed to build kube client")
+    }
+
+    /// Runs kubectl against this control plane; returns (success, stdout, stderr).
+    ///
+    /// # Panics
+    /// When kubectl cannot be run at all.
+    #[must_use]
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("failed to run kubectl: it must be on PATH");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_DEADLINE;
+        let client = self.client().await;
+        loop {
+            let exited = [&mut self.etcd, &mut self.apiserver]
+                .into_iter()
+                .flatten()
+                .find_map(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "control plane process exited during start ({status}):\n{}",
+                    self.logs()
+                );
+            }
+            let request = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("readyz request");
+            if let Ok(Ok(body)) =
+                tokio::time::timeout(Duration::from_secs(2), client.request_text(request)).await
+                && body.trim() == "ok"
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready within {READY_DEADLINE:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The last part of both logs.
+    #[must_use]
+    pub fn logs(&self) -> String {
+        format!(
+            "--- etcd ---\n{}\n--- kube-apiserver ---\n{}",
+            tail(&self.dir.path().join("etcd.log"), 4096),
+            tail(&self.dir.path().join("kube-apiserver.log"), 12288)
+        )
+    }
+}
+
+fn kubeconfig_yaml(port: u16, pki: &Pki) -> String {
+    use std::fmt::Write as _;
+    let b64 = |s: &str| base64_encode(s.as_bytes());
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n    namespace: default\ncurrent-context: test\n",
+        b64(&pki.ca_pem),
+        b64(&pki.admin_cert),
+        b64(&pki.admin_key),
+    );
+    out
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for child in [self.apiserver.take(), self.etcd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}

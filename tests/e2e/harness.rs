@@ -1,0 +1,185 @@
+//! Per-test environment on the shared control plane: a namespace, a registry etcd, and the
+//! controller running in-process against both.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use etcd_client::GetOptions;
+use grpc_registrar::controller::{self, Scope};
+use grpc_registrar::crd::GrpcService;
+use grpc_registrar::desired::Policy;
+use grpc_registrar::metrics::Metrics;
+use grpc_registrar::registry::{Registry, RegistryConfig};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use test_support::{ControlPlane, EtcdServer};
+use tokio::sync::watch;
+
+/// Waits for `check` with a deadline; no sleeps as synchronisation.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One test's world.
+pub struct Env {
+    pub client: kube::Client,
+    pub ns: String,
+    pub etcd: EtcdServer,
+    stop: watch::Sender<bool>,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Env {
+    /// Creates namespace `ns`, a registry etcd, and starts the controller watching `ns` only.
+    pub async fn new(plane: Arc<ControlPlane>, ns: &str) -> Self {
+        let client = plane.client().await;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await
+            .expect("failed to create namespace");
+        let etcd = EtcdServer::start().await;
+        let metrics = Arc::new(Metrics::default());
+        let config = RegistryConfig {
+            default_ttl: Duration::from_secs(10),
+            ..RegistryConfig::new(vec![etcd.endpoint()])
+        };
+        let registry = Registry::connect(config, metrics.clone()).await.unwrap();
+        let (stop, mut stopped) = watch::channel(false);
+        let controller = tokio::spawn(controller::run(
+            client.clone(),
+            registry,
+            Scope {
+                namespace: Some(ns.to_owned()),
+            },
+            Policy::default(),
+            metrics,
+            Arc::new(AtomicBool::new(false)),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        Self {
+            client,
+            ns: ns.to_owned(),
+            etcd,
+            stop,
+            controller,
+        }
+    }
+
+    pub fn services(&self) -> Api<GrpcService> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates a GrpcService from a JSON spec.
+    pub async fn service(&self, name: &str, spec: serde_json::Value) -> GrpcService {
+        let svc: GrpcService = serde_json::from_value(json!({
+            "apiVersion": "grpc-registrar.io/v1alpha1",
+            "kind": "GrpcService",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": spec,
+        }))
+        .unwrap();
+        self.services()
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("failed to create GrpcService")
+    }
+
+    /// Creates a pod labelled `labels` with a container port `grpc` = `port`. No kubelet runs, so
+    /// it stays Pending until [`Env::set_ready`] patches its status.
+    pub async fn pod(&self, name: &str, labels: serde_json::Value, port: u16) -> Pod {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": self.ns, "labels": labels},
+            "spec": {
+                "nodeName": "node-1",
+                "containers": [{"name": "server", "image": "greeter:e2e", "ports": [{"name": "grpc", "containerPort": port}]}]
+            }
+        }))
+        .unwrap();
+        self.pods()
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("failed to create pod")
+    }
+
+    /// Sets phase Running, the pod IP and the Ready condition through the status subresource.
+    pub async fn set_ready(&self, name: &str, ip: &str, ready: bool) {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let status = json!({"status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now}]
+        }});
+        self.pods()
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .expect("failed to patch pod status");
+    }
+
+    /// Key -> value under `services/<ns>/` in the registry etcd.
+    pub async fn keys(&self) -> BTreeMap<String, String> {
+        let prefix = format!("services/{}/", self.ns);
+        let resp = self
+            .etcd
+            .client()
+            .await
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until the registry holds exactly these keys (relative to `services/<ns>/`).
+    pub async fn expect_keys(&self, what: &str, want: &[&str]) {
+        let want: Vec<String> = want
+            .iter()
+            .map(|k| format!("services/{}/{k}", self.ns))
+            .collect();
+        eventually(what, || async {
+            self.keys().await.into_keys().collect::<Vec<_>>() == want
+        })
+        .await;
+    }
+
+    /// The current status of a GrpcService.
+    pub async fn status(&self, name: &str) -> serde_json::Value {
+        let svc = self.services().get(name).await.unwrap();
+        serde_json::to_value(svc.status).unwrap()
+    }
+
+    /// Stops the controller, as a graceful shutdown would.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.controller).await;
+    }
+}

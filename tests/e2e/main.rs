@@ -1,0 +1,452 @@
+//! End-to-end: a real kube-apiserver (with its own etcd), a real registry etcd, and the
+//! controller in-process. One control plane is shared; each test has its own namespace,
+//! registry etcd and controller.
+//!
+//! This binary uses libtest-mimic (`harness = false`) so that the control plane is started once
+//! and stopped when every test has run.
+
+mod harness;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use harness::{Env, eventually};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::json;
+use test_support::ControlPlane;
+use tonic_etcd_resolver::format;
+
+type Plane = Arc<ControlPlane>;
+
+fn main() {
+    let args = Arguments::from_args();
+    // RUST_LOG=grpc_registrar=debug shows the controller's side of a failing test.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .init();
+    }
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("failed to build runtime"),
+    );
+    let plane: Plane = Arc::new(runtime.block_on(ControlPlane::start()));
+    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml");
+    // Exactly as the README tells users.
+    let (ok, out, err) = plane.kubectl(&["apply", "-f", crd]);
+    assert!(ok, "kubectl apply of the CRD failed:\n{out}\n{err}");
+    let (ok, out, err) = plane.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "crd/grpcservices.grpc-registrar.io",
+        "--timeout=60s",
+    ]);
+    assert!(ok, "CRD not established:\n{out}\n{err}");
+
+    let trials = vec![
+        trial(
+            &runtime,
+            &plane,
+            "ready_pods_are_published_with_etcd_naming_values",
+            ready_pods_are_published,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "a_pod_that_turns_unready_is_deregistered",
+            unready_pod_is_deregistered,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "a_terminating_pod_is_deregistered_before_it_is_gone",
+            terminating_pod_is_deregistered,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "a_pod_relabelled_out_of_the_selector_is_deregistered",
+            relabelled_pod_is_deregistered,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "deleting_the_grpcservice_removes_every_key_and_releases_the_finalizer",
+            deleting_service_cleans_up,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "invalid_specs_are_rejected_by_the_api_server_with_a_clear_message",
+            invalid_specs_are_rejected,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "status_and_printer_columns_show_target_ready_and_registered",
+            status_and_printer_columns,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "a_second_grpcservice_claiming_a_taken_target_shows_conflict",
+            second_claimant_conflicts,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "a_named_port_resolving_to_different_numbers_per_pod_works",
+            named_port_per_pod,
+        ),
+    ];
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(plane);
+    conclusion.exit();
+}
+
+fn trial<F, Fut>(
+    runtime: &Arc<tokio::runtime::Runtime>,
+    plane: &Plane,
+    name: &'static str,
+    test: F,
+) -> Trial
+where
+    F: FnOnce(Plane, String) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let (runtime, plane) = (runtime.clone(), plane.clone());
+    Trial::test(name, move || {
+        // A namespace per test: names are at most 63 characters.
+        let ns: String = name
+            .replace('_', "-")
+            .chars()
+            .take(50)
+            .collect::<String>()
+            .trim_end_matches('-')
+            .to_owned();
+        runtime.block_on(test(plane, ns));
+        Ok::<(), Failed>(())
+    })
+}
+
+fn greeter_spec() -> serde_json::Value {
+    json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"})
+}
+
+async fn ready_pods_are_published(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", greeter_spec()).await;
+    for (i, name) in ["g-0", "g-1", "g-2"].iter().enumerate() {
+        env.pod(name, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(name, &format!("10.1.0.{}", i + 1), true)
+            .await;
+    }
+    env.pod("other", json!({"app": "other"}), 50051).await;
+    env.set_ready("other", "10.1.0.9", true).await;
+    env.expect_keys(
+        "three keys",
+        &[
+            "greeter/10.1.0.1:50051",
+            "greeter/10.1.0.2:50051",
+            "greeter/10.1.0.3:50051",
+        ],
+    )
+    .await;
+    let keys = env.keys().await;
+    let value = &keys[&format!("services/{ns}/greeter/10.1.0.2:50051")];
+    let endpoint = format::parse(value.as_bytes()).unwrap();
+    assert_eq!(endpoint.addr, "10.1.0.2:50051");
+    assert_eq!(
+        endpoint.metadata.unwrap(),
+        json!({"namespace": ns, "node": "node-1", "pod": "g-1"})
+    );
+    assert!(
+        value.starts_with(r#"{"Op":0,"Addr":"10.1.0.2:50051","#),
+        "{value}"
+    );
+    env.shutdown().await;
+}
+
+async fn unready_pod_is_deregistered(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", greeter_spec()).await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.pod("g-1", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.2.0.1", true).await;
+    env.set_ready("g-1", "10.2.0.2", true).await;
+    env.expect_keys(
+        "two keys",
+        &["greeter/10.2.0.1:50051", "greeter/10.2.0.2:50051"],
+    )
+    .await;
+    env.set_ready("g-1", "10.2.0.2", false).await;
+    env.expect_keys("the unready pod's key gone", &["greeter/10.2.0.1:50051"])
+        .await;
+    env.set_ready("g-1", "10.2.0.2", true).await;
+    env.expect_keys(
+        "back when ready again",
+        &["greeter/10.2.0.1:50051", "greeter/10.2.0.2:50051"],
+    )
+    .await;
+    env.shutdown().await;
+}
+
+async fn terminating_pod_is_deregistered(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", greeter_spec()).await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    // A finalizer holds the pod in Terminating, as a kubelet's grace period would.
+    env.pods()
+        .patch(
+            "g-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["e2e.test/hold"]}})),
+        )
+        .await
+        .unwrap();
+    env.set_ready("g-0", "10.3.0.1", true).await;
+    env.expect_keys("registered", &["greeter/10.3.0.1:50051"])
+        .await;
+    env.pods()
+        .delete("g-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.expect_keys("deregistered while terminating", &[]).await;
+    let pod = env.pods().get("g-0").await.expect("the pod still exists");
+    assert!(pod.metadata.deletion_timestamp.is_some());
+    env.pods()
+        .patch(
+            "g-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    env.shutdown().await;
+}
+
+async fn relabelled_pod_is_deregistered(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", greeter_spec()).await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.4.0.1", true).await;
+    env.expect_keys("registered", &["greeter/10.4.0.1:50051"])
+        .await;
+    env.pods()
+        .patch(
+            "g-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": "moved"}}})),
+        )
+        .await
+        .unwrap();
+    env.expect_keys("deregistered after leaving the selector", &[])
+        .await;
+    env.shutdown().await;
+}
+
+async fn deleting_service_cleans_up(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", greeter_spec()).await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.5.0.1", true).await;
+    env.expect_keys("registered", &["greeter/10.5.0.1:50051"])
+        .await;
+    let svc = env.services().get("greeter").await.unwrap();
+    assert_eq!(
+        svc.metadata.finalizers,
+        Some(vec![grpc_registrar::crd::FINALIZER.to_owned()])
+    );
+    env.services()
+        .delete("greeter", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.expect_keys("every key deleted", &[]).await;
+    eventually("the GrpcService is gone (finalizer released)", || async {
+        env.services().get_opt("greeter").await.unwrap().is_none()
+    })
+    .await;
+    let owners = env
+        .etcd
+        .client()
+        .await
+        .get(
+            "grpc-registrar/owners/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(owners.kvs().is_empty(), "ownership record released");
+    env.shutdown().await;
+}
+
+async fn invalid_specs_are_rejected(plane: Plane, ns: String) {
+    let client = plane.client().await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "grpc-registrar.io",
+        "v1alpha1",
+        "GrpcService",
+    ));
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &resource);
+    let cases = [
+        (
+            "empty-selector",
+            json!({"selector": {}, "port": 50051}),
+            "selector must not be empty",
+        ),
+        (
+            "bad-operator",
+            json!({"selector": {"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]}, "port": 50051}),
+            "selector operator must be one of",
+        ),
+        (
+            "missing-port",
+            json!({"selector": {"matchLabels": {"app": "x"}}}),
+            "spec.port: Required value",
+        ),
+        (
+            "port-range",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 70000}),
+            "port must be a number",
+        ),
+        (
+            "bad-target",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051, "target": "services/a b/*"}),
+            "target must be",
+        ),
+        (
+            "negative-ttl",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051, "ttlSeconds": -1}),
+            "spec.ttlSeconds",
+        ),
+        (
+            "bad-template",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051, "keyTemplate": "/elsewhere/{addr}"}),
+            "keyTemplate must start",
+        ),
+    ];
+    for (name, spec, message) in cases {
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "grpc-registrar.io/v1alpha1", "kind": "GrpcService",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        let err = api
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect_err(&format!("{name} should be rejected"));
+        assert!(
+            err.to_string().contains(message),
+            "{name}: expected {message:?} in: {err}"
+        );
+    }
+}
+
+async fn status_and_printer_columns(plane: Plane, ns: String) {
+    let env = Env::new(plane.clone(), &ns).await;
+    env.service("greeter", greeter_spec()).await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.pod("g-1", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.6.0.1", true).await;
+    env.set_ready("g-1", "10.6.0.2", false).await;
+    eventually("status counts", || async {
+        let s = env.status("greeter").await;
+        s["registeredEndpoints"] == 1 && s["readyPods"] == 1 && s["selectedPods"] == 2
+    })
+    .await;
+    let status = env.status("greeter").await;
+    assert_eq!(status["target"], format!("services/{ns}/greeter"));
+    assert_eq!(status["observedGeneration"], 1);
+    assert!(status["leaseId"].is_string());
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["status"], "True");
+
+    let (ok, out, err) = plane.kubectl(&["get", "grpcsvc", "-n", &ns]);
+    assert!(ok, "{err}");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "TARGET", "READY", "REGISTERED", "AGE"]);
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        &row[..4],
+        ["greeter", &format!("services/{ns}/greeter"), "1", "1"]
+    );
+    env.shutdown().await;
+}
+
+async fn second_claimant_conflicts(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    let target = format!("services/{ns}/shared");
+    env.service(
+        "first",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc", "target": target}),
+    )
+    .await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.7.0.1", true).await;
+    env.expect_keys("first registers", &["shared/10.7.0.1:50051"])
+        .await;
+    env.service(
+        "second",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc", "target": target}),
+    )
+    .await;
+    eventually("second shows Conflict", || async {
+        let s = env.status("second").await;
+        s["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Conflict" && c["status"] == "True")
+        })
+    })
+    .await;
+    let conflict = env.status("second").await;
+    let message = conflict["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Conflict")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains(&format!("{ns}/first")), "{message}");
+    assert_eq!(
+        env.keys().await.len(),
+        1,
+        "the second service wrote nothing"
+    );
+    env.shutdown().await;
+}
+
+async fn named_port_per_pod(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", greeter_spec()).await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.pod("g-1", json!({"app": "greeter"}), 9090).await;
+    env.set_ready("g-0", "10.8.0.1", true).await;
+    env.set_ready("g-1", "10.8.0.2", true).await;
+    env.expect_keys(
+        "each pod on its own port",
+        &["greeter/10.8.0.1:50051", "greeter/10.8.0.2:9090"],
+    )
+    .await;
+    env.shutdown().await;
+}

@@ -17,6 +17,8 @@ test: tools lint
 	cargo test --workspace --doc
 	cargo test -p tonic-etcd-resolver --features tls --test tls
 	cargo test --workspace --lib --bins --tests --examples
+	@echo "demo smoke: make demo must keep working"
+	cargo run -q -p demo
 
 ## lint: formatting and clippy, warnings denied.
 lint: tools
@@ -33,8 +35,9 @@ crd:
 ## bench: registry and cache figures against a real etcd.
 bench: tools
 	cargo bench --bench registry
+	cargo bench --bench propagation
 	cargo bench -p tonic-etcd-resolver --bench resolver
 
-## demo: a local etcd plus the controller against your current kube context.
+## demo: a real control plane, the controller, three Greeter servers and a resolving client.
 demo:
 	scripts/demo.sh

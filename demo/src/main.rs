@@ -1,0 +1,226 @@
+//! `make demo`: the product end to end on one machine, with nothing faked.
+//!
+//! A real kube-apiserver (and its etcd), a registry etcd, the controller, three real tonic Greeter
+//! servers standing in for the pods' containers, and a tonic client resolving through
+//! tonic-etcd-resolver. There is no kubelet, so the demo plays its part: it patches each pod's
+//! status (IP and readiness) as a kubelet would.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use greeter::GreeterServer;
+use greeter::pb::HelloRequest;
+use greeter::pb::greeter_client::GreeterClient;
+use grpc_registrar::controller::{self, Scope};
+use grpc_registrar::desired::Policy;
+use grpc_registrar::metrics::Metrics;
+use grpc_registrar::registry::{Registry, RegistryConfig};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use test_support::{ControlPlane, EtcdServer};
+use tokio::sync::watch;
+use tonic_etcd_resolver::{LbChannel, Options, Resolver};
+
+const TARGET: &str = "services/default/greeter";
+const PODS: [(&str, &str); 3] = [
+    ("greeter-0", "127.0.0.11"),
+    ("greeter-1", "127.0.0.12"),
+    ("greeter-2", "127.0.0.13"),
+];
+
+fn step(text: &str) {
+    println!("\n==> {text}");
+}
+
+fn kubectl(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    let (ok, out, err) = plane.kubectl(args);
+    ensure!(ok, "kubectl {} failed: {err}", args.join(" "));
+    Ok(out)
+}
+
+async fn set_ready(pods: &Api<Pod>, name: &str, ip: &str, ready: bool) -> anyhow::Result<()> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now}]
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .with_context(|| format!("failed to patch status of {name}"))?;
+    Ok(())
+}
+
+async fn wait_ready(resolver: &Resolver, n: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    while resolver.ready_endpoints().len() != n {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the client never saw {n} endpoints");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(started.elapsed())
+}
+
+async fn calls(channel: &LbChannel, n: usize) -> anyhow::Result<()> {
+    let mut client = GreeterClient::new(channel.clone());
+    let mut spread = BTreeMap::new();
+    for i in 0..n {
+        let reply = client
+            .say_hello(HelloRequest {
+                name: format!("call {i}"),
+            })
+            .await
+            .context("call failed")?
+            .into_inner();
+        let who = PODS
+            .iter()
+            .find(|(_, ip)| reply.server.starts_with(ip))
+            .map_or("?", |(pod, _)| pod);
+        println!("    call {i:>2} answered by {} ({who})", reply.server);
+        *spread.entry(who).or_insert(0) += 1;
+    }
+    println!("    spread: {spread:?}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,kube_client::client::builder=off".into()),
+        )
+        .init();
+
+    step("Starting a real control plane (kube-apiserver + etcd) and a registry etcd");
+    let plane = ControlPlane::start().await;
+    let registry_etcd = EtcdServer::start().await;
+    println!(
+        "    kube-apiserver {}   kubeconfig {}",
+        plane.url(),
+        plane.kubeconfig().display()
+    );
+    println!("    registry etcd  {}", registry_etcd.endpoint());
+
+    step("kubectl apply -f crds/grpcservice.yaml");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    print!(
+        "    {}",
+        kubectl(
+            &plane,
+            &["apply", "-f", &format!("{root}/crds/grpcservice.yaml")]
+        )?
+    );
+    kubectl(
+        &plane,
+        &[
+            "wait",
+            "--for=condition=established",
+            "crd/grpcservices.grpc-registrar.io",
+            "--timeout=60s",
+        ],
+    )?;
+
+    step("Starting the grpc-registrar controller");
+    let client = plane.client().await;
+    let metrics = Arc::new(Metrics::default());
+    let config = RegistryConfig {
+        default_ttl: Duration::from_secs(10),
+        ..RegistryConfig::new(vec![registry_etcd.endpoint()])
+    };
+    let registry = Registry::connect(config, metrics.clone()).await?;
+    let (stop, mut stopped) = watch::channel(false);
+    let controller = tokio::spawn(controller::run(
+        client.clone(),
+        registry,
+        Scope::default(),
+        Policy::default(),
+        metrics,
+        Arc::new(AtomicBool::new(false)),
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+
+    step("kubectl apply -f examples/greeter.yaml   (a GrpcService and three pods)");
+    print!(
+        "    {}",
+        kubectl(
+            &plane,
+            &["apply", "-f", &format!("{root}/examples/greeter.yaml")]
+        )?
+        .replace('\n', "\n    ")
+    );
+
+    step("Starting three real tonic Greeter servers, one per pod IP, and marking the pods Ready");
+    let mut servers = Vec::new();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for (name, ip) in PODS {
+        let server = GreeterServer::start(format!("{ip}:50051").parse()?).await?;
+        println!("    {name}: serving on {}", server.addr());
+        servers.push(server);
+        set_ready(&pods, name, ip, true).await?;
+    }
+
+    step("A tonic client resolving services/default/greeter through tonic-etcd-resolver");
+    let resolver =
+        Resolver::connect([registry_etcd.endpoint()], TARGET, Options::default()).await?;
+    let took = wait_ready(&resolver, 3).await?;
+    println!(
+        "    the client sees 3 endpoints ({} ms after it started watching)",
+        took.as_millis()
+    );
+    calls(&resolver.channel(), 6).await?;
+
+    step("kubectl get grpcsvc");
+    print!(
+        "    {}",
+        kubectl(&plane, &["get", "grpcsvc", "-n", "default"])?.replace('\n', "\n    ")
+    );
+
+    step("greeter-1 fails its readiness probe (Ready=False): traffic leaves it");
+    let flipped = Instant::now();
+    set_ready(&pods, "greeter-1", "127.0.0.12", false).await?;
+    wait_ready(&resolver, 2).await?;
+    println!(
+        "    deregistered and out of the client's rotation in {} ms",
+        flipped.elapsed().as_millis()
+    );
+    calls(&resolver.channel(), 6).await?;
+
+    step("greeter-1 is Ready again: traffic returns");
+    let flipped = Instant::now();
+    set_ready(&pods, "greeter-1", "127.0.0.12", true).await?;
+    wait_ready(&resolver, 3).await?;
+    println!(
+        "    back in rotation in {} ms",
+        flipped.elapsed().as_millis()
+    );
+    calls(&resolver.channel(), 6).await?;
+
+    step("kubectl delete grpcsvc greeter: the finalizer removes every key");
+    kubectl(
+        &plane,
+        &[
+            "delete",
+            "grpcsvc",
+            "greeter",
+            "-n",
+            "default",
+            "--wait=true",
+            "--timeout=30s",
+        ],
+    )?;
+    wait_ready(&resolver, 0).await?;
+    println!("    registry empty; the client has no endpoints");
+
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    drop(servers);
+    step("Done: everything was real, and everything is stopped");
+    Ok(())
+}

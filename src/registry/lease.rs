@@ -17,15 +17,33 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
-/// Announces that a lease was lost and replaced.
+/// What the keep-alive saw happen to a shared lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseEvent {
-    /// The TTL of the lease that was replaced.
-    pub ttl: Duration,
-    /// The lost lease.
-    pub old: i64,
-    /// Its replacement, already granted.
-    pub new: i64,
+pub enum LeaseEvent {
+    /// The lease was lost (expired, revoked, or etcd lost its data) and replaced; every key on it
+    /// must be put again.
+    Replaced {
+        /// The TTL of the lease.
+        ttl: Duration,
+        /// The lost lease.
+        old: i64,
+        /// Its replacement, already granted.
+        new: i64,
+    },
+    /// etcd stopped answering the keep-alive; sent once per outage.
+    Unreachable {
+        /// The TTL of the lease.
+        ttl: Duration,
+        /// The lease being kept.
+        lease: i64,
+    },
+    /// The keep-alive works again after an outage, on the same lease.
+    Restored {
+        /// The TTL of the lease.
+        ttl: Duration,
+        /// The lease being kept.
+        lease: i64,
+    },
 }
 
 struct Slot {
@@ -182,6 +200,7 @@ impl Keeper {
     async fn run(self) {
         let interval = (self.ttl / 3).max(Duration::from_millis(500));
         let mut last_ok = Instant::now();
+        let mut unreachable = false;
         loop {
             let id = *self.id.borrow();
             let opened =
@@ -190,6 +209,13 @@ impl Keeper {
             let end = match opened {
                 Ok(Ok((keeper, stream))) => {
                     last_ok = Instant::now();
+                    if std::mem::take(&mut unreachable) {
+                        info!(lease_id = id, "etcd reachable again; lease kept");
+                        let _ = self.events.send(LeaseEvent::Restored {
+                            ttl: self.ttl,
+                            lease: id,
+                        });
+                    }
                     self.metrics.lease_keepalives.inc();
                     self.drive(keeper, stream, interval, &mut last_ok).await
                 }
@@ -206,8 +232,17 @@ impl Keeper {
                 }
             };
             match end {
-                StreamEnd::Lost => self.replace(id).await,
+                StreamEnd::Lost => {
+                    unreachable = false;
+                    self.replace(id).await;
+                }
                 StreamEnd::Broken => {
+                    if !std::mem::replace(&mut unreachable, true) {
+                        let _ = self.events.send(LeaseEvent::Unreachable {
+                            ttl: self.ttl,
+                            lease: id,
+                        });
+                    }
                     if last_ok.elapsed() > self.ttl {
                         debug!(
                             lease_id = id,
@@ -287,7 +322,7 @@ impl Keeper {
         );
         self.id.send_replace(new);
         // Nobody listening is fine: then nothing was put on the old lease either.
-        let _ = self.events.send(LeaseEvent {
+        let _ = self.events.send(LeaseEvent::Replaced {
             ttl: self.ttl,
             old,
             new,

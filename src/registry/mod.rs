@@ -185,7 +185,8 @@ impl Registry {
         self.inner.config.default_ttl
     }
 
-    /// Lease loss announcements; each arrives after the replacement lease was granted.
+    /// Lease announcements: replacements (after the new lease was granted), and etcd becoming
+    /// unreachable or reachable again, so that status can follow.
     #[must_use]
     pub fn lease_events(&self) -> broadcast::Receiver<LeaseEvent> {
         self.inner.leases.subscribe()
@@ -464,9 +465,9 @@ impl Registry {
 /// released.
 async fn replay(inner: Weak<Inner>, mut events: broadcast::Receiver<LeaseEvent>) {
     loop {
-        let event = match events.recv().await {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+        let (ttl, old, new) = match events.recv().await {
+            Ok(LeaseEvent::Replaced { ttl, old, new }) => (ttl, old, new),
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
         let Some(inner) = inner.upgrade() else { return };
@@ -477,12 +478,12 @@ async fn replay(inner: Weak<Inner>, mut events: broadcast::Receiver<LeaseEvent>)
             .lock()
             .expect("lock")
             .iter()
-            .filter(|(_, a)| a.ttl.as_secs().max(1) == event.ttl.as_secs().max(1))
+            .filter(|(_, a)| a.ttl.as_secs().max(1) == ttl.as_secs().max(1))
             .map(|(t, a)| (t.clone(), a.owner.clone(), a.entries.clone()))
             .collect();
         info!(
-            lease_id = event.new,
-            old_lease_id = event.old,
+            lease_id = new,
+            old_lease_id = old,
             targets = pending.len(),
             "re-putting keys on the new lease"
         );
@@ -501,7 +502,7 @@ async fn replay(inner: Weak<Inner>, mut events: broadcast::Receiver<LeaseEvent>)
                 registry.forget_claim(&target);
                 let result = match registry.claim(&target, &owner).await {
                     Ok(Claim::Owned) => registry
-                        .sync(&target, &owner, event.ttl, entries.clone())
+                        .sync(&target, &owner, ttl, entries.clone())
                         .await
                         .map(|_| ()),
                     Ok(Claim::Conflict { .. }) => break,

@@ -4,11 +4,13 @@
 //!
 //! # Layout
 //! - [`etcd`]: an etcd server built from the pinned Go module by `scripts/controlplane.sh`.
+//! - [`proxy`]: a TCP proxy a test can cut, for partitions.
 //! - [`controlplane`]: etcd plus kube-apiserver from the same module, with certificates, RBAC
 //!   and a kubeconfig.
 
 pub mod controlplane;
 pub mod etcd;
+pub mod proxy;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use controlplane::ControlPlane;
 pub use etcd::EtcdServer;
+pub use proxy::TcpProxy;
 
 /// The last `max` bytes of a log file (empty when it cannot be read).
 #[must_use]

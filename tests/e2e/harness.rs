@@ -16,7 +16,7 @@ use grpc_registrar::registry::{Registry, RegistryConfig};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-use test_support::{ControlPlane, EtcdServer};
+use test_support::{ControlPlane, EtcdServer, TcpProxy};
 use tokio::sync::watch;
 
 /// Waits for `check` with a deadline; no sleeps as synchronisation.
@@ -37,6 +37,8 @@ pub struct Env {
     pub client: kube::Client,
     pub ns: String,
     pub etcd: EtcdServer,
+    /// Between the controller and `etcd`, when partitionable.
+    pub proxy: Option<TcpProxy>,
     stop: watch::Sender<bool>,
     controller: tokio::task::JoinHandle<()>,
 }
@@ -44,6 +46,15 @@ pub struct Env {
 impl Env {
     /// Creates namespace `ns`, a registry etcd, and starts the controller watching `ns` only.
     pub async fn new(plane: Arc<ControlPlane>, ns: &str) -> Self {
+        Self::build(plane, ns, false).await
+    }
+
+    /// As [`Env::new`], with the controller reaching etcd through a proxy the test can cut.
+    pub async fn partitionable(plane: Arc<ControlPlane>, ns: &str) -> Self {
+        Self::build(plane, ns, true).await
+    }
+
+    async fn build(plane: Arc<ControlPlane>, ns: &str, proxied: bool) -> Self {
         let client = plane.client().await;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         namespaces
@@ -54,10 +65,24 @@ impl Env {
             .await
             .expect("failed to create namespace");
         let etcd = EtcdServer::start().await;
+        let proxy = if proxied {
+            let upstream = etcd
+                .endpoint()
+                .trim_start_matches("http://")
+                .parse()
+                .unwrap();
+            Some(TcpProxy::start(upstream).await)
+        } else {
+            None
+        };
+        let endpoint = proxy
+            .as_ref()
+            .map_or_else(|| etcd.endpoint(), TcpProxy::url);
         let metrics = Arc::new(Metrics::default());
         let config = RegistryConfig {
             default_ttl: Duration::from_secs(10),
-            ..RegistryConfig::new(vec![etcd.endpoint()])
+            op_timeout: Duration::from_secs(2),
+            ..RegistryConfig::new(vec![endpoint])
         };
         let registry = Registry::connect(config, metrics.clone()).await.unwrap();
         let (stop, mut stopped) = watch::channel(false);
@@ -78,6 +103,7 @@ impl Env {
             client,
             ns: ns.to_owned(),
             etcd,
+            proxy,
             stop,
             controller,
         }
@@ -175,6 +201,16 @@ impl Env {
     pub async fn status(&self, name: &str) -> serde_json::Value {
         let svc = self.services().get(name).await.unwrap();
         serde_json::to_value(svc.status).unwrap()
+    }
+
+    /// Whether condition `type_` of a GrpcService has status `value`.
+    pub async fn condition_is(&self, name: &str, type_: &str, value: &str) -> bool {
+        self.status(name).await["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == type_ && c["status"] == value)
+            })
     }
 
     /// Stops the controller, as a graceful shutdown would.

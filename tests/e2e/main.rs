@@ -5,6 +5,7 @@
 //! This binary uses libtest-mimic (`harness = false`) so that the control plane is started once
 //! and stopped when every test has run.
 
+mod faults;
 mod harness;
 
 use std::future::Future;
@@ -103,6 +104,18 @@ fn main() {
             "a_named_port_resolving_to_different_numbers_per_pod_works",
             named_port_per_pod,
         ),
+        trial(
+            &runtime,
+            &plane,
+            "faults::etcd_outage_longer_than_the_ttl_shows_etcd_unavailable_then_every_key_comes_back",
+            faults::etcd_outage_longer_than_the_ttl_shows_etcd_unavailable_then_every_key_comes_back,
+        ),
+        trial(
+            &runtime,
+            &plane,
+            "faults::etcd_outage_shorter_than_the_ttl_deletes_nothing",
+            faults::etcd_outage_shorter_than_the_ttl_deletes_nothing,
+        ),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     drop(plane);
@@ -121,14 +134,23 @@ where
 {
     let (runtime, plane) = (runtime.clone(), plane.clone());
     Trial::test(name, move || {
-        // A namespace per test: names are at most 63 characters.
-        let ns: String = name
-            .replace('_', "-")
-            .chars()
-            .take(50)
-            .collect::<String>()
-            .trim_end_matches('-')
-            .to_owned();
+        // A namespace per test: a readable prefix plus a hash, within the 63-character limit.
+        let ns = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            name.hash(&mut hasher);
+            let readable: String = name
+                .replace("::", "-")
+                .replace('_', "-")
+                .chars()
+                .take(40)
+                .collect();
+            format!(
+                "{}-{:08x}",
+                readable.trim_end_matches('-'),
+                hasher.finish() as u32
+            )
+        };
         runtime.block_on(test(plane, ns));
         Ok::<(), Failed>(())
     })

@@ -17,6 +17,9 @@ test: tools lint
 	cargo test --workspace --doc
 	cargo test -p tonic-etcd-resolver --features tls --test tls
 	cargo test --workspace --lib --bins --tests --examples
+	@echo "property tests: 1,000,000 cases over the value parser/renderer and the key template"
+	PROPTEST_CASES=200000 cargo test -p tonic-etcd-resolver --test format_props
+	PROPTEST_CASES=200000 cargo test --lib desired::template::tests
 	@echo "demo smoke: make demo must keep working"
 	cargo run -q -p demo
 

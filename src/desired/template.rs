@@ -78,7 +78,7 @@ impl KeyTemplate {
                 }
             }
         }
-        if segments.len() < 3 {
+        if text.len() <= "{target}/".len() {
             return Err(SpecError::Template(format!(
                 "{text:?} names nothing after {{target}}/"
             )));
@@ -122,4 +122,89 @@ fn var(name: &str, text: &str) -> Result<Var, SpecError> {
             )));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(20_000)
+    }
+
+    const NAMES: [&str; 8] = [
+        "target",
+        "addr",
+        "ip",
+        "port",
+        "pod",
+        "namespace",
+        "name",
+        "node",
+    ];
+
+    fn vars() -> Vars<'static> {
+        Vars {
+            target: "services/ns/svc",
+            addr: "10.0.0.7:50051",
+            ip: "10.0.0.7".parse().unwrap(),
+            port: 50051,
+            pod: "pod-0",
+            namespace: "ns",
+            name: "svc",
+            node: "node-1",
+        }
+    }
+
+    fn value(name: &str) -> &'static str {
+        match name {
+            "target" => "services/ns/svc",
+            "addr" => "10.0.0.7:50051",
+            "ip" => "10.0.0.7",
+            "port" => "50051",
+            "pod" => "pod-0",
+            "namespace" => "ns",
+            "name" => "svc",
+            _ => "node-1",
+        }
+    }
+
+    /// A valid template as parts: literals without braces, and known placeholders.
+    fn parts() -> impl Strategy<Value = Vec<(bool, String)>> {
+        prop::collection::vec(
+            prop_oneof![
+                "[^{}]{1,6}".prop_map(|s| (false, s)),
+                prop::sample::select(NAMES.to_vec()).prop_map(|n| (true, n.to_owned())),
+            ],
+            1..8,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn any_text_parses_or_errors_without_panicking(text in ".{0,40}", prefixed in any::<bool>()) {
+            let text = if prefixed { format!("{{target}}/{text}") } else { text };
+            if let Ok(template) = KeyTemplate::parse(&text) {
+                prop_assert!(template.render(&vars()).starts_with("services/ns/svc/"));
+            }
+        }
+
+        #[test]
+        fn valid_templates_render_each_placeholder_and_keep_literals(parts in parts()) {
+            let text: String = std::iter::once("{target}/".to_owned())
+                .chain(parts.iter().map(|(var, s)| if *var { format!("{{{s}}}") } else { s.clone() }))
+                .collect();
+            let want: String = std::iter::once("services/ns/svc/".to_owned())
+                .chain(parts.iter().map(|(var, s)| if *var { value(s).to_owned() } else { s.clone() }))
+                .collect();
+            let template = KeyTemplate::parse(&text).unwrap();
+            prop_assert_eq!(template.render(&vars()), want);
+        }
+    }
 }

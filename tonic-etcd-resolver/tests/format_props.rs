@@ -1,0 +1,65 @@
+//! Property tests over the wire format: no input makes the parser panic, and whatever the
+//! renderer writes, the parser reads back. `PROPTEST_CASES` scales the run (CI: 1,000,000 with
+//! `make test`, split over the strategies below).
+
+use proptest::prelude::*;
+use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(20_000)
+}
+
+fn metadata() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::Bool),
+        any::<i64>().prop_map(|n| serde_json::json!(n)),
+        ".*".prop_map(serde_json::Value::String),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+            prop::collection::btree_map(".{0,8}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn addr() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (any::<std::net::Ipv4Addr>(), any::<u16>())
+            .prop_map(|(ip, p)| format::socket_addr(ip.into(), p)),
+        (any::<std::net::Ipv6Addr>(), any::<u16>())
+            .prop_map(|(ip, p)| format::socket_addr(ip.into(), p)),
+        ("[a-z][a-z0-9.-]{0,20}", any::<u16>()).prop_map(|(h, p)| format!("{h}:{p}")),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn arbitrary_bytes_never_make_the_parser_panic(bytes in prop::collection::vec(any::<u8>(), 0..96)) {
+        let _ = format::parse(&bytes);
+    }
+
+    #[test]
+    fn json_shaped_garbage_never_makes_the_parser_panic(text in r#"\{("(Op|Addr|Metadata|x)":)?[-0-9a-z:\[\]{}",. null]{0,40}\}?"#) {
+        let _ = format::parse(text.as_bytes());
+    }
+
+    #[test]
+    fn every_rendered_value_parses_back_to_the_same_endpoint(addr in addr(), md in proptest::option::of(metadata())) {
+        let mut endpoint = Endpoint::new(addr);
+        if let Some(md) = md.filter(|m| !m.is_null()) {
+            endpoint = endpoint.with_metadata(md);
+        }
+        let naming = format::render(ValueFormat::EtcdNaming, &endpoint);
+        prop_assert_eq!(format::parse(&naming).unwrap(), endpoint.clone());
+        let bare = format::render(ValueFormat::Address, &endpoint);
+        prop_assert_eq!(format::parse(&bare).unwrap().addr, endpoint.addr);
+    }
+}

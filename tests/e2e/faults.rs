@@ -110,3 +110,218 @@ pub async fn etcd_outage_shorter_than_the_ttl_deletes_nothing(plane: Plane, ns: 
     assert_eq!(deletes, 0, "a watching client saw DELETEs for healthy pods");
     env.shutdown().await;
 }
+
+/// The real `grpc-registrar` binary, run as its own process against the test's control plane.
+struct ControllerProcess(std::process::Child);
+
+impl ControllerProcess {
+    fn start(plane: &Plane, etcd: &str, ns: &str, ttl: u32) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
+            .env("KUBECONFIG", plane.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .args([
+                "--etcd-endpoints",
+                etcd,
+                "--namespace",
+                ns,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--lease-ttl", &ttl.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("failed to start the grpc-registrar binary");
+        Self(child)
+    }
+
+    /// SIGKILL: no graceful anything.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A namespace, pods and a registry etcd, with no in-process controller.
+async fn world(plane: &Plane, ns: &str) -> Env {
+    let env = Env::without_controller(plane.clone(), ns).await;
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"}),
+    )
+    .await;
+    two_ready_pods(&env, 22).await;
+    env
+}
+
+pub async fn controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl(
+    plane: Plane,
+    ns: String,
+) {
+    let env = world(&plane, &ns).await;
+    let mut controller = ControllerProcess::start(&plane, &env.etcd.endpoint(), &ns, 5);
+    env.expect_keys(
+        "registered by the binary",
+        &["greeter/10.22.0.1:50051", "greeter/10.22.0.2:50051"],
+    )
+    .await;
+    controller.kill();
+    let killed = Instant::now();
+    assert_eq!(env.keys().await.len(), 2, "the keys outlive the process");
+    env.expect_keys("expired with the lease", &[]).await;
+    let expired = killed.elapsed();
+    eprintln!(
+        "sigkill, no restart: keys expired {} ms after the kill (ttl 5 s)",
+        expired.as_millis()
+    );
+    assert!(
+        expired <= Duration::from_secs(7),
+        "expired after {expired:?}, ttl is 5 s"
+    );
+}
+
+pub async fn controller_sigkill_and_restart_within_the_ttl_deletes_nothing(
+    plane: Plane,
+    ns: String,
+) {
+    let env = world(&plane, &ns).await;
+    let keys = ["greeter/10.22.0.1:50051", "greeter/10.22.0.2:50051"];
+    let mut first = ControllerProcess::start(&plane, &env.etcd.endpoint(), &ns, 10);
+    env.expect_keys("registered by the first process", &keys)
+        .await;
+    let mut watch = env
+        .etcd
+        .client()
+        .await
+        .watch(
+            format!("services/{ns}/"),
+            Some(WatchOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let leases = |env: &Env| {
+        let env_etcd = env.etcd.endpoint();
+        let prefix = format!("services/{ns}/");
+        async move {
+            let mut client = etcd_client::Client::connect([env_etcd], None)
+                .await
+                .unwrap();
+            let resp = client
+                .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await
+                .unwrap();
+            resp.kvs()
+                .iter()
+                .map(|kv| kv.lease())
+                .collect::<std::collections::BTreeSet<_>>()
+        }
+    };
+    let old = leases(&env).await;
+    first.kill();
+    let _second = ControllerProcess::start(&plane, &env.etcd.endpoint(), &ns, 10);
+    eventually("keys moved to the new process's lease", || async {
+        let now = leases(&env).await;
+        now.len() == 1 && now.is_disjoint(&old)
+    })
+    .await;
+    // Past the old lease's expiry: its keys were moved, so nothing is deleted.
+    let old_lease = *old.iter().next().unwrap();
+    eventually("the killed process's lease expired", || async {
+        let mut client = env.etcd.client().await;
+        client
+            .lease_time_to_live(old_lease, None)
+            .await
+            .is_ok_and(|r| r.ttl() == -1)
+    })
+    .await;
+    env.expect_keys("keys intact", &keys).await;
+    let mut deletes = 0;
+    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), watch.message())
+        .await
+        .map(Result::unwrap)
+    {
+        deletes += resp
+            .events()
+            .iter()
+            .filter(|e| e.event_type() == EventType::Delete)
+            .count();
+    }
+    assert_eq!(
+        deletes, 0,
+        "a watching client saw DELETEs across the restart"
+    );
+}
+
+pub async fn pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::partitionable(plane, &ns).await;
+    env.service("greeter", spec(30)).await;
+    two_ready_pods(&env, 23).await;
+    env.expect_keys(
+        "registered",
+        &["greeter/10.23.0.1:50051", "greeter/10.23.0.2:50051"],
+    )
+    .await;
+    let proxy = env.proxy.as_ref().unwrap();
+    proxy.cut().await;
+    env.set_ready("g-0", "10.23.0.1", false).await;
+    env.pods().delete("g-1", &Default::default()).await.unwrap();
+    env.pod("g-2", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-2", "10.23.0.3", true).await;
+    eventually("status shows EtcdUnavailable", || {
+        env.condition_is("greeter", "EtcdUnavailable", "True")
+    })
+    .await;
+    proxy.restore();
+    env.expect_keys("only g-2 after recovery", &["greeter/10.23.0.3:50051"])
+        .await;
+    eventually("Ready again", || {
+        env.condition_is("greeter", "Ready", "True")
+    })
+    .await;
+    env.shutdown().await;
+}
+
+pub async fn a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::new(plane, &ns).await;
+    env.service(
+        "hijack",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc", "target": "services/payments/api"}),
+    )
+    .await;
+    two_ready_pods(&env, 24).await;
+    eventually("InvalidSpec", || {
+        env.condition_is("hijack", "InvalidSpec", "True")
+    })
+    .await;
+    let status = env.status("hijack").await;
+    let message = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "InvalidSpec")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("may only publish under"), "{message}");
+    let all = env
+        .etcd
+        .client()
+        .await
+        .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    assert!(all.kvs().is_empty(), "nothing written anywhere");
+    env.shutdown().await;
+}

@@ -54,6 +54,13 @@ impl Env {
         Self::build(plane, ns, true).await
     }
 
+    /// A namespace and a registry etcd only; the test runs the controller itself.
+    pub async fn without_controller(plane: Arc<ControlPlane>, ns: &str) -> Self {
+        let env = Self::build(plane, ns, false).await;
+        let _ = env.stop.send(true);
+        env
+    }
+
     async fn build(plane: Arc<ControlPlane>, ns: &str, proxied: bool) -> Self {
         let client = plane.client().await;
         let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -116,6 +116,10 @@ fn main() {
             "faults::etcd_outage_shorter_than_the_ttl_deletes_nothing",
             faults::etcd_outage_shorter_than_the_ttl_deletes_nothing,
         ),
+        trial(&runtime, &plane, "faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl", faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl),
+        trial(&runtime, &plane, "faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing", faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing),
+        trial(&runtime, &plane, "faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry", faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry),
+        trial(&runtime, &plane, "faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing", faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     drop(plane);

@@ -3,7 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::GrpcServiceStatus;
-use crate::desired::Desired;
+use crate::desired::{Desired, Skip};
 use crate::registry::SyncReport;
 
 /// The condition types the controller maintains.
@@ -96,11 +96,14 @@ pub fn next_status(
                 false,
                 false,
                 false,
-                "Synced",
-                &format!(
-                    "{} of {} selected pods registered",
-                    report.registered, desired.selected
-                ),
+                if desired.selected == 0 {
+                    "NoPodsSelected"
+                } else if desired.skipped.values().any(|s| *s == Skip::PortNotFound) {
+                    "PortNotFound"
+                } else {
+                    "Synced"
+                },
+                &synced_message(report.registered, desired),
             );
             status.target = Some((*target).to_owned());
             counts(&mut status, Some(desired));
@@ -138,6 +141,35 @@ pub fn next_status(
         }
     }
     status
+}
+
+/// "2 of 3 selected pods registered; not registered: 1 not ready", naming each reason.
+fn synced_message(registered: usize, desired: &Desired) -> String {
+    let mut message = format!(
+        "{registered} of {} selected pods registered",
+        desired.selected
+    );
+    if desired.selected == 0 {
+        message.push_str(" (the selector matches no pod in this namespace)");
+        return message;
+    }
+    let mut reasons: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for skip in desired.skipped.values() {
+        let reason = match skip {
+            Skip::NotRunning => "not running",
+            Skip::NotReady => "not ready",
+            Skip::NoPodIp => "no pod IP",
+            Skip::Terminating => "terminating",
+            Skip::PortNotFound => "no container port with the requested name",
+        };
+        *reasons.entry(reason).or_insert(0) += 1;
+    }
+    if !reasons.is_empty() {
+        let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        message.push_str("; not registered: ");
+        message.push_str(&parts.join(", "));
+    }
+    message
 }
 
 fn counts(status: &mut GrpcServiceStatus, desired: Option<&Desired>) {
@@ -220,6 +252,62 @@ mod tests {
             &t(500),
         );
         assert_eq!(again, first);
+    }
+
+    #[test]
+    fn ready_message_names_why_selected_pods_are_not_registered() {
+        let desired = Desired {
+            selected: 3,
+            ready: 2,
+            skipped: [
+                ("a".to_owned(), Skip::PortNotFound),
+                ("b".to_owned(), Skip::NotReady),
+            ]
+            .into(),
+            ..Desired::default()
+        };
+        let report = SyncReport {
+            registered: 1,
+            ..SyncReport::default()
+        };
+        let s = next_status(
+            None,
+            Some(1),
+            &Outcome::Synced {
+                target: "t",
+                desired: &desired,
+                report: &report,
+            },
+            &t(1),
+        );
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.reason, "PortNotFound");
+        assert_eq!(
+            ready.message,
+            "1 of 3 selected pods registered; not registered: 1 no container port with the requested name, 1 not ready"
+        );
+    }
+
+    #[test]
+    fn a_selector_matching_nothing_says_so() {
+        let report = SyncReport::default();
+        let s = next_status(
+            None,
+            Some(1),
+            &Outcome::Synced {
+                target: "t",
+                desired: &Desired::default(),
+                report: &report,
+            },
+            &t(1),
+        );
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.reason, "NoPodsSelected");
+        assert!(
+            ready.message.contains("matches no pod"),
+            "{}",
+            ready.message
+        );
     }
 
     #[test]

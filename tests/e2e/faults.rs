@@ -325,3 +325,95 @@ pub async fn a_target_under_another_namespaces_prefix_is_refused_and_writes_noth
     assert!(all.kvs().is_empty(), "nothing written anywhere");
     env.shutdown().await;
 }
+
+pub async fn etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing(
+    plane: Plane,
+    ns: String,
+) {
+    let mut env = Env::new(plane, &ns).await;
+    env.service("greeter", spec(30)).await;
+    two_ready_pods(&env, 25).await;
+    let keys = ["greeter/10.25.0.1:50051", "greeter/10.25.0.2:50051"];
+    env.expect_keys("registered", &keys).await;
+    let created: Vec<i64> = created_revisions(&env, &ns).await;
+
+    env.etcd.stop();
+    // A change the controller cannot write while etcd is down.
+    env.set_ready("g-1", "10.25.0.2", false).await;
+    env.etcd.restart().await;
+    let back = Instant::now();
+    env.expect_keys("registry correct again", &keys[..1]).await;
+    let took = back.elapsed();
+    eprintln!(
+        "etcd restart: registry correct {} ms after etcd was back",
+        took.as_millis()
+    );
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
+    // The healthy pod's key was never deleted and re-created.
+    assert_eq!(created_revisions(&env, &ns).await, created[..1]);
+    env.shutdown().await;
+}
+
+pub async fn wiped_etcd_gets_every_key_and_the_ownership_record_back(plane: Plane, ns: String) {
+    let mut env = Env::new(plane, &ns).await;
+    env.service("greeter", spec(5)).await;
+    two_ready_pods(&env, 26).await;
+    let keys = ["greeter/10.26.0.1:50051", "greeter/10.26.0.2:50051"];
+    env.expect_keys("registered", &keys).await;
+    env.etcd.wipe_and_restart().await;
+    let back = Instant::now();
+    env.expect_keys("full resync", &keys).await;
+    eprintln!(
+        "etcd wiped: keys back {} ms after the empty etcd started",
+        back.elapsed().as_millis()
+    );
+    let owners = env
+        .etcd
+        .client()
+        .await
+        .get(
+            "grpc-registrar/owners/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners.kvs().len(), 1, "ownership record restored");
+    env.shutdown().await;
+}
+
+pub async fn a_port_name_no_pod_has_is_reported_in_the_ready_condition(plane: Plane, ns: String) {
+    let env = Env::new(plane, &ns).await;
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc-web"}),
+    )
+    .await;
+    two_ready_pods(&env, 27).await;
+    eventually("Ready reports the missing port", || async {
+        let status = env.status("greeter").await;
+        status["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "Ready"
+                    && c["reason"] == "PortNotFound"
+                    && c["message"] == "0 of 2 selected pods registered; not registered: 2 no container port with the requested name"
+            })
+        })
+    })
+    .await;
+    assert!(env.keys().await.is_empty());
+    env.shutdown().await;
+}
+
+async fn created_revisions(env: &Env, ns: &str) -> Vec<i64> {
+    let resp = env
+        .etcd
+        .client()
+        .await
+        .get(
+            format!("services/{ns}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    resp.kvs().iter().map(|kv| kv.create_revision()).collect()
+}

@@ -120,6 +120,9 @@ fn main() {
         trial(&runtime, &plane, "faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing", faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing),
         trial(&runtime, &plane, "faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry", faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry),
         trial(&runtime, &plane, "faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing", faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing),
+        trial(&runtime, &plane, "faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing", faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing),
+        trial(&runtime, &plane, "faults::wiped_etcd_gets_every_key_and_the_ownership_record_back", faults::wiped_etcd_gets_every_key_and_the_ownership_record_back),
+        trial(&runtime, &plane, "faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition", faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     drop(plane);

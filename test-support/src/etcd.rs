@@ -47,9 +47,23 @@ impl EtcdServer {
             starts: 0,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
         };
-        server.spawn();
-        server.wait_ready().await;
-        server
+        // Free ports are found by binding port 0 and letting go, so a parallel test can take the
+        // same port first; then etcd says so and we retry on fresh ports.
+        let mut attempt = 1;
+        loop {
+            server.spawn();
+            match server.try_ready().await {
+                Ok(()) => return server,
+                Err(log) if log.contains("address already in use") && attempt < 5 => {
+                    attempt += 1;
+                    server.stop();
+                    server.client_port = free_port();
+                    server.peer_port = free_port();
+                    let _ = std::fs::remove_dir_all(server.data_dir());
+                }
+                Err(log) => panic!("etcd failed to start:\n{log}"),
+            }
+        }
     }
 
     /// The client URL, `http://127.0.0.1:<port>`.
@@ -137,25 +151,36 @@ impl EtcdServer {
     }
 
     async fn wait_ready(&mut self) {
+        if let Err(log) = self.try_ready().await {
+            panic!("etcd failed to start:\n{log}");
+        }
+    }
+
+    /// Waits until etcd serves requests; on an exit or the deadline, returns its log.
+    async fn try_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_DEADLINE;
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("etcd exited during start ({status}):\n{}", self.log_tail());
+                return Err(format!(
+                    "etcd exited during start ({status}):\n{}",
+                    self.log_tail()
+                ));
             }
             let probe = async {
                 let mut client = etcd_client::Client::connect([self.endpoint()], None).await?;
                 client.status().await
             };
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd not ready within {READY_DEADLINE:?}:\n{}",
-                self.log_tail()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "etcd not ready within {READY_DEADLINE:?}:\n{}",
+                    self.log_tail()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -242,19 +242,5 @@ async fn main() {
         format!("{full:.0} B ({:.1}x)", full / stripped),
     ));
 
-    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-    println!("\n{:width$}  figure", "scenario");
-    println!("{}  {}", "-".repeat(width), "-".repeat(60));
-    for (name, figure) in &rows {
-        println!("{name:width$}  {figure}");
-    }
-    let json: serde_json::Map<String, serde_json::Value> =
-        rows.into_iter().map(|(k, v)| (k, v.into())).collect();
-    let dir = test_support::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("registry.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
+    test_support::bench::report("registry", &rows);
 }

@@ -1,14 +1,13 @@
 //! The registry against a real etcd: leases, batching, lease loss, ownership, cleanup.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::{Claim, Owner, Registry, RegistryConfig};
-use test_support::EtcdServer;
+use test_support::{EtcdServer, eventually};
 use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
 
 const TTL: Duration = Duration::from_secs(5);
@@ -63,19 +62,6 @@ async fn dump(etcd: &EtcdServer, prefix: &str) -> BTreeMap<String, (Vec<u8>, i64
             )
         })
         .collect()
-}
-
-/// Polls `check` until it holds or the deadline passes.
-async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let until = Instant::now() + deadline;
-    while !check().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn claim_and_sync(reg: &Registry, target: &str, who: &Owner, n: usize) {

@@ -136,17 +136,6 @@ mod tests {
             .unwrap_or(20_000)
     }
 
-    const NAMES: [&str; 8] = [
-        "target",
-        "addr",
-        "ip",
-        "port",
-        "pod",
-        "namespace",
-        "name",
-        "node",
-    ];
-
     fn vars() -> Vars<'static> {
         Vars {
             target: "services/ns/svc",
@@ -178,7 +167,8 @@ mod tests {
         prop::collection::vec(
             prop_oneof![
                 "[^{}]{1,6}".prop_map(|s| (false, s)),
-                prop::sample::select(NAMES.to_vec()).prop_map(|n| (true, n.to_owned())),
+                prop::sample::select(TEMPLATE_PLACEHOLDERS.to_vec())
+                    .prop_map(|n| (true, n.to_owned())),
             ],
             1..8,
         )

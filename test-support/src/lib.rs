@@ -4,13 +4,17 @@
 //!
 //! # Layout
 //! - [`etcd`]: an etcd server built from the pinned Go module by `scripts/controlplane.sh`.
+//! - [`wait`]: [`eventually`], a condition with a deadline.
+//! - [`bench`]: bench tables, printed and written as JSON.
 //! - [`proxy`]: a TCP proxy a test can cut, for partitions.
 //! - [`controlplane`]: etcd plus kube-apiserver from the same module, with certificates, RBAC
 //!   and a kubeconfig.
 
+pub mod bench;
 pub mod controlplane;
 pub mod etcd;
 pub mod proxy;
+pub mod wait;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -19,6 +23,7 @@ use std::path::{Path, PathBuf};
 pub use controlplane::ControlPlane;
 pub use etcd::EtcdServer;
 pub use proxy::TcpProxy;
+pub use wait::eventually;
 
 /// The last `max` bytes of a log file (empty when it cannot be read).
 #[must_use]

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::EventType;
 use serde_json::json;
 
 use crate::Plane;
@@ -67,16 +67,7 @@ pub async fn etcd_outage_shorter_than_the_ttl_deletes_nothing(plane: Plane, ns: 
     let keys = ["greeter/10.21.0.1:50051", "greeter/10.21.0.2:50051"];
     env.expect_keys("registered", &keys).await;
     // A client watching the registry directly, not through the partition.
-    let mut watch = env
-        .etcd
-        .client()
-        .await
-        .watch(
-            format!("services/{ns}/"),
-            Some(WatchOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
+    let mut watch = env.watch_registry().await;
     let proxy = env.proxy.as_ref().unwrap();
 
     proxy.cut().await;
@@ -96,17 +87,7 @@ pub async fn etcd_outage_shorter_than_the_ttl_deletes_nothing(plane: Plane, ns: 
     );
     env.expect_keys("keys intact", &keys).await;
 
-    let mut deletes = 0;
-    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), watch.message())
-        .await
-        .map(Result::unwrap)
-    {
-        deletes += resp
-            .events()
-            .iter()
-            .filter(|e| e.event_type() == EventType::Delete)
-            .count();
-    }
+    let deletes = deletes_seen(&mut watch).await;
     assert_eq!(deletes, 0, "a watching client saw DELETEs for healthy pods");
     env.shutdown().await;
 }
@@ -194,16 +175,7 @@ pub async fn controller_sigkill_and_restart_within_the_ttl_deletes_nothing(
     let mut first = ControllerProcess::start(&plane, &env.etcd.endpoint(), &ns, 10);
     env.expect_keys("registered by the first process", &keys)
         .await;
-    let mut watch = env
-        .etcd
-        .client()
-        .await
-        .watch(
-            format!("services/{ns}/"),
-            Some(WatchOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
+    let mut watch = env.watch_registry().await;
     let leases = |env: &Env| {
         let env_etcd = env.etcd.endpoint();
         let prefix = format!("services/{ns}/");
@@ -240,17 +212,7 @@ pub async fn controller_sigkill_and_restart_within_the_ttl_deletes_nothing(
     })
     .await;
     env.expect_keys("keys intact", &keys).await;
-    let mut deletes = 0;
-    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), watch.message())
-        .await
-        .map(Result::unwrap)
-    {
-        deletes += resp
-            .events()
-            .iter()
-            .filter(|e| e.event_type() == EventType::Delete)
-            .count();
-    }
+    let deletes = deletes_seen(&mut watch).await;
     assert_eq!(
         deletes, 0,
         "a watching client saw DELETEs across the restart"
@@ -304,15 +266,9 @@ pub async fn a_target_under_another_namespaces_prefix_is_refused_and_writes_noth
         env.condition_is("hijack", "InvalidSpec", "True")
     })
     .await;
-    let status = env.status("hijack").await;
-    let message = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "InvalidSpec")
-        .unwrap()["message"]
+    let message = env.condition("hijack", "InvalidSpec").await["message"]
         .as_str()
-        .unwrap()
+        .unwrap_or_default()
         .to_owned();
     assert!(message.contains("may only publish under"), "{message}");
     let all = env
@@ -416,4 +372,20 @@ async fn created_revisions(env: &Env, ns: &str) -> Vec<i64> {
         .await
         .unwrap();
     resp.kvs().iter().map(|kv| kv.create_revision()).collect()
+}
+
+/// DELETE events a watching client has received, reading until the watch is quiet for 500 ms.
+async fn deletes_seen(watch: &mut etcd_client::WatchStream) -> usize {
+    let mut deletes = 0;
+    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), watch.message())
+        .await
+        .map(Result::unwrap)
+    {
+        deletes += resp
+            .events()
+            .iter()
+            .filter(|e| e.event_type() == EventType::Delete)
+            .count();
+    }
+    deletes
 }

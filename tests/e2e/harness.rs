@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::GetOptions;
 use grpc_registrar::controller::{self, Scope};
@@ -19,17 +19,13 @@ use serde_json::json;
 use test_support::{ControlPlane, EtcdServer, TcpProxy};
 use tokio::sync::watch;
 
-/// Waits for `check` with a deadline; no sleeps as synchronisation.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+/// Waits for `check` with the e2e deadline; no sleeps as synchronisation.
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    test_support::eventually(what, Duration::from_secs(30), check).await;
 }
 
 /// One test's world.
@@ -210,14 +206,30 @@ impl Env {
         serde_json::to_value(svc.status).unwrap()
     }
 
-    /// Whether condition `type_` of a GrpcService has status `value`.
-    pub async fn condition_is(&self, name: &str, type_: &str, value: &str) -> bool {
+    /// Condition `type_` of a GrpcService (null when absent).
+    pub async fn condition(&self, name: &str, type_: &str) -> serde_json::Value {
         self.status(name).await["conditions"]
             .as_array()
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == type_ && c["status"] == value)
-            })
+            .and_then(|cs| cs.iter().find(|c| c["type"] == type_).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Whether condition `type_` of a GrpcService has status `value`.
+    pub async fn condition_is(&self, name: &str, type_: &str, value: &str) -> bool {
+        self.condition(name, type_).await["status"] == value
+    }
+
+    /// A watch on this test's registry prefix, straight to etcd (not through any partition).
+    pub async fn watch_registry(&self) -> etcd_client::WatchStream {
+        self.etcd
+            .client()
+            .await
+            .watch(
+                format!("services/{}/", self.ns),
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap()
     }
 
     /// Stops the controller, as a graceful shutdown would.

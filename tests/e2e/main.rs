@@ -446,15 +446,9 @@ async fn second_claimant_conflicts(plane: Plane, ns: String) {
         })
     })
     .await;
-    let conflict = env.status("second").await;
-    let message = conflict["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Conflict")
-        .unwrap()["message"]
+    let message = env.condition("second", "Conflict").await["message"]
         .as_str()
-        .unwrap()
+        .unwrap_or_default()
         .to_owned();
     assert!(message.contains(&format!("{ns}/first")), "{message}");
     assert_eq!(

@@ -144,20 +144,6 @@ async fn main() {
             format!("{:.3}", r / d),
         ),
     ];
-    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-    println!("\n{:width$}  figure", "scenario");
-    println!("{}  {}", "-".repeat(width), "-".repeat(30));
-    for (name, figure) in &rows {
-        println!("{name:width$}  {figure}");
-    }
-    let json: serde_json::Map<String, serde_json::Value> =
-        rows.into_iter().map(|(k, v)| (k, v.into())).collect();
-    let dir = test_support::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("resolver.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
+    test_support::bench::report("resolver", &rows);
     drop(b);
 }

@@ -8,6 +8,14 @@ use greeter::GreeterServer;
 use greeter::pb::HelloRequest;
 use greeter::pb::greeter_client::GreeterClient;
 use test_support::EtcdServer;
+
+async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    test_support::eventually(what, Duration::from_secs(15), check).await;
+}
 use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
 use tonic_etcd_resolver::{LbChannel, Options, Resolver};
 
@@ -46,18 +54,6 @@ async fn resolver(etcd: &EtcdServer, target: &str) -> Resolver {
     Resolver::connect([etcd.endpoint()], target, options())
         .await
         .unwrap()
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let until = Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Makes `n` calls; returns successes per answering server and the failure count.

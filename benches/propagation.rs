@@ -61,6 +61,7 @@ async fn main() {
         Policy::default(),
         Arc::new(Metrics::default()),
         Arc::new(AtomicBool::new(false)),
+        grpc_registrar::leader::always_leader(),
         std::future::pending(),
     ));
 

@@ -20,6 +20,13 @@ pub enum Error {
         /// The target whose owner record no longer names us.
         target: String,
     },
+    /// This replica is not (or no longer) the leader; the write was refused, locally or by the
+    /// etcd fence.
+    #[error("failed to {op}: this replica is not the leader")]
+    Fenced {
+        /// The refused operation.
+        op: &'static str,
+    },
     /// A Kubernetes API request failed.
     #[error("failed to {op}: {source}")]
     Kube {
@@ -47,6 +54,7 @@ impl Error {
         match self {
             Self::Etcd { .. } => "etcd",
             Self::OwnershipLost { .. } => "ownership_lost",
+            Self::Fenced { .. } => "fenced",
             Self::Kube { .. } => "kube",
             Self::Finalizer(_) => "finalizer",
             Self::InvalidSpec(_) => "invalid_spec",

@@ -20,6 +20,8 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
     /// Set once the caches have synced and the controller is reconciling.
     pub ready: Arc<AtomicBool>,
+    /// This replica's role, reported by `/readyz` (a warm follower is ready too).
+    pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
 }
 
 /// Serves the endpoints on `listener` until `shutdown` resolves.
@@ -60,9 +62,13 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let role = health.role.borrow().as_str();
     if health.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
+        (StatusCode::OK, format!("ready\nrole: {role}\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches syncing")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("caches syncing\nrole: {role}\n"),
+        )
     }
 }

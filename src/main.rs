@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use grpc_registrar::controller::{self, Scope};
 use grpc_registrar::desired::{CustomTargets, Policy};
 use grpc_registrar::http::{self, Health};
+use grpc_registrar::leader::{self, ElectionConfig, Elector, Role};
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::{Registry, RegistryConfig};
 use tokio::sync::watch;
@@ -52,6 +53,27 @@ struct Args {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Elect a leader on a coordination.k8s.io Lease; only the leader writes (run 2+ replicas).
+    #[arg(long, env = "LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEADER_ELECTION_NAME", default_value = "grpc-registrar")]
+    leader_election_name: String,
+    /// This replica's identity in the Lease (a random suffix is added); the host name if unset.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    leader_election_identity: String,
+    /// How long an unrenewed leader Lease stays held, e.g. `15s`; shorter than the etcd TTL.
+    #[arg(long, env = "LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    leader_lease_duration: Duration,
+    /// A leader that could not renew for this long stops writing, e.g. `10s`.
+    #[arg(long, env = "LEADER_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    leader_renew_deadline: Duration,
+    /// How often candidates retry and the leader renews, e.g. `2s`.
+    #[arg(long, env = "LEADER_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    leader_retry_period: Duration,
     /// Log output format; the level comes from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
@@ -67,8 +89,36 @@ async fn main() -> anyhow::Result<()> {
         custom_target_namespaces,
         namespace,
         metrics_addr,
+        leader_elect,
+        leader_election_namespace,
+        leader_election_name,
+        leader_election_identity,
+        leader_lease_duration,
+        leader_renew_deadline,
+        leader_retry_period,
         log_format,
     } = Args::parse();
+    let election = leader_elect.then(|| {
+        let base = if leader_election_identity.is_empty() {
+            hostname()
+        } else {
+            leader_election_identity
+        };
+        ElectionConfig {
+            namespace: leader_election_namespace,
+            name: leader_election_name,
+            identity: leader::unique_identity(&base),
+            lease_duration: leader_lease_duration,
+            renew_deadline: leader_renew_deadline,
+            retry_period: leader_retry_period,
+        }
+    });
+    if let Some(election) = &election {
+        election
+            .validate(Duration::from_secs(lease_ttl))
+            .map_err(anyhow::Error::msg)
+            .context("invalid leader election timing")?;
+    }
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match log_format {
@@ -94,12 +144,18 @@ async fn main() -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let (role_tx, mut role) = watch::channel(if election.is_some() {
+        Role::Follower
+    } else {
+        Role::Leader { term: 0 }
+    });
     let listener = http::bind(metrics_addr)
         .await
         .with_context(|| format!("failed to bind {metrics_addr}"))?;
     let health = Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
+        role: role.clone(),
     };
     let server = tokio::spawn(http::serve(listener, health, stopped()));
 
@@ -122,13 +178,66 @@ async fn main() -> anyhow::Result<()> {
     let scope = Scope {
         namespace: (!namespace.is_empty()).then_some(namespace),
     };
-    info!(%metrics_addr, ?scope, lease_ttl, "starting grpc-registrar");
-    controller::run(client, registry, scope, policy, metrics, ready, stopped()).await;
+    info!(%metrics_addr, ?scope, lease_ttl, leader_elect, "starting grpc-registrar");
+    let elector = election.map(|config| {
+        let (elector, elected) =
+            Elector::new(client.clone(), config, registry.clone(), metrics.clone());
+        role = elected;
+        tokio::spawn(elector.run(stopped()))
+    });
+    // The role the health endpoint shows follows the elector's.
+    let shown = role.clone();
+    tokio::spawn(async move {
+        let mut shown = shown;
+        while shown.changed().await.is_ok() {
+            let _ = role_tx.send(*shown.borrow_and_update());
+        }
+    });
+    controller::run(
+        client,
+        registry,
+        scope,
+        policy,
+        metrics,
+        ready,
+        role,
+        stopped(),
+    )
+    .await;
+    if let Some(elector) = elector {
+        elector.await.context("leader elector panicked")?;
+    }
     server
         .await
         .context("metrics server panicked")?
         .context("metrics server failed")?;
     Ok(())
+}
+
+/// Parses `500ms`, `2s`, `1m` or bare seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 2s or 1m"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map_or_else(|| "grpc-registrar".to_owned(), |h| h.trim().to_owned())
 }
 
 async fn shutdown_signal() {
@@ -144,4 +253,32 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_and_without_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        use clap::CommandFactory;
+        for arg in Args::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_env().is_some(), "--{id} has no env var");
+        }
+    }
 }

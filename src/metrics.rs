@@ -61,6 +61,10 @@ pub struct Metrics {
     pub lease_losses: Counter,
     /// Completed re-puts of every owned key after a lease loss.
     pub lease_replays: Counter,
+    /// 1 while this replica is the leader (or runs without leader election), else 0.
+    pub leader: Gauge,
+    /// Leadership changes seen by this replica.
+    pub leader_transitions: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +82,19 @@ impl Default for Metrics {
         let lease_grants = Counter::default();
         let lease_losses = Counter::default();
         let lease_replays = Counter::default();
+        let leader = Gauge::default();
+        leader.set(1);
+        let leader_transitions = Counter::default();
+        registry.register(
+            "leader",
+            "1 while this replica is the leader, else 0",
+            leader.clone(),
+        );
+        registry.register(
+            "leader_transitions",
+            "Leadership changes seen by this replica",
+            leader_transitions.clone(),
+        );
         registry.register("reconciliations", "Reconciles run", reconciliations.clone());
         registry.register(
             "reconcile_failures",
@@ -132,6 +149,8 @@ impl Default for Metrics {
             lease_grants,
             lease_losses,
             lease_replays,
+            leader,
+            leader_transitions,
         }
     }
 }
@@ -161,6 +180,14 @@ impl Metrics {
         self.etcd_duration
             .get_or_create(&OpLabels { op })
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Records this replica's role.
+    pub fn set_role(&self, role: crate::leader::Role) {
+        let value = i64::from(matches!(role, crate::leader::Role::Leader { .. }));
+        if self.leader.set(value) != value {
+            self.leader_transitions.inc();
+        }
     }
 
     /// Encodes every metric in the text exposition format.

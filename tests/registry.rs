@@ -281,3 +281,85 @@ async fn wiped_etcd_gets_the_ownership_records_and_keys_back() {
     )
     .await;
 }
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
+#[tokio::test]
+async fn a_deposed_leader_is_refused_by_the_etcd_fence_and_the_new_leaders_keys_survive() {
+    let etcd = EtcdServer::start().await;
+    let (old, _) = registry(&etcd).await;
+    let (new, _) = registry(&etcd).await;
+    let (target, who) = ("services/default/a", owner("a"));
+    old.enable_fencing();
+    new.enable_fencing();
+
+    old.fence("old", 1, far()).await.unwrap();
+    claim_and_sync(&old, target, &who, 3).await;
+    // The new leader takes over (its Lease term is later) and re-puts under its own lease.
+    new.fence("new", 2, far()).await.unwrap();
+    claim_and_sync(&new, target, &who, 2).await;
+    let after_takeover = dump(&etcd, "services/").await;
+
+    // The old leader still believes its local Lease bound: only etcd can stop it.
+    assert!(old.may_write());
+    let err = old
+        .sync(target, &who, TTL, entries(target, 3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, grpc_registrar::Error::Fenced { .. }),
+        "{err}"
+    );
+    assert!(!old.may_write(), "a fenced leader must stop writing at once");
+    assert!(matches!(
+        old.release(target, &who).await,
+        Err(grpc_registrar::Error::Fenced { .. })
+    ));
+    assert_eq!(dump(&etcd, "services/").await, after_takeover);
+    assert_eq!(after_takeover.len(), 2);
+}
+
+#[tokio::test]
+async fn an_earlier_term_cannot_replace_a_later_leader_record() {
+    let etcd = EtcdServer::start().await;
+    let (a, _) = registry(&etcd).await;
+    let (b, _) = registry(&etcd).await;
+    a.enable_fencing();
+    b.enable_fencing();
+    b.fence("b", 5, far()).await.unwrap();
+    assert!(matches!(
+        a.fence("a", 4, far()).await,
+        Err(grpc_registrar::Error::Fenced { .. })
+    ));
+    assert_eq!(a.leader_term().await.unwrap(), 5);
+    // Re-fencing the same term by the same holder is idempotent.
+    b.fence("b", 5, far()).await.unwrap();
+    a.fence("a", 6, far()).await.unwrap();
+    assert_eq!(b.leader_term().await.unwrap(), 6);
+}
+
+#[tokio::test]
+async fn a_follower_and_a_leader_past_its_lease_bound_write_nothing() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let (target, who) = ("services/default/a", owner("a"));
+    reg.enable_fencing();
+    assert!(!reg.may_write());
+    assert!(matches!(
+        reg.claim(target, &who).await,
+        Err(grpc_registrar::Error::Fenced { .. })
+    ));
+    reg.fence("me", 1, Instant::now()).await.unwrap();
+    assert!(!reg.may_write());
+    assert!(matches!(
+        reg.sync(target, &who, TTL, entries(target, 1)).await,
+        Err(grpc_registrar::Error::Fenced { .. })
+    ));
+    reg.extend_fence(far());
+    claim_and_sync(&reg, target, &who, 1).await;
+    assert_eq!(dump(&etcd, "services/").await.len(), 1);
+    reg.depose();
+    assert!(!reg.may_write());
+}

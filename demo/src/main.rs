@@ -141,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
         Policy::default(),
         metrics,
         Arc::new(AtomicBool::new(false)),
+        grpc_registrar::leader::always_leader(),
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         },

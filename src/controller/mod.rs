@@ -26,6 +26,7 @@ use status::{Outcome, next_status};
 
 use crate::crd::{FINALIZER, GrpcService};
 use crate::desired::{Plan, Policy, SpecError, desired};
+use crate::leader::Role;
 use crate::metrics::{Metrics, ServiceLabels};
 use crate::registry::{Claim, Owner, Registry};
 use crate::{Error, Result};
@@ -53,6 +54,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Which pods each service last selected; read by the pod mapper.
     pub selections: Selections,
+    /// This replica's role; only the leader writes.
+    pub role: tokio::sync::watch::Receiver<Role>,
     /// Consecutive failures per service uid, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -74,8 +77,15 @@ impl Context {
             policy,
             metrics,
             selections: Selections::default(),
+            role: crate::leader::always_leader(),
             failures: Mutex::default(),
         }
+    }
+
+    /// The same context, writing only while `role` says leader.
+    #[must_use]
+    pub fn with_role(self, role: tokio::sync::watch::Receiver<Role>) -> Self {
+        Self { role, ..self }
     }
 }
 
@@ -96,9 +106,12 @@ where
     }
 }
 
-/// Runs the controller until `shutdown` resolves. Setting `ready` once the caches are synced.
+/// Runs the controller until `shutdown` resolves, setting `ready` once the caches are synced.
 ///
+/// Every replica keeps its caches warm; only while `role` is [`Role::Leader`] does it write
+/// (see [`crate::leader`]), and on becoming the leader it reconciles every service at once.
 /// Graceful shutdown finishes in-flight reconciles and does not revoke the etcd lease.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
     registry: Registry,
@@ -106,6 +119,7 @@ pub async fn run(
     policy: Policy,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    role: tokio::sync::watch::Receiver<Role>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let services: Api<GrpcService> = api(&client, &scope);
@@ -128,15 +142,23 @@ pub async fn run(
         }
     });
 
+    // Taking over leadership reconciles everything, re-putting every key under this replica's
+    // lease before the previous leader's can expire.
+    let elected = futures::stream::unfold(role.clone(), |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            if matches!(*rx.borrow_and_update(), Role::Leader { .. }) {
+                return Some(((), rx));
+            }
+        }
+    });
+    let lease_events = futures::stream::select(lease_events, elected);
+
     let controller = Controller::new(services, watcher::Config::default().any_semantic());
     let svc_store = controller.store();
-    let ctx = Arc::new(Context::new(
-        client,
-        registry,
-        pod_store.clone(),
-        policy,
-        metrics,
-    ));
+    let ctx = Arc::new(
+        Context::new(client, registry, pod_store.clone(), policy, metrics).with_role(role),
+    );
     let mapper = PodMapper::new(
         controller.store(),
         pod_store.clone(),
@@ -178,6 +200,14 @@ pub async fn run(
 /// Retried by [`error_policy`] with backoff.
 #[instrument(skip_all, fields(namespace = field::Empty, name = %svc.name_any(), target = field::Empty))]
 pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.registry.may_write() {
+        // A follower writes nothing (it reconciles everything on taking over); a leader whose
+        // Lease renewal is late retries shortly.
+        return Ok(match *ctx.role.borrow() {
+            Role::Follower => Action::await_change(),
+            Role::Leader { .. } => Action::requeue(Duration::from_secs(1)),
+        });
+    }
     let _timer = ctx.metrics.reconcile_started();
     let namespace = svc
         .namespace()
@@ -354,6 +384,11 @@ impl GrpcService {
         want: Option<&crate::desired::Desired>,
         error: Error,
     ) -> Result<Action> {
+        if let Error::Fenced { .. } = error {
+            // Deposed mid-reconcile: the new leader owns status now.
+            info!(error = %error, "not the leader; leaving this service to the leader");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         let outcome = Outcome::EtcdUnavailable {
             target,
             message: error.to_string(),
@@ -400,7 +435,8 @@ impl GrpcService {
             outcome,
             &now,
         );
-        if self.status.as_ref() == Some(&next) {
+        // A replica deposed mid-reconcile leaves status to the new leader.
+        if self.status.as_ref() == Some(&next) || !ctx.registry.may_write() {
             return Ok(());
         }
         let api: Api<GrpcService> =

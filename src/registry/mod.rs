@@ -136,6 +136,37 @@ struct Inner {
     applied: Mutex<HashMap<String, Applied>>,
     /// etcd latency and lease counters.
     metrics: Arc<Metrics>,
+    /// Whether this replica may write, and the fencing record guarding its writes.
+    fence: Mutex<Fence>,
+}
+
+/// The write permission of this replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fence {
+    /// No leader election: always write, unguarded (a single replica).
+    Off,
+    /// Not the leader: write nothing.
+    Follower,
+    /// The leader: write until `valid_until` (the local bound of the Kubernetes Lease), guarded on
+    /// the leader record still being at `revision`.
+    Leader { revision: i64, valid_until: Instant },
+}
+
+/// The leader record at `<registrar-root>/leader`: `"<term, 10 digits> <holder>"`, so that byte
+/// order is term order and a record can only be replaced by a later term.
+#[must_use]
+pub fn leader_record(term: i64, holder: &str) -> String {
+    format!("{:010} {holder}", term.max(0))
+}
+
+/// The term in a leader record; 0 when unreadable.
+#[must_use]
+pub fn leader_term(record: &[u8]) -> i64 {
+    std::str::from_utf8(record)
+        .ok()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Registry {
@@ -168,6 +199,7 @@ impl Registry {
             claimed: Mutex::default(),
             applied: Mutex::default(),
             metrics,
+            fence: Mutex::new(Fence::Off),
         });
         tokio::spawn(replay(Arc::downgrade(&inner), events).instrument(info_span!("lease_replay")));
         Self { inner }
@@ -214,11 +246,14 @@ impl Registry {
             return Ok(Claim::Owned);
         }
         let key = self.owner_key(target);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), owner.record(), None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let resp = self.txn("claim target", txn).await?;
+        let resp = self
+            .guarded(
+                "claim target",
+                vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                vec![TxnOp::put(key.clone(), owner.record(), None)],
+                vec![TxnOp::get(key.clone(), None)],
+            )
+            .await?;
         let claim = if resp.succeeded() {
             info!(target, uid = %owner.uid, "claimed target");
             Claim::Owned
@@ -273,14 +308,19 @@ impl Registry {
     /// etcd failures.
     pub async fn take_over(&self, target: &str, owner: &Owner, mod_revision: i64) -> Result<Claim> {
         let key = self.owner_key(target);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::put(key, owner.record(), None)]);
-        if self.txn("take over target", txn).await?.succeeded() {
+        let resp = self
+            .guarded(
+                "take over target",
+                vec![Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )],
+                vec![TxnOp::put(key, owner.record(), None)],
+                vec![],
+            )
+            .await?;
+        if resp.succeeded() {
             info!(target, uid = %owner.uid, "took over target from a stale owner");
             self.inner
                 .claimed
@@ -358,8 +398,8 @@ impl Registry {
                     Op::Delete { key } => TxnOp::delete(key.as_str(), None),
                 })
                 .collect();
-            let txn = Txn::new().when([guard.clone()]).and_then(txn_ops);
-            let resp = match self.txn("write registry batch", txn).await {
+            let write = self.guarded("write registry batch", vec![guard.clone()], txn_ops, vec![]);
+            let resp = match write.await {
                 Err(Error::Etcd { source, .. }) if is_lease_not_found(&source) => {
                     self.inner.leases.suspect(ttl).await;
                     return Err(Error::Etcd {
@@ -414,20 +454,24 @@ impl Registry {
     /// etcd failures.
     pub async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
         let key = self.owner_key(target);
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                owner.record(),
-            )])
-            .and_then([
-                TxnOp::delete(
-                    watch_prefix(target),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
-                TxnOp::delete(key, None),
-            ]);
-        let resp = self.txn("release target", txn).await?;
+        let resp = self
+            .guarded(
+                "release target",
+                vec![Compare::value(
+                    key.clone(),
+                    CompareOp::Equal,
+                    owner.record(),
+                )],
+                vec![
+                    TxnOp::delete(
+                        watch_prefix(target),
+                        Some(DeleteOptions::new().with_prefix()),
+                    ),
+                    TxnOp::delete(key, None),
+                ],
+                vec![],
+            )
+            .await?;
         self.forget_claim(target);
         self.inner.applied.lock().expect("lock").remove(target);
         if !resp.succeeded() {
@@ -443,6 +487,174 @@ impl Registry {
             .unwrap_or(0);
         info!(target, deleted, "released target");
         Ok(deleted)
+    }
+
+    /// The key of the leader record that fences writes when leader election is on.
+    #[must_use]
+    pub fn leader_key(&self) -> String {
+        format!("{}/leader", self.inner.config.registrar_root)
+    }
+
+    /// Turns fencing on: from now on this replica writes only while it is the fenced leader.
+    pub fn enable_fencing(&self) {
+        self.depose();
+    }
+
+    /// Whether a write would be attempted now (not whether etcd would accept it).
+    #[must_use]
+    pub fn may_write(&self) -> bool {
+        self.fence_compare().is_ok()
+    }
+
+    /// Makes this replica the fenced leader for `term`: writes the leader record (only over an
+    /// older term), then guards every write on it. The claim and replay caches start empty, so
+    /// the new leader re-claims and re-puts everything it reconciles.
+    ///
+    /// # Errors
+    /// [`Error::Fenced`] with the newer term when etcd already holds a later leader record; etcd
+    /// failures.
+    pub async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
+        let key = self.leader_key();
+        let record = leader_record(term, holder);
+        let mut attempts = 0;
+        let revision = loop {
+            attempts += 1;
+            let txn = Txn::new()
+                .when([Compare::value(key.clone(), CompareOp::Less, record.clone())])
+                .and_then([TxnOp::put(key.clone(), record.clone(), None)])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self.txn("write leader record", txn).await?;
+            if resp.succeeded() {
+                break resp.header().map_or(0, |h| h.revision());
+            }
+            let current = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                _ => None,
+            });
+            match current {
+                Some(kv) if kv.value() == record.as_bytes() => break kv.mod_revision(),
+                Some(kv) => {
+                    let newer = leader_term(kv.value());
+                    warn!(term, newer_term = newer, "etcd holds a later leader record");
+                    return Err(Error::Fenced {
+                        op: "write leader record",
+                    });
+                }
+                None if attempts < 3 => {
+                    // No record yet (a value compare on a missing key fails): create it.
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(key.clone(), record.clone(), None)]);
+                    let resp = self.txn("write leader record", txn).await?;
+                    if resp.succeeded() {
+                        break resp.header().map_or(0, |h| h.revision());
+                    }
+                }
+                None => {
+                    return Err(Error::Fenced {
+                        op: "write leader record",
+                    });
+                }
+            }
+        };
+        self.forget_all();
+        *self.inner.fence.lock().expect("lock") = Fence::Leader {
+            revision,
+            valid_until,
+        };
+        info!(term, revision, holder, "fenced registry writes as leader");
+        Ok(revision)
+    }
+
+    /// The term of the leader record in etcd, 0 when there is none.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn leader_term(&self) -> Result<i64> {
+        let mut kv = self.inner.client.kv_client();
+        let resp = tokio::time::timeout(
+            self.inner.config.op_timeout,
+            kv.get(self.leader_key(), None),
+        )
+        .await
+        .map_err(|_| timeout_error("read leader record"))?
+        .map_err(Error::etcd("read leader record"))?;
+        Ok(resp.kvs().first().map_or(0, |kv| leader_term(kv.value())))
+    }
+
+    /// Extends the leader's local write permission to `valid_until` (after a Lease renewal).
+    pub fn extend_fence(&self, valid_until: Instant) {
+        if let Fence::Leader { valid_until: v, .. } = &mut *self.inner.fence.lock().expect("lock") {
+            *v = valid_until;
+        }
+    }
+
+    /// Stops writing at once, and forgets claims and applied content (the next leader owns them).
+    pub fn depose(&self) {
+        *self.inner.fence.lock().expect("lock") = Fence::Follower;
+        self.forget_all();
+    }
+
+    fn forget_all(&self) {
+        self.inner.claimed.lock().expect("lock").clear();
+        self.inner.applied.lock().expect("lock").clear();
+    }
+
+    /// The compare that fences a write, `None` without leader election.
+    fn fence_compare(&self) -> Result<Option<Compare>, Error> {
+        match *self.inner.fence.lock().expect("lock") {
+            Fence::Off => Ok(None),
+            Fence::Leader {
+                revision,
+                valid_until,
+            } if Instant::now() < valid_until => Ok(Some(Compare::mod_revision(
+                self.leader_key(),
+                CompareOp::Equal,
+                revision,
+            ))),
+            Fence::Leader { .. } | Fence::Follower => Err(Error::Fenced {
+                op: "write to etcd",
+            }),
+        }
+    }
+
+    /// A txn under `compares` plus the leader fence. When it fails and the fence no longer
+    /// holds (a later leader wrote its record), this replica is deposed and [`Error::Fenced`]
+    /// returned, so the caller never mistakes a fenced failure for a lost compare of its own.
+    async fn guarded(
+        &self,
+        op: &'static str,
+        mut compares: Vec<Compare>,
+        then: Vec<TxnOp>,
+        otherwise: Vec<TxnOp>,
+    ) -> Result<etcd_client::TxnResponse> {
+        let fence = self.fence_compare().map_err(|_| Error::Fenced { op })?;
+        let fenced = fence.is_some();
+        compares.extend(fence);
+        let txn = Txn::new().when(compares).and_then(then).or_else(otherwise);
+        let resp = self.txn(op, txn).await?;
+        if !resp.succeeded() && fenced && !self.fence_holds().await? {
+            warn!(op, "a later leader fenced this replica; it stops writing");
+            self.depose();
+            return Err(Error::Fenced { op });
+        }
+        Ok(resp)
+    }
+
+    /// Whether the leader record is still the one this replica wrote.
+    async fn fence_holds(&self) -> Result<bool> {
+        let Fence::Leader { revision, .. } = *self.inner.fence.lock().expect("lock") else {
+            return Ok(false);
+        };
+        let mut kv = self.inner.client.kv_client();
+        let resp = tokio::time::timeout(
+            self.inner.config.op_timeout,
+            kv.get(self.leader_key(), None),
+        )
+        .await
+        .map_err(|_| timeout_error("read leader record"))?
+        .map_err(Error::etcd("read leader record"))?;
+        Ok(resp.kvs().first().map(etcd_client::KeyValue::mod_revision) == Some(revision))
     }
 
     fn forget_claim(&self, target: &str) {

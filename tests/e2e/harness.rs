@@ -98,6 +98,7 @@ impl Env {
             Policy::default(),
             metrics,
             Arc::new(AtomicBool::new(false)),
+            grpc_registrar::leader::always_leader(),
             async move {
                 let _ = stopped.wait_for(|s| *s).await;
             },

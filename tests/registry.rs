@@ -308,11 +308,11 @@ async fn a_deposed_leader_is_refused_by_the_etcd_fence_and_the_new_leaders_keys_
         .sync(target, &who, TTL, entries(target, 3))
         .await
         .unwrap_err();
+    assert!(matches!(err, grpc_registrar::Error::Fenced { .. }), "{err}");
     assert!(
-        matches!(err, grpc_registrar::Error::Fenced { .. }),
-        "{err}"
+        !old.may_write(),
+        "a fenced leader must stop writing at once"
     );
-    assert!(!old.may_write(), "a fenced leader must stop writing at once");
     assert!(matches!(
         old.release(target, &who).await,
         Err(grpc_registrar::Error::Fenced { .. })

@@ -3,11 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::EventType;
 use serde_json::json;
 
 use crate::Plane;
-use crate::harness::{Env, eventually};
+use crate::harness::{ControllerProcess, Env, deletes_seen, eventually};
 
 fn spec(ttl: u32) -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc", "ttlSeconds": ttl})
@@ -92,42 +91,6 @@ pub async fn etcd_outage_shorter_than_the_ttl_deletes_nothing(plane: Plane, ns: 
     env.shutdown().await;
 }
 
-/// The real `grpc-registrar` binary, run as its own process against the test's control plane.
-struct ControllerProcess(std::process::Child);
-
-impl ControllerProcess {
-    fn start(plane: &Plane, etcd: &str, ns: &str, ttl: u32) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
-            .env("KUBECONFIG", plane.kubeconfig())
-            .env("RUST_LOG", "warn")
-            .args([
-                "--etcd-endpoints",
-                etcd,
-                "--namespace",
-                ns,
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--lease-ttl", &ttl.to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("failed to start the grpc-registrar binary");
-        Self(child)
-    }
-
-    /// SIGKILL: no graceful anything.
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A namespace, pods and a registry etcd, with no in-process controller.
 async fn world(plane: &Plane, ns: &str) -> Env {
     let env = Env::without_controller(plane.clone(), ns).await;
@@ -145,7 +108,7 @@ pub async fn controller_sigkill_without_restart_lets_the_keys_expire_after_the_t
     ns: String,
 ) {
     let env = world(&plane, &ns).await;
-    let mut controller = ControllerProcess::start(&plane, &env.etcd.endpoint(), &ns, 5);
+    let mut controller = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 5).start();
     env.expect_keys(
         "registered by the binary",
         &["greeter/10.22.0.1:50051", "greeter/10.22.0.2:50051"],
@@ -172,7 +135,7 @@ pub async fn controller_sigkill_and_restart_within_the_ttl_deletes_nothing(
 ) {
     let env = world(&plane, &ns).await;
     let keys = ["greeter/10.22.0.1:50051", "greeter/10.22.0.2:50051"];
-    let mut first = ControllerProcess::start(&plane, &env.etcd.endpoint(), &ns, 10);
+    let mut first = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10).start();
     env.expect_keys("registered by the first process", &keys)
         .await;
     let mut watch = env.watch_registry().await;
@@ -195,7 +158,7 @@ pub async fn controller_sigkill_and_restart_within_the_ttl_deletes_nothing(
     };
     let old = leases(&env).await;
     first.kill();
-    let _second = ControllerProcess::start(&plane, &env.etcd.endpoint(), &ns, 10);
+    let _second = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10).start();
     eventually("keys moved to the new process's lease", || async {
         let now = leases(&env).await;
         now.len() == 1 && now.is_disjoint(&old)
@@ -372,20 +335,4 @@ async fn created_revisions(env: &Env, ns: &str) -> Vec<i64> {
         .await
         .unwrap();
     resp.kvs().iter().map(|kv| kv.create_revision()).collect()
-}
-
-/// DELETE events a watching client has received, reading until the watch is quiet for 500 ms.
-async fn deletes_seen(watch: &mut etcd_client::WatchStream) -> usize {
-    let mut deletes = 0;
-    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), watch.message())
-        .await
-        .map(Result::unwrap)
-    {
-        deletes += resp
-            .events()
-            .iter()
-            .filter(|e| e.event_type() == EventType::Delete)
-            .count();
-    }
-    deletes
 }

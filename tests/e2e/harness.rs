@@ -239,3 +239,144 @@ impl Env {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.controller).await;
     }
 }
+
+/// DELETE events a watching client has received, reading until the watch is quiet for 500 ms.
+pub async fn deletes_seen(watch: &mut etcd_client::WatchStream) -> usize {
+    let mut deletes = 0;
+    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), watch.message())
+        .await
+        .map(Result::unwrap)
+    {
+        deletes += resp
+            .events()
+            .iter()
+            .filter(|e| e.event_type() == etcd_client::EventType::Delete)
+            .count();
+    }
+    deletes
+}
+
+/// The leases the keys under this test's registry prefix are attached to.
+pub async fn key_leases(env: &Env) -> std::collections::BTreeSet<i64> {
+    let resp = env
+        .etcd
+        .client()
+        .await
+        .get(
+            format!("services/{}/", env.ns),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(etcd_client::KeyValue::lease)
+        .collect()
+}
+
+/// How to run the real `grpc-registrar` binary against the test's control plane.
+pub struct ControllerBuilder {
+    command: std::process::Command,
+    log: Option<std::path::PathBuf>,
+}
+
+impl ControllerBuilder {
+    /// One replica of a leader-elected pair, identified as `identity` in the Lease (plus a random
+    /// suffix), with short election timings: lease 2 s, renew deadline 1.5 s, retry 250 ms.
+    pub fn replica(mut self, identity: &str) -> Self {
+        self.command
+            .env("POD_NAME", identity)
+            .args(["--leader-elect", "true"])
+            .args(["--leader-lease-duration", "2s"])
+            .args(["--leader-renew-deadline", "1500ms"])
+            .args(["--leader-retry-period", "250ms"]);
+        self
+    }
+
+    /// Keeps the process's log (warnings and up; the binary logs to stdout) in `path`.
+    pub fn log_to(mut self, path: std::path::PathBuf) -> Self {
+        self.log = Some(path);
+        self
+    }
+
+    pub fn start(mut self) -> ControllerProcess {
+        if let Some(path) = &self.log {
+            let file = std::fs::File::create(path).expect("failed to create the controller log");
+            self.command.stdout(file);
+        }
+        let child = self
+            .command
+            .spawn()
+            .expect("failed to start the grpc-registrar binary");
+        ControllerProcess(child)
+    }
+}
+
+/// The real `grpc-registrar` binary as its own process; SIGKILLed on drop.
+pub struct ControllerProcess(std::process::Child);
+
+impl ControllerProcess {
+    /// The binary watching `ns`, writing to `etcd` with lease TTL `ttl` seconds.
+    pub fn builder(plane: &ControlPlane, etcd: &str, ns: &str, ttl: u32) -> ControllerBuilder {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_grpc-registrar"));
+        command
+            .env("KUBECONFIG", plane.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .env("POD_NAMESPACE", ns)
+            .args(["--etcd-endpoints", etcd, "--namespace", ns])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--lease-ttl", &ttl.to_string()])
+            .stdout(std::process::Stdio::null());
+        ControllerBuilder { command, log: None }
+    }
+
+    /// SIGKILL: no graceful anything.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM, and wait for the graceful exit.
+    pub fn terminate(&mut self) {
+        assert!(self.signal("TERM"), "failed to send SIGTERM");
+        let _ = self.0.wait();
+    }
+
+    /// SIGSTOP: the process freezes mid-flight, as under a long GC pause or a stalled node.
+    pub fn pause(&self) {
+        assert!(self.signal("STOP"), "failed to send SIGSTOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        assert!(self.signal("CONT"), "failed to send SIGCONT");
+    }
+
+    fn signal(&self, signal: &str) -> bool {
+        std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.0.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill();
+    }
+}
+
+/// The holder of the leader-election Lease in `ns`, without the random suffix.
+pub async fn leader(client: &kube::Client, ns: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), ns);
+    let lease = leases.get_opt("grpc-registrar").await.ok()??;
+    let holder = lease.spec?.holder_identity?;
+    Some(
+        holder
+            .rsplit_once('_')
+            .map_or(holder.clone(), |(base, _)| base.to_owned()),
+    )
+}

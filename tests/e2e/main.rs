@@ -5,6 +5,7 @@
 //! This binary uses libtest-mimic (`harness = false`) so that the control plane is started once
 //! and stopped when every test has run.
 
+mod failover;
 mod faults;
 mod harness;
 
@@ -123,6 +124,9 @@ fn main() {
         trial(&runtime, &plane, "faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing", faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing),
         trial(&runtime, &plane, "faults::wiped_etcd_gets_every_key_and_the_ownership_record_back", faults::wiped_etcd_gets_every_key_and_the_ownership_record_back),
         trial(&runtime, &plane, "faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition", faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition),
+        trial(&runtime, &plane, "failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl", failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl),
+        trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
+        trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     drop(plane);

@@ -127,7 +127,7 @@ pub async fn run(
 
     let (pod_store, pod_writer) = reflector::store();
     let pod_events = watcher(pods_api, watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(strip_pod)
         .reflect(pod_writer)
         .touched_objects();
@@ -154,7 +154,8 @@ pub async fn run(
     });
     let lease_events = futures::stream::select(lease_events, elected);
 
-    let controller = Controller::new(services, watcher::Config::default().any_semantic());
+    let controller = Controller::new(services, watcher::Config::default().any_semantic())
+        .trigger_backoff(WatchBackoff::default());
     let svc_store = controller.store();
     let ctx = Arc::new(
         Context::new(client, registry, pod_store.clone(), policy, metrics).with_role(role),
@@ -192,6 +193,52 @@ pub async fn run(
         .instrument(info_span!("controller"))
         .await;
     info!("controller stopped");
+}
+
+/// The retry delay of a failed watch: 250 ms doubling to 4 s, with ±25% jitter, reset once the
+/// watch works again. kube's default climbs to 30 s, which after an API server outage can leave
+/// the registry stale for half a minute; this controller is on the RPC path, so it re-lists
+/// sooner (a watch error is rare, so the extra load is small).
+#[derive(Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+    seed: std::collections::hash_map::RandomState,
+    attempt: u64,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(4);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: Self::FIRST,
+            seed: std::collections::hash_map::RandomState::new(),
+            attempt: 0,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use std::hash::BuildHasher;
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        self.attempt += 1;
+        // A jitter factor in [0.75, 1.25), so replicas do not retry in lockstep.
+        let unit = (self.seed.hash_one(self.attempt) % 1000) as f64 / 1000.0;
+        Some(base.mul_f64(0.75 + unit / 2.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// Reconciles one `GrpcService`: finalizer, then apply or cleanup.

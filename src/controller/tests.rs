@@ -1,6 +1,7 @@
 //! Reconciler tests: a scripted mock API server (controller-rs pattern) and a real etcd.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::GetOptions;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -169,4 +170,23 @@ async fn second_service_on_a_claimed_target_gets_conflict_and_writes_nothing() {
         keys(&etcd, "services/").await,
         ["services/default/shared/10.0.0.1:50051"]
     );
+}
+
+#[test]
+fn watch_backoff_doubles_to_four_seconds_with_jitter_and_resets() {
+    use kube::runtime::utils::Backoff as _;
+    let mut backoff = super::WatchBackoff::default();
+    let delays: Vec<Duration> = backoff.by_ref().take(8).collect();
+    for (delay, base) in delays
+        .iter()
+        .zip([250u64, 500, 1000, 2000, 4000, 4000, 4000, 4000])
+    {
+        let base = Duration::from_millis(base);
+        assert!(
+            *delay >= base.mul_f64(0.75) && *delay < base.mul_f64(1.25),
+            "{delay:?} vs {base:?}"
+        );
+    }
+    backoff.reset();
+    assert!(backoff.next().unwrap() < Duration::from_millis(313));
 }

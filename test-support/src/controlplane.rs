@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -92,7 +93,10 @@ fn pki(dir: &Path) -> Pki {
 /// A running etcd plus kube-apiserver on free loopback ports, killed on drop.
 pub struct ControlPlane {
     etcd: Option<Child>,
-    apiserver: Option<Child>,
+    apiserver: Mutex<Option<Child>>,
+    /// How kube-apiserver is started, for restarts.
+    apiserver_args: Vec<String>,
+    etcd_url: String,
     dir: TempDir,
     port: u16,
     kubeconfig: PathBuf,
@@ -129,45 +133,38 @@ impl ControlPlane {
             .spawn()
             .expect("failed to spawn control plane etcd");
 
-        let apiserver = Command::new(controlplane_bin("kube-apiserver", "KUBE_APISERVER_BIN"))
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg(format!("--cert-dir={}", dir.path().join("certs").display()))
-            .arg(format!("--secure-port={port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--allow-privileged=true")
-            .arg("--disable-admission-plugins=ServiceAccount")
-            .arg("--authorization-mode=RBAC")
-            .arg(format!("--client-ca-file={}", pki.ca.display()))
-            .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
-            .arg(format!(
-                "--tls-private-key-file={}",
-                pki.serving_key.display()
-            ))
-            .arg(format!(
-                "--service-account-key-file={}",
-                pki.sa_pub.display()
-            ))
-            .arg(format!(
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--cert-dir={}", dir.path().join("certs").display()),
+            format!("--secure-port={port}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--advertise-address=127.0.0.1".to_owned(),
+            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            "--disable-admission-plugins=ServiceAccount".to_owned(),
+            "--authorization-mode=RBAC".to_owned(),
+            format!("--client-ca-file={}", pki.ca.display()),
+            format!("--tls-cert-file={}", pki.serving_cert.display()),
+            format!("--tls-private-key-file={}", pki.serving_key.display()),
+            format!("--service-account-key-file={}", pki.sa_pub.display()),
+            format!(
                 "--service-account-signing-key-file={}",
                 pki.sa_key.display()
-            ))
-            .arg("--service-account-issuer=https://127.0.0.1")
-            .arg("--enable-priority-and-fairness=false")
-            .arg("--v=1")
-            .stdin(Stdio::null())
-            .stdout(log("kube-apiserver.log"))
-            .stderr(log("kube-apiserver.log"))
-            .spawn()
-            .expect("failed to spawn kube-apiserver");
+            ),
+            "--service-account-issuer=https://127.0.0.1".to_owned(),
+            "--enable-priority-and-fairness=false".to_owned(),
+            "--v=1".to_owned(),
+        ];
+        let apiserver = spawn_apiserver(dir.path(), &apiserver_args);
 
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(port, &pki))
             .expect("failed to write kubeconfig");
-        let mut plane = Self {
+        let plane = Self {
             etcd: Some(etcd),
-            apiserver: Some(apiserver),
+            apiserver: Mutex::new(Some(apiserver)),
+            apiserver_args,
+            etcd_url,
             dir,
             port,
             kubeconfig,
@@ -223,14 +220,39 @@ impl ControlPlane {
         )
     }
 
-    async fn wait_ready(&mut self) {
+    /// The URL of the etcd under the API server (for tests that compact it).
+    #[must_use]
+    pub fn etcd_url(&self) -> &str {
+        &self.etcd_url
+    }
+
+    /// Kills kube-apiserver and starts it again with the same flags and data, waiting until it
+    /// is ready. Every watch is broken; clients reconnect to the same address.
+    ///
+    /// # Panics
+    /// When it is not ready again within the deadline.
+    pub async fn restart_apiserver(&self) {
+        {
+            let mut apiserver = self.apiserver.lock().expect("lock");
+            if let Some(mut child) = apiserver.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            *apiserver = Some(spawn_apiserver(self.dir.path(), &self.apiserver_args));
+        }
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
         let deadline = Instant::now() + READY_DEADLINE;
         let client = self.client().await;
         loop {
-            let exited = [&mut self.etcd, &mut self.apiserver]
-                .into_iter()
-                .flatten()
-                .find_map(|child| child.try_wait().ok().flatten());
+            let exited = self
+                .apiserver
+                .lock()
+                .expect("lock")
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
             if let Some(status) = exited {
                 panic!(
                     "control plane process exited during start ({status}):\n{}",
@@ -266,6 +288,23 @@ impl ControlPlane {
     }
 }
 
+fn spawn_apiserver(dir: &Path, args: &[String]) -> Child {
+    let log = || {
+        File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("kube-apiserver.log"))
+            .expect("failed to open the kube-apiserver log")
+    };
+    Command::new(controlplane_bin("kube-apiserver", "KUBE_APISERVER_BIN"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log())
+        .stderr(log())
+        .spawn()
+        .expect("failed to spawn kube-apiserver")
+}
+
 fn kubeconfig_yaml(port: u16, pki: &Pki) -> String {
     use std::fmt::Write as _;
     let b64 = |s: &str| base64_encode(s.as_bytes());
@@ -287,10 +326,8 @@ fn base64_encode(data: &[u8]) -> String {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for child in [self.apiserver.take(), self.etcd.take()]
-            .into_iter()
-            .flatten()
-        {
+        let apiserver = self.apiserver.get_mut().map_or(None, Option::take);
+        for child in [apiserver, self.etcd.take()].into_iter().flatten() {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();

@@ -336,3 +336,80 @@ async fn created_revisions(env: &Env, ns: &str) -> Vec<i64> {
         .unwrap();
     resp.kvs().iter().map(|kv| kv.create_revision()).collect()
 }
+
+/// A control plane of its own (it is restarted), with the CRD installed.
+async fn private_plane() -> Plane {
+    let plane = std::sync::Arc::new(test_support::ControlPlane::start().await);
+    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml");
+    let (ok, out, err) = plane.kubectl(&["apply", "-f", crd]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = plane.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "crd/grpcservices.grpc-registrar.io",
+        "--timeout=60s",
+    ]);
+    assert!(ok, "{out}{err}");
+    plane
+}
+
+pub async fn apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap(
+    _shared: Plane,
+    ns: String,
+) {
+    let plane = private_plane().await;
+    let (env, api) = Env::behind_api_proxy(plane.clone(), &ns).await;
+    env.service("greeter", spec(30)).await;
+    two_ready_pods(&env, 27).await;
+    env.expect_keys(
+        "registered",
+        &["greeter/10.27.0.1:50051", "greeter/10.27.0.2:50051"],
+    )
+    .await;
+
+    // The controller loses the API server; meanwhile the cluster changes.
+    api.cut().await;
+    env.set_ready("g-0", "10.27.0.1", false).await;
+    env.pod("g-2", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-2", "10.27.0.3", true).await;
+    // Compact the API server's etcd past every resource version the controller has seen, so its
+    // watches cannot resume (410 Gone) and the reflectors must re-list.
+    let mut etcd = etcd_client::Client::connect([plane.etcd_url()], None)
+        .await
+        .unwrap();
+    let revision = etcd
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    etcd.compact(
+        revision,
+        Some(etcd_client::CompactionOptions::new().with_physical()),
+    )
+    .await
+    .unwrap();
+    let restarted = Instant::now();
+    plane.restart_apiserver().await;
+    eprintln!(
+        "kube-apiserver restart: ready again after {} ms",
+        restarted.elapsed().as_millis()
+    );
+    api.restore();
+    let healed = Instant::now();
+    env.expect_keys(
+        "the gap's changes applied after the re-list",
+        &["greeter/10.27.0.2:50051", "greeter/10.27.0.3:50051"],
+    )
+    .await;
+    eprintln!(
+        "watch expiry: registry correct {} ms after the API server was reachable again",
+        healed.elapsed().as_millis()
+    );
+    // And the controller keeps following changes on the new watches.
+    env.set_ready("g-1", "10.27.0.2", false).await;
+    env.expect_keys("watches live again", &["greeter/10.27.0.3:50051"])
+        .await;
+    env.shutdown().await;
+}

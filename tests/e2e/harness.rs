@@ -42,22 +42,44 @@ pub struct Env {
 impl Env {
     /// Creates namespace `ns`, a registry etcd, and starts the controller watching `ns` only.
     pub async fn new(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, false).await
+        Self::build(plane, ns, false, None).await
+    }
+
+    /// As [`Env::new`], with the controller reaching the API server through a proxy the test can
+    /// cut (every watch breaks; the test's own client goes direct).
+    pub async fn behind_api_proxy(plane: Arc<ControlPlane>, ns: &str) -> (Self, TcpProxy) {
+        let upstream = plane.url().trim_start_matches("https://").parse().unwrap();
+        let proxy = TcpProxy::start(upstream).await;
+        let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig()).unwrap();
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        config.cluster_url = format!("https://{}", proxy.addr()).parse().unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        (Self::build(plane, ns, false, Some(client)).await, proxy)
     }
 
     /// As [`Env::new`], with the controller reaching etcd through a proxy the test can cut.
     pub async fn partitionable(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, true).await
+        Self::build(plane, ns, true, None).await
     }
 
     /// A namespace and a registry etcd only; the test runs the controller itself.
     pub async fn without_controller(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        let env = Self::build(plane, ns, false).await;
+        let env = Self::build(plane, ns, false, None).await;
         let _ = env.stop.send(true);
         env
     }
 
-    async fn build(plane: Arc<ControlPlane>, ns: &str, proxied: bool) -> Self {
+    async fn build(
+        plane: Arc<ControlPlane>,
+        ns: &str,
+        proxied: bool,
+        controller_client: Option<kube::Client>,
+    ) -> Self {
         let client = plane.client().await;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         namespaces
@@ -90,7 +112,7 @@ impl Env {
         let registry = Registry::connect(config, metrics.clone()).await.unwrap();
         let (stop, mut stopped) = watch::channel(false);
         let controller = tokio::spawn(controller::run(
-            client.clone(),
+            controller_client.unwrap_or_else(|| client.clone()),
             registry,
             Scope {
                 namespace: Some(ns.to_owned()),

@@ -127,6 +127,7 @@ fn main() {
         trial(&runtime, &plane, "failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl", failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl),
         trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
         trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
+        trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     drop(plane);

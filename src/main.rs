@@ -1,20 +1,22 @@
 //! The grpc-registrar controller binary: flags, logging, signals; everything else is the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable};
 use clap::{Parser, ValueEnum};
 use grpc_registrar::controller::{self, Scope};
 use grpc_registrar::desired::{CustomTargets, Policy};
 use grpc_registrar::http::{self, Health};
 use grpc_registrar::leader::{self, ElectionConfig, Elector, Role};
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Registry, RegistryConfig};
+use grpc_registrar::registry::{EtcdTls, EtcdUser, Registry, RegistryConfig};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -35,6 +37,30 @@ struct Args {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd_endpoints: Vec<String>,
+    /// CA certificate file (PEM) that signed etcd's serving certificate; use `https://` endpoints.
+    #[arg(long, env = "ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate file (PEM) for etcd mTLS; under etcd auth its common name is the user.
+    #[arg(long, env = "ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// Client private key file (PEM) for etcd mTLS.
+    #[arg(long, env = "ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+    /// etcd user for username/password auth.
+    #[arg(long, env = "ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    /// etcd password (prefer --etcd-password-file); never logged.
+    #[arg(
+        long,
+        env = "ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_username",
+        conflicts_with = "etcd_password_file"
+    )]
+    etcd_password: Option<String>,
+    /// File holding the etcd password (e.g. a mounted Secret).
+    #[arg(long, env = "ETCD_PASSWORD_FILE", requires = "etcd_username")]
+    etcd_password_file: Option<PathBuf>,
     /// TTL of the shared etcd lease, in seconds, for services that set none.
     #[arg(long, env = "LEASE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=86400))]
     lease_ttl: u64,
@@ -83,6 +109,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let Args {
         etcd_endpoints,
+        etcd_ca_file,
+        etcd_cert_file,
+        etcd_key_file,
+        etcd_username,
+        etcd_password,
+        etcd_password_file,
         lease_ttl,
         key_prefix,
         registrar_root,
@@ -159,14 +191,58 @@ async fn main() -> anyhow::Result<()> {
     };
     let server = tokio::spawn(http::serve(listener, health, stopped()));
 
+    let read = |path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))
+    };
+    let tls = if etcd_ca_file.is_some() || etcd_cert_file.is_some() {
+        Some(EtcdTls {
+            ca: etcd_ca_file.as_ref().map(read).transpose()?,
+            identity: match (&etcd_cert_file, &etcd_key_file) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            },
+        })
+    } else {
+        None
+    };
+    let password = match (etcd_password, &etcd_password_file) {
+        (Some(password), _) => Some(password),
+        (None, Some(path)) => Some(
+            String::from_utf8(read(path)?)
+                .context("the etcd password file is not UTF-8")?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let user = match (etcd_username, password) {
+        (Some(name), Some(password)) => Some(EtcdUser { name, password }),
+        (Some(_), None) => {
+            anyhow::bail!("--etcd-username needs --etcd-password or --etcd-password-file")
+        }
+        (None, _) => None,
+    };
     let config = RegistryConfig {
         registrar_root: registrar_root.clone(),
         default_ttl: Duration::from_secs(lease_ttl),
+        tls,
+        user,
         ..RegistryConfig::new(etcd_endpoints)
     };
-    let registry = Registry::connect(config, metrics.clone())
-        .await
-        .context("failed to connect to etcd")?;
+    info!(endpoints = ?config.endpoints, tls = ?config.tls, user = ?config.user.as_ref().map(|u| &u.name), "connecting to etcd");
+    // With auth, connecting authenticates, so it needs etcd up: retry rather than crash-loop.
+    let connect = (|| Registry::connect(config.clone(), metrics.clone()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(10))
+                .without_max_times(),
+        )
+        .notify(|e, delay| warn!(error = %e, ?delay, "failed to connect to etcd; retrying"));
+    let registry = tokio::select! {
+        registry = connect => registry.context("failed to connect to etcd")?,
+        () = stopped() => return Ok(()),
+    };
     let client = kube::Client::try_default()
         .await
         .context("failed to create kubernetes client")?;

@@ -30,6 +30,44 @@ use crate::{Error, Result};
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
 
+/// TLS material for etcd, PEM: the CA that signed etcd's serving certificate, and an optional
+/// client certificate and key (mTLS; under etcd's `--client-cert-auth` with auth enabled, the
+/// certificate's common name is the etcd user, so no password is needed).
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// CA certificate(s), PEM.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and private key, PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// An etcd user and password; the password never reaches a log.
+#[derive(Clone)]
+pub struct EtcdUser {
+    /// The user name.
+    pub name: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdUser")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// How to reach etcd and lay out the controller's records.
 #[derive(Clone, Debug)]
 pub struct RegistryConfig {
@@ -43,6 +81,10 @@ pub struct RegistryConfig {
     pub max_txn_ops: usize,
     /// Bound on every etcd request.
     pub op_timeout: Duration,
+    /// TLS, for `https://` endpoints.
+    pub tls: Option<EtcdTls>,
+    /// Username and password auth. The token is refreshed when etcd refuses it as expired.
+    pub user: Option<EtcdUser>,
 }
 
 impl RegistryConfig {
@@ -55,6 +97,8 @@ impl RegistryConfig {
             default_ttl: Duration::from_secs(30),
             max_txn_ops: MAX_TXN_OPS,
             op_timeout: Duration::from_secs(5),
+            tls: None,
+            user: None,
         }
     }
 }
@@ -176,11 +220,28 @@ impl Registry {
     /// # Errors
     /// Malformed endpoints.
     pub async fn connect(config: RegistryConfig, metrics: Arc<Metrics>) -> Result<Self> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(config.op_timeout)
             .with_keep_alive(Duration::from_secs(10), config.op_timeout)
             .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
+            .with_require_leader(true)
+            // On an expired or invalid token (etcd's --auth-token-ttl, or a restart with simple
+            // tokens), authenticate again and retry the call once; streams are re-opened by
+            // the lease keeper through the same path.
+            .with_auto_token_refresh(true);
+        if let Some(tls) = &config.tls {
+            let mut tls_options = etcd_client::TlsOptions::new();
+            if let Some(ca) = &tls.ca {
+                tls_options = tls_options.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                tls_options = tls_options.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls_options);
+        }
+        if let Some(user) = &config.user {
+            options = options.with_user(user.name.clone(), user.password.clone());
+        }
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(Error::etcd("connect to etcd"))?;

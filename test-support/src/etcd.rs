@@ -20,6 +20,35 @@ pub struct EtcdServer {
     peer_port: u16,
     starts: u32,
     extra_args: Vec<String>,
+    access: EtcdAccess,
+}
+
+/// How a client reaches a test etcd: TLS material and credentials, when it requires them.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdAccess {
+    /// CA, client certificate and key, PEM, when etcd serves TLS with client-cert auth.
+    pub tls: Option<(String, String, String)>,
+    /// User and password, once auth is enabled.
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdAccess {
+    /// Connect options carrying this access.
+    #[must_use]
+    pub fn options(&self) -> etcd_client::ConnectOptions {
+        let mut options = etcd_client::ConnectOptions::new().with_auto_token_refresh(true);
+        if let Some((ca, cert, key)) = &self.tls {
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(ca))
+                    .identity(etcd_client::Identity::from_pem(cert, key)),
+            );
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user, password);
+        }
+        options
+    }
 }
 
 impl EtcdServer {
@@ -36,6 +65,57 @@ impl EtcdServer {
     /// # Panics
     /// As [`EtcdServer::start`].
     pub async fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_inner(extra_args, EtcdAccess::default()).await
+    }
+
+    /// Starts etcd serving TLS on its client URL and requiring client certificates signed by
+    /// `ca` (`--client-cert-auth`). The harness's own client uses a certificate for `root`.
+    ///
+    /// # Panics
+    /// As [`EtcdServer::start`].
+    pub async fn start_tls(ca: &crate::TestCa) -> Self {
+        let server = ca.server("etcd");
+        let root = ca.client("root");
+        let args = [
+            format!("--cert-file={}", server.cert.display()),
+            format!("--key-file={}", server.key.display()),
+            format!("--trusted-ca-file={}", ca.ca_file().display()),
+            "--client-cert-auth".to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let access = EtcdAccess {
+            tls: Some((ca.ca_pem().to_owned(), root.cert_pem, root.key_pem)),
+            user: None,
+        };
+        Self::start_inner(&args, access).await
+    }
+
+    /// Turns on etcd auth with a `root` user (password `root_password`); the harness's client
+    /// authenticates as root from then on.
+    ///
+    /// # Panics
+    /// When etcd refuses.
+    pub async fn enable_auth(&mut self, root_password: &str) {
+        let mut client = self.client().await;
+        client
+            .user_add("root", root_password, None)
+            .await
+            .expect("failed to add root");
+        client
+            .user_grant_role("root", "root")
+            .await
+            .expect("failed to grant root");
+        client.auth_enable().await.expect("failed to enable auth");
+        self.access.user = Some(("root".to_owned(), root_password.to_owned()));
+    }
+
+    /// How clients reach this etcd.
+    #[must_use]
+    pub fn access(&self) -> &EtcdAccess {
+        &self.access
+    }
+
+    async fn start_inner(extra_args: &[&str], access: EtcdAccess) -> Self {
         let mut server = Self {
             child: None,
             dir: tempfile::Builder::new()
@@ -46,6 +126,7 @@ impl EtcdServer {
             peer_port: free_port(),
             starts: 0,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            access,
         };
         // Free ports are found by binding port 0 and letting go, so a parallel test can take the
         // same port first; then etcd says so and we retry on fresh ports.
@@ -66,18 +147,23 @@ impl EtcdServer {
         }
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https` when serving TLS).
     #[must_use]
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.access.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
-    /// A connected client.
+    /// A connected client (as root, once auth is on).
     ///
     /// # Panics
     /// When the connection cannot be set up.
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None)
+        etcd_client::Client::connect([self.endpoint()], Some(self.access.options()))
             .await
             .expect("failed to connect to test etcd")
     }
@@ -127,7 +213,7 @@ impl EtcdServer {
             .append(true)
             .open(self.log_path())
             .expect("failed to open etcd log");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(bin)
             .arg(format!("--name=test-{}", self.client_port))
@@ -169,7 +255,9 @@ impl EtcdServer {
                 ));
             }
             let probe = async {
-                let mut client = etcd_client::Client::connect([self.endpoint()], None).await?;
+                let mut client =
+                    etcd_client::Client::connect([self.endpoint()], Some(self.access.options()))
+                        .await?;
                 client.status().await
             };
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {

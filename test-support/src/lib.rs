@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`etcd`]: an etcd server built from the pinned Go module by `scripts/controlplane.sh`.
+//! - [`pki`]: a throwaway CA for TLS tests.
 //! - [`wait`]: [`eventually`], a condition with a deadline.
 //! - [`bench`]: bench tables, printed and written as JSON.
 //! - [`proxy`]: a TCP proxy a test can cut, for partitions.
@@ -13,6 +14,7 @@
 pub mod bench;
 pub mod controlplane;
 pub mod etcd;
+pub mod pki;
 pub mod proxy;
 pub mod wait;
 
@@ -21,7 +23,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 pub use controlplane::ControlPlane;
-pub use etcd::EtcdServer;
+pub use etcd::{EtcdAccess, EtcdServer};
+pub use pki::TestCa;
 pub use proxy::TcpProxy;
 pub use wait::eventually;
 

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub lease_losses: Counter,
     /// Completed re-puts of every owned key after a lease loss.
     pub lease_replays: Counter,
+    /// Seconds from a selected pod's Ready transition (or deletion) to the etcd commit that
+    /// reflected it. Kubernetes stores condition times in whole seconds, so this over-reads by
+    /// up to 1 s; the benches measure the same path with millisecond clocks.
+    pub propagation: Histogram,
     /// 1 while this replica is the leader (or runs without leader election), else 0.
     pub leader: Gauge,
     /// Leadership changes seen by this replica.
@@ -82,6 +86,12 @@ impl Default for Metrics {
         let lease_grants = Counter::default();
         let lease_losses = Counter::default();
         let lease_replays = Counter::default();
+        let propagation = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "propagation_seconds",
+            "From a pod's Ready transition (or deletion) to the etcd commit reflecting it",
+            propagation.clone(),
+        );
         let leader = Gauge::default();
         leader.set(1);
         let leader_transitions = Counter::default();
@@ -149,6 +159,7 @@ impl Default for Metrics {
             lease_grants,
             lease_losses,
             lease_replays,
+            propagation,
             leader,
             leader_transitions,
         }

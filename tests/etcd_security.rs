@@ -56,7 +56,11 @@ async fn keys(etcd: &EtcdServer) -> Vec<String> {
         .await
         .get(
             format!("{TARGET}/"),
-            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
         )
         .await
         .unwrap();
@@ -70,7 +74,9 @@ async fn keys(etcd: &EtcdServer) -> Vec<String> {
 /// records, nothing else.
 async fn add_registrar_user(etcd: &EtcdServer, password: Option<&str>) {
     let mut root = etcd.client().await;
-    let options = password.is_none().then(|| UserAddOptions::new().with_no_pwd());
+    let options = password
+        .is_none()
+        .then(|| UserAddOptions::new().with_no_pwd());
     root.user_add("grpc-registrar", password.unwrap_or_default(), options)
         .await
         .unwrap();
@@ -126,7 +132,10 @@ async fn mtls_with_a_client_certificate_registers_and_a_client_without_one_is_re
     .await
     .unwrap();
     let err = anonymous.list(TARGET).await.unwrap_err();
-    assert!(err.to_string().contains("failed to list target keys"), "{err}");
+    assert!(
+        err.to_string().contains("failed to list target keys"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -173,7 +182,10 @@ async fn password_auth_re_authenticates_after_the_token_expires_and_keeps_the_le
     )
     .await;
     let err = wrong.err().expect("a wrong password is refused");
-    assert!(err.to_string().starts_with("failed to connect to etcd"), "{err}");
+    assert!(
+        err.to_string().starts_with("failed to connect to etcd"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -14,15 +14,16 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, field, info, info_span, instrument, warn};
 
 pub use pods::{PodMapper, Selections, strip_pod};
-use status::{Outcome, next_status};
+use status::{Outcome, event_for, next_status};
 
 use crate::crd::{FINALIZER, GrpcService};
 use crate::desired::{Plan, Policy, SpecError, desired};
@@ -56,6 +57,8 @@ pub struct Context {
     pub selections: Selections,
     /// This replica's role; only the leader writes.
     pub role: tokio::sync::watch::Receiver<Role>,
+    /// Publishes Kubernetes Events on GrpcServices, when set.
+    pub events: Option<Recorder>,
     /// Consecutive failures per service uid, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -78,7 +81,17 @@ impl Context {
             metrics,
             selections: Selections::default(),
             role: crate::leader::always_leader(),
+            events: None,
             failures: Mutex::default(),
+        }
+    }
+
+    /// The same context, publishing Events on GrpcServices through `recorder`.
+    #[must_use]
+    pub fn with_events(self, recorder: Recorder) -> Self {
+        Self {
+            events: Some(recorder),
+            ..self
         }
     }
 
@@ -157,8 +170,15 @@ pub async fn run(
     let controller = Controller::new(services, watcher::Config::default().any_semantic())
         .trigger_backoff(WatchBackoff::default());
     let svc_store = controller.store();
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.to_owned(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(
-        Context::new(client, registry, pod_store.clone(), policy, metrics).with_role(role),
+        Context::new(client, registry, pod_store.clone(), policy, metrics)
+            .with_role(role)
+            .with_events(recorder),
     );
     let mapper = PodMapper::new(
         controller.store(),
@@ -360,6 +380,7 @@ impl GrpcService {
             Err(e) => return self.etcd_failed(ctx, &plan.target, Some(&want), e).await,
         };
         if report.puts + report.deletes > 0 {
+            self.observe_propagation(ctx, &selected);
             info!(
                 puts = report.puts,
                 deletes = report.deletes,
@@ -383,6 +404,33 @@ impl GrpcService {
         };
         self.patch_status(ctx, &outcome).await?;
         Ok(Action::requeue(RESYNC))
+    }
+
+    /// Observes, for each selected pod whose Ready condition changed (or that began terminating)
+    /// since the last sync, the time from that change to this commit.
+    fn observe_propagation(&self, ctx: &Context, selected: &[Arc<Pod>]) {
+        let since = self
+            .status
+            .as_ref()
+            .and_then(|s| s.last_sync_time.as_ref())
+            .map(|t| t.0);
+        let now = k8s_openapi::jiff::Timestamp::now();
+        for pod in selected {
+            let ready_changed = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0);
+            let deleted = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0);
+            for changed in ready_changed.into_iter().chain(deleted) {
+                if since.is_none_or(|s| changed > s) {
+                    let seconds = now.duration_since(changed).as_secs_f64().max(0.0);
+                    ctx.metrics.propagation.observe(seconds);
+                }
+            }
+        }
     }
 
     /// Claims the target; takes it over when the recorded owner no longer exists.
@@ -500,6 +548,13 @@ impl GrpcService {
         )
         .await
         .map_err(Error::kube("patch status"))?;
+        if let (Some(recorder), Some(event)) = (&ctx.events, event_for(self.status.as_ref(), &next))
+        {
+            // Best effort: an Event that cannot be written must not fail the reconcile.
+            if let Err(e) = recorder.publish(&event, &self.object_ref(&())).await {
+                warn!(error = %e, "failed to publish event");
+            }
+        }
         Ok(())
     }
 }

@@ -179,6 +179,36 @@ fn counts(status: &mut GrpcServiceStatus, desired: Option<&Desired>) {
     }
 }
 
+/// The Kubernetes Event a status change deserves: one per change of the Ready condition's
+/// status, reason or message (so a steady state emits nothing). Normal while Ready, Warning
+/// otherwise; the reason is the condition's.
+#[must_use]
+pub fn event_for(
+    prev: Option<&GrpcServiceStatus>,
+    next: &GrpcServiceStatus,
+) -> Option<kube::runtime::events::Event> {
+    use kube::runtime::events::{Event, EventType};
+    let ready = |s: &GrpcServiceStatus| s.conditions.iter().find(|c| c.type_ == "Ready").cloned();
+    let after = ready(next)?;
+    let before = prev.and_then(ready);
+    if before.as_ref().is_some_and(|b| {
+        b.status == after.status && b.reason == after.reason && b.message == after.message
+    }) {
+        return None;
+    }
+    Some(Event {
+        type_: if after.status == "True" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: after.reason,
+        note: Some(after.message).filter(|m| !m.is_empty()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +240,37 @@ mod tests {
             },
             &t(10),
         )
+    }
+
+    #[test]
+    fn events_follow_changes_of_the_ready_condition_only() {
+        use kube::runtime::events::EventType;
+        let first = synced(2);
+        let event = event_for(None, &first).expect("a first status is an event");
+        assert_eq!(event.type_, EventType::Normal);
+        assert_eq!(event.reason, "Synced");
+        assert_eq!(
+            event.note.as_deref(),
+            Some("2 of 3 selected pods registered")
+        );
+        // Same condition (only the revision moved): no event.
+        let mut again = first.clone();
+        again.etcd_revision = Some(99);
+        assert!(event_for(Some(&first), &again).is_none());
+        let conflict = next_status(
+            Some(&first),
+            Some(1),
+            &Outcome::Conflict {
+                target: "services/default/greeter",
+                owner: "other/greeter".into(),
+            },
+            &t(20),
+        );
+        let event = event_for(Some(&first), &conflict).unwrap();
+        assert_eq!(
+            (event.type_, event.reason.as_str()),
+            (EventType::Warning, "Conflict")
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Env {
     pub etcd: EtcdServer,
     /// Between the controller and `etcd`, when partitionable.
     pub proxy: Option<TcpProxy>,
+    /// The in-process controller's metrics.
+    pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     controller: tokio::task::JoinHandle<()>,
 }
@@ -118,7 +120,7 @@ impl Env {
                 namespace: Some(ns.to_owned()),
             },
             Policy::default(),
-            metrics,
+            metrics.clone(),
             Arc::new(AtomicBool::new(false)),
             grpc_registrar::leader::always_leader(),
             async move {
@@ -130,6 +132,7 @@ impl Env {
             ns: ns.to_owned(),
             etcd,
             proxy,
+            metrics,
             stop,
             controller,
         }

@@ -203,6 +203,17 @@ async fn ready_pods_are_published(plane: Plane, ns: String) {
         value.starts_with(r#"{"Op":0,"Addr":"10.1.0.2:50051","#),
         "{value}"
     );
+    // Each Ready transition fed the propagation histogram (whole-second resolution).
+    let metrics = env.metrics.encode();
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("grpc_registrar_propagation_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        count >= 2,
+        "propagation histogram count {count}:\n{metrics}"
+    );
     env.shutdown().await;
 }
 
@@ -461,6 +472,23 @@ async fn second_claimant_conflicts(plane: Plane, ns: String) {
         1,
         "the second service wrote nothing"
     );
+    // Both outcomes are Kubernetes Events on the GrpcServices (what `kubectl describe` shows).
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &ns);
+    eventually(
+        "a Warning Conflict event on second, a Normal Synced on first",
+        || async {
+            let list = events.list(&Default::default()).await.unwrap().items;
+            let has = |name: &str, type_: &str, reason: &str| {
+                list.iter().any(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                        && e.type_.as_deref() == Some(type_)
+                        && e.reason.as_deref() == Some(reason)
+                })
+            };
+            has("second", "Warning", "Conflict") && has("first", "Normal", "Synced")
+        },
+    )
+    .await;
     env.shutdown().await;
 }
 

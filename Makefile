@@ -4,12 +4,13 @@ SHELL := /usr/bin/env bash
 
 .PHONY: tools test lint crd demo bench
 
-## tools: protoc (Debian's protobuf-compiler); etcd, kube-apiserver and the Go interop client built from pinned Go modules
-## (tests/controlplane, tests/interop) into target/, cached. Fails loudly when it cannot.
+## tools: protoc (Debian's protobuf-compiler); etcd, kube-apiserver, helm and the Go interop client built from pinned
+## Go modules (tests/controlplane, tests/helm, tests/interop) into target/, cached. Fails loudly when it cannot.
 tools:
 	scripts/protoc.sh >/dev/null
 	scripts/controlplane.sh >/dev/null
 	scripts/interop.sh >/dev/null
+	scripts/helm.sh >/dev/null
 
 ## test: lint, then every test (unit, mock API server, real etcd). CI runs exactly this.
 ## (Benches are compiled by clippy --all-targets and run by `make bench`, not here.)
@@ -31,9 +32,10 @@ lint: tools
 	test -z "$$(gofmt -l tests/interop)" || { echo "gofmt: tests/interop is not formatted" >&2; exit 1; }
 	cd tests/interop && go vet ./...
 
-## crd: regenerate the committed CRD (a test fails when it drifts).
+## crd: regenerate the committed CRD and the chart's copy (a test fails when either drifts).
 crd:
 	cargo run -q --bin crdgen > crds/grpcservice.yaml
+	cp crds/grpcservice.yaml charts/grpc-registrar/crds/grpcservice.yaml
 
 ## bench: registry and cache figures against a real etcd.
 bench: tools

@@ -89,6 +89,15 @@ pub fn interop_bin() -> PathBuf {
     )
 }
 
+/// The pinned helm binary (built by `scripts/helm.sh`; `HELM_BIN` overrides).
+///
+/// # Panics
+/// When it is missing: tests that need it fail, never skip.
+#[must_use]
+pub fn helm_bin() -> PathBuf {
+    built_bin("target/helm/bin", "helm", "HELM_BIN", "scripts/helm.sh")
+}
+
 fn built_bin(dir: &str, name: &str, env: &str, script: &str) -> PathBuf {
     let path =
         std::env::var_os(env).map_or_else(|| workspace_root().join(dir).join(name), PathBuf::from);

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds Go binaries pinned by one Go module, cached.
 #
-#   scripts/gobuild.sh MODULE_DIR BIN_DIR NAME=PACKAGE...
+#   scripts/gobuild.sh MODULE_DIR BIN_DIR NAME=PACKAGE[;LDFLAGS]...
+#
+# LDFLAGS, when given, are added to the link (e.g. -X flags that stamp a version).
 #
 # The build is skipped when BIN_DIR already holds every NAME, built from the same go.mod/go.sum
 # and sources with the same Go toolchain (a stamp file records that). Prints BIN_DIR on stdout; build
@@ -32,10 +34,13 @@ fi
 mkdir -p "$bin"
 for spec in "$@"; do
   name=${spec%%=*}
-  package=${spec#*=}
+  rest=${spec#*=}
+  package=${rest%%;*}
+  extra=""
+  [[ $rest == *";"* ]] && extra=${rest#*;}
   echo "gobuild: building $name from $package" >&2
   start=$(date +%s)
-  (cd "$module" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$bin/$name" "$package") >&2
+  (cd "$module" && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w $extra" -o "$bin/$name" "$package") >&2
   echo "gobuild: built $name in $(( $(date +%s) - start ))s" >&2
 done
 echo "$want" >"$stamp"

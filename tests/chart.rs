@@ -78,7 +78,10 @@ fn helm_lint_passes_in_strict_mode() {
 
 #[test]
 fn the_deployment_meets_the_restricted_pod_security_profile() {
-    let docs = render(&["etcd.tls.secretName=etcd-tls", "etcd.auth.secretName=etcd-auth"]);
+    let docs = render(&[
+        "etcd.tls.secretName=etcd-tls",
+        "etcd.auth.secretName=etcd-auth",
+    ]);
     let spec = &one(&docs, "Deployment")["spec"]["template"]["spec"];
     let pod = &spec["securityContext"];
     assert_eq!(pod["runAsNonRoot"], true);
@@ -89,7 +92,10 @@ fn the_deployment_meets_the_restricted_pod_security_profile() {
     }
     for volume in spec["volumes"].as_array().unwrap() {
         assert!(volume["hostPath"].is_null(), "hostPath volume {volume}");
-        assert!(volume["secret"].is_object(), "only Secret volumes: {volume}");
+        assert!(
+            volume["secret"].is_object(),
+            "only Secret volumes: {volume}"
+        );
     }
     let containers = spec["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1);
@@ -102,7 +108,13 @@ fn the_deployment_meets_the_restricted_pod_security_profile() {
         assert!(sc["capabilities"]["add"].is_null());
         assert!(sc["privileged"].is_null() || sc["privileged"] == false);
         assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
-        assert!(c["ports"].as_array().unwrap().iter().all(|p| p["hostPort"].is_null()));
+        assert!(
+            c["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["hostPort"].is_null())
+        );
         // Probes on the controller's endpoints, and resources set.
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
@@ -114,7 +126,10 @@ fn the_deployment_meets_the_restricted_pod_security_profile() {
 #[test]
 fn rbac_is_least_privilege_with_no_wildcards() {
     let docs = render(&[]);
-    for role in kind(&docs, "ClusterRole").into_iter().chain(kind(&docs, "Role")) {
+    for role in kind(&docs, "ClusterRole")
+        .into_iter()
+        .chain(kind(&docs, "Role"))
+    {
         for rule in role["rules"].as_array().unwrap() {
             for field in ["apiGroups", "resources", "verbs", "resourceNames"] {
                 assert!(
@@ -156,8 +171,12 @@ fn rbac_is_least_privilege_with_no_wildcards() {
     assert_eq!(lease_role["metadata"]["namespace"], "registrar");
     let rules = lease_role["rules"].as_array().unwrap();
     assert!(rules.iter().all(|r| strings(&r["resources"]) == ["leases"]));
-    assert!(rules.iter().any(|r| strings(&r["verbs"]) == ["get", "update"]
-        && strings(&r["resourceNames"]) == ["reg-grpc-registrar"]));
+    assert!(
+        rules
+            .iter()
+            .any(|r| strings(&r["verbs"]) == ["get", "update"]
+                && strings(&r["resourceNames"]) == ["reg-grpc-registrar"])
+    );
 }
 
 #[test]
@@ -174,7 +193,10 @@ fn two_replicas_with_leader_election_a_pdb_and_a_metrics_service_by_default() {
     let docs = render(&[]);
     let deployment = one(&docs, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 2);
-    assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    assert_eq!(
+        deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
     assert_eq!(one(&docs, "PodDisruptionBudget")["spec"]["minAvailable"], 1);
     assert_eq!(one(&docs, "Service")["spec"]["ports"][0]["name"], "metrics");
     assert!(kind(&docs, "ServiceMonitor").is_empty());
@@ -220,7 +242,10 @@ fn every_setting_the_chart_passes_is_an_env_var_the_binary_reads() {
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout).into_owned();
-    let docs = render(&["etcd.tls.secretName=etcd-tls", "etcd.auth.secretName=etcd-auth"]);
+    let docs = render(&[
+        "etcd.tls.secretName=etcd-tls",
+        "etcd.auth.secretName=etcd-auth",
+    ]);
     let env = &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"];
     for var in env.as_array().unwrap() {
         let name = var["name"].as_str().unwrap();

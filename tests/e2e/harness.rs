@@ -393,11 +393,16 @@ impl Drop for ControllerProcess {
     }
 }
 
-/// The holder of the leader-election Lease in `ns`, without the random suffix.
+/// The holder of the default leader-election Lease in `ns`, without the random suffix.
 pub async fn leader(client: &kube::Client, ns: &str) -> Option<String> {
+    leader_of(client, ns, "grpc-registrar").await
+}
+
+/// The holder of Lease `name` in `ns`, without the random suffix.
+pub async fn leader_of(client: &kube::Client, ns: &str, name: &str) -> Option<String> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), ns);
-    let lease = leases.get_opt("grpc-registrar").await.ok()??;
+    let lease = leases.get_opt(name).await.ok()??;
     let holder = lease.spec?.holder_identity?;
     Some(
         holder

@@ -5,6 +5,7 @@
 //! This binary uses libtest-mimic (`harness = false`) so that the control plane is started once
 //! and stopped when every test has run.
 
+mod chart;
 mod failover;
 mod faults;
 mod harness;
@@ -128,6 +129,7 @@ fn main() {
         trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
         trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
         trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
+        trial(&runtime, &plane, "chart::helm_install_then_the_charts_service_account_runs_the_whole_flow", chart::helm_install_then_the_charts_service_account_runs_the_whole_flow),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     drop(plane);

@@ -1,0 +1,227 @@
+//! `helm install` of the chart into the real API server, then the controller binary run with
+//! exactly the Deployment's environment and the chart ServiceAccount's identity (a token from
+//! the TokenRequest API): the registration flow completes, so the chart's RBAC is sufficient,
+//! and the identity cannot do what the controller never needs.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+use test_support::{helm_bin, workspace_root};
+
+use crate::Plane;
+use crate::harness::{Env, eventually, leader_of};
+
+const RELEASE: &str = "reg";
+const FULLNAME: &str = "reg-grpc-registrar";
+
+fn helm(plane: &Plane, args: &[&str]) -> String {
+    let out = Command::new(helm_bin())
+        .arg("--kubeconfig")
+        .arg(plane.kubeconfig())
+        .args(args)
+        .output()
+        .expect("failed to run helm");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "helm {args:?} failed:\n{text}");
+    text
+}
+
+/// A kubeconfig for the chart's ServiceAccount, with a token from the TokenRequest API.
+fn service_account_kubeconfig(
+    plane: &Plane,
+    ns: &str,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    let (ok, token, err) = plane.kubectl(&["create", "token", FULLNAME, "-n", ns, "--duration=1h"]);
+    assert!(ok, "kubectl create token failed: {err}");
+    let mut config = kube::config::Kubeconfig::read_from(plane.kubeconfig()).unwrap();
+    for named in &mut config.auth_infos {
+        named.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.trim().to_owned().into()),
+            ..Default::default()
+        });
+    }
+    let path = dir.join("service-account.kubeconfig");
+    std::fs::write(&path, serde_saphyr::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+async fn client_from(path: &std::path::Path) -> kube::Client {
+    let config = kube::config::Kubeconfig::read_from(path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+/// The controller container's environment as the Deployment defines it, with the downward API
+/// resolved as the kubelet would, and the metrics port moved off the shared 8080.
+fn container_env(deployment: &Deployment, ns: &str) -> BTreeMap<String, String> {
+    let container = &deployment.spec.template.spec.as_ref().unwrap().containers[0];
+    container
+        .env
+        .iter()
+        .flatten()
+        .map(|var| {
+            let value = match (&var.value, &var.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => {
+                    match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                        Some("metadata.name") => "reg-controller-0".to_owned(),
+                        Some("metadata.namespace") => ns.to_owned(),
+                        other => panic!("unexpected env source {other:?} for {}", var.name),
+                    }
+                }
+                (None, None) => String::new(),
+            };
+            let value = if var.name == "METRICS_ADDR" {
+                "127.0.0.1:0".to_owned()
+            } else {
+                value
+            };
+            (var.name.clone(), value)
+        })
+        .collect()
+}
+
+pub async fn helm_install_then_the_charts_service_account_runs_the_whole_flow(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let chart = workspace_root().join("charts/grpc-registrar");
+    let endpoints = format!("etcd.endpoints={{{}}}", env.etcd.endpoint());
+    let out = helm(
+        &plane,
+        &[
+            "install",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns,
+            "--set",
+            &endpoints,
+            "--set",
+            &format!("watchNamespace={ns}"),
+            "--set",
+            "etcd.leaseTTL=10",
+            "--set",
+            "leaderElection.leaseDuration=3s",
+            "--set",
+            "leaderElection.renewDeadline=2s",
+            "--set",
+            "leaderElection.retryPeriod=500ms",
+        ],
+    );
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    let list = helm(&plane, &["list", "--namespace", &ns]);
+    assert!(list.contains(RELEASE), "{list}");
+
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let deployment = deployments
+        .get(FULLNAME)
+        .await
+        .expect("the chart's Deployment");
+    let container_env = container_env(&deployment, &ns);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(&plane, &ns, dir.path());
+    let log = dir.path().join("controller.log");
+    let mut controller = Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
+        .env_clear()
+        .envs(&container_env)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("LOG_FORMAT", "plain")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let shown = log.clone();
+    let _stop = scopeguard(move || {
+        let _ = controller.kill();
+        let _ = controller.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- controller log ---\n{}",
+                std::fs::read_to_string(&shown).unwrap_or_default()
+            );
+        }
+    });
+
+    // The registration flow, done by the ServiceAccount identity.
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"}),
+    )
+    .await;
+    for (i, name) in ["g-0", "g-1"].iter().enumerate() {
+        env.pod(name, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(name, &format!("10.50.0.{}", i + 1), true)
+            .await;
+    }
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let keys = ["greeter/10.50.0.1:50051", "greeter/10.50.0.2:50051"];
+    env.expect_keys("registered under the chart's identity", &keys)
+        .await;
+    assert_eq!(
+        leader_of(&env.client, &ns, FULLNAME).await.as_deref(),
+        Some("reg-controller-0"),
+        "the chart's leader-election Role lets it hold the Lease"
+    );
+    eventually("status Ready", || {
+        env.condition_is("greeter", "Ready", "True")
+    })
+    .await;
+    env.set_ready("g-1", "10.50.0.2", false).await;
+    env.expect_keys("deregistered", &keys[..1]).await;
+    env.services()
+        .delete("greeter", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("finalizer released and keys gone", || async {
+        env.services().get_opt("greeter").await.unwrap().is_none() && env.keys().await.is_empty()
+    })
+    .await;
+    assert!(
+        !logs().contains("403"),
+        "a request was forbidden:\n{}",
+        logs()
+    );
+
+    // What the identity must not do.
+    let sa = client_from(&kubeconfig).await;
+    let secrets: Api<Secret> = Api::namespaced(sa.clone(), &ns);
+    let err = secrets.list(&Default::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 403),
+        "{err}"
+    );
+    let all_pods: Api<Pod> = Api::all(sa);
+    let err = all_pods.list(&Default::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 403),
+        "{err}"
+    );
+
+    helm(&plane, &["uninstall", RELEASE, "--namespace", &ns]);
+}
+
+/// Runs `f` on drop.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -41,6 +41,7 @@ crd:
 bench: tools
 	cargo bench --bench registry
 	cargo bench --bench propagation
+	cargo bench --bench failover
 	cargo bench -p tonic-etcd-resolver --bench resolver
 
 ## demo: a real control plane, the controller, three Greeter servers and a resolving client.

@@ -3,7 +3,7 @@
 mod pods;
 pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,6 +59,12 @@ pub struct Context {
     pub role: tokio::sync::watch::Receiver<Role>,
     /// Publishes Kubernetes Events on GrpcServices, when set.
     pub events: Option<Recorder>,
+    /// True once the pod cache has completed its initial list.
+    pub pods_synced: tokio::sync::watch::Receiver<bool>,
+    /// When this process started: older pod transitions are not propagation samples.
+    started: k8s_openapi::jiff::Timestamp,
+    /// The last pod transition observed per `<namespace>/<service>/<pod>`.
+    transitions: Mutex<HashMap<String, k8s_openapi::jiff::Timestamp>>,
     /// Consecutive failures per service uid, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -82,7 +88,24 @@ impl Context {
             selections: Selections::default(),
             role: crate::leader::always_leader(),
             events: None,
+            pods_synced: tokio::sync::watch::channel(true).1,
+            // Whole seconds, as Kubernetes stores transition times.
+            started: k8s_openapi::jiff::Timestamp::from_second(
+                k8s_openapi::jiff::Timestamp::now().as_second(),
+            )
+            .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
+            transitions: Mutex::default(),
             failures: Mutex::default(),
+        }
+    }
+
+    /// The same context, reconciling only once `synced` says the pod cache is complete (without
+    /// this, [`Context::new`] assumes the store it was given is complete).
+    #[must_use]
+    pub fn with_pods_synced(self, synced: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            pods_synced: synced,
+            ..self
         }
     }
 
@@ -99,6 +122,22 @@ impl Context {
     #[must_use]
     pub fn with_role(self, role: tokio::sync::watch::Receiver<Role>) -> Self {
         Self { role, ..self }
+    }
+}
+
+/// Whether each reflector has completed its initial list (set again after every re-list).
+#[derive(Clone)]
+struct Caches {
+    pods: tokio::sync::watch::Sender<bool>,
+    services: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self {
+            pods: tokio::sync::watch::Sender::new(false),
+            services: tokio::sync::watch::Sender::new(false),
+        }
     }
 }
 
@@ -138,12 +177,34 @@ pub async fn run(
     let services: Api<GrpcService> = api(&client, &scope);
     let pods_api: Api<Pod> = api(&client, &scope);
 
+    // Cache readiness is observed on the event streams (InitDone, after the store applied it),
+    // not with `Store::wait_until_ready`: that future is backed by a oneshot that keeps only the
+    // last waker, so with several concurrent waiters (every reconcile, and kube's own applier)
+    // all but one can wait forever. Found by the scale bench; see `Caches`.
+    let caches = Caches::default();
     let (pod_store, pod_writer) = reflector::store();
+    let pods_synced = caches.pods.clone();
     let pod_events = watcher(pods_api, watcher::Config::default().any_semantic())
         .backoff(WatchBackoff::default())
         .modify(strip_pod)
         .reflect(pod_writer)
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                pods_synced.send_replace(true);
+            }
+        })
         .touched_objects();
+    let (svc_store, svc_writer) = reflector::store();
+    let services_synced = caches.services.clone();
+    let svc_events = watcher(services, watcher::Config::default().any_semantic())
+        .backoff(WatchBackoff::default())
+        .reflect(svc_writer)
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                services_synced.send_replace(true);
+            }
+        })
+        .applied_objects();
 
     let lease_events = futures::stream::unfold(registry.lease_events(), |mut rx| async move {
         loop {
@@ -167,9 +228,8 @@ pub async fn run(
     });
     let lease_events = futures::stream::select(lease_events, elected);
 
-    let controller = Controller::new(services, watcher::Config::default().any_semantic())
+    let controller = Controller::for_stream(svc_events, svc_store.clone())
         .trigger_backoff(WatchBackoff::default());
-    let svc_store = controller.store();
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_owned(),
         instance: std::env::var("POD_NAME").ok(),
@@ -178,7 +238,8 @@ pub async fn run(
     let ctx = Arc::new(
         Context::new(client, registry, pod_store.clone(), policy, metrics)
             .with_role(role)
-            .with_events(recorder),
+            .with_events(recorder)
+            .with_pods_synced(caches.pods.subscribe()),
     );
     let mapper = PodMapper::new(
         controller.store(),
@@ -186,12 +247,16 @@ pub async fn run(
         ctx.selections.clone(),
     );
     {
-        let (pods, ready) = (pod_store.clone(), ready.clone());
+        let (pods, services, ready) = (pod_store.clone(), svc_store.clone(), ready.clone());
+        let (mut pods_synced, mut services_synced) =
+            (caches.pods.subscribe(), caches.services.subscribe());
         tokio::spawn(async move {
-            if pods.wait_until_ready().await.is_ok() && svc_store.wait_until_ready().await.is_ok() {
+            if pods_synced.wait_for(|s| *s).await.is_ok()
+                && services_synced.wait_for(|s| *s).await.is_ok()
+            {
                 info!(
                     pods = pods.len(),
-                    services = svc_store.len(),
+                    services = services.len(),
                     "caches synced"
                 );
                 ready.store(true, Ordering::Relaxed);
@@ -281,8 +346,9 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
         .ok_or(Error::MissingField("metadata.namespace"))?;
     tracing::Span::current().record("namespace", namespace.as_str());
     // Never compute desired state from a half-filled cache: that would delete live keys.
-    ctx.pods
-        .wait_until_ready()
+    ctx.pods_synced
+        .clone()
+        .wait_for(|synced| *synced)
         .await
         .map_err(|_| Error::MissingField("pod cache"))?;
     let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -407,14 +473,17 @@ impl GrpcService {
     }
 
     /// Observes, for each selected pod whose Ready condition changed (or that began terminating)
-    /// since the last sync, the time from that change to this commit.
+    /// since this process started and that was not observed yet, the time from that change to
+    /// this commit. Kubernetes keeps whole seconds, so "since" is compared per pod, not by time.
     fn observe_propagation(&self, ctx: &Context, selected: &[Arc<Pod>]) {
-        let since = self
-            .status
-            .as_ref()
-            .and_then(|s| s.last_sync_time.as_ref())
-            .map(|t| t.0);
         let now = k8s_openapi::jiff::Timestamp::now();
+        let service = format!(
+            "{}/{}/",
+            self.namespace().unwrap_or_default(),
+            self.name_any()
+        );
+        let mut seen = ctx.transitions.lock().expect("lock");
+        let mut current = HashSet::new();
         for pod in selected {
             let ready_changed = pod
                 .status
@@ -423,14 +492,22 @@ impl GrpcService {
                 .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
                 .and_then(|c| c.last_transition_time.as_ref())
                 .map(|t| t.0);
-            let deleted = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0);
-            for changed in ready_changed.into_iter().chain(deleted) {
-                if since.is_none_or(|s| changed > s) {
-                    let seconds = now.duration_since(changed).as_secs_f64().max(0.0);
-                    ctx.metrics.propagation.observe(seconds);
-                }
+            let changed = pod
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .or(ready_changed);
+            let Some(changed) = changed else { continue };
+            let key = format!("{service}{}", pod.name_any());
+            if changed >= ctx.started && seen.get(&key) != Some(&changed) {
+                let seconds = now.duration_since(changed).as_secs_f64().max(0.0);
+                ctx.metrics.propagation.observe(seconds);
             }
+            seen.insert(key.clone(), changed);
+            current.insert(key);
         }
+        seen.retain(|key, _| !key.starts_with(&service) || current.contains(key));
     }
 
     /// Claims the target; takes it over when the recorded owner no longer exists.

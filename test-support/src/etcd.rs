@@ -109,6 +109,12 @@ impl EtcdServer {
         self.access.user = Some(("root".to_owned(), root_password.to_owned()));
     }
 
+    /// The etcd process id, while it runs (for CPU and memory readings in benches).
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// How clients reach this etcd.
     #[must_use]
     pub fn access(&self) -> &EtcdAccess {

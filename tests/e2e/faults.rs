@@ -413,3 +413,61 @@ pub async fn apiserver_restart_and_expired_watches_relist_and_apply_the_changes_
         .await;
     env.shutdown().await;
 }
+
+/// `/readyz` of a controller on `port`: (status code, body).
+async fn readyz(port: u16) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    Some((code, body))
+}
+
+pub async fn a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready(
+    plane: Plane,
+    ns: String,
+) {
+    // Regression: with several services waiting on the pod cache at start-up, all but one
+    // waited forever (a single-waker readiness future in kube-runtime's Store).
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let mut want = Vec::new();
+    for s in 0..12u8 {
+        env.service(
+            &format!("svc-{s}"),
+            json!({"selector": {"matchLabels": {"app": format!("svc-{s}")}}, "port": "grpc"}),
+        )
+        .await;
+        for p in 0..2u8 {
+            let name = format!("svc-{s}-{p}");
+            env.pod(&name, json!({"app": format!("svc-{s}")}), 50051)
+                .await;
+            env.set_ready(&name, &format!("10.28.{s}.{p}"), true).await;
+            want.push(format!("svc-{s}/10.28.{s}.{p}:50051"));
+        }
+    }
+    let port = test_support::free_port();
+    let _controller = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 30)
+        .metrics_port(port)
+        .start();
+    want.sort();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    env.expect_keys("every service registered", &want).await;
+    eventually("/readyz is 200 and names the role", || async {
+        readyz(port)
+            .await
+            .is_some_and(|(code, body)| code == 200 && body.contains("role: leader"))
+    })
+    .await;
+}

@@ -303,6 +303,7 @@ pub async fn key_leases(env: &Env) -> std::collections::BTreeSet<i64> {
 pub struct ControllerBuilder {
     command: std::process::Command,
     log: Option<std::path::PathBuf>,
+    metrics_port: u16,
 }
 
 impl ControllerBuilder {
@@ -324,7 +325,17 @@ impl ControllerBuilder {
         self
     }
 
+    /// Serves `/metrics`, `/healthz` and `/readyz` on this loopback port (default: any).
+    pub fn metrics_port(mut self, port: u16) -> Self {
+        self.metrics_port = port;
+        self
+    }
+
     pub fn start(mut self) -> ControllerProcess {
+        self.command.args([
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", self.metrics_port),
+        ]);
         if let Some(path) = &self.log {
             let file = std::fs::File::create(path).expect("failed to create the controller log");
             self.command.stdout(file);
@@ -349,10 +360,13 @@ impl ControllerProcess {
             .env("RUST_LOG", "warn")
             .env("POD_NAMESPACE", ns)
             .args(["--etcd-endpoints", etcd, "--namespace", ns])
-            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--lease-ttl", &ttl.to_string()])
             .stdout(std::process::Stdio::null());
-        ControllerBuilder { command, log: None }
+        ControllerBuilder {
+            command,
+            log: None,
+            metrics_port: 0,
+        }
     }
 
     /// SIGKILL: no graceful anything.

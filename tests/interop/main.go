@@ -3,6 +3,10 @@
 //	interop call     -etcd URL -target T -n N   dial etcd:///T with round_robin, make N SayHello
 //	                                            calls, print {"servers":{addr:count},"failed":n}
 //	interop register -etcd URL -target T -addr A   add A under T with endpoints.Manager
+//	interop seed     -etcd URL -target T -n N -ttl S   simulate N servers that each register
+//	                                            themselves as the Go seeds do: own client, own
+//	                                            lease, KeepAlive, AddEndpoint; prints "ready"
+//	                                            and runs until stdin closes
 //
 // It needs no generated code: SayHello is invoked with a raw-bytes codec and the protobuf
 // wire format is read with protowire.
@@ -13,6 +17,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path"
 	"time"
@@ -78,7 +83,12 @@ func main() {
 	target := fs.String("target", "services/default/greeter", "registry target")
 	n := fs.Int("n", 30, "calls to make")
 	addr := fs.String("addr", "", "address to register")
+	ttl := fs.Int64("ttl", 10, "lease TTL in seconds (seed)")
 	_ = fs.Parse(os.Args[2:])
+	if os.Args[1] == "seed" {
+		seed(*etcd, *target, *n, *ttl)
+		return
+	}
 
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{*etcd}, DialTimeout: 5 * time.Second})
 	if err != nil {
@@ -135,6 +145,44 @@ func main() {
 		_ = json.NewEncoder(os.Stdout).Encode(map[string]any{"servers": counts, "failed": failed})
 	default:
 		fail(fmt.Errorf("unknown command %q", os.Args[1]))
+	}
+}
+
+// seed runs n self-registering servers, each exactly as a seed service registers itself today.
+func seed(etcd, target string, n int, ttl int64) {
+	ctx := context.Background()
+	clients := make([]*clientv3.Client, 0, n)
+	for i := 0; i < n; i++ {
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{etcd}, DialTimeout: 5 * time.Second})
+		if err != nil {
+			fail(err)
+		}
+		clients = append(clients, cli)
+		lease, err := cli.Grant(ctx, ttl)
+		if err != nil {
+			fail(err)
+		}
+		alive, err := cli.KeepAlive(ctx, lease.ID)
+		if err != nil {
+			fail(err)
+		}
+		go func() {
+			for range alive {
+			}
+		}()
+		em, err := endpoints.NewManager(cli, target)
+		if err != nil {
+			fail(err)
+		}
+		addr := fmt.Sprintf("10.%d.%d.%d:50051", i/65536, (i/256)%256, i%256)
+		if err := em.AddEndpoint(ctx, target+"/"+addr, endpoints.Endpoint{Addr: addr}, clientv3.WithLease(lease.ID)); err != nil {
+			fail(err)
+		}
+	}
+	fmt.Println("ready")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	for _, cli := range clients {
+		_ = cli.Close()
 	}
 }
 

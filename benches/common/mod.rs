@@ -1,0 +1,244 @@
+//! Shared by the cluster benches: the control plane with the CRD, the real controller binary as
+//! a process (its `/metrics` and `/readyz` read over HTTP), pods created and made ready through
+//! the API, and process CPU and memory from `/proc`.
+
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use test_support::{ControlPlane, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A control plane with the GrpcService CRD established.
+pub async fn plane() -> ControlPlane {
+    let plane = ControlPlane::start().await;
+    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml");
+    let (ok, out, err) = plane.kubectl(&["apply", "-f", crd]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = plane.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "crd/grpcservices.grpc-registrar.io",
+    ]);
+    assert!(ok, "{out}{err}");
+    plane
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub async fn namespace(client: &kube::Client, ns: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Creates `name` selecting `app=<app>` on port 50051.
+pub async fn service(client: &kube::Client, ns: &str, name: &str, app: &str) {
+    let api: Api<grpc_registrar::crd::GrpcService> = Api::namespaced(client.clone(), ns);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "grpc-registrar.io/v1alpha1", "kind": "GrpcService",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"app": app}}, "port": 50051}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// A unique pod IP for pod `i`.
+pub fn ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+pub fn ready_status(ip: &str, ready: bool) -> serde_json::Value {
+    json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" },
+                        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}]}})
+}
+
+/// Creates pods `p-0..n` labelled `app=<app(i)>` and marks them Ready, 32 requests in flight.
+pub async fn ready_pods(client: &kube::Client, ns: &str, n: usize, app: impl Fn(usize) -> String) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (api, app) = (api.clone(), app(i));
+            async move {
+                let name = format!("p-{i}");
+                let pod = json!({"metadata": {"name": name, "labels": {"app": app}},
+                    "spec": {"containers": [{"name": "app", "image": "greeter"}]}});
+                api.create(
+                    &PostParams::default(),
+                    &serde_json::from_value(pod).unwrap(),
+                )
+                .await
+                .unwrap();
+                api.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(ready_status(&ip(i), true)),
+                )
+                .await
+                .unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<()>()
+        .await;
+    eprintln!(
+        "created and readied {n} pods in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The real controller binary watching `ns`.
+pub struct Controller {
+    pub child: Child,
+    pub port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl Controller {
+    pub fn start(plane: &ControlPlane, etcd: &str, ns: &str, ttl: u32) -> Self {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
+            .env("KUBECONFIG", plane.kubeconfig())
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .args(["--etcd-endpoints", etcd, "--namespace", ns])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--lease-ttl", &ttl.to_string()])
+            .stdout(log.reopen().unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("failed to start grpc-registrar");
+        Self { child, port, log }
+    }
+
+    /// Waits until `/readyz` answers 200 (caches synced).
+    pub async fn synced(&mut self) {
+        let started = Instant::now();
+        while !http_get(self.port, "/readyz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+        {
+            let exited = self.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(60),
+                "the controller never became ready ({exited:?}, /readyz: {:?}):\n{}",
+                http_get(self.port, "/readyz").await,
+                std::fs::read_to_string(self.log.path()).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A counter or gauge from `/metrics` (the first sample whose line starts with `prefix`).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        metric(
+            &http_get(self.port, "/metrics").await.unwrap_or_default(),
+            prefix,
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the first sample line starting with `prefix` in a Prometheus text page.
+pub fn metric(page: &str, prefix: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal HTTP/1.0 GET on loopback; the whole response.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+/// (VmRSS, VmHWM) of a process in MiB.
+pub fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// User plus system CPU seconds a process has used.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the ')'. CLK_TCK is 100.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Keys under `prefix`.
+pub async fn count(etcd: &mut etcd_client::Client, prefix: &str) -> i64 {
+    etcd.get(
+        prefix,
+        Some(
+            etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_count_only(),
+        ),
+    )
+    .await
+    .map_or(-1, |r| r.count())
+}

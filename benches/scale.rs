@@ -1,0 +1,93 @@
+//! Cold start at scale on the real control plane: N pods across N/10 GrpcServices are created
+//! through kube-apiserver and marked Ready, then the real controller binary starts. Reports the
+//! time until every key is in the registry (from process start, and from the moment its caches
+//! had seen the last pod), the etcd txns and leases it used, and its peak RSS — for N = 1,000,
+//! 10,000 and 30,000 (`SCALE_SIZES=1000,10000` to choose). A bench binary: figures, no
+//! assertions. `cargo bench --bench scale` (part of `make bench`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Controller, count, memory_mib, namespace, plane, ready_pods, service};
+use futures::StreamExt;
+use test_support::EtcdServer;
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = std::env::var("SCALE_SIZES")
+        .unwrap_or_else(|_| "1000,10000,30000".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("SCALE_SIZES: comma-separated pod counts")
+        })
+        .collect();
+    let plane = plane().await;
+    let client = plane.client().await;
+    let mut rows = Vec::new();
+    for n in sizes {
+        let ns = format!("scale-{n}");
+        let services = (n / 10).max(1);
+        namespace(&client, &ns).await;
+        futures::stream::iter(0..services)
+            .map(|s| {
+                let (client, ns) = (client.clone(), ns.clone());
+                async move { service(&client, &ns, &format!("svc-{s}"), &format!("svc-{s}")).await }
+            })
+            .buffer_unordered(32)
+            .collect::<()>()
+            .await;
+        ready_pods(&client, &ns, n, |i| format!("svc-{}", i % services)).await;
+
+        // The registry etcd fsyncs, as in production.
+        let etcd = EtcdServer::start().await;
+        let mut probe = etcd.client().await;
+        let prefix = format!("services/{ns}/");
+        let started = Instant::now();
+        let mut controller = Controller::start(&plane, &etcd.endpoint(), &ns, 30);
+        controller.synced().await;
+        let synced = started.elapsed();
+        while count(&mut probe, &prefix).await < i64::try_from(n).unwrap() {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "not all keys after 10 min"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let all = started.elapsed();
+        // Let status writes settle, then read the peak.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rss, peak) = memory_mib(controller.pid());
+        let txns = controller
+            .metric("grpc_registrar_etcd_request_duration_seconds_count{op=\"txn\"}")
+            .await;
+        let ranges = controller
+            .metric("grpc_registrar_etcd_request_duration_seconds_count{op=\"range\"}")
+            .await;
+        let leases = probe.leases().await.map_or(0, |r| r.leases().len());
+        drop(controller);
+        rows.push((
+            format!("{n} pods / {services} GrpcServices: start → all keys"),
+            format!("{:.2} s", all.as_secs_f64()),
+        ));
+        rows.push((
+            format!("{n} pods: caches synced (saw the last pod) → all keys (target ≤ 5 s)"),
+            format!("{:.2} s", (all - synced).as_secs_f64()),
+        ));
+        rows.push((
+            format!("{n} pods: etcd txns / ranges / leases (target 1 lease)"),
+            format!("{txns:.0} / {ranges:.0} / {leases}"),
+        ));
+        rows.push((
+            format!("{n} pods: controller RSS peak / after (target < 150 MiB at 10k)"),
+            format!(
+                "{peak:.1} MiB / {rss:.1} MiB ({:.1} KiB per pod at peak)",
+                peak * 1024.0 / n as f64
+            ),
+        ));
+        eprintln!("{n}: done");
+    }
+    test_support::bench::report("scale", &rows);
+}

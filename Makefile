@@ -37,11 +37,15 @@ crd:
 	cargo run -q --bin crdgen > crds/grpcservice.yaml
 	cp crds/grpcservice.yaml charts/grpc-registrar/crds/grpcservice.yaml
 
-## bench: registry and cache figures against a real etcd.
+## bench: every figure (tables printed and written to target/bench/*.json): registry, propagation, failover,
+## cold start at scale, churn, the Go self-registration comparison, and the resolver.
 bench: tools
 	cargo bench --bench registry
 	cargo bench --bench propagation
 	cargo bench --bench failover
+	cargo bench --bench scale
+	cargo bench --bench churn
+	cargo bench --bench seed
 	cargo bench -p tonic-etcd-resolver --bench resolver
 
 ## demo: a real control plane, the controller, three Greeter servers and a resolving client.

@@ -1,0 +1,195 @@
+//! Steady churn on the real control plane: readiness flips of 400 pods (one GrpcService) at
+//! 50, 200 and 1,000 flips/s for 60 s each (`CHURN_RATES`, `CHURN_SECS`), sent by concurrent
+//! status patches to kube-apiserver while the real controller binary runs. Each flip's latency
+//! is from the API server's acknowledgement of the patch to the key's change on an etcd watch of
+//! the registry. At the end the registry must equal the ready pods (reported as a mismatch
+//! count). A bench binary: figures, no assertions. `cargo bench --bench churn`.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Controller, count, ip, namespace, percentile, plane, ready_pods, ready_status};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use test_support::EtcdServer;
+
+const PODS: usize = 400;
+
+/// One flip: pod index, the state it was set to, when the patch was sent and acknowledged.
+struct Flip {
+    pod: usize,
+    ready: bool,
+    sent: Instant,
+    acked: Instant,
+}
+
+#[tokio::main]
+async fn main() {
+    let rates: Vec<u32> = std::env::var("CHURN_RATES")
+        .unwrap_or_else(|_| "50,200,1000".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("CHURN_RATES: flips per second"))
+        .collect();
+    let secs: u64 = std::env::var("CHURN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let plane = plane().await;
+    let client = plane.client().await;
+    let ns = "churn";
+    namespace(&client, ns).await;
+    common::service(&client, ns, "greeter", "greeter").await;
+    ready_pods(&client, ns, PODS, |_| "greeter".to_owned()).await;
+    let etcd = EtcdServer::start().await;
+    let mut controller = Controller::start(&plane, &etcd.endpoint(), ns, 30);
+    controller.synced().await;
+    let prefix = format!("services/{ns}/greeter/");
+    let mut probe = etcd.client().await;
+    while count(&mut probe, &prefix).await < PODS as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Key changes as a client sees them: (pod index, put?, when).
+    let index: HashMap<String, usize> = (0..PODS)
+        .map(|i| (format!("{prefix}{}:50051", ip(i)), i))
+        .collect();
+    let seen: Arc<Mutex<Vec<(usize, bool, Instant)>>> = Arc::default();
+    {
+        let mut watcher = etcd.client().await;
+        let mut stream = watcher
+            .watch(prefix.clone(), Some(WatchOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(resp)) = stream.message().await {
+                let now = Instant::now();
+                let mut seen = seen.lock().unwrap();
+                for event in resp.events() {
+                    let key = event
+                        .kv()
+                        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned());
+                    if let Some(&pod) = key.as_ref().and_then(|k| index.get(k)) {
+                        seen.push((pod, event.event_type() == EventType::Put, now));
+                    }
+                }
+            }
+        });
+    }
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut state = vec![true; PODS];
+    let mut next = 0usize;
+    let mut rows = Vec::new();
+    for rate in rates {
+        seen.lock().unwrap().clear();
+        let flips: Arc<Mutex<Vec<Flip>>> = Arc::default();
+        let limit = Arc::new(tokio::sync::Semaphore::new(256));
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        while started.elapsed() < Duration::from_secs(secs) {
+            ticker.tick().await;
+            let pod = next % PODS;
+            next += 1;
+            state[pod] = !state[pod];
+            let (ready, pods, flips) = (state[pod], pods.clone(), flips.clone());
+            let permit = limit.clone().acquire_owned().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                pods.patch_status(
+                    &format!("p-{pod}"),
+                    &PatchParams::default(),
+                    &Patch::Merge(ready_status(&ip(pod), ready)),
+                )
+                .await
+                .unwrap();
+                let acked = Instant::now();
+                drop(permit);
+                flips.lock().unwrap().push(Flip {
+                    pod,
+                    ready,
+                    sent,
+                    acked,
+                });
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // Match each flip to the first change of its key to that state after the ack.
+        let seen = seen.lock().unwrap().clone();
+        let flips = std::mem::take(&mut *flips.lock().unwrap());
+        let (mut from_ack, mut from_send, mut unmatched) = (Vec::new(), Vec::new(), 0usize);
+        for flip in &flips {
+            let hit = seen
+                .iter()
+                .find(|(pod, put, at)| *pod == flip.pod && *put == flip.ready && *at >= flip.sent);
+            match hit {
+                Some((_, _, at)) => {
+                    from_ack.push(at.saturating_duration_since(flip.acked).as_secs_f64() * 1000.0);
+                    from_send.push(at.duration_since(flip.sent).as_secs_f64() * 1000.0);
+                }
+                // A later flip of the same pod can supersede one before it is applied.
+                None => unmatched += 1,
+            }
+        }
+        from_ack.sort_by(f64::total_cmp);
+        from_send.sort_by(f64::total_cmp);
+        let registered: BTreeSet<String> = probe
+            .get(
+                prefix.clone(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .unwrap()
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect();
+        let desired: BTreeSet<String> = (0..PODS)
+            .filter(|&i| state[i])
+            .map(|i| format!("{prefix}{}:50051", ip(i)))
+            .collect();
+        let mismatched = registered.symmetric_difference(&desired).count();
+        rows.push((
+            format!("{rate} flips/s target: achieved"),
+            format!(
+                "{:.0} flips/s ({} flips in {elapsed:.1} s)",
+                flips.len() as f64 / elapsed,
+                flips.len()
+            ),
+        ));
+        rows.push((
+            format!("{rate} flips/s: patch acked → key change on etcd watch"),
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms (target at 200/s: p50 < 10, p99 < 50)",
+                percentile(&from_ack, 0.5),
+                percentile(&from_ack, 0.99)
+            ),
+        ));
+        rows.push((
+            format!("{rate} flips/s: patch sent → key change"),
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&from_send, 0.5),
+                percentile(&from_send, 0.99)
+            ),
+        ));
+        rows.push((
+            format!("{rate} flips/s: superseded flips / final registry ≠ desired keys"),
+            format!("{unmatched} / {mismatched}"),
+        ));
+        eprintln!("{rate}/s: done");
+    }
+    drop(controller);
+    test_support::bench::report("churn", &rows);
+}

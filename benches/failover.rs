@@ -81,15 +81,10 @@ where
 #[tokio::main]
 async fn main() {
     let plane = ControlPlane::start().await;
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml");
-    let (ok, out, err) = plane.kubectl(&["apply", "-f", crd]);
-    assert!(ok, "{out}{err}");
-    let (ok, out, err) = plane.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "crd/grpcservices.grpc-registrar.io",
-    ]);
-    assert!(ok, "{out}{err}");
+    plane.install_crd(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/grpcservice.yaml"
+    ));
     let etcd = EtcdServer::start().await;
     let client = plane.client().await;
     let services: Api<grpc_registrar::crd::GrpcService> = Api::namespaced(client.clone(), NS);

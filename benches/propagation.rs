@@ -33,18 +33,10 @@ fn status(ready: bool) -> serde_json::Value {
 #[tokio::main]
 async fn main() {
     let plane = ControlPlane::start().await;
-    let (ok, out, err) = plane.kubectl(&[
-        "apply",
-        "-f",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml"),
-    ]);
-    assert!(ok, "{out}{err}");
-    let (ok, out, err) = plane.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "crd/grpcservices.grpc-registrar.io",
-    ]);
-    assert!(ok, "{out}{err}");
+    plane.install_crd(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/grpcservice.yaml"
+    ));
     // The registry etcd fsyncs, as in production.
     let etcd = EtcdServer::start().await;
     let client = plane.client().await;

@@ -17,15 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A control plane with the GrpcService CRD established.
 pub async fn plane() -> ControlPlane {
     let plane = ControlPlane::start().await;
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml");
-    let (ok, out, err) = plane.kubectl(&["apply", "-f", crd]);
-    assert!(ok, "{out}{err}");
-    let (ok, out, err) = plane.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "crd/grpcservices.grpc-registrar.io",
-    ]);
-    assert!(ok, "{out}{err}");
+    plane.install_crd(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/grpcservice.yaml"
+    ));
     plane
 }
 

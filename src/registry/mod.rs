@@ -632,6 +632,11 @@ impl Registry {
     /// # Errors
     /// etcd failures.
     pub async fn leader_term(&self) -> Result<i64> {
+        let record = self.leader_record().await?;
+        Ok(record.map_or(0, |kv| leader_term(kv.value())))
+    }
+
+    async fn leader_record(&self) -> Result<Option<etcd_client::KeyValue>> {
         let mut kv = self.inner.client.kv_client();
         let resp = tokio::time::timeout(
             self.inner.config.op_timeout,
@@ -640,7 +645,7 @@ impl Registry {
         .await
         .map_err(|_| timeout_error("read leader record"))?
         .map_err(Error::etcd("read leader record"))?;
-        Ok(resp.kvs().first().map_or(0, |kv| leader_term(kv.value())))
+        Ok(resp.kvs().first().cloned())
     }
 
     /// Extends the leader's local write permission to `valid_until` (after a Lease renewal).
@@ -707,15 +712,8 @@ impl Registry {
         let Fence::Leader { revision, .. } = *self.inner.fence.lock().expect("lock") else {
             return Ok(false);
         };
-        let mut kv = self.inner.client.kv_client();
-        let resp = tokio::time::timeout(
-            self.inner.config.op_timeout,
-            kv.get(self.leader_key(), None),
-        )
-        .await
-        .map_err(|_| timeout_error("read leader record"))?
-        .map_err(Error::etcd("read leader record"))?;
-        Ok(resp.kvs().first().map(etcd_client::KeyValue::mod_revision) == Some(revision))
+        let record = self.leader_record().await?;
+        Ok(record.map(|kv| kv.mod_revision()) == Some(revision))
     }
 
     fn forget_claim(&self, target: &str) {

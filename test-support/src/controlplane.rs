@@ -220,6 +220,24 @@ impl ControlPlane {
         )
     }
 
+    /// `kubectl apply`s the CRD at `path` (as the README tells users) and waits until it is
+    /// established.
+    ///
+    /// # Panics
+    /// When kubectl fails.
+    pub fn install_crd(&self, path: &str) {
+        let (ok, out, err) = self.kubectl(&["apply", "-f", path]);
+        assert!(ok, "kubectl apply of {path} failed:\n{out}\n{err}");
+        let (ok, out, err) = self.kubectl(&[
+            "wait",
+            "--for=condition=established",
+            "-f",
+            path,
+            "--timeout=60s",
+        ]);
+        assert!(ok, "CRD {path} not established:\n{out}\n{err}");
+    }
+
     /// The URL of the etcd under the API server (for tests that compact it).
     #[must_use]
     pub fn etcd_url(&self) -> &str {

@@ -340,16 +340,10 @@ async fn created_revisions(env: &Env, ns: &str) -> Vec<i64> {
 /// A control plane of its own (it is restarted), with the CRD installed.
 async fn private_plane() -> Plane {
     let plane = std::sync::Arc::new(test_support::ControlPlane::start().await);
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml");
-    let (ok, out, err) = plane.kubectl(&["apply", "-f", crd]);
-    assert!(ok, "{out}{err}");
-    let (ok, out, err) = plane.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "crd/grpcservices.grpc-registrar.io",
-        "--timeout=60s",
-    ]);
-    assert!(ok, "{out}{err}");
+    plane.install_crd(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/grpcservice.yaml"
+    ));
     plane
 }
 

@@ -39,17 +39,11 @@ fn main() {
             .expect("failed to build runtime"),
     );
     let plane: Plane = Arc::new(runtime.block_on(ControlPlane::start()));
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/grpcservice.yaml");
-    // Exactly as the README tells users.
-    let (ok, out, err) = plane.kubectl(&["apply", "-f", crd]);
-    assert!(ok, "kubectl apply of the CRD failed:\n{out}\n{err}");
-    let (ok, out, err) = plane.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "crd/grpcservices.grpc-registrar.io",
-        "--timeout=60s",
-    ]);
-    assert!(ok, "CRD not established:\n{out}\n{err}");
+    // `kubectl apply`, exactly as the README tells users.
+    plane.install_crd(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/grpcservice.yaml"
+    ));
 
     let trials = vec![
         trial(

@@ -38,6 +38,17 @@ pub const FIELD_MANAGER: &str = "grpc-registrar";
 /// How often a healthy service is re-synced even without events, to repair out-of-band edits.
 pub const RESYNC: Duration = Duration::from_secs(300);
 
+/// The least time between two counts-only status writes of one service.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What [`GrpcService::patch_status`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StatusWrite {
+    Written,
+    Unchanged,
+    Deferred,
+}
+
 /// How often a service in conflict re-checks whether the target was freed.
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
 
@@ -63,6 +74,8 @@ pub struct Context {
     pub pods_synced: tokio::sync::watch::Receiver<bool>,
     /// When this process started: older pod transitions are not propagation samples.
     started: k8s_openapi::jiff::Timestamp,
+    /// When each service's status was last written, by uid.
+    status_writes: Mutex<HashMap<String, std::time::Instant>>,
     /// The last pod transition observed per `<namespace>/<service>/<pod>`.
     transitions: Mutex<HashMap<String, k8s_openapi::jiff::Timestamp>>,
     /// Consecutive failures per service uid, for backoff.
@@ -95,6 +108,7 @@ impl Context {
             )
             .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
             transitions: Mutex::default(),
+            status_writes: Mutex::default(),
             failures: Mutex::default(),
         }
     }
@@ -468,7 +482,10 @@ impl GrpcService {
             desired: &want,
             report: &report,
         };
-        self.patch_status(ctx, &outcome).await?;
+        if self.patch_status(ctx, &outcome).await? == StatusWrite::Deferred {
+            // Counts only: written on the requeue, at most once per STATUS_INTERVAL.
+            return Ok(Action::requeue(STATUS_INTERVAL));
+        }
         Ok(Action::requeue(RESYNC))
     }
 
@@ -598,8 +615,11 @@ impl GrpcService {
         Ok(Action::await_change())
     }
 
-    /// Writes status with server-side apply, only when it changed.
-    async fn patch_status(&self, ctx: &Context, outcome: &Outcome<'_>) -> Result<()> {
+    /// Writes status with server-side apply, only when it changed. A change of counts only (the
+    /// Ready condition's status and reason unchanged) within [`STATUS_INTERVAL`] of this
+    /// service's last write is deferred: under churn, a status write per readiness flip would
+    /// load the API server and hold up the next reconcile of the service.
+    async fn patch_status(&self, ctx: &Context, outcome: &Outcome<'_>) -> Result<StatusWrite> {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let next = next_status(
             self.status.as_ref(),
@@ -609,7 +629,20 @@ impl GrpcService {
         );
         // A replica deposed mid-reconcile leaves status to the new leader.
         if self.status.as_ref() == Some(&next) || !ctx.registry.may_write() {
-            return Ok(());
+            return Ok(StatusWrite::Unchanged);
+        }
+        let uid = self.uid().unwrap_or_default();
+        let counts_only = matches!(outcome, Outcome::Synced { .. })
+            && event_for(self.status.as_ref(), &next).is_none();
+        if counts_only
+            && ctx
+                .status_writes
+                .lock()
+                .expect("lock")
+                .get(&uid)
+                .is_some_and(|at| at.elapsed() < STATUS_INTERVAL)
+        {
+            return Ok(StatusWrite::Deferred);
         }
         let api: Api<GrpcService> =
             Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
@@ -625,6 +658,10 @@ impl GrpcService {
         )
         .await
         .map_err(Error::kube("patch status"))?;
+        ctx.status_writes
+            .lock()
+            .expect("lock")
+            .insert(uid, std::time::Instant::now());
         if let (Some(recorder), Some(event)) = (&ctx.events, event_for(self.status.as_ref(), &next))
         {
             // Best effort: an Event that cannot be written must not fail the reconcile.
@@ -632,7 +669,7 @@ impl GrpcService {
                 warn!(error = %e, "failed to publish event");
             }
         }
-        Ok(())
+        Ok(StatusWrite::Written)
     }
 }
 

@@ -180,7 +180,7 @@ fn counts(status: &mut GrpcServiceStatus, desired: Option<&Desired>) {
 }
 
 /// The Kubernetes Event a status change deserves: one per change of the Ready condition's
-/// status, reason or message (so a steady state emits nothing). Normal while Ready, Warning
+/// status or reason (so a steady state, or counts moving under churn, emit nothing). Normal while Ready, Warning
 /// otherwise; the reason is the condition's.
 #[must_use]
 pub fn event_for(
@@ -191,9 +191,10 @@ pub fn event_for(
     let ready = |s: &GrpcServiceStatus| s.conditions.iter().find(|c| c.type_ == "Ready").cloned();
     let after = ready(next)?;
     let before = prev.and_then(ready);
-    if before.as_ref().is_some_and(|b| {
-        b.status == after.status && b.reason == after.reason && b.message == after.message
-    }) {
+    if before
+        .as_ref()
+        .is_some_and(|b| b.status == after.status && b.reason == after.reason)
+    {
         return None;
     }
     Some(Event {

@@ -250,7 +250,7 @@ impl Keeper {
                         );
                     }
                     tokio::select! {
-                        () = tokio::time::sleep(interval.min(Duration::from_secs(1))) => {}
+                        () = tokio::time::sleep(interval.min(Duration::from_millis(250))) => {}
                         () = self.suspect.notified() => {}
                     }
                 }
@@ -268,9 +268,24 @@ impl Keeper {
     ) -> StreamEnd {
         let id = keeper.id();
         loop {
+            // Between renewals, watch the stream too: etcd going away ends it at once, so the
+            // outage is announced (and its end noticed) without waiting for the next renewal.
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = self.suspect.notified() => {}
+                message = stream.message() => match message {
+                    Ok(Some(resp)) if resp.ttl() > 0 => {
+                        *last_ok = Instant::now();
+                        continue;
+                    }
+                    Ok(Some(_)) => return StreamEnd::Lost,
+                    Err(e) if is_lease_not_found(&e) => return StreamEnd::Lost,
+                    Ok(None) | Err(_) => {
+                        self.metrics.lease_keepalive_failures.inc();
+                        warn!(lease_id = id, "lease keep-alive stream ended; rebuilding it");
+                        return StreamEnd::Broken;
+                    }
+                },
             }
             if let Err(e) = keeper.keep_alive().await {
                 self.metrics.lease_keepalive_failures.inc();

@@ -187,31 +187,30 @@ pub struct Elector {
 }
 
 impl Elector {
-    /// An elector for `config`; the registry is switched to fenced writes at once.
+    /// An elector for `config` that publishes this replica's role on `role` (set to follower
+    /// now); the registry is switched to fenced writes at once.
     #[must_use]
     pub fn new(
         client: Client,
         config: ElectionConfig,
         registry: Registry,
         metrics: Arc<Metrics>,
-    ) -> (Self, watch::Receiver<Role>) {
+        role: watch::Sender<Role>,
+    ) -> Self {
         registry.enable_fencing();
-        let (role, rx) = watch::channel(Role::Follower);
+        role.send_replace(Role::Follower);
         metrics.set_role(Role::Follower);
         let api = Api::namespaced(client, &config.namespace);
-        (
-            Self {
-                api,
-                config,
-                registry,
-                metrics,
-                role,
-                observed: None,
-                holding: None,
-                min_term: 0,
-            },
-            rx,
-        )
+        Self {
+            api,
+            config,
+            registry,
+            metrics,
+            role,
+            observed: None,
+            holding: None,
+            min_term: 0,
+        }
     }
 
     /// Campaigns and renews until `shutdown`, then releases the Lease if held (after fencing

@@ -176,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let (role_tx, mut role) = watch::channel(if election.is_some() {
+    let (role_tx, role) = watch::channel(if election.is_some() {
         Role::Follower
     } else {
         Role::Leader { term: 0 }
@@ -255,19 +255,16 @@ async fn main() -> anyhow::Result<()> {
         namespace: (!namespace.is_empty()).then_some(namespace),
     };
     info!(%metrics_addr, ?scope, lease_ttl, leader_elect, "starting grpc-registrar");
+    // The elector publishes the role that `/readyz` shows and the controller obeys.
     let elector = election.map(|config| {
-        let (elector, elected) =
-            Elector::new(client.clone(), config, registry.clone(), metrics.clone());
-        role = elected;
+        let elector = Elector::new(
+            client.clone(),
+            config,
+            registry.clone(),
+            metrics.clone(),
+            role_tx,
+        );
         tokio::spawn(elector.run(stopped()))
-    });
-    // The role the health endpoint shows follows the elector's.
-    let shown = role.clone();
-    tokio::spawn(async move {
-        let mut shown = shown;
-        while shown.changed().await.is_ok() {
-            let _ = role_tx.send(*shown.borrow_and_update());
-        }
     });
     controller::run(
         client,

@@ -286,17 +286,7 @@ pub async fn wiped_etcd_gets_every_key_and_the_ownership_record_back(plane: Plan
         "etcd wiped: keys back {} ms after the empty etcd started",
         back.elapsed().as_millis()
     );
-    let owners = env
-        .etcd
-        .client()
-        .await
-        .get(
-            "grpc-registrar/owners/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(owners.kvs().len(), 1, "ownership record restored");
+    assert_eq!(env.owner_records().await, 1, "ownership record restored");
     env.shutdown().await;
 }
 

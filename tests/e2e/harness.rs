@@ -214,6 +214,21 @@ impl Env {
             .collect()
     }
 
+    /// The ownership records in this test's registry etcd.
+    pub async fn owner_records(&self) -> usize {
+        self.etcd
+            .client()
+            .await
+            .get(
+                "grpc-registrar/owners/",
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap()
+            .kvs()
+            .len()
+    }
+
     /// Waits until the registry holds exactly these keys (relative to `services/<ns>/`).
     pub async fn expect_keys(&self, what: &str, want: &[&str]) {
         let want: Vec<String> = want

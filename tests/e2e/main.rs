@@ -313,17 +313,7 @@ async fn deleting_service_cleans_up(plane: Plane, ns: String) {
         env.services().get_opt("greeter").await.unwrap().is_none()
     })
     .await;
-    let owners = env
-        .etcd
-        .client()
-        .await
-        .get(
-            "grpc-registrar/owners/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    assert!(owners.kvs().is_empty(), "ownership record released");
+    assert_eq!(env.owner_records().await, 0, "ownership record released");
     env.shutdown().await;
 }
 

@@ -1,8 +1,8 @@
 //! Resolve and load-balance [tonic] channels from an etcd service registry.
 //!
-//! The registry layout is etcd's gRPC naming contract: `<target>/<addr>` keys whose values are
-//! either etcd naming JSON or a bare address, as written by grpc-registrar or by Go's
-//! `go.etcd.io/etcd/client/v3/naming/endpoints`.
+//! The registry layout is etcd's gRPC naming contract: keys under `<target>/` whose values are
+//! etcd naming JSON, a bare address or a kratos instance, as written by grpc-registrar, Go's
+//! `go.etcd.io/etcd/client/v3/naming/endpoints`, seed-era servers or go-kratos.
 //!
 //! ```no_run
 //! use tonic_etcd_resolver::{Options, Resolver};
@@ -33,7 +33,8 @@
 //!   grpc-go does; [`Options::wait_for_endpoints`] waits instead.
 //!
 //! # Layout
-//! - [`format`]: the wire contract, keys and both value formats; grpc-registrar writes with it.
+//! - [`format`]: the wire contract: keys, and one [`format::Codec`] per value format (etcd naming
+//!   JSON, bare address, kratos); grpc-registrar writes with it.
 //! - [`Resolver`]: the registry watch, snapshots, discovery stream.
 //! - [`LbChannel`]: the load-balanced, failure-aware channel.
 //! - [`Options`]: per-endpoint connection settings and retry pacing.
@@ -48,6 +49,6 @@ mod resolver;
 
 pub use channel::LbChannel;
 pub use error::{Error, Result};
-pub use format::{Endpoint, FormatError, ValueFormat};
+pub use format::{Codec, Endpoint, FormatError, ValueFormat};
 pub use options::Options;
 pub use resolver::{Resolver, Snapshot, Stats};

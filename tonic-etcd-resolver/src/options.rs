@@ -8,6 +8,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tonic::transport::Endpoint as TonicEndpoint;
 
 use crate::Error;
+use crate::format::ValueFormat;
 
 type Configure = Arc<dyn Fn(TonicEndpoint) -> TonicEndpoint + Send + Sync>;
 
@@ -43,6 +44,8 @@ pub struct Options {
     pub(crate) retry_min: Duration,
     /// Largest retry delay.
     pub(crate) retry_max: Duration,
+    /// `None`: detect each value's format. `Some(f)`: read only `f`, skipping other values.
+    pub(crate) format: Option<ValueFormat>,
 }
 
 impl Default for Options {
@@ -58,6 +61,7 @@ impl Default for Options {
             wait_for_endpoints: None,
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+            format: None,
         }
     }
 }
@@ -73,6 +77,7 @@ impl fmt::Debug for Options {
             .field("wait_for_endpoints", &self.wait_for_endpoints)
             .field("retry_min", &self.retry_min)
             .field("retry_max", &self.retry_max)
+            .field("format", &self.format)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +147,26 @@ impl Options {
         self.retry_min = min;
         self.retry_max = max.max(min);
         self
+    }
+
+    /// Reads every value as `format` only, turning format detection off.
+    ///
+    /// By default each value's format is detected from its shape ([`crate::format::detect`]),
+    /// so one resolver reads grpc-registrar's, Go's `endpoints.Manager`'s, seed-era bare
+    /// addresses and kratos' values alike. With a format set, values of any other shape count
+    /// as malformed and are skipped with a warning.
+    #[must_use]
+    pub fn format(mut self, format: ValueFormat) -> Self {
+        self.format = Some(format);
+        self
+    }
+
+    /// Parses one registry value as configured.
+    pub(crate) fn parse(&self, value: &[u8]) -> Result<crate::Endpoint, crate::FormatError> {
+        match self.format {
+            Some(format) => format.codec().parse(value),
+            None => crate::format::parse(value),
+        }
     }
 
     pub(crate) fn backoff(&self) -> Box<dyn Iterator<Item = Duration> + Send> {

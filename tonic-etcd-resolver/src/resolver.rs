@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 use tower::discover::Change;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::format::{self, Endpoint, watch_prefix};
+use crate::format::{Endpoint, watch_prefix};
 use crate::pool::Pool;
 use crate::{Error, LbChannel, Options, Result};
 
@@ -115,6 +115,7 @@ impl Resolver {
             entries: BTreeMap::new(),
             stats: stats.clone(),
             timeout: options.connect_timeout.max(Duration::from_secs(1)),
+            options: options.clone(),
         };
         let revision = state.list().await?;
         let (tx, rx) = watch::channel(Arc::new(state.entries.clone()));
@@ -251,6 +252,8 @@ struct Registry {
     entries: BTreeMap<String, Endpoint>,
     stats: Arc<Stats>,
     timeout: Duration,
+    /// How values are parsed.
+    options: Options,
 }
 
 impl Registry {
@@ -281,7 +284,7 @@ impl Registry {
     }
 
     fn parse(&self, key: &str, value: &[u8]) -> Option<Endpoint> {
-        match format::parse(value) {
+        match self.options.parse(value) {
             Ok(endpoint) => Some(endpoint),
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -445,13 +448,16 @@ mod tests {
         let etcd = EtcdServer::start().await;
         let mut client = etcd.client().await;
         let target = "services/default/compact";
-        let put = |i: u16| format::endpoint_key(target, &format!("10.0.0.{i}:50051"));
+        let put = |i: u16| crate::format::endpoint_key(target, &format!("10.0.0.{i}:50051"));
         for i in 1..=3 {
             let addr = format!("10.0.0.{i}:50051");
             client
                 .put(
                     put(i),
-                    format::render(format::ValueFormat::Address, &Endpoint::new(addr)),
+                    crate::format::render(
+                        crate::format::ValueFormat::Address,
+                        &Endpoint::new(addr),
+                    ),
                     None,
                 )
                 .await
@@ -477,6 +483,7 @@ mod tests {
             entries: BTreeMap::new(),
             stats: stats.clone(),
             timeout: Duration::from_secs(2),
+            options: options.clone(),
         };
         let (tx, mut rx) = watch::channel(Snapshot::default());
         let pool = Pool::new(options.clone());

@@ -47,8 +47,31 @@ proptest! {
     }
 
     #[test]
-    fn json_shaped_garbage_never_makes_the_parser_panic(text in r#"\{("(Op|Addr|Metadata|x)":)?[-0-9a-z:\[\]{}",. null]{0,40}\}?"#) {
+    fn json_shaped_garbage_never_makes_the_parser_panic(text in r#"\{("(Op|Addr|Metadata|id|name|endpoints|metadata|x)":)?[-0-9a-z:/\[\]{}",. null]{0,40}\}?"#) {
         let _ = format::parse(text.as_bytes());
+        for f in ValueFormat::ALL {
+            let _ = f.codec().parse(text.as_bytes());
+        }
+    }
+
+    #[test]
+    fn every_kratos_value_parses_back_to_its_address_id_service_and_string_metadata(
+        addr in addr(),
+        id in "[a-z0-9-]{1,12}",
+        service in "[a-z][a-z0-9-]{0,12}",
+        md in prop::collection::btree_map("[a-z]{1,6}", ".{0,8}", 0..4),
+    ) {
+        let metadata = serde_json::Value::Object(
+            md.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
+        );
+        let endpoint = Endpoint::new(addr).with_id(id).with_service(service).with_metadata(metadata);
+        let value = format::render(ValueFormat::Kratos, &endpoint);
+        prop_assert_eq!(format::detect(&value), ValueFormat::Kratos);
+        let parsed = format::parse(&value).unwrap();
+        prop_assert_eq!(&parsed.addr, &endpoint.addr);
+        prop_assert_eq!(&parsed.id, &endpoint.id);
+        prop_assert_eq!(&parsed.service, &endpoint.service);
+        prop_assert_eq!(parsed.metadata.unwrap_or(serde_json::json!({})), endpoint.metadata.unwrap());
     }
 
     #[test]

@@ -227,6 +227,46 @@ async fn malformed_values_are_skipped_and_counted() {
 }
 
 #[tokio::test]
+async fn every_format_is_read_by_default_and_a_fixed_format_skips_the_others() {
+    let etcd = EtcdServer::start().await;
+    let servers = [server().await, server().await, server().await];
+    let mut client = etcd.client().await;
+    for (format, s) in ValueFormat::ALL.into_iter().zip(&servers) {
+        let addr = s.addr().to_string();
+        let endpoint = Endpoint::new(&addr)
+            .with_id(format.to_string())
+            .with_service("greeter");
+        client
+            .put(
+                format!("{TARGET}/{format}"),
+                format::render(format, &endpoint),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let detecting = resolver(&etcd, TARGET).await;
+    assert_eq!(detecting.endpoints().borrow().len(), 3);
+    assert_eq!(detecting.stats().malformed_values(), 0);
+
+    let kratos_only = Resolver::connect(
+        [etcd.endpoint()],
+        TARGET,
+        options().format(ValueFormat::Kratos),
+    )
+    .await
+    .unwrap();
+    let found: Vec<String> = kratos_only
+        .endpoints()
+        .borrow()
+        .values()
+        .map(|e| e.addr.clone())
+        .collect();
+    assert_eq!(found, [servers[2].addr().to_string()]);
+    assert_eq!(kratos_only.stats().malformed_values(), 2);
+}
+
+#[tokio::test]
 async fn target_foo_never_sees_keys_of_foo_bar() {
     let etcd = EtcdServer::start().await;
     let foo = server().await;

@@ -1,19 +1,31 @@
-//! The registry wire contract: keys, and the two value formats, parsed and rendered in one place.
+//! The registry wire contract: keys, and the value formats, each a [`Codec`] that renders and
+//! parses.
 //!
 //! Both the grpc-registrar controller (which writes) and the resolver (which reads) use this
 //! module, so the two sides cannot drift apart.
 //!
-//! - **Keys** are `<target>/<addr>`, and resolvers watch `<target>/` *with* the trailing slash,
-//!   so that target `foo` never sees `foo_bar/...` keys (etcd-io/etcd#15022).
+//! - **Keys** are `<target>/<addr>` by default, and resolvers watch `<target>/` *with* the
+//!   trailing slash, so that target `foo` never sees `foo_bar/...` keys (etcd-io/etcd#15022).
 //! - **[`ValueFormat::EtcdNaming`]** values are byte-compatible with Go's
 //!   `go.etcd.io/etcd/client/v3/naming/endpoints`: `{"Op":0,"Addr":"10.0.0.7:50051","Metadata":null}`.
 //! - **[`ValueFormat::Address`]** values are the bare `host:port`, as older self-registering Go
-//!   services write them.
+//!   services (and go-zero) write them.
+//! - **[`ValueFormat::Kratos`]** values are go-kratos' etcd registry `ServiceInstance` JSON,
+//!   `{"id":..,"name":..,"version":..,"metadata":{..},"endpoints":["grpc://ip:port"]}`, under
+//!   kratos' `/microservices/<name>/<id>` keys.
+//!
+//! [`parse`] detects the format of each value; [`ValueFormat::codec`] reads one format only.
+
+mod kratos;
+mod naming;
 
 use std::fmt;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+
+pub use kratos::Kratos;
+pub use naming::EtcdNaming;
 
 /// How endpoint values are encoded in etcd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -26,6 +38,25 @@ pub enum ValueFormat {
     EtcdNaming,
     /// The bare address, `ip:port`.
     Address,
+    /// go-kratos' etcd registry `ServiceInstance` JSON, with a `grpc://ip:port` endpoint.
+    ///
+    /// Pair it with kratos' key layout: target `/microservices/<name>`, keys `{target}/{id}`.
+    Kratos,
+}
+
+impl ValueFormat {
+    /// Every format, in documentation order.
+    pub const ALL: [Self; 3] = [Self::EtcdNaming, Self::Address, Self::Kratos];
+
+    /// The codec of this format.
+    #[must_use]
+    pub fn codec(self) -> &'static dyn Codec {
+        match self {
+            Self::EtcdNaming => &EtcdNaming,
+            Self::Address => &Address,
+            Self::Kratos => &Kratos,
+        }
+    }
 }
 
 impl fmt::Display for ValueFormat {
@@ -33,26 +64,33 @@ impl fmt::Display for ValueFormat {
         f.write_str(match self {
             Self::EtcdNaming => "EtcdNaming",
             Self::Address => "Address",
+            Self::Kratos => "Kratos",
         })
     }
 }
 
-/// One endpoint as stored in the registry: an address and optional metadata.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One endpoint as stored in the registry: an address, and what the richer formats carry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// The address clients dial, `host:port` (IPv6 hosts in brackets).
     pub addr: String,
-    /// Free-form metadata, carried only by [`ValueFormat::EtcdNaming`] values.
+    /// The instance id ([`ValueFormat::Kratos`] `id`); the address stands in when `None`.
+    pub id: Option<String>,
+    /// The service name ([`ValueFormat::Kratos`] `name`).
+    pub service: Option<String>,
+    /// Free-form metadata. [`ValueFormat::EtcdNaming`] carries any JSON;
+    /// [`ValueFormat::Kratos`] a map of strings (other values are written as their JSON text);
+    /// [`ValueFormat::Address`] none.
     pub metadata: Option<serde_json::Value>,
 }
 
 impl Endpoint {
-    /// An endpoint with an address and no metadata.
+    /// An endpoint with an address and nothing else.
     #[must_use]
     pub fn new(addr: impl Into<String>) -> Self {
         Self {
             addr: addr.into(),
-            metadata: None,
+            ..Self::default()
         }
     }
 
@@ -62,34 +100,83 @@ impl Endpoint {
         self.metadata = Some(metadata);
         self
     }
+
+    /// Sets the instance id.
+    #[must_use]
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets the service name.
+    #[must_use]
+    pub fn with_service(mut self, service: impl Into<String>) -> Self {
+        self.service = Some(service.into());
+        self
+    }
+
+    /// A metadata value as a string, when it is one.
+    #[must_use]
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.metadata.as_ref()?.get(key)?.as_str()
+    }
 }
 
 /// Why a registry value could not be read as an endpoint.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
-    /// The value looked like naming JSON but did not parse.
-    #[error("failed to parse naming json value: {0}")]
-    Json(String),
+    /// The value looked like JSON of a format but did not parse.
+    #[error("failed to parse {format} value: {message}")]
+    Json {
+        /// The format it was read as.
+        format: ValueFormat,
+        /// The parser's message.
+        message: String,
+    },
     /// The value parsed, but its address is empty or is not `host:port`.
     #[error("failed to parse endpoint address {0:?}: expected host:port")]
     Address(String),
+    /// A kratos instance with no `grpc://` endpoint.
+    #[error("failed to parse kratos value: no grpc:// endpoint in {0:?}")]
+    NoGrpcEndpoint(Vec<String>),
     /// The value is not UTF-8.
     #[error("failed to parse value: not utf-8")]
     NotUtf8,
 }
 
-/// The JSON record written by Go's `endpoints.Manager` (`internal.Update`).
-///
-/// Field order matters: Go's `encoding/json` writes struct fields in declaration order.
-#[derive(Serialize, Deserialize)]
-struct NamingRecord<'a> {
-    /// `0` is Add. Go's resolver ignores it on read, and so do we.
-    #[serde(rename = "Op", default)]
-    op: u8,
-    #[serde(rename = "Addr", default, borrow)]
-    addr: std::borrow::Cow<'a, str>,
-    #[serde(rename = "Metadata", default)]
-    metadata: Option<serde_json::Value>,
+/// One value format: how an [`Endpoint`] becomes value bytes, and back.
+pub trait Codec: fmt::Debug + Send + Sync {
+    /// The format this codec implements.
+    fn format(&self) -> ValueFormat;
+
+    /// Renders an endpoint as value bytes.
+    fn render(&self, endpoint: &Endpoint) -> Vec<u8>;
+
+    /// Parses value bytes written in this format.
+    ///
+    /// # Errors
+    /// A malformed value is an error, never a panic. Callers skip it with a warning.
+    fn parse(&self, value: &[u8]) -> Result<Endpoint, FormatError>;
+}
+
+/// The bare `host:port` format.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Address;
+
+impl Codec for Address {
+    fn format(&self) -> ValueFormat {
+        ValueFormat::Address
+    }
+
+    fn render(&self, endpoint: &Endpoint) -> Vec<u8> {
+        endpoint.addr.clone().into_bytes()
+    }
+
+    fn parse(&self, value: &[u8]) -> Result<Endpoint, FormatError> {
+        let text = utf8(value)?.trim();
+        validate_addr(text)?;
+        Ok(Endpoint::new(text))
+    }
 }
 
 /// Renders an endpoint as the value bytes for `format`.
@@ -98,28 +185,47 @@ struct NamingRecord<'a> {
 /// escaping of `<`, `>`, `&`, U+2028 and U+2029, so values written by Go and by us compare equal.
 #[must_use]
 pub fn render(format: ValueFormat, endpoint: &Endpoint) -> Vec<u8> {
-    match format {
-        ValueFormat::Address => endpoint.addr.clone().into_bytes(),
-        ValueFormat::EtcdNaming => {
-            let record = NamingRecord {
-                op: 0,
-                addr: std::borrow::Cow::Borrowed(&endpoint.addr),
-                metadata: endpoint.metadata.clone(),
-            };
-            // Serializing a struct of strings and JSON values cannot fail.
-            let json = serde_json::to_string(&record).unwrap_or_default();
-            go_html_escape(&json).into_bytes()
-        }
+    format.codec().render(endpoint)
+}
+
+/// The format a value is written in, by its shape: a JSON object with an `endpoints` array is
+/// kratos, any other object etcd naming JSON, anything else a bare address.
+#[must_use]
+pub fn detect(value: &[u8]) -> ValueFormat {
+    let text = value.trim_ascii_start();
+    if !text.starts_with(b"{") {
+        return ValueFormat::Address;
+    }
+    if kratos::looks_like(text) {
+        ValueFormat::Kratos
+    } else {
+        ValueFormat::EtcdNaming
     }
 }
 
-/// Applies Go `encoding/json`'s HTML-safe escaping to serialized JSON.
+/// Parses a registry value written in any format, detected per value ([`detect`]).
+///
+/// So a resolver reads registries written by grpc-registrar, Go's `endpoints.Manager`, seed-era
+/// servers and kratos without configuration. Unknown JSON fields are ignored and etcd naming's
+/// `Op` is not interpreted, exactly as Go's resolver does.
+///
+/// # Errors
+/// A malformed value is an error, never a panic. Callers skip it with a warning.
+pub fn parse(value: &[u8]) -> Result<Endpoint, FormatError> {
+    detect(value).codec().parse(value)
+}
+
+fn utf8(value: &[u8]) -> Result<&str, FormatError> {
+    std::str::from_utf8(value).map_err(|_| FormatError::NotUtf8)
+}
+
+/// Go `encoding/json`'s HTML-safe escaping applied to serialized JSON.
 ///
 /// These characters can only occur inside JSON strings, so replacing them in the whole document
 /// is exact.
-fn go_html_escape(json: &str) -> String {
+fn go_html_escape(json: String) -> String {
     if !json.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
-        return json.to_owned();
+        return json;
     }
     let mut out = String::with_capacity(json.len() + 16);
     for c in json.chars() {
@@ -133,31 +239,6 @@ fn go_html_escape(json: &str) -> String {
         }
     }
     out
-}
-
-/// Parses a registry value written in either format.
-///
-/// A value that starts with `{` is read as naming JSON, anything else as a bare address, so a
-/// resolver reads registries written by either side without configuration. Unknown JSON fields
-/// are ignored and `Op` is not interpreted, exactly as Go's resolver does.
-///
-/// # Errors
-/// A malformed value is an error, never a panic. Callers skip it with a warning.
-pub fn parse(value: &[u8]) -> Result<Endpoint, FormatError> {
-    let text = std::str::from_utf8(value).map_err(|_| FormatError::NotUtf8)?;
-    let trimmed = text.trim();
-    let endpoint = if trimmed.starts_with('{') {
-        let record: NamingRecord<'_> =
-            serde_json::from_str(trimmed).map_err(|e| FormatError::Json(e.to_string()))?;
-        Endpoint {
-            addr: record.addr.into_owned(),
-            metadata: record.metadata.filter(|m| !m.is_null()),
-        }
-    } else {
-        Endpoint::new(trimmed)
-    };
-    validate_addr(&endpoint.addr)?;
-    Ok(endpoint)
 }
 
 /// Checks that `addr` is `host:port` with a non-empty host and a numeric port.
@@ -241,11 +322,28 @@ mod tests {
     }
 
     #[test]
-    fn both_formats_round_trip() {
-        for format in [ValueFormat::EtcdNaming, ValueFormat::Address] {
+    fn every_format_round_trips_through_detection() {
+        for format in ValueFormat::ALL {
             let ep = Endpoint::new("[fd00::7]:50051");
-            assert_eq!(parse(&render(format, &ep)).unwrap(), ep, "{format}");
+            let value = render(format, &ep);
+            assert_eq!(detect(&value), format, "{format}");
+            assert_eq!(parse(&value).unwrap().addr, ep.addr, "{format}");
+            assert_eq!(
+                format.codec().parse(&value).unwrap().addr,
+                ep.addr,
+                "{format}"
+            );
         }
+    }
+
+    #[test]
+    fn a_codec_reads_only_its_own_format() {
+        let naming = render(ValueFormat::EtcdNaming, &Endpoint::new("1.2.3.4:5"));
+        assert!(Address.parse(&naming).is_err());
+        assert!(Kratos.parse(&naming).is_err());
+        let bare = render(ValueFormat::Address, &Endpoint::new("1.2.3.4:5"));
+        assert!(EtcdNaming.parse(&bare).is_err());
+        assert!(Kratos.parse(&bare).is_err());
     }
 
     #[test]

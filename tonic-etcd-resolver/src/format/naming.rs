@@ -1,0 +1,54 @@
+//! etcd's gRPC naming JSON, as Go's `endpoints.Manager` writes it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Codec, Endpoint, FormatError, ValueFormat, go_html_escape, utf8, validate_addr};
+
+/// `{"Op":0,"Addr":"10.0.0.7:50051","Metadata":{...}}`, byte-compatible with
+/// `go.etcd.io/etcd/client/v3/naming/endpoints`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EtcdNaming;
+
+/// The JSON record written by Go's `endpoints.Manager` (`internal.Update`).
+///
+/// Field order matters: Go's `encoding/json` writes struct fields in declaration order.
+#[derive(Serialize, Deserialize)]
+struct NamingRecord<'a> {
+    /// `0` is Add. Go's resolver ignores it on read, and so do we.
+    #[serde(rename = "Op", default)]
+    op: u8,
+    #[serde(rename = "Addr", default, borrow)]
+    addr: std::borrow::Cow<'a, str>,
+    #[serde(rename = "Metadata", default)]
+    metadata: Option<serde_json::Value>,
+}
+
+impl Codec for EtcdNaming {
+    fn format(&self) -> ValueFormat {
+        ValueFormat::EtcdNaming
+    }
+
+    fn render(&self, endpoint: &Endpoint) -> Vec<u8> {
+        let record = NamingRecord {
+            op: 0,
+            addr: std::borrow::Cow::Borrowed(&endpoint.addr),
+            metadata: endpoint.metadata.clone(),
+        };
+        // Serializing a struct of strings and JSON values cannot fail.
+        go_html_escape(serde_json::to_string(&record).unwrap_or_default()).into_bytes()
+    }
+
+    fn parse(&self, value: &[u8]) -> Result<Endpoint, FormatError> {
+        let record: NamingRecord<'_> =
+            serde_json::from_str(utf8(value)?.trim()).map_err(|e| FormatError::Json {
+                format: ValueFormat::EtcdNaming,
+                message: e.to_string(),
+            })?;
+        validate_addr(&record.addr)?;
+        Ok(Endpoint {
+            addr: record.addr.into_owned(),
+            metadata: record.metadata.filter(|m| !m.is_null()),
+            ..Endpoint::default()
+        })
+    }
+}

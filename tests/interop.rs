@@ -9,7 +9,8 @@ use greeter::GreeterServer;
 use greeter::pb::HelloRequest;
 use greeter::pb::greeter_client::GreeterClient;
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Claim, Owner, Registry, RegistryConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
+use grpc_registrar::registry::{Claim, Owner};
 use test_support::{EtcdServer, interop_bin};
 use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
 use tonic_etcd_resolver::{Options, Resolver};
@@ -46,8 +47,8 @@ fn go(args: &[&str]) -> String {
 async fn go_etcd_resolver_round_robins_across_servers_the_controller_registered() {
     let etcd = EtcdServer::start().await;
     let servers = servers(3).await;
-    let registry = Registry::connect(
-        RegistryConfig::new(vec![etcd.endpoint()]),
+    let registry = EtcdRegistry::connect(
+        EtcdConfig::new(vec![etcd.endpoint()]),
         Arc::new(Metrics::default()),
     )
     .await
@@ -71,7 +72,7 @@ async fn go_etcd_resolver_round_robins_across_servers_the_controller_registered(
         .collect();
     assert_eq!(registry.claim(TARGET, &owner).await.unwrap(), Claim::Owned);
     registry
-        .sync(TARGET, &owner, Duration::from_secs(30), Arc::new(entries))
+        .sync_entries(TARGET, &owner, Duration::from_secs(30), Arc::new(entries))
         .await
         .unwrap();
 
@@ -133,4 +134,70 @@ async fn resolver_reads_keys_written_by_go_endpoints_manager() {
         *answered.entry(reply.into_inner().server).or_insert(0) += 1;
     }
     assert_eq!(answered.len(), 2, "{answered:?}");
+}
+
+#[tokio::test]
+async fn kratos_codec_writes_the_bytes_kratos_registers_and_the_resolver_calls_through_them() {
+    use std::io::{BufRead, BufReader};
+    use tonic_etcd_resolver::Codec;
+    use tonic_etcd_resolver::format::Kratos;
+
+    let etcd = EtcdServer::start().await;
+    let server = servers(1).await.remove(0);
+    let addr = server.addr().to_string();
+    // kratos' own etcd Registry.Register, as kratos.App does on start.
+    let mut child = Command::new(interop_bin())
+        .args(["kratos-register", "-etcd", &etcd.endpoint()])
+        .args(["-name", "greeter", "-id", "inst-1", "-addr", &addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("failed to run the Go interop client");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let written = etcd
+        .client()
+        .await
+        .get("/microservices/greeter/inst-1", None)
+        .await
+        .unwrap();
+    let kratos_bytes = written.kvs()[0].value().to_vec();
+    let ours = Kratos.render(
+        &Endpoint::new(&addr)
+            .with_id("inst-1")
+            .with_service("greeter"),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        String::from_utf8_lossy(&kratos_bytes),
+        "our Kratos codec and kratos' Register write the same bytes"
+    );
+    assert_eq!(format::detect(&kratos_bytes), ValueFormat::Kratos);
+
+    // The resolver reads kratos' own registration and calls through it.
+    let resolver = Resolver::connect(
+        [etcd.endpoint()],
+        "/microservices/greeter",
+        Options::default()
+            .format(ValueFormat::Kratos)
+            .wait_for_endpoints(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    let snapshot = resolver.endpoints().borrow().clone();
+    let found: Vec<&str> = snapshot.values().map(|e| e.addr.as_str()).collect();
+    assert_eq!(found, [addr.as_str()]);
+    let reply = GreeterClient::new(resolver.channel())
+        .say_hello(HelloRequest {
+            name: "kratos".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().server, addr);
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
 }

@@ -7,6 +7,15 @@
 //	                                            themselves as the Go seeds do: own client, own
 //	                                            lease, KeepAlive, AddEndpoint; prints "ready"
 //	                                            and runs until stdin closes
+//	interop kratos   -etcd URL -name NAME -n N [-wait D]   go-kratos client: kratos' etcd
+//	                                            registry + grpc.DialInsecure("discovery:///NAME"),
+//	                                            N SayHello calls, prints the same JSON as call;
+//	                                            -wait D first waits up to D for an instance
+//	interop kratos-register -etcd URL -name NAME -id ID -addr A [-version V]   register one
+//	                                            instance (endpoints ["grpc://A"]) with kratos'
+//	                                            own etcd Registry.Register; prints "ready", and
+//	                                            Deregisters when stdin closes
+//	interop dump     -etcd URL -prefix P        print every key=value under prefix P
 //
 // It needs no generated code: SayHello is invoked with a raw-bytes codec and the protobuf
 // wire format is read with protowire.
@@ -22,6 +31,9 @@ import (
 	"path"
 	"time"
 
+	kratosetcd "github.com/go-kratos/kratos/contrib/registry/etcd/v2"
+	"github.com/go-kratos/kratos/v2/registry"
+	kgrpc "github.com/go-kratos/kratos/v2/transport/grpc"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/naming/endpoints"
 	"go.etcd.io/etcd/client/v3/naming/resolver"
@@ -75,7 +87,7 @@ func replyServer(b []byte) string {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: interop call|register [flags]")
+		fmt.Fprintln(os.Stderr, "usage: interop call|register|seed|kratos|kratos-register|dump [flags]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -84,6 +96,11 @@ func main() {
 	n := fs.Int("n", 30, "calls to make")
 	addr := fs.String("addr", "", "address to register")
 	ttl := fs.Int64("ttl", 10, "lease TTL in seconds (seed)")
+	name := fs.String("name", "greeter", "kratos service name (kratos, kratos-register)")
+	id := fs.String("id", "", "kratos instance id (kratos-register)")
+	version := fs.String("version", "", "kratos instance version (kratos-register)")
+	wait := fs.Duration("wait", 0, "wait up to this long for an instance to be discovered (kratos)")
+	prefix := fs.String("prefix", "/", "key prefix (dump)")
 	_ = fs.Parse(os.Args[2:])
 	if os.Args[1] == "seed" {
 		seed(*etcd, *target, *n, *ttl)
@@ -125,26 +142,92 @@ func main() {
 			fail(err)
 		}
 		defer conn.Close()
-		counts := map[string]int{}
-		failed := 0
-		for i := 0; i < *n; i++ {
-			req := helloRequest("go")
-			var resp []byte
-			callCtx, done := context.WithTimeout(ctx, 10*time.Second)
-			err := conn.Invoke(callCtx, "/helloworld.Greeter/SayHello", &req, &resp)
-			done()
-			if err != nil {
-				if failed == 0 {
-					fmt.Fprintln(os.Stderr, "interop: first failed call:", err)
-				}
-				failed++
-				continue
-			}
-			counts[replyServer(resp)]++
+		callN(ctx, conn, *n)
+	case "kratos":
+		kratosCall(ctx, cli, *name, *n, *wait)
+	case "kratos-register":
+		kratosRegister(ctx, cli, *name, *id, *version, *addr)
+	case "dump":
+		resp, err := cli.Get(ctx, *prefix, clientv3.WithPrefix())
+		if err != nil {
+			fail(err)
 		}
-		_ = json.NewEncoder(os.Stdout).Encode(map[string]any{"servers": counts, "failed": failed})
+		for _, kv := range resp.Kvs {
+			fmt.Printf("%s=%s\n", kv.Key, kv.Value)
+		}
 	default:
 		fail(fmt.Errorf("unknown command %q", os.Args[1]))
+	}
+}
+
+// callN makes n SayHello calls on conn and prints {"servers":{addr:count},"failed":n}.
+func callN(ctx context.Context, conn *grpc.ClientConn, n int, opts ...grpc.CallOption) {
+	counts := map[string]int{}
+	failed := 0
+	for i := 0; i < n; i++ {
+		req := helloRequest("go")
+		var resp []byte
+		callCtx, done := context.WithTimeout(ctx, 10*time.Second)
+		err := conn.Invoke(callCtx, "/helloworld.Greeter/SayHello", &req, &resp, opts...)
+		done()
+		if err != nil {
+			if failed == 0 {
+				fmt.Fprintln(os.Stderr, "interop: first failed call:", err)
+			}
+			failed++
+			continue
+		}
+		counts[replyServer(resp)]++
+	}
+	_ = json.NewEncoder(os.Stdout).Encode(map[string]any{"servers": counts, "failed": failed})
+}
+
+// kratosCall dials discovery:///name exactly as a go-kratos client does (kratos' etcd registry,
+// kratos' gRPC transport with its discovery resolver and selector balancer) and makes n calls.
+func kratosCall(ctx context.Context, cli *clientv3.Client, name string, n int, wait time.Duration) {
+	reg := kratosetcd.New(cli)
+	if wait > 0 {
+		deadline := time.Now().Add(wait)
+		for {
+			ins, err := reg.GetService(ctx, name)
+			if err == nil && len(ins) > 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				fail(fmt.Errorf("no instance of %q discovered within %s (last error: %v)", name, wait, err))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	conn, err := kgrpc.DialInsecure(ctx,
+		kgrpc.WithEndpoint("discovery:///"+name),
+		kgrpc.WithDiscovery(reg))
+	if err != nil {
+		fail(err)
+	}
+	defer conn.Close()
+	callN(ctx, conn, n, grpc.ForceCodec(rawCodec{}))
+}
+
+// kratosRegister registers one instance with kratos' own etcd Registry, as kratos.App does on
+// start, keeps it (kratos' lease KeepAlive) until stdin closes, then Deregisters it.
+func kratosRegister(ctx context.Context, cli *clientv3.Client, name, id, version, addr string) {
+	reg := kratosetcd.New(cli)
+	ins := &registry.ServiceInstance{
+		ID:        id,
+		Name:      name,
+		Version:   version,
+		Endpoints: []string{"grpc://" + addr},
+	}
+	if err := reg.Register(ctx, ins); err != nil {
+		fail(err)
+	}
+	fmt.Println("ready")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := reg.Deregister(dctx, ins); err != nil {
+		fail(err)
 	}
 }
 

@@ -12,7 +12,7 @@ use etcd_client::{EventType, WatchOptions};
 use grpc_registrar::controller::{self, Scope};
 use grpc_registrar::desired::Policy;
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Registry, RegistryConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -40,15 +40,15 @@ async fn main() {
     // The registry etcd fsyncs, as in production.
     let etcd = EtcdServer::start().await;
     let client = plane.client().await;
-    let registry = Registry::connect(
-        RegistryConfig::new(vec![etcd.endpoint()]),
+    let registry = EtcdRegistry::connect(
+        EtcdConfig::new(vec![etcd.endpoint()]),
         Arc::new(Metrics::default()),
     )
     .await
     .unwrap();
     tokio::spawn(controller::run(
         client.clone(),
-        registry,
+        Arc::new(registry),
         Scope::default(),
         Policy::default(),
         Arc::new(Metrics::default()),

@@ -2,7 +2,7 @@
 //!
 //! - cold registration of 10,000 endpoints: one target (txn batches of 128), and 1,000 targets
 //!   of 10 (claim + sync each, 32 in flight);
-//! - bytes per cached pod in the reflector store, stripped against unstripped.
+//! - bytes per cached pod: a candidate in the index, against the whole pod in a reflector store.
 //!
 //! Run with `make bench` (or `cargo bench --bench registry`). Medians and p99/max over runs.
 
@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use grpc_registrar::controller::strip_pod;
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Claim, Owner, Registry, RegistryConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
+use grpc_registrar::registry::{Claim, Owner};
+use grpc_registrar::source::index::CandidateIndex;
+use grpc_registrar::source::pod::candidate;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
@@ -48,12 +50,12 @@ fn owner(i: usize) -> Owner {
     }
 }
 
-async fn fresh_registry(etcd: &EtcdServer) -> Registry {
-    let config = RegistryConfig {
+async fn fresh_registry(etcd: &EtcdServer) -> EtcdRegistry {
+    let config = EtcdConfig {
         op_timeout: Duration::from_secs(30),
-        ..RegistryConfig::new(vec![etcd.endpoint()])
+        ..EtcdConfig::new(vec![etcd.endpoint()])
     };
-    Registry::connect(config, Arc::new(Metrics::default()))
+    EtcdRegistry::connect(config, Arc::new(Metrics::default()))
         .await
         .unwrap()
 }
@@ -66,7 +68,7 @@ async fn one_target(n: usize) -> (Duration, usize) {
     let started = Instant::now();
     assert_eq!(reg.claim(target, &owner(0)).await.unwrap(), Claim::Owned);
     let report = reg
-        .sync(target, &owner(0), Duration::from_secs(30), data)
+        .sync_entries(target, &owner(0), Duration::from_secs(30), data)
         .await
         .unwrap();
     (started.elapsed(), report.txns + 1)
@@ -88,7 +90,7 @@ async fn many_targets(services: usize, per: usize) -> (Duration, usize) {
             let reg = reg.clone();
             async move {
                 assert_eq!(reg.claim(&target, &who).await.unwrap(), Claim::Owned);
-                reg.sync(&target, &who, Duration::from_secs(30), data)
+                reg.sync_entries(&target, &who, Duration::from_secs(30), data)
                     .await
                     .unwrap()
                     .txns
@@ -152,19 +154,28 @@ fn realistic_pod(i: usize) -> Pod {
     .unwrap()
 }
 
-/// Heap bytes per pod held by a reflector store of `n` pods.
-fn bytes_per_cached_pod(n: usize, strip: bool) -> f64 {
+/// Heap bytes per pod held by the candidate index of `n` pods (each pod decoded and dropped, as
+/// the watch feed does).
+fn bytes_per_indexed_candidate(n: usize) -> f64 {
+    let region = Region::new(GLOBAL);
+    let index = CandidateIndex::default();
+    for i in 0..n {
+        let pod = realistic_pod(i);
+        index.apply("default", candidate(&pod));
+    }
+    let stats = region.change();
+    assert_eq!(index.len(), n);
+    let held = stats.bytes_allocated as f64 - stats.bytes_deallocated as f64;
+    drop(index);
+    held / n as f64
+}
+
+/// Heap bytes per pod held by a reflector store of `n` whole pods (the baseline a controller
+/// caching pods pays).
+fn bytes_per_cached_pod(n: usize) -> f64 {
     // Net heap growth over building the pods as the watcher would and filing them in the store.
     let region = Region::new(GLOBAL);
-    let pods: Vec<Pod> = (0..n)
-        .map(|i| {
-            let mut p = realistic_pod(i);
-            if strip {
-                strip_pod(&mut p);
-            }
-            p
-        })
-        .collect();
+    let pods: Vec<Pod> = (0..n).map(realistic_pod).collect();
     let (store, mut writer) = reflector::store::<Pod>();
     writer.apply_watcher_event(&Event::Init);
     for p in pods {
@@ -227,19 +238,19 @@ async fn main() {
         .await,
     );
 
-    let stripped = median((0..3).map(|_| bytes_per_cached_pod(10_000, true)).collect());
-    let full = median(
+    let indexed = median(
         (0..3)
-            .map(|_| bytes_per_cached_pod(10_000, false))
+            .map(|_| bytes_per_indexed_candidate(10_000))
             .collect(),
     );
+    let full = median((0..3).map(|_| bytes_per_cached_pod(10_000)).collect());
     rows.push((
-        "reflector bytes per cached pod, stripped".into(),
-        format!("{stripped:.0} B"),
+        "bytes per pod in the candidate index".into(),
+        format!("{indexed:.0} B"),
     ));
     rows.push((
-        "reflector bytes per cached pod, unstripped (baseline)".into(),
-        format!("{full:.0} B ({:.1}x)", full / stripped),
+        "bytes per pod in a reflector store, whole pods (baseline)".into(),
+        format!("{full:.0} B ({:.1}x)", full / indexed),
     ));
 
     test_support::bench::report("registry", &rows);

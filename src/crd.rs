@@ -21,6 +21,7 @@ pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
     "namespace",
     "name",
     "node",
+    "id",
 ];
 
 /// Publishes the ready pods selected by `selector` as gRPC endpoints in etcd.
@@ -74,22 +75,25 @@ pub struct GrpcServiceSpec {
     )]
     pub target: Option<String>,
 
-    /// How values are encoded: `EtcdNaming` JSON (default, read by Go's etcd resolver) or a bare
-    /// `Address`.
+    /// How values are encoded: `EtcdNaming` JSON (default, read by Go's etcd resolver), a bare
+    /// `Address` (seed-era Go clients, go-zero), or `Kratos` (go-kratos' etcd registry; pair it
+    /// with target `/microservices/<name>`, and the key template defaults to `{target}/{id}`).
     #[serde(default)]
     pub format: ValueFormat,
 
     /// Reproduces an existing key layout. Must start with `{target}/`; may use `{addr}`, `{ip}`,
-    /// `{port}`, `{pod}`, `{namespace}`, `{name}` and `{node}`. Defaults to `{target}/{addr}`.
+    /// `{port}`, `{pod}`, `{namespace}`, `{name}`, `{node}` and `{id}` (the pod name). Defaults to
+    /// `{target}/{addr}` (`{target}/{id}` for `Kratos`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 10, max = 253))]
     #[x_kube(
-        validation = Rule::new("self.matches('^[{]target[}]/([^{}]|[{](addr|ip|port|pod|namespace|name|node)[}])+$')")
-            .message("keyTemplate must start with '{target}/' and use only the placeholders {addr}, {ip}, {port}, {pod}, {namespace}, {name} and {node}")
+        validation = Rule::new("self.matches('^[{]target[}]/([^{}]|[{](addr|ip|port|pod|namespace|name|node|id)[}])+$')")
+            .message("keyTemplate must start with '{target}/' and use only the placeholders {addr}, {ip}, {port}, {pod}, {namespace}, {name}, {node} and {id}")
     )]
     pub key_template: Option<String>,
 
-    /// Static metadata merged into every endpoint's `Metadata` (EtcdNaming only).
+    /// Static metadata merged into every endpoint's metadata (`EtcdNaming` and `Kratos`;
+    /// `version` is also kratos' instance version).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[x_kube(
         validation = Rule::new("self.all(k, !(k in ['pod', 'namespace', 'node', 'zone']))")
@@ -97,7 +101,7 @@ pub struct GrpcServiceSpec {
     )]
     pub metadata: BTreeMap<String, String>,
 
-    /// Pod labels copied into each endpoint's `Metadata` (EtcdNaming only).
+    /// Pod labels copied into each endpoint's metadata (`EtcdNaming` and `Kratos`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub metadata_from_labels: Vec<String>,

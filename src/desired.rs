@@ -1,25 +1,24 @@
-//! The decision logic, pure: a validated spec and the selected pods in, desired registry keys out.
+//! The decision logic, pure: a validated spec and its candidates in, logical endpoints out.
 //!
-//! Nothing here does I/O, so every rule of DESIGN §1–§2 is unit tested below.
+//! Nothing here does I/O, so every rule of DESIGN §1–§2 is unit tested below. What an endpoint
+//! looks like on the wire (keys, value bytes) is [`layout`]'s business, used by the etcd backend.
 
+pub mod layout;
 mod template;
 
-use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use kube::core::{Selector, SelectorExt};
-use serde_json::Value;
-use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
+use kube::core::Selector;
+use tonic_etcd_resolver::format::{self, ValueFormat};
 
 use crate::crd::GrpcService;
+use crate::source::Candidate;
+pub use layout::Layout;
 pub use template::KeyTemplate;
-
-/// Pod label that carries the topology zone, copied into endpoint metadata when present.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Which namespaces may publish under a target outside their own default prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -114,7 +113,7 @@ pub enum SpecError {
     /// The key template does not parse.
     #[error("failed to parse keyTemplate: {0}")]
     Template(String),
-    /// Two pods render to the same key, so one would silently hide the other.
+    /// Two endpoints render to the same key, so one would silently hide the other.
     #[error("failed to render keys: pods {first:?} and {second:?} both map to key {key:?}")]
     KeyCollision {
         /// The shared key.
@@ -139,13 +138,13 @@ pub struct Plan {
     pub format: ValueFormat,
     /// Compiled `keyTemplate`.
     pub template: KeyTemplate,
-    /// The port, resolved per pod.
+    /// The port, resolved per candidate.
     pub port: IntOrString,
     /// The parsed selector.
     pub selector: Selector,
     /// Static metadata merged into every endpoint.
     pub static_metadata: BTreeMap<String, String>,
-    /// Pod labels copied into metadata.
+    /// Candidate labels copied into metadata.
     pub metadata_labels: Vec<String>,
     /// Relaxes the Ready rule.
     pub publish_not_ready: bool,
@@ -178,8 +177,11 @@ impl Plan {
             return Err(SpecError::PortName(name.clone()));
         }
         let target = resolve_target(spec.target.as_deref(), &namespace, &name, policy)?;
-        let template =
-            KeyTemplate::parse(spec.key_template.as_deref().unwrap_or(template::DEFAULT))?;
+        let template = KeyTemplate::parse(
+            spec.key_template
+                .as_deref()
+                .unwrap_or_else(|| template::default_for(spec.format)),
+        )?;
         Ok(Self {
             namespace,
             name,
@@ -195,11 +197,10 @@ impl Plan {
         })
     }
 
-    /// Whether `pod` is selected by this service: same namespace, labels match.
+    /// How this service's endpoints are written as etcd keys and values.
     #[must_use]
-    pub fn selects(&self, pod: &Pod) -> bool {
-        pod.metadata.namespace.as_deref() == Some(self.namespace.as_str())
-            && self.selector.matches(pod.labels())
+    pub fn layout(&self) -> Layout {
+        Layout::new(self)
     }
 }
 
@@ -248,153 +249,120 @@ fn resolve_target(
     }
 }
 
-/// Why a selected pod is not registered.
+/// Why a selected candidate is not registered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Skip {
-    /// Phase is not Running.
+    /// Not serving: a pod whose phase is not Running.
     NotRunning,
-    /// The Ready condition is not True.
+    /// The readiness signal is off (a pod's Ready condition is not True).
     NotReady,
-    /// No podIP yet, or an unparsable one.
+    /// No IP yet, or an unparsable one.
     NoPodIp,
-    /// It has a deletionTimestamp: it leaves the registry before the process exits.
+    /// Being deleted: it leaves the registry before the process exits.
     Terminating,
-    /// No container port has the requested name.
+    /// No port has the requested name.
     PortNotFound,
 }
 
-/// The keys a service should have in etcd, and what was counted on the way.
+/// One endpoint to publish, before any wire format: where it is and what describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogicalEndpoint {
+    /// The candidate's id (the pod name), unique within the service.
+    pub id: String,
+    /// The address.
+    pub ip: IpAddr,
+    /// The resolved port.
+    pub port: u16,
+    /// The node, when known (for `{node}` in key templates).
+    pub node: Option<String>,
+    /// Metadata: the spec's static metadata, copied labels, and the reserved `pod`,
+    /// `namespace`, `node` and `zone`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl LogicalEndpoint {
+    /// `ip:port`, IPv6 bracketed.
+    #[must_use]
+    pub fn addr(&self) -> String {
+        format::socket_addr(self.ip, self.port)
+    }
+}
+
+/// What a service should publish, and what was counted on the way.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
-    /// Key to value bytes.
-    pub entries: BTreeMap<String, Vec<u8>>,
-    /// Pods given in (already selected).
+    /// The registrable endpoints, in candidate id order.
+    pub endpoints: Vec<LogicalEndpoint>,
+    /// Candidates given in (already selected).
     pub selected: usize,
-    /// Selected pods whose Ready condition is True.
+    /// Selected candidates whose readiness signal is on.
     pub ready: usize,
-    /// Selected pods left out, by pod name.
+    /// Selected candidates left out, by id.
     pub skipped: BTreeMap<String, Skip>,
 }
 
-/// Whether a pod's Ready condition is True.
-#[must_use]
-pub fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// Resolves the service port on one pod, like a Service's targetPort.
-#[must_use]
-pub fn resolve_port(port: &IntOrString, pod: &Pod) -> Option<u16> {
-    match port {
-        IntOrString::Int(n) => u16::try_from(*n).ok().filter(|n| *n > 0),
-        IntOrString::String(name) => pod
-            .spec
-            .as_ref()?
-            .containers
-            .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| {
-                p.name.as_deref() == Some(name.as_str())
-                    && p.protocol.as_deref().is_none_or(|proto| proto == "TCP")
-            })
-            .and_then(|p| u16::try_from(p.container_port).ok()),
-    }
-}
-
-/// Checks the registrable rules of DESIGN §1 in order and returns the pod's IP and port.
+/// Checks the registrable rules of DESIGN §1 in order and returns the candidate's IP and port.
 ///
 /// # Errors
-/// The first rule the pod fails.
-pub fn registrable(plan: &Plan, pod: &Pod) -> Result<(IpAddr, u16), Skip> {
-    if pod.metadata.deletion_timestamp.is_some() {
+/// The first rule the candidate fails.
+pub fn registrable(plan: &Plan, candidate: &Candidate) -> Result<(IpAddr, u16), Skip> {
+    if candidate.terminating {
         return Err(Skip::Terminating);
     }
-    let status = pod.status.as_ref();
-    if status.and_then(|s| s.phase.as_deref()) != Some("Running") {
+    if !candidate.serving {
         return Err(Skip::NotRunning);
     }
-    if !plan.publish_not_ready && !is_ready(pod) {
+    if !plan.publish_not_ready && !candidate.ready {
         return Err(Skip::NotReady);
     }
-    let ip = status
-        .and_then(|s| s.pod_ip.as_deref())
-        .and_then(|ip| ip.parse::<IpAddr>().ok())
-        .ok_or(Skip::NoPodIp)?;
-    let port = resolve_port(&plan.port, pod).ok_or(Skip::PortNotFound)?;
+    let ip = candidate.ip.ok_or(Skip::NoPodIp)?;
+    let port = candidate.port(&plan.port).ok_or(Skip::PortNotFound)?;
     Ok((ip, port))
 }
 
-fn metadata(plan: &Plan, pod: &Pod) -> Value {
+fn metadata(plan: &Plan, candidate: &Candidate) -> BTreeMap<String, String> {
     let mut md = plan.static_metadata.clone();
-    let labels = pod.labels();
     for label in &plan.metadata_labels {
-        if let Some(value) = labels.get(label) {
+        if let Some(value) = candidate.labels.get(label) {
             md.insert(label.clone(), value.clone());
         }
     }
-    md.insert("pod".into(), pod.name_any());
+    md.insert("pod".into(), candidate.id.clone());
     md.insert("namespace".into(), plan.namespace.clone());
-    if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
-        md.insert("node".into(), node);
+    if let Some(node) = &candidate.node {
+        md.insert("node".into(), node.clone());
     }
-    if let Some(zone) = labels.get(ZONE_LABEL) {
+    if let Some(zone) = &candidate.zone {
         md.insert("zone".into(), zone.clone());
     }
-    serde_json::to_value(md).unwrap_or(Value::Null)
+    md
 }
 
-/// Computes the desired registry content of one service from its selected pods.
-///
-/// # Errors
-/// [`SpecError::KeyCollision`] when the key template maps two pods to one key.
-pub fn desired<P: Borrow<Pod>>(plan: &Plan, pods: &[P]) -> Result<Desired, SpecError> {
+/// Computes the endpoints one service should publish from its selected candidates.
+#[must_use]
+pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
     let mut out = Desired {
-        selected: pods.len(),
+        selected: candidates.len(),
         ..Desired::default()
     };
-    let mut owners: BTreeMap<String, String> = BTreeMap::new();
-    for pod in pods.iter().map(Borrow::borrow) {
-        if is_ready(pod) {
+    for candidate in candidates {
+        if candidate.ready {
             out.ready += 1;
         }
-        let pod_name = pod.name_any();
-        let (ip, port) = match registrable(plan, pod) {
-            Ok(found) => found,
+        match registrable(plan, candidate) {
+            Ok((ip, port)) => out.endpoints.push(LogicalEndpoint {
+                id: candidate.id.clone(),
+                ip,
+                port,
+                node: candidate.node.clone(),
+                metadata: metadata(plan, candidate),
+            }),
             Err(skip) => {
-                out.skipped.insert(pod_name, skip);
-                continue;
+                out.skipped.insert(candidate.id.clone(), skip);
             }
-        };
-        let addr = format::socket_addr(ip, port);
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-        let key = plan.template.render(&template::Vars {
-            target: &plan.target,
-            addr: &addr,
-            ip,
-            port,
-            pod: &pod_name,
-            namespace: &plan.namespace,
-            name: &plan.name,
-            node: node.unwrap_or(""),
-        });
-        if let Some(first) = owners.insert(key.clone(), pod_name.clone()) {
-            return Err(SpecError::KeyCollision {
-                key,
-                first,
-                second: pod_name,
-            });
         }
-        let mut endpoint = Endpoint::new(addr);
-        if plan.format == ValueFormat::EtcdNaming {
-            endpoint = endpoint.with_metadata(metadata(plan, pod));
-        }
-        out.entries
-            .insert(key, format::render(plan.format, &endpoint));
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

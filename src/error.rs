@@ -1,32 +1,13 @@
-//! The crate's one error type.
+//! The controller's error type; the registry has its own ([`crate::registry::Error`]).
 
 use crate::desired::SpecError;
 
 /// Everything that can fail in the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An etcd request failed; `op` names it.
-    #[error("failed to {op}: {source}")]
-    Etcd {
-        /// The failed operation, e.g. `grant lease`.
-        op: &'static str,
-        /// The client error.
-        #[source]
-        source: etcd_client::Error,
-    },
-    /// Another writer changed the ownership record under us between claim and write.
-    #[error("failed to write {target}: ownership was lost")]
-    OwnershipLost {
-        /// The target whose owner record no longer names us.
-        target: String,
-    },
-    /// This replica is not (or no longer) the leader; the write was refused, locally or by the
-    /// etcd fence.
-    #[error("failed to {op}: this replica is not the leader")]
-    Fenced {
-        /// The refused operation.
-        op: &'static str,
-    },
+    /// A registry backend request failed.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
     /// A Kubernetes API request failed.
     #[error("failed to {op}: {source}")]
     Kube {
@@ -48,23 +29,22 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short, stable label for the reconcile failure counter.
+    /// A short, stable label of the root cause, for the reconcile failure counter: the finalizer
+    /// wrapper is looked through.
     #[must_use]
     pub fn metric_label(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
         match self {
-            Self::Etcd { .. } => "etcd",
-            Self::OwnershipLost { .. } => "ownership_lost",
-            Self::Fenced { .. } => "fenced",
+            Self::Registry(e) => e.metric_label(),
             Self::Kube { .. } => "kube",
-            Self::Finalizer(_) => "finalizer",
+            Self::Finalizer(e) => match e.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.metric_label(),
+                F::AddFinalizer(_) | F::RemoveFinalizer(_) => "kube",
+                F::UnnamedObject | F::InvalidFinalizer => "missing_field",
+            },
             Self::InvalidSpec(_) => "invalid_spec",
             Self::MissingField(_) => "missing_field",
         }
-    }
-
-    /// Wraps an etcd error with the operation that failed.
-    pub(crate) fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Self {
-        move |source| Self::Etcd { op, source }
     }
 
     /// Wraps a Kubernetes error with the operation that failed.

@@ -3,8 +3,8 @@
 //! Every replica runs the reflectors and the reconciler, so a follower's caches are warm; only
 //! the leader writes. The elector holds the Lease the way client-go does (create, renew with the
 //! resource version as a precondition, take over a record that has not changed for its lease
-//! duration on the local clock). On taking over, the leader writes a leader record in etcd
-//! ([`Registry::fence`]) and every registry write is guarded on that record, so a deposed
+//! duration on the local clock). On taking over, the leader writes a leader record in the
+//! registry ([`Backend::fence`]) and every registry write is guarded on that record, so a deposed
 //! leader (paused, partitioned, slow) that resumes writes nothing: locally because its Lease
 //! bound has passed, and in etcd because the record moved on.
 
@@ -19,9 +19,8 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::Error;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Backend, Error};
 
 /// How the elector holds the Lease.
 #[derive(Clone, Debug)]
@@ -175,7 +174,7 @@ pub fn decide(
 pub struct Elector {
     api: Api<Lease>,
     config: ElectionConfig,
-    registry: Registry,
+    registry: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
     role: watch::Sender<Role>,
     /// The last record seen and when it was first seen unchanged.
@@ -193,13 +192,13 @@ impl Elector {
     pub fn new(
         client: Client,
         config: ElectionConfig,
-        registry: Registry,
+        registry: Arc<dyn Backend>,
         metrics: Arc<Metrics>,
         role: watch::Sender<Role>,
     ) -> Self {
         registry.enable_fencing();
         role.send_replace(Role::Follower);
-        metrics.set_role(Role::Follower);
+        metrics.set_leader(false);
         let api = Api::namespaced(client, &config.namespace);
         Self {
             api,
@@ -341,7 +340,7 @@ impl Elector {
         {
             Ok(revision) => {
                 info!(term, revision, identity = %self.config.identity, "became the leader");
-                self.metrics.set_role(Role::Leader { term });
+                self.metrics.set_leader(true);
                 self.role.send_replace(Role::Leader { term });
             }
             Err(Error::Fenced { .. }) => {
@@ -366,7 +365,7 @@ impl Elector {
         if self.leading() {
             warn!(why, identity = %self.config.identity, "stepped down; no longer writing");
         }
-        self.metrics.set_role(Role::Follower);
+        self.metrics.set_leader(false);
         self.role.send_replace(Role::Follower);
     }
 

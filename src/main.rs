@@ -1,22 +1,18 @@
-//! The grpc-registrar controller binary: flags, logging, signals; everything else is the library.
+//! The grpc-registrar controller binary: flags, logging, signals; everything else is the library
+//! ([`grpc_registrar::run`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use backon::{ExponentialBuilder, Retryable};
-use clap::{Parser, ValueEnum};
-use grpc_registrar::controller::{self, Scope};
+use clap::{Args, Parser, ValueEnum};
+use grpc_registrar::controller::Scope;
 use grpc_registrar::desired::{CustomTargets, Policy};
-use grpc_registrar::http::{self, Health};
-use grpc_registrar::leader::{self, ElectionConfig, Elector, Role};
-use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{EtcdTls, EtcdUser, Registry, RegistryConfig};
-use tokio::sync::watch;
-use tracing::{info, warn};
+use grpc_registrar::leader::{self, ElectionConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdTls, EtcdUser};
+use grpc_registrar::run::{self, Config};
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -26,9 +22,32 @@ enum LogFormat {
 }
 
 /// Registers ready Kubernetes pods in an etcd service registry for gRPC.
+///
+/// The cluster is found as kubectl finds it: $KUBECONFIG (or ~/.kube/config), else the in-cluster
+/// service account. The log level comes from RUST_LOG (default `info`).
 #[derive(Debug, Parser)]
 #[command(version, about)]
-struct Args {
+struct Cli {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(flatten)]
+    election: ElectionArgs,
+    /// Watch only this namespace; all namespaces when empty.
+    #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
+    namespace: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Log output format; the level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
+    log_format: LogFormat,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Args)]
+struct EtcdArgs {
     /// etcd endpoints, comma-separated.
     #[arg(
         long,
@@ -61,26 +80,30 @@ struct Args {
     /// File holding the etcd password (e.g. a mounted Secret).
     #[arg(long, env = "ETCD_PASSWORD_FILE", requires = "etcd_username")]
     etcd_password_file: Option<PathBuf>,
+}
+
+/// What is published where.
+#[derive(Debug, Args)]
+struct RegistryArgs {
     /// TTL of the shared etcd lease, in seconds, for services that set none.
     #[arg(long, env = "LEASE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=86400))]
     lease_ttl: u64,
     /// Prefix of default targets: `<key-prefix>/<namespace>/<name>`.
     #[arg(long, env = "KEY_PREFIX", default_value = "services")]
     key_prefix: String,
-    /// Prefix of the controller's own records in etcd (target ownership).
+    /// Prefix of the controller's own records in etcd (target ownership, the leader record).
     #[arg(long, env = "REGISTRAR_ROOT", default_value = "grpc-registrar")]
     registrar_root: String,
     /// Namespaces allowed targets outside their own prefix: a comma-separated list, or `*`.
     #[arg(long, env = "CUSTOM_TARGET_NAMESPACES", default_value = "")]
     custom_target_namespaces: String,
-    /// Watch only this namespace; all namespaces when empty.
-    #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
-    namespace: String,
-    /// Address of `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
-    metrics_addr: SocketAddr,
+}
+
+/// Leader election, for more than one replica.
+#[derive(Debug, Args)]
+struct ElectionArgs {
     /// Elect a leader on a coordination.k8s.io Lease; only the leader writes (run 2+ replicas).
-    #[arg(long, env = "LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "LEADER_ELECT", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -100,58 +123,100 @@ struct Args {
     /// How often candidates retry and the leader renews, e.g. `2s`.
     #[arg(long, env = "LEADER_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     leader_retry_period: Duration,
-    /// Log output format; the level comes from RUST_LOG.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
-    log_format: LogFormat,
+}
+
+impl EtcdArgs {
+    /// The etcd config, reading the TLS and password files.
+    fn into_config(self, registry: &RegistryArgs) -> anyhow::Result<EtcdConfig> {
+        let Self {
+            etcd_endpoints,
+            etcd_ca_file,
+            etcd_cert_file,
+            etcd_key_file,
+            etcd_username,
+            etcd_password,
+            etcd_password_file,
+        } = self;
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))
+        };
+        let tls = if etcd_ca_file.is_some() || etcd_cert_file.is_some() {
+            Some(EtcdTls {
+                ca: etcd_ca_file.as_ref().map(read).transpose()?,
+                identity: match (&etcd_cert_file, &etcd_key_file) {
+                    (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                    _ => None,
+                },
+            })
+        } else {
+            None
+        };
+        let password = match (etcd_password, &etcd_password_file) {
+            (Some(password), _) => Some(password),
+            (None, Some(path)) => Some(
+                String::from_utf8(read(path)?)
+                    .context("the etcd password file is not UTF-8")?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let user = match (etcd_username, password) {
+            (Some(name), Some(password)) => Some(EtcdUser { name, password }),
+            (Some(_), None) => {
+                anyhow::bail!("--etcd-username needs --etcd-password or --etcd-password-file")
+            }
+            (None, _) => None,
+        };
+        Ok(EtcdConfig {
+            registrar_root: registry.registrar_root.clone(),
+            default_ttl: Duration::from_secs(registry.lease_ttl),
+            tls,
+            user,
+            ..EtcdConfig::new(etcd_endpoints)
+        })
+    }
+}
+
+impl ElectionArgs {
+    fn into_config(self) -> Option<ElectionConfig> {
+        let Self {
+            leader_elect,
+            leader_election_namespace,
+            leader_election_name,
+            leader_election_identity,
+            leader_lease_duration,
+            leader_renew_deadline,
+            leader_retry_period,
+        } = self;
+        leader_elect.then(|| {
+            let base = if leader_election_identity.is_empty() {
+                hostname()
+            } else {
+                leader_election_identity
+            };
+            ElectionConfig {
+                namespace: leader_election_namespace,
+                name: leader_election_name,
+                identity: leader::unique_identity(&base),
+                lease_duration: leader_lease_duration,
+                renew_deadline: leader_renew_deadline,
+                retry_period: leader_retry_period,
+            }
+        })
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Args {
-        etcd_endpoints,
-        etcd_ca_file,
-        etcd_cert_file,
-        etcd_key_file,
-        etcd_username,
-        etcd_password,
-        etcd_password_file,
-        lease_ttl,
-        key_prefix,
-        registrar_root,
-        custom_target_namespaces,
+    let Cli {
+        etcd,
+        registry,
+        election,
         namespace,
         metrics_addr,
-        leader_elect,
-        leader_election_namespace,
-        leader_election_name,
-        leader_election_identity,
-        leader_lease_duration,
-        leader_renew_deadline,
-        leader_retry_period,
         log_format,
-    } = Args::parse();
-    let election = leader_elect.then(|| {
-        let base = if leader_election_identity.is_empty() {
-            hostname()
-        } else {
-            leader_election_identity
-        };
-        ElectionConfig {
-            namespace: leader_election_namespace,
-            name: leader_election_name,
-            identity: leader::unique_identity(&base),
-            lease_duration: leader_lease_duration,
-            renew_deadline: leader_renew_deadline,
-            retry_period: leader_retry_period,
-        }
-    });
-    if let Some(election) = &election {
-        election
-            .validate(Duration::from_secs(lease_ttl))
-            .map_err(anyhow::Error::msg)
-            .context("invalid leader election timing")?;
-    }
-
+    } = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match log_format {
         LogFormat::Plain => tracing_subscriber::fmt().with_env_filter(filter).init(),
@@ -160,130 +225,24 @@ async fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init(),
     }
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
+    let config = Config {
+        etcd: etcd.into_config(&registry)?,
+        policy: Policy {
+            key_prefix: registry.key_prefix,
+            registrar_root: registry.registrar_root,
+            custom_targets: CustomTargets::parse(&registry.custom_target_namespaces),
+        },
+        scope: Scope {
+            namespace: (!namespace.is_empty()).then_some(namespace),
+        },
+        metrics_addr,
+        election: election.into_config(),
+    };
+    run::run(config, async {
         shutdown_signal().await;
         info!("shutdown signal received; finishing in-flight work (the etcd lease is kept)");
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-
-    let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    let (role_tx, role) = watch::channel(if election.is_some() {
-        Role::Follower
-    } else {
-        Role::Leader { term: 0 }
-    });
-    let listener = http::bind(metrics_addr)
-        .await
-        .with_context(|| format!("failed to bind {metrics_addr}"))?;
-    let health = Health {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        role: role.clone(),
-    };
-    let server = tokio::spawn(http::serve(listener, health, stopped()));
-
-    let read = |path: &PathBuf| {
-        std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))
-    };
-    let tls = if etcd_ca_file.is_some() || etcd_cert_file.is_some() {
-        Some(EtcdTls {
-            ca: etcd_ca_file.as_ref().map(read).transpose()?,
-            identity: match (&etcd_cert_file, &etcd_key_file) {
-                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
-                _ => None,
-            },
-        })
-    } else {
-        None
-    };
-    let password = match (etcd_password, &etcd_password_file) {
-        (Some(password), _) => Some(password),
-        (None, Some(path)) => Some(
-            String::from_utf8(read(path)?)
-                .context("the etcd password file is not UTF-8")?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned(),
-        ),
-        (None, None) => None,
-    };
-    let user = match (etcd_username, password) {
-        (Some(name), Some(password)) => Some(EtcdUser { name, password }),
-        (Some(_), None) => {
-            anyhow::bail!("--etcd-username needs --etcd-password or --etcd-password-file")
-        }
-        (None, _) => None,
-    };
-    let config = RegistryConfig {
-        registrar_root: registrar_root.clone(),
-        default_ttl: Duration::from_secs(lease_ttl),
-        tls,
-        user,
-        ..RegistryConfig::new(etcd_endpoints)
-    };
-    info!(endpoints = ?config.endpoints, tls = ?config.tls, user = ?config.user.as_ref().map(|u| &u.name), "connecting to etcd");
-    // With auth, connecting authenticates, so it needs etcd up: retry rather than crash-loop.
-    let connect = (|| Registry::connect(config.clone(), metrics.clone()))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(10))
-                .without_max_times(),
-        )
-        .notify(|e, delay| warn!(error = %e, ?delay, "failed to connect to etcd; retrying"));
-    let registry = tokio::select! {
-        registry = connect => registry.context("failed to connect to etcd")?,
-        () = stopped() => return Ok(()),
-    };
-    let client = kube::Client::try_default()
-        .await
-        .context("failed to create kubernetes client")?;
-    let policy = Policy {
-        key_prefix,
-        registrar_root,
-        custom_targets: CustomTargets::parse(&custom_target_namespaces),
-    };
-    let scope = Scope {
-        namespace: (!namespace.is_empty()).then_some(namespace),
-    };
-    info!(%metrics_addr, ?scope, lease_ttl, leader_elect, "starting grpc-registrar");
-    // The elector publishes the role that `/readyz` shows and the controller obeys.
-    let elector = election.map(|config| {
-        let elector = Elector::new(
-            client.clone(),
-            config,
-            registry.clone(),
-            metrics.clone(),
-            role_tx,
-        );
-        tokio::spawn(elector.run(stopped()))
-    });
-    controller::run(
-        client,
-        registry,
-        scope,
-        policy,
-        metrics,
-        ready,
-        role,
-        stopped(),
-    )
-    .await;
-    if let Some(elector) = elector {
-        elector.await.context("leader elector panicked")?;
-    }
-    server
-        .await
-        .context("metrics server panicked")?
-        .context("metrics server failed")?;
+    })
+    .await?;
     Ok(())
 }
 
@@ -344,9 +303,22 @@ mod tests {
     }
 
     #[test]
+    fn leader_elect_works_as_a_bare_flag_and_with_a_value() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("grpc-registrar").chain(args.iter().copied()))
+                .unwrap()
+                .election
+                .leader_elect
+        };
+        assert!(parse(&["--leader-elect"]));
+        assert!(parse(&["--leader-elect", "true"]));
+        assert!(!parse(&["--leader-elect=false"]));
+    }
+
+    #[test]
     fn every_flag_has_an_env_var() {
         use clap::CommandFactory;
-        for arg in Args::command().get_arguments() {
+        for arg in Cli::command().get_arguments() {
             let id = arg.get_id().as_str();
             if id == "help" || id == "version" {
                 continue;

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 /// Labels of the reconcile failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    /// [`crate::Error::metric_label`].
+    /// The root cause's `metric_label()`.
     pub error: &'static str,
 }
 
@@ -177,13 +177,9 @@ impl Metrics {
         }
     }
 
-    /// Counts a failed reconcile.
-    pub fn reconcile_failed(&self, error: &crate::Error) {
-        self.failures
-            .get_or_create(&ErrorLabels {
-                error: error.metric_label(),
-            })
-            .inc();
+    /// Counts a failed reconcile by its root cause's label.
+    pub fn reconcile_failed(&self, error: &'static str) {
+        self.failures.get_or_create(&ErrorLabels { error }).inc();
     }
 
     /// Records an etcd request that started at `started`.
@@ -193,9 +189,9 @@ impl Metrics {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Records this replica's role.
-    pub fn set_role(&self, role: crate::leader::Role) {
-        let value = i64::from(matches!(role, crate::leader::Role::Leader { .. }));
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        let value = i64::from(leading);
         if self.leader.set(value) != value {
             self.leader_transitions.inc();
         }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use etcd_client::{Permission, PermissionType, UserAddOptions};
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Claim, EtcdTls, EtcdUser, Owner, Registry, RegistryConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry, EtcdTls, EtcdUser};
+use grpc_registrar::registry::{Claim, Owner};
 use test_support::{EtcdServer, TestCa, eventually};
 use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
 
@@ -34,18 +35,18 @@ fn entries(addrs: &[&str]) -> Arc<BTreeMap<String, Vec<u8>>> {
     )
 }
 
-fn config(etcd: &EtcdServer) -> RegistryConfig {
-    RegistryConfig {
+fn config(etcd: &EtcdServer) -> EtcdConfig {
+    EtcdConfig {
         default_ttl: TTL,
         op_timeout: Duration::from_secs(2),
-        ..RegistryConfig::new(vec![etcd.endpoint()])
+        ..EtcdConfig::new(vec![etcd.endpoint()])
     }
 }
 
-async fn publish(registry: &Registry, addrs: &[&str]) -> grpc_registrar::Result<()> {
+async fn publish(registry: &EtcdRegistry, addrs: &[&str]) -> grpc_registrar::registry::Result<()> {
     assert_eq!(registry.claim(TARGET, &owner()).await?, Claim::Owned);
     registry
-        .sync(TARGET, &owner(), TTL, entries(addrs))
+        .sync_entries(TARGET, &owner(), TTL, entries(addrs))
         .await
         .map(|_| ())
 }
@@ -106,8 +107,8 @@ async fn mtls_with_a_client_certificate_registers_and_a_client_without_one_is_re
             client.key_pem.clone().into_bytes(),
         )),
     };
-    let registry = Registry::connect(
-        RegistryConfig {
+    let registry = EtcdRegistry::connect(
+        EtcdConfig {
             tls: Some(tls),
             ..config(&etcd)
         },
@@ -119,8 +120,8 @@ async fn mtls_with_a_client_certificate_registers_and_a_client_without_one_is_re
     assert_eq!(keys(&etcd).await, [format!("{TARGET}/10.0.0.1:50051")]);
 
     // The CA alone (no client certificate) is refused by --client-cert-auth.
-    let anonymous = Registry::connect(
-        RegistryConfig {
+    let anonymous = EtcdRegistry::connect(
+        EtcdConfig {
             tls: Some(EtcdTls {
                 ca: Some(ca.ca_pem().as_bytes().to_vec()),
                 identity: None,
@@ -144,7 +145,7 @@ async fn password_auth_re_authenticates_after_the_token_expires_and_keeps_the_le
     let mut etcd = EtcdServer::start_with(&["--auth-token-ttl=1"]).await;
     etcd.enable_auth("root-secret").await;
     add_registrar_user(&etcd, Some("s3cret-pw")).await;
-    let config = RegistryConfig {
+    let config = EtcdConfig {
         user: Some(EtcdUser {
             name: "grpc-registrar".into(),
             password: "s3cret-pw".into(),
@@ -155,7 +156,7 @@ async fn password_auth_re_authenticates_after_the_token_expires_and_keeps_the_le
         !format!("{config:?}").contains("s3cret-pw"),
         "the password must never be printed"
     );
-    let registry = Registry::connect(config, Arc::new(Metrics::default()))
+    let registry = EtcdRegistry::connect(config, Arc::new(Metrics::default()))
         .await
         .unwrap();
     publish(&registry, &["10.0.0.1:50051"]).await.unwrap();
@@ -170,13 +171,13 @@ async fn password_auth_re_authenticates_after_the_token_expires_and_keeps_the_le
     assert_eq!(keys(&etcd).await.len(), 2);
 
     // A wrong password is an error that names the operation, not a panic.
-    let wrong = Registry::connect(
-        RegistryConfig {
+    let wrong = EtcdRegistry::connect(
+        EtcdConfig {
             user: Some(EtcdUser {
                 name: "grpc-registrar".into(),
                 password: "wrong".into(),
             }),
-            ..RegistryConfig::new(vec![etcd.endpoint()])
+            ..EtcdConfig::new(vec![etcd.endpoint()])
         },
         Arc::new(Metrics::default()),
     )
@@ -199,8 +200,8 @@ async fn certificate_common_name_auth_writes_the_prefixes_of_its_role_and_nothin
         ca: Some(ca.ca_pem().as_bytes().to_vec()),
         identity: Some((client.cert_pem.into_bytes(), client.key_pem.into_bytes())),
     };
-    let registry = Registry::connect(
-        RegistryConfig {
+    let registry = EtcdRegistry::connect(
+        EtcdConfig {
             tls: Some(tls),
             ..config(&etcd)
         },

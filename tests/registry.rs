@@ -6,21 +6,24 @@ use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Claim, Owner, Registry, RegistryConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
+use grpc_registrar::registry::{Backend, Claim, Owner};
 use test_support::{EtcdServer, eventually};
 use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
 
 const TTL: Duration = Duration::from_secs(5);
 
-async fn registry(etcd: &EtcdServer) -> (Registry, Arc<Metrics>) {
+async fn registry(etcd: &EtcdServer) -> (EtcdRegistry, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::default());
-    let config = RegistryConfig {
+    let config = EtcdConfig {
         default_ttl: TTL,
         op_timeout: Duration::from_secs(2),
-        ..RegistryConfig::new(vec![etcd.endpoint()])
+        ..EtcdConfig::new(vec![etcd.endpoint()])
     };
     (
-        Registry::connect(config, metrics.clone()).await.unwrap(),
+        EtcdRegistry::connect(config, metrics.clone())
+            .await
+            .unwrap(),
         metrics,
     )
 }
@@ -64,9 +67,9 @@ async fn dump(etcd: &EtcdServer, prefix: &str) -> BTreeMap<String, (Vec<u8>, i64
         .collect()
 }
 
-async fn claim_and_sync(reg: &Registry, target: &str, who: &Owner, n: usize) {
+async fn claim_and_sync(reg: &EtcdRegistry, target: &str, who: &Owner, n: usize) {
     assert_eq!(reg.claim(target, who).await.unwrap(), Claim::Owned);
-    reg.sync(target, who, TTL, entries(target, n))
+    reg.sync_entries(target, who, TTL, entries(target, n))
         .await
         .unwrap();
 }
@@ -106,7 +109,7 @@ async fn a_key_that_is_no_longer_desired_is_deleted_and_unchanged_keys_are_not_r
     let dropped = one.keys().last().unwrap().clone();
     one.remove(&dropped);
     let report = reg
-        .sync(target, &owner("greeter"), TTL, Arc::new(one))
+        .sync_entries(target, &owner("greeter"), TTL, Arc::new(one))
         .await
         .unwrap();
     assert_eq!((report.puts, report.deletes), (0, 1));
@@ -120,32 +123,49 @@ async fn a_key_that_is_no_longer_desired_is_deleted_and_unchanged_keys_are_not_r
 }
 
 #[tokio::test]
-async fn lease_loss_leads_to_a_new_lease_and_a_full_re_put() {
+async fn lease_loss_is_announced_with_a_new_lease_and_the_next_sync_re_puts_everything() {
     let etcd = EtcdServer::start().await;
     let (reg, metrics) = registry(&etcd).await;
     claim_and_sync(&reg, "services/default/a", &owner("a"), 3).await;
     claim_and_sync(&reg, "services/default/b", &owner("b"), 200).await;
     let old = reg.lease_ids().await[0];
+    let mut events = reg.events();
 
     etcd.client().await.lease_revoke(old).await.unwrap();
     assert!(
         dump(&etcd, "services/").await.is_empty(),
         "revoking drops the keys"
     );
-
-    eventually(
-        "every key re-put on a new lease",
-        Duration::from_secs(15),
-        || async {
-            let keys = dump(&etcd, "services/").await;
-            keys.len() == 203 && keys.values().all(|(_, lease)| *lease != old && *lease != 0)
-        },
-    )
-    .await;
-    let new = reg.lease_ids().await;
-    assert_eq!(new.len(), 1);
-    assert_ne!(new[0], old);
+    let new = replaced(&mut events).await;
+    assert_eq!(new.0, old);
+    // What the controller does on that event: reconcile (re-sync) every service.
+    claim_and_sync(&reg, "services/default/a", &owner("a"), 3).await;
+    claim_and_sync(&reg, "services/default/b", &owner("b"), 200).await;
+    let keys = dump(&etcd, "services/").await;
+    assert_eq!(keys.len(), 203);
+    assert!(
+        keys.values().all(|(_, lease)| *lease == new.1),
+        "all on the new lease"
+    );
+    assert_eq!(reg.lease_ids().await, [new.1]);
     assert_eq!(metrics.lease_losses.get(), 1);
+}
+
+/// Waits for the registry to announce a replaced lease; (old, new).
+async fn replaced(
+    events: &mut tokio::sync::broadcast::Receiver<grpc_registrar::registry::Event>,
+) -> (i64, i64) {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(grpc_registrar::registry::Event::Replaced { old, new, .. }) =
+                events.recv().await
+            {
+                return (old, new);
+            }
+        }
+    })
+    .await
+    .expect("no lease replacement announced within 15 s")
 }
 
 #[tokio::test]
@@ -162,11 +182,11 @@ async fn a_second_claimant_gets_conflict_and_writes_nothing() {
     assert_eq!(holder, owner("first"));
 
     let err = reg
-        .sync(target, &owner("second"), TTL, entries(target, 5))
+        .sync_entries(target, &owner("second"), TTL, entries(target, 5))
         .await
         .unwrap_err();
     assert!(
-        matches!(err, grpc_registrar::Error::OwnershipLost { .. }),
+        matches!(err, grpc_registrar::registry::Error::OwnershipLost { .. }),
         "{err}"
     );
     assert_eq!(
@@ -190,7 +210,7 @@ async fn a_thousand_endpoints_apply_in_txns_of_at_most_128_ops() {
         Claim::Owned
     );
     let report = reg
-        .sync(target, &owner("big"), TTL, entries(target, 1000))
+        .sync_entries(target, &owner("big"), TTL, entries(target, 1000))
         .await
         .unwrap();
     assert_eq!(report.puts, 1000);
@@ -264,22 +284,19 @@ async fn keep_alive_rebuilds_its_stream_across_an_etcd_restart_and_the_lease_sur
 }
 
 #[tokio::test]
-async fn wiped_etcd_gets_the_ownership_records_and_keys_back() {
+async fn wiped_etcd_announces_a_new_lease_and_the_next_sync_restores_records_and_keys() {
     let mut etcd = EtcdServer::start().await;
     let (reg, _) = registry(&etcd).await;
     let target = "services/default/a";
     claim_and_sync(&reg, target, &owner("a"), 3).await;
+    let mut events = reg.events();
 
     etcd.wipe_and_restart().await;
-    eventually(
-        "owner record and keys restored",
-        Duration::from_secs(20),
-        || async {
-            dump(&etcd, "services/").await.len() == 3
-                && dump(&etcd, &reg.owner_key(target)).await.len() == 1
-        },
-    )
-    .await;
+    replaced(&mut events).await;
+    // The claim cache was cleared with the lease, so the re-sync claims the target afresh.
+    claim_and_sync(&reg, target, &owner("a"), 3).await;
+    assert_eq!(dump(&etcd, "services/").await.len(), 3);
+    assert_eq!(dump(&etcd, &reg.owner_key(target)).await.len(), 1);
 }
 
 fn far() -> Instant {
@@ -305,17 +322,20 @@ async fn a_deposed_leader_is_refused_by_the_etcd_fence_and_the_new_leaders_keys_
     // The old leader still believes its local Lease bound: only etcd can stop it.
     assert!(old.may_write());
     let err = old
-        .sync(target, &who, TTL, entries(target, 3))
+        .sync_entries(target, &who, TTL, entries(target, 3))
         .await
         .unwrap_err();
-    assert!(matches!(err, grpc_registrar::Error::Fenced { .. }), "{err}");
+    assert!(
+        matches!(err, grpc_registrar::registry::Error::Fenced { .. }),
+        "{err}"
+    );
     assert!(
         !old.may_write(),
         "a fenced leader must stop writing at once"
     );
     assert!(matches!(
         old.release(target, &who).await,
-        Err(grpc_registrar::Error::Fenced { .. })
+        Err(grpc_registrar::registry::Error::Fenced { .. })
     ));
     assert_eq!(dump(&etcd, "services/").await, after_takeover);
     assert_eq!(after_takeover.len(), 2);
@@ -331,7 +351,7 @@ async fn an_earlier_term_cannot_replace_a_later_leader_record() {
     b.fence("b", 5, far()).await.unwrap();
     assert!(matches!(
         a.fence("a", 4, far()).await,
-        Err(grpc_registrar::Error::Fenced { .. })
+        Err(grpc_registrar::registry::Error::Fenced { .. })
     ));
     assert_eq!(a.leader_term().await.unwrap(), 5);
     // Re-fencing the same term by the same holder is idempotent.
@@ -349,13 +369,14 @@ async fn a_follower_and_a_leader_past_its_lease_bound_write_nothing() {
     assert!(!reg.may_write());
     assert!(matches!(
         reg.claim(target, &who).await,
-        Err(grpc_registrar::Error::Fenced { .. })
+        Err(grpc_registrar::registry::Error::Fenced { .. })
     ));
     reg.fence("me", 1, Instant::now()).await.unwrap();
     assert!(!reg.may_write());
     assert!(matches!(
-        reg.sync(target, &who, TTL, entries(target, 1)).await,
-        Err(grpc_registrar::Error::Fenced { .. })
+        reg.sync_entries(target, &who, TTL, entries(target, 1))
+            .await,
+        Err(grpc_registrar::registry::Error::Fenced { .. })
     ));
     reg.extend_fence(far());
     claim_and_sync(&reg, target, &who, 1).await;

@@ -17,7 +17,7 @@ use greeter::pb::greeter_client::GreeterClient;
 use grpc_registrar::controller::{self, Scope};
 use grpc_registrar::desired::Policy;
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Registry, RegistryConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -128,15 +128,15 @@ async fn main() -> anyhow::Result<()> {
     step("Starting the grpc-registrar controller");
     let client = plane.client().await;
     let metrics = Arc::new(Metrics::default());
-    let config = RegistryConfig {
+    let config = EtcdConfig {
         default_ttl: Duration::from_secs(10),
-        ..RegistryConfig::new(vec![registry_etcd.endpoint()])
+        ..EtcdConfig::new(vec![registry_etcd.endpoint()])
     };
-    let registry = Registry::connect(config, metrics.clone()).await?;
+    let registry = EtcdRegistry::connect(config, metrics.clone()).await?;
     let (stop, mut stopped) = watch::channel(false);
     let controller = tokio::spawn(controller::run(
         client.clone(),
-        registry,
+        Arc::new(registry),
         Scope::default(),
         Policy::default(),
         metrics,

@@ -6,8 +6,37 @@ use crate::crd::GrpcServiceStatus;
 use crate::desired::{Desired, Skip};
 use crate::registry::SyncReport;
 
-/// The condition types the controller maintains.
-pub const CONDITIONS: [&str; 4] = ["Ready", "Conflict", "InvalidSpec", "EtcdUnavailable"];
+/// Condition types.
+pub mod condition {
+    /// The registry holds what the spec asks for.
+    pub const READY: &str = "Ready";
+    /// Another GrpcService owns the target.
+    pub const CONFLICT: &str = "Conflict";
+    /// The spec cannot be applied.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The registry could not be reached or refused the write.
+    pub const ETCD_UNAVAILABLE: &str = "EtcdUnavailable";
+}
+
+/// Condition reasons.
+pub mod reason {
+    /// The registry equals the desired state.
+    pub const SYNCED: &str = "Synced";
+    /// The selector matches nothing.
+    pub const NO_PODS_SELECTED: &str = "NoPodsSelected";
+    /// A selected pod has no port with the requested name.
+    pub const PORT_NOT_FOUND: &str = "PortNotFound";
+    /// A condition that is False as expected.
+    pub const AS_EXPECTED: &str = "AsExpected";
+}
+
+/// The condition types the controller maintains, in status order.
+pub const CONDITIONS: [&str; 4] = [
+    condition::READY,
+    condition::CONFLICT,
+    condition::INVALID_SPEC,
+    condition::ETCD_UNAVAILABLE,
+];
 
 /// What a reconcile found.
 #[derive(Clone, Debug)]
@@ -66,10 +95,10 @@ pub fn next_status(
                 .map(|(type_, on)| {
                     let value = if on { "True" } else { "False" };
                     let old = prev.and_then(|p| p.conditions.iter().find(|c| c.type_ == *type_));
-                    let (reason, message) = if on || *type_ == "Ready" {
+                    let (reason, message) = if on || *type_ == condition::READY {
                         (reason.to_owned(), message.to_owned())
                     } else {
-                        ("AsExpected".to_owned(), String::new())
+                        (reason::AS_EXPECTED.to_owned(), String::new())
                     };
                     Condition {
                         type_: (*type_).to_owned(),
@@ -97,11 +126,11 @@ pub fn next_status(
                 false,
                 false,
                 if desired.selected == 0 {
-                    "NoPodsSelected"
+                    reason::NO_PODS_SELECTED
                 } else if desired.skipped.values().any(|s| *s == Skip::PortNotFound) {
-                    "PortNotFound"
+                    reason::PORT_NOT_FOUND
                 } else {
-                    "Synced"
+                    reason::SYNCED
                 },
                 &synced_message(report.registered, desired),
             );
@@ -115,7 +144,7 @@ pub fn next_status(
             }
         }
         Outcome::InvalidSpec { message } => {
-            set(false, false, true, false, "InvalidSpec", message);
+            set(false, false, true, false, condition::INVALID_SPEC, message);
         }
         Outcome::Conflict { target, owner } => {
             set(
@@ -123,7 +152,7 @@ pub fn next_status(
                 true,
                 false,
                 false,
-                "Conflict",
+                condition::CONFLICT,
                 &format!("target {target:?} is owned by GrpcService {owner}"),
             );
             status.target = None;
@@ -135,7 +164,14 @@ pub fn next_status(
             message,
             desired,
         } => {
-            set(false, false, false, true, "EtcdUnavailable", message);
+            set(
+                false,
+                false,
+                false,
+                true,
+                condition::ETCD_UNAVAILABLE,
+                message,
+            );
             status.target = Some((*target).to_owned());
             counts(&mut status, *desired);
         }
@@ -188,7 +224,12 @@ pub fn event_for(
     next: &GrpcServiceStatus,
 ) -> Option<kube::runtime::events::Event> {
     use kube::runtime::events::{Event, EventType};
-    let ready = |s: &GrpcServiceStatus| s.conditions.iter().find(|c| c.type_ == "Ready").cloned();
+    let ready = |s: &GrpcServiceStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == condition::READY)
+            .cloned()
+    };
     let after = ready(next)?;
     let before = prev.and_then(ready);
     if before

@@ -1,17 +1,16 @@
-//! Reconciler tests: a scripted mock API server (controller-rs pattern) and a real etcd.
+//! Reconciler tests: a scripted mock API server (controller-rs pattern) and the in-memory
+//! backend; no external process.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use etcd_client::GetOptions;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value;
-use test_support::EtcdServer;
 
 use super::{RESYNC, reconcile};
 use crate::crd::{FINALIZER, GrpcService};
 use crate::fixtures::verifier::{Scenario, context};
 use crate::fixtures::{PodBuilder, service};
+use crate::registry::memory::MemoryBackend;
 use kube::runtime::controller::Action;
 
 fn with_finalizer(mut svc: GrpcService) -> GrpcService {
@@ -19,20 +18,12 @@ fn with_finalizer(mut svc: GrpcService) -> GrpcService {
     svc
 }
 
-async fn keys(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
-    let resp = etcd
-        .client()
-        .await
-        .get(
-            prefix,
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await
-        .unwrap();
-    resp.kvs()
-        .iter()
-        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-        .collect()
+fn keys(backend: &MemoryBackend, target: &str) -> Vec<String> {
+    backend.entries(target).into_keys().collect()
+}
+
+fn backend() -> Arc<MemoryBackend> {
+    Arc::new(MemoryBackend::default())
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -46,19 +37,19 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 
 #[tokio::test]
 async fn new_service_gets_the_finalizer_before_anything_is_written() {
-    let etcd = EtcdServer::start().await;
-    let (ctx, api) = context(&etcd, &[PodBuilder::ready("p1", "10.0.0.1").build()]).await;
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let svc = service("greeter");
     let server = api.run(Scenario::FinalizerCreation(svc.clone()));
     let action = reconcile(Arc::new(svc), ctx).await.unwrap();
     server.await.unwrap();
     assert_eq!(action, Action::await_change());
-    assert!(keys(&etcd, "services/").await.is_empty());
+    assert!(keys(&registry, "services/default/greeter").is_empty());
 }
 
 #[tokio::test]
 async fn ready_pods_are_registered_and_status_reports_counts() {
-    let etcd = EtcdServer::start().await;
+    let registry = backend();
     let pods = [
         PodBuilder::ready("p1", "10.0.0.1").build(),
         PodBuilder::ready("p2", "10.0.0.2").not_ready().build(),
@@ -66,7 +57,7 @@ async fn ready_pods_are_registered_and_status_reports_counts() {
             .label("app", "other")
             .build(),
     ];
-    let (ctx, api) = context(&etcd, &pods).await;
+    let (ctx, api) = context(&registry, &pods);
     let svc = with_finalizer(service("greeter"));
     let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
         assert_eq!(status["target"], "services/default/greeter");
@@ -82,37 +73,37 @@ async fn ready_pods_are_registered_and_status_reports_counts() {
     server.await.unwrap();
     assert_eq!(action, Action::requeue(RESYNC));
     assert_eq!(
-        keys(&etcd, "services/").await,
+        keys(&registry, "services/default/greeter"),
         ["services/default/greeter/10.0.0.1:50051"]
     );
 }
 
 #[tokio::test]
 async fn deleted_service_loses_its_keys_and_its_finalizer() {
-    let etcd = EtcdServer::start().await;
-    let (ctx, api) = context(&etcd, &[PodBuilder::ready("p1", "10.0.0.1").build()]).await;
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let svc = with_finalizer(service("greeter"));
     let server = api.run(Scenario::StatusPatch(svc.clone(), |_| {}));
     reconcile(Arc::new(svc.clone()), ctx).await.unwrap();
     server.await.unwrap();
-    assert_eq!(keys(&etcd, "services/").await.len(), 1);
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
 
     // A fresh verifier for the deletion round.
-    let (ctx2, api2) = context(&etcd, &[]).await;
+    let (ctx2, api2) = context(&registry, &[]);
     let mut deleting = svc;
     deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
     let server = api2.run(Scenario::FinalizerRemoval(deleting.clone()));
     let action = reconcile(Arc::new(deleting), ctx2).await.unwrap();
     server.await.unwrap();
     assert_eq!(action, Action::await_change());
-    assert!(keys(&etcd, "services/").await.is_empty());
-    assert!(keys(&etcd, "grpc-registrar/owners/").await.is_empty());
+    assert!(keys(&registry, "services/default/greeter").is_empty());
+    assert!(registry.owner("services/default/greeter").is_none());
 }
 
 #[tokio::test]
 async fn invalid_spec_is_reported_as_a_condition_and_writes_nothing() {
-    let etcd = EtcdServer::start().await;
-    let (ctx, api) = context(&etcd, &[PodBuilder::ready("p1", "10.0.0.1").build()]).await;
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let mut svc = with_finalizer(service("greeter"));
     svc.spec.target = Some("services/payments/greeter".into());
     let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
@@ -130,21 +121,21 @@ async fn invalid_spec_is_reported_as_a_condition_and_writes_nothing() {
     let action = reconcile(Arc::new(svc), ctx).await.unwrap();
     server.await.unwrap();
     assert_eq!(action, Action::await_change());
-    assert!(keys(&etcd, "").await.is_empty());
+    assert_eq!(registry.writes(), 0, "nothing claimed or written");
 }
 
 #[tokio::test]
 async fn second_service_on_a_claimed_target_gets_conflict_and_writes_nothing() {
-    let etcd = EtcdServer::start().await;
+    let registry = backend();
     let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
-    let (ctx, api) = context(&etcd, &pods).await;
+    let (ctx, api) = context(&registry, &pods);
     let mut first = with_finalizer(service("first"));
     first.spec.target = Some("services/default/shared".into());
     let server = api.run(Scenario::StatusPatch(first.clone(), |_| {}));
     reconcile(Arc::new(first.clone()), ctx).await.unwrap();
     server.await.unwrap();
 
-    let (ctx, api) = context(&etcd, &pods).await;
+    let (ctx, api) = context(&registry, &pods);
     let mut second = with_finalizer(service("second"));
     second.spec.target = Some("services/default/shared".into());
     let server = api.run(Scenario::OwnerLookupThenStatus(
@@ -167,26 +158,56 @@ async fn second_service_on_a_claimed_target_gets_conflict_and_writes_nothing() {
     server.await.unwrap();
     assert_eq!(action, Action::requeue(super::CONFLICT_RECHECK));
     assert_eq!(
-        keys(&etcd, "services/").await,
+        keys(&registry, "services/default/shared"),
         ["services/default/shared/10.0.0.1:50051"]
     );
 }
 
-#[test]
-fn watch_backoff_doubles_to_four_seconds_with_jitter_and_resets() {
-    use kube::runtime::utils::Backoff as _;
-    let mut backoff = super::WatchBackoff::default();
-    let delays: Vec<Duration> = backoff.by_ref().take(8).collect();
-    for (delay, base) in delays
-        .iter()
-        .zip([250u64, 500, 1000, 2000, 4000, 4000, 4000, 4000])
-    {
-        let base = Duration::from_millis(base);
+#[tokio::test]
+async fn an_unreachable_registry_is_reported_in_status_and_retried() {
+    let registry = backend();
+    registry.set_unavailable(true);
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
+        let down = condition(status, "EtcdUnavailable");
+        assert_eq!(down["status"], "True");
         assert!(
-            *delay >= base.mul_f64(0.75) && *delay < base.mul_f64(1.25),
-            "{delay:?} vs {base:?}"
+            down["message"].as_str().unwrap().contains("claim target"),
+            "{down}"
         );
-    }
-    backoff.reset();
-    assert!(backoff.next().unwrap() < Duration::from_millis(313));
+        assert_eq!(condition(status, "Ready")["status"], "False");
+    }));
+    let err = reconcile(Arc::new(svc), ctx.clone()).await.unwrap_err();
+    server.await.unwrap();
+    assert_eq!(err.metric_label(), "timeout");
+    let action = super::error_policy(Arc::new(service("greeter")), &err, ctx);
+    assert_ne!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_colliding_key_template_is_an_invalid_spec_and_publishes_nothing() {
+    let registry = backend();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").build(),
+    ];
+    let (ctx, api) = context(&registry, &pods);
+    let mut svc = with_finalizer(service("greeter"));
+    svc.spec.key_template = Some("{target}/{namespace}".into());
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
+        let invalid = condition(status, "InvalidSpec");
+        assert_eq!(invalid["status"], "True");
+        assert!(
+            invalid["message"]
+                .as_str()
+                .unwrap()
+                .contains("both map to key"),
+            "{invalid}"
+        );
+    }));
+    let action = reconcile(Arc::new(svc), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(keys(&registry, "services/default/greeter").is_empty());
 }

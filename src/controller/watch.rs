@@ -1,84 +1,17 @@
-//! The pod cache: what is kept of each pod, and which services a pod event wakes.
+//! The watches that feed the indexes, and which services a pod event wakes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::core::{Selector, SelectorExt};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::core::Selector;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher::Event;
 
 use crate::crd::GrpcService;
-
-/// Strips a pod down to what reconciling reads, before it enters the reflector store.
-///
-/// Kept: name, namespace, labels, deletionTimestamp; node name and named container ports; phase,
-/// podIP and the Ready condition. Everything else, managedFields first, is dropped.
-pub fn strip_pod(pod: &mut Pod) {
-    let md = &mut pod.metadata;
-    md.managed_fields = None;
-    md.annotations = None;
-    md.owner_references = None;
-    md.finalizers = None;
-    md.generate_name = None;
-    md.creation_timestamp = None;
-    md.generation = None;
-    md.self_link = None;
-    md.deletion_grace_period_seconds = None;
-    md.uid = None;
-
-    let spec = pod.spec.take().unwrap_or_default();
-    let containers = spec
-        .containers
-        .into_iter()
-        .filter_map(|c| {
-            let ports: Vec<ContainerPort> = c
-                .ports
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|p| p.name.is_some())
-                .map(|p| ContainerPort {
-                    name: p.name,
-                    container_port: p.container_port,
-                    protocol: p.protocol.filter(|proto| proto != "TCP"),
-                    ..ContainerPort::default()
-                })
-                .collect();
-            (!ports.is_empty()).then(|| Container {
-                ports: Some(ports),
-                ..Container::default()
-            })
-        })
-        .collect();
-    pod.spec = Some(PodSpec {
-        containers,
-        node_name: spec.node_name,
-        ..PodSpec::default()
-    });
-
-    let status = pod.status.take().unwrap_or_default();
-    let ready = status
-        .conditions
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| c.type_ == "Ready")
-        .map(|c| PodCondition {
-            type_: c.type_,
-            status: c.status,
-            last_transition_time: c.last_transition_time,
-            ..PodCondition::default()
-        })
-        .collect();
-    pod.status = Some(PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        conditions: Some(ready),
-        ..PodStatus::default()
-    });
-}
-
-/// service -> (generation, parsed selector).
-type Selectors = Arc<Mutex<HashMap<ObjectRef<GrpcService>, (Option<i64>, Option<Selector>)>>>;
+use crate::source::index::{CandidateIndex, SelectorIndex};
+use crate::source::{Candidate, pod};
 
 /// Which pods each service's last reconcile selected, and the reverse.
 ///
@@ -112,7 +45,7 @@ impl Selections {
                 }
             }
         }
-        for pod in &pods {
+        for pod in pods.difference(&previous) {
             index
                 .by_pod
                 .entry(pod.clone())
@@ -143,72 +76,150 @@ impl Selections {
     }
 }
 
+/// The pod in `namespace` named `id`, as the selections know it.
+#[must_use]
+pub fn pod_ref(namespace: &str, id: &str) -> ObjectRef<Pod> {
+    ObjectRef::new(id).within(namespace)
+}
+
 /// Maps pod events to the GrpcServices they concern, and only those: the services whose
-/// selector matches the pod now, plus those whose last reconcile selected it.
+/// selector matches the pod now (found through the selector index), plus those whose last
+/// reconcile selected it.
 #[derive(Clone)]
 pub struct PodMapper {
-    services: Store<GrpcService>,
-    pods: Store<Pod>,
+    candidates: CandidateIndex,
+    selectors: SelectorIndex,
     selections: Selections,
-    /// Parsed selectors, by service and generation, so a pod event parses none.
-    selectors: Selectors,
 }
 
 impl PodMapper {
-    /// A mapper over the service and pod stores and the reconciler's selections.
+    /// A mapper over the indexes and the reconciler's selections.
     #[must_use]
-    pub fn new(services: Store<GrpcService>, pods: Store<Pod>, selections: Selections) -> Self {
+    pub fn new(
+        candidates: CandidateIndex,
+        selectors: SelectorIndex,
+        selections: Selections,
+    ) -> Self {
         Self {
-            services,
-            pods,
+            candidates,
+            selectors,
             selections,
-            selectors: Arc::default(),
         }
     }
 
     /// The services a pod event concerns.
     pub fn map(&self, pod: &Pod) -> Vec<ObjectRef<GrpcService>> {
-        let pod_ref = ObjectRef::from_obj(pod);
-        let namespace = pod.namespace();
-        let mut wake: HashSet<ObjectRef<GrpcService>> =
-            self.selections.services_of(&pod_ref).into_iter().collect();
-        if self.pods.get(&pod_ref).is_some() {
-            let mut selectors = self.selectors.lock().expect("lock");
+        let namespace = pod.namespace().unwrap_or_default();
+        let name = pod.name_any();
+        let mut wake: HashSet<ObjectRef<GrpcService>> = self
+            .selections
+            .services_of(&pod_ref(&namespace, &name))
+            .into_iter()
+            .collect();
+        if self.candidates.get(&namespace, &name).is_some() {
             wake.extend(
-                self.services
-                    .state()
-                    .iter()
-                    .filter(|svc| svc.namespace() == namespace)
-                    .filter(|svc| {
-                        let key = ObjectRef::from_obj(svc.as_ref());
-                        let generation = svc.metadata.generation;
-                        let entry = selectors.entry(key).or_insert((None, None));
-                        if entry.0 != generation || entry.1.is_none() {
-                            *entry = (
-                                generation,
-                                Selector::try_from(svc.spec.selector.clone()).ok(),
-                            );
-                        }
-                        entry.1.as_ref().is_some_and(|s| s.matches(pod.labels()))
-                    })
-                    .map(|svc| ObjectRef::from_obj(svc.as_ref())),
+                self.selectors
+                    .matching(&namespace, pod.labels())
+                    .into_iter()
+                    .map(|svc| ObjectRef::new(&svc).within(&namespace)),
             );
         }
         wake.into_iter().collect()
     }
+}
 
-    /// Forgets parsed selectors of services no longer in the store.
-    pub fn prune(&self) {
-        let live: HashSet<ObjectRef<GrpcService>> = self
-            .services
-            .state()
-            .iter()
-            .map(|s| ObjectRef::from_obj(s.as_ref()))
-            .collect();
-        self.selectors
-            .lock()
-            .expect("lock")
-            .retain(|k, _| live.contains(k));
+/// Applies pod watch events to the candidate index; a re-list is buffered and swapped in whole
+/// at `InitDone`, as kube's reflector store does. Returns true on `InitDone`.
+pub struct PodFeed {
+    index: CandidateIndex,
+    relist: Option<Vec<(String, Candidate)>>,
+}
+
+impl PodFeed {
+    /// A feed into `index`.
+    #[must_use]
+    pub fn new(index: CandidateIndex) -> Self {
+        Self {
+            index,
+            relist: None,
+        }
+    }
+
+    /// Applies one event; true when a (re-)list completed.
+    pub fn apply(&mut self, event: &Event<Pod>) -> bool {
+        match event {
+            Event::Apply(p) => {
+                self.index
+                    .apply(&p.namespace().unwrap_or_default(), pod::candidate(p));
+            }
+            Event::Delete(p) => {
+                self.index
+                    .delete(&p.namespace().unwrap_or_default(), &p.name_any());
+            }
+            Event::Init => self.relist = Some(Vec::new()),
+            Event::InitApply(p) => self
+                .relist
+                .get_or_insert_default()
+                .push((p.namespace().unwrap_or_default(), pod::candidate(p))),
+            Event::InitDone => {
+                self.index.reset(self.relist.take().unwrap_or_default());
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Applies GrpcService watch events to the selector index (a re-list drops services not seen
+/// again). Returns true on `InitDone`.
+pub struct ServiceFeed {
+    index: SelectorIndex,
+    relist: Option<HashSet<(String, String)>>,
+}
+
+impl ServiceFeed {
+    /// A feed into `index`.
+    #[must_use]
+    pub fn new(index: SelectorIndex) -> Self {
+        Self {
+            index,
+            relist: None,
+        }
+    }
+
+    /// Applies one event; true when a (re-)list completed.
+    pub fn apply(&mut self, event: &Event<GrpcService>) -> bool {
+        match event {
+            Event::Apply(svc) => self.index_service(svc),
+            Event::Delete(svc) => self
+                .index
+                .delete(&svc.namespace().unwrap_or_default(), &svc.name_any()),
+            Event::Init => self.relist = Some(HashSet::new()),
+            Event::InitApply(svc) => {
+                self.index_service(svc);
+                self.relist
+                    .get_or_insert_default()
+                    .insert((svc.namespace().unwrap_or_default(), svc.name_any()));
+            }
+            Event::InitDone => {
+                self.index.retain(&self.relist.take().unwrap_or_default());
+                return true;
+            }
+        }
+        false
+    }
+
+    fn index_service(&self, svc: &GrpcService) {
+        self.index.apply(
+            &svc.namespace().unwrap_or_default(),
+            &svc.name_any(),
+            svc.metadata.generation,
+            || {
+                Selector::try_from(svc.spec.selector.clone())
+                    .ok()
+                    .filter(|s| !s.selects_all())
+            },
+        );
     }
 }
 
@@ -216,38 +227,23 @@ impl PodMapper {
 mod tests {
     use super::*;
     use crate::fixtures::{PodBuilder, service};
-    use kube::runtime::reflector::store;
-    use kube::runtime::watcher::Event;
 
-    #[test]
-    fn stripped_pod_keeps_what_reconciling_reads_and_still_registers() {
-        let mut pod = PodBuilder::ready("p1", "10.0.0.7").build();
-        pod.metadata.annotations = Some([("big".to_owned(), "x".repeat(4096))].into());
-        pod.metadata.managed_fields = Some(vec![Default::default()]);
-        let plan = crate::desired::Plan::new(&service("greeter"), &Default::default()).unwrap();
-        let before = crate::desired::desired(&plan, std::slice::from_ref(&pod)).unwrap();
-        strip_pod(&mut pod);
-        assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
-        assert_eq!(crate::desired::desired(&plan, &[pod]).unwrap(), before);
-    }
-
-    fn stores(
-        services: &[GrpcService],
-        pods: &[Pod],
-    ) -> (
-        Store<GrpcService>,
-        Store<Pod>,
-        kube::runtime::reflector::store::Writer<Pod>,
-    ) {
-        let (svc_reader, mut svc_writer) = store();
+    fn mapper(services: &[GrpcService], pods: &[Pod]) -> (PodMapper, Selections, PodFeed) {
+        let (candidates, selectors) = (CandidateIndex::default(), SelectorIndex::default());
+        let mut svc_feed = ServiceFeed::new(selectors.clone());
         for s in services {
-            svc_writer.apply_watcher_event(&Event::Apply(s.clone()));
+            svc_feed.apply(&Event::Apply(s.clone()));
         }
-        let (pod_reader, mut pod_writer) = store();
+        let mut pod_feed = PodFeed::new(candidates.clone());
         for p in pods {
-            pod_writer.apply_watcher_event(&Event::Apply(p.clone()));
+            pod_feed.apply(&Event::Apply(p.clone()));
         }
-        (svc_reader, pod_reader, pod_writer)
+        let selections = Selections::default();
+        (
+            PodMapper::new(candidates, selectors, selections.clone()),
+            selections,
+            pod_feed,
+        )
     }
 
     #[test]
@@ -255,8 +251,7 @@ mod tests {
         let mut other = service("other");
         other.spec.selector.match_labels = Some([("app".to_owned(), "other".to_owned())].into());
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
-        let (svcs, pods, _w) = stores(&[service("greeter"), other], std::slice::from_ref(&pod));
-        let mapper = PodMapper::new(svcs, pods, Selections::default());
+        let (mapper, _, _) = mapper(&[service("greeter"), other], std::slice::from_ref(&pod));
         assert_eq!(
             mapper.map(&pod),
             [ObjectRef::new("greeter").within("default")]
@@ -266,16 +261,15 @@ mod tests {
     #[test]
     fn pod_relabelled_out_of_a_selector_wakes_the_service_that_selected_it() {
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
-        let (svcs, pods, mut writer) = stores(&[service("greeter")], std::slice::from_ref(&pod));
-        let selections = Selections::default();
-        let mapper = PodMapper::new(svcs, pods, selections.clone());
+        let (mapper, selections, mut feed) =
+            mapper(&[service("greeter")], std::slice::from_ref(&pod));
         let greeter = ObjectRef::new("greeter").within("default");
         // The reconciler selected the pod before any pod event was mapped.
         selections.record(greeter.clone(), [ObjectRef::from_obj(&pod)]);
         let moved = PodBuilder::ready("p1", "10.0.0.1")
             .label("app", "elsewhere")
             .build();
-        writer.apply_watcher_event(&Event::Apply(moved.clone()));
+        feed.apply(&Event::Apply(moved.clone()));
         assert_eq!(mapper.map(&moved), std::slice::from_ref(&greeter));
         // Its next reconcile no longer selects the pod: later events wake nobody.
         selections.record(greeter, []);
@@ -286,14 +280,13 @@ mod tests {
     #[test]
     fn deleted_pod_wakes_the_services_that_selected_it() {
         let pod = PodBuilder::ready("p1", "10.0.0.1").build();
-        let (svcs, pods, mut writer) = stores(&[service("greeter")], std::slice::from_ref(&pod));
-        let selections = Selections::default();
-        let mapper = PodMapper::new(svcs, pods, selections.clone());
+        let (mapper, selections, mut feed) =
+            mapper(&[service("greeter")], std::slice::from_ref(&pod));
         selections.record(
             ObjectRef::new("greeter").within("default"),
             [ObjectRef::from_obj(&pod)],
         );
-        writer.apply_watcher_event(&Event::Delete(pod.clone()));
+        feed.apply(&Event::Delete(pod.clone()));
         assert_eq!(mapper.map(&pod).len(), 1);
     }
 
@@ -302,11 +295,27 @@ mod tests {
         let pod = PodBuilder::ready("p1", "10.0.0.1")
             .namespace("prod")
             .build();
-        let (svcs, pods, _w) = stores(&[service("greeter")], std::slice::from_ref(&pod));
+        let (mapper, _, _) = mapper(&[service("greeter")], std::slice::from_ref(&pod));
+        assert!(mapper.map(&pod).is_empty());
+    }
+
+    #[test]
+    fn a_relist_swaps_the_candidates_in_whole_at_init_done() {
+        let (candidates, mut feed) = {
+            let index = CandidateIndex::default();
+            (index.clone(), PodFeed::new(index))
+        };
+        feed.apply(&Event::Apply(PodBuilder::ready("gone", "10.0.0.1").build()));
+        feed.apply(&Event::Init);
+        feed.apply(&Event::InitApply(
+            PodBuilder::ready("new", "10.0.0.2").build(),
+        ));
         assert!(
-            PodMapper::new(svcs, pods, Selections::default())
-                .map(&pod)
-                .is_empty()
+            candidates.get("default", "gone").is_some(),
+            "old view until InitDone"
         );
+        assert!(feed.apply(&Event::InitDone));
+        assert!(candidates.get("default", "gone").is_none());
+        assert!(candidates.get("default", "new").is_some());
     }
 }

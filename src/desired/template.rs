@@ -1,12 +1,27 @@
-//! `keyTemplate`: compiled once per spec, rendered once per pod.
+//! `keyTemplate`: compiled once per spec, rendered once per endpoint.
 
 use std::net::IpAddr;
+
+use tonic_etcd_resolver::ValueFormat;
 
 use super::SpecError;
 use crate::crd::TEMPLATE_PLACEHOLDERS;
 
 /// The layout used when a spec sets no `keyTemplate`: `<target>/<ip>:<port>`.
 pub const DEFAULT: &str = "{target}/{addr}";
+
+/// kratos' layout, `/microservices/<name>/<id>` with target `/microservices/<name>`.
+pub const KRATOS: &str = "{target}/{id}";
+
+/// The template a spec without `keyTemplate` gets: kratos' layout for [`ValueFormat::Kratos`],
+/// else [`DEFAULT`].
+#[must_use]
+pub fn default_for(format: ValueFormat) -> &'static str {
+    match format {
+        ValueFormat::Kratos => KRATOS,
+        ValueFormat::EtcdNaming | ValueFormat::Address => DEFAULT,
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Var {
@@ -18,6 +33,7 @@ enum Var {
     Namespace,
     Name,
     Node,
+    Id,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +56,7 @@ pub(crate) struct Vars<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub node: &'a str,
+    pub id: &'a str,
 }
 
 impl KeyTemplate {
@@ -99,6 +116,7 @@ impl KeyTemplate {
                 Segment::Var(Var::Namespace) => out.push_str(vars.namespace),
                 Segment::Var(Var::Name) => out.push_str(vars.name),
                 Segment::Var(Var::Node) => out.push_str(vars.node),
+                Segment::Var(Var::Id) => out.push_str(vars.id),
             }
         }
         out
@@ -115,6 +133,7 @@ fn var(name: &str, text: &str) -> Result<Var, SpecError> {
         "namespace" => Var::Namespace,
         "name" => Var::Name,
         "node" => Var::Node,
+        "id" => Var::Id,
         other => {
             return Err(SpecError::Template(format!(
                 "{text:?} uses unknown placeholder {{{other}}}; known: {}",
@@ -146,6 +165,7 @@ mod tests {
             namespace: "ns",
             name: "svc",
             node: "node-1",
+            id: "pod-0",
         }
     }
 
@@ -158,6 +178,7 @@ mod tests {
             "pod" => "pod-0",
             "namespace" => "ns",
             "name" => "svc",
+            "id" => "pod-0",
             _ => "node-1",
         }
     }

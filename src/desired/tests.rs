@@ -1,12 +1,35 @@
 use super::*;
 use crate::fixtures::{PodBuilder, service};
+use crate::source::index::CandidateIndex;
+use crate::source::pod::{ZONE_LABEL, candidate};
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
 fn plan() -> Plan {
     Plan::new(&service("greeter"), &Policy::default()).unwrap()
 }
 
-fn keys(d: &Desired) -> Vec<&str> {
+/// What a service's pods become on the wire: the pod source, `desired`, then the etcd layout.
+#[derive(Debug)]
+struct Rendered {
+    entries: BTreeMap<String, Vec<u8>>,
+    selected: usize,
+    ready: usize,
+    skipped: BTreeMap<String, Skip>,
+}
+
+fn desired(plan: &Plan, pods: &[Pod]) -> Result<Rendered, SpecError> {
+    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    let d = super::desired(plan, &candidates);
+    Ok(Rendered {
+        entries: plan.layout().render(&d.endpoints)?,
+        selected: d.selected,
+        ready: d.ready,
+        skipped: d.skipped,
+    })
+}
+
+fn keys(d: &Rendered) -> Vec<&str> {
     d.entries.keys().map(String::as_str).collect()
 }
 
@@ -195,20 +218,39 @@ fn ipv6_pod_address_is_bracketed_in_key_and_value() {
 #[test]
 fn selector_selects_only_matching_pods_in_the_same_namespace() {
     let plan = plan();
-    assert!(plan.selects(&PodBuilder::ready("p", "10.0.0.1").build()));
-    assert!(
-        !plan.selects(
-            &PodBuilder::ready("p", "10.0.0.1")
-                .label("app", "other")
-                .build()
-        )
-    );
-    assert!(
-        !plan.selects(
-            &PodBuilder::ready("p", "10.0.0.1")
-                .namespace("other")
-                .build()
-        )
+    let index = CandidateIndex::default();
+    for pod in [
+        PodBuilder::ready("p", "10.0.0.1").build(),
+        PodBuilder::ready("other-app", "10.0.0.2")
+            .label("app", "other")
+            .build(),
+        PodBuilder::ready("elsewhere", "10.0.0.3")
+            .namespace("other")
+            .build(),
+    ] {
+        index.apply(&pod.namespace().unwrap(), candidate(&pod));
+    }
+    let selected = index.select(&plan.namespace, &plan.selector);
+    assert_eq!(selected.len(), 1);
+    assert_eq!(selected[0].id, "p");
+}
+
+#[test]
+fn kratos_format_writes_service_instances_under_kratos_key_layout() {
+    let mut svc = service("greeter");
+    svc.spec.format = ValueFormat::Kratos;
+    svc.spec.target = Some("/microservices/greeter".into());
+    svc.spec.metadata = BTreeMap::from([("version".into(), "v1".into())]);
+    let policy = Policy {
+        custom_targets: CustomTargets::All,
+        ..Policy::default()
+    };
+    let plan = Plan::new(&svc, &policy).unwrap();
+    let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
+    assert_eq!(keys(&d), ["/microservices/greeter/p1"]);
+    assert_eq!(
+        String::from_utf8(d.entries.values().next().unwrap().clone()).unwrap(),
+        r#"{"id":"p1","name":"greeter","version":"v1","metadata":{"namespace":"default","node":"node-1","pod":"p1","version":"v1"},"endpoints":["grpc://10.0.0.7:50051"]}"#
     );
 }
 

@@ -12,7 +12,7 @@ use grpc_registrar::controller::{self, Scope};
 use grpc_registrar::crd::GrpcService;
 use grpc_registrar::desired::Policy;
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::{Registry, RegistryConfig};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -44,7 +44,12 @@ pub struct Env {
 impl Env {
     /// Creates namespace `ns`, a registry etcd, and starts the controller watching `ns` only.
     pub async fn new(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, false, None).await
+        Self::build(plane, ns, false, None, Policy::default()).await
+    }
+
+    /// As [`Env::new`], with the controller checking targets against `policy`.
+    pub async fn with_policy(plane: Arc<ControlPlane>, ns: &str, policy: Policy) -> Self {
+        Self::build(plane, ns, false, None, policy).await
     }
 
     /// As [`Env::new`], with the controller reaching the API server through a proxy the test can
@@ -61,17 +66,20 @@ impl Env {
         .unwrap();
         config.cluster_url = format!("https://{}", proxy.addr()).parse().unwrap();
         let client = kube::Client::try_from(config).unwrap();
-        (Self::build(plane, ns, false, Some(client)).await, proxy)
+        (
+            Self::build(plane, ns, false, Some(client), Policy::default()).await,
+            proxy,
+        )
     }
 
     /// As [`Env::new`], with the controller reaching etcd through a proxy the test can cut.
     pub async fn partitionable(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, true, None).await
+        Self::build(plane, ns, true, None, Policy::default()).await
     }
 
     /// A namespace and a registry etcd only; the test runs the controller itself.
     pub async fn without_controller(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        let env = Self::build(plane, ns, false, None).await;
+        let env = Self::build(plane, ns, false, None, Policy::default()).await;
         let _ = env.stop.send(true);
         env
     }
@@ -81,6 +89,7 @@ impl Env {
         ns: &str,
         proxied: bool,
         controller_client: Option<kube::Client>,
+        policy: Policy,
     ) -> Self {
         let client = plane.client().await;
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -106,20 +115,22 @@ impl Env {
             .as_ref()
             .map_or_else(|| etcd.endpoint(), TcpProxy::url);
         let metrics = Arc::new(Metrics::default());
-        let config = RegistryConfig {
+        let config = EtcdConfig {
             default_ttl: Duration::from_secs(10),
             op_timeout: Duration::from_secs(2),
-            ..RegistryConfig::new(vec![endpoint])
+            ..EtcdConfig::new(vec![endpoint])
         };
-        let registry = Registry::connect(config, metrics.clone()).await.unwrap();
+        let registry = EtcdRegistry::connect(config, metrics.clone())
+            .await
+            .unwrap();
         let (stop, mut stopped) = watch::channel(false);
         let controller = tokio::spawn(controller::run(
             controller_client.unwrap_or_else(|| client.clone()),
-            registry,
+            Arc::new(registry),
             Scope {
                 namespace: Some(ns.to_owned()),
             },
-            Policy::default(),
+            policy,
             metrics.clone(),
             Arc::new(AtomicBool::new(false)),
             grpc_registrar::leader::always_leader(),
@@ -193,16 +204,15 @@ impl Env {
             .expect("failed to patch pod status");
     }
 
-    /// Key -> value under `services/<ns>/` in the registry etcd.
-    pub async fn keys(&self) -> BTreeMap<String, String> {
-        let prefix = format!("services/{}/", self.ns);
+    /// Key -> value under `prefix` in the registry etcd.
+    pub async fn keys_under(&self, prefix: &str) -> BTreeMap<String, String> {
         let resp = self
             .etcd
             .client()
             .await
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
-            .unwrap();
+            .expect("failed to read the registry");
         resp.kvs()
             .iter()
             .map(|kv| {
@@ -212,6 +222,11 @@ impl Env {
                 )
             })
             .collect()
+    }
+
+    /// Key -> value under `services/<ns>/` in the registry etcd.
+    pub async fn keys(&self) -> BTreeMap<String, String> {
+        self.keys_under(&format!("services/{}/", self.ns)).await
     }
 
     /// The ownership records in this test's registry etcd.

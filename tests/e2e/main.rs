@@ -9,6 +9,7 @@ mod chart;
 mod failover;
 mod faults;
 mod harness;
+mod interop;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -123,6 +124,7 @@ fn main() {
         trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
         trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
         trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
+        trial(&runtime, &plane, "interop::a_kratos_client_calls_every_server_published_with_the_kratos_format", interop::a_kratos_client_calls_every_server_published_with_the_kratos_format),
         trial(&runtime, &plane, "chart::helm_install_then_the_charts_service_account_runs_the_whole_flow", chart::helm_install_then_the_charts_service_account_runs_the_whole_flow),
         trial(&runtime, &plane, "faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready", faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready),
     ];

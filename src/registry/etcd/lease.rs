@@ -14,37 +14,10 @@ use tokio::sync::{Mutex, Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
-use crate::{Error, Result};
-
-/// What the keep-alive saw happen to a shared lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LeaseEvent {
-    /// The lease was lost (expired, revoked, or etcd lost its data) and replaced; every key on it
-    /// must be put again.
-    Replaced {
-        /// The TTL of the lease.
-        ttl: Duration,
-        /// The lost lease.
-        old: i64,
-        /// Its replacement, already granted.
-        new: i64,
-    },
-    /// etcd stopped answering the keep-alive; sent once per outage.
-    Unreachable {
-        /// The TTL of the lease.
-        ttl: Duration,
-        /// The lease being kept.
-        lease: i64,
-    },
-    /// The keep-alive works again after an outage, on the same lease.
-    Restored {
-        /// The TTL of the lease.
-        ttl: Duration,
-        /// The lease being kept.
-        lease: i64,
-    },
-}
+use crate::registry::error::timeout;
+use crate::registry::{Event as LeaseEvent, Result};
 
 struct Slot {
     /// The current lease id; replaced in place when the lease is lost.
@@ -61,22 +34,34 @@ pub(crate) struct LeasePool {
     client: Client,
     /// One slot per distinct TTL.
     slots: Mutex<HashMap<u64, Slot>>,
-    /// Lease loss announcements, consumed by the registry's replay task and the controller.
+    /// Lease loss and reachability announcements, consumed by the controller.
     events: broadcast::Sender<LeaseEvent>,
     /// Bound on each etcd call.
     op_timeout: Duration,
     /// Keep-alive and grant counters.
     metrics: Arc<Metrics>,
+    /// Run when a lease is replaced, before the event is announced (the registry forgets its
+    /// claims then, since a lost lease often means lost records too).
+    on_replaced: OnReplaced,
 }
 
+/// A hook run on lease replacement.
+pub(crate) type OnReplaced = Arc<dyn Fn() + Send + Sync>;
+
 impl LeasePool {
-    pub(crate) fn new(client: Client, op_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        op_timeout: Duration,
+        metrics: Arc<Metrics>,
+        on_replaced: OnReplaced,
+    ) -> Self {
         Self {
             client,
             slots: Mutex::default(),
             events: broadcast::channel(64).0,
             op_timeout,
             metrics,
+            on_replaced,
         }
     }
 
@@ -93,7 +78,7 @@ impl LeasePool {
         }
         let id = grant(&self.client, secs, self.op_timeout).await?;
         self.metrics.lease_grants.inc();
-        info!(lease_id = id, ttl = secs, "granted shared lease");
+        info!(lease_id = %hex(id), ttl = secs, "granted shared lease");
         let (tx, rx) = watch::channel(id);
         let suspect = Arc::new(Notify::new());
         let keeper = Keeper {
@@ -104,11 +89,12 @@ impl LeasePool {
             events: self.events.clone(),
             op_timeout: self.op_timeout,
             metrics: self.metrics.clone(),
+            on_replaced: self.on_replaced.clone(),
         };
         let task = tokio::spawn(
             keeper
                 .run()
-                .instrument(info_span!("lease_keeper", ttl = secs)),
+                .instrument(info_span!(parent: None, "lease_keeper", ttl = secs)),
         );
         slots.insert(
             secs,
@@ -154,18 +140,13 @@ impl Drop for LeasePool {
 async fn grant(client: &Client, ttl_secs: u64, op_timeout: Duration) -> Result<i64> {
     let ttl = i64::try_from(ttl_secs).unwrap_or(i64::MAX);
     let mut lease = client.lease_client();
-    let resp = tokio::time::timeout(op_timeout, lease.grant(ttl, None))
-        .await
-        .map_err(|_| timeout_error("grant lease"))?
-        .map_err(Error::etcd("grant lease"))?;
+    let resp = timeout("grant lease", op_timeout, lease.grant(ttl, None)).await?;
     Ok(resp.id())
 }
 
-pub(crate) fn timeout_error(op: &'static str) -> Error {
-    Error::Etcd {
-        op,
-        source: etcd_client::Error::Internal("deadline exceeded".into()),
-    }
+/// A lease id as etcdctl and status print it.
+pub(crate) fn hex(id: i64) -> String {
+    format!("{id:x}")
 }
 
 /// Whether an etcd error says the lease no longer exists.
@@ -187,6 +168,7 @@ struct Keeper {
     events: broadcast::Sender<LeaseEvent>,
     op_timeout: Duration,
     metrics: Arc<Metrics>,
+    on_replaced: OnReplaced,
 }
 
 enum StreamEnd {
@@ -210,7 +192,7 @@ impl Keeper {
                 Ok(Ok((keeper, stream))) => {
                     last_ok = Instant::now();
                     if std::mem::take(&mut unreachable) {
-                        info!(lease_id = id, "etcd reachable again; lease kept");
+                        info!(lease_id = %hex(id), "etcd reachable again; lease kept");
                         let _ = self.events.send(LeaseEvent::Restored {
                             ttl: self.ttl,
                             lease: id,
@@ -222,12 +204,12 @@ impl Keeper {
                 Ok(Err(e)) if is_lease_not_found(&e) => StreamEnd::Lost,
                 Ok(Err(e)) => {
                     self.metrics.lease_keepalive_failures.inc();
-                    warn!(lease_id = id, error = %e, "failed to open lease keep-alive stream");
+                    warn!(lease_id = %hex(id), error = %e, "failed to open lease keep-alive stream");
                     StreamEnd::Broken
                 }
                 Err(_) => {
                     self.metrics.lease_keepalive_failures.inc();
-                    warn!(lease_id = id, "timed out opening lease keep-alive stream");
+                    warn!(lease_id = %hex(id), "timed out opening lease keep-alive stream");
                     StreamEnd::Broken
                 }
             };
@@ -245,7 +227,7 @@ impl Keeper {
                     }
                     if last_ok.elapsed() > self.ttl {
                         debug!(
-                            lease_id = id,
+                            lease_id = %hex(id),
                             "no renewal for longer than the ttl; the lease is probably gone"
                         );
                     }
@@ -282,14 +264,14 @@ impl Keeper {
                     Err(e) if is_lease_not_found(&e) => return StreamEnd::Lost,
                     Ok(None) | Err(_) => {
                         self.metrics.lease_keepalive_failures.inc();
-                        warn!(lease_id = id, "lease keep-alive stream ended; rebuilding it");
+                        warn!(lease_id = %hex(id), "lease keep-alive stream ended; rebuilding it");
                         return StreamEnd::Broken;
                     }
                 },
             }
             if let Err(e) = keeper.keep_alive().await {
                 self.metrics.lease_keepalive_failures.inc();
-                warn!(lease_id = id, error = %e, "failed to send lease keep-alive");
+                warn!(lease_id = %hex(id), error = %e, "failed to send lease keep-alive");
                 return StreamEnd::Broken;
             }
             match tokio::time::timeout(interval, stream.message()).await {
@@ -302,7 +284,7 @@ impl Keeper {
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                     self.metrics.lease_keepalive_failures.inc();
                     warn!(
-                        lease_id = id,
+                        lease_id = %hex(id),
                         "lease keep-alive stream broke; rebuilding it"
                     );
                     return StreamEnd::Broken;
@@ -315,27 +297,28 @@ impl Keeper {
     async fn replace(&self, old: i64) {
         self.metrics.lease_losses.inc();
         warn!(
-            lease_id = old,
+            lease_id = %hex(old),
             "lease lost; granting a new one and re-putting its keys"
         );
-        let mut delay = Duration::from_millis(100);
+        let mut delays = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let new = loop {
             match grant(&self.client, self.ttl.as_secs(), self.op_timeout).await {
                 Ok(id) => break id,
                 Err(e) => {
-                    warn!(error = %e, "failed to grant replacement lease; retrying");
+                    let delay = delays.next().unwrap_or_default();
+                    warn!(error = %e, ?delay, "failed to grant replacement lease; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         };
         self.metrics.lease_grants.inc();
         info!(
-            lease_id = new,
-            old_lease_id = old,
+            lease_id = %hex(new),
+            old_lease_id = %hex(old),
             "granted replacement lease"
         );
         self.id.send_replace(new);
+        (self.on_replaced)();
         // Nobody listening is fine: then nothing was put on the old lease either.
         let _ = self.events.send(LeaseEvent::Replaced {
             ttl: self.ttl,

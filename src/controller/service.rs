@@ -1,0 +1,310 @@
+//! What a reconcile does for one `GrpcService`: apply (publish) and cleanup (deregister), with
+//! the outcome written to status.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::status::{Outcome, event_for, next_status};
+use super::watch::pod_ref;
+use super::{CONFLICT_RECHECK, Context, FIELD_MANAGER, RESYNC, STATUS_INTERVAL};
+use crate::crd::GrpcService;
+use crate::desired::{Desired, Plan, SpecError, desired};
+use crate::metrics::ServiceLabels;
+use crate::registry::{self, Claim, Owner, Publication};
+use crate::source::Candidate;
+use crate::{Error, Result};
+
+/// What [`GrpcService::patch_status`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StatusWrite {
+    Written,
+    Unchanged,
+    Deferred,
+}
+
+impl GrpcService {
+    fn owner(&self) -> Result<Owner> {
+        Ok(Owner {
+            uid: self.uid().ok_or(Error::MissingField("metadata.uid"))?,
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+        })
+    }
+
+    fn ttl(&self, ctx: &Context) -> Duration {
+        self.spec
+            .ttl_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or_else(|| ctx.backend.default_ttl(), Duration::from_secs)
+    }
+
+    /// Publishes the registrable selected candidates and reports the outcome in status.
+    pub(super) async fn apply(&self, ctx: &Context) -> Result<Action> {
+        let owner = self.owner()?;
+        let plan = match Plan::new(self, &ctx.policy) {
+            Ok(plan) => plan,
+            Err(e) => return self.invalid_spec(ctx, &e).await,
+        };
+        tracing::Span::current().record("target", plan.target.as_str());
+
+        // A changed target: free the old one first, so it never holds stale endpoints.
+        if let Some(old) = self.status.as_ref().and_then(|s| s.target.as_deref())
+            && old != plan.target
+        {
+            let deleted = ctx.backend.release(old, &owner).await?;
+            info!(old_target = old, deleted, "released previous target");
+        }
+
+        match self.claim(ctx, &plan.target, &owner).await? {
+            Ok(Claim::Owned) => {}
+            Ok(Claim::Conflict { owner: other, .. }) => {
+                let outcome = Outcome::Conflict {
+                    target: &plan.target,
+                    owner: format!("{}/{}", other.namespace, other.name),
+                };
+                self.patch_status(ctx, &outcome).await?;
+                return Ok(Action::requeue(CONFLICT_RECHECK));
+            }
+            Err(e) => return self.backend_failed(ctx, &plan.target, None, e).await,
+        }
+
+        let selected = ctx.candidates.select(&plan.namespace, &plan.selector);
+        ctx.selections.record(
+            ObjectRef::from_obj(self),
+            selected.iter().map(|c| pod_ref(&plan.namespace, &c.id)),
+        );
+        let mut want = desired(&plan, &selected);
+        let publication = Publication {
+            layout: plan.layout(),
+            owner: owner.clone(),
+            ttl: self.ttl(ctx),
+            endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
+        };
+        let report = match ctx.backend.sync(&publication).await {
+            Ok(report) => report,
+            Err(registry::Error::Spec(e)) => return self.invalid_spec(ctx, &e).await,
+            Err(e) => {
+                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+            }
+        };
+        if report.puts + report.deletes > 0 {
+            self.observe_propagation(ctx, &selected);
+            info!(
+                puts = report.puts,
+                deletes = report.deletes,
+                registered = report.registered,
+                revision = report.revision,
+                lease_id = %format!("{:x}", report.lease_id),
+                "registry updated"
+            );
+        }
+        ctx.metrics
+            .registered_endpoints
+            .get_or_create(&ServiceLabels {
+                namespace: owner.namespace.clone(),
+                name: owner.name.clone(),
+            })
+            .set(i64::try_from(report.registered).unwrap_or(i64::MAX));
+        let outcome = Outcome::Synced {
+            target: &plan.target,
+            desired: &want,
+            report: &report,
+        };
+        if self.patch_status(ctx, &outcome).await? == StatusWrite::Deferred {
+            // Counts only: written on the requeue, at most once per STATUS_INTERVAL.
+            return Ok(Action::requeue(STATUS_INTERVAL));
+        }
+        Ok(Action::requeue(RESYNC))
+    }
+
+    /// Observes, for each selected candidate whose readiness changed (or that began
+    /// terminating) since this process started and that was not observed yet, the time from
+    /// that change to this commit. Kubernetes keeps whole seconds, so "since" is compared per
+    /// candidate, not by time.
+    fn observe_propagation(&self, ctx: &Context, selected: &[Arc<Candidate>]) {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let service = format!(
+            "{}/{}/",
+            self.namespace().unwrap_or_default(),
+            self.name_any()
+        );
+        let mut seen = ctx.transitions.lock().expect("lock");
+        let mut current = HashSet::new();
+        for candidate in selected {
+            let Some(changed) = candidate.changed else {
+                continue;
+            };
+            let key = format!("{service}{}", candidate.id);
+            if changed >= ctx.started && seen.get(&key) != Some(&changed) {
+                let seconds = now.duration_since(changed).as_secs_f64().max(0.0);
+                ctx.metrics.propagation.observe(seconds);
+            }
+            seen.insert(key.clone(), changed);
+            current.insert(key);
+        }
+        seen.retain(|key, _| !key.starts_with(&service) || current.contains(key));
+    }
+
+    /// Claims the target; takes it over when the recorded owner no longer exists. The inner
+    /// result is the backend's; the outer one fails when the owner could not be looked up.
+    async fn claim(
+        &self,
+        ctx: &Context,
+        target: &str,
+        owner: &Owner,
+    ) -> Result<Result<Claim, registry::Error>> {
+        let claim = match ctx.backend.claim(target, owner).await {
+            Ok(claim) => claim,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Claim::Conflict {
+            owner: other,
+            version,
+        } = &claim
+        else {
+            return Ok(Ok(claim));
+        };
+        if other.namespace.is_empty() {
+            return Ok(Ok(claim));
+        }
+        let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &other.namespace);
+        let alive = api
+            .get_opt(&other.name)
+            .await
+            .map_err(Error::kube("look up target owner"))?
+            .is_some_and(|o| o.uid().as_deref() == Some(other.uid.as_str()));
+        if alive {
+            return Ok(Ok(claim));
+        }
+        info!(stale_owner = %format!("{}/{}", other.namespace, other.name), "target owner no longer exists; taking over");
+        Ok(ctx.backend.take_over(target, owner, *version).await)
+    }
+
+    /// Reports a spec that cannot be applied. What is already published stays (a typo must not
+    /// take a service down); the next spec or pod change is reconciled afresh.
+    async fn invalid_spec(&self, ctx: &Context, error: &SpecError) -> Result<Action> {
+        warn!(error = %error, "invalid spec");
+        let outcome = Outcome::InvalidSpec {
+            message: error.to_string(),
+        };
+        self.patch_status(ctx, &outcome).await?;
+        Ok(Action::await_change())
+    }
+
+    /// Reports a backend failure in status (best effort) and hands the error to the retry
+    /// policy.
+    async fn backend_failed(
+        &self,
+        ctx: &Context,
+        target: &str,
+        want: Option<&Desired>,
+        error: registry::Error,
+    ) -> Result<Action> {
+        if let registry::Error::Fenced { .. } = error {
+            // Deposed mid-reconcile: the new leader owns status now.
+            info!(error = %error, "not the leader; leaving this service to the leader");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        let outcome = Outcome::EtcdUnavailable {
+            target,
+            message: error.to_string(),
+            desired: want,
+        };
+        if let Err(e) = self.patch_status(ctx, &outcome).await {
+            warn!(error = %e, "failed to report the registry failure in status");
+        }
+        Err(error.into())
+    }
+
+    /// Deletes this service's keys and ownership record; the finalizer is released after.
+    pub(super) async fn cleanup(&self, ctx: &Context) -> Result<Action> {
+        let owner = self.owner()?;
+        let mut targets: Vec<String> = self
+            .status
+            .as_ref()
+            .and_then(|s| s.target.clone())
+            .into_iter()
+            .collect();
+        if let Ok(plan) = Plan::new(self, &ctx.policy)
+            && !targets.contains(&plan.target)
+        {
+            targets.push(plan.target);
+        }
+        for target in targets {
+            let deleted = ctx.backend.release(&target, &owner).await?;
+            info!(target, deleted, "deregistered service");
+        }
+        ctx.selections.record(ObjectRef::from_obj(self), []);
+        ctx.metrics.registered_endpoints.remove(&ServiceLabels {
+            namespace: owner.namespace,
+            name: owner.name,
+        });
+        Ok(Action::await_change())
+    }
+
+    /// Writes status with server-side apply, only when it changed. A change of counts only (the
+    /// Ready condition's status and reason unchanged) within [`STATUS_INTERVAL`] of this
+    /// service's last write is deferred: under churn, a status write per readiness flip would
+    /// load the API server and hold up the next reconcile of the service.
+    async fn patch_status(&self, ctx: &Context, outcome: &Outcome<'_>) -> Result<StatusWrite> {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let next = next_status(
+            self.status.as_ref(),
+            self.metadata.generation,
+            outcome,
+            &now,
+        );
+        // A replica deposed mid-reconcile leaves status to the new leader.
+        if self.status.as_ref() == Some(&next) || !ctx.backend.may_write() {
+            return Ok(StatusWrite::Unchanged);
+        }
+        let uid = self.uid().unwrap_or_default();
+        let counts_only = matches!(outcome, Outcome::Synced { .. })
+            && event_for(self.status.as_ref(), &next).is_none();
+        if counts_only
+            && ctx
+                .status_writes
+                .lock()
+                .expect("lock")
+                .get(&uid)
+                .is_some_and(|at| at.elapsed() < STATUS_INTERVAL)
+        {
+            return Ok(StatusWrite::Deferred);
+        }
+        let api: Api<GrpcService> =
+            Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
+        let patch = json!({
+            "apiVersion": "grpc-registrar.io/v1alpha1",
+            "kind": "GrpcService",
+            "status": next,
+        });
+        api.patch_status(
+            &self.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(Error::kube("patch status"))?;
+        ctx.status_writes
+            .lock()
+            .expect("lock")
+            .insert(uid, std::time::Instant::now());
+        if let (Some(recorder), Some(event)) = (&ctx.events, event_for(self.status.as_ref(), &next))
+        {
+            // Best effort: an Event that cannot be written must not fail the reconcile.
+            if let Err(e) = recorder.publish(&event, &self.object_ref(&())).await {
+                warn!(error = %e, "failed to publish event");
+            }
+        }
+        Ok(StatusWrite::Written)
+    }
+}

@@ -1,0 +1,105 @@
+//! How a service's logical endpoints are written to etcd: a key from the `keyTemplate`, a value
+//! from the format's [`Codec`](tonic_etcd_resolver::Codec). Pure; used by the etcd backend.
+
+use std::collections::BTreeMap;
+
+use tonic_etcd_resolver::format::{Endpoint, ValueFormat};
+
+use super::{LogicalEndpoint, Plan, SpecError, template};
+use crate::desired::KeyTemplate;
+
+/// The wire layout of one service: where its keys go and how values are encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The target every key lives under.
+    pub target: String,
+    /// The value format.
+    pub format: ValueFormat,
+    /// The compiled key template.
+    pub template: KeyTemplate,
+    /// The GrpcService's namespace, for `{namespace}`.
+    pub namespace: String,
+    /// The GrpcService's name, for `{name}`.
+    pub name: String,
+}
+
+impl Layout {
+    /// The layout a validated spec asks for.
+    #[must_use]
+    pub fn new(plan: &Plan) -> Self {
+        Self {
+            target: plan.target.clone(),
+            format: plan.format,
+            template: plan.template.clone(),
+            namespace: plan.namespace.clone(),
+            name: plan.name.clone(),
+        }
+    }
+
+    /// The service name a kratos client dials: the target's last segment.
+    #[must_use]
+    pub fn service_name(&self) -> &str {
+        self.target.rsplit('/').next().unwrap_or(&self.target)
+    }
+
+    /// The key of one endpoint.
+    #[must_use]
+    pub fn key(&self, endpoint: &LogicalEndpoint) -> String {
+        let addr = endpoint.addr();
+        self.template.render(&template::Vars {
+            target: &self.target,
+            addr: &addr,
+            ip: endpoint.ip,
+            port: endpoint.port,
+            pod: &endpoint.id,
+            namespace: &self.namespace,
+            name: &self.name,
+            node: endpoint.node.as_deref().unwrap_or(""),
+            id: &endpoint.id,
+        })
+    }
+
+    /// The value bytes of one endpoint.
+    #[must_use]
+    pub fn value(&self, endpoint: &LogicalEndpoint) -> Vec<u8> {
+        let mut wire = Endpoint::new(endpoint.addr());
+        if self.format != ValueFormat::Address {
+            wire = wire
+                .with_id(endpoint.id.clone())
+                .with_service(self.service_name())
+                .with_metadata(serde_json::Value::Object(
+                    endpoint
+                        .metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect(),
+                ));
+        }
+        self.format.codec().render(&wire)
+    }
+
+    /// Every key and value, checking that no two endpoints share a key.
+    ///
+    /// # Errors
+    /// [`SpecError::KeyCollision`] naming both endpoints, when the key template maps two to one
+    /// key (one would silently hide the other).
+    pub fn render(
+        &self,
+        endpoints: &[LogicalEndpoint],
+    ) -> Result<BTreeMap<String, Vec<u8>>, SpecError> {
+        let mut out = BTreeMap::new();
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
+        for endpoint in endpoints {
+            let key = self.key(endpoint);
+            if let Some(first) = owners.insert(key.clone(), &endpoint.id) {
+                return Err(SpecError::KeyCollision {
+                    key,
+                    first: first.to_owned(),
+                    second: endpoint.id.clone(),
+                });
+            }
+            out.insert(key, self.value(endpoint));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,79 @@
+//! How to reach etcd and lay out the controller's records.
+
+use std::time::Duration;
+
+/// etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// TLS material for etcd, PEM: the CA that signed etcd's serving certificate, and an optional
+/// client certificate and key (mTLS; under etcd's `--client-cert-auth` with auth enabled, the
+/// certificate's common name is the etcd user, so no password is needed).
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// CA certificate(s), PEM.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and private key, PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// An etcd user and password; the password never reaches a log.
+#[derive(Clone)]
+pub struct EtcdUser {
+    /// The user name.
+    pub name: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdUser")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How to reach etcd and lay out the controller's records.
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    /// etcd client endpoints, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Prefix of the controller's own records (`<root>/owners/...`, `<root>/leader`).
+    pub registrar_root: String,
+    /// TTL of the shared lease when a service sets none.
+    pub default_ttl: Duration,
+    /// Operations per txn; at most etcd's `--max-txn-ops`.
+    pub max_txn_ops: usize,
+    /// Bound on every etcd request.
+    pub op_timeout: Duration,
+    /// TLS, for `https://` endpoints.
+    pub tls: Option<EtcdTls>,
+    /// Username and password auth. The token is refreshed when etcd refuses it as expired.
+    pub user: Option<EtcdUser>,
+}
+
+impl EtcdConfig {
+    /// A config with the defaults for everything but the endpoints.
+    #[must_use]
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            registrar_root: "grpc-registrar".into(),
+            default_ttl: Duration::from_secs(30),
+            max_txn_ops: MAX_TXN_OPS,
+            op_timeout: Duration::from_secs(5),
+            tls: None,
+            user: None,
+        }
+    }
+}

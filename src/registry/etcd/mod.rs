@@ -1,0 +1,217 @@
+//! The etcd backend: target ownership, the shared lease, txn-batched diffs, and the fence.
+//!
+//! Every target is owned by exactly one `GrpcService`, recorded at
+//! `<registrar-root>/owners/<target>` and claimed with a compare-and-swap txn. Every write under a
+//! target is a txn guarded by that record (and, with leader election, by the leader record), so a
+//! writer that lost ownership or leadership writes nothing.
+//!
+//! - [`config`]: endpoints, TLS, auth, limits.
+//! - `ownership`: claim, take over, release.
+//! - `sync`: list, diff ([`diff`]), guarded txn batches.
+//! - `fence`: the leader record and the compare every write carries.
+//! - `lease`: one shared lease per TTL, kept alive, replaced when lost.
+
+pub mod config;
+mod diff;
+mod fence;
+mod lease;
+mod ownership;
+mod sync;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions, Txn};
+use tokio::sync::broadcast;
+
+pub use config::{EtcdConfig, EtcdTls, EtcdUser, MAX_TXN_OPS};
+pub use diff::{Current, Op, diff};
+use fence::Fence;
+pub use fence::{leader_record, leader_term};
+use lease::LeasePool;
+
+use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
+use crate::metrics::Metrics;
+
+/// The etcd registry: a cheap, cloneable handle over one etcd client.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The etcd client (a balanced channel, shared by all clones).
+    client: Client,
+    /// Layout and limits.
+    config: EtcdConfig,
+    /// The shared leases.
+    leases: LeasePool,
+    /// Targets this process has claimed, so a claim costs no round trip in steady state.
+    /// Shared with the lease keeper, which clears it when a lease is replaced.
+    claimed: Arc<Mutex<HashMap<String, Owner>>>,
+    /// etcd latency and lease counters.
+    metrics: Arc<Metrics>,
+    /// Whether this replica may write, and the fencing record guarding its writes.
+    fence: Mutex<Fence>,
+}
+
+impl EtcdRegistry {
+    /// Connects to etcd. The connection is lazy: this succeeds while etcd is down, and requests
+    /// fail (and are retried by the caller) until it is back.
+    ///
+    /// # Errors
+    /// Malformed endpoints; with auth, etcd refusing (or not answering) the authentication.
+    pub async fn connect(config: EtcdConfig, metrics: Arc<Metrics>) -> Result<Self> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(config.op_timeout)
+            .with_keep_alive(Duration::from_secs(10), config.op_timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true)
+            // On an expired or invalid token (etcd's --auth-token-ttl, or a restart with simple
+            // tokens), authenticate again and retry the call once; streams are re-opened by
+            // the lease keeper through the same path.
+            .with_auto_token_refresh(true);
+        if let Some(tls) = &config.tls {
+            let mut tls_options = etcd_client::TlsOptions::new();
+            if let Some(ca) = &tls.ca {
+                tls_options = tls_options.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                tls_options = tls_options.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls_options);
+        }
+        if let Some(user) = &config.user {
+            options = options.with_user(user.name.clone(), user.password.clone());
+        }
+        let client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(Error::etcd("connect to etcd"))?;
+        Ok(Self::from_client(client, config, metrics))
+    }
+
+    /// Wraps an existing client.
+    #[must_use]
+    pub fn from_client(client: Client, config: EtcdConfig, metrics: Arc<Metrics>) -> Self {
+        let claimed: Arc<Mutex<HashMap<String, Owner>>> = Arc::default();
+        let forget = Arc::downgrade(&claimed);
+        let leases = LeasePool::new(
+            client.clone(),
+            config.op_timeout,
+            metrics.clone(),
+            Arc::new(move || {
+                if let Some(claimed) = forget.upgrade() {
+                    claimed.lock().expect("lock").clear();
+                }
+            }),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                config,
+                leases,
+                claimed,
+                metrics,
+                fence: Mutex::new(Fence::Off),
+            }),
+        }
+    }
+
+    /// The underlying etcd client.
+    #[must_use]
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The ids of the live shared leases.
+    pub async fn lease_ids(&self) -> Vec<i64> {
+        self.inner.leases.ids().await
+    }
+
+    /// Reads a key that always exists or not, to check that etcd answers (start-up checks).
+    ///
+    /// # Errors
+    /// etcd unreachable, refusing the credentials, or not answering within the op timeout.
+    pub async fn ping(&self) -> Result<i64> {
+        let mut kv = self.inner.client.kv_client();
+        let op = "read from etcd";
+        let resp = super::error::timeout(
+            op,
+            self.inner.config.op_timeout,
+            kv.get(self.leader_key(), None),
+        )
+        .await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn txn(&self, op: &'static str, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        let started = Instant::now();
+        let mut kv = self.inner.client.kv_client();
+        let resp = super::error::timeout(op, self.inner.config.op_timeout, kv.txn(txn)).await?;
+        self.inner.metrics.observe_etcd("txn", started);
+        Ok(resp)
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for EtcdRegistry {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.inner.config.default_ttl
+    }
+
+    async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
+        EtcdRegistry::claim(self, target, owner).await
+    }
+
+    async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
+        EtcdRegistry::take_over(self, target, owner, version).await
+    }
+
+    async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
+        let entries = publication.layout.render(&publication.endpoints)?;
+        self.sync_entries(
+            publication.target(),
+            &publication.owner,
+            publication.ttl,
+            Arc::new(entries),
+        )
+        .await
+    }
+
+    async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
+        EtcdRegistry::release(self, target, owner).await
+    }
+
+    fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.leases.subscribe()
+    }
+
+    fn may_write(&self) -> bool {
+        self.fence_compare().is_ok()
+    }
+
+    fn enable_fencing(&self) {
+        self.depose();
+    }
+
+    async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
+        EtcdRegistry::fence(self, holder, term, valid_until).await
+    }
+
+    fn extend_fence(&self, valid_until: Instant) {
+        EtcdRegistry::extend_fence(self, valid_until);
+    }
+
+    fn depose(&self) {
+        EtcdRegistry::depose(self);
+    }
+
+    async fn leader_term(&self) -> Result<i64> {
+        EtcdRegistry::leader_term(self).await
+    }
+}

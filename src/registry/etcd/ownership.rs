@@ -1,0 +1,158 @@
+//! Target ownership: `<registrar-root>/owners/<target>` names the GrpcService that may write
+//! under the target, claimed with a compare-and-swap txn.
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp, TxnOpResponse};
+use tonic_etcd_resolver::format::watch_prefix;
+use tracing::info;
+
+use super::EtcdRegistry;
+use crate::registry::{Claim, Owner, Result};
+
+impl EtcdRegistry {
+    /// The key of a target's ownership record.
+    #[must_use]
+    pub fn owner_key(&self, target: &str) -> String {
+        format!("{}/owners/{target}", self.inner.config.registrar_root)
+    }
+
+    /// Claims `target` for `owner` with a compare-and-swap txn.
+    ///
+    /// Idempotent: claiming a target the same uid already owns succeeds.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
+        if self.inner.claimed.lock().expect("lock").get(target) == Some(owner) {
+            return Ok(Claim::Owned);
+        }
+        let key = self.owner_key(target);
+        let resp = self
+            .guarded(
+                "claim target",
+                vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                vec![TxnOp::put(key.clone(), owner.record(), None)],
+                vec![TxnOp::get(key.clone(), None)],
+            )
+            .await?;
+        let claim = if resp.succeeded() {
+            info!(target, uid = %owner.uid, "claimed target");
+            Claim::Owned
+        } else {
+            let kv = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                _ => None,
+            });
+            let Some(kv) = kv else {
+                // Deleted between compare and get: try again.
+                return Box::pin(self.claim(target, owner)).await;
+            };
+            match serde_json::from_slice::<Owner>(kv.value()).ok() {
+                Some(current) if current.uid == owner.uid => {
+                    if current != *owner {
+                        // Same object, refreshed identity: rewrite under CAS.
+                        return self.take_over(target, owner, kv.mod_revision()).await;
+                    }
+                    Claim::Owned
+                }
+                Some(current) => Claim::Conflict {
+                    owner: current,
+                    version: kv.mod_revision(),
+                },
+                None => Claim::Conflict {
+                    owner: Owner {
+                        uid: String::from_utf8_lossy(kv.value()).into_owned(),
+                        namespace: String::new(),
+                        name: String::new(),
+                    },
+                    version: kv.mod_revision(),
+                },
+            }
+        };
+        if claim == Claim::Owned {
+            self.remember_claim(target, owner);
+        }
+        Ok(claim)
+    }
+
+    /// Takes over a target whose recorded owner is gone, guarded on the record's mod revision so
+    /// that two claimants cannot both win.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
+        let key = self.owner_key(target);
+        let resp = self
+            .guarded(
+                "take over target",
+                vec![Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    version,
+                )],
+                vec![TxnOp::put(key, owner.record(), None)],
+                vec![],
+            )
+            .await?;
+        if resp.succeeded() {
+            info!(target, uid = %owner.uid, "took over target from a stale owner");
+            self.remember_claim(target, owner);
+            Ok(Claim::Owned)
+        } else {
+            Box::pin(self.claim(target, owner)).await
+        }
+    }
+
+    /// Deletes every key under an owned `target` and its ownership record, in one guarded txn.
+    ///
+    /// Returns the number of keys deleted; 0, touching nothing, when `owner` does not own it.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
+        let key = self.owner_key(target);
+        let resp = self
+            .guarded(
+                "release target",
+                vec![Compare::value(
+                    key.clone(),
+                    CompareOp::Equal,
+                    owner.record(),
+                )],
+                vec![
+                    TxnOp::delete(
+                        watch_prefix(target),
+                        Some(DeleteOptions::new().with_prefix()),
+                    ),
+                    TxnOp::delete(key, None),
+                ],
+                vec![],
+            )
+            .await?;
+        self.forget_claim(target);
+        if !resp.succeeded() {
+            return Ok(0);
+        }
+        let deleted = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Delete(d) => Some(usize::try_from(d.deleted()).unwrap_or(0)),
+                _ => None,
+            })
+            .unwrap_or(0);
+        info!(target, deleted, "released target");
+        Ok(deleted)
+    }
+
+    fn remember_claim(&self, target: &str, owner: &Owner) {
+        self.inner
+            .claimed
+            .lock()
+            .expect("lock")
+            .insert(target.to_owned(), owner.clone());
+    }
+
+    pub(super) fn forget_claim(&self, target: &str) {
+        self.inner.claimed.lock().expect("lock").remove(target);
+    }
+}

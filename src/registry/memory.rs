@@ -1,0 +1,266 @@
+//! An in-memory [`Backend`] for reconciler tests: the same claims, layout rendering, fencing and
+//! events as the etcd backend, with no external process. Failures can be switched on to test
+//! how reconcile reports them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
+use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
+
+/// One claimed target.
+#[derive(Clone, Debug)]
+struct Target {
+    owner: Owner,
+    /// Its record's version.
+    version: i64,
+    /// Rendered keys and values.
+    entries: BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    targets: HashMap<String, Target>,
+    revision: i64,
+    writes: usize,
+    unavailable: bool,
+    fence: Option<Option<Instant>>,
+    leader_term: i64,
+}
+
+/// The in-memory registry.
+#[derive(Debug)]
+pub struct MemoryBackend {
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    ttl: Duration,
+    lease_id: i64,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            events: broadcast::channel(16).0,
+            ttl: Duration::from_secs(30),
+            lease_id: 0x7e57,
+        }
+    }
+}
+
+impl MemoryBackend {
+    /// The keys and values under `target`, as the etcd layout renders them.
+    #[must_use]
+    pub fn entries(&self, target: &str) -> BTreeMap<String, Vec<u8>> {
+        self.lock()
+            .targets
+            .get(target)
+            .map(|t| t.entries.clone())
+            .unwrap_or_default()
+    }
+
+    /// The owner of `target`.
+    #[must_use]
+    pub fn owner(&self, target: &str) -> Option<Owner> {
+        self.lock().targets.get(target).map(|t| t.owner.clone())
+    }
+
+    /// Writes made so far (claims, syncs that changed something, releases).
+    #[must_use]
+    pub fn writes(&self) -> usize {
+        self.lock().writes
+    }
+
+    /// Makes every request fail as an unreachable registry would, or work again.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.lock().unavailable = unavailable;
+    }
+
+    /// Announces an event, as the etcd lease keeper would.
+    pub fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("lock")
+    }
+
+    /// The state, when a write may go ahead.
+    fn writable(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, State>> {
+        let state = self.lock();
+        if state.unavailable {
+            return Err(Error::Timeout {
+                op,
+                after: Duration::ZERO,
+            });
+        }
+        match state.fence {
+            None => Ok(state),
+            Some(Some(until)) if Instant::now() < until => Ok(state),
+            Some(_) => Err(Error::Fenced { op }),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
+        let mut state = self.writable("claim target")?;
+        state.revision += 1;
+        let revision = state.revision;
+        if let Some(current) = state.targets.get(target) {
+            return Ok(if current.owner.uid == owner.uid {
+                Claim::Owned
+            } else {
+                Claim::Conflict {
+                    owner: current.owner.clone(),
+                    version: current.version,
+                }
+            });
+        }
+        state.writes += 1;
+        state.targets.insert(
+            target.to_owned(),
+            Target {
+                owner: owner.clone(),
+                version: revision,
+                entries: BTreeMap::new(),
+            },
+        );
+        Ok(Claim::Owned)
+    }
+
+    async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
+        {
+            let mut state = self.writable("take over target")?;
+            state.revision += 1;
+            let revision = state.revision;
+            match state.targets.get_mut(target) {
+                Some(t) if t.version == version => {
+                    t.owner = owner.clone();
+                    t.version = revision;
+                    state.writes += 1;
+                    return Ok(Claim::Owned);
+                }
+                Some(t) => {
+                    return Ok(Claim::Conflict {
+                        owner: t.owner.clone(),
+                        version: t.version,
+                    });
+                }
+                None => {}
+            }
+        }
+        self.claim(target, owner).await
+    }
+
+    async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
+        let entries = publication.layout.render(&publication.endpoints)?;
+        let mut state = self.writable("write registry batch")?;
+        let target = publication.target();
+        let Some(current) = state.targets.get(target) else {
+            return Err(Error::OwnershipLost {
+                target: target.to_owned(),
+            });
+        };
+        if current.owner != publication.owner {
+            return Err(Error::OwnershipLost {
+                target: target.to_owned(),
+            });
+        }
+        let puts = entries
+            .iter()
+            .filter(|(k, v)| current.entries.get(*k) != Some(*v))
+            .count();
+        let deletes = current
+            .entries
+            .keys()
+            .filter(|k| !entries.contains_key(*k))
+            .count();
+        let registered = entries.len();
+        if puts + deletes > 0 {
+            state.revision += 1;
+            state.writes += 1;
+        }
+        let revision = state.revision;
+        if let Some(t) = state.targets.get_mut(target) {
+            t.entries = entries;
+        }
+        Ok(SyncReport {
+            puts,
+            deletes,
+            txns: usize::from(puts + deletes > 0),
+            registered,
+            revision,
+            lease_id: self.lease_id,
+        })
+    }
+
+    async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
+        let mut state = self.writable("release target")?;
+        match state.targets.get(target) {
+            Some(t) if t.owner == *owner => {
+                let deleted = t.entries.len();
+                state.targets.remove(target);
+                state.revision += 1;
+                state.writes += 1;
+                Ok(deleted)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn may_write(&self) -> bool {
+        match self.lock().fence {
+            None => true,
+            Some(Some(until)) => Instant::now() < until,
+            Some(None) => false,
+        }
+    }
+
+    fn enable_fencing(&self) {
+        self.depose();
+    }
+
+    async fn fence(&self, _holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
+        let mut state = self.lock();
+        if state.leader_term > term {
+            return Err(Error::Fenced {
+                op: "write leader record",
+            });
+        }
+        state.leader_term = term;
+        state.fence = Some(Some(valid_until));
+        state.revision += 1;
+        Ok(state.revision)
+    }
+
+    fn extend_fence(&self, valid_until: Instant) {
+        let mut state = self.lock();
+        if let Some(Some(until)) = &mut state.fence {
+            *until = valid_until;
+        }
+    }
+
+    fn depose(&self) {
+        self.lock().fence = Some(None);
+    }
+
+    async fn leader_term(&self) -> Result<i64> {
+        Ok(self.lock().leader_term)
+    }
+}

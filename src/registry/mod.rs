@@ -1,0 +1,187 @@
+//! The registry seam: what reconcile needs of a backend, and the backends.
+//!
+//! A [`Backend`] claims a target for one GrpcService ([`Owner`]), makes what is published under
+//! it equal a [`Publication`], releases it, reports lease and reachability [`Event`]s, and fences
+//! its writes so that only the elected leader's reach the registry.
+//!
+//! - [`etcd`]: etcd, with one shared lease per TTL, guarded txn batches and an etcd fence.
+//! - [`memory`]: an in-memory backend for reconciler tests; no external process.
+
+mod error;
+pub mod etcd;
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::desired::{Layout, LogicalEndpoint};
+pub use error::{Error, Result};
+
+/// Who owns a target: the GrpcService's identity, stored as the ownership record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The GrpcService uid; the identity that counts.
+    pub uid: String,
+    /// Its namespace, so a conflict can name it.
+    pub namespace: String,
+    /// Its name, so a conflict can name it.
+    pub name: String,
+}
+
+impl Owner {
+    /// The ownership record's bytes.
+    #[must_use]
+    pub fn record(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The outcome of a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller owns the target.
+    Owned,
+    /// Someone else does.
+    Conflict {
+        /// The current owner (an empty namespace when the record is not ours to read).
+        owner: Owner,
+        /// The record's version, for a guarded takeover of a stale owner.
+        version: i64,
+    },
+}
+
+/// What one service publishes: where and how ([`Layout`]), for whom, for how long, and what.
+#[derive(Clone, Debug)]
+pub struct Publication {
+    /// The target, key template and value format.
+    pub layout: Layout,
+    /// The GrpcService that owns the target.
+    pub owner: Owner,
+    /// The lease TTL the entries live by.
+    pub ttl: Duration,
+    /// The endpoints.
+    pub endpoints: Arc<Vec<LogicalEndpoint>>,
+}
+
+impl Publication {
+    /// The target published under.
+    #[must_use]
+    pub fn target(&self) -> &str {
+        &self.layout.target
+    }
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Entries written (new, changed, or moved onto the live lease).
+    pub puts: usize,
+    /// Entries deleted.
+    pub deletes: usize,
+    /// Write requests used (txns for etcd).
+    pub txns: usize,
+    /// Entries now under the target.
+    pub registered: usize,
+    /// The registry revision after the sync.
+    pub revision: i64,
+    /// The lease the entries are on.
+    pub lease_id: i64,
+}
+
+/// What the backend saw happen to its lease or its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The lease was lost (expired, revoked, or the registry lost its data) and replaced; every
+    /// entry on it must be written again, which a reconcile of every service does.
+    Replaced {
+        /// The TTL of the lease.
+        ttl: Duration,
+        /// The lost lease.
+        old: i64,
+        /// Its replacement, already granted.
+        new: i64,
+    },
+    /// The registry stopped answering; sent once per outage.
+    Unreachable {
+        /// The TTL of the lease.
+        ttl: Duration,
+        /// The lease being kept.
+        lease: i64,
+    },
+    /// The registry answers again after an outage, on the same lease.
+    Restored {
+        /// The TTL of the lease.
+        ttl: Duration,
+        /// The lease being kept.
+        lease: i64,
+    },
+}
+
+/// A registry backend: everything reconcile and leader election need of it.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and metrics, e.g. `etcd`.
+    fn name(&self) -> &'static str;
+
+    /// The TTL used when a service sets none.
+    fn default_ttl(&self) -> Duration;
+
+    /// Claims `target` for `owner` with a compare-and-swap. Idempotent for the same uid.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim>;
+
+    /// Takes over a target whose recorded owner is gone, guarded on the record's `version`, so
+    /// two claimants cannot both win.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim>;
+
+    /// Makes what is published under an owned target equal `publication`, on the shared lease.
+    ///
+    /// # Errors
+    /// [`Error::OwnershipLost`] when the record no longer names the owner; [`Error::Spec`] when
+    /// the layout cannot render the endpoints; backend failures.
+    async fn sync(&self, publication: &Publication) -> Result<SyncReport>;
+
+    /// Deletes everything under an owned target and its ownership record. Returns how many
+    /// entries were deleted; 0, touching nothing, when `owner` does not own it.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn release(&self, target: &str, owner: &Owner) -> Result<usize>;
+
+    /// Lease and reachability events.
+    fn events(&self) -> broadcast::Receiver<Event>;
+
+    /// Whether a write would be attempted now (not whether the registry would accept it).
+    fn may_write(&self) -> bool;
+
+    /// Turns fencing on: from now on this replica writes only while it is the fenced leader.
+    fn enable_fencing(&self);
+
+    /// Makes this replica the fenced leader for `term` until `valid_until` (the local bound of
+    /// its Kubernetes Lease): writes a leader record (only over an older term), then guards
+    /// every write on it. Returns the record's version.
+    ///
+    /// # Errors
+    /// [`Error::Fenced`] when the registry already holds a later term; backend failures.
+    async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64>;
+
+    /// Extends the leader's local write permission to `valid_until` (after a Lease renewal).
+    fn extend_fence(&self, valid_until: Instant);
+
+    /// Stops writing at once.
+    fn depose(&self);
+
+    /// The term of the leader record in the registry, 0 when there is none.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn leader_term(&self) -> Result<i64>;
+}

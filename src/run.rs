@@ -1,0 +1,166 @@
+//! The whole controller process from its configuration: the HTTP endpoints, the registry, leader
+//! election and the reconciler, stopped by one injected `shutdown` future. `main` parses flags,
+//! sets up logging and signals, and calls [`run`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use backon::Retryable;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::controller::{self, Scope};
+use crate::desired::Policy;
+use crate::http::{self, Health};
+use crate::leader::{ElectionConfig, Elector, Role};
+use crate::metrics::Metrics;
+use crate::registry::Backend;
+use crate::registry::etcd::{EtcdConfig, EtcdRegistry};
+
+/// Everything the process is configured with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How to reach etcd, and its lease TTL.
+    pub etcd: EtcdConfig,
+    /// Which targets a namespace may publish under.
+    pub policy: Policy,
+    /// Which namespaces are watched.
+    pub scope: Scope,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    pub metrics_addr: SocketAddr,
+    /// Leader election, for more than one replica; `None` runs as the only writer.
+    pub election: Option<ElectionConfig>,
+}
+
+/// Why the process could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The leader election timing does not nest inside the etcd lease TTL.
+    #[error("invalid leader election timing: {0}")]
+    Election(String),
+    /// The HTTP endpoints could not listen.
+    #[error("failed to bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry could not be reached or refused the credentials.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    /// No Kubernetes client configuration (KUBECONFIG, or the in-cluster service account).
+    #[error("failed to create kubernetes client: {0}")]
+    Kube(#[source] kube::Error),
+    /// The HTTP server stopped with an error.
+    #[error("metrics server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Runs the controller until `shutdown` resolves.
+///
+/// # Errors
+/// Start-up failures ([`Error`]); once running, failures are retried, not returned.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let Config {
+        etcd,
+        policy,
+        scope,
+        metrics_addr,
+        election,
+    } = config;
+    if let Some(election) = &election {
+        election
+            .validate(etcd.default_ttl)
+            .map_err(Error::Election)?;
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (role_tx, role) = watch::channel(if election.is_some() {
+        Role::Follower
+    } else {
+        Role::Leader { term: 0 }
+    });
+    let listener = http::bind(metrics_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: metrics_addr,
+            source,
+        })?;
+    let health = Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        role: role.clone(),
+    };
+    let server = tokio::spawn(http::serve(listener, health, stopped()));
+
+    info!(endpoints = ?etcd.endpoints, tls = etcd.tls.is_some(), user = ?etcd.user.as_ref().map(|u| &u.name), "connecting to etcd");
+    // With auth, connecting authenticates, so it needs etcd up: retry rather than crash-loop.
+    let connect = (|| EtcdRegistry::connect(etcd.clone(), metrics.clone()))
+        .retry(Backoff::builder(
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        ))
+        .notify(|e, delay| warn!(error = %e, ?delay, "failed to connect to etcd; retrying"));
+    let registry = tokio::select! {
+        registry = connect => registry?,
+        () = stopped() => return Ok(()),
+    };
+    let backend: Arc<dyn Backend> = Arc::new(registry);
+    let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+    info!(%metrics_addr, ?scope, lease_ttl = etcd.default_ttl.as_secs(), leader_elect = election.is_some(), "starting grpc-registrar");
+    // The elector publishes the role that `/readyz` shows and the controller obeys.
+    let elector = election.map(|config| {
+        let elector = Elector::new(
+            client.clone(),
+            config,
+            backend.clone(),
+            metrics.clone(),
+            role_tx,
+        );
+        tokio::spawn(elector.run(stopped()))
+    });
+    controller::run(
+        client,
+        backend,
+        scope,
+        policy,
+        metrics,
+        ready,
+        role,
+        stopped(),
+    )
+    .await;
+    if let Some(elector) = elector
+        && let Err(e) = elector.await
+    {
+        warn!(error = %e, "leader elector panicked");
+    }
+    match server.await {
+        Ok(result) => result.map_err(Error::Serve),
+        Err(e) => {
+            warn!(error = %e, "metrics server panicked");
+            Ok(())
+        }
+    }
+}

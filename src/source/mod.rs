@@ -1,0 +1,60 @@
+//! Endpoint sources: Kubernetes objects in, source-neutral [`Candidate`]s out.
+//!
+//! A source is the one place that reads a Pod (or, later, an EndpointSlice): readiness, IP,
+//! ports, node and zone are decoded here, once per object event. Nothing past this module reads
+//! a Kubernetes object; [`crate::desired`] works on candidates only.
+//!
+//! - [`pod`]: pods selected by label, as a Service selects them.
+//! - [`index`]: the candidate index (by namespace and label) and the selector index (which
+//!   services a pod event can concern), fed by watch events so that each event costs what it
+//!   touches.
+
+pub mod index;
+pub mod pod;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+
+/// One endpoint candidate, whatever its source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// Unique within its namespace and source: the pod name.
+    pub id: String,
+    /// The address to publish; `None` until one is assigned.
+    pub ip: Option<IpAddr>,
+    /// Named TCP ports, for a spec that names its port.
+    pub ports: Vec<(String, u16)>,
+    /// The readiness signal is on (a pod's Ready condition is True).
+    pub ready: bool,
+    /// The workload is up, ready or not (a pod is Running). `publishNotReadyAddresses`
+    /// publishes serving candidates that are not ready.
+    pub serving: bool,
+    /// Being deleted: leaves the registry before the process exits.
+    pub terminating: bool,
+    /// The node it runs on.
+    pub node: Option<String>,
+    /// Its topology zone.
+    pub zone: Option<String>,
+    /// Labels, for selectors and `metadataFromLabels`.
+    pub labels: BTreeMap<String, String>,
+    /// When readiness last changed (a pod's Ready transition, or its deletion).
+    pub changed: Option<Timestamp>,
+}
+
+impl Candidate {
+    /// Resolves the spec's port on this candidate, like a Service's targetPort.
+    #[must_use]
+    pub fn port(&self, port: &IntOrString) -> Option<u16> {
+        match port {
+            IntOrString::Int(n) => u16::try_from(*n).ok().filter(|n| *n > 0),
+            IntOrString::String(name) => self
+                .ports
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, number)| *number),
+        }
+    }
+}

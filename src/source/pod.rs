@@ -1,0 +1,106 @@
+//! The pod source: a Pod becomes a [`Candidate`], with readiness decoded once, here.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use super::Candidate;
+
+/// Pod label that carries the topology zone, copied into endpoint metadata when present.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The candidate a pod makes.
+///
+/// - ready: the Ready condition is True (readiness gates are folded into it by the kubelet);
+/// - serving: phase Running;
+/// - terminating: a deletionTimestamp is set;
+/// - ports: named container ports whose protocol is TCP (the default);
+/// - changed: the Ready condition's `lastTransitionTime`, or the deletionTimestamp.
+#[must_use]
+pub fn candidate(pod: &Pod) -> Candidate {
+    let status = pod.status.as_ref();
+    let ready_condition = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    let deletion = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0);
+    let spec = pod.spec.as_ref();
+    let ports = spec
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+        .collect();
+    let labels = pod.labels().clone();
+    Candidate {
+        id: pod.name_any(),
+        ip: status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        ports,
+        ready: ready_condition.is_some_and(|c| c.status == "True"),
+        serving: status.and_then(|s| s.phase.as_deref()) == Some("Running"),
+        terminating: deletion.is_some(),
+        node: spec.and_then(|s| s.node_name.clone()),
+        zone: labels.get(ZONE_LABEL).cloned(),
+        changed: deletion.or_else(|| {
+            ready_condition
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0)
+        }),
+        labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::PodBuilder;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    #[test]
+    fn a_running_ready_pod_is_a_ready_serving_candidate_with_its_named_ports() {
+        let c = candidate(&PodBuilder::ready("p1", "10.0.0.7").build());
+        assert_eq!(c.id, "p1");
+        assert_eq!(c.ip, Some("10.0.0.7".parse().unwrap()));
+        assert!(c.ready && c.serving && !c.terminating);
+        assert_eq!(c.port(&IntOrString::String("grpc".into())), Some(50051));
+        assert_eq!(c.port(&IntOrString::Int(9000)), Some(9000));
+        assert_eq!(c.node.as_deref(), Some("node-1"));
+    }
+
+    #[test]
+    fn readiness_phase_deletion_and_ip_are_decoded_once_here() {
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").not_ready().build());
+        assert!(!c.ready && c.serving);
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").phase("Pending").build());
+        assert!(c.ready && !c.serving);
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").terminating().build());
+        assert!(c.terminating && c.changed.is_some());
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").no_ip().build());
+        assert_eq!(c.ip, None);
+    }
+
+    #[test]
+    fn udp_ports_do_not_resolve_a_port_name() {
+        let mut pod = PodBuilder::ready("p", "10.0.0.1").build();
+        pod.spec.as_mut().unwrap().containers[0]
+            .ports
+            .as_mut()
+            .unwrap()[0]
+            .protocol = Some("UDP".into());
+        assert_eq!(
+            candidate(&pod).port(&IntOrString::String("grpc".into())),
+            None
+        );
+    }
+
+    #[test]
+    fn the_zone_label_is_the_candidates_zone() {
+        let pod = PodBuilder::ready("p", "10.0.0.1")
+            .label(ZONE_LABEL, "zone-a")
+            .build();
+        assert_eq!(candidate(&pod).zone.as_deref(), Some("zone-a"));
+    }
+}

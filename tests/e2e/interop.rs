@@ -1,0 +1,84 @@
+//! Go clients against what the controller publishes: go-kratos' own discovery.
+
+use std::process::Command;
+
+use grpc_registrar::desired::{CustomTargets, Policy};
+use serde_json::json;
+use test_support::interop_bin;
+
+use crate::Plane;
+use crate::harness::Env;
+
+/// A GrpcService with `format: Kratos` publishes each ready pod as a kratos `ServiceInstance`
+/// under `/microservices/<name>/<pod>`; a real kratos client (its etcd registry and
+/// `discovery:///` dialer) finds the real tonic servers behind them and spreads calls over all.
+pub async fn a_kratos_client_calls_every_server_published_with_the_kratos_format(
+    plane: Plane,
+    ns: String,
+) {
+    let policy = Policy {
+        custom_targets: CustomTargets::Namespaces(vec![ns.clone()]),
+        ..Policy::default()
+    };
+    let env = Env::with_policy(plane, &ns, policy).await;
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(
+            greeter::GreeterServer::start("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    env.service(
+        "hello",
+        json!({"selector": {"matchLabels": {"app": "hello"}}, "port": "grpc",
+               "format": "Kratos", "target": "/microservices/hello",
+               "metadata": {"version": "v1"}}),
+    )
+    .await;
+    for (i, server) in servers.iter().enumerate() {
+        let name = format!("hello-{i}");
+        env.pod(&name, json!({"app": "hello"}), server.addr().port())
+            .await;
+        env.set_ready(&name, "127.0.0.1", true).await;
+    }
+    crate::harness::eventually("three kratos instances", || async {
+        env.keys_under("/microservices/hello/").await.len() == 3
+    })
+    .await;
+    let value = &env.keys_under("/microservices/hello/").await["/microservices/hello/hello-0"];
+    assert_eq!(
+        value,
+        &format!(
+            r#"{{"id":"hello-0","name":"hello","version":"v1","metadata":{{"namespace":"{ns}","node":"node-1","pod":"hello-0","version":"v1"}},"endpoints":["grpc://{}"]}}"#,
+            servers[0].addr()
+        )
+    );
+
+    let endpoint = env.etcd.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(interop_bin())
+            .args(["kratos", "-etcd", &endpoint, "-name", "hello"])
+            .args(["-n", "60", "-wait", "10s"])
+            .output()
+            .expect("failed to run the Go interop client")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "interop kratos failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["failed"], 0, "{result}");
+    for server in &servers {
+        assert!(
+            result["servers"][server.addr().to_string()]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+            "kratos' balancer reaches all three: {result}"
+        );
+    }
+    env.shutdown().await;
+}

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::WatchOptions;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -52,17 +52,8 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
 }
 
 async fn key_leases(etcd: &mut etcd_client::Client) -> (usize, BTreeSet<i64>) {
-    let resp = etcd
-        .get("services/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    (
-        resp.kvs().len(),
-        resp.kvs()
-            .iter()
-            .map(etcd_client::KeyValue::lease)
-            .collect(),
-    )
+    let keys = test_support::registry::dump(etcd, "services/").await;
+    (keys.len(), keys.into_values().map(|s| s.lease).collect())
 }
 
 async fn until<F, Fut>(mut check: F) -> Duration
@@ -198,17 +189,8 @@ async fn main() {
             ),
         ));
     }
-    let mut deletes = 0;
-    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), stream.message())
-        .await
-        .map(Result::unwrap)
-    {
-        deletes += resp
-            .events()
-            .iter()
-            .filter(|e| e.event_type() == EventType::Delete)
-            .count();
-    }
+    let deletes =
+        test_support::registry::deletes_seen(&mut stream, Duration::from_millis(500)).await;
     rows.push((
         format!(
             "DELETEs seen by a registry watcher across {} failovers",

@@ -93,7 +93,9 @@ async fn main() {
                 peak * 1024.0 / n as f64
             ),
         ));
-        eprintln!("{n}: done");
+        for (name, value) in &rows[rows.len() - 5..] {
+            eprintln!("{name}: {value}");
+        }
     }
     test_support::bench::report("scale", &rows);
 }

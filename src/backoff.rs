@@ -6,7 +6,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 /// Exponential delays from `min` doubling to `max`, jittered so replicas do not retry in
-/// lockstep, never ending (past the cap every delay is about `max`).
+/// lockstep, never ending, and never longer than `max`.
 #[derive(Debug)]
 pub struct Backoff {
     builder: ExponentialBuilder,
@@ -56,7 +56,8 @@ impl Iterator for Backoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        Some(self.current.next().unwrap_or(self.max))
+        // backon's jitter adds up to the delay again; the cap holds regardless.
+        Some(self.current.next().unwrap_or(self.max).min(self.max))
     }
 }
 

@@ -55,3 +55,48 @@ impl Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{FAILURE_LABELS, Metrics};
+    use crate::registry;
+
+    #[test]
+    fn every_root_cause_label_is_in_the_bounded_set_and_starts_at_zero() {
+        let errors = [
+            Error::from(registry::Error::Etcd {
+                op: "txn",
+                source: etcd_client::Error::InvalidArgs("x".into()),
+            }),
+            Error::from(registry::Error::Timeout {
+                op: "txn",
+                after: std::time::Duration::ZERO,
+            }),
+            Error::from(registry::Error::OwnershipLost { target: "t".into() }),
+            Error::from(registry::Error::Fenced { op: "txn" }),
+            Error::InvalidSpec(SpecError::PortRange(0)),
+            Error::MissingField("metadata.uid"),
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+                Error::from(registry::Error::Fenced { op: "txn" }),
+            ))),
+        ];
+        for error in &errors {
+            assert!(
+                FAILURE_LABELS.contains(&error.metric_label()),
+                "{error}: {}",
+                error.metric_label()
+            );
+        }
+        assert_eq!(
+            errors[6].metric_label(),
+            "fenced",
+            "the finalizer is looked through"
+        );
+        let page = Metrics::default().encode();
+        for label in FAILURE_LABELS {
+            let series = format!("grpc_registrar_reconcile_failures_total{{error=\"{label}\"}} 0");
+            assert!(page.contains(&series), "{series} missing:\n{page}");
+        }
+    }
+}

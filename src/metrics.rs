@@ -9,6 +9,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// Every root-cause label a reconcile failure can carry (`metric_label()` of the controller's
+/// and the registry's errors), initialised to 0 so that rates and alerts see the series at once.
+pub const FAILURE_LABELS: [&str; 7] = [
+    "etcd",
+    "timeout",
+    "ownership_lost",
+    "fenced",
+    "invalid_spec",
+    "kube",
+    "missing_field",
+];
+
 /// Labels of the reconcile failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -59,7 +71,7 @@ pub struct Metrics {
     pub lease_grants: Counter,
     /// Leases found lost (expired or revoked) and replaced.
     pub lease_losses: Counter,
-    /// Completed re-puts of every owned key after a lease loss.
+    /// Reconciles of every service after a lease loss (each re-puts its keys on the new lease).
     pub lease_replays: Counter,
     /// Seconds from a selected pod's Ready transition (or deletion) to the etcd commit that
     /// reflected it. Kubernetes stores condition times in whole seconds, so this over-reads by
@@ -76,6 +88,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("grpc_registrar");
         let reconciliations = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
+        for error in FAILURE_LABELS {
+            drop(failures.get_or_create(&ErrorLabels { error }));
+        }
         let reconcile_duration = latency_histogram();
         let etcd_duration = Family::<OpLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -144,7 +159,7 @@ impl Default for Metrics {
         );
         registry.register(
             "lease_replays",
-            "Re-puts of every owned key after a lease loss",
+            "Reconciles of every service after a lease loss (which re-put every owned key)",
             lease_replays.clone(),
         );
         Self {

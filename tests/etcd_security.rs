@@ -52,22 +52,9 @@ async fn publish(registry: &EtcdRegistry, addrs: &[&str]) -> grpc_registrar::reg
 }
 
 async fn keys(etcd: &EtcdServer) -> Vec<String> {
-    let resp = etcd
-        .client()
+    test_support::registry::dump(&mut etcd.client().await, &format!("{TARGET}/"))
         .await
-        .get(
-            format!("{TARGET}/"),
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .unwrap();
-    resp.kvs()
-        .iter()
-        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .into_keys()
         .collect()
 }
 

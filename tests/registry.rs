@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::GetOptions;
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
 use grpc_registrar::registry::{Backend, Claim, Owner};
@@ -50,20 +49,10 @@ fn entries(target: &str, n: usize) -> Arc<BTreeMap<String, Vec<u8>>> {
 
 /// Key -> (value, lease) under a prefix.
 async fn dump(etcd: &EtcdServer, prefix: &str) -> BTreeMap<String, (Vec<u8>, i64)> {
-    let resp = etcd
-        .client()
+    test_support::registry::dump(&mut etcd.client().await, prefix)
         .await
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    resp.kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                (kv.value().to_vec(), kv.lease()),
-            )
-        })
+        .into_iter()
+        .map(|(k, s)| (k, (s.value, s.lease)))
         .collect()
 }
 

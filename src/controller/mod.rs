@@ -73,10 +73,14 @@ pub struct Context {
     started: k8s_openapi::jiff::Timestamp,
     /// When each service's status was last written, by uid.
     status_writes: Mutex<HashMap<String, std::time::Instant>>,
-    /// The last readiness transition observed per `<namespace>/<service>/<id>`.
-    transitions: Mutex<HashMap<String, k8s_openapi::jiff::Timestamp>>,
+    /// The last readiness transition observed, per service (`<namespace>/<name>`) and
+    /// candidate id: a reconcile reads and prunes only its own service's entries.
+    transitions: Mutex<HashMap<String, HashMap<String, k8s_openapi::jiff::Timestamp>>>,
     /// Retry pacing per failing service uid.
     failures: Mutex<HashMap<String, Backoff>>,
+    /// The last publication each service (by uid) synced, so that a spec turned invalid keeps
+    /// what it published, across a lease replacement too.
+    published: Mutex<HashMap<String, crate::registry::Publication>>,
 }
 
 impl Context {
@@ -107,6 +111,7 @@ impl Context {
             transitions: Mutex::default(),
             status_writes: Mutex::default(),
             failures: Mutex::default(),
+            published: Mutex::default(),
         }
     }
 
@@ -183,20 +188,28 @@ pub async fn run(
 
     let mut pod_feed = PodFeed::new(candidates.clone());
     let pods_done = pods_synced.clone();
-    let pod_events = watcher(pods_api, watcher::Config::default().any_semantic())
+    // A re-list after a watch gap (410 Gone, an API server restart) swaps the whole index in:
+    // pods deleted in the gap produce no event, so every service is reconciled then.
+    let relists = tokio::sync::watch::Sender::new(0_u64);
+    let relisted = relists.clone();
+    // Streaming lists: the initial pods arrive as watch events from the API server's cache, not
+    // as one list response (at 100k pods, a 100k-object response took minutes to build and
+    // decode, and held it all in memory at once).
+    let pod_events = watcher(pods_api, watcher::Config::default().streaming_lists())
         .backoff(Backoff::watch())
         .inspect(move |event| {
             if let Ok(event) = event
                 && pod_feed.apply(event)
+                && pods_done.send_replace(true)
             {
-                pods_done.send_replace(true);
+                relisted.send_modify(|n| *n += 1);
             }
         })
         .touched_objects();
     let (svc_store, svc_writer) = reflector::store();
     let mut svc_feed = ServiceFeed::new(selectors.clone());
     let services_done = services_synced.clone();
-    let svc_events = watcher(services, watcher::Config::default().any_semantic())
+    let svc_events = watcher(services, watcher::Config::default().streaming_lists())
         .backoff(Backoff::watch())
         .reflect(svc_writer)
         .inspect(move |event| {
@@ -208,12 +221,22 @@ pub async fn run(
         })
         .applied_objects();
 
-    let backend_events = futures::stream::unfold(backend.events(), |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(_) => return Some(((), rx)),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+    let replays = metrics.clone();
+    let backend_events = futures::stream::unfold(backend.events(), move |mut rx| {
+        let replays = replays.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => {
+                        if matches!(event, crate::registry::Event::Replaced { .. }) {
+                            // Every service is reconciled, which re-puts its keys on the new lease.
+                            replays.lease_replays.inc();
+                        }
+                        return Some(((), rx));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
             }
         }
     });
@@ -227,7 +250,12 @@ pub async fn run(
             }
         }
     });
-    let reconcile_all = futures::stream::select(backend_events, elected);
+    let relisted = futures::stream::unfold(relists.subscribe(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
+    let reconcile_all =
+        futures::stream::select(futures::stream::select(backend_events, elected), relisted);
 
     let controller =
         Controller::for_stream(svc_events, svc_store.clone()).trigger_backoff(Backoff::watch());

@@ -1,7 +1,7 @@
 //! What a reconcile does for one `GrpcService`: apply (publish) and cleanup (deregister), with
 //! the outcome written to status.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,7 +90,13 @@ impl GrpcService {
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
         };
         let report = match ctx.backend.sync(&publication).await {
-            Ok(report) => report,
+            Ok(report) => {
+                ctx.published
+                    .lock()
+                    .expect("lock")
+                    .insert(owner.uid.clone(), publication);
+                report
+            }
             Err(registry::Error::Spec(e)) => return self.invalid_spec(ctx, &e).await,
             Err(e) => {
                 return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
@@ -133,25 +139,24 @@ impl GrpcService {
     fn observe_propagation(&self, ctx: &Context, selected: &[Arc<Candidate>]) {
         let now = k8s_openapi::jiff::Timestamp::now();
         let service = format!(
-            "{}/{}/",
+            "{}/{}",
             self.namespace().unwrap_or_default(),
             self.name_any()
         );
-        let mut seen = ctx.transitions.lock().expect("lock");
-        let mut current = HashSet::new();
+        let mut transitions = ctx.transitions.lock().expect("lock");
+        let seen = transitions.entry(service).or_default();
+        let mut current = HashMap::with_capacity(selected.len());
         for candidate in selected {
             let Some(changed) = candidate.changed else {
                 continue;
             };
-            let key = format!("{service}{}", candidate.id);
-            if changed >= ctx.started && seen.get(&key) != Some(&changed) {
+            if changed >= ctx.started && seen.get(&candidate.id) != Some(&changed) {
                 let seconds = now.duration_since(changed).as_secs_f64().max(0.0);
                 ctx.metrics.propagation.observe(seconds);
             }
-            seen.insert(key.clone(), changed);
-            current.insert(key);
+            current.insert(candidate.id.clone(), changed);
         }
-        seen.retain(|key, _| !key.starts_with(&service) || current.contains(key));
+        *seen = current;
     }
 
     /// Claims the target; takes it over when the recorded owner no longer exists. The inner
@@ -190,13 +195,24 @@ impl GrpcService {
     }
 
     /// Reports a spec that cannot be applied. What is already published stays (a typo must not
-    /// take a service down); the next spec or pod change is reconciled afresh.
+    /// take a service down): the last valid publication is synced again, which writes nothing
+    /// normally and re-puts it after a lease replacement. The next spec change is reconciled
+    /// afresh.
     async fn invalid_spec(&self, ctx: &Context, error: &SpecError) -> Result<Action> {
         warn!(error = %error, "invalid spec");
         let outcome = Outcome::InvalidSpec {
             message: error.to_string(),
         };
         self.patch_status(ctx, &outcome).await?;
+        let last = ctx
+            .published
+            .lock()
+            .expect("lock")
+            .get(&self.uid().unwrap_or_default())
+            .cloned();
+        if let Some(last) = last {
+            ctx.backend.sync(&last).await?;
+        }
         Ok(Action::await_change())
     }
 
@@ -244,6 +260,11 @@ impl GrpcService {
             info!(target, deleted, "deregistered service");
         }
         ctx.selections.record(ObjectRef::from_obj(self), []);
+        ctx.published.lock().expect("lock").remove(&owner.uid);
+        ctx.transitions
+            .lock()
+            .expect("lock")
+            .remove(&format!("{}/{}", owner.namespace, owner.name));
         ctx.metrics.registered_endpoints.remove(&ServiceLabels {
             namespace: owner.namespace,
             name: owner.name,

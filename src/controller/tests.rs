@@ -211,3 +211,32 @@ async fn a_colliding_key_template_is_an_invalid_spec_and_publishes_nothing() {
     assert_eq!(action, Action::await_change());
     assert!(keys(&registry, "services/default/greeter").is_empty());
 }
+
+#[tokio::test]
+async fn a_spec_turned_invalid_keeps_what_it_published_across_a_lease_replacement() {
+    let registry = backend();
+    let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let mut invalid = svc.clone();
+    invalid.spec.key_template = Some("{target}/{nope}".into());
+    invalid.metadata.generation = Some(2);
+    let server = api.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (invalid.clone(), |status| {
+            assert_eq!(condition(status, "InvalidSpec")["status"], "True");
+        }),
+    ]));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    let published = registry.entries("services/default/greeter");
+    assert_eq!(published.len(), 1);
+
+    // The spec turns invalid, then the lease is lost (every entry gone) and every service is
+    // reconciled: the invalid one re-puts its last valid publication.
+    registry.lose_lease();
+    assert!(registry.entries("services/default/greeter").is_empty());
+    let action = reconcile(Arc::new(invalid), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(registry.entries("services/default/greeter"), published);
+}

@@ -213,7 +213,7 @@ impl ServiceFeed {
         self.index.apply(
             &svc.namespace().unwrap_or_default(),
             &svc.name_any(),
-            svc.metadata.generation,
+            (svc.uid(), svc.metadata.generation),
             || {
                 Selector::try_from(svc.spec.selector.clone())
                     .ok()

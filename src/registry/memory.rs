@@ -83,6 +83,19 @@ impl MemoryBackend {
         let _ = self.events.send(event);
     }
 
+    /// Loses the lease: every published entry is gone (ownership records stay, as they are not
+    /// on the lease), and [`Event::Replaced`] is announced.
+    pub fn lose_lease(&self) {
+        for target in self.lock().targets.values_mut() {
+            target.entries.clear();
+        }
+        self.emit(Event::Replaced {
+            ttl: self.ttl,
+            old: self.lease_id,
+            new: self.lease_id,
+        });
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("lock")
     }

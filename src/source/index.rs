@@ -213,8 +213,10 @@ fn insert(ns: &mut NamespaceCandidates, candidate: Candidate) {
 /// One service's parsed selector.
 #[derive(Debug)]
 struct Indexed {
-    /// The generation it was parsed from; a new one re-parses.
-    generation: Option<i64>,
+    /// The object (uid) and generation it was parsed from; either changing re-parses, so a
+    /// service deleted and recreated under the same name is indexed afresh.
+    version: (Option<String>, Option<i64>),
+    /// The parsed selector.
     selector: Selector,
     /// Where it is posted.
     anchor: Option<Anchor>,
@@ -271,20 +273,20 @@ impl NamespaceSelectors {
 pub struct SelectorIndex(Arc<RwLock<HashMap<String, NamespaceSelectors>>>);
 
 impl SelectorIndex {
-    /// Indexes `name`'s selector at `generation`; `None` (no selector, or one that does not
-    /// parse) removes it. Cheap when the generation is unchanged.
+    /// Indexes `name`'s selector at `version` (the object's uid and generation); `None` (no
+    /// selector, or one that does not parse) removes it. Cheap when the version is unchanged.
     pub fn apply(
         &self,
         namespace: &str,
         name: &str,
-        generation: Option<i64>,
+        version: (Option<String>, Option<i64>),
         selector: impl FnOnce() -> Option<Selector>,
     ) {
         let mut by_ns = self.0.write().expect("lock");
         let ns = by_ns.entry(namespace.to_owned()).or_default();
         if let Some(old) = ns.services.get(name)
-            && old.generation == generation
-            && generation.is_some()
+            && old.version == version
+            && version.1.is_some()
         {
             return;
         }
@@ -301,7 +303,7 @@ impl SelectorIndex {
             ns.services.insert(
                 name.to_owned(),
                 Indexed {
-                    generation,
+                    version,
                     selector,
                     anchor,
                 },
@@ -424,6 +426,10 @@ mod tests {
         .unwrap()
     }
 
+    fn v(generation: i64) -> (Option<String>, Option<i64>) {
+        (Some("uid".into()), Some(generation))
+    }
+
     fn ids(found: &[Arc<Candidate>]) -> Vec<&str> {
         found.iter().map(|c| c.id.as_str()).collect()
     }
@@ -485,19 +491,19 @@ mod tests {
     #[test]
     fn a_pod_reaches_only_the_services_posted_under_its_labels() {
         let index = SelectorIndex::default();
-        index.apply("a", "greeter", Some(1), || {
+        index.apply("a", "greeter", v(1), || {
             Some(selector(&[("app", "greeter")], &[]))
         });
-        index.apply("a", "other", Some(1), || {
+        index.apply("a", "other", v(1), || {
             Some(selector(&[("app", "other")], &[]))
         });
-        index.apply("a", "tiered", Some(1), || {
+        index.apply("a", "tiered", v(1), || {
             Some(selector(&[], &[("tier", "Exists", &[])]))
         });
-        index.apply("a", "not-other", Some(1), || {
+        index.apply("a", "not-other", v(1), || {
             Some(selector(&[], &[("app", "NotIn", &["other"])]))
         });
-        index.apply("b", "greeter", Some(1), || {
+        index.apply("b", "greeter", v(1), || {
             Some(selector(&[("app", "greeter")], &[]))
         });
         let mut found = index.matching("a", &labels(&[("app", "greeter"), ("tier", "be")]));
@@ -513,30 +519,30 @@ mod tests {
     #[test]
     fn a_new_generation_reindexes_and_the_same_one_parses_nothing() {
         let index = SelectorIndex::default();
-        index.apply("a", "svc", Some(1), || {
-            Some(selector(&[("app", "v1")], &[]))
-        });
-        index.apply("a", "svc", Some(1), || {
-            panic!("same generation parsed again")
-        });
-        index.apply("a", "svc", Some(2), || {
-            Some(selector(&[("app", "v2")], &[]))
-        });
+        index.apply("a", "svc", v(1), || Some(selector(&[("app", "v1")], &[])));
+        index.apply("a", "svc", v(1), || panic!("same generation parsed again"));
+        index.apply("a", "svc", v(2), || Some(selector(&[("app", "v2")], &[])));
         assert!(index.matching("a", &labels(&[("app", "v1")])).is_empty());
         assert_eq!(index.matching("a", &labels(&[("app", "v2")])), ["svc"]);
-        index.apply("a", "svc", Some(3), || None);
+        index.apply("a", "svc", v(3), || None);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_service_recreated_under_the_same_name_and_generation_is_indexed_afresh() {
+        let index = SelectorIndex::default();
+        index.apply("a", "svc", v(1), || Some(selector(&[("app", "old")], &[])));
+        index.apply("a", "svc", (Some("new-uid".into()), Some(1)), || {
+            Some(selector(&[("app", "new")], &[]))
+        });
+        assert_eq!(index.matching("a", &labels(&[("app", "new")])), ["svc"]);
     }
 
     #[test]
     fn retain_drops_services_gone_in_a_relist() {
         let index = SelectorIndex::default();
-        index.apply("a", "kept", Some(1), || {
-            Some(selector(&[("app", "x")], &[]))
-        });
-        index.apply("a", "gone", Some(1), || {
-            Some(selector(&[("app", "x")], &[]))
-        });
+        index.apply("a", "kept", v(1), || Some(selector(&[("app", "x")], &[])));
+        index.apply("a", "gone", v(1), || Some(selector(&[("app", "x")], &[])));
         index.retain(&HashSet::from([("a".to_owned(), "kept".to_owned())]));
         assert_eq!(index.matching("a", &labels(&[("app", "x")])), ["kept"]);
     }

@@ -8,6 +8,7 @@
 //! - [`wait`]: [`eventually`], a condition with a deadline.
 //! - [`bench`]: bench tables, printed and written as JSON.
 //! - [`proxy`]: a TCP proxy a test can cut, for partitions.
+//! - [`registry`]: what is under a registry prefix, and DELETEs a watcher saw.
 //! - [`controlplane`]: etcd plus kube-apiserver from the same module, with certificates, RBAC
 //!   and a kubeconfig.
 
@@ -16,6 +17,7 @@ pub mod controlplane;
 pub mod etcd;
 pub mod pki;
 pub mod proxy;
+pub mod registry;
 pub mod wait;
 
 use std::io::Read;

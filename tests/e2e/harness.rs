@@ -206,21 +206,10 @@ impl Env {
 
     /// Key -> value under `prefix` in the registry etcd.
     pub async fn keys_under(&self, prefix: &str) -> BTreeMap<String, String> {
-        let resp = self
-            .etcd
-            .client()
+        test_support::registry::dump(&mut self.etcd.client().await, prefix)
             .await
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .expect("failed to read the registry");
-        resp.kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                )
-            })
+            .into_iter()
+            .map(|(k, stored)| (k, stored.text()))
             .collect()
     }
 
@@ -297,36 +286,19 @@ impl Env {
 
 /// DELETE events a watching client has received, reading until the watch is quiet for 500 ms.
 pub async fn deletes_seen(watch: &mut etcd_client::WatchStream) -> usize {
-    let mut deletes = 0;
-    while let Ok(Some(resp)) = tokio::time::timeout(Duration::from_millis(500), watch.message())
-        .await
-        .map(Result::unwrap)
-    {
-        deletes += resp
-            .events()
-            .iter()
-            .filter(|e| e.event_type() == etcd_client::EventType::Delete)
-            .count();
-    }
-    deletes
+    test_support::registry::deletes_seen(watch, Duration::from_millis(500)).await
 }
 
 /// The leases the keys under this test's registry prefix are attached to.
 pub async fn key_leases(env: &Env) -> std::collections::BTreeSet<i64> {
-    let resp = env
-        .etcd
-        .client()
-        .await
-        .get(
-            format!("services/{}/", env.ns),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    resp.kvs()
-        .iter()
-        .map(etcd_client::KeyValue::lease)
-        .collect()
+    test_support::registry::dump(
+        &mut env.etcd.client().await,
+        &format!("services/{}/", env.ns),
+    )
+    .await
+    .into_values()
+    .map(|stored| stored.lease)
+    .collect()
 }
 
 /// How to run the real `grpc-registrar` binary against the test's control plane.

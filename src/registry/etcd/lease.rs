@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::registry::error::timeout;
-use crate::registry::{Event as LeaseEvent, Result};
+use crate::registry::{Error, Event as LeaseEvent, Result};
 
 struct Slot {
     /// The current lease id; replaced in place when the lease is lost.
@@ -185,11 +185,14 @@ impl Keeper {
         let mut unreachable = false;
         loop {
             let id = *self.id.borrow();
-            let opened =
-                tokio::time::timeout(self.op_timeout, self.client.lease_client().keep_alive(id))
-                    .await;
+            let opened = timeout(
+                "open lease keep-alive stream",
+                self.op_timeout,
+                self.client.lease_client().keep_alive(id),
+            )
+            .await;
             let end = match opened {
-                Ok(Ok((keeper, stream))) => {
+                Ok((keeper, stream)) => {
                     last_ok = Instant::now();
                     if std::mem::take(&mut unreachable) {
                         info!(lease_id = %hex(id), "etcd reachable again; lease kept");
@@ -201,15 +204,10 @@ impl Keeper {
                     self.metrics.lease_keepalives.inc();
                     self.drive(keeper, stream, interval, &mut last_ok).await
                 }
-                Ok(Err(e)) if is_lease_not_found(&e) => StreamEnd::Lost,
-                Ok(Err(e)) => {
+                Err(Error::Etcd { source, .. }) if is_lease_not_found(&source) => StreamEnd::Lost,
+                Err(e) => {
                     self.metrics.lease_keepalive_failures.inc();
-                    warn!(lease_id = %hex(id), error = %e, "failed to open lease keep-alive stream");
-                    StreamEnd::Broken
-                }
-                Err(_) => {
-                    self.metrics.lease_keepalive_failures.inc();
-                    warn!(lease_id = %hex(id), "timed out opening lease keep-alive stream");
+                    warn!(lease_id = %hex(id), error = %e, "lease keep-alive failed; retrying");
                     StreamEnd::Broken
                 }
             };

@@ -1,7 +1,9 @@
 //! Cold start at scale on the real control plane: N pods across N/10 GrpcServices are created
 //! through kube-apiserver and marked Ready, then the real controller binary starts. Reports the
 //! time until every key is in the registry (from process start, and from the moment its caches
-//! had seen the last pod), the time per pod, the etcd txns and leases it used, and its peak RSS —
+//! had seen the last pod), the time per pod, the etcd txns and leases it used, where reconcile
+//! time went, then a restart (SIGKILL, a new process moves every key onto its lease), and peak
+//! RSS —
 //! for N = 1,000, 10,000, 30,000 and 100,000 at 10 pods per GrpcService, in one run
 //! (`SCALE_SIZES=1000,10000` to choose). A bench binary: figures, no assertions.
 //! `cargo bench --bench scale` (part of `make bench`).
@@ -68,7 +70,63 @@ async fn main() {
             .metric("grpc_registrar_etcd_request_duration_seconds_count{op=\"range\"}")
             .await;
         let leases = probe.leases().await.map_or(0, |r| r.leases().len());
+        let mean_ms = |sum: f64, count: f64| {
+            if count > 0.0 {
+                sum / count * 1e3
+            } else {
+                f64::NAN
+            }
+        };
+        let reconciles = controller
+            .metric("grpc_registrar_reconcile_duration_seconds_count")
+            .await;
+        let reconcile_ms = mean_ms(
+            controller
+                .metric("grpc_registrar_reconcile_duration_seconds_sum")
+                .await,
+            reconciles,
+        );
+        let txn_ms = mean_ms(
+            controller
+                .metric("grpc_registrar_etcd_request_duration_seconds_sum{op=\"txn\"}")
+                .await,
+            txns,
+        );
+        let range_ms = mean_ms(
+            controller
+                .metric("grpc_registrar_etcd_request_duration_seconds_sum{op=\"range\"}")
+                .await,
+            ranges,
+        );
+        let cpu = common::cpu_seconds(controller.pid());
         drop(controller);
+
+        // A restart: finalizers and status are in place, every key is on the killed process's
+        // lease; the new process must move every key onto its own lease.
+        let old_leases: std::collections::BTreeSet<i64> =
+            test_support::registry::dump(&mut probe, &prefix)
+                .await
+                .into_values()
+                .map(|s| s.lease)
+                .collect();
+        let restarted = Instant::now();
+        let mut second = Controller::start(&plane, &etcd.endpoint(), &ns, 30);
+        second.synced().await;
+        let second_synced = restarted.elapsed();
+        loop {
+            let keys = test_support::registry::dump(&mut probe, &prefix).await;
+            if keys.len() == n && keys.values().all(|s| !old_leases.contains(&s.lease)) {
+                break;
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(600),
+                "keys not moved after 10 min"
+            );
+            // A dump of 100k keys is ~15 MB: poll large sizes gently.
+            tokio::time::sleep(Duration::from_millis(if n > 10_000 { 500 } else { 50 })).await;
+        }
+        let moved = restarted.elapsed();
+        drop(second);
         rows.push((
             format!("{n} pods / {services} GrpcServices: start → all keys"),
             format!("{:.2} s", all.as_secs_f64()),
@@ -87,13 +145,27 @@ async fn main() {
             format!("{txns:.0} / {ranges:.0} / {leases}"),
         ));
         rows.push((
+            format!("{n} pods: reconciles, mean duration; etcd txn / range mean; controller CPU"),
+            format!(
+                "{reconciles:.0}, {reconcile_ms:.1} ms; {txn_ms:.1} ms / {range_ms:.1} ms; {cpu:.1} s"
+            ),
+        ));
+        rows.push((
+            format!("{n} pods: restart: caches synced → every key on the new lease"),
+            format!(
+                "{:.2} s ({:.2} s from start)",
+                moved.saturating_sub(second_synced).as_secs_f64(),
+                moved.as_secs_f64()
+            ),
+        ));
+        rows.push((
             format!("{n} pods: controller RSS peak / after"),
             format!(
                 "{peak:.1} MiB / {rss:.1} MiB ({:.1} KiB per pod at peak)",
                 peak * 1024.0 / n as f64
             ),
         ));
-        for (name, value) in &rows[rows.len() - 5..] {
+        for (name, value) in &rows[rows.len() - 7..] {
             eprintln!("{name}: {value}");
         }
     }

@@ -36,15 +36,21 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 }
 
 #[tokio::test]
-async fn new_service_gets_the_finalizer_before_anything_is_written() {
+async fn a_new_service_gets_the_finalizer_before_anything_is_written_then_publishes_at_once() {
     let registry = backend();
     let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let svc = service("greeter");
-    let server = api.run(Scenario::FinalizerCreation(svc.clone()));
+    // The finalizer patch comes first (the verifier checks nothing was written by then), and
+    // the same reconcile then publishes without waiting for the patch's watch event.
+    let server = api.run(Scenario::FinalizerThenStatus(
+        svc.clone(),
+        registry.clone(),
+        |status| assert_eq!(status["registeredEndpoints"], 1),
+    ));
     let action = reconcile(Arc::new(svc), ctx).await.unwrap();
     server.await.unwrap();
-    assert_eq!(action, Action::await_change());
-    assert!(keys(&registry, "services/default/greeter").is_empty());
+    assert_eq!(action, Action::requeue(RESYNC));
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
 }
 
 #[tokio::test]

@@ -23,27 +23,64 @@ impl Stored {
     }
 }
 
-/// Every key under `prefix` with its value and lease.
+/// Keys read per request: one response stays well under gRPC's 4 MiB default message limit.
+const PAGE: i64 = 2_000;
+
+/// Every key under `prefix` with its value and lease, read in pages at one revision.
 ///
 /// # Panics
 /// When etcd does not answer: a test cannot go on without it.
 pub async fn dump(client: &mut Client, prefix: &str) -> BTreeMap<String, Stored> {
-    let resp = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("failed to read the registry");
-    resp.kvs()
-        .iter()
-        .map(|kv| {
-            (
+    let end = prefix_end(prefix.as_bytes());
+    let mut out = BTreeMap::new();
+    // The empty prefix means every key: etcd spells that range from "\0" to "\0".
+    let mut from = if prefix.is_empty() {
+        vec![0]
+    } else {
+        prefix.as_bytes().to_vec()
+    };
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = client
+            .get(from.clone(), Some(options))
+            .await
+            .expect("failed to read the registry");
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            out.insert(
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 Stored {
                     value: kv.value().to_vec(),
                     lease: kv.lease(),
                 },
-            )
-        })
-        .collect()
+            );
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return out,
+        }
+    }
+}
+
+/// The end of the range of keys starting with `prefix`, as etcd's `WithPrefix` computes it.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// How many keys are under `prefix` (-1 when etcd does not answer, so polls can go on).

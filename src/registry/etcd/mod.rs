@@ -129,22 +129,6 @@ impl EtcdRegistry {
         self.inner.leases.ids().await
     }
 
-    /// Reads a key that always exists or not, to check that etcd answers (start-up checks).
-    ///
-    /// # Errors
-    /// etcd unreachable, refusing the credentials, or not answering within the op timeout.
-    pub async fn ping(&self) -> Result<i64> {
-        let mut kv = self.inner.client.kv_client();
-        let op = "read from etcd";
-        let resp = super::error::timeout(
-            op,
-            self.inner.config.op_timeout,
-            kv.get(self.leader_key(), None),
-        )
-        .await?;
-        Ok(resp.header().map_or(0, |h| h.revision()))
-    }
-
     async fn txn(&self, op: &'static str, txn: Txn) -> Result<etcd_client::TxnResponse> {
         let started = Instant::now();
         let mut kv = self.inner.client.kv_client();

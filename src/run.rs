@@ -43,7 +43,7 @@ pub enum Error {
     #[error("invalid leader election timing: {0}")]
     Election(String),
     /// The HTTP endpoints could not listen.
-    #[error("failed to bind {addr}: {source}")]
+    #[error("failed to bind {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -55,10 +55,12 @@ pub enum Error {
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),
     /// No Kubernetes client configuration (KUBECONFIG, or the in-cluster service account).
-    #[error("failed to create kubernetes client: {0}")]
+    #[error(
+        "failed to create kubernetes client: set KUBECONFIG (or ~/.kube/config), or run in a pod with a service account"
+    )]
     Kube(#[source] kube::Error),
     /// The HTTP server stopped with an error.
-    #[error("metrics server failed: {0}")]
+    #[error("metrics server failed")]
     Serve(#[source] std::io::Error),
 }
 

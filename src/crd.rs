@@ -36,9 +36,12 @@ pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
     namespaced,
     shortname = "grpcsvc",
     status = "GrpcServiceStatus",
-    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.target"}"#,
-    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyPods"}"#,
-    printcolumn = r#"{"name":"Registered","type":"integer","jsonPath":".status.registeredEndpoints"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"The Ready condition: True when the registry holds what the spec asks for, with at least one endpoint"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why Ready is what it is: Synced, NoReadyEndpoints, NoPodsSelected, PortNotFound, Conflict, InvalidSpec or BackendUnavailable"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.target","description":"The registry prefix clients dial"}"#,
+    printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.registeredEndpoints","description":"Endpoints registered"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selectedPods","priority":1,"description":"Pods the selector matches"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].message","priority":1,"description":"The Ready condition's message"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[cfg_attr(test, x_kube(cel))]
@@ -58,7 +61,7 @@ pub struct GrpcServiceSpec {
     /// The container port to publish: a number (1-65535) or a container port name, resolved per
     /// pod like a Service's targetPort.
     #[x_kube(
-        validation = Rule::new("string(self).matches('^[0-9]+$') ? (int(string(self)) >= 1 && int(string(self)) <= 65535) : (size(string(self)) <= 15 && string(self).matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && string(self).matches('[a-z]'))")
+        validation = Rule::new("string(self) == self ? (size(self) <= 15 && self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && self.matches('[a-z]') && !self.contains('--')) : (int(string(self)) >= 1 && int(string(self)) <= 65535)")
             .message("port must be a number from 1 to 65535 or a container port name (at most 15 lowercase letters, digits and '-')")
     )]
     pub port: IntOrString,
@@ -145,7 +148,8 @@ pub struct GrpcServiceStatus {
     /// When the registry last changed for this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
-    /// `Ready`, `Conflict`, `InvalidSpec` and `EtcdUnavailable`.
+    /// `Ready` (True only when the registry holds what the spec asks for and at least one
+    /// endpoint is registered), `Conflict`, `InvalidSpec` and `BackendUnavailable`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -191,7 +195,18 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap().to_owned())
             .collect();
-        assert_eq!(columns, ["Target", "Ready", "Registered", "Age"]);
+        assert_eq!(
+            columns,
+            [
+                "Ready",
+                "Status",
+                "Target",
+                "Endpoints",
+                "Selected",
+                "Message",
+                "Age"
+            ]
+        );
     }
 
     #[test]
@@ -233,6 +248,8 @@ mod tests {
             json!("GRPC"),
             json!("-grpc"),
             json!("70000"),
+            json!("123"),
+            json!("grpc--web"),
             json!("a-very-long-port-name"),
         ] {
             rejects(json!({ "port": port }), "port must be a number");

@@ -9,7 +9,7 @@ pub enum Error {
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),
     /// A Kubernetes API request failed.
-    #[error("failed to {op}: {source}")]
+    #[error("failed to {op}")]
     Kube {
         /// The failed operation, e.g. `patch status`.
         op: &'static str,
@@ -17,9 +17,6 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// The finalizer helper failed in apply or cleanup.
-    #[error("failed to run finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     /// The spec cannot be applied; reported as the `InvalidSpec` condition.
     #[error("invalid spec: {0}")]
     InvalidSpec(#[from] SpecError),
@@ -29,19 +26,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short, stable label of the root cause, for the reconcile failure counter: the finalizer
-    /// wrapper is looked through.
+    /// A short, stable label of the root cause, for the reconcile failure counter.
     #[must_use]
     pub fn metric_label(&self) -> &'static str {
-        use kube::runtime::finalizer::Error as F;
         match self {
             Self::Registry(e) => e.metric_label(),
             Self::Kube { .. } => "kube",
-            Self::Finalizer(e) => match e.as_ref() {
-                F::ApplyFailed(e) | F::CleanupFailed(e) => e.metric_label(),
-                F::AddFinalizer(_) | F::RemoveFinalizer(_) => "kube",
-                F::UnnamedObject | F::InvalidFinalizer => "missing_field",
-            },
             Self::InvalidSpec(_) => "invalid_spec",
             Self::MissingField(_) => "missing_field",
         }
@@ -51,6 +41,23 @@ impl Error {
     pub(crate) fn kube(op: &'static str) -> impl FnOnce(kube::Error) -> Self {
         move |source| Self::Kube { op, source }
     }
+}
+
+/// An error and its causes as one line, `outer: cause: root`, in each one's own words (Display,
+/// never Debug); a cause whose text its parent already includes is not repeated.
+#[must_use]
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// The crate's result type.
@@ -67,7 +74,7 @@ mod tests {
         let errors = [
             Error::from(registry::Error::Etcd {
                 op: "txn",
-                source: etcd_client::Error::InvalidArgs("x".into()),
+                cause: etcd_client::Error::InvalidArgs("x".into()),
             }),
             Error::from(registry::Error::Timeout {
                 op: "txn",
@@ -77,9 +84,6 @@ mod tests {
             Error::from(registry::Error::Fenced { op: "txn" }),
             Error::InvalidSpec(SpecError::PortRange(0)),
             Error::MissingField("metadata.uid"),
-            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
-                Error::from(registry::Error::Fenced { op: "txn" }),
-            ))),
         ];
         for error in &errors {
             assert!(
@@ -88,11 +92,6 @@ mod tests {
                 error.metric_label()
             );
         }
-        assert_eq!(
-            errors[6].metric_label(),
-            "fenced",
-            "the finalizer is looked through"
-        );
         let page = Metrics::default().encode();
         for label in FAILURE_LABELS {
             let series = format!("grpc_registrar_reconcile_failures_total{{error=\"{label}\"}} 0");

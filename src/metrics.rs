@@ -28,6 +28,34 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+/// Labels of the backend error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendOpLabels {
+    /// The backend, e.g. `etcd`.
+    pub backend: &'static str,
+    /// The failed operation, e.g. `txn`, `range`, `keepalive`, `grant`.
+    pub op: &'static str,
+}
+
+/// Labels of the reachability gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// The backend, e.g. `etcd`.
+    pub backend: &'static str,
+}
+
+/// Labels of `build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The crate version.
+    pub version: &'static str,
+    /// The git commit, when the build set `GIT_COMMIT`.
+    pub git_commit: &'static str,
+}
+
+/// The backend operations whose errors are counted, initialised to 0.
+pub const BACKEND_OPS: [&str; 6] = ["range", "txn", "grant", "keepalive", "watch", "connect"];
+
 /// Labels of the etcd latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
@@ -63,6 +91,14 @@ pub struct Metrics {
     pub etcd_duration: Family<OpLabels, Histogram>,
     /// Keys registered per service.
     pub registered_endpoints: Family<ServiceLabels, Gauge>,
+    /// Pods selected per service.
+    pub selected_pods: Family<ServiceLabels, Gauge>,
+    /// Selected pods that are Ready, per service.
+    pub ready_pods: Family<ServiceLabels, Gauge>,
+    /// 1 while the backend answers, 0 after a request or the lease keep-alive failed to reach it.
+    pub backend_connected: Family<BackendLabels, Gauge>,
+    /// Backend requests that failed, by operation.
+    pub backend_errors: Family<BackendOpLabels, Counter>,
     /// Successful lease renewals.
     pub lease_keepalives: Counter,
     /// Failed or broken lease renewals.
@@ -73,10 +109,13 @@ pub struct Metrics {
     pub lease_losses: Counter,
     /// Reconciles of every service after a lease loss (each re-puts its keys on the new lease).
     pub lease_replays: Counter,
-    /// Seconds from a selected pod's Ready transition (or deletion) to the etcd commit that
-    /// reflected it. Kubernetes stores condition times in whole seconds, so this over-reads by
-    /// up to 1 s; the benches measure the same path with millisecond clocks.
+    /// Seconds from this process seeing a selected pod's registrable state change (a watch
+    /// event) to the registry commit that reflected it.
     pub propagation: Histogram,
+    /// Seconds from a selected pod's Ready transition (or deletion) as Kubernetes recorded it to
+    /// the commit: end to end, including the API server and watch delay, but with whole-second
+    /// resolution (condition times have no fraction), so it over-reads by up to 1 s.
+    pub transition_to_registry: Histogram,
     /// 1 while this replica is the leader (or runs without leader election), else 0.
     pub leader: Gauge,
     /// Leadership changes seen by this replica.
@@ -84,8 +123,19 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
+    #[allow(clippy::too_many_lines)]
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("grpc_registrar");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("grpc_registrar");
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                git_commit: option_env!("GIT_COMMIT").unwrap_or("unknown"),
+            })
+            .set(1);
+        registry.register("build_info", "The running build (always 1)", build_info);
         let reconciliations = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
         for error in FAILURE_LABELS {
@@ -96,16 +146,33 @@ impl Default for Metrics {
             latency_histogram as fn() -> Histogram,
         );
         let registered_endpoints = Family::<ServiceLabels, Gauge>::default();
+        let selected_pods = Family::<ServiceLabels, Gauge>::default();
+        let ready_pods = Family::<ServiceLabels, Gauge>::default();
+        let backend_connected = Family::<BackendLabels, Gauge>::default();
+        let backend_errors = Family::<BackendOpLabels, Counter>::default();
+        for op in BACKEND_OPS {
+            drop(backend_errors.get_or_create(&BackendOpLabels {
+                backend: "etcd",
+                op,
+            }));
+        }
+        drop(backend_connected.get_or_create(&BackendLabels { backend: "etcd" }));
         let lease_keepalives = Counter::default();
         let lease_keepalive_failures = Counter::default();
         let lease_grants = Counter::default();
         let lease_losses = Counter::default();
         let lease_replays = Counter::default();
         let propagation = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let transition_to_registry = Histogram::new(exponential_buckets(0.25, 2.0, 10));
         registry.register(
             "propagation_seconds",
-            "From a pod's Ready transition (or deletion) to the etcd commit reflecting it",
+            "From this controller seeing a pod's readiness change (watch event) to the registry commit reflecting it",
             propagation.clone(),
+        );
+        registry.register(
+            "transition_to_registry_seconds",
+            "From a pod's Ready transition time as Kubernetes recorded it (whole seconds) to the registry commit",
+            transition_to_registry.clone(),
         );
         let leader = Gauge::default();
         leader.set(1);
@@ -123,7 +190,7 @@ impl Default for Metrics {
         registry.register("reconciliations", "Reconciles run", reconciliations.clone());
         registry.register(
             "reconcile_failures",
-            "Reconciles failed, by error kind",
+            "Reconciles failed, by root cause",
             failures.clone(),
         );
         registry.register(
@@ -140,6 +207,26 @@ impl Default for Metrics {
             "registered_endpoints",
             "Keys registered per GrpcService",
             registered_endpoints.clone(),
+        );
+        registry.register(
+            "selected_pods",
+            "Pods matching the selector, per GrpcService",
+            selected_pods.clone(),
+        );
+        registry.register(
+            "ready_pods",
+            "Selected pods that are Ready, per GrpcService",
+            ready_pods.clone(),
+        );
+        registry.register(
+            "backend_connected",
+            "1 while the registry backend answers, 0 after a request to it failed to connect",
+            backend_connected.clone(),
+        );
+        registry.register(
+            "backend_errors",
+            "Registry backend requests that failed, by operation",
+            backend_errors.clone(),
         );
         registry.register(
             "lease_keepalives",
@@ -163,18 +250,23 @@ impl Default for Metrics {
             lease_replays.clone(),
         );
         Self {
-            registry,
+            registry: root,
             reconciliations,
             failures,
             reconcile_duration,
             etcd_duration,
             registered_endpoints,
+            selected_pods,
+            ready_pods,
+            backend_connected,
+            backend_errors,
             lease_keepalives,
             lease_keepalive_failures,
             lease_grants,
             lease_losses,
             lease_replays,
             propagation,
+            transition_to_registry,
             leader,
             leader_transitions,
         }
@@ -204,6 +296,52 @@ impl Metrics {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Records a service's counts after a sync.
+    pub fn observe_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        desired: &crate::desired::Desired,
+        registered: usize,
+    ) {
+        let labels = ServiceLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.registered_endpoints
+            .get_or_create(&labels)
+            .set(n(registered));
+        self.selected_pods
+            .get_or_create(&labels)
+            .set(n(desired.selected));
+        self.ready_pods.get_or_create(&labels).set(n(desired.ready));
+    }
+
+    /// Drops a deleted service's series.
+    pub fn forget_service(&self, namespace: &str, name: &str) {
+        let labels = ServiceLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        self.registered_endpoints.remove(&labels);
+        self.selected_pods.remove(&labels);
+        self.ready_pods.remove(&labels);
+    }
+
+    /// Records the outcome of a backend request: a failure is counted by operation, and one
+    /// that could not reach the backend marks it disconnected; a success marks it connected.
+    pub fn backend_result(&self, backend: &'static str, op: &'static str, ok: bool, reached: bool) {
+        if !ok {
+            self.backend_errors
+                .get_or_create(&BackendOpLabels { backend, op })
+                .inc();
+        }
+        self.backend_connected
+            .get_or_create(&BackendLabels { backend })
+            .set(i64::from(reached));
+    }
+
     /// Records whether this replica leads.
     pub fn set_leader(&self, leading: bool) {
         let value = i64::from(leading);
@@ -231,5 +369,146 @@ pub struct ReconcileTimer<'a> {
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Standard process metrics (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_start_time_seconds`), read from `/proc/self` on each scrape; nothing on other
+/// systems.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl ProcessCollector {
+    /// (cpu seconds, virtual bytes, start time in seconds since the epoch) from `/proc`.
+    fn stat() -> Option<(f64, f64, f64)> {
+        // The kernel reports times in USER_HZ, which is 100 on every Linux ABI.
+        const TICKS: f64 = 100.0;
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command (which may contain spaces), from field 3 (state) on.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+        let cpu = (ticks(11)? + ticks(12)?) / TICKS;
+        let start_ticks = ticks(19)?;
+        let vsize = ticks(20)?;
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
+        Some((cpu, vsize, boot + start_ticks / TICKS))
+    }
+
+    fn rss_bytes() -> Option<f64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        Some(kb * 1024.0)
+    }
+
+    fn fds() -> Option<(f64, f64)> {
+        #[allow(clippy::cast_precision_loss)]
+        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
+        let max = std::fs::read_to_string("/proc/self/limits")
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("Max open files"))?
+            .split_whitespace()
+            .nth(3)?
+            .parse::<f64>()
+            .ok()?;
+        Some((open, max))
+    }
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            let gauge = ConstGauge::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)
+        };
+        if let Some((_, vsize, start)) = Self::stat() {
+            gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                vsize,
+            )?;
+            gauge(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                start,
+            )?;
+        }
+        if let Some(rss) = Self::rss_bytes() {
+            gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                rss,
+            )?;
+        }
+        if let Some((open, max)) = Self::fds() {
+            gauge("process_open_fds", "Number of open file descriptors", open)?;
+            gauge(
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                max,
+            )?;
+        }
+        if let Some((cpu, _, _)) = Self::stat() {
+            let counter = ConstCounter::new(cpu);
+            let metric = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_has_build_info_process_metrics_and_zeroed_backend_series() {
+        let page = Metrics::default().encode();
+        for needle in [
+            "grpc_registrar_build_info{version=\"",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+            "grpc_registrar_backend_connected{backend=\"etcd\"} 0",
+            "grpc_registrar_backend_errors_total{backend=\"etcd\",op=\"txn\"} 0",
+        ] {
+            assert!(page.contains(needle), "{needle} missing:\n{page}");
+        }
+    }
+
+    #[test]
+    fn a_deleted_service_leaves_no_series() {
+        let m = Metrics::default();
+        m.observe_service("ns", "svc", &crate::desired::Desired::default(), 2);
+        assert!(
+            m.encode()
+                .contains("grpc_registrar_registered_endpoints{namespace=\"ns\",name=\"svc\"} 2")
+        );
+        m.forget_service("ns", "svc");
+        assert!(!m.encode().contains("name=\"svc\""));
     }
 }

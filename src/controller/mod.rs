@@ -20,7 +20,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -45,6 +44,10 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 
 /// The least time between two counts-only status writes of one service.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The least time between two `EndpointsChanged` Events of one service: under churn, one Event
+/// sums up the counts instead of one per pod.
+pub const EVENT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How often a service in conflict re-checks whether the target was freed.
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
@@ -80,7 +83,11 @@ pub struct Context {
     status_writes: Mutex<HashMap<String, std::time::Instant>>,
     /// The last readiness transition observed, per service (`<namespace>/<name>`) and
     /// candidate id: a reconcile reads and prunes only its own service's entries.
-    transitions: Mutex<HashMap<String, HashMap<String, k8s_openapi::jiff::Timestamp>>>,
+    transitions: Mutex<HashMap<String, HashMap<String, std::time::Instant>>>,
+    /// The last registry change per service uid, whose revision and time status carries.
+    last_changes: Mutex<HashMap<String, status::LastChange>>,
+    /// The registered count last announced in an Event, and when, per service uid.
+    announced: Mutex<HashMap<String, (usize, std::time::Instant)>>,
     /// Retry pacing per failing service uid.
     failures: Mutex<HashMap<String, Backoff>>,
     /// The last publication each service (by uid) synced, so that a spec turned invalid keeps
@@ -115,6 +122,8 @@ impl Context {
             .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
             transitions: Mutex::default(),
             status_writes: Mutex::default(),
+            last_changes: Mutex::default(),
+            announced: Mutex::default(),
             failures: Mutex::default(),
             published: Mutex::default(),
         }
@@ -295,8 +304,11 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
-            if let Err(e) = result {
-                warn!(error = %e, "reconcile loop reported an error");
+            // A failed reconcile was logged once, by `error_policy`; only the controller's own
+            // errors (e.g. a queue error) are logged here.
+            match result {
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+                Err(e) => warn!(error = %crate::error::chain(&e), "controller error"),
             }
             future::ready(())
         })
@@ -332,17 +344,46 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
         .map_err(|_| Error::MissingField("pod cache"))?;
     let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = svc.uid().unwrap_or_default();
-    let svc = with_finalizer(&api, svc).await?;
-    let action = finalizer(&api, FINALIZER, svc, |event| async {
-        match event {
-            Finalizer::Apply(svc) => svc.apply(&ctx).await,
-            Finalizer::Cleanup(svc) => svc.cleanup(&ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    let action = if svc.metadata.deletion_timestamp.is_some() {
+        let Some(index) = svc.finalizers().iter().position(|f| f == FINALIZER) else {
+            return Ok(Action::await_change());
+        };
+        let action = svc.cleanup(&ctx).await?;
+        remove_finalizer(&api, &svc, index).await?;
+        action
+    } else {
+        with_finalizer(&api, svc).await?.apply(&ctx).await?
+    };
     ctx.failures.lock().expect("lock").remove(&uid);
     Ok(action)
+}
+
+/// Removes the finalizer at `index` once cleanup is done, guarded by a test so that a
+/// concurrent change of the list fails (and is retried) instead of removing another entry.
+async fn remove_finalizer(api: &Api<GrpcService>, svc: &GrpcService, index: usize) -> Result<()> {
+    use json_patch::jsonptr::PointerBuf;
+    use json_patch::{PatchOperation, RemoveOperation, TestOperation};
+    let path = PointerBuf::parse(format!("/metadata/finalizers/{index}"))
+        .map_err(|_| Error::MissingField("finalizers"))?;
+    let patch = json_patch::Patch(vec![
+        PatchOperation::Test(TestOperation {
+            path: path.clone(),
+            value: FINALIZER.into(),
+        }),
+        PatchOperation::Remove(RemoveOperation { path }),
+    ]);
+    match api
+        .patch(
+            &svc.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        // Already gone: nothing left to release.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        result => result.map(|_| ()).map_err(Error::kube("remove finalizer")),
+    }
 }
 
 /// Adds the finalizer to a live service that lacks it, returning the updated object.
@@ -405,7 +446,13 @@ pub fn error_policy(svc: Arc<GrpcService>, error: &Error, ctx: Arc<Context>) -> 
         .or_insert_with(Backoff::reconcile)
         .next()
         .unwrap_or(Duration::from_secs(60));
-    warn!(namespace = svc.namespace().unwrap_or_default(), name = %svc.name_any(), error = %error, ?delay, "reconcile failed; retrying");
+    warn!(
+        namespace = svc.namespace().unwrap_or_default(),
+        name = %svc.name_any(),
+        error = %crate::error::chain(error),
+        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        "reconcile failed; retrying with backoff"
+    );
     Action::requeue(delay)
 }
 

@@ -13,12 +13,11 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::status::{Outcome, event_for, next_status};
+use super::status::{LastChange, Outcome, endpoints_event, next_status, transition_events};
 use super::watch::pod_ref;
-use super::{CONFLICT_RECHECK, Context, FIELD_MANAGER, RESYNC, STATUS_INTERVAL};
+use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, FIELD_MANAGER, RESYNC, STATUS_INTERVAL};
 use crate::crd::GrpcService;
 use crate::desired::{Desired, Plan, SpecError, desired};
-use crate::metrics::ServiceLabels;
 use crate::registry::{self, Claim, Owner, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
@@ -26,7 +25,10 @@ use crate::{Error, Result};
 /// What [`GrpcService::patch_status`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StatusWrite {
-    Written,
+    /// Written; `transition` when the write carried a transition Event (Ready, lease, target).
+    Written {
+        transition: bool,
+    },
     Unchanged,
     Deferred,
 }
@@ -95,6 +97,15 @@ impl GrpcService {
                     .lock()
                     .expect("lock")
                     .insert(owner.uid.clone(), publication);
+                if report.puts + report.deletes > 0 {
+                    ctx.last_changes.lock().expect("lock").insert(
+                        owner.uid.clone(),
+                        LastChange {
+                            revision: report.revision,
+                            at: Time(k8s_openapi::jiff::Timestamp::now()),
+                        },
+                    );
+                }
                 report
             }
             Err(registry::Error::Spec(e)) => return self.invalid_spec(ctx, &e).await,
@@ -114,30 +125,86 @@ impl GrpcService {
             );
         }
         ctx.metrics
-            .registered_endpoints
-            .get_or_create(&ServiceLabels {
-                namespace: owner.namespace.clone(),
-                name: owner.name.clone(),
-            })
-            .set(i64::try_from(report.registered).unwrap_or(i64::MAX));
+            .observe_service(&owner.namespace, &owner.name, &want, report.registered);
+        let last_change = ctx
+            .last_changes
+            .lock()
+            .expect("lock")
+            .get(&owner.uid)
+            .cloned();
         let outcome = Outcome::Synced {
             target: &plan.target,
             desired: &want,
             report: &report,
+            last_change: last_change.as_ref(),
         };
-        if self.patch_status(ctx, &outcome).await? == StatusWrite::Deferred {
-            // Counts only: written on the requeue, at most once per STATUS_INTERVAL.
-            return Ok(Action::requeue(STATUS_INTERVAL));
-        }
-        Ok(Action::requeue(RESYNC))
+        let write = self.patch_status(ctx, &outcome).await?;
+        let event_due = self
+            .announce_endpoints(ctx, &owner.uid, report.registered, &want, write)
+            .await;
+        // Counts only: the status is written on the requeue, at most once per STATUS_INTERVAL,
+        // and the count Event at most once per EVENT_INTERVAL; the last of a burst is never lost.
+        let next = match (write, event_due) {
+            (StatusWrite::Deferred, _) => STATUS_INTERVAL,
+            (_, Some(due)) => due,
+            _ => RESYNC,
+        };
+        Ok(Action::requeue(next))
     }
 
-    /// Observes, for each selected candidate whose readiness changed (or that began
-    /// terminating) since this process started and that was not observed yet, the time from
-    /// that change to this commit. Kubernetes keeps whole seconds, so "since" is compared per
-    /// candidate, not by time.
+    /// Sends an `EndpointsChanged` Event when the registered count moved since the last one
+    /// this process announced, at most once per [`EVENT_INTERVAL`]; returns when to come back
+    /// when one is held back. A status transition (its own Event) resets the baseline.
+    async fn announce_endpoints(
+        &self,
+        ctx: &Context,
+        uid: &str,
+        registered: usize,
+        want: &Desired,
+        write: StatusWrite,
+    ) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let event = {
+            let mut announced = ctx.announced.lock().expect("lock");
+            let entry = announced.entry(uid.to_owned()).or_insert((registered, now));
+            if matches!(write, StatusWrite::Written { transition: true }) {
+                *entry = (registered, now);
+            }
+            let (before, at) = *entry;
+            if before == registered {
+                return None;
+            }
+            let since = now.duration_since(at);
+            if since < EVENT_INTERVAL {
+                return Some(EVENT_INTERVAL - since);
+            }
+            *entry = (registered, now);
+            endpoints_event(before, registered, want)
+        };
+        self.publish(ctx, &[event]).await;
+        None
+    }
+
+    /// Publishes Events on this object, best effort: an Event that cannot be written must not
+    /// fail the reconcile.
+    async fn publish(&self, ctx: &Context, events: &[kube::runtime::events::Event]) {
+        let Some(recorder) = &ctx.events else {
+            return;
+        };
+        for event in events {
+            if let Err(e) = recorder.publish(event, &self.object_ref(&())).await {
+                warn!(error = %crate::error::chain(&e), reason = %event.reason, "failed to publish event");
+            }
+        }
+    }
+
+    /// Observes, for each selected candidate whose registrable state this process saw change
+    /// and whose change was not observed yet, the time from seeing it to this commit
+    /// (`propagation_seconds`), and from the pod's own transition time as Kubernetes recorded it
+    /// (`transition_to_registry_seconds`, whole-second resolution, from this process's start on).
     fn observe_propagation(&self, ctx: &Context, selected: &[Arc<Candidate>]) {
-        let now = k8s_openapi::jiff::Timestamp::now();
+        let now = std::time::Instant::now();
+        let wall = k8s_openapi::jiff::Timestamp::now();
         let service = format!(
             "{}/{}",
             self.namespace().unwrap_or_default(),
@@ -147,14 +214,19 @@ impl GrpcService {
         let seen = transitions.entry(service).or_default();
         let mut current = HashMap::with_capacity(selected.len());
         for candidate in selected {
-            let Some(changed) = candidate.changed else {
+            let Some(observed) = candidate.observed else {
                 continue;
             };
-            if changed >= ctx.started && seen.get(&candidate.id) != Some(&changed) {
-                let seconds = now.duration_since(changed).as_secs_f64().max(0.0);
-                ctx.metrics.propagation.observe(seconds);
+            if seen.get(&candidate.id) != Some(&observed) {
+                ctx.metrics
+                    .propagation
+                    .observe(now.duration_since(observed).as_secs_f64());
+                if let Some(changed) = candidate.changed.filter(|c| *c >= ctx.started) {
+                    let seconds = wall.duration_since(changed).as_secs_f64().max(0.0);
+                    ctx.metrics.transition_to_registry.observe(seconds);
+                }
             }
-            current.insert(candidate.id.clone(), changed);
+            current.insert(candidate.id.clone(), observed);
         }
         *seen = current;
     }
@@ -230,13 +302,14 @@ impl GrpcService {
             info!(error = %error, "not the leader; leaving this service to the leader");
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
-        let outcome = Outcome::EtcdUnavailable {
+        let outcome = Outcome::BackendUnavailable {
             target,
+            backend: ctx.backend.name(),
             message: error.to_string(),
             desired: want,
         };
         if let Err(e) = self.patch_status(ctx, &outcome).await {
-            warn!(error = %e, "failed to report the registry failure in status");
+            warn!(error = %crate::error::chain(&e), "failed to report the registry failure in status");
         }
         Err(error.into())
     }
@@ -265,10 +338,9 @@ impl GrpcService {
             .lock()
             .expect("lock")
             .remove(&format!("{}/{}", owner.namespace, owner.name));
-        ctx.metrics.registered_endpoints.remove(&ServiceLabels {
-            namespace: owner.namespace,
-            name: owner.name,
-        });
+        ctx.last_changes.lock().expect("lock").remove(&owner.uid);
+        ctx.announced.lock().expect("lock").remove(&owner.uid);
+        ctx.metrics.forget_service(&owner.namespace, &owner.name);
         Ok(Action::await_change())
     }
 
@@ -289,8 +361,8 @@ impl GrpcService {
             return Ok(StatusWrite::Unchanged);
         }
         let uid = self.uid().unwrap_or_default();
-        let counts_only = matches!(outcome, Outcome::Synced { .. })
-            && event_for(self.status.as_ref(), &next).is_none();
+        let events = transition_events(self.status.as_ref(), &next);
+        let counts_only = matches!(outcome, Outcome::Synced { .. }) && events.is_empty();
         if counts_only
             && ctx
                 .status_writes
@@ -319,13 +391,9 @@ impl GrpcService {
             .lock()
             .expect("lock")
             .insert(uid, std::time::Instant::now());
-        if let (Some(recorder), Some(event)) = (&ctx.events, event_for(self.status.as_ref(), &next))
-        {
-            // Best effort: an Event that cannot be written must not fail the reconcile.
-            if let Err(e) = recorder.publish(&event, &self.object_ref(&())).await {
-                warn!(error = %e, "failed to publish event");
-            }
-        }
-        Ok(StatusWrite::Written)
+        self.publish(ctx, &events).await;
+        Ok(StatusWrite::Written {
+            transition: !events.is_empty(),
+        })
     }
 }

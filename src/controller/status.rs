@@ -1,6 +1,8 @@
-//! Building a `GrpcServiceStatus` from the outcome of a reconcile, purely.
+//! Building a `GrpcServiceStatus` from the outcome of a reconcile, and the Events a status
+//! change deserves, purely.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::events::{Event, EventType};
 
 use crate::crd::GrpcServiceStatus;
 use crate::desired::{Desired, Skip};
@@ -8,26 +10,43 @@ use crate::registry::SyncReport;
 
 /// Condition types.
 pub mod condition {
-    /// The registry holds what the spec asks for.
+    /// The registry holds what the spec asks for, and at least one endpoint is registered.
     pub const READY: &str = "Ready";
     /// Another GrpcService owns the target.
     pub const CONFLICT: &str = "Conflict";
     /// The spec cannot be applied.
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// The registry could not be reached or refused the write.
-    pub const ETCD_UNAVAILABLE: &str = "EtcdUnavailable";
+    /// The registry backend could not be reached or refused the write.
+    pub const BACKEND_UNAVAILABLE: &str = "BackendUnavailable";
 }
 
-/// Condition reasons.
+/// Condition and Event reasons.
 pub mod reason {
-    /// The registry equals the desired state.
+    /// Ready: the registry equals the desired state, with at least one endpoint.
     pub const SYNCED: &str = "Synced";
-    /// The selector matches nothing.
+    /// Ready is False: the selector matches no pod.
     pub const NO_PODS_SELECTED: &str = "NoPodsSelected";
-    /// A selected pod has no port with the requested name.
+    /// No selected pod has a port with the requested name (Ready False when none is
+    /// registered because of it; True, with this reason, when only some pods lack it).
     pub const PORT_NOT_FOUND: &str = "PortNotFound";
+    /// Ready is False: pods are selected, but none is registrable (not ready, not running, …).
+    pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
+    /// Ready is False: another GrpcService owns the target.
+    pub const CONFLICT: &str = "Conflict";
+    /// Ready is False: the spec cannot be applied.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Ready is False: the registry backend could not be reached or refused the write.
+    pub const BACKEND_UNAVAILABLE: &str = "BackendUnavailable";
     /// A condition that is False as expected.
     pub const AS_EXPECTED: &str = "AsExpected";
+    /// Event: the backend is back and the registry was synced.
+    pub const BACKEND_RESTORED: &str = "BackendRestored";
+    /// Event: the number of registered endpoints changed.
+    pub const ENDPOINTS_CHANGED: &str = "EndpointsChanged";
+    /// Event: the lease holding the keys was lost and the keys were put on a new one.
+    pub const LEASE_REPLACED: &str = "LeaseReplaced";
+    /// Event: the service now publishes under another target.
+    pub const TARGET_CHANGED: &str = "TargetChanged";
 }
 
 /// The condition types the controller maintains, in status order.
@@ -35,8 +54,18 @@ pub const CONDITIONS: [&str; 4] = [
     condition::READY,
     condition::CONFLICT,
     condition::INVALID_SPEC,
-    condition::ETCD_UNAVAILABLE,
+    condition::BACKEND_UNAVAILABLE,
 ];
+
+/// The last registry change made for a service: status carries its revision and time, also
+/// when a later status write (a coalesced one) comes from a sync that wrote nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LastChange {
+    /// The revision of the write.
+    pub revision: i64,
+    /// When it was made.
+    pub at: Time,
+}
 
 /// What a reconcile found.
 #[derive(Clone, Debug)]
@@ -49,6 +78,8 @@ pub enum Outcome<'a> {
         desired: &'a Desired,
         /// What the sync did.
         report: &'a SyncReport,
+        /// The last sync of this service that changed the registry, if this process made one.
+        last_change: Option<&'a LastChange>,
     },
     /// The spec cannot be applied.
     InvalidSpec {
@@ -62,11 +93,13 @@ pub enum Outcome<'a> {
         /// `namespace/name` of the owner.
         owner: String,
     },
-    /// etcd could not be reached or refused the write.
-    EtcdUnavailable {
+    /// The backend could not be reached or refused the write.
+    BackendUnavailable {
         /// The target the write was for.
         target: &'a str,
-        /// The error.
+        /// The backend's name, e.g. `etcd`.
+        backend: &'a str,
+        /// The error, as a sentence.
         message: String,
         /// Counts, when the pods were evaluated before the failure.
         desired: Option<&'a Desired>,
@@ -74,8 +107,8 @@ pub enum Outcome<'a> {
 }
 
 /// The next status, keeping `lastTransitionTime` of conditions whose status did not change and
-/// `lastSyncTime` unless the registry changed, so an unchanged outcome yields an equal status and
-/// no write.
+/// the revision and sync time of the last registry change, so an unchanged outcome yields an
+/// equal status and no write.
 #[must_use]
 pub fn next_status(
     prev: Option<&GrpcServiceStatus>,
@@ -85,98 +118,121 @@ pub fn next_status(
 ) -> GrpcServiceStatus {
     let mut status = prev.cloned().unwrap_or_default();
     status.observed_generation = generation;
-    // (type, status, reason, message) for each maintained condition.
-    let mut set =
-        |ready: bool, conflict: bool, invalid: bool, etcd: bool, reason: &str, message: &str| {
-            let flags = [ready, conflict, invalid, etcd];
-            let conditions = CONDITIONS
-                .iter()
-                .zip(flags)
-                .map(|(type_, on)| {
-                    let value = if on { "True" } else { "False" };
-                    let old = prev.and_then(|p| p.conditions.iter().find(|c| c.type_ == *type_));
-                    let (reason, message) = if on || *type_ == condition::READY {
-                        (reason.to_owned(), message.to_owned())
-                    } else {
-                        (reason::AS_EXPECTED.to_owned(), String::new())
-                    };
-                    Condition {
-                        type_: (*type_).to_owned(),
-                        status: value.to_owned(),
-                        reason,
-                        message,
-                        observed_generation: generation,
-                        last_transition_time: old
-                            .filter(|o| o.status == value)
-                            .map_or_else(|| now.clone(), |o| o.last_transition_time.clone()),
-                    }
-                })
-                .collect();
-            status.conditions = conditions;
-        };
-    match outcome {
+    let (on, ready_reason, message) = match outcome {
         Outcome::Synced {
             target,
             desired,
             report,
+            last_change,
         } => {
-            set(
-                true,
-                false,
-                false,
-                false,
-                if desired.selected == 0 {
-                    reason::NO_PODS_SELECTED
-                } else if desired.skipped.values().any(|s| *s == Skip::PortNotFound) {
-                    reason::PORT_NOT_FOUND
-                } else {
-                    reason::SYNCED
-                },
-                &synced_message(report.registered, desired),
-            );
             status.target = Some((*target).to_owned());
             counts(&mut status, Some(desired));
-            status.registered_endpoints = i32::try_from(report.registered).unwrap_or(i32::MAX);
+            status.registered_endpoints = clamp(report.registered);
             status.lease_id = Some(format!("{:x}", report.lease_id));
-            if report.puts + report.deletes > 0 || status.etcd_revision.is_none() {
-                status.etcd_revision = Some(report.revision);
-                status.last_sync_time = Some(now.clone());
+            match last_change {
+                Some(change) => {
+                    status.etcd_revision = Some(change.revision);
+                    status.last_sync_time = Some(change.at.clone());
+                }
+                None if status.etcd_revision.is_none() => {
+                    status.etcd_revision = Some(report.revision);
+                    status.last_sync_time = Some(now.clone());
+                }
+                None => {}
             }
+            let reason = synced_reason(report.registered, desired);
+            (None, reason, synced_message(report.registered, desired))
         }
         Outcome::InvalidSpec { message } => {
-            set(false, false, true, false, condition::INVALID_SPEC, message);
+            let kept = match status.registered_endpoints {
+                0 => String::new(),
+                n => format!(
+                    "; the {n} endpoints published for the last valid spec stay until it is fixed"
+                ),
+            };
+            (
+                Some(condition::INVALID_SPEC),
+                reason::INVALID_SPEC,
+                format!("{message}{kept}"),
+            )
         }
         Outcome::Conflict { target, owner } => {
-            set(
-                false,
-                true,
-                false,
-                false,
-                condition::CONFLICT,
-                &format!("target {target:?} is owned by GrpcService {owner}"),
-            );
-            status.target = None;
+            // The contested target stays visible (release is guarded by ownership, so a later
+            // target change cannot free someone else's keys).
+            status.target = Some((*target).to_owned());
             status.registered_endpoints = 0;
             status.lease_id = None;
+            (
+                Some(condition::CONFLICT),
+                reason::CONFLICT,
+                format!(
+                    "target {target:?} is owned by GrpcService {owner}; nothing is published until it is freed or the target changes"
+                ),
+            )
         }
-        Outcome::EtcdUnavailable {
+        Outcome::BackendUnavailable {
             target,
+            backend,
             message,
             desired,
         } => {
-            set(
-                false,
-                false,
-                false,
-                true,
-                condition::ETCD_UNAVAILABLE,
-                message,
-            );
             status.target = Some((*target).to_owned());
             counts(&mut status, *desired);
+            (
+                Some(condition::BACKEND_UNAVAILABLE),
+                reason::BACKEND_UNAVAILABLE,
+                format!(
+                    "{backend} unavailable: {message}; retrying with backoff, and the registered keys stay until their lease expires"
+                ),
+            )
         }
-    }
+    };
+    let ready =
+        on.is_none() && ready_reason != reason::NO_PODS_SELECTED && status.registered_endpoints > 0;
+    status.conditions = CONDITIONS
+        .iter()
+        .map(|type_| {
+            let (value, reason, message) = if *type_ == condition::READY {
+                (ready, ready_reason, message.as_str())
+            } else if on == Some(*type_) {
+                (true, ready_reason, message.as_str())
+            } else {
+                (false, reason::AS_EXPECTED, "")
+            };
+            let value = if value { "True" } else { "False" };
+            let old = prev.and_then(|p| p.conditions.iter().find(|c| c.type_ == *type_));
+            Condition {
+                type_: (*type_).to_owned(),
+                status: value.to_owned(),
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                observed_generation: generation,
+                last_transition_time: old
+                    .filter(|o| o.status == value)
+                    .map_or_else(|| now.clone(), |o| o.last_transition_time.clone()),
+            }
+        })
+        .collect();
     status
+}
+
+fn clamp(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// The Ready reason of a sync: `Synced` with endpoints (or `PortNotFound` when some selected
+/// pods lack the port), else why there are none.
+fn synced_reason(registered: usize, desired: &Desired) -> &'static str {
+    let port_not_found = desired.skipped.values().any(|s| *s == Skip::PortNotFound);
+    if desired.selected == 0 {
+        reason::NO_PODS_SELECTED
+    } else if port_not_found {
+        reason::PORT_NOT_FOUND
+    } else if registered == 0 {
+        reason::NO_READY_ENDPOINTS
+    } else {
+        reason::SYNCED
+    }
 }
 
 /// "2 of 3 selected pods registered; not registered: 1 not ready", naming each reason.
@@ -210,45 +266,87 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
 
 fn counts(status: &mut GrpcServiceStatus, desired: Option<&Desired>) {
     if let Some(d) = desired {
-        status.selected_pods = i32::try_from(d.selected).unwrap_or(i32::MAX);
-        status.ready_pods = i32::try_from(d.ready).unwrap_or(i32::MAX);
+        status.selected_pods = clamp(d.selected);
+        status.ready_pods = clamp(d.ready);
     }
 }
 
-/// The Kubernetes Event a status change deserves: one per change of the Ready condition's
-/// status or reason (so a steady state, or counts moving under churn, emit nothing). Normal while Ready, Warning
-/// otherwise; the reason is the condition's.
-#[must_use]
-pub fn event_for(
-    prev: Option<&GrpcServiceStatus>,
-    next: &GrpcServiceStatus,
-) -> Option<kube::runtime::events::Event> {
-    use kube::runtime::events::{Event, EventType};
-    let ready = |s: &GrpcServiceStatus| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == condition::READY)
-            .cloned()
-    };
-    let after = ready(next)?;
-    let before = prev.and_then(ready);
-    if before
-        .as_ref()
-        .is_some_and(|b| b.status == after.status && b.reason == after.reason)
-    {
-        return None;
-    }
-    Some(Event {
-        type_: if after.status == "True" {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        },
-        reason: after.reason,
-        note: Some(after.message).filter(|m| !m.is_empty()),
+fn ready_condition(status: &GrpcServiceStatus) -> Option<&Condition> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+}
+
+fn event(type_: EventType, reason: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note).filter(|n| !n.is_empty()),
         action: "Reconcile".to_owned(),
         secondary: None,
-    })
+    }
+}
+
+/// The Events a status change deserves, apart from endpoint counts (see [`endpoints_event`]):
+/// the Ready condition changing status or reason (Warning unless it is `Synced`; back from a
+/// backend outage it is `BackendRestored`), the target changing, and the lease being replaced.
+/// A status written again with the same condition emits nothing, so a steady state is silent.
+#[must_use]
+pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceStatus) -> Vec<Event> {
+    let mut events = Vec::new();
+    let before = prev.and_then(ready_condition);
+    if let Some(after) = ready_condition(next)
+        && before.is_none_or(|b| b.status != after.status || b.reason != after.reason)
+    {
+        let restored = after.status == "True"
+            && before.is_some_and(|b| b.reason == reason::BACKEND_UNAVAILABLE);
+        let (type_, reason) = match (after.status.as_str(), after.reason.as_str()) {
+            _ if restored => (EventType::Normal, reason::BACKEND_RESTORED),
+            ("True", reason::SYNCED) => (EventType::Normal, reason::SYNCED),
+            (_, reason) => (EventType::Warning, reason),
+        };
+        events.push(event(type_, reason, after.message.clone()));
+    }
+    let (Some(prev), Some(target)) = (prev, next.target.as_deref()) else {
+        return events;
+    };
+    if let Some(old) = prev.target.as_deref()
+        && old != target
+    {
+        events.push(event(
+            EventType::Normal,
+            reason::TARGET_CHANGED,
+            format!("now published under {target:?}; the keys under {old:?} were deleted"),
+        ));
+    }
+    if let (Some(old), Some(new)) = (prev.lease_id.as_deref(), next.lease_id.as_deref())
+        && old != new
+    {
+        events.push(event(
+            EventType::Warning,
+            reason::LEASE_REPLACED,
+            format!(
+                "etcd lease {old} was lost (expired or revoked, e.g. after a long etcd outage); {} endpoints were registered again under lease {new}",
+                next.registered_endpoints
+            ),
+        ));
+    }
+    events
+}
+
+/// The Event for registered endpoints moving from `before` to `after` while Ready stayed as it
+/// was; the caller bounds how often it is sent.
+#[must_use]
+pub fn endpoints_event(before: usize, after: usize, desired: &Desired) -> Event {
+    event(
+        EventType::Normal,
+        reason::ENDPOINTS_CHANGED,
+        format!(
+            "{after} endpoints registered (was {before}); {} pods selected, {} ready",
+            desired.selected, desired.ready
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -259,64 +357,67 @@ mod tests {
         Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
     }
 
-    fn synced(puts: usize) -> GrpcServiceStatus {
-        let desired = Desired {
-            selected: 3,
-            ready: 2,
+    fn desired(selected: usize, ready: usize, skipped: &[(&str, Skip)]) -> Desired {
+        Desired {
+            selected,
+            ready,
+            skipped: skipped
+                .iter()
+                .map(|(id, s)| ((*id).to_owned(), *s))
+                .collect(),
             ..Desired::default()
-        };
-        let report = SyncReport {
-            puts,
-            registered: 2,
+        }
+    }
+
+    fn report(registered: usize, lease_id: i64) -> SyncReport {
+        SyncReport {
+            registered,
             revision: 42,
-            lease_id: 255,
+            lease_id,
             ..SyncReport::default()
-        };
+        }
+    }
+
+    fn synced_with(
+        prev: Option<&GrpcServiceStatus>,
+        desired: &Desired,
+        report: &SyncReport,
+        last_change: Option<&LastChange>,
+        now: i64,
+    ) -> GrpcServiceStatus {
         next_status(
-            None,
+            prev,
             Some(1),
             &Outcome::Synced {
                 target: "services/default/greeter",
-                desired: &desired,
-                report: &report,
+                desired,
+                report,
+                last_change,
             },
-            &t(10),
+            &t(now),
         )
     }
 
-    #[test]
-    fn events_follow_changes_of_the_ready_condition_only() {
-        use kube::runtime::events::EventType;
-        let first = synced(2);
-        let event = event_for(None, &first).expect("a first status is an event");
-        assert_eq!(event.type_, EventType::Normal);
-        assert_eq!(event.reason, "Synced");
-        assert_eq!(
-            event.note.as_deref(),
-            Some("2 of 3 selected pods registered")
-        );
-        // Same condition (only the revision moved): no event.
-        let mut again = first.clone();
-        again.etcd_revision = Some(99);
-        assert!(event_for(Some(&first), &again).is_none());
-        let conflict = next_status(
-            Some(&first),
-            Some(1),
-            &Outcome::Conflict {
-                target: "services/default/greeter",
-                owner: "other/greeter".into(),
-            },
-            &t(20),
-        );
-        let event = event_for(Some(&first), &conflict).unwrap();
-        assert_eq!(
-            (event.type_, event.reason.as_str()),
-            (EventType::Warning, "Conflict")
-        );
+    fn synced(registered: usize) -> GrpcServiceStatus {
+        let change = LastChange {
+            revision: 42,
+            at: t(10),
+        };
+        synced_with(
+            None,
+            &desired(3, 2, &[("c", Skip::NotReady)]),
+            &report(registered, 255),
+            Some(&change),
+            10,
+        )
+    }
+
+    fn ready(s: &GrpcServiceStatus) -> &Condition {
+        ready_condition(s).expect("a Ready condition")
     }
 
     #[test]
-    fn synced_status_reports_counts_lease_and_ready_condition() {
+    fn synced_status_reports_counts_lease_revision_and_ready_true() {
         let s = synced(2);
         assert_eq!(s.target.as_deref(), Some("services/default/greeter"));
         assert_eq!(
@@ -325,102 +426,113 @@ mod tests {
         );
         assert_eq!(s.lease_id.as_deref(), Some("ff"));
         assert_eq!(s.etcd_revision, Some(42));
-        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(ready.status, "True");
+        assert_eq!(s.last_sync_time, Some(t(10)));
+        assert_eq!(
+            (ready(&s).status.as_str(), ready(&s).reason.as_str()),
+            ("True", "Synced")
+        );
+        assert_eq!(
+            ready(&s).message,
+            "2 of 3 selected pods registered; not registered: 1 not ready"
+        );
         assert_eq!(s.conditions.len(), 4);
+    }
+
+    #[test]
+    fn zero_registered_endpoints_is_ready_false_with_the_reason() {
+        let cases = [
+            (desired(0, 0, &[]), "NoPodsSelected", "matches no pod"),
+            (
+                desired(
+                    3,
+                    0,
+                    &[
+                        ("a", Skip::NotReady),
+                        ("b", Skip::NotReady),
+                        ("c", Skip::NotRunning),
+                    ],
+                ),
+                "NoReadyEndpoints",
+                "0 of 3 selected pods registered; not registered: 2 not ready, 1 not running",
+            ),
+            (
+                desired(
+                    2,
+                    2,
+                    &[("a", Skip::PortNotFound), ("b", Skip::PortNotFound)],
+                ),
+                "PortNotFound",
+                "2 no container port with the requested name",
+            ),
+        ];
+        for (want, reason, message) in cases {
+            let s = synced_with(None, &want, &report(0, 1), None, 1);
+            let c = ready(&s);
+            assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reason));
+            assert!(c.message.contains(message), "{}", c.message);
+            let events = transition_events(None, &s);
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].type_, EventType::Warning);
+            assert_eq!(events[0].reason, reason);
+        }
+    }
+
+    #[test]
+    fn some_pods_lacking_the_port_keep_ready_true_with_a_warning_reason() {
+        let want = desired(2, 2, &[("a", Skip::PortNotFound)]);
+        let s = synced_with(None, &want, &report(1, 1), None, 1);
+        assert_eq!(
+            (ready(&s).status.as_str(), ready(&s).reason.as_str()),
+            ("True", "PortNotFound")
+        );
+        assert_eq!(transition_events(None, &s)[0].type_, EventType::Warning);
     }
 
     #[test]
     fn unchanged_outcome_yields_an_equal_status_so_nothing_is_written() {
         let first = synced(2);
-        let desired = Desired {
-            selected: 3,
-            ready: 2,
-            ..Desired::default()
-        };
-        let report = SyncReport {
-            registered: 2,
-            revision: 99,
-            lease_id: 255,
-            ..SyncReport::default()
-        };
-        let again = next_status(
+        let mut again_report = report(2, 255);
+        again_report.revision = 99;
+        let again = synced_with(
             Some(&first),
-            Some(1),
-            &Outcome::Synced {
-                target: "services/default/greeter",
-                desired: &desired,
-                report: &report,
-            },
-            &t(500),
+            &desired(3, 2, &[("c", Skip::NotReady)]),
+            &again_report,
+            None,
+            500,
         );
         assert_eq!(again, first);
+        assert!(transition_events(Some(&first), &again).is_empty());
     }
 
     #[test]
-    fn ready_message_names_why_selected_pods_are_not_registered() {
-        let desired = Desired {
-            selected: 3,
-            ready: 2,
-            skipped: [
-                ("a".to_owned(), Skip::PortNotFound),
-                ("b".to_owned(), Skip::NotReady),
-            ]
-            .into(),
-            ..Desired::default()
+    fn a_coalesced_write_carries_the_revision_and_time_of_the_last_registry_change() {
+        let first = synced(2);
+        // A burst: the registry changed at revision 50 (its status write deferred), and the
+        // write that follows comes from a sync that changed nothing.
+        let change = LastChange {
+            revision: 50,
+            at: t(11),
         };
-        let report = SyncReport {
-            registered: 1,
-            ..SyncReport::default()
-        };
-        let s = next_status(
-            None,
-            Some(1),
-            &Outcome::Synced {
-                target: "t",
-                desired: &desired,
-                report: &report,
-            },
-            &t(1),
+        let later = synced_with(
+            Some(&first),
+            &desired(3, 3, &[]),
+            &report(3, 255),
+            Some(&change),
+            12,
         );
-        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(ready.reason, "PortNotFound");
-        assert_eq!(
-            ready.message,
-            "1 of 3 selected pods registered; not registered: 1 no container port with the requested name, 1 not ready"
-        );
+        assert_eq!(later.etcd_revision, Some(50));
+        assert_eq!(later.last_sync_time, Some(t(11)));
+        assert_eq!((later.ready_pods, later.registered_endpoints), (3, 3));
     }
 
     #[test]
-    fn a_selector_matching_nothing_says_so() {
-        let report = SyncReport::default();
-        let s = next_status(
-            None,
-            Some(1),
-            &Outcome::Synced {
-                target: "t",
-                desired: &Desired::default(),
-                report: &report,
-            },
-            &t(1),
-        );
-        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(ready.reason, "NoPodsSelected");
-        assert!(
-            ready.message.contains("matches no pod"),
-            "{}",
-            ready.message
-        );
-    }
-
-    #[test]
-    fn conflict_sets_conflict_true_and_ready_false_with_a_fresh_transition_time() {
+    fn conflict_keeps_the_contested_target_visible_and_ready_false() {
         let first = synced(1);
         let s = next_status(
             Some(&first),
             Some(2),
             &Outcome::Conflict {
-                target: "t",
+                target: "services/default/greeter",
                 owner: "other/svc".into(),
             },
             &t(20),
@@ -429,8 +541,106 @@ mod tests {
         assert_eq!(conflict.status, "True");
         assert!(conflict.message.contains("other/svc"));
         assert_eq!(conflict.last_transition_time, t(20));
-        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!(ready.status, "False");
+        assert_eq!(
+            (ready(&s).status.as_str(), ready(&s).reason.as_str()),
+            ("False", "Conflict")
+        );
+        assert_eq!(s.target.as_deref(), Some("services/default/greeter"));
         assert_eq!(s.registered_endpoints, 0);
+        let events = transition_events(Some(&first), &s);
+        assert_eq!(
+            (events[0].type_, events[0].reason.as_str()),
+            (EventType::Warning, "Conflict")
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_says_what_stays_published() {
+        let first = synced(2);
+        let s = next_status(
+            Some(&first),
+            Some(2),
+            &Outcome::InvalidSpec {
+                message: "port \"grpc\" is not a valid port name".into(),
+            },
+            &t(20),
+        );
+        assert_eq!(ready(&s).reason, "InvalidSpec");
+        assert!(
+            ready(&s).message.ends_with(
+                "the 2 endpoints published for the last valid spec stay until it is fixed"
+            ),
+            "{}",
+            ready(&s).message
+        );
+    }
+
+    #[test]
+    fn a_backend_outage_warns_and_its_end_is_reported_as_restored() {
+        let first = synced(2);
+        let down = next_status(
+            Some(&first),
+            Some(1),
+            &Outcome::BackendUnavailable {
+                target: "services/default/greeter",
+                backend: "etcd",
+                message: "connection refused".into(),
+                desired: None,
+            },
+            &t(20),
+        );
+        let c = down
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "BackendUnavailable")
+            .unwrap();
+        assert_eq!(c.status, "True");
+        assert!(
+            c.message
+                .starts_with("etcd unavailable: connection refused; retrying")
+        );
+        let events = transition_events(Some(&first), &down);
+        assert_eq!(events[0].reason, "BackendUnavailable");
+        let up = synced_with(
+            Some(&down),
+            &desired(3, 2, &[("c", Skip::NotReady)]),
+            &report(2, 255),
+            None,
+            30,
+        );
+        let events = transition_events(Some(&down), &up);
+        assert_eq!(
+            (events[0].type_, events[0].reason.as_str()),
+            (EventType::Normal, "BackendRestored")
+        );
+    }
+
+    #[test]
+    fn a_replaced_lease_and_a_changed_target_are_events() {
+        let first = synced(2);
+        let mut replaced = first.clone();
+        replaced.lease_id = Some("abc".into());
+        replaced.target = Some("services/default/other".into());
+        let events = transition_events(Some(&first), &replaced);
+        let reasons: Vec<_> = events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(reasons, ["TargetChanged", "LeaseReplaced"]);
+        assert!(
+            events[1]
+                .note
+                .as_deref()
+                .unwrap()
+                .contains("lease ff was lost")
+        );
+        assert_eq!(events[1].type_, EventType::Warning);
+    }
+
+    #[test]
+    fn endpoint_count_events_say_what_changed() {
+        let e = endpoints_event(2, 3, &desired(3, 3, &[]));
+        assert_eq!(e.reason, "EndpointsChanged");
+        assert_eq!(
+            e.note.as_deref(),
+            Some("3 endpoints registered (was 2); 3 pods selected, 3 ready")
+        );
     }
 }

@@ -176,7 +176,7 @@ async fn an_unreachable_registry_is_reported_in_status_and_retried() {
     let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let svc = with_finalizer(service("greeter"));
     let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
-        let down = condition(status, "EtcdUnavailable");
+        let down = condition(status, "BackendUnavailable");
         assert_eq!(down["status"], "True");
         assert!(
             down["message"].as_str().unwrap().contains("claim target"),

@@ -7,14 +7,14 @@ use crate::desired::SpecError;
 /// Everything a registry backend can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An etcd request failed; `op` names it.
-    #[error("failed to {op}: {source}")]
+    /// An etcd request failed; `op` names it. The client error is described in the message
+    /// (its own Display prints gRPC causes in Debug form), so it is not a `source`.
+    #[error("failed to {op}: {}", describe(cause))]
     Etcd {
         /// The failed operation, e.g. `grant lease`.
         op: &'static str,
         /// The client error.
-        #[source]
-        source: etcd_client::Error,
+        cause: etcd_client::Error,
     },
     /// A request got no answer in time.
     #[error("failed to {op}: no answer within {after:?}")]
@@ -55,10 +55,64 @@ impl Error {
         }
     }
 
+    /// Whether the backend answered (false when it could not be reached or did not answer in
+    /// time), for the `backend_connected` gauge.
+    #[must_use]
+    pub fn reached_backend(&self) -> bool {
+        match self {
+            Self::Timeout { .. } => false,
+            Self::Etcd { cause, .. } => match cause {
+                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => false,
+                etcd_client::Error::GRpcStatus(s) => !matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                ),
+                _ => true,
+            },
+            _ => true,
+        }
+    }
+
     /// Wraps an etcd error with the operation that failed.
     pub(crate) fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Self {
-        move |source| Self::Etcd { op, source }
+        move |cause| Self::Etcd { op, cause }
     }
+}
+
+/// An etcd client error as one readable line: a gRPC status as its code and message followed by
+/// its causes (`unavailable: tcp connect error: Connection refused (os error 111)`), other
+/// errors in their own words.
+#[must_use]
+pub fn describe(error: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (mut out, mut source) = match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            let code = match status.code() {
+                tonic::Code::Unavailable => "etcd unavailable".to_owned(),
+                tonic::Code::DeadlineExceeded => "deadline exceeded".to_owned(),
+                tonic::Code::PermissionDenied => "permission denied".to_owned(),
+                tonic::Code::Unauthenticated => "authentication failed".to_owned(),
+                code => format!("etcd answered {}", code.description()),
+            };
+            let mut out = code;
+            if !status.message().is_empty() {
+                out.push_str(": ");
+                out.push_str(status.message());
+            }
+            (out, status.source())
+        }
+        etcd_client::Error::TransportError(e) => ("transport error".to_owned(), e.source()),
+        other => (other.to_string(), None),
+    };
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// The registry's result type.

@@ -40,11 +40,33 @@ pub struct Candidate {
     pub zone: Option<String>,
     /// Labels, for selectors and `metadataFromLabels`.
     pub labels: BTreeMap<String, String>,
-    /// When readiness last changed (a pod's Ready transition, or its deletion).
+    /// When readiness last changed (a pod's Ready transition, or its deletion), as Kubernetes
+    /// records it: whole seconds, set by the kubelet.
     pub changed: Option<Timestamp>,
+    /// When this process saw its registrable state (ready, serving, terminating, address) last
+    /// change: set by the index from watch events, `None` for candidates first seen in a list.
+    pub observed: Option<std::time::Instant>,
 }
 
 impl Candidate {
+    /// Whether `other` differs in anything that decides registration.
+    #[must_use]
+    pub fn same_registrable_state(&self, other: &Self) -> bool {
+        (
+            self.ready,
+            self.serving,
+            self.terminating,
+            self.ip,
+            &self.ports,
+        ) == (
+            other.ready,
+            other.serving,
+            other.terminating,
+            other.ip,
+            &other.ports,
+        )
+    }
+
     /// Resolves the spec's port on this candidate, like a Service's targetPort.
     #[must_use]
     pub fn port(&self, port: &IntOrString) -> Option<u16> {

@@ -49,6 +49,7 @@ pub fn candidate(pod: &Pod) -> Candidate {
                 .and_then(|c| c.last_transition_time.as_ref())
                 .map(|t| t.0)
         }),
+        observed: None,
         labels,
     }
 }

@@ -20,7 +20,7 @@ async fn two_ready_pods(env: &Env, subnet: u8) {
     }
 }
 
-pub async fn etcd_outage_longer_than_the_ttl_shows_etcd_unavailable_then_every_key_comes_back(
+pub async fn etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_every_key_comes_back(
     plane: Plane,
     ns: String,
 ) {
@@ -32,8 +32,8 @@ pub async fn etcd_outage_longer_than_the_ttl_shows_etcd_unavailable_then_every_k
     let proxy = env.proxy.as_ref().unwrap();
 
     proxy.cut().await;
-    eventually("status shows EtcdUnavailable", || {
-        env.condition_is("greeter", "EtcdUnavailable", "True")
+    eventually("status shows BackendUnavailable", || {
+        env.condition_is("greeter", "BackendUnavailable", "True")
     })
     .await;
     env.expect_keys("the lease expired without keep-alives", &[])
@@ -49,7 +49,7 @@ pub async fn etcd_outage_longer_than_the_ttl_shows_etcd_unavailable_then_every_k
     })
     .await;
     assert!(
-        env.condition_is("greeter", "EtcdUnavailable", "False")
+        env.condition_is("greeter", "BackendUnavailable", "False")
             .await
     );
     eprintln!(
@@ -70,8 +70,8 @@ pub async fn etcd_outage_shorter_than_the_ttl_deletes_nothing(plane: Plane, ns: 
     let proxy = env.proxy.as_ref().unwrap();
 
     proxy.cut().await;
-    eventually("status shows EtcdUnavailable", || {
-        env.condition_is("greeter", "EtcdUnavailable", "True")
+    eventually("status shows BackendUnavailable", || {
+        env.condition_is("greeter", "BackendUnavailable", "True")
     })
     .await;
     proxy.restore();
@@ -200,8 +200,8 @@ pub async fn pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_regi
     env.pods().delete("g-1", &Default::default()).await.unwrap();
     env.pod("g-2", json!({"app": "greeter"}), 50051).await;
     env.set_ready("g-2", "10.23.0.3", true).await;
-    eventually("status shows EtcdUnavailable", || {
-        env.condition_is("greeter", "EtcdUnavailable", "True")
+    eventually("status shows BackendUnavailable", || {
+        env.condition_is("greeter", "BackendUnavailable", "True")
     })
     .await;
     proxy.restore();
@@ -303,6 +303,7 @@ pub async fn a_port_name_no_pod_has_is_reported_in_the_ready_condition(plane: Pl
         status["conditions"].as_array().is_some_and(|cs| {
             cs.iter().any(|c| {
                 c["type"] == "Ready"
+                    && c["status"] == "False"
                     && c["reason"] == "PortNotFound"
                     && c["message"] == "0 of 2 selected pods registered; not registered: 2 no container port with the requested name"
             })

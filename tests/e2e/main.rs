@@ -10,6 +10,7 @@ mod failover;
 mod faults;
 mod harness;
 mod interop;
+mod operator;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -89,6 +90,8 @@ fn main() {
             "status_and_printer_columns_show_target_ready_and_registered",
             status_and_printer_columns,
         ),
+        trial(&runtime, &plane, "operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event", operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event),
+        trial(&runtime, &plane, "operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision", operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision),
         trial(
             &runtime,
             &plane,
@@ -104,8 +107,8 @@ fn main() {
         trial(
             &runtime,
             &plane,
-            "faults::etcd_outage_longer_than_the_ttl_shows_etcd_unavailable_then_every_key_comes_back",
-            faults::etcd_outage_longer_than_the_ttl_shows_etcd_unavailable_then_every_key_comes_back,
+            "faults::etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_every_key_comes_back",
+            faults::etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_every_key_comes_back,
         ),
         trial(
             &runtime,
@@ -357,6 +360,11 @@ async fn invalid_specs_are_rejected(plane: Plane, ns: String) {
             "port must be a number",
         ),
         (
+            "digits-as-port-name",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": "123"}),
+            "port must be a number",
+        ),
+        (
             "bad-target",
             json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051, "target": "services/a b/*"}),
             "target must be",
@@ -417,17 +425,47 @@ async fn status_and_printer_columns(plane: Plane, ns: String) {
     assert!(ok, "{err}");
     let mut lines = out.lines();
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "TARGET", "READY", "REGISTERED", "AGE"]);
+    assert_eq!(
+        header,
+        ["NAME", "READY", "STATUS", "TARGET", "ENDPOINTS", "AGE"]
+    );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        &row[..4],
-        ["greeter", &format!("services/{ns}/greeter"), "1", "1"]
+        &row[..5],
+        [
+            "greeter",
+            "True",
+            "Synced",
+            &format!("services/{ns}/greeter"),
+            "1"
+        ]
+    );
+    // -o wide adds the selected count and the Ready message.
+    let (ok, out, err) = plane.kubectl(&["get", "grpcsvc", "-n", &ns, "-o", "wide"]);
+    assert!(ok, "{err}");
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "READY",
+            "STATUS",
+            "TARGET",
+            "ENDPOINTS",
+            "SELECTED",
+            "MESSAGE",
+            "AGE"
+        ]
+    );
+    assert!(
+        out.contains("1 of 2 selected pods registered; not registered: 1 not ready"),
+        "{out}"
     );
     env.shutdown().await;
 }
 
 async fn second_claimant_conflicts(plane: Plane, ns: String) {
-    let env = Env::new(plane, &ns).await;
+    let env = Env::new(plane.clone(), &ns).await;
     let target = format!("services/{ns}/shared");
     env.service(
         "first",
@@ -460,6 +498,15 @@ async fn second_claimant_conflicts(plane: Plane, ns: String) {
         env.keys().await.len(),
         1,
         "the second service wrote nothing"
+    );
+    // The row says why, and which target is contested.
+    let (ok, out, err) = plane.kubectl(&["get", "grpcsvc", "second", "-n", &ns, "--no-headers"]);
+    assert!(ok, "{err}");
+    let row: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        &row[..5],
+        ["second", "False", "Conflict", target.as_str(), "0"],
+        "{out}"
     );
     // Both outcomes are Kubernetes Events on the GrpcServices (what `kubectl describe` shows).
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &ns);

@@ -172,17 +172,21 @@ struct Keeper {
 }
 
 enum StreamEnd {
-    /// The stream broke; rebuild it for the same lease.
-    Broken,
+    /// The stream broke (why, in words); rebuild it for the same lease.
+    Broken(String),
     /// etcd says the lease is gone.
     Lost,
 }
 
 impl Keeper {
+    /// Keeps the lease alive. An outage is logged once when it starts (with the error, and what
+    /// happens next) and once when it ends; the retries in between log at debug level only.
     async fn run(self) {
         let interval = (self.ttl / 3).max(Duration::from_millis(500));
+        let retry = interval.min(Duration::from_millis(250));
         let mut last_ok = Instant::now();
-        let mut unreachable = false;
+        // When the outage began, and how many attempts failed since.
+        let mut outage: Option<(Instant, u32)> = None;
         loop {
             let id = *self.id.borrow();
             let opened = timeout(
@@ -194,8 +198,14 @@ impl Keeper {
             let end = match opened {
                 Ok((keeper, stream)) => {
                     last_ok = Instant::now();
-                    if std::mem::take(&mut unreachable) {
-                        info!(lease_id = %hex(id), "etcd reachable again; lease kept");
+                    self.metrics.backend_result("etcd", "keepalive", true, true);
+                    if let Some((since, attempts)) = outage.take() {
+                        info!(
+                            lease_id = %hex(id),
+                            outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                            attempts,
+                            "etcd reachable again; lease kept"
+                        );
                         let _ = self.events.send(LeaseEvent::Restored {
                             ttl: self.ttl,
                             lease: id,
@@ -204,33 +214,43 @@ impl Keeper {
                     self.metrics.lease_keepalives.inc();
                     self.drive(keeper, stream, interval, &mut last_ok).await
                 }
-                Err(Error::Etcd { source, .. }) if is_lease_not_found(&source) => StreamEnd::Lost,
+                Err(Error::Etcd { cause, .. }) if is_lease_not_found(&cause) => StreamEnd::Lost,
                 Err(e) => {
                     self.metrics.lease_keepalive_failures.inc();
-                    warn!(lease_id = %hex(id), error = %e, "lease keep-alive failed; retrying");
-                    StreamEnd::Broken
+                    StreamEnd::Broken(e.to_string())
                 }
             };
             match end {
                 StreamEnd::Lost => {
-                    unreachable = false;
+                    outage = None;
                     self.replace(id).await;
                 }
-                StreamEnd::Broken => {
-                    if !std::mem::replace(&mut unreachable, true) {
-                        let _ = self.events.send(LeaseEvent::Unreachable {
-                            ttl: self.ttl,
-                            lease: id,
-                        });
-                    }
-                    if last_ok.elapsed() > self.ttl {
-                        debug!(
-                            lease_id = %hex(id),
-                            "no renewal for longer than the ttl; the lease is probably gone"
-                        );
+                StreamEnd::Broken(error) => {
+                    self.metrics
+                        .backend_result("etcd", "keepalive", false, false);
+                    match &mut outage {
+                        None => {
+                            let left = self.ttl.saturating_sub(last_ok.elapsed());
+                            warn!(
+                                lease_id = %hex(id),
+                                error,
+                                retry_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
+                                lease_left_s = left.as_secs(),
+                                "etcd unreachable: cannot renew the lease; retrying (registered keys stay until the lease expires, then are put again on a new lease)"
+                            );
+                            outage = Some((Instant::now(), 1));
+                            let _ = self.events.send(LeaseEvent::Unreachable {
+                                ttl: self.ttl,
+                                lease: id,
+                            });
+                        }
+                        Some((_, attempts)) => {
+                            *attempts += 1;
+                            debug!(lease_id = %hex(id), error, attempts = *attempts, "lease keep-alive still failing");
+                        }
                     }
                     tokio::select! {
-                        () = tokio::time::sleep(interval.min(Duration::from_millis(250))) => {}
+                        () = tokio::time::sleep(retry) => {}
                         () = self.suspect.notified() => {}
                     }
                 }
@@ -246,7 +266,6 @@ impl Keeper {
         interval: Duration,
         last_ok: &mut Instant,
     ) -> StreamEnd {
-        let id = keeper.id();
         loop {
             // Between renewals, watch the stream too: etcd going away ends it at once, so the
             // outage is announced (and its end noticed) without waiting for the next renewal.
@@ -260,17 +279,19 @@ impl Keeper {
                     }
                     Ok(Some(_)) => return StreamEnd::Lost,
                     Err(e) if is_lease_not_found(&e) => return StreamEnd::Lost,
-                    Ok(None) | Err(_) => {
+                    Ok(None) => {
                         self.metrics.lease_keepalive_failures.inc();
-                        warn!(lease_id = %hex(id), "lease keep-alive stream ended; rebuilding it");
-                        return StreamEnd::Broken;
+                        return StreamEnd::Broken("the keep-alive stream ended".to_owned());
+                    }
+                    Err(e) => {
+                        self.metrics.lease_keepalive_failures.inc();
+                        return StreamEnd::Broken(crate::registry::error::describe(&e));
                     }
                 },
             }
             if let Err(e) = keeper.keep_alive().await {
                 self.metrics.lease_keepalive_failures.inc();
-                warn!(lease_id = %hex(id), error = %e, "failed to send lease keep-alive");
-                return StreamEnd::Broken;
+                return StreamEnd::Broken(crate::registry::error::describe(&e));
             }
             match tokio::time::timeout(interval, stream.message()).await {
                 Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
@@ -279,13 +300,20 @@ impl Keeper {
                 }
                 Ok(Ok(Some(_))) => return StreamEnd::Lost,
                 Ok(Err(e)) if is_lease_not_found(&e) => return StreamEnd::Lost,
-                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                Ok(Ok(None)) => {
                     self.metrics.lease_keepalive_failures.inc();
-                    warn!(
-                        lease_id = %hex(id),
-                        "lease keep-alive stream broke; rebuilding it"
-                    );
-                    return StreamEnd::Broken;
+                    return StreamEnd::Broken("the keep-alive stream ended".to_owned());
+                }
+                Ok(Err(e)) => {
+                    self.metrics.lease_keepalive_failures.inc();
+                    return StreamEnd::Broken(crate::registry::error::describe(&e));
+                }
+                Err(_) => {
+                    self.metrics.lease_keepalive_failures.inc();
+                    return StreamEnd::Broken(format!(
+                        "no keep-alive answer within {} ms",
+                        interval.as_millis()
+                    ));
                 }
             }
         }
@@ -299,12 +327,21 @@ impl Keeper {
             "lease lost; granting a new one and re-putting its keys"
         );
         let mut delays = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut failures = 0_u32;
         let new = loop {
             match grant(&self.client, self.ttl.as_secs(), self.op_timeout).await {
                 Ok(id) => break id,
                 Err(e) => {
+                    self.metrics
+                        .backend_result("etcd", "grant", false, e.reached_backend());
                     let delay = delays.next().unwrap_or_default();
-                    warn!(error = %e, ?delay, "failed to grant replacement lease; retrying");
+                    let retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                    failures += 1;
+                    if failures == 1 {
+                        warn!(error = %e, retry_ms, "failed to grant a replacement lease; retrying with backoff");
+                    } else {
+                        debug!(error = %e, retry_ms, failures, "failed to grant a replacement lease");
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }

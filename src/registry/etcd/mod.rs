@@ -132,9 +132,20 @@ impl EtcdRegistry {
     async fn txn(&self, op: &'static str, txn: Txn) -> Result<etcd_client::TxnResponse> {
         let started = Instant::now();
         let mut kv = self.inner.client.kv_client();
-        let resp = super::error::timeout(op, self.inner.config.op_timeout, kv.txn(txn)).await?;
+        let resp = super::error::timeout(op, self.inner.config.op_timeout, kv.txn(txn)).await;
         self.inner.metrics.observe_etcd("txn", started);
-        Ok(resp)
+        self.record("txn", resp.as_ref().err());
+        resp
+    }
+
+    /// Counts a request's failure by operation and tracks whether etcd answers.
+    pub(crate) fn record(&self, op: &'static str, error: Option<&super::Error>) {
+        self.inner.metrics.backend_result(
+            "etcd",
+            op,
+            error.is_none(),
+            error.is_none_or(super::Error::reached_backend),
+        );
     }
 }
 

@@ -26,8 +26,10 @@ impl EtcdRegistry {
             self.inner.config.op_timeout,
             kv.get(watch_prefix(target), Some(GetOptions::new().with_prefix())),
         )
-        .await?;
+        .await;
         self.inner.metrics.observe_etcd("range", started);
+        self.record("range", resp.as_ref().err());
+        let resp = resp?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let current = resp
             .kvs()
@@ -82,11 +84,11 @@ impl EtcdRegistry {
                 .collect();
             let write = self.guarded("write registry batch", vec![guard.clone()], txn_ops, vec![]);
             let resp = match write.await {
-                Err(Error::Etcd { op, source }) if is_lease_not_found(&source) => {
+                Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
                     // The keeper checks at once and, when the lease is gone, grants a new one
                     // and announces it; the reconcile that follows re-puts everything.
                     self.inner.leases.suspect(ttl).await;
-                    return Err(Error::Etcd { op, source });
+                    return Err(Error::Etcd { op, cause });
                 }
                 other => other?,
             };

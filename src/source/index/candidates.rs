@@ -20,10 +20,15 @@ struct NamespaceCandidates {
 pub struct CandidateIndex(Arc<RwLock<HashMap<String, NamespaceCandidates>>>);
 
 impl CandidateIndex {
-    /// Adds or replaces a candidate.
-    pub fn apply(&self, namespace: &str, candidate: Candidate) {
+    /// Adds or replaces a candidate from a watch event, stamping when its registrable state
+    /// was seen to change (the start of the propagation the metrics measure).
+    pub fn apply(&self, namespace: &str, mut candidate: Candidate) {
         let mut by_ns = self.0.write().expect("lock");
         let ns = by_ns.entry(namespace.to_owned()).or_default();
+        candidate.observed = match ns.by_id.get(&candidate.id) {
+            Some(old) if old.same_registrable_state(&candidate) => old.observed,
+            _ => Some(std::time::Instant::now()),
+        };
         insert(ns, candidate);
     }
 
@@ -40,13 +45,27 @@ impl CandidateIndex {
         }
     }
 
-    /// Replaces everything with a fresh listing (a watch re-list).
+    /// Replaces everything with a fresh listing (a watch re-list). A candidate whose state
+    /// changed since the previous listing is stamped as seen now; one not known before is not
+    /// (a list is not a transition).
     pub fn reset(&self, candidates: impl IntoIterator<Item = (String, Candidate)>) {
+        let now = std::time::Instant::now();
+        let mut by_ns = self.0.write().expect("lock");
         let mut fresh: HashMap<String, NamespaceCandidates> = HashMap::new();
-        for (namespace, candidate) in candidates {
+        for (namespace, mut candidate) in candidates {
+            candidate.observed = by_ns
+                .get(&namespace)
+                .and_then(|ns| ns.by_id.get(&candidate.id))
+                .and_then(|old| {
+                    if old.same_registrable_state(&candidate) {
+                        old.observed
+                    } else {
+                        Some(now)
+                    }
+                });
             insert(fresh.entry(namespace).or_default(), candidate);
         }
-        *self.0.write().expect("lock") = fresh;
+        *by_ns = fresh;
     }
 
     /// One candidate.
@@ -129,6 +148,31 @@ fn insert(ns: &mut NamespaceCandidates, candidate: Candidate) {
 mod tests {
     use super::super::fixtures::*;
     use super::*;
+
+    #[test]
+    fn a_candidate_is_stamped_when_its_registrable_state_changes_not_on_relabels_or_lists() {
+        let index = CandidateIndex::default();
+        index.reset([("a".to_owned(), candidate("p1", &[("app", "x")]))]);
+        assert_eq!(
+            index.get("a", "p1").unwrap().observed,
+            None,
+            "a list is no transition"
+        );
+        let mut c = candidate("p1", &[("app", "x")]);
+        c.ready = !index.get("a", "p1").unwrap().ready;
+        index.apply("a", c.clone());
+        let stamped = index.get("a", "p1").unwrap().observed;
+        assert!(stamped.is_some());
+        c.labels.insert("tier".into(), "be".into());
+        index.apply("a", c.clone());
+        assert_eq!(
+            index.get("a", "p1").unwrap().observed,
+            stamped,
+            "labels are not readiness"
+        );
+        index.reset([("a".to_owned(), c)]);
+        assert_eq!(index.get("a", "p1").unwrap().observed, stamped);
+    }
 
     #[test]
     fn select_reads_only_the_namespace_and_labels_the_selector_names() {

@@ -1,0 +1,169 @@
+//! What an operator sees: the Ready condition, Events and status freshness, on the real API
+//! server.
+
+use etcd_client::GetOptions;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::Api;
+use serde_json::json;
+
+use crate::Plane;
+use crate::harness::{Env, eventually};
+
+fn spec() -> serde_json::Value {
+    json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"})
+}
+
+/// (type, reason, note) of every Event on GrpcService `name`, oldest first.
+async fn events_of(env: &Env, name: &str) -> Vec<(String, String, String)> {
+    let api: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut list = api.list(&Default::default()).await.unwrap().items;
+    list.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    list.into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+async fn has_event(env: &Env, name: &str, type_: &str, reason: &str, note: &str) -> bool {
+    events_of(env, name)
+        .await
+        .iter()
+        .any(|(t, r, n)| t == type_ && r == reason && n.contains(note))
+}
+
+pub async fn zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", spec()).await;
+    for (i, pod) in ["g-0", "g-1", "g-2"].iter().enumerate() {
+        env.pod(pod, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(pod, &format!("10.31.0.{}", i + 1), false)
+            .await;
+    }
+    // Every pod unready: Ready is False, so `kubectl wait --for=condition=Ready` does not pass.
+    eventually("Ready=False NoReadyEndpoints", || async {
+        let c = env.condition("greeter", "Ready").await;
+        c["status"] == "False"
+            && c["reason"] == "NoReadyEndpoints"
+            && c["message"] == "0 of 3 selected pods registered; not registered: 3 not ready"
+    })
+    .await;
+    eventually("a Warning NoReadyEndpoints event", || {
+        has_event(&env, "greeter", "Warning", "NoReadyEndpoints", "0 of ")
+    })
+    .await;
+    env.set_ready("g-0", "10.31.0.1", true).await;
+    eventually("Ready=True Synced and its Normal event", || async {
+        env.condition_is("greeter", "Ready", "True").await
+            && has_event(&env, "greeter", "Normal", "Synced", "1 of 3").await
+    })
+    .await;
+    env.set_ready("g-1", "10.31.0.2", true).await;
+    env.set_ready("g-2", "10.31.0.3", true).await;
+    // Count changes are summed up in one Event per interval, never one per pod.
+    eventually("an EndpointsChanged event", || {
+        has_event(
+            &env,
+            "greeter",
+            "Normal",
+            "EndpointsChanged",
+            "3 endpoints registered (was 1)",
+        )
+    })
+    .await;
+    let changed = events_of(&env, "greeter")
+        .await
+        .iter()
+        .filter(|(_, r, _)| r == "EndpointsChanged")
+        .count();
+    assert_eq!(changed, 1, "{:?}", events_of(&env, "greeter").await);
+    // A selector that matches nothing is not Ready either.
+    env.service(
+        "nobody",
+        json!({"selector": {"matchLabels": {"app": "nobody"}}, "port": "grpc"}),
+    )
+    .await;
+    eventually("Ready=False NoPodsSelected with a Warning", || async {
+        let c = env.condition("nobody", "Ready").await;
+        c["status"] == "False"
+            && c["reason"] == "NoPodsSelected"
+            && has_event(
+                &env,
+                "nobody",
+                "Warning",
+                "NoPodsSelected",
+                "matches no pod",
+            )
+            .await
+    })
+    .await;
+    env.shutdown().await;
+}
+
+pub async fn the_last_status_write_of_a_burst_carries_the_final_counts_and_revision(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", spec()).await;
+    for (i, pod) in ["g-0", "g-1", "g-2"].iter().enumerate() {
+        env.pod(pod, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(pod, &format!("10.32.0.{}", i + 1), false)
+            .await;
+    }
+    eventually("status written", || async {
+        env.condition("greeter", "Ready").await["reason"] == "NoReadyEndpoints"
+    })
+    .await;
+    // Three quick readiness changes: the first write is immediate (Ready turns True), the
+    // rest are coalesced, and the coalesced write must still say what the registry holds.
+    for (i, pod) in ["g-0", "g-1", "g-2"].iter().enumerate() {
+        env.set_ready(pod, &format!("10.32.0.{}", i + 1), true)
+            .await;
+    }
+    let prefix = format!("services/{ns}/greeter/");
+    let newest = || async {
+        let mut etcd = env.etcd.client().await;
+        let resp = etcd
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        (
+            resp.kvs().len(),
+            resp.kvs()
+                .iter()
+                .map(|kv| kv.mod_revision())
+                .max()
+                .unwrap_or(0),
+        )
+    };
+    eventually("three keys", || async { newest().await.0 == 3 }).await;
+    let (_, revision) = newest().await;
+    eventually(
+        "status carries the final counts and the final revision",
+        || async {
+            let s = env.status("greeter").await;
+            s["readyPods"] == 3
+                && s["registeredEndpoints"] == 3
+                && s["etcdRevision"].as_i64().is_some_and(|r| r >= revision)
+        },
+    )
+    .await;
+    let s = env.status("greeter").await;
+    let synced = s["lastSyncTime"]
+        .as_str()
+        .unwrap()
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .unwrap();
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(synced);
+    assert!(age.as_secs() < 30, "lastSyncTime is stale: {s}");
+    env.shutdown().await;
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the pinned control-plane binaries (etcd and kube-apiserver, versions in
-# tests/controlplane/go.mod) into target/controlplane/bin, cached. Prints the bin directory.
+# Builds the pinned control-plane binaries (etcd, kube-apiserver, and the kubectl and etcdctl
+# that tests, the demo and the dev loop use; versions in tests/controlplane/go.mod) into
+# target/controlplane/bin, cached. Prints the bin directory.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Stamp the API server with its module version, as release builds do (clients such as helm
@@ -12,4 +13,6 @@ pkg=k8s.io/component-base/version
 version_flags="-X $pkg.gitVersion=$k8s -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
 exec "$root/scripts/gobuild.sh" "$root/tests/controlplane" "${CONTROLPLANE_BIN:-$root/target/controlplane/bin}" \
   etcd=go.etcd.io/etcd/server/v3 \
-  "kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver;$version_flags"
+  etcdctl=go.etcd.io/etcd/etcdctl/v3 \
+  "kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver;$version_flags" \
+  "kubectl=k8s.io/kubernetes/cmd/kubectl;$version_flags"

@@ -61,14 +61,32 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     )
 }
 
+/// Ready when this replica can do its job: its caches are synced (so a leader computes from
+/// complete state, and a follower can take over at once) and the registry backend answers (a
+/// replica that cannot reach etcd can neither publish nor renew). A follower is ready too: it
+/// is warm. The body says which check fails.
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     let role = health.role.borrow().as_str();
-    if health.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, format!("ready\nrole: {role}\n"))
+    let synced = health.ready.load(Ordering::Relaxed);
+    let backend = health.metrics.backend_up("etcd");
+    let body = format!(
+        "{}\nrole: {role}\ncaches: {}\netcd: {}\n",
+        if synced && backend {
+            "ready"
+        } else {
+            "not ready"
+        },
+        if synced { "synced" } else { "syncing" },
+        if backend {
+            "reachable"
+        } else {
+            "unreachable (see the log)"
+        },
+    );
+    let code = if synced && backend {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("caches syncing\nrole: {role}\n"),
-        )
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
 }

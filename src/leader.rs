@@ -240,7 +240,7 @@ impl Elector {
         let lease = match self.api.get_opt(&self.config.name).await {
             Ok(lease) => lease,
             Err(e) => {
-                warn!(error = %e, "failed to read the leader Lease");
+                warn!(error = %crate::error::chain(&e), "failed to read the leader Lease");
                 return;
             }
         };
@@ -321,7 +321,7 @@ impl Elector {
             Ok(written) => written,
             Err(e) => {
                 // A conflict means another replica wrote first; the next tick reads it.
-                debug!(error = %e, "failed to write the leader Lease");
+                debug!(error = %crate::error::chain(&e), "failed to write the leader Lease");
                 return;
             }
         };
@@ -355,7 +355,9 @@ impl Elector {
                     "etcd holds a later leader term; retrying with a later one"
                 );
             }
-            Err(e) => warn!(term, error = %e, "failed to fence etcd writes; retrying"),
+            Err(e) => {
+                warn!(term, error = %crate::error::chain(&e), "failed to fence etcd writes; retrying")
+            }
         }
     }
 
@@ -392,7 +394,7 @@ impl Elector {
             .await
         {
             Ok(_) => info!("released the leader Lease"),
-            Err(e) => warn!(error = %e, "failed to release the leader Lease"),
+            Err(e) => warn!(error = %crate::error::chain(&e), "failed to release the leader Lease"),
         }
     }
 }

@@ -10,10 +10,10 @@ use clap::{Args, Parser, ValueEnum};
 use grpc_registrar::controller::Scope;
 use grpc_registrar::desired::{CustomTargets, Policy};
 use grpc_registrar::leader::{self, ElectionConfig};
+use grpc_registrar::logging;
 use grpc_registrar::registry::etcd::{EtcdConfig, EtcdTls, EtcdUser};
 use grpc_registrar::run::{self, Config};
-use tracing::info;
-use tracing_subscriber::EnvFilter;
+use tracing::{error, info, warn};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -40,9 +40,14 @@ struct Cli {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
-    /// Log output format; the level comes from RUST_LOG (default `info`).
+    /// Log output format: `plain` (coloured only on a terminal) or `json` (one object per line);
+    /// the level comes from RUST_LOG (default `info`, e.g. RUST_LOG=grpc_registrar=debug).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
+    /// After SIGTERM or SIGINT, exit (status 1) if in-flight work has not finished in this
+    /// long, e.g. `20s`; keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
 }
 
 /// How to reach etcd.
@@ -216,15 +221,12 @@ async fn main() -> anyhow::Result<()> {
         namespace,
         metrics_addr,
         log_format,
+        shutdown_timeout,
     } = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match log_format {
-        LogFormat::Plain => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    logging::init(match log_format {
+        LogFormat::Plain => logging::Format::Plain,
+        LogFormat::Json => logging::Format::Json,
+    });
     let config = Config {
         etcd: etcd.into_config(&registry)?,
         policy: Policy {
@@ -238,11 +240,26 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr,
         election: election.into_config(),
     };
-    run::run(config, async {
+    run::run(config, async move {
         shutdown_signal().await;
-        info!("shutdown signal received; finishing in-flight work (the etcd lease is kept)");
+        info!(
+            timeout_ms = u64::try_from(shutdown_timeout.as_millis()).unwrap_or(u64::MAX),
+            "shutdown signal received; finishing in-flight work (the etcd lease is kept)"
+        );
+        // Shutdown always ends: whatever still waits (an unreachable API server or etcd) is
+        // abandoned after the timeout, or at once on a second signal.
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(shutdown_timeout) => {
+                    error!("in-flight work did not finish within the shutdown timeout; exiting");
+                }
+                () = shutdown_signal() => warn!("second signal; exiting now"),
+            }
+            std::process::exit(1);
+        });
     })
-    .await?;
+    .await
+    .map_err(|e| anyhow::anyhow!(grpc_registrar::error::chain(&e)))?;
     Ok(())
 }
 

@@ -342,6 +342,15 @@ impl Metrics {
             .set(i64::from(reached));
     }
 
+    /// Whether the last request to `backend` reached it.
+    #[must_use]
+    pub fn backend_up(&self, backend: &'static str) -> bool {
+        self.backend_connected
+            .get_or_create(&BackendLabels { backend })
+            .get()
+            == 1
+    }
+
     /// Records whether this replica leads.
     pub fn set_leader(&self, leading: bool) {
         let value = i64::from(leading);

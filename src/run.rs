@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use backon::Retryable;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::controller::{self, Scope};
@@ -116,21 +116,53 @@ pub async fn run(
     };
     let server = tokio::spawn(http::serve(listener, health, stopped()));
 
-    info!(endpoints = ?etcd.endpoints, tls = etcd.tls.is_some(), user = ?etcd.user.as_ref().map(|u| &u.name), "connecting to etcd");
+    let client = tokio::select! {
+        client = kube::Client::try_default() => client.map_err(Error::Kube)?,
+        () = stopped() => return Ok(()),
+    };
+    info!(
+        endpoints = %etcd.endpoints.join(","),
+        tls = etcd.tls.is_some(),
+        user = etcd.user.as_ref().map_or("", |u| u.name.as_str()),
+        "connecting to etcd"
+    );
     // With auth, connecting authenticates, so it needs etcd up: retry rather than crash-loop.
     let connect = (|| EtcdRegistry::connect(etcd.clone(), metrics.clone()))
         .retry(Backoff::builder(
             Duration::from_millis(200),
             Duration::from_secs(10),
         ))
-        .notify(|e, delay| warn!(error = %e, ?delay, "failed to connect to etcd; retrying"));
+        .notify(|e, delay| warn!(error = %e, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "failed to connect to etcd; retrying"));
     let registry = tokio::select! {
         registry = connect => registry?,
         () = stopped() => return Ok(()),
     };
+    // A wrong endpoint, a firewall or bad credentials are said once, clearly, at start-up; the
+    // probe keeps checking (and `/readyz` says not ready) until etcd answers.
+    let endpoints = etcd.endpoints.join(",");
+    let up = match registry.check().await {
+        Ok(revision) => {
+            info!(endpoints, revision, "etcd reachable");
+            true
+        }
+        Err(e) => {
+            error!(
+            endpoints,
+            error = %e,
+            "etcd is not reachable: check --etcd-endpoints, TLS and credentials; retrying, and /readyz reports not ready until it answers"
+            );
+            false
+        }
+    };
+    tokio::spawn(probe(registry.clone(), endpoints, up, stopped()));
     let backend: Arc<dyn Backend> = Arc::new(registry);
-    let client = kube::Client::try_default().await.map_err(Error::Kube)?;
-    info!(%metrics_addr, ?scope, lease_ttl = etcd.default_ttl.as_secs(), leader_elect = election.is_some(), "starting grpc-registrar");
+    info!(
+        %metrics_addr,
+        watch_namespace = scope.namespace.as_deref().unwrap_or("(all)"),
+        lease_ttl = etcd.default_ttl.as_secs(),
+        leader_elect = election.is_some(),
+        "starting grpc-registrar"
+    );
     // The elector publishes the role that `/readyz` shows and the controller obeys.
     let elector = election.map(|config| {
         let elector = Elector::new(
@@ -164,5 +196,42 @@ pub async fn run(
             warn!(error = %e, "metrics server panicked");
             Ok(())
         }
+    }
+}
+
+/// Checks that etcd answers: every 2 s while it does not (logging when it comes back), every
+/// 10 s while it does, so that `/readyz` and `backend_connected` are current even with no
+/// service (and so no lease) to renew.
+async fn probe(
+    registry: EtcdRegistry,
+    endpoints: String,
+    mut up: bool,
+    stopped: impl Future<Output = ()>,
+) {
+    let run = async {
+        loop {
+            tokio::time::sleep(if up {
+                Duration::from_secs(10)
+            } else {
+                Duration::from_secs(2)
+            })
+            .await;
+            match registry.check().await {
+                Ok(revision) if !up => {
+                    info!(endpoints, revision, "etcd reachable");
+                    up = true;
+                }
+                Ok(_) => {}
+                Err(e) if up => {
+                    warn!(endpoints, error = %e, "etcd is not reachable; retrying");
+                    up = false;
+                }
+                Err(e) => debug!(endpoints, error = %e, "etcd still not reachable"),
+            }
+        }
+    };
+    tokio::select! {
+        () = run => {}
+        () = stopped => {}
     }
 }

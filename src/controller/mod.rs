@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, future};
+use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -48,6 +48,9 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The least time between two `EndpointsChanged` Events of one service: under churn, one Event
 /// sums up the counts instead of one per pod.
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a reconcile waits for the pod index's initial list before it requeues.
+const POD_SYNC_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a service in conflict re-checks whether the target was freed.
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
@@ -89,7 +92,7 @@ pub struct Context {
     /// The registered count last announced in an Event, and when, per service uid.
     announced: Mutex<HashMap<String, (usize, std::time::Instant)>>,
     /// Retry pacing per failing service uid.
-    failures: Mutex<HashMap<String, Backoff>>,
+    failures: Mutex<HashMap<String, (Backoff, String)>>,
     /// The last publication each service (by uid) synced, so that a spec turned invalid keeps
     /// what it published, across a lease replacement too.
     published: Mutex<HashMap<String, crate::registry::Publication>>,
@@ -286,6 +289,7 @@ pub async fn run(
     );
     let mapper = PodMapper::new(candidates.clone(), selectors, ctx.selections.clone());
     {
+        let ready = ready.clone();
         let (mut pods, mut services) = (pods_synced.subscribe(), services_synced.subscribe());
         tokio::spawn(async move {
             if pods.wait_for(|s| *s).await.is_ok() && services.wait_for(|s| *s).await.is_ok() {
@@ -298,22 +302,52 @@ pub async fn run(
             }
         });
     }
-    controller
+    // kube holds the runner until the service store is ready, and a held runner never sees the
+    // graceful shutdown: with the API server unreachable from the start, shutdown would wait
+    // forever. Until the caches are synced nothing has been reconciled, so stopping at once
+    // then is safe; once synced, shutdown is graceful (in-flight reconciles finish).
+    let shutdown = shutdown.shared();
+    let synced_flag = ready.clone();
+    let stop_unsynced = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.await;
+            if synced_flag.load(Ordering::Relaxed) {
+                future::pending::<()>().await;
+            }
+        }
+    };
+    // The same failure repeats while the API server is unreachable: said once at warn level,
+    // the repeats at debug until something succeeds.
+    let mut last_error: Option<String> = None;
+    let run = controller
         .watches_stream(pod_events, move |pod| mapper.map(&pod))
         .reconcile_all_on(reconcile_all)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| {
+        .for_each(move |result| {
             // A failed reconcile was logged once, by `error_policy`; only the controller's own
-            // errors (e.g. a queue error) are logged here.
+            // errors (e.g. a watch that cannot start) are logged here.
             match result {
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
-                Err(e) => warn!(error = %crate::error::chain(&e), "controller error"),
+                Ok(_) => last_error = None,
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(e) => {
+                    let text = crate::error::chain(&e);
+                    if last_error.as_ref() == Some(&text) {
+                        tracing::debug!(error = %text, "controller error (repeated)");
+                    } else {
+                        warn!(error = %text, "controller error; retrying with backoff");
+                        last_error = Some(text);
+                    }
+                }
             }
             future::ready(())
         })
-        .instrument(info_span!("controller"))
-        .await;
+        .instrument(info_span!("controller"));
+    tokio::select! {
+        () = run => {}
+        () = stop_unsynced => info!("stopped before the caches synced; nothing was reconciled"),
+    }
     info!("controller stopped");
 }
 
@@ -336,12 +370,14 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     tracing::Span::current().record("namespace", namespace.as_str());
-    // Never compute desired state from a half-filled index: that would delete live keys.
-    ctx.pods_synced
-        .clone()
-        .wait_for(|synced| *synced)
-        .await
-        .map_err(|_| Error::MissingField("pod cache"))?;
+    // Never compute desired state from a half-filled index: that would delete live keys. The
+    // wait is bounded, so that shutdown (which waits for running reconciles) is too when the
+    // API server never answers.
+    let mut synced = ctx.pods_synced.clone();
+    match tokio::time::timeout(POD_SYNC_WAIT, synced.wait_for(|synced| *synced)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) | Err(_) => return Ok(Action::requeue(Duration::from_secs(1))),
+    }
     let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = svc.uid().unwrap_or_default();
     let action = if svc.metadata.deletion_timestamp.is_some() {
@@ -438,21 +474,25 @@ async fn with_finalizer(api: &Api<GrpcService>, svc: Arc<GrpcService>) -> Result
 /// Requeues a failed reconcile with per-service exponential backoff (200 ms doubling to 60 s).
 pub fn error_policy(svc: Arc<GrpcService>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(error.metric_label());
-    let delay = ctx
-        .failures
-        .lock()
-        .expect("lock")
-        .entry(svc.uid().unwrap_or_default())
-        .or_insert_with(Backoff::reconcile)
-        .next()
-        .unwrap_or(Duration::from_secs(60));
-    warn!(
-        namespace = svc.namespace().unwrap_or_default(),
-        name = %svc.name_any(),
-        error = %crate::error::chain(error),
-        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-        "reconcile failed; retrying with backoff"
-    );
+    let text = crate::error::chain(error);
+    let (delay, repeated) = {
+        let mut failures = ctx.failures.lock().expect("lock");
+        let (backoff, last) = failures
+            .entry(svc.uid().unwrap_or_default())
+            .or_insert_with(|| (Backoff::reconcile(), String::new()));
+        let repeated = *last == text;
+        last.clone_from(&text);
+        (backoff.next().unwrap_or(Duration::from_secs(60)), repeated)
+    };
+    let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    let (namespace, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+    // The first failure of a streak (or a different one) at warn level; the same failure again
+    // at debug, so an outage is one line per service, not one per retry.
+    if repeated {
+        tracing::debug!(namespace, name, error = %text, retry_in_ms, "reconcile failed again");
+    } else {
+        warn!(namespace, name, error = %text, retry_in_ms, "reconcile failed; retrying with backoff");
+    }
     Action::requeue(delay)
 }
 

@@ -106,7 +106,8 @@ pub fn describe(error: &etcd_client::Error) -> String {
     };
     while let Some(cause) = source {
         let text = cause.to_string();
-        if !text.is_empty() && !out.contains(&text) {
+        // tonic's transport error says only "transport error"; its cause says what happened.
+        if !text.is_empty() && text != "transport error" && !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }

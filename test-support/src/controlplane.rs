@@ -207,12 +207,12 @@ impl ControlPlane {
     /// When kubectl cannot be run at all.
     #[must_use]
     pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("kubectl")
+        let out = Command::new(crate::controlplane_bin("kubectl", "KUBECTL_BIN"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
             .output()
-            .expect("failed to run kubectl: it must be on PATH");
+            .expect("failed to run kubectl (built by scripts/controlplane.sh)");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

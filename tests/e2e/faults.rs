@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::Plane;
-use crate::harness::{ControllerProcess, Env, deletes_seen, eventually};
+use crate::harness::{ControllerProcess, Env, deletes_seen, eventually, http_get};
 
 fn spec(ttl: u32) -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc", "ttlSeconds": ttl})
@@ -399,27 +399,6 @@ pub async fn apiserver_restart_and_expired_watches_relist_and_apply_the_changes_
     env.shutdown().await;
 }
 
-/// `/readyz` of a controller on `port`: (status code, body).
-async fn readyz(port: u16) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    Some((code, body))
-}
-
 pub async fn a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready(
     plane: Plane,
     ns: String,
@@ -450,7 +429,7 @@ pub async fn a_controller_started_after_many_services_exist_registers_them_all_a
     let want: Vec<&str> = want.iter().map(String::as_str).collect();
     env.expect_keys("every service registered", &want).await;
     eventually("/readyz is 200 and names the role", || async {
-        readyz(port)
+        http_get(port, "/readyz")
             .await
             .is_some_and(|(code, body)| code == 200 && body.contains("role: leader"))
     })

@@ -327,6 +327,18 @@ impl ControllerBuilder {
         self
     }
 
+    /// Sets an environment variable of the process.
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
+    /// Adds command-line arguments.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.command.args(args);
+        self
+    }
+
     /// Serves `/metrics`, `/healthz` and `/readyz` on this loopback port (default: any).
     pub fn metrics_port(mut self, port: u16) -> Self {
         self.metrics_port = port;
@@ -383,6 +395,23 @@ impl ControllerProcess {
         let _ = self.0.wait();
     }
 
+    /// SIGTERM without waiting.
+    pub fn sigterm(&self) {
+        assert!(self.signal("TERM"), "failed to send SIGTERM");
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGSTOP: the process freezes mid-flight, as under a long GC pause or a stalled node.
     pub fn pause(&self) {
         assert!(self.signal("STOP"), "failed to send SIGSTOP");
@@ -425,4 +454,28 @@ pub async fn leader_of(client: &kube::Client, ns: &str, name: &str) -> Option<St
             .rsplit_once('_')
             .map_or(holder.clone(), |(base, _)| base.to_owned()),
     )
+}
+
+/// A plain HTTP GET of `path` on a loopback `port`: (status code, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    Some((code, body))
 }

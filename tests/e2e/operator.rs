@@ -7,7 +7,7 @@ use kube::api::Api;
 use serde_json::json;
 
 use crate::Plane;
-use crate::harness::{Env, eventually};
+use crate::harness::{ControllerProcess, Env, eventually, http_get};
 
 fn spec() -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"})
@@ -166,4 +166,144 @@ pub async fn the_last_status_write_of_a_burst_carries_the_final_counts_and_revis
     let age = k8s_openapi::jiff::Timestamp::now().duration_since(synced);
     assert!(age.as_secs() < 30, "lastSyncTime is stale: {s}");
     env.shutdown().await;
+}
+
+pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once(
+    plane: Plane,
+    ns: String,
+) {
+    let mut env = Env::without_controller(plane.clone(), &ns).await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let port = test_support::free_port();
+    let mut controller = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
+        .env("RUST_LOG", "info")
+        .args(&["--log-format", "json"])
+        .metrics_port(port)
+        .log_to(log.path().to_owned())
+        .start();
+    env.service("greeter", spec()).await;
+    for (i, pod) in ["g-0", "g-1"].iter().enumerate() {
+        env.pod(pod, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(pod, &format!("10.33.0.{}", i + 1), true)
+            .await;
+    }
+    env.expect_keys(
+        "registered",
+        &["greeter/10.33.0.1:50051", "greeter/10.33.0.2:50051"],
+    )
+    .await;
+    let metrics = || async {
+        http_get(port, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    let service = format!("namespace=\"{ns}\",name=\"greeter\"");
+    eventually("per-service gauges", || async {
+        let page = metrics().await;
+        page.contains(&format!(
+            "grpc_registrar_registered_endpoints{{{service}}} 2"
+        )) && page.contains(&format!("grpc_registrar_selected_pods{{{service}}} 2"))
+            && page.contains(&format!("grpc_registrar_ready_pods{{{service}}} 2"))
+    })
+    .await;
+    let page = metrics().await;
+    for needle in [
+        "grpc_registrar_build_info{version=\"",
+        "grpc_registrar_backend_connected{backend=\"etcd\"} 1",
+        "grpc_registrar_backend_errors_total{backend=\"etcd\",op=\"txn\"} 0",
+        "grpc_registrar_reconcile_failures_total{error=\"etcd\"} 0",
+        "grpc_registrar_propagation_seconds_count ",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+    ] {
+        assert!(
+            page.contains(needle),
+            "{needle} missing from /metrics:\n{page}"
+        );
+    }
+    assert!(
+        !page.contains("grpc_registrar_propagation_seconds_count 0"),
+        "readiness changes seen by the watch were measured:\n{page}"
+    );
+
+    // etcd goes away: /readyz says so, the gauge drops, errors are counted by operation, and
+    // the log says it once rather than once per retry.
+    env.etcd.stop();
+    eventually("/readyz is 503 naming etcd", || async {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(code, body)| code == 503 && body.contains("etcd: unreachable"))
+    })
+    .await;
+    assert!(
+        metrics()
+            .await
+            .contains("grpc_registrar_backend_connected{backend=\"etcd\"} 0")
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    env.etcd.restart().await;
+    eventually("/readyz is 200 again", || async {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    })
+    .await;
+    controller.terminate();
+
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!text.contains('\u{1b}'), "ANSI escapes in a log file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let updated = lines
+        .iter()
+        .find(|l| l["message"] == "registry updated")
+        .unwrap_or_else(|| panic!("no 'registry updated' line in:\n{text}"));
+    assert_eq!(updated["name"], "greeter", "{updated}");
+    assert_eq!(updated["namespace"], ns.as_str());
+    assert_eq!(updated["span"], "reconcile");
+    assert!(
+        updated["lease_id"].is_string() && updated["revision"].is_i64(),
+        "{updated}"
+    );
+    let outage: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
+        .collect();
+    assert!(
+        (1..=4).contains(&outage.len()),
+        "a 3 s etcd outage should be a few warnings, not one per retry: {outage:#?}"
+    );
+    for line in &outage {
+        let error = line["error"].as_str().unwrap_or_default();
+        assert!(
+            !error.contains("Os {") && !error.contains("ConnectError("),
+            "debug structures in {line}"
+        );
+    }
+}
+
+pub async fn sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+    let unreachable = std::fs::read_to_string(plane.kubeconfig())
+        .unwrap()
+        .replace(&plane.url(), "https://127.0.0.1:1");
+    std::fs::write(kubeconfig.path(), unreachable).unwrap();
+    let mut controller = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
+        .env("KUBECONFIG", kubeconfig.path())
+        .start();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    controller.sigterm();
+    let status = controller.wait_exit(std::time::Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "still running (or failed) 5 s after SIGTERM: {status:?}"
+    );
 }

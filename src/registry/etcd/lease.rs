@@ -195,6 +195,21 @@ impl Keeper {
                 self.client.lease_client().keep_alive(id),
             )
             .await;
+            // Opening a stream proves little (it may succeed while etcd is still away): the
+            // outage ends with the first answered renewal.
+            let opened = match opened {
+                Ok((mut keeper, mut stream)) => self
+                    .renew(&mut keeper, &mut stream, interval)
+                    .await
+                    .map(|()| (keeper, stream)),
+                Err(Error::Etcd { cause, .. }) if is_lease_not_found(&cause) => {
+                    Err(StreamEnd::Lost)
+                }
+                Err(e) => {
+                    self.metrics.lease_keepalive_failures.inc();
+                    Err(StreamEnd::Broken(e.to_string()))
+                }
+            };
             let end = match opened {
                 Ok((keeper, stream)) => {
                     last_ok = Instant::now();
@@ -214,11 +229,7 @@ impl Keeper {
                     self.metrics.lease_keepalives.inc();
                     self.drive(keeper, stream, interval, &mut last_ok).await
                 }
-                Err(Error::Etcd { cause, .. }) if is_lease_not_found(&cause) => StreamEnd::Lost,
-                Err(e) => {
-                    self.metrics.lease_keepalive_failures.inc();
-                    StreamEnd::Broken(e.to_string())
-                }
+                Err(end) => end,
             };
             match end {
                 StreamEnd::Lost => {
@@ -289,33 +300,38 @@ impl Keeper {
                     }
                 },
             }
-            if let Err(e) = keeper.keep_alive().await {
-                self.metrics.lease_keepalive_failures.inc();
-                return StreamEnd::Broken(crate::registry::error::describe(&e));
+            if let Err(end) = self.renew(&mut keeper, &mut stream, interval).await {
+                return end;
             }
-            match tokio::time::timeout(interval, stream.message()).await {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                    *last_ok = Instant::now();
-                    self.metrics.lease_keepalives.inc();
-                }
-                Ok(Ok(Some(_))) => return StreamEnd::Lost,
-                Ok(Err(e)) if is_lease_not_found(&e) => return StreamEnd::Lost,
-                Ok(Ok(None)) => {
-                    self.metrics.lease_keepalive_failures.inc();
-                    return StreamEnd::Broken("the keep-alive stream ended".to_owned());
-                }
-                Ok(Err(e)) => {
-                    self.metrics.lease_keepalive_failures.inc();
-                    return StreamEnd::Broken(crate::registry::error::describe(&e));
-                }
-                Err(_) => {
-                    self.metrics.lease_keepalive_failures.inc();
-                    return StreamEnd::Broken(format!(
-                        "no keep-alive answer within {} ms",
-                        interval.as_millis()
-                    ));
-                }
-            }
+            *last_ok = Instant::now();
+            self.metrics.lease_keepalives.inc();
+        }
+    }
+
+    /// One renewal: sends a keep-alive and waits (up to `interval`) for etcd's answer.
+    async fn renew(
+        &self,
+        keeper: &mut etcd_client::LeaseKeeper,
+        stream: &mut etcd_client::LeaseKeepAliveStream,
+        interval: Duration,
+    ) -> Result<(), StreamEnd> {
+        let broken = |reason: String| {
+            self.metrics.lease_keepalive_failures.inc();
+            StreamEnd::Broken(reason)
+        };
+        if let Err(e) = keeper.keep_alive().await {
+            return Err(broken(crate::registry::error::describe(&e)));
+        }
+        match tokio::time::timeout(interval, stream.message()).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(()),
+            Ok(Ok(Some(_))) => Err(StreamEnd::Lost),
+            Ok(Err(e)) if is_lease_not_found(&e) => Err(StreamEnd::Lost),
+            Ok(Ok(None)) => Err(broken("the keep-alive stream ended".to_owned())),
+            Ok(Err(e)) => Err(broken(crate::registry::error::describe(&e))),
+            Err(_) => Err(broken(format!(
+                "no keep-alive answer within {} ms",
+                interval.as_millis()
+            ))),
         }
     }
 

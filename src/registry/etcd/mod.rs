@@ -124,6 +124,26 @@ impl EtcdRegistry {
         &self.inner.client
     }
 
+    /// Asks etcd for the controller's root with a count-only range: proves the endpoints answer
+    /// and the credentials may read. Returns etcd's current revision.
+    ///
+    /// # Errors
+    /// etcd unreachable, or the read refused.
+    pub async fn check(&self) -> Result<i64> {
+        let mut kv = self.inner.client.kv_client();
+        let resp = super::error::timeout(
+            "read from etcd",
+            self.inner.config.op_timeout,
+            kv.get(
+                self.inner.config.registrar_root.as_str(),
+                Some(etcd_client::GetOptions::new().with_count_only()),
+            ),
+        )
+        .await;
+        self.record("connect", resp.as_ref().err());
+        Ok(resp?.header().map_or(0, |h| h.revision()))
+    }
+
     /// The ids of the live shared leases.
     pub async fn lease_ids(&self) -> Vec<i64> {
         self.inner.leases.ids().await

@@ -2,7 +2,7 @@
 SHELL := /usr/bin/env bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: tools test lint crd demo bench
+.PHONY: tools test lint crd demo bench dev dev-down
 
 ## tools: protoc (Debian's protobuf-compiler); etcd, kube-apiserver, helm and the Go interop client built from pinned
 ## Go modules (tests/controlplane, tests/helm, tests/interop) into target/, cached. Fails loudly when it cannot.
@@ -51,3 +51,12 @@ bench: tools
 ## demo: a real control plane, the controller, three Greeter servers and a resolving client.
 demo:
 	scripts/demo.sh
+
+## dev: a local control plane that stays up (kube-apiserver + its etcd, a registry etcd, the real controller
+## binary); prints the KUBECONFIG and etcd endpoint to use, with the pinned kubectl and etcdctl on PATH.
+dev:
+	scripts/dev.sh up
+
+## dev-down: stops what `make dev` started.
+dev-down:
+	scripts/dev.sh down

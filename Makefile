@@ -35,7 +35,7 @@ lint: tools
 ## crd: regenerate the committed CRD and the chart's copy (a test fails when either drifts).
 crd:
 	cargo run -q --bin crdgen > crds/grpcservice.yaml
-	cp crds/grpcservice.yaml charts/grpc-registrar/crds/grpcservice.yaml
+	cp crds/grpcservice.yaml charts/grpc-registrar/files/grpcservice.yaml
 
 ## bench: every figure (tables printed and written to target/bench/*.json): registry, propagation, failover,
 ## cold start at scale, churn, the Go self-registration comparison, and the resolver.

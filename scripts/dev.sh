@@ -21,7 +21,7 @@ show() {
 
 The dev loop is up. In your shell:
   source $dir/env
-  kubectl apply -f $root/examples/greeter.yaml           # your own GrpcServices and pods
+  kubectl apply -f $root/demo/greeter.yaml               # or your own GrpcServices and pods
   kubectl get grpcsvc -A                                 # READY / STATUS / TARGET / ENDPOINTS
   etcdctl get --prefix services/                         # what clients resolve
   curl -s \$GRPC_REGISTRAR_METRICS | grep grpc_registrar  # metrics

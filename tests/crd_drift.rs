@@ -27,11 +27,11 @@ fn the_helm_charts_crd_is_identical_to_the_committed_crd() {
     let root = env!("CARGO_MANIFEST_DIR");
     let committed = std::fs::read_to_string(format!("{root}/crds/grpcservice.yaml")).unwrap();
     let chart = std::fs::read_to_string(format!(
-        "{root}/charts/grpc-registrar/crds/grpcservice.yaml"
+        "{root}/charts/grpc-registrar/files/grpcservice.yaml"
     ))
     .unwrap();
     assert!(
         chart == committed,
-        "charts/grpc-registrar/crds/grpcservice.yaml differs: run `make crd` and commit both"
+        "charts/grpc-registrar/files/grpcservice.yaml differs: run `make crd` and commit both"
     );
 }

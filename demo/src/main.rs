@@ -147,12 +147,12 @@ async fn main() -> anyhow::Result<()> {
         },
     ));
 
-    step("kubectl apply -f examples/greeter.yaml   (a GrpcService and three pods)");
+    step("kubectl apply -f demo/greeter.yaml   (a GrpcService and three pods)");
     print!(
         "    {}",
         kubectl(
             &plane,
-            &["apply", "-f", &format!("{root}/examples/greeter.yaml")]
+            &["apply", "-f", &format!("{root}/demo/greeter.yaml")]
         )?
         .replace('\n', "\n    ")
     );
@@ -177,7 +177,18 @@ async fn main() -> anyhow::Result<()> {
     );
     calls(&resolver.channel(), 6).await?;
 
-    step("kubectl get grpcsvc");
+    step("kubectl get grpcsvc   (status is written at most once a second per service under churn)");
+    kubectl(
+        &plane,
+        &[
+            "wait",
+            "grpcsvc/greeter",
+            "-n",
+            "default",
+            "--for=jsonpath={.status.registeredEndpoints}=3",
+            "--timeout=10s",
+        ],
+    )?;
     print!(
         "    {}",
         kubectl(&plane, &["get", "grpcsvc", "-n", "default"])?.replace('\n', "\n    ")

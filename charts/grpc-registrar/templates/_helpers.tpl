@@ -39,3 +39,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* The controller image: repository@digest when a digest is set, else repository:tag. */}}
+{{- define "grpc-registrar.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/* The PromQL label matchers that select this release's series (see prometheusRule.selector). */}}
+{{- define "grpc-registrar.promSelector" -}}
+{{- .Values.prometheusRule.selector | default (printf "job=%q" (printf "%s-metrics" (include "grpc-registrar.fullname" .))) }}
+{{- end }}

@@ -215,7 +215,7 @@ impl Elector {
     /// Campaigns and renews until `shutdown`, then releases the Lease if held (after fencing
     /// itself off), so a successor takes over at once.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        info!(identity = %self.config.identity, lease = %self.config.name, namespace = %self.config.namespace, "leader election started");
+        info!(identity = %self.config.identity, lease = %self.config.name, lease_namespace = %self.config.namespace, "leader election started");
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             self.tick().await;

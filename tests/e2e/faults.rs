@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::Plane;
-use crate::harness::{ControllerProcess, Env, deletes_seen, eventually, http_get};
+use crate::harness::{ControllerProcess, Env, deletes_seen, eventually, has_event, http_get};
 
 fn spec(ttl: u32) -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc", "ttlSeconds": ttl})
@@ -52,6 +52,13 @@ pub async fn etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_ever
         env.condition_is("greeter", "BackendUnavailable", "False")
             .await
     );
+    // `kubectl describe` tells the story: the outage, the lost lease, the recovery.
+    eventually("Warning BackendUnavailable, Warning LeaseReplaced, Normal BackendRestored", || async {
+        has_event(&env, "greeter", "Warning", "BackendUnavailable", "etcd unavailable").await
+            && has_event(&env, "greeter", "Warning", "LeaseReplaced", "2 endpoints were registered again").await
+            && has_event(&env, "greeter", "Normal", "BackendRestored", "2 of 2").await
+    })
+    .await;
     eprintln!(
         "outage > ttl: keys back {} ms after the partition healed",
         recovered.as_millis()

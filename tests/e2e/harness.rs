@@ -479,3 +479,28 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .to_owned();
     Some((code, body))
 }
+
+/// (type, reason, note) of every Event on GrpcService `name`, oldest first.
+pub async fn events_of(env: &Env, name: &str) -> Vec<(String, String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut list = api.list(&Default::default()).await.unwrap().items;
+    list.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    list.into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+pub async fn has_event(env: &Env, name: &str, type_: &str, reason: &str, note: &str) -> bool {
+    events_of(env, name)
+        .await
+        .iter()
+        .any(|(t, r, n)| t == type_ && r == reason && n.contains(note))
+}
+

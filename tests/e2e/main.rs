@@ -93,6 +93,7 @@ fn main() {
         trial(&runtime, &plane, "operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event", operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event),
         trial(&runtime, &plane, "operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once", operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once),
         trial(&runtime, &plane, "operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable", operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable),
+        trial(&runtime, &plane, "operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server", operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server),
         trial(&runtime, &plane, "operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision", operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision),
         trial(
             &runtime,

@@ -2,39 +2,13 @@
 //! server.
 
 use etcd_client::GetOptions;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::Api;
 use serde_json::json;
 
 use crate::Plane;
-use crate::harness::{ControllerProcess, Env, eventually, http_get};
+use crate::harness::{ControllerProcess, Env, eventually, events_of, has_event, http_get};
 
 fn spec() -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"})
-}
-
-/// (type, reason, note) of every Event on GrpcService `name`, oldest first.
-async fn events_of(env: &Env, name: &str) -> Vec<(String, String, String)> {
-    let api: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let mut list = api.list(&Default::default()).await.unwrap().items;
-    list.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
-    list.into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| {
-            (
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.note.unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
-async fn has_event(env: &Env, name: &str, type_: &str, reason: &str, note: &str) -> bool {
-    events_of(env, name)
-        .await
-        .iter()
-        .any(|(t, r, n)| t == type_ && r == reason && n.contains(note))
 }
 
 pub async fn zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event(
@@ -306,4 +280,16 @@ pub async fn sigterm_ends_the_process_promptly_when_the_api_server_was_never_rea
         status.is_some_and(|s| s.success()),
         "still running (or failed) 5 s after SIGTERM: {status:?}"
     );
+}
+
+pub async fn the_examples_for_a_real_cluster_are_accepted_by_the_api_server(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/grpc-health.yaml");
+    let (ok, out, err) = plane.kubectl(&["apply", "--dry-run=server", "-n", &env.ns, "-f", path]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("deployment.apps/grpc-health created (server dry run)"), "{out}");
+    assert!(out.contains("grpcservice.grpc-registrar.io/grpc-health created (server dry run)"), "{out}");
 }

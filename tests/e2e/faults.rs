@@ -53,11 +53,28 @@ pub async fn etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_ever
             .await
     );
     // `kubectl describe` tells the story: the outage, the lost lease, the recovery.
-    eventually("Warning BackendUnavailable, Warning LeaseReplaced, Normal BackendRestored", || async {
-        has_event(&env, "greeter", "Warning", "BackendUnavailable", "etcd unavailable").await
-            && has_event(&env, "greeter", "Warning", "LeaseReplaced", "2 endpoints were registered again").await
-            && has_event(&env, "greeter", "Normal", "BackendRestored", "2 of 2").await
-    })
+    eventually(
+        "Warning BackendUnavailable, Warning LeaseReplaced, Normal BackendRestored",
+        || async {
+            has_event(
+                &env,
+                "greeter",
+                "Warning",
+                "BackendUnavailable",
+                "etcd unavailable",
+            )
+            .await
+                && has_event(
+                    &env,
+                    "greeter",
+                    "Warning",
+                    "LeaseReplaced",
+                    "2 endpoints were registered again",
+                )
+                .await
+                && has_event(&env, "greeter", "Normal", "BackendRestored", "2 of 2").await
+        },
+    )
     .await;
     eprintln!(
         "outage > ttl: keys back {} ms after the partition healed",

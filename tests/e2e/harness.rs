@@ -482,7 +482,8 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// (type, reason, note) of every Event on GrpcService `name`, oldest first.
 pub async fn events_of(env: &Env, name: &str) -> Vec<(String, String, String)> {
-    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
     let mut list = api.list(&Default::default()).await.unwrap().items;
     list.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
     list.into_iter()
@@ -503,4 +504,3 @@ pub async fn has_event(env: &Env, name: &str, type_: &str, reason: &str, note: &
         .iter()
         .any(|(t, r, n)| t == type_ && r == reason && n.contains(note))
 }
-

@@ -5,7 +5,7 @@ use etcd_client::GetOptions;
 use serde_json::json;
 
 use crate::Plane;
-use crate::harness::{ControllerProcess, Env, eventually, events_of, has_event, http_get};
+use crate::harness::{ControllerProcess, Env, events_of, eventually, has_event, http_get};
 
 fn spec() -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"})
@@ -290,6 +290,12 @@ pub async fn the_examples_for_a_real_cluster_are_accepted_by_the_api_server(
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/grpc-health.yaml");
     let (ok, out, err) = plane.kubectl(&["apply", "--dry-run=server", "-n", &env.ns, "-f", path]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("deployment.apps/grpc-health created (server dry run)"), "{out}");
-    assert!(out.contains("grpcservice.grpc-registrar.io/grpc-health created (server dry run)"), "{out}");
+    assert!(
+        out.contains("deployment.apps/grpc-health created (server dry run)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("grpcservice.grpc-registrar.io/grpc-health created (server dry run)"),
+        "{out}"
+    );
 }

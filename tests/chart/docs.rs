@@ -1,0 +1,111 @@
+//! The chart README and the install notes.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+#[test]
+fn every_value_is_in_the_readme_table_with_its_default() {
+    let readme = read("README.md");
+    let table = readme
+        .split("\n## Values\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README.md has no `## Values` section");
+    let rows: Vec<(String, String)> = table
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line
+                .trim()
+                .trim_matches('|')
+                .split('|')
+                .map(str::trim)
+                .collect();
+            let key = cells.first()?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((key.to_owned(), cells.get(1)?.to_string()))
+        })
+        .collect();
+    let (leaves, _) = value_leaves(&values(), &schema());
+    for (path, default) in &leaves {
+        let (_, documented) = rows
+            .iter()
+            .find(|(key, _)| key == path)
+            .unwrap_or_else(|| panic!("README.md's values table has no row for `{path}`"));
+        // Scalars and empty lists or maps exactly; larger defaults are described in words.
+        let exact = match default {
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => true,
+        };
+        if exact {
+            assert_eq!(documented, &format!("`{default}`"), "default of `{path}`");
+        } else {
+            assert!(!documented.is_empty(), "default of `{path}`");
+        }
+    }
+    for (key, _) in &rows {
+        assert!(
+            leaves.iter().any(|(path, _)| path == key),
+            "README.md documents `{key}`, which values.yaml does not have"
+        );
+    }
+}
+
+/// The chart's NOTES.txt rendered for `--set` overrides. `helm template` renders NOTES but does
+/// not print them, and the pinned helm's `install --dry-run=client` still needs a cluster, so a
+/// copy of the chart gets a manifest that includes them.
+fn notes(sets: &[&str]) -> String {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copied = dir.path().join("grpc-registrar");
+    copy(&chart(), &copied);
+    std::fs::write(
+        copied.join("templates/zz-notes.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  \
+         notes: {{ include \"grpc-registrar/templates/NOTES.txt\" . | quote }}\n",
+    )
+    .unwrap();
+    let mut flags = vec!["--show-only", "templates/zz-notes.yaml"];
+    flags.extend(set_flags(sets));
+    let (ok, out) = template_chart(&copied, &flags);
+    assert!(ok, "{out}");
+    parse_manifests(&out)[0]["data"]["notes"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn the_install_notes_say_how_to_check_health_and_warn_about_the_placeholder_etcd() {
+    let placeholder = notes(&[]);
+    assert!(
+        placeholder.starts_with("###") && placeholder.contains("WARNING: etcd.endpoints"),
+        "{placeholder}"
+    );
+    let set = notes(&["etcd.endpoints={https://etcd-0.etcd:2379,https://etcd-1.etcd:2379}"]);
+    assert!(!set.contains("WARNING"), "{set}");
+    assert!(set.contains("https://etcd-0.etcd:2379,https://etcd-1.etcd:2379"));
+    for needle in [
+        "kubectl -n registrar rollout status deployment/reg-grpc-registrar",
+        "kubectl get grpcsvc -A",
+        "READY",
+        "STATUS",
+        "TARGET",
+        "ENDPOINTS",
+        "kubectl -n registrar port-forward deployment/reg-grpc-registrar 8080:metrics",
+        "/readyz",
+        "kubectl -n registrar logs -l app.kubernetes.io/name=grpc-registrar,app.kubernetes.io/instance=reg",
+    ] {
+        assert!(set.contains(needle), "NOTES lack {needle:?}:\n{set}");
+    }
+}

@@ -80,7 +80,10 @@ fn dev_up_runs_the_real_controller_until_dev_down_and_kubectl_and_etcdctl_work_a
     let (ok, out) = dev(dir.path(), "up");
     let _down = Down(dir.path());
     assert!(ok, "dev.sh up failed:\n{out}");
-    assert!(out.contains("export KUBECONFIG=") && out.contains("ETCDCTL_ENDPOINTS="), "{out}");
+    assert!(
+        out.contains("export KUBECONFIG=") && out.contains("ETCDCTL_ENDPOINTS="),
+        "{out}"
+    );
     let env = exports(&std::fs::read_to_string(dir.path().join("env")).unwrap());
 
     let manifest = dir.path().join("svc.yaml");
@@ -89,29 +92,51 @@ fn dev_up_runs_the_real_controller_until_dev_down_and_kubectl_and_etcdctl_work_a
         "apiVersion: grpc-registrar.io/v1alpha1\nkind: GrpcService\nmetadata: {name: greeter, namespace: default}\nspec:\n  selector: {matchLabels: {app: greeter}}\n  port: grpc\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: greeter-0, namespace: default, labels: {app: greeter}}\nspec:\n  nodeName: dev-node\n  containers: [{name: server, image: greeter:dev, ports: [{name: grpc, containerPort: 50051}]}]\n",
     )
     .unwrap();
-    let (ok, out) = run(&env, "kubectl", &["apply", "-f", manifest.to_str().unwrap()]);
+    let (ok, out) = run(
+        &env,
+        "kubectl",
+        &["apply", "-f", manifest.to_str().unwrap()],
+    );
     assert!(ok, "kubectl apply: {out}");
     let (ok, out) = run(
         &env,
         "kubectl",
         &[
-            "patch", "pod", "greeter-0", "--subresource=status", "--type=merge", "-p",
+            "patch",
+            "pod",
+            "greeter-0",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
             r#"{"status":{"phase":"Running","podIP":"10.1.0.1","conditions":[{"type":"Ready","status":"True"}]}}"#,
         ],
     );
     assert!(ok, "kubectl patch: {out}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, keys) = run(&env, "etcdctl", &["get", "--prefix", "--keys-only", "services/"]);
+        let (_, keys) = run(
+            &env,
+            "etcdctl",
+            &["get", "--prefix", "--keys-only", "services/"],
+        );
         let (_, ready) = run(
             &env,
             "kubectl",
-            &["get", "grpcsvc", "greeter", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"],
+            &[
+                "get",
+                "grpcsvc",
+                "greeter",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ],
         );
         if keys.contains("services/default/greeter/10.1.0.1:50051") && ready.trim() == "True" {
             break;
         }
-        assert!(Instant::now() < deadline, "never registered: etcdctl said {keys:?}, Ready {ready:?}");
+        assert!(
+            Instant::now() < deadline,
+            "never registered: etcdctl said {keys:?}, Ready {ready:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let pid: u32 = std::fs::read_to_string(dir.path().join("devloop.pid"))
@@ -121,7 +146,14 @@ fn dev_up_runs_the_real_controller_until_dev_down_and_kubectl_and_etcdctl_work_a
         .unwrap();
     let (ok, out) = dev(dir.path(), "down");
     assert!(ok && out.contains("dev loop stopped"), "{out}");
-    let alive = Command::new("kill").args(["-0", &pid.to_string()]).status().unwrap().success();
+    let alive = Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(!alive, "the dev loop (pid {pid}) still runs after down");
-    assert!(!dir.path().join("env").exists(), "the env file outlived the dev loop");
+    assert!(
+        !dir.path().join("env").exists(),
+        "the env file outlived the dev loop"
+    );
 }

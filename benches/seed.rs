@@ -27,7 +27,10 @@ use test_support::{EtcdServer, interop_bin};
 /// etcd's LeaseKeepAlive messages received so far, from its `/metrics`.
 async fn keepalives(etcd: &EtcdServer) -> f64 {
     let port: u16 = etcd.endpoint().rsplit(':').next().unwrap().parse().unwrap();
-    let page = common::http_get(port, "/metrics").await.unwrap_or_default();
+    let page = common::http_get(port, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
     metric(
         &page,
         "grpc_server_msg_received_total{grpc_method=\"LeaseKeepAlive\"",

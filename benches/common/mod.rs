@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use test_support::{ControlPlane, free_port};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A control plane with the GrpcService CRD established.
 pub async fn plane() -> ControlPlane {
@@ -133,9 +132,9 @@ impl Controller {
     /// Waits until `/readyz` answers 200 (caches synced).
     pub async fn synced(&mut self) {
         let started = Instant::now();
-        while !http_get(self.port, "/readyz")
+        while http_get(self.port, "/readyz")
             .await
-            .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+            .is_none_or(|(code, _)| code != 200)
         {
             let exited = self.child.try_wait().ok().flatten();
             assert!(
@@ -151,7 +150,10 @@ impl Controller {
     /// A counter or gauge from `/metrics` (the first sample whose line starts with `prefix`).
     pub async fn metric(&self, prefix: &str) -> f64 {
         metric(
-            &http_get(self.port, "/metrics").await.unwrap_or_default(),
+            &http_get(self.port, "/metrics")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default(),
             prefix,
         )
     }
@@ -176,22 +178,7 @@ pub fn metric(page: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-/// A minimal HTTP/1.0 GET on loopback; the whole response.
-pub async fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out).await.ok()?;
-    Some(out)
-}
+pub use test_support::http_get;
 
 /// (VmRSS, VmHWM) of a process in MiB.
 pub fn memory_mib(pid: u32) -> (f64, f64) {

@@ -456,30 +456,6 @@ pub async fn leader_of(client: &kube::Client, ns: &str, name: &str) -> Option<St
     )
 }
 
-/// A plain HTTP GET of `path` on a loopback `port`: (status code, body).
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    Some((code, body))
-}
-
 /// (type, reason, note) of every Event on GrpcService `name`, oldest first.
 pub async fn events_of(env: &Env, name: &str) -> Vec<(String, String, String)> {
     let api: Api<k8s_openapi::api::events::v1::Event> =
@@ -504,3 +480,5 @@ pub async fn has_event(env: &Env, name: &str, type_: &str, reason: &str, note: &
         .iter()
         .any(|(t, r, n)| t == type_ && r == reason && n.contains(note))
 }
+
+pub use test_support::http_get;

@@ -11,17 +11,22 @@ fn spec() -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"})
 }
 
+/// GrpcService `greeter` and pods g-0..g-2 at `10.<subnet>.0.1-3`, Running but not Ready.
+async fn greeter_with_three_unready_pods(env: &Env, subnet: u8) {
+    env.service("greeter", spec()).await;
+    for (i, pod) in ["g-0", "g-1", "g-2"].iter().enumerate() {
+        env.pod(pod, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(pod, &format!("10.{subnet}.0.{}", i + 1), false)
+            .await;
+    }
+}
+
 pub async fn zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event(
     plane: Plane,
     ns: String,
 ) {
     let env = Env::new(plane, &ns).await;
-    env.service("greeter", spec()).await;
-    for (i, pod) in ["g-0", "g-1", "g-2"].iter().enumerate() {
-        env.pod(pod, json!({"app": "greeter"}), 50051).await;
-        env.set_ready(pod, &format!("10.31.0.{}", i + 1), false)
-            .await;
-    }
+    greeter_with_three_unready_pods(&env, 31).await;
     // Every pod unready: Ready is False, so `kubectl wait --for=condition=Ready` does not pass.
     eventually("Ready=False NoReadyEndpoints", || async {
         let c = env.condition("greeter", "Ready").await;
@@ -87,12 +92,7 @@ pub async fn the_last_status_write_of_a_burst_carries_the_final_counts_and_revis
     ns: String,
 ) {
     let env = Env::new(plane, &ns).await;
-    env.service("greeter", spec()).await;
-    for (i, pod) in ["g-0", "g-1", "g-2"].iter().enumerate() {
-        env.pod(pod, json!({"app": "greeter"}), 50051).await;
-        env.set_ready(pod, &format!("10.32.0.{}", i + 1), false)
-            .await;
-    }
+    greeter_with_three_unready_pods(&env, 32).await;
     eventually("status written", || async {
         env.condition("greeter", "Ready").await["reason"] == "NoReadyEndpoints"
     })

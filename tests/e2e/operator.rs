@@ -228,6 +228,10 @@ pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_ou
 
     let text = std::fs::read_to_string(log.path()).unwrap();
     assert!(!text.contains('\u{1b}'), "ANSI escapes in a log file");
+    assert!(
+        !text.contains("failed to run finalizer") && !text.contains("reconcile loop reported"),
+        "errors are wrapped or logged twice:\n{text}"
+    );
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

@@ -53,7 +53,7 @@ pub struct GrpcServiceSpec {
             .message("selector must not be empty: set matchLabels or matchExpressions"),
         validation = Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'])")
             .message("selector operator must be one of In, NotIn, Exists, DoesNotExist"),
-        validation = Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, (e.operator == 'In' || e.operator == 'NotIn') == (has(e.values) && size(e.values) > 0))")
+        validation = Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, !(e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist']) || (e.operator == 'In' || e.operator == 'NotIn') == (has(e.values) && size(e.values) > 0))")
             .message("selector operators In and NotIn need values; Exists and DoesNotExist take none"),
     )]
     pub selector: LabelSelector,
@@ -230,6 +230,18 @@ mod tests {
             json!({"selector": {"matchExpressions": [{"key": "a", "operator": "Maybe", "values": ["x"]}]}}),
             "selector operator must be one of",
         );
+    }
+
+    #[test]
+    fn an_unknown_operator_gets_one_message_not_a_second_about_values() {
+        let err = GrpcServiceSpec::validate_cel(
+            &spec(json!({"selector": {"matchExpressions": [{"key": "a", "operator": "Bogus", "values": ["x"]}]}})),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("selector operator must be one of"), "{err}");
+        assert!(!err.contains("need values"), "{err}");
     }
 
     #[test]

@@ -82,6 +82,7 @@ mod tests {
             }),
             Error::from(registry::Error::OwnershipLost { target: "t".into() }),
             Error::from(registry::Error::Fenced { op: "txn" }),
+            Error::from(registry::Error::Unreachable { backend: "etcd" }),
             Error::InvalidSpec(SpecError::PortRange(0)),
             Error::MissingField("metadata.uid"),
         ];

@@ -11,9 +11,10 @@ use prometheus_client::registry::Registry;
 
 /// Every root-cause label a reconcile failure can carry (`metric_label()` of the controller's
 /// and the registry's errors), initialised to 0 so that rates and alerts see the series at once.
-pub const FAILURE_LABELS: [&str; 7] = [
+pub const FAILURE_LABELS: [&str; 8] = [
     "etcd",
     "timeout",
+    "unreachable",
     "ownership_lost",
     "fenced",
     "invalid_spec",

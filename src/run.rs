@@ -109,6 +109,8 @@ pub async fn run(
             addr: metrics_addr,
             source,
         })?;
+    // The address actually bound (a configured port 0 picks one).
+    let metrics_addr = listener.local_addr().unwrap_or(metrics_addr);
     let health = Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
@@ -123,7 +125,7 @@ pub async fn run(
     info!(
         endpoints = %etcd.endpoints.join(","),
         tls = etcd.tls.is_some(),
-        user = etcd.user.as_ref().map_or("", |u| u.name.as_str()),
+        user = etcd.user.as_ref().map_or("(none)", |u| u.name.as_str()),
         "connecting to etcd"
     );
     // With auth, connecting authenticates, so it needs etcd up: retry rather than crash-loop.
@@ -142,12 +144,12 @@ pub async fn run(
     let endpoints = etcd.endpoints.join(",");
     let up = match registry.check().await {
         Ok(revision) => {
-            info!(endpoints, revision, "etcd reachable");
+            info!(endpoints = %endpoints, revision, "etcd reachable");
             true
         }
         Err(e) => {
             error!(
-            endpoints,
+            endpoints = %endpoints,
             error = %e,
             "etcd is not reachable: check --etcd-endpoints, TLS and credentials; retrying, and /readyz reports not ready until it answers"
             );
@@ -218,15 +220,15 @@ async fn probe(
             .await;
             match registry.check().await {
                 Ok(revision) if !up => {
-                    info!(endpoints, revision, "etcd reachable");
+                    info!(endpoints = %endpoints, revision, "etcd reachable");
                     up = true;
                 }
                 Ok(_) => {}
                 Err(e) if up => {
-                    warn!(endpoints, error = %e, "etcd is not reachable; retrying");
+                    warn!(endpoints = %endpoints, error = %e, "etcd is not reachable; retrying");
                     up = false;
                 }
-                Err(e) => debug!(endpoints, error = %e, "etcd still not reachable"),
+                Err(e) => debug!(endpoints = %endpoints, error = %e, "etcd still not reachable"),
             }
         }
     };

@@ -19,7 +19,7 @@ use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -77,7 +77,8 @@ pub struct Context {
     /// This replica's role; only the leader writes.
     pub role: tokio::sync::watch::Receiver<Role>,
     /// Publishes Kubernetes Events on GrpcServices, when set.
-    pub events: Option<Recorder>,
+    /// Who publishes Events on GrpcServices, when set.
+    pub events: Option<Reporter>,
     /// True once the pod index has completed its initial list.
     pub pods_synced: tokio::sync::watch::Receiver<bool>,
     /// When this process started: older transitions are not propagation samples.
@@ -86,7 +87,8 @@ pub struct Context {
     status_writes: Mutex<HashMap<String, std::time::Instant>>,
     /// The last readiness transition observed, per service (`<namespace>/<name>`) and
     /// candidate id: a reconcile reads and prunes only its own service's entries.
-    transitions: Mutex<HashMap<String, HashMap<String, std::time::Instant>>>,
+    /// With when the service was created.
+    transitions: Mutex<HashMap<String, Transitions>>,
     /// The last registry change per service uid, whose revision and time status carries.
     last_changes: Mutex<HashMap<String, status::LastChange>>,
     /// The registered count last announced in an Event, and when, per service uid.
@@ -141,11 +143,11 @@ impl Context {
         }
     }
 
-    /// The same context, publishing Events on GrpcServices through `recorder`.
+    /// The same context, publishing Events on GrpcServices as `reporter`.
     #[must_use]
-    pub fn with_events(self, recorder: Recorder) -> Self {
+    pub fn with_events(self, reporter: Reporter) -> Self {
         Self {
-            events: Some(recorder),
+            events: Some(reporter),
             ..self
         }
     }
@@ -156,6 +158,10 @@ impl Context {
         Self { role, ..self }
     }
 }
+
+/// When a service was created (on the monotonic clock), and the last change seen of each of
+/// its candidates.
+type Transitions = (std::time::Instant, HashMap<String, std::time::Instant>);
 
 /// Where the controller watches.
 #[derive(Clone, Debug, Default)]
@@ -280,11 +286,10 @@ pub async fn run(
         controller: FIELD_MANAGER.to_owned(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(
         Context::new(client, backend, candidates.clone(), policy, metrics)
             .with_role(role)
-            .with_events(recorder)
+            .with_events(reporter)
             .with_pods_synced(pods_synced.subscribe()),
     );
     let mapper = PodMapper::new(candidates.clone(), selectors, ctx.selections.clone());

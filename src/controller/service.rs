@@ -33,6 +33,12 @@ enum StatusWrite {
     Deferred,
 }
 
+impl StatusWrite {
+    fn is_transition(self) -> bool {
+        self == Self::Written { transition: true }
+    }
+}
+
 impl GrpcService {
     fn owner(&self) -> Result<Owner> {
         Ok(Owner {
@@ -66,25 +72,43 @@ impl GrpcService {
             info!(old_target = old, deleted, "released previous target");
         }
 
-        match self.claim(ctx, &plan.target, &owner).await? {
-            Ok(Claim::Owned) => {}
-            Ok(Claim::Conflict { owner: other, .. }) => {
-                let outcome = Outcome::Conflict {
-                    target: &plan.target,
-                    owner: format!("{}/{}", other.namespace, other.name),
-                };
-                self.patch_status(ctx, &outcome).await?;
-                return Ok(Action::requeue(CONFLICT_RECHECK));
-            }
-            Err(e) => return self.backend_failed(ctx, &plan.target, None, e).await,
-        }
-
+        // What the spec asks for, computed before the claim so that status counts are true in
+        // every outcome (a conflict too).
         let selected = ctx.candidates.select(&plan.namespace, &plan.selector);
         ctx.selections.record(
             ObjectRef::from_obj(self),
             selected.iter().map(|c| pod_ref(&plan.namespace, &c.id)),
         );
         let mut want = desired(&plan, &selected);
+
+        if !ctx.backend.reachable() {
+            let error = registry::Error::Unreachable {
+                backend: ctx.backend.name(),
+            };
+            return self
+                .backend_failed(ctx, &plan.target, Some(&want), error)
+                .await;
+        }
+        match self.claim(ctx, &plan.target, &owner).await? {
+            Ok(Claim::Owned) => {}
+            Ok(Claim::Conflict { owner: other, .. }) => {
+                self.note_transitions(ctx, &selected, false);
+                let owner = format!("{}/{}", other.namespace, other.name);
+                let outcome = Outcome::Conflict {
+                    target: &plan.target,
+                    owner: owner.clone(),
+                    desired: Some(&want),
+                };
+                if self.patch_status(ctx, &outcome).await?.is_transition() {
+                    warn!(
+                        owner,
+                        "target is owned by another GrpcService; publishing nothing until it is freed"
+                    );
+                }
+                return Ok(Action::requeue(CONFLICT_RECHECK));
+            }
+            Err(e) => return self.backend_failed(ctx, &plan.target, Some(&want), e).await,
+        }
         let publication = Publication {
             layout: plan.layout(),
             owner: owner.clone(),
@@ -108,13 +132,17 @@ impl GrpcService {
                 }
                 report
             }
-            Err(registry::Error::Spec(e)) => return self.invalid_spec(ctx, &e).await,
+            Err(registry::Error::Spec(e)) => {
+                return self
+                    .invalid_spec_for(ctx, &e, Some((&plan.target, &want)))
+                    .await;
+            }
             Err(e) => {
                 return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
             }
         };
+        self.note_transitions(ctx, &selected, report.puts + report.deletes > 0);
         if report.puts + report.deletes > 0 {
-            self.observe_propagation(ctx, &selected);
             info!(
                 puts = report.puts,
                 deletes = report.deletes,
@@ -188,36 +216,42 @@ impl GrpcService {
     /// Publishes Events on this object, best effort: an Event that cannot be written must not
     /// fail the reconcile.
     async fn publish(&self, ctx: &Context, events: &[kube::runtime::events::Event]) {
-        let Some(recorder) = &ctx.events else {
+        let Some(reporter) = &ctx.events else {
             return;
         };
         for event in events {
+            // A recorder per Event: kube's recorder folds an Event into an earlier one with the
+            // same reason and keeps the earlier note, so "3 not ready" would be shown as the
+            // earlier "3 not running". Our own rules already bound the volume (transitions
+            // only, and counts at most once per EVENT_INTERVAL).
+            let recorder =
+                kube::runtime::events::Recorder::new(ctx.client.clone(), reporter.clone());
             if let Err(e) = recorder.publish(event, &self.object_ref(&())).await {
                 warn!(error = %crate::error::chain(&e), reason = %event.reason, "failed to publish event");
             }
         }
     }
 
-    /// Observes, for each selected candidate whose registrable state this process saw change
-    /// and whose change was not observed yet, the time from seeing it to this commit
+    /// Notes the selected candidates' last seen changes and, when `wrote` (the sync changed the
+    /// registry), observes for each change not noted before the time from seeing it to now
     /// (`propagation_seconds`), and from the pod's own transition time as Kubernetes recorded it
-    /// (`transition_to_registry_seconds`, whole-second resolution, from this process's start on).
-    fn observe_propagation(&self, ctx: &Context, selected: &[Arc<Candidate>]) {
+    /// (`transition_to_registry_seconds`, whole-second resolution, from this process's start
+    /// on). Changes seen before the service was created are not samples (a pod ready long
+    /// before its GrpcService existed), nor are those noted while the service could not
+    /// publish (a conflict notes them without measuring).
+    fn note_transitions(&self, ctx: &Context, selected: &[Arc<Candidate>], wrote: bool) {
         let now = std::time::Instant::now();
         let wall = k8s_openapi::jiff::Timestamp::now();
-        let service = format!(
-            "{}/{}",
-            self.namespace().unwrap_or_default(),
-            self.name_any()
-        );
         let mut transitions = ctx.transitions.lock().expect("lock");
-        let seen = transitions.entry(service).or_default();
+        let (born, seen) = transitions
+            .entry(self.key())
+            .or_insert_with(|| (self.created_at(), HashMap::new()));
         let mut current = HashMap::with_capacity(selected.len());
         for candidate in selected {
             let Some(observed) = candidate.observed else {
                 continue;
             };
-            if seen.get(&candidate.id) != Some(&observed) {
+            if wrote && observed >= *born && seen.get(&candidate.id) != Some(&observed) {
                 ctx.metrics
                     .propagation
                     .observe(now.duration_since(observed).as_secs_f64());
@@ -229,6 +263,29 @@ impl GrpcService {
             current.insert(candidate.id.clone(), observed);
         }
         *seen = current;
+    }
+
+    /// When the object was created, on this process's monotonic clock (Kubernetes keeps whole
+    /// seconds, so up to a second early).
+    fn created_at(&self) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| {
+                let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                now.checked_sub(std::time::Duration::try_from(age).ok()?)
+            })
+            .unwrap_or(now)
+    }
+
+    /// `<namespace>/<name>`.
+    fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.namespace().unwrap_or_default(),
+            self.name_any()
+        )
     }
 
     /// Claims the target; takes it over when the recorded owner no longer exists. The inner
@@ -271,11 +328,25 @@ impl GrpcService {
     /// normally and re-puts it after a lease replacement. The next spec change is reconciled
     /// afresh.
     async fn invalid_spec(&self, ctx: &Context, error: &SpecError) -> Result<Action> {
-        warn!(error = %error, "invalid spec");
+        self.invalid_spec_for(ctx, error, None).await
+    }
+
+    /// As [`Self::invalid_spec`], with the target and counts when the spec got that far.
+    async fn invalid_spec_for(
+        &self,
+        ctx: &Context,
+        error: &SpecError,
+        known: Option<(&str, &Desired)>,
+    ) -> Result<Action> {
         let outcome = Outcome::InvalidSpec {
             message: error.to_string(),
+            target: known.map(|(t, _)| t),
+            desired: known.map(|(_, d)| d),
         };
-        self.patch_status(ctx, &outcome).await?;
+        // Logged when it becomes the condition, not on every re-reconcile of the same spec.
+        if self.patch_status(ctx, &outcome).await?.is_transition() {
+            warn!(error = %error, "invalid spec; keeping what the last valid spec published");
+        }
         let last = ctx
             .published
             .lock()

@@ -85,6 +85,10 @@ pub enum Outcome<'a> {
     InvalidSpec {
         /// The reason, from [`crate::desired::SpecError`].
         message: String,
+        /// The target, when the spec got as far as naming a valid one.
+        target: Option<&'a str>,
+        /// Counts, when the pods were evaluated.
+        desired: Option<&'a Desired>,
     },
     /// Another GrpcService owns the target.
     Conflict {
@@ -92,6 +96,8 @@ pub enum Outcome<'a> {
         target: &'a str,
         /// `namespace/name` of the owner.
         owner: String,
+        /// Counts of what this service selects.
+        desired: Option<&'a Desired>,
     },
     /// The backend could not be reached or refused the write.
     BackendUnavailable {
@@ -143,7 +149,15 @@ pub fn next_status(
             let reason = synced_reason(report.registered, desired);
             (None, reason, synced_message(report.registered, desired))
         }
-        Outcome::InvalidSpec { message } => {
+        Outcome::InvalidSpec {
+            message,
+            target,
+            desired,
+        } => {
+            if let Some(target) = target {
+                status.target = Some((*target).to_owned());
+            }
+            counts(&mut status, *desired);
             let kept = match status.registered_endpoints {
                 0 => String::new(),
                 n => format!(
@@ -156,7 +170,12 @@ pub fn next_status(
                 format!("{message}{kept}"),
             )
         }
-        Outcome::Conflict { target, owner } => {
+        Outcome::Conflict {
+            target,
+            owner,
+            desired,
+        } => {
+            counts(&mut status, *desired);
             // The contested target stays visible (release is guarded by ownership, so a later
             // target change cannot free someone else's keys).
             status.target = Some((*target).to_owned());
@@ -166,7 +185,7 @@ pub fn next_status(
                 Some(condition::CONFLICT),
                 reason::CONFLICT,
                 format!(
-                    "target {target:?} is owned by GrpcService {owner}; nothing is published until it is freed or the target changes"
+                    "target {target:?} is owned by GrpcService {owner}; nothing is published until it is freed (re-checked every 15 s) or the target changes"
                 ),
             )
         }
@@ -278,6 +297,16 @@ fn ready_condition(status: &GrpcServiceStatus) -> Option<&Condition> {
         .find(|c| c.type_ == condition::READY)
 }
 
+/// "1 endpoint", "3 endpoints".
+fn endpoints(n: usize) -> String {
+    format!("{n} endpoint{}", if n == 1 { "" } else { "s" })
+}
+
+/// "1 pod", "3 pods".
+fn pods(n: usize) -> String {
+    format!("{n} pod{}", if n == 1 { "" } else { "s" })
+}
+
 fn event(type_: EventType, reason: &str, note: String) -> Event {
     Event {
         type_,
@@ -299,14 +328,26 @@ pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceSta
     if let Some(after) = ready_condition(next)
         && before.is_none_or(|b| b.status != after.status || b.reason != after.reason)
     {
-        let restored = after.status == "True"
-            && before.is_some_and(|b| b.reason == reason::BACKEND_UNAVAILABLE);
-        let (type_, reason) = match (after.status.as_str(), after.reason.as_str()) {
-            _ if restored => (EventType::Normal, reason::BACKEND_RESTORED),
-            ("True", reason::SYNCED) => (EventType::Normal, reason::SYNCED),
-            (_, reason) => (EventType::Warning, reason),
-        };
-        events.push(event(type_, reason, after.message.clone()));
+        let restored = before.is_some_and(|b| b.reason == reason::BACKEND_UNAVAILABLE);
+        if restored {
+            events.push(event(
+                EventType::Normal,
+                reason::BACKEND_RESTORED,
+                format!("registry reachable again; {}", after.message),
+            ));
+        }
+        match (after.status.as_str(), after.reason.as_str()) {
+            // Back to healthy after an outage: the restored Event said it.
+            ("True", reason::SYNCED) if restored => {}
+            ("True", reason::SYNCED) => {
+                events.push(event(
+                    EventType::Normal,
+                    reason::SYNCED,
+                    after.message.clone(),
+                ));
+            }
+            (_, reason) => events.push(event(EventType::Warning, reason, after.message.clone())),
+        }
     }
     let (Some(prev), Some(target)) = (prev, next.target.as_deref()) else {
         return events;
@@ -320,15 +361,17 @@ pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceSta
             format!("now published under {target:?}; the keys under {old:?} were deleted"),
         ));
     }
+    // Only where something was put again: a service with nothing registered lost nothing.
     if let (Some(old), Some(new)) = (prev.lease_id.as_deref(), next.lease_id.as_deref())
         && old != new
+        && next.registered_endpoints > 0
     {
         events.push(event(
             EventType::Warning,
             reason::LEASE_REPLACED,
             format!(
-                "etcd lease {old} was lost (expired or revoked, e.g. after a long etcd outage); {} endpoints were registered again under lease {new}",
-                next.registered_endpoints
+                "etcd lease {old} was lost (expired or revoked, e.g. after a long etcd outage); {} registered again under lease {new}",
+                endpoints(usize::try_from(next.registered_endpoints).unwrap_or(0))
             ),
         ));
     }
@@ -343,8 +386,10 @@ pub fn endpoints_event(before: usize, after: usize, desired: &Desired) -> Event 
         EventType::Normal,
         reason::ENDPOINTS_CHANGED,
         format!(
-            "{after} endpoints registered (was {before}); {} pods selected, {} ready",
-            desired.selected, desired.ready
+            "{} registered (was {before}); {} selected, {} ready",
+            endpoints(after),
+            pods(desired.selected),
+            desired.ready
         ),
     )
 }
@@ -534,6 +579,7 @@ mod tests {
             &Outcome::Conflict {
                 target: "services/default/greeter",
                 owner: "other/svc".into(),
+                desired: Some(&desired(3, 3, &[])),
             },
             &t(20),
         );
@@ -547,6 +593,7 @@ mod tests {
         );
         assert_eq!(s.target.as_deref(), Some("services/default/greeter"));
         assert_eq!(s.registered_endpoints, 0);
+        assert_eq!((s.selected_pods, s.ready_pods), (3, 3), "counts stay true");
         let events = transition_events(Some(&first), &s);
         assert_eq!(
             (events[0].type_, events[0].reason.as_str()),
@@ -562,6 +609,8 @@ mod tests {
             Some(2),
             &Outcome::InvalidSpec {
                 message: "port \"grpc\" is not a valid port name".into(),
+                target: None,
+                desired: None,
             },
             &t(20),
         );
@@ -609,9 +658,23 @@ mod tests {
             30,
         );
         let events = transition_events(Some(&down), &up);
+        assert_eq!(events.len(), 1);
         assert_eq!(
             (events[0].type_, events[0].reason.as_str()),
             (EventType::Normal, "BackendRestored")
+        );
+        // Back, but to a problem: restored, and the problem as a Warning.
+        let empty = synced_with(Some(&down), &desired(0, 0, &[]), &report(0, 255), None, 30);
+        let reasons: Vec<_> = transition_events(Some(&down), &empty)
+            .into_iter()
+            .map(|e| (e.type_, e.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (EventType::Normal, "BackendRestored".to_owned()),
+                (EventType::Warning, "NoPodsSelected".to_owned())
+            ]
         );
     }
 
@@ -641,6 +704,10 @@ mod tests {
         assert_eq!(
             e.note.as_deref(),
             Some("3 endpoints registered (was 2); 3 pods selected, 3 ready")
+        );
+        assert_eq!(
+            endpoints_event(2, 1, &desired(1, 1, &[])).note.as_deref(),
+            Some("1 endpoint registered (was 2); 1 pod selected, 1 ready")
         );
     }
 }

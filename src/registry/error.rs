@@ -37,6 +37,14 @@ pub enum Error {
         /// The refused operation.
         op: &'static str,
     },
+    /// The backend is known not to answer (its lease renewals go unanswered); nothing was sent.
+    #[error(
+        "{backend} is not answering (lease renewals unanswered); waiting for it to answer again"
+    )]
+    Unreachable {
+        /// The backend's name.
+        backend: &'static str,
+    },
     /// The publication cannot be written as asked (e.g. a key template collision).
     #[error(transparent)]
     Spec(#[from] SpecError),
@@ -52,6 +60,7 @@ impl Error {
             Self::OwnershipLost { .. } => "ownership_lost",
             Self::Fenced { .. } => "fenced",
             Self::Spec(_) => "invalid_spec",
+            Self::Unreachable { .. } => "unreachable",
         }
     }
 
@@ -60,7 +69,7 @@ impl Error {
     #[must_use]
     pub fn reached_backend(&self) -> bool {
         match self {
-            Self::Timeout { .. } => false,
+            Self::Timeout { .. } | Self::Unreachable { .. } => false,
             Self::Etcd { cause, .. } => match cause {
                 etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => false,
                 etcd_client::Error::GRpcStatus(s) => !matches!(

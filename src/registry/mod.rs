@@ -124,6 +124,12 @@ pub enum Event {
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// A short name for logs and metrics, e.g. `etcd`.
+    /// False while the backend is known not to answer (e.g. lease renewals go unanswered), so
+    /// that a reconcile reports the outage at once instead of waiting out a request timeout.
+    fn reachable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str;
 
     /// The TTL used when a service sets none.

@@ -109,3 +109,25 @@ fn the_install_notes_say_how_to_check_health_and_warn_about_the_placeholder_etcd
         assert!(set.contains(needle), "NOTES lack {needle:?}:\n{set}");
     }
 }
+
+#[test]
+fn the_install_notes_warn_when_alerts_have_no_scrape_job_to_select() {
+    let etcd = "etcd.endpoints={https://etcd-0.etcd:2379}";
+    let alone = notes(&[etcd, "prometheusRule.enabled=true"]);
+    assert!(
+        alone.contains("WARNING: prometheusRule is on but serviceMonitor is off"),
+        "{alone}"
+    );
+    let with_monitor = notes(&[
+        etcd,
+        "prometheusRule.enabled=true",
+        "serviceMonitor.enabled=true",
+    ]);
+    assert!(!with_monitor.contains("WARNING"), "{with_monitor}");
+    let own_job = notes(&[
+        etcd,
+        "prometheusRule.enabled=true",
+        "prometheusRule.selector=job=\"mine\"",
+    ]);
+    assert!(!own_job.contains("WARNING"), "{own_job}");
+}

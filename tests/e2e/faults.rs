@@ -69,7 +69,7 @@ pub async fn etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_ever
                     "greeter",
                     "Warning",
                     "LeaseReplaced",
-                    "2 endpoints were registered again",
+                    "2 endpoints registered again",
                 )
                 .await
                 && has_event(&env, "greeter", "Normal", "BackendRestored", "2 of 2").await

@@ -64,6 +64,21 @@ pub async fn zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an
         .filter(|(_, r, _)| r == "EndpointsChanged")
         .count();
     assert_eq!(changed, 1, "{:?}", events_of(&env, "greeter").await);
+    // The same reason again, with what is true now (not the first Event's note).
+    for (i, pod) in ["g-0", "g-1", "g-2"].iter().enumerate() {
+        env.set_ready(pod, &format!("10.31.0.{}", i + 1), false)
+            .await;
+    }
+    eventually("a second NoReadyEndpoints event saying 3 not ready", || {
+        has_event(
+            &env,
+            "greeter",
+            "Warning",
+            "NoReadyEndpoints",
+            "0 of 3 selected pods registered; not registered: 3 not ready",
+        )
+    })
+    .await;
     // A selector that matches nothing is not Ready either.
     env.service(
         "nobody",

@@ -43,6 +43,8 @@ pub(crate) struct LeasePool {
     /// Run when a lease is replaced, before the event is announced (the registry forgets its
     /// claims then, since a lost lease often means lost records too).
     on_replaced: OnReplaced,
+    /// Keepers currently in an outage (renewals unanswered).
+    outages: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A hook run on lease replacement.
@@ -62,7 +64,14 @@ impl LeasePool {
             op_timeout,
             metrics,
             on_replaced,
+            outages: Arc::default(),
         }
+    }
+
+    /// Whether every lease's renewals are being answered (false from the first unanswered
+    /// renewal of an outage until the first answered one).
+    pub(crate) fn renewing(&self) -> bool {
+        self.outages.load(std::sync::atomic::Ordering::Relaxed) == 0
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<LeaseEvent> {
@@ -90,6 +99,7 @@ impl LeasePool {
             op_timeout: self.op_timeout,
             metrics: self.metrics.clone(),
             on_replaced: self.on_replaced.clone(),
+            outages: self.outages.clone(),
         };
         let task = tokio::spawn(
             keeper
@@ -169,6 +179,7 @@ struct Keeper {
     op_timeout: Duration,
     metrics: Arc<Metrics>,
     on_replaced: OnReplaced,
+    outages: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 enum StreamEnd {
@@ -215,6 +226,8 @@ impl Keeper {
                     last_ok = Instant::now();
                     self.metrics.backend_result("etcd", "keepalive", true, true);
                     if let Some((since, attempts)) = outage.take() {
+                        self.outages
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         info!(
                             lease_id = %hex(id),
                             outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -233,7 +246,10 @@ impl Keeper {
             };
             match end {
                 StreamEnd::Lost => {
-                    outage = None;
+                    if outage.take().is_some() {
+                        self.outages
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.replace(id).await;
                 }
                 StreamEnd::Broken(error) => {
@@ -250,6 +266,8 @@ impl Keeper {
                                 "etcd unreachable: cannot renew the lease; retrying (registered keys stay until the lease expires, then are put again on a new lease)"
                             );
                             outage = Some((Instant::now(), 1));
+                            self.outages
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let _ = self.events.send(LeaseEvent::Unreachable {
                                 ttl: self.ttl,
                                 lease: id,

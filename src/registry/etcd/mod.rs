@@ -171,6 +171,10 @@ impl EtcdRegistry {
 
 #[async_trait::async_trait]
 impl Backend for EtcdRegistry {
+    fn reachable(&self) -> bool {
+        self.inner.leases.renewing()
+    }
+
     fn name(&self) -> &'static str {
         "etcd"
     }

@@ -95,9 +95,9 @@ pub struct Context {
     announced: Mutex<HashMap<String, (usize, std::time::Instant)>>,
     /// Retry pacing per failing service uid.
     failures: Mutex<HashMap<String, (Backoff, String)>>,
-    /// The last publication each service (by uid) synced, so that a spec turned invalid keeps
-    /// what it published, across a lease replacement too.
-    published: Mutex<HashMap<String, crate::registry::Publication>>,
+    /// The last valid plan (and TTL) each service (by uid) synced, so that a spec turned
+    /// invalid keeps publishing under it, following readiness, across a lease replacement too.
+    published: Mutex<HashMap<String, (crate::desired::Plan, Duration)>>,
 }
 
 impl Context {

@@ -109,10 +109,11 @@ impl GrpcService {
             }
             Err(e) => return self.backend_failed(ctx, &plan.target, Some(&want), e).await,
         }
+        let ttl = self.ttl(ctx);
         let publication = Publication {
             layout: plan.layout(),
             owner: owner.clone(),
-            ttl: self.ttl(ctx),
+            ttl,
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
         };
         let report = match ctx.backend.sync(&publication).await {
@@ -120,7 +121,7 @@ impl GrpcService {
                 ctx.published
                     .lock()
                     .expect("lock")
-                    .insert(owner.uid.clone(), publication);
+                    .insert(owner.uid.clone(), (plan.clone(), ttl));
                 if report.puts + report.deletes > 0 {
                     ctx.last_changes.lock().expect("lock").insert(
                         owner.uid.clone(),
@@ -323,10 +324,10 @@ impl GrpcService {
         Ok(ctx.backend.take_over(target, owner, *version).await)
     }
 
-    /// Reports a spec that cannot be applied. What is already published stays (a typo must not
-    /// take a service down): the last valid publication is synced again, which writes nothing
-    /// normally and re-puts it after a lease replacement. The next spec change is reconciled
-    /// afresh.
+    /// Reports a spec that cannot be applied. The service stays published under its last valid
+    /// spec (a typo must not take it down), evaluated against the current pods: readiness is
+    /// still followed, and keys are re-put after a lease replacement. The next spec change is
+    /// reconciled afresh.
     async fn invalid_spec(&self, ctx: &Context, error: &SpecError) -> Result<Action> {
         self.invalid_spec_for(ctx, error, None).await
     }
@@ -353,8 +354,25 @@ impl GrpcService {
             .expect("lock")
             .get(&self.uid().unwrap_or_default())
             .cloned();
-        if let Some(last) = last {
-            ctx.backend.sync(&last).await?;
+        if let Some((plan, ttl)) = last {
+            // The last valid spec, evaluated against the pods as they are now: readiness is
+            // still followed (an unready pod leaves) while the spec is being fixed.
+            let selected = ctx.candidates.select(&plan.namespace, &plan.selector);
+            ctx.selections.record(
+                ObjectRef::from_obj(self),
+                selected.iter().map(|c| pod_ref(&plan.namespace, &c.id)),
+            );
+            let publication = Publication {
+                layout: plan.layout(),
+                owner: self.owner()?,
+                ttl,
+                endpoints: Arc::new(desired(&plan, &selected).endpoints),
+            };
+            match ctx.backend.sync(&publication).await {
+                // The old spec cannot render the pods as they are now either: leave the keys.
+                Ok(_) | Err(registry::Error::Spec(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(Action::await_change())
     }

@@ -358,7 +358,9 @@ pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceSta
         events.push(event(
             EventType::Normal,
             reason::TARGET_CHANGED,
-            format!("now published under {target:?}; the keys under {old:?} were deleted"),
+            format!(
+                "target changed from {old:?} to {target:?}; the keys under {old:?} were deleted"
+            ),
         ));
     }
     // Only where something was put again: a service with nothing registered lost nothing.

@@ -246,3 +246,44 @@ async fn a_spec_turned_invalid_keeps_what_it_published_across_a_lease_replacemen
     assert_eq!(action, Action::await_change());
     assert_eq!(registry.entries("services/default/greeter"), published);
 }
+
+#[tokio::test]
+async fn a_spec_turned_invalid_still_deregisters_a_pod_that_turns_unready() {
+    let registry = backend();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").build(),
+    ];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let mut invalid = svc.clone();
+    invalid.spec.key_template = Some("{target}/{nope}".into());
+    invalid.metadata.generation = Some(2);
+    let server = api.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (invalid.clone(), |status| {
+            assert_eq!(condition(status, "InvalidSpec")["status"], "True");
+        }),
+        // (The object handed in below has no status yet, so it is written again.)
+        (invalid.clone(), |status| {
+            assert_eq!(condition(status, "InvalidSpec")["status"], "True");
+        }),
+    ]));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    reconcile(Arc::new(invalid.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 2);
+    // p2 fails its readiness probe while the spec is still invalid: it leaves the registry
+    // on the next reconcile.
+    ctx.candidates.apply(
+        "default",
+        crate::source::pod::candidate(&PodBuilder::ready("p2", "10.0.0.2").not_ready().build()),
+    );
+    reconcile(Arc::new(invalid), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(
+        keys(&registry, "services/default/greeter"),
+        ["services/default/greeter/10.0.0.1:50051"]
+    );
+}

@@ -407,9 +407,15 @@ async fn status_and_printer_columns(plane: Plane, ns: String) {
     env.pod("g-1", json!({"app": "greeter"}), 50051).await;
     env.set_ready("g-0", "10.6.0.1", true).await;
     env.set_ready("g-1", "10.6.0.2", false).await;
-    eventually("status counts", || async {
+    // The counts alone are also true while g-1 is still Pending ("not running"): wait for the
+    // status that reflects both pods' last change (at most one coalescing interval later).
+    eventually("status counts and message", || async {
         let s = env.status("greeter").await;
-        s["registeredEndpoints"] == 1 && s["readyPods"] == 1 && s["selectedPods"] == 2
+        s["registeredEndpoints"] == 1
+            && s["readyPods"] == 1
+            && s["selectedPods"] == 2
+            && env.condition("greeter", "Ready").await["message"]
+                == "1 of 2 selected pods registered; not registered: 1 not ready"
     })
     .await;
     let status = env.status("greeter").await;

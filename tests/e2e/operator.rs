@@ -170,6 +170,14 @@ pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_ou
         .metrics_port(port)
         .log_to(log.path().to_owned())
         .start();
+    // Pods made ready before the controller's initial list are not propagation samples (it
+    // never saw them change), so the pods change only once its caches have synced.
+    eventually("/readyz is 200 once caches have synced", || async {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    })
+    .await;
     env.service("greeter", spec()).await;
     for (i, pod) in ["g-0", "g-1"].iter().enumerate() {
         env.pod(pod, json!({"app": "greeter"}), 50051).await;

@@ -44,12 +44,12 @@ pub struct Env {
 impl Env {
     /// Creates namespace `ns`, a registry etcd, and starts the controller watching `ns` only.
     pub async fn new(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, false, None, Policy::default()).await
+        Self::build(plane, ns, false, None, Policy::default(), true).await
     }
 
     /// As [`Env::new`], with the controller checking targets against `policy`.
     pub async fn with_policy(plane: Arc<ControlPlane>, ns: &str, policy: Policy) -> Self {
-        Self::build(plane, ns, false, None, policy).await
+        Self::build(plane, ns, false, None, policy, true).await
     }
 
     /// As [`Env::new`], with the controller reaching the API server through a proxy the test can
@@ -67,21 +67,19 @@ impl Env {
         config.cluster_url = format!("https://{}", proxy.addr()).parse().unwrap();
         let client = kube::Client::try_from(config).unwrap();
         (
-            Self::build(plane, ns, false, Some(client), Policy::default()).await,
+            Self::build(plane, ns, false, Some(client), Policy::default(), true).await,
             proxy,
         )
     }
 
     /// As [`Env::new`], with the controller reaching etcd through a proxy the test can cut.
     pub async fn partitionable(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, true, None, Policy::default()).await
+        Self::build(plane, ns, true, None, Policy::default(), true).await
     }
 
     /// A namespace and a registry etcd only; the test runs the controller itself.
     pub async fn without_controller(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        let env = Self::build(plane, ns, false, None, Policy::default()).await;
-        let _ = env.stop.send(true);
-        env
+        Self::build(plane, ns, false, None, Policy::default(), false).await
     }
 
     async fn build(
@@ -90,6 +88,7 @@ impl Env {
         proxied: bool,
         controller_client: Option<kube::Client>,
         policy: Policy,
+        start: bool,
     ) -> Self {
         let client = plane.client().await;
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -124,6 +123,7 @@ impl Env {
             .await
             .unwrap();
         let (stop, mut stopped) = watch::channel(false);
+        let ready = Arc::new(AtomicBool::new(false));
         let controller = tokio::spawn(controller::run(
             controller_client.unwrap_or_else(|| client.clone()),
             Arc::new(registry),
@@ -132,12 +132,22 @@ impl Env {
             },
             policy,
             metrics.clone(),
-            Arc::new(AtomicBool::new(false)),
+            ready.clone(),
             grpc_registrar::leader::always_leader(),
             async move {
                 let _ = stopped.wait_for(|s| *s).await;
             },
         ));
+        // The test's objects are changes the controller sees through its watches, as in a
+        // running cluster: it has listed before the first one is made.
+        if start {
+            eventually("the controller's caches have synced", || async {
+                ready.load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .await;
+        } else {
+            let _ = stop.send(true);
+        }
         Self {
             client,
             ns: ns.to_owned(),

@@ -1,8 +1,16 @@
-//! A real Kubernetes control plane: etcd plus kube-apiserver, driven like envtest.
+//! A real Kubernetes control plane: etcd, kube-apiserver and kube-controller-manager, driven like
+//! envtest.
 //!
 //! Serving and client certificates are generated per start (rcgen), the admin identity is a
 //! client certificate in `system:masters`, authorization is RBAC, and a kubeconfig is written to
-//! the temp dir so that kubectl and kube-rs both use it.
+//! the temp dir so that kubectl, kube-rs and the controller manager all use it.
+//!
+//! The controller manager runs only the endpointslice controller, so a Service with a selector
+//! gets real EndpointSlices. There is no kubelet and no scheduler: a test creates the Node, binds
+//! the pod to it with `spec.nodeName`, and patches the pod's status (`podIP`, phase, the `Ready`
+//! condition) as a kubelet would. The controller leaves out a pod whose Node does not exist.
+
+mod controller_manager;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -20,6 +28,10 @@ use crate::{controlplane_bin, free_port, tail};
 
 /// How long kube-apiserver may take to become ready.
 const READY_DEADLINE: Duration = Duration::from_secs(90);
+
+/// How long kube-controller-manager may take, once the API server is ready, to run its
+/// endpointslice controller.
+const CONTROLLER_MANAGER_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Files written for one control plane.
 struct Pki {
@@ -90,10 +102,13 @@ fn pki(dir: &Path) -> Pki {
     }
 }
 
-/// A running etcd plus kube-apiserver on free loopback ports, killed on drop.
+/// A running etcd, kube-apiserver and kube-controller-manager on free loopback ports, killed on
+/// drop.
 pub struct ControlPlane {
     etcd: Option<Child>,
     apiserver: Mutex<Option<Child>>,
+    /// Computes EndpointSlices; it outlives API server restarts and reconnects by itself.
+    controller_manager: Option<Child>,
     /// How kube-apiserver is started, for restarts.
     apiserver_args: Vec<String>,
     etcd_url: String,
@@ -103,10 +118,12 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts etcd and kube-apiserver and waits until `/readyz` answers.
+    /// Starts etcd and kube-apiserver, waits until `/readyz` answers, then starts
+    /// kube-controller-manager and waits until its endpointslice controller runs.
     ///
     /// # Panics
-    /// When a binary is missing or the API server is not ready within the deadline.
+    /// When a binary is missing, a process exits, or either server is not ready within its
+    /// deadline.
     pub async fn start() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("controlplane-")
@@ -160,9 +177,10 @@ impl ControlPlane {
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(port, &pki))
             .expect("failed to write kubeconfig");
-        let plane = Self {
+        let mut plane = Self {
             etcd: Some(etcd),
             apiserver: Mutex::new(Some(apiserver)),
+            controller_manager: None,
             apiserver_args,
             etcd_url,
             dir,
@@ -170,6 +188,10 @@ impl ControlPlane {
             kubeconfig,
         };
         plane.wait_ready().await;
+        // Started once the API server is ready: it gives the API server only 10s to be healthy.
+        let (child, port) = controller_manager::spawn(plane.dir.path(), &plane.kubeconfig);
+        plane.controller_manager = Some(child);
+        plane.wait_controller_manager(port).await;
         plane
     }
 
@@ -245,7 +267,8 @@ impl ControlPlane {
     }
 
     /// Kills kube-apiserver and starts it again with the same flags and data, waiting until it
-    /// is ready. Every watch is broken; clients reconnect to the same address.
+    /// is ready. Every watch is broken; clients reconnect to the same address, and so does
+    /// kube-controller-manager, which keeps running.
     ///
     /// # Panics
     /// When it is not ready again within the deadline.
@@ -295,13 +318,41 @@ impl ControlPlane {
         }
     }
 
-    /// The last part of both logs.
+    /// Waits until the controller manager on `port` runs its endpointslice controller.
+    async fn wait_controller_manager(&mut self, port: u16) {
+        let deadline = Instant::now() + CONTROLLER_MANAGER_DEADLINE;
+        let client = controller_manager::health_client(port);
+        loop {
+            let exited = self
+                .controller_manager
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "kube-controller-manager exited during start ({status}):\n{}",
+                    self.logs()
+                );
+            }
+            if controller_manager::controller_healthy(&client).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-controller-manager not healthy within {CONTROLLER_MANAGER_DEADLINE:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last part of every log.
     #[must_use]
     pub fn logs(&self) -> String {
         format!(
-            "--- etcd ---\n{}\n--- kube-apiserver ---\n{}",
+            "--- etcd ---\n{}\n--- kube-apiserver ---\n{}\n--- kube-controller-manager ---\n{}",
             tail(&self.dir.path().join("etcd.log"), 4096),
-            tail(&self.dir.path().join("kube-apiserver.log"), 12288)
+            tail(&self.dir.path().join("kube-apiserver.log"), 12288),
+            tail(&self.dir.path().join(controller_manager::LOG), 8192)
         )
     }
 }
@@ -344,8 +395,10 @@ fn base64_encode(data: &[u8]) -> String {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        // The controller manager first, so it does not log the API server going away.
         let apiserver = self.apiserver.get_mut().map_or(None, Option::take);
-        for child in [apiserver, self.etcd.take()].into_iter().flatten() {
+        let children = [self.controller_manager.take(), apiserver, self.etcd.take()];
+        for child in children.into_iter().flatten() {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();

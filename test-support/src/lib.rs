@@ -9,8 +9,9 @@
 //! - [`bench`]: bench tables, printed and written as JSON.
 //! - [`proxy`]: a TCP proxy a test can cut, for partitions.
 //! - [`registry`]: what is under a registry prefix, and DELETEs a watcher saw.
-//! - [`controlplane`]: etcd plus kube-apiserver from the same module, with certificates, RBAC
-//!   and a kubeconfig.
+//! - [`controlplane`]: etcd, kube-apiserver and kube-controller-manager (only its endpointslice
+//!   controller, for real EndpointSlices) from the same module, with certificates, RBAC and a
+//!   kubeconfig.
 
 pub mod bench;
 pub mod controlplane;

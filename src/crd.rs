@@ -24,10 +24,11 @@ pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
     "id",
 ];
 
-/// Publishes the ready pods selected by `selector` as gRPC endpoints in etcd.
+/// Publishes a workload's ready endpoints as gRPC endpoints in etcd: the pods `selector` matches,
+/// or the endpoints of the Service `serviceRef` names (its EndpointSlices).
 ///
-/// Each registrable pod becomes one leased key, `<target>/<ip>:<port>` by default, holding etcd's
-/// gRPC naming JSON so that Go's `etcd:///` resolver and tonic-etcd-resolver both read it.
+/// Each registrable endpoint becomes one leased key, `<target>/<ip>:<port>` by default, holding
+/// etcd's gRPC naming JSON so that Go's `etcd:///` resolver and tonic-etcd-resolver both read it.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "grpc-registrar.io",
@@ -37,17 +38,29 @@ pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
     shortname = "grpcsvc",
     status = "GrpcServiceStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"The Ready condition: True when the registry holds what the spec asks for, with at least one endpoint"}"#,
-    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why Ready is what it is: Synced, NoReadyEndpoints, NoPodsSelected, PortNotFound, Conflict, InvalidSpec or BackendUnavailable"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why Ready is what it is: Synced, NoReadyEndpoints, NoPodsSelected, NoEndpoints, PortNotFound, Conflict, InvalidSpec or BackendUnavailable"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.target","description":"The registry prefix clients dial"}"#,
     printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.registeredEndpoints","description":"Endpoints registered"}"#,
-    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selectedPods","priority":1,"description":"Pods the selector matches"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selectedEndpoints","priority":1,"description":"Endpoints the source yields: pods the selector matches, or the Service's endpoints"}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].message","priority":1,"description":"The Ready condition's message"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[cfg_attr(test, x_kube(cel))]
+#[x_kube(
+    validation = Rule::new("has(self.selector) != has(self.serviceRef)")
+        .message("set exactly one source: selector (pods) or serviceRef (a Service's EndpointSlices)"),
+    validation = Rule::new("!has(self.selector) || has(self.port)")
+        .message("port is required with selector"),
+    validation = Rule::new("!has(self.serviceRef) || !has(self.port)")
+        .message("port does not apply with serviceRef: set serviceRef.port"),
+    validation = Rule::new("!has(self.serviceRef) || !has(self.metadataFromLabels) || size(self.metadataFromLabels) == 0")
+        .message("metadataFromLabels copies pod labels, which EndpointSlices do not carry: use it with selector"),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct GrpcServiceSpec {
     /// Selects the pods that serve this service, like a Deployment's selector. Must not be empty.
+    /// Exactly one of `selector` and `serviceRef` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(
         validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)")
             .message("selector must not be empty: set matchLabels or matchExpressions"),
@@ -56,15 +69,22 @@ pub struct GrpcServiceSpec {
         validation = Rule::new("!has(self.matchExpressions) || self.matchExpressions.all(e, !(e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist']) || (e.operator == 'In' || e.operator == 'NotIn') == (has(e.values) && size(e.values) > 0))")
             .message("selector operators In and NotIn need values; Exists and DoesNotExist take none"),
     )]
-    pub selector: LabelSelector,
+    pub selector: Option<LabelSelector>,
 
-    /// The container port to publish: a number (1-65535) or a container port name, resolved per
-    /// pod like a Service's targetPort.
+    /// The container port to publish with `selector`: a number (1-65535) or a container port
+    /// name, resolved per pod like a Service's targetPort.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(
-        validation = Rule::new("string(self) == self ? (size(self) <= 15 && self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && self.matches('[a-z]') && !self.contains('--')) : (int(string(self)) >= 1 && int(string(self)) <= 65535)")
-            .message("port must be a number from 1 to 65535 or a container port name (at most 15 lowercase letters, digits and '-')")
+        validation = Rule::new(PORT_RULE).message(PORT_MESSAGE)
     )]
-    pub port: IntOrString,
+    pub port: Option<IntOrString>,
+
+    /// Publishes the endpoints of a Service in this namespace, merged over all its
+    /// EndpointSlices: those the endpointslice controller computes from the Service's
+    /// selector, or those managed by hand for a Service without one (VMs, endpoints outside the
+    /// cluster). Exactly one of `selector` and `serviceRef` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_ref: Option<ServiceRef>,
 
     /// The registry prefix clients dial. Defaults to `<key-prefix>/<namespace>/<name>`.
     ///
@@ -120,6 +140,30 @@ pub struct GrpcServiceSpec {
     pub ttl_seconds: Option<i64>,
 }
 
+/// A Service whose EndpointSlices are the source of endpoints.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRef {
+    /// The Service's name, in the GrpcService's namespace.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+            .message("serviceRef.name must be a Service name: lowercase letters, digits and '-', starting with a letter")
+    )]
+    pub name: String,
+    /// The port to publish: the name of one of the Service's ports (as its EndpointSlices name
+    /// them), or a number, matched against the endpoints' port numbers (the target port, which
+    /// is what clients dial).
+    #[x_kube(
+        validation = Rule::new(PORT_RULE).message(PORT_MESSAGE)
+    )]
+    pub port: IntOrString,
+}
+
+/// A port: 1-65535, or a name (at most 15 lowercase letters, digits and '-', with a letter).
+const PORT_RULE: &str = "string(self) == self ? (size(self) <= 15 && self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && self.matches('[a-z]') && !self.contains('--')) : (int(string(self)) >= 1 && int(string(self)) <= 65535)";
+const PORT_MESSAGE: &str = "port must be a number from 1 to 65535 or a port name (at most 15 lowercase letters, digits and '-')";
+
 /// What the controller last did for a `GrpcService`.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -130,12 +174,14 @@ pub struct GrpcServiceStatus {
     /// The registry prefix the endpoints are published under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    /// Selected pods that are Ready.
+    /// Endpoints from the source whose readiness signal is on (selected pods that are Ready,
+    /// or the Service's endpoints that are ready).
     #[serde(default)]
-    pub ready_pods: i32,
-    /// Pods matching the selector.
+    pub ready_endpoints: i32,
+    /// Endpoints the source yields: pods the selector matches, or the endpoints listed in the
+    /// Service's EndpointSlices.
     #[serde(default)]
-    pub selected_pods: i32,
+    pub selected_endpoints: i32,
     /// Keys in etcd for this service.
     #[serde(default)]
     pub registered_endpoints: i32,
@@ -296,5 +342,70 @@ mod tests {
     #[test]
     fn reserved_metadata_keys_are_rejected() {
         rejects(json!({"metadata": {"pod": "x"}}), "reserved");
+    }
+
+    fn service_ref(extra: serde_json::Value) -> Result<(), String> {
+        let mut base = json!({"serviceRef": {"name": "greeter", "port": "grpc"}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        GrpcServiceSpec::validate_cel(&base, None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_service_ref_alone_is_a_valid_source() {
+        service_ref(json!({})).unwrap();
+        service_ref(json!({"serviceRef": {"name": "greeter", "port": 50051}})).unwrap();
+        service_ref(json!({"publishNotReadyAddresses": true, "format": "Kratos"})).unwrap();
+    }
+
+    #[test]
+    fn exactly_one_source_is_required_with_the_port_where_it_belongs() {
+        let both = service_ref(json!({"selector": {"matchLabels": {"app": "g"}}, "port": "grpc"}));
+        assert!(both.unwrap_err().contains("set exactly one source"));
+        let neither = GrpcServiceSpec::validate_cel(&json!({"port": "grpc"}), None)
+            .unwrap_err()
+            .to_string();
+        assert!(neither.contains("set exactly one source"), "{neither}");
+        rejects_whole(
+            json!({"selector": {"matchLabels": {"app": "g"}}}),
+            "port is required with selector",
+        );
+        let port_twice = service_ref(json!({"port": 50051})).unwrap_err();
+        assert!(port_twice.contains("set serviceRef.port"), "{port_twice}");
+    }
+
+    #[test]
+    fn metadata_from_labels_needs_pods() {
+        let err = service_ref(json!({"metadataFromLabels": ["version"]})).unwrap_err();
+        assert!(
+            err.contains("metadataFromLabels copies pod labels"),
+            "{err}"
+        );
+        service_ref(json!({"metadataFromLabels": []})).unwrap();
+    }
+
+    #[test]
+    fn a_service_ref_needs_a_service_name_and_a_valid_port() {
+        for (name, port) in [
+            (json!("Greeter"), json!("grpc")),
+            (json!("greeter.svc"), json!("grpc")),
+            (json!("greeter"), json!(0)),
+            (json!("greeter"), json!("GRPC")),
+        ] {
+            let err = service_ref(json!({"serviceRef": {"name": name, "port": port}}))
+                .expect_err(&format!("{name} {port} should be rejected"));
+            assert!(
+                err.contains("serviceRef.name must be") || err.contains("port must be"),
+                "{err}"
+            );
+        }
+    }
+
+    fn rejects_whole(value: serde_json::Value, needle: &str) {
+        let err = GrpcServiceSpec::validate_cel(&value, None)
+            .expect_err(&format!("{value} should be rejected"))
+            .to_string();
+        assert!(err.contains(needle), "{value}: {err}");
     }
 }

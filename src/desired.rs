@@ -87,6 +87,9 @@ pub enum SpecError {
     /// The label selector does not parse.
     #[error("failed to parse selector: {0}")]
     Selector(String),
+    /// Not exactly one source, or a port missing or misplaced for the source.
+    #[error("failed to read the source: {0}")]
+    Source(&'static str),
     /// A numeric port outside 1..=65535.
     #[error("failed to resolve port {0}: not in 1..=65535")]
     PortRange(i32),
@@ -125,6 +128,26 @@ pub enum SpecError {
     },
 }
 
+/// Where a service's candidates come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The pods of the namespace that the (parsed, non-empty) selector matches.
+    Pods(Selector),
+    /// The endpoints of the named Service's EndpointSlices, in the namespace.
+    Service(String),
+}
+
+impl Source {
+    /// The Service named, for a `serviceRef` source.
+    #[must_use]
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Self::Pods(_) => None,
+            Self::Service(name) => Some(name),
+        }
+    }
+}
+
 /// A validated `GrpcService` spec, ready to be evaluated against pods.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -140,8 +163,8 @@ pub struct Plan {
     pub template: KeyTemplate,
     /// The port, resolved per candidate.
     pub port: IntOrString,
-    /// The parsed selector.
-    pub selector: Selector,
+    /// Where candidates come from.
+    pub source: Source,
     /// Static metadata merged into every endpoint.
     pub static_metadata: BTreeMap<String, String>,
     /// Candidate labels copied into metadata.
@@ -161,17 +184,36 @@ impl Plan {
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         let spec = &svc.spec;
-        let selector = Selector::try_from(spec.selector.clone())
-            .map_err(|e| SpecError::Selector(e.to_string()))?;
-        if selector.selects_all() {
-            return Err(SpecError::Selector("selector must not be empty".into()));
-        }
-        if let IntOrString::Int(port) = spec.port
+        let (source, port) = match (&spec.selector, &spec.service_ref, &spec.port) {
+            (Some(selector), None, Some(port)) => {
+                let selector = Selector::try_from(selector.clone())
+                    .map_err(|e| SpecError::Selector(e.to_string()))?;
+                if selector.selects_all() {
+                    return Err(SpecError::Selector("selector must not be empty".into()));
+                }
+                (Source::Pods(selector), port)
+            }
+            (None, Some(service), None) => (Source::Service(service.name.clone()), &service.port),
+            (Some(_), Some(_), _) | (None, None, _) => {
+                return Err(SpecError::Source(
+                    "set exactly one of selector and serviceRef",
+                ));
+            }
+            (Some(_), None, None) => {
+                return Err(SpecError::Source("port is required with selector"));
+            }
+            (None, Some(_), Some(_)) => {
+                return Err(SpecError::Source(
+                    "port does not apply with serviceRef: set serviceRef.port",
+                ));
+            }
+        };
+        if let IntOrString::Int(port) = *port
             && !(1..=65535).contains(&port)
         {
             return Err(SpecError::PortRange(port));
         }
-        if let IntOrString::String(name) = &spec.port
+        if let IntOrString::String(name) = port
             && !name.bytes().any(|b| b.is_ascii_lowercase())
         {
             return Err(SpecError::PortName(name.clone()));
@@ -188,8 +230,8 @@ impl Plan {
             target,
             format: spec.format,
             template,
-            port: spec.port.clone(),
-            selector,
+            port: port.clone(),
+            source,
             static_metadata: spec.metadata.clone(),
             metadata_labels: spec.metadata_from_labels.clone(),
             publish_not_ready: spec.publish_not_ready_addresses,
@@ -252,7 +294,7 @@ fn resolve_target(
 /// Why a selected candidate is not registered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Skip {
-    /// Not serving: a pod whose phase is not Running.
+    /// Not serving: a pod whose phase is not Running (an endpoint whose `serving` is false).
     NotRunning,
     /// The readiness signal is off (a pod's Ready condition is not True).
     NotReady,
@@ -260,8 +302,10 @@ pub enum Skip {
     NoPodIp,
     /// Being deleted: it leaves the registry before the process exits.
     Terminating,
-    /// No port has the requested name.
+    /// No port has the requested name (or, where every port is listed, number).
     PortNotFound,
+    /// A DNS name, not an IP (an `FQDN` EndpointSlice): registries hold addresses.
+    Fqdn,
 }
 
 /// One endpoint to publish, before any wire format: where it is and what describes it.
@@ -299,6 +343,8 @@ pub struct Desired {
     pub ready: usize,
     /// Selected candidates left out, by id.
     pub skipped: BTreeMap<String, Skip>,
+    /// The Service whose endpoints these are (`serviceRef`); `None` for selected pods.
+    pub service: Option<String>,
 }
 
 /// Checks the registrable rules of DESIGN §1 in order and returns the candidate's IP and port.
@@ -315,6 +361,9 @@ pub fn registrable(plan: &Plan, candidate: &Candidate) -> Result<(IpAddr, u16), 
     if !plan.publish_not_ready && !candidate.ready {
         return Err(Skip::NotReady);
     }
+    if candidate.fqdn.is_some() {
+        return Err(Skip::Fqdn);
+    }
     let ip = candidate.ip.ok_or(Skip::NoPodIp)?;
     let port = candidate.port(&plan.port).ok_or(Skip::PortNotFound)?;
     Ok((ip, port))
@@ -327,7 +376,9 @@ fn metadata(plan: &Plan, candidate: &Candidate) -> BTreeMap<String, String> {
             md.insert(label.clone(), value.clone());
         }
     }
-    md.insert("pod".into(), candidate.id.clone());
+    if let Some(pod) = &candidate.pod {
+        md.insert("pod".into(), pod.clone());
+    }
     md.insert("namespace".into(), plan.namespace.clone());
     if let Some(node) = &candidate.node {
         md.insert("node".into(), node.clone());
@@ -343,6 +394,7 @@ fn metadata(plan: &Plan, candidate: &Candidate) -> BTreeMap<String, String> {
 pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
     let mut out = Desired {
         selected: candidates.len(),
+        service: plan.source.service().map(str::to_owned),
         ..Desired::default()
     };
     for candidate in candidates {

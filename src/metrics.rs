@@ -92,10 +92,10 @@ pub struct Metrics {
     pub etcd_duration: Family<OpLabels, Histogram>,
     /// Keys registered per service.
     pub registered_endpoints: Family<ServiceLabels, Gauge>,
-    /// Pods selected per service.
-    pub selected_pods: Family<ServiceLabels, Gauge>,
-    /// Selected pods that are Ready, per service.
-    pub ready_pods: Family<ServiceLabels, Gauge>,
+    /// Endpoints the source yields per service (selected pods, or the Service's endpoints).
+    pub selected_endpoints: Family<ServiceLabels, Gauge>,
+    /// Of those, the ones whose readiness signal is on, per service.
+    pub ready_endpoints: Family<ServiceLabels, Gauge>,
     /// 1 while the backend answers, 0 after a request or the lease keep-alive failed to reach it.
     pub backend_connected: Family<BackendLabels, Gauge>,
     /// Backend requests that failed, by operation.
@@ -147,8 +147,8 @@ impl Default for Metrics {
             latency_histogram as fn() -> Histogram,
         );
         let registered_endpoints = Family::<ServiceLabels, Gauge>::default();
-        let selected_pods = Family::<ServiceLabels, Gauge>::default();
-        let ready_pods = Family::<ServiceLabels, Gauge>::default();
+        let selected_endpoints = Family::<ServiceLabels, Gauge>::default();
+        let ready_endpoints = Family::<ServiceLabels, Gauge>::default();
         let backend_connected = Family::<BackendLabels, Gauge>::default();
         let backend_errors = Family::<BackendOpLabels, Counter>::default();
         for op in BACKEND_OPS {
@@ -210,14 +210,14 @@ impl Default for Metrics {
             registered_endpoints.clone(),
         );
         registry.register(
-            "selected_pods",
-            "Pods matching the selector, per GrpcService",
-            selected_pods.clone(),
+            "selected_endpoints",
+            "Endpoints the source yields (pods the selector matches, or the endpoints of the Service serviceRef names), per GrpcService",
+            selected_endpoints.clone(),
         );
         registry.register(
-            "ready_pods",
-            "Selected pods that are Ready, per GrpcService",
-            ready_pods.clone(),
+            "ready_endpoints",
+            "Endpoints from the source whose readiness signal is on (Ready pods, ready EndpointSlice endpoints), per GrpcService",
+            ready_endpoints.clone(),
         );
         registry.register(
             "backend_connected",
@@ -257,8 +257,8 @@ impl Default for Metrics {
             reconcile_duration,
             etcd_duration,
             registered_endpoints,
-            selected_pods,
-            ready_pods,
+            selected_endpoints,
+            ready_endpoints,
             backend_connected,
             backend_errors,
             lease_keepalives,
@@ -313,10 +313,12 @@ impl Metrics {
         self.registered_endpoints
             .get_or_create(&labels)
             .set(n(registered));
-        self.selected_pods
+        self.selected_endpoints
             .get_or_create(&labels)
             .set(n(desired.selected));
-        self.ready_pods.get_or_create(&labels).set(n(desired.ready));
+        self.ready_endpoints
+            .get_or_create(&labels)
+            .set(n(desired.ready));
     }
 
     /// Drops a deleted service's series.
@@ -326,8 +328,8 @@ impl Metrics {
             name: name.to_owned(),
         };
         self.registered_endpoints.remove(&labels);
-        self.selected_pods.remove(&labels);
-        self.ready_pods.remove(&labels);
+        self.selected_endpoints.remove(&labels);
+        self.ready_endpoints.remove(&labels);
     }
 
     /// Records the outcome of a backend request: a failure is counted by operation, and one

@@ -1,7 +1,8 @@
 //! The reconciler: a `GrpcService` and its candidates in the index → the registry → status.
 //!
-//! - `watch`: the watch streams that feed the candidate and selector indexes, and the pod
-//!   mapper that wakes only the services a pod event concerns.
+//! - `watch`: the watch streams that feed the indexes (pods, EndpointSlices, GrpcServices'
+//!   selectors and references), and the mappers that wake only the services a pod or slice
+//!   event concerns.
 //! - `service`: `impl GrpcService { apply, cleanup }` and status writes.
 //! - [`status`]: the next status and its Event, purely.
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
@@ -25,7 +27,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, field, info, info_span, instrument, warn};
 
-pub use watch::{PodFeed, PodMapper, Selections, ServiceFeed};
+pub use watch::{PodFeed, PodMapper, Selections, ServiceFeed, SliceFeed, SliceMapper};
 
 use crate::backoff::Backoff;
 use crate::crd::{FINALIZER, GrpcService};
@@ -33,7 +35,7 @@ use crate::desired::Policy;
 use crate::leader::Role;
 use crate::metrics::Metrics;
 use crate::registry::Backend;
-use crate::source::index::{CandidateIndex, SelectorIndex};
+use crate::source::index::{CandidateIndex, SelectorIndex, ServiceRefIndex, SliceIndex};
 use crate::{Error, Result};
 
 /// The field manager for status writes (server-side apply).
@@ -49,8 +51,8 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// sums up the counts instead of one per pod.
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How long a reconcile waits for the pod index's initial list before it requeues.
-const POD_SYNC_WAIT: Duration = Duration::from_secs(2);
+/// How long a reconcile waits for the source indexes' initial lists before it requeues.
+const SOURCES_SYNC_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a service in conflict re-checks whether the target was freed.
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
@@ -66,21 +68,25 @@ pub struct Context {
     pub client: Client,
     /// The registry backend.
     pub backend: Arc<dyn Backend>,
-    /// Candidates by namespace and label.
+    /// Pod candidates by namespace and label.
     pub candidates: CandidateIndex,
+    /// EndpointSlice candidates by namespace and Service.
+    pub slices: SliceIndex,
     /// Target policy.
     pub policy: Policy,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Which pods each service last selected; read by the pod mapper.
-    pub selections: Selections,
+    pub selections: Selections<Pod>,
+    /// Which EndpointSlices each service last read; read by the slice mapper.
+    pub slice_selections: Selections<EndpointSlice>,
     /// This replica's role; only the leader writes.
     pub role: tokio::sync::watch::Receiver<Role>,
     /// Publishes Kubernetes Events on GrpcServices, when set.
     /// Who publishes Events on GrpcServices, when set.
     pub events: Option<Reporter>,
-    /// True once the pod index has completed its initial list.
-    pub pods_synced: tokio::sync::watch::Receiver<bool>,
+    /// True once the pod and EndpointSlice indexes have completed their initial lists.
+    pub sources_synced: tokio::sync::watch::Receiver<bool>,
     /// When this process started: older transitions are not propagation samples.
     started: k8s_openapi::jiff::Timestamp,
     /// When each service's status was last written, by uid.
@@ -101,7 +107,8 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context over a candidate index, assumed complete (see [`Context::with_pods_synced`]).
+    /// A context over a pod candidate index (and no EndpointSlices, see
+    /// [`Context::with_slices`]), assumed complete (see [`Context::with_sources_synced`]).
     #[must_use]
     pub fn new(
         client: Client,
@@ -114,12 +121,14 @@ impl Context {
             client,
             backend,
             candidates,
+            slices: SliceIndex::default(),
             policy,
             metrics,
             selections: Selections::default(),
+            slice_selections: Selections::default(),
             role: crate::leader::always_leader(),
             events: None,
-            pods_synced: tokio::sync::watch::channel(true).1,
+            sources_synced: tokio::sync::watch::channel(true).1,
             // Whole seconds, as Kubernetes stores transition times.
             started: k8s_openapi::jiff::Timestamp::from_second(
                 k8s_openapi::jiff::Timestamp::now().as_second(),
@@ -134,13 +143,19 @@ impl Context {
         }
     }
 
-    /// The same context, reconciling only once `synced` says the pod index is complete.
+    /// The same context, reconciling only once `synced` says the source indexes are complete.
     #[must_use]
-    pub fn with_pods_synced(self, synced: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn with_sources_synced(self, synced: tokio::sync::watch::Receiver<bool>) -> Self {
         Self {
-            pods_synced: synced,
+            sources_synced: synced,
             ..self
         }
+    }
+
+    /// The same context, reading `serviceRef` endpoints from `slices`.
+    #[must_use]
+    pub fn with_slices(self, slices: SliceIndex) -> Self {
+        Self { slices, ..self }
     }
 
     /// The same context, publishing Events on GrpcServices as `reporter`.
@@ -199,15 +214,20 @@ pub async fn run(
 ) {
     let services: Api<GrpcService> = api(&client, &scope);
     let pods_api: Api<Pod> = api(&client, &scope);
+    let slices_api: Api<EndpointSlice> = api(&client, &scope);
 
     // Readiness of each index is observed on its event stream (InitDone, after the index
     // applied it), not with `Store::wait_until_ready`: that future is backed by a oneshot that
     // keeps only the last waker, so with several concurrent waiters all but one can wait
     // forever.
     let pods_synced = tokio::sync::watch::Sender::new(false);
+    let slices_synced = tokio::sync::watch::Sender::new(false);
     let services_synced = tokio::sync::watch::Sender::new(false);
+    let sources_synced = tokio::sync::watch::Sender::new(false);
     let candidates = CandidateIndex::default();
+    let slices = SliceIndex::default();
     let selectors = SelectorIndex::default();
+    let refs = ServiceRefIndex::default();
 
     let mut pod_feed = PodFeed::new(candidates.clone());
     let pods_done = pods_synced.clone();
@@ -215,6 +235,7 @@ pub async fn run(
     // pods deleted in the gap produce no event, so every service is reconciled then.
     let relists = tokio::sync::watch::Sender::new(0_u64);
     let relisted = relists.clone();
+    let slices_relisted = relists.clone();
     // Streaming lists: the initial pods arrive as watch events from the API server's cache, not
     // as one list response (at 100k pods, a 100k-object response took minutes to build and
     // decode, and held it all in memory at once).
@@ -229,8 +250,23 @@ pub async fn run(
             }
         })
         .touched_objects();
+    // The same for EndpointSlices: each slice is decoded into candidates once, here, and the
+    // object itself is dropped after the mapper has read its name and Service label.
+    let mut slice_feed = SliceFeed::new(slices.clone());
+    let slices_done = slices_synced.clone();
+    let slice_events = watcher(slices_api, watcher::Config::default().streaming_lists())
+        .backoff(Backoff::watch())
+        .inspect(move |event| {
+            if let Ok(event) = event
+                && slice_feed.apply(event)
+                && slices_done.send_replace(true)
+            {
+                slices_relisted.send_modify(|n| *n += 1);
+            }
+        })
+        .touched_objects();
     let (svc_store, svc_writer) = reflector::store();
-    let mut svc_feed = ServiceFeed::new(selectors.clone());
+    let mut svc_feed = ServiceFeed::new(selectors.clone(), refs.clone());
     let services_done = services_synced.clone();
     let svc_events = watcher(services, watcher::Config::default().streaming_lists())
         .backoff(Backoff::watch())
@@ -288,22 +324,32 @@ pub async fn run(
     };
     let ctx = Arc::new(
         Context::new(client, backend, candidates.clone(), policy, metrics)
+            .with_slices(slices.clone())
             .with_role(role)
             .with_events(reporter)
-            .with_pods_synced(pods_synced.subscribe()),
+            .with_sources_synced(sources_synced.subscribe()),
     );
     let mapper = PodMapper::new(candidates.clone(), selectors, ctx.selections.clone());
+    let slice_mapper = SliceMapper::new(refs, ctx.slice_selections.clone());
     {
         let ready = ready.clone();
-        let (mut pods, mut services) = (pods_synced.subscribe(), services_synced.subscribe());
+        let (mut pods, mut slices_listed, mut services) = (
+            pods_synced.subscribe(),
+            slices_synced.subscribe(),
+            services_synced.subscribe(),
+        );
         tokio::spawn(async move {
-            if pods.wait_for(|s| *s).await.is_ok() && services.wait_for(|s| *s).await.is_ok() {
-                info!(
-                    candidates = candidates.len(),
-                    services = svc_store.len(),
-                    "caches synced"
-                );
-                ready.store(true, Ordering::Relaxed);
+            if pods.wait_for(|s| *s).await.is_ok() && slices_listed.wait_for(|s| *s).await.is_ok() {
+                sources_synced.send_replace(true);
+                if services.wait_for(|s| *s).await.is_ok() {
+                    info!(
+                        candidates = candidates.len(),
+                        endpoints = slices.len(),
+                        services = svc_store.len(),
+                        "caches synced"
+                    );
+                    ready.store(true, Ordering::Relaxed);
+                }
             }
         });
     }
@@ -327,6 +373,7 @@ pub async fn run(
     let mut last_error: Option<String> = None;
     let run = controller
         .watches_stream(pod_events, move |pod| mapper.map(&pod))
+        .watches_stream(slice_events, move |slice| slice_mapper.map(&slice))
         .reconcile_all_on(reconcile_all)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -378,8 +425,8 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
     // Never compute desired state from a half-filled index: that would delete live keys. The
     // wait is bounded, so that shutdown (which waits for running reconciles) is too when the
     // API server never answers.
-    let mut synced = ctx.pods_synced.clone();
-    match tokio::time::timeout(POD_SYNC_WAIT, synced.wait_for(|synced| *synced)).await {
+    let mut synced = ctx.sources_synced.clone();
+    match tokio::time::timeout(SOURCES_SYNC_WAIT, synced.wait_for(|synced| *synced)).await {
         Ok(Ok(_)) => {}
         Ok(Err(_)) | Err(_) => return Ok(Action::requeue(Duration::from_secs(1))),
     }

@@ -14,10 +14,10 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::status::{LastChange, Outcome, endpoints_event, next_status, transition_events};
-use super::watch::pod_ref;
+use super::watch::{pod_ref, slice_ref};
 use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, FIELD_MANAGER, RESYNC, STATUS_INTERVAL};
 use crate::crd::GrpcService;
-use crate::desired::{Desired, Plan, SpecError, desired};
+use crate::desired::{Desired, Plan, Source, SpecError, desired};
 use crate::registry::{self, Claim, Owner, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
@@ -74,11 +74,7 @@ impl GrpcService {
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too).
-        let selected = ctx.candidates.select(&plan.namespace, &plan.selector);
-        ctx.selections.record(
-            ObjectRef::from_obj(self),
-            selected.iter().map(|c| pod_ref(&plan.namespace, &c.id)),
-        );
+        let selected = self.select(ctx, &plan);
         let mut want = desired(&plan, &selected);
 
         if !ctx.backend.reachable() {
@@ -233,6 +229,35 @@ impl GrpcService {
         }
     }
 
+    /// The candidates `plan`'s source yields now, recording which objects were read so that
+    /// their later events (even once they no longer match) wake this service.
+    fn select(&self, ctx: &Context, plan: &Plan) -> Vec<Arc<Candidate>> {
+        let this = ObjectRef::from_obj(self);
+        match &plan.source {
+            Source::Pods(selector) => {
+                let selected = ctx.candidates.select(&plan.namespace, selector);
+                ctx.selections.record(
+                    this.clone(),
+                    selected.iter().map(|c| pod_ref(&plan.namespace, &c.id)),
+                );
+                ctx.slice_selections.record(this, []);
+                selected
+            }
+            Source::Service(service) => {
+                let selection = ctx.slices.select(&plan.namespace, service);
+                ctx.slice_selections.record(
+                    this.clone(),
+                    selection
+                        .slices
+                        .iter()
+                        .map(|name| slice_ref(&plan.namespace, name)),
+                );
+                ctx.selections.record(this, []);
+                selection.candidates
+            }
+        }
+    }
+
     /// Notes the selected candidates' last seen changes and, when `wrote` (the sync changed the
     /// registry), observes for each change not noted before the time from seeing it to now
     /// (`propagation_seconds`), and from the pod's own transition time as Kubernetes recorded it
@@ -357,11 +382,7 @@ impl GrpcService {
         if let Some((plan, ttl)) = last {
             // The last valid spec, evaluated against the pods as they are now: readiness is
             // still followed (an unready pod leaves) while the spec is being fixed.
-            let selected = ctx.candidates.select(&plan.namespace, &plan.selector);
-            ctx.selections.record(
-                ObjectRef::from_obj(self),
-                selected.iter().map(|c| pod_ref(&plan.namespace, &c.id)),
-            );
+            let selected = self.select(ctx, &plan);
             let publication = Publication {
                 layout: plan.layout(),
                 owner: self.owner()?,
@@ -422,6 +443,7 @@ impl GrpcService {
             info!(target, deleted, "deregistered service");
         }
         ctx.selections.record(ObjectRef::from_obj(self), []);
+        ctx.slice_selections.record(ObjectRef::from_obj(self), []);
         ctx.published.lock().expect("lock").remove(&owner.uid);
         ctx.transitions
             .lock()

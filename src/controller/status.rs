@@ -26,6 +26,8 @@ pub mod reason {
     pub const SYNCED: &str = "Synced";
     /// Ready is False: the selector matches no pod.
     pub const NO_PODS_SELECTED: &str = "NoPodsSelected";
+    /// Ready is False: the Service's EndpointSlices list no endpoint (or there are none).
+    pub const NO_ENDPOINTS: &str = "NoEndpoints";
     /// No selected pod has a port with the requested name (Ready False when none is
     /// registered because of it; True, with this reason, when only some pods lack it).
     pub const PORT_NOT_FOUND: &str = "PortNotFound";
@@ -206,8 +208,9 @@ pub fn next_status(
             )
         }
     };
-    let ready =
-        on.is_none() && ready_reason != reason::NO_PODS_SELECTED && status.registered_endpoints > 0;
+    let ready = on.is_none()
+        && ![reason::NO_PODS_SELECTED, reason::NO_ENDPOINTS].contains(&ready_reason)
+        && status.registered_endpoints > 0;
     status.conditions = CONDITIONS
         .iter()
         .map(|type_| {
@@ -244,7 +247,11 @@ fn clamp(n: usize) -> i32 {
 fn synced_reason(registered: usize, desired: &Desired) -> &'static str {
     let port_not_found = desired.skipped.values().any(|s| *s == Skip::PortNotFound);
     if desired.selected == 0 {
-        reason::NO_PODS_SELECTED
+        if desired.service.is_some() {
+            reason::NO_ENDPOINTS
+        } else {
+            reason::NO_PODS_SELECTED
+        }
     } else if port_not_found {
         reason::PORT_NOT_FOUND
     } else if registered == 0 {
@@ -254,24 +261,44 @@ fn synced_reason(registered: usize, desired: &Desired) -> &'static str {
     }
 }
 
-/// "2 of 3 selected pods registered; not registered: 1 not ready", naming each reason.
+/// "2 of 3 selected pods registered; not registered: 1 not ready", naming each reason ("2 of 3
+/// endpoints of Service greeter registered; …" for a `serviceRef`).
 fn synced_message(registered: usize, desired: &Desired) -> String {
-    let mut message = format!(
-        "{registered} of {} selected pods registered",
-        desired.selected
-    );
+    let service = desired.service.as_deref();
+    let mut message = match service {
+        None => format!(
+            "{registered} of {} selected pods registered",
+            desired.selected
+        ),
+        Some(name) => format!(
+            "{registered} of {} endpoints of Service {name} registered",
+            desired.selected
+        ),
+    };
     if desired.selected == 0 {
-        message.push_str(" (the selector matches no pod in this namespace)");
+        message.push_str(match service {
+            None => " (the selector matches no pod in this namespace)",
+            Some(_) => {
+                " (its EndpointSlices list no endpoint: the Service has no ready or unready pods, \
+                 has no selector and no hand-made slice, or does not exist in this namespace)"
+            }
+        });
         return message;
     }
     let mut reasons: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for skip in desired.skipped.values() {
-        let reason = match skip {
-            Skip::NotRunning => "not running",
-            Skip::NotReady => "not ready",
-            Skip::NoPodIp => "no pod IP",
-            Skip::Terminating => "terminating",
-            Skip::PortNotFound => "no container port with the requested name",
+        let reason = match (skip, service) {
+            (Skip::NotRunning, None) => "not running",
+            (Skip::NotRunning, Some(_)) => "not serving",
+            (Skip::NotReady, _) => "not ready",
+            (Skip::NoPodIp, None) => "no pod IP",
+            (Skip::NoPodIp, Some(_)) => "no IP address",
+            (Skip::Terminating, _) => "terminating",
+            (Skip::PortNotFound, None) => "no container port with the requested name",
+            (Skip::PortNotFound, Some(_)) => {
+                "no EndpointSlice port with the requested name or number"
+            }
+            (Skip::Fqdn, _) => "an FQDN address (registries hold IP addresses)",
         };
         *reasons.entry(reason).or_insert(0) += 1;
     }
@@ -285,8 +312,8 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
 
 fn counts(status: &mut GrpcServiceStatus, desired: Option<&Desired>) {
     if let Some(d) = desired {
-        status.selected_pods = clamp(d.selected);
-        status.ready_pods = clamp(d.ready);
+        status.selected_endpoints = clamp(d.selected);
+        status.ready_endpoints = clamp(d.ready);
     }
 }
 
@@ -390,7 +417,10 @@ pub fn endpoints_event(before: usize, after: usize, desired: &Desired) -> Event 
         format!(
             "{} registered (was {before}); {} selected, {} ready",
             endpoints(after),
-            pods(desired.selected),
+            match desired.service {
+                None => pods(desired.selected),
+                Some(_) => endpoints(desired.selected),
+            },
             desired.ready
         ),
     )
@@ -468,7 +498,11 @@ mod tests {
         let s = synced(2);
         assert_eq!(s.target.as_deref(), Some("services/default/greeter"));
         assert_eq!(
-            (s.selected_pods, s.ready_pods, s.registered_endpoints),
+            (
+                s.selected_endpoints,
+                s.ready_endpoints,
+                s.registered_endpoints
+            ),
             (3, 2, 2)
         );
         assert_eq!(s.lease_id.as_deref(), Some("ff"));
@@ -569,7 +603,7 @@ mod tests {
         );
         assert_eq!(later.etcd_revision, Some(50));
         assert_eq!(later.last_sync_time, Some(t(11)));
-        assert_eq!((later.ready_pods, later.registered_endpoints), (3, 3));
+        assert_eq!((later.ready_endpoints, later.registered_endpoints), (3, 3));
     }
 
     #[test]
@@ -595,7 +629,11 @@ mod tests {
         );
         assert_eq!(s.target.as_deref(), Some("services/default/greeter"));
         assert_eq!(s.registered_endpoints, 0);
-        assert_eq!((s.selected_pods, s.ready_pods), (3, 3), "counts stay true");
+        assert_eq!(
+            (s.selected_endpoints, s.ready_endpoints),
+            (3, 3),
+            "counts stay true"
+        );
         let events = transition_events(Some(&first), &s);
         assert_eq!(
             (events[0].type_, events[0].reason.as_str()),

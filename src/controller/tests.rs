@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::{RESYNC, reconcile};
 use crate::crd::{FINALIZER, GrpcService};
-use crate::fixtures::verifier::{Scenario, context};
-use crate::fixtures::{PodBuilder, service};
+use crate::fixtures::verifier::{Scenario, context, slice_context};
+use crate::fixtures::{PodBuilder, endpoint_slice, service, service_ref};
 use crate::registry::memory::MemoryBackend;
 use kube::runtime::controller::Action;
 
@@ -67,8 +67,8 @@ async fn ready_pods_are_registered_and_status_reports_counts() {
     let svc = with_finalizer(service("greeter"));
     let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
         assert_eq!(status["target"], "services/default/greeter");
-        assert_eq!(status["selectedPods"], 2);
-        assert_eq!(status["readyPods"], 1);
+        assert_eq!(status["selectedEndpoints"], 2);
+        assert_eq!(status["readyEndpoints"], 1);
         assert_eq!(status["registeredEndpoints"], 1);
         assert_eq!(status["observedGeneration"], 1);
         assert!(status["leaseId"].is_string());
@@ -286,4 +286,72 @@ async fn a_spec_turned_invalid_still_deregisters_a_pod_that_turns_unready() {
         keys(&registry, "services/default/greeter"),
         ["services/default/greeter/10.0.0.1:50051"]
     );
+}
+
+#[tokio::test]
+async fn a_service_ref_publishes_the_ready_endpoints_of_every_slice_of_the_service() {
+    let registry = backend();
+    let slices = [
+        endpoint_slice("greeter-a", "greeter", &[("10.0.0.1", true, Some("g-0"))]),
+        endpoint_slice(
+            "greeter-b",
+            "greeter",
+            &[
+                ("10.0.0.2", true, Some("g-1")),
+                ("10.0.0.3", false, Some("g-2")),
+            ],
+        ),
+        endpoint_slice("other-a", "other", &[("10.0.0.9", true, Some("o-0"))]),
+    ];
+    let (ctx, api) = slice_context(&registry, &slices);
+    let svc = with_finalizer(service_ref(
+        "greeter-grpc",
+        "greeter",
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("grpc".into()),
+    ));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
+        assert_eq!(status["selectedEndpoints"], 3);
+        assert_eq!(status["readyEndpoints"], 2);
+        assert_eq!(status["registeredEndpoints"], 2);
+        let ready = condition(status, "Ready");
+        assert_eq!(ready["status"], "True");
+        assert_eq!(
+            ready["message"],
+            "2 of 3 endpoints of Service greeter registered; not registered: 1 not ready"
+        );
+    }));
+    reconcile(Arc::new(svc), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(
+        keys(&registry, "services/default/greeter-grpc"),
+        [
+            "services/default/greeter-grpc/10.0.0.1:50051",
+            "services/default/greeter-grpc/10.0.0.2:50051"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_service_ref_with_no_endpoints_is_not_ready_with_reason_no_endpoints() {
+    let registry = backend();
+    let (ctx, api) = slice_context(&registry, &[]);
+    let svc = with_finalizer(service_ref(
+        "greeter-grpc",
+        "missing",
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(50051),
+    ));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
+        let ready = condition(status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "NoEndpoints");
+        assert!(
+            ready["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("0 of 0 endpoints of Service missing registered"),
+            "{ready}"
+        );
+    }));
+    reconcile(Arc::new(svc), ctx).await.unwrap();
+    server.await.unwrap();
 }

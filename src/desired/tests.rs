@@ -1,5 +1,5 @@
 use super::*;
-use crate::fixtures::{PodBuilder, service};
+use crate::fixtures::{PodBuilder, endpoint_slice, service, service_ref};
 use crate::source::index::CandidateIndex;
 use crate::source::pod::{ZONE_LABEL, candidate};
 use k8s_openapi::api::core::v1::Pod;
@@ -201,7 +201,7 @@ fn pod_without_the_named_port_is_skipped() {
 #[test]
 fn numeric_port_is_used_as_is() {
     let mut svc = service("greeter");
-    svc.spec.port = IntOrString::Int(7000);
+    svc.spec.port = Some(IntOrString::Int(7000));
     let plan = Plan::new(&svc, &Policy::default()).unwrap();
     let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
     assert_eq!(keys(&d), ["services/default/greeter/10.0.0.7:7000"]);
@@ -230,7 +230,10 @@ fn selector_selects_only_matching_pods_in_the_same_namespace() {
     ] {
         index.apply(&pod.namespace().unwrap(), candidate(&pod));
     }
-    let selected = index.select(&plan.namespace, &plan.selector);
+    let Source::Pods(selector) = &plan.source else {
+        panic!("a selector spec reads pods")
+    };
+    let selected = index.select(&plan.namespace, selector);
     assert_eq!(selected.len(), 1);
     assert_eq!(selected[0].id, "p");
 }
@@ -351,7 +354,7 @@ fn malformed_targets_are_refused() {
 #[test]
 fn empty_selector_is_an_invalid_spec() {
     let mut svc = service("greeter");
-    svc.spec.selector = Default::default();
+    svc.spec.selector = Some(Default::default());
     assert!(matches!(
         Plan::new(&svc, &Policy::default()),
         Err(SpecError::Selector(_))
@@ -361,7 +364,7 @@ fn empty_selector_is_an_invalid_spec() {
 #[test]
 fn out_of_range_numeric_port_is_an_invalid_spec() {
     let mut svc = service("greeter");
-    svc.spec.port = IntOrString::Int(0);
+    svc.spec.port = Some(IntOrString::Int(0));
     assert_eq!(
         Plan::new(&svc, &Policy::default()).unwrap_err(),
         SpecError::PortRange(0)
@@ -381,9 +384,114 @@ fn custom_targets_flag_parses_none_list_and_star() {
 #[test]
 fn digit_only_port_name_is_an_invalid_spec() {
     let mut svc = service("greeter");
-    svc.spec.port = IntOrString::String("1234".into());
+    svc.spec.port = Some(IntOrString::String("1234".into()));
     assert!(matches!(
         Plan::new(&svc, &Policy::default()),
         Err(SpecError::PortName(_))
     ));
+}
+
+#[test]
+fn a_spec_needs_exactly_one_source_and_the_port_where_that_source_takes_it() {
+    let plan = Plan::new(
+        &service_ref("greeter", "greeter-svc", IntOrString::String("grpc".into())),
+        &Policy::default(),
+    )
+    .unwrap();
+    assert_eq!(plan.source.service(), Some("greeter-svc"));
+    assert_eq!(plan.port, IntOrString::String("grpc".into()));
+    let mut both = service_ref("greeter", "greeter-svc", IntOrString::Int(50051));
+    both.spec.selector = service("greeter").spec.selector;
+    let mut neither = service("greeter");
+    neither.spec.selector = None;
+    let mut no_port = service("greeter");
+    no_port.spec.port = None;
+    let mut port_twice = service_ref("greeter", "greeter-svc", IntOrString::Int(50051));
+    port_twice.spec.port = Some(IntOrString::Int(50051));
+    for (svc, needle) in [
+        (both, "exactly one"),
+        (neither, "exactly one"),
+        (no_port, "port is required"),
+        (port_twice, "set serviceRef.port"),
+    ] {
+        let err = Plan::new(&svc, &Policy::default()).unwrap_err();
+        assert!(matches!(err, SpecError::Source(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    let bad_port = service_ref("greeter", "greeter-svc", IntOrString::Int(0));
+    assert_eq!(
+        Plan::new(&bad_port, &Policy::default()).unwrap_err(),
+        SpecError::PortRange(0)
+    );
+}
+
+#[test]
+fn a_services_endpoints_publish_with_pod_node_and_zone_and_hand_made_ones_without_a_pod() {
+    let plan = Plan::new(
+        &service_ref("greeter", "greeter-svc", IntOrString::String("grpc".into())),
+        &Policy::default(),
+    )
+    .unwrap();
+    let slice = endpoint_slice(
+        "greeter-svc-abc",
+        "greeter-svc",
+        &[
+            ("10.0.0.1", true, Some("greeter-0")),
+            ("10.0.0.2", false, Some("greeter-1")),
+            ("192.168.7.7", true, None),
+        ],
+    );
+    let candidates: Vec<Arc<Candidate>> = crate::source::slice::candidates(&slice)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let d = super::desired(&plan, &candidates);
+    assert_eq!((d.selected, d.ready), (3, 2));
+    assert_eq!(d.service.as_deref(), Some("greeter-svc"));
+    assert_eq!(d.skipped.get("greeter-1"), Some(&Skip::NotReady));
+    let addrs: Vec<String> = d.endpoints.iter().map(LogicalEndpoint::addr).collect();
+    assert_eq!(addrs, ["10.0.0.1:50051", "192.168.7.7:50051"]);
+    let pod_backed = &d.endpoints[0].metadata;
+    assert_eq!(pod_backed.get("pod").map(String::as_str), Some("greeter-0"));
+    assert_eq!(pod_backed.get("zone").map(String::as_str), Some("zone-a"));
+    assert_eq!(pod_backed.get("node").map(String::as_str), Some("node-1"));
+    assert!(
+        !d.endpoints[1].metadata.contains_key("pod"),
+        "a hand-made endpoint has no pod: {:?}",
+        d.endpoints[1].metadata
+    );
+}
+
+#[test]
+fn a_numeric_service_port_must_be_listed_and_fqdn_endpoints_are_skipped_with_a_reason() {
+    let slice = endpoint_slice("s", "svc", &[("10.0.0.1", true, None)]);
+    let candidates: Vec<Arc<Candidate>> = crate::source::slice::candidates(&slice)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let listed = Plan::new(
+        &service_ref("g", "svc", IntOrString::Int(50051)),
+        &Policy::default(),
+    )
+    .unwrap();
+    assert_eq!(super::desired(&listed, &candidates).endpoints.len(), 1);
+    let unlisted = Plan::new(
+        &service_ref("g", "svc", IntOrString::Int(80)),
+        &Policy::default(),
+    )
+    .unwrap();
+    let d = super::desired(&unlisted, &candidates);
+    assert!(d.endpoints.is_empty());
+    assert_eq!(d.skipped.get("10.0.0.1"), Some(&Skip::PortNotFound));
+    let fqdn = Candidate {
+        id: "grpc.example.com".into(),
+        fqdn: Some("grpc.example.com".into()),
+        ports: vec![("grpc".into(), 50051)],
+        ports_complete: true,
+        ready: true,
+        serving: true,
+        ..Candidate::default()
+    };
+    let d = super::desired(&listed, &[Arc::new(fqdn)]);
+    assert_eq!(d.skipped.get("grpc.example.com"), Some(&Skip::Fqdn));
 }

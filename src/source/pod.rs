@@ -35,6 +35,7 @@ pub fn candidate(pod: &Pod) -> Candidate {
     let labels = pod.labels().clone();
     Candidate {
         id: pod.name_any(),
+        pod: Some(pod.name_any()),
         ip: status
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse::<IpAddr>().ok()),
@@ -49,8 +50,8 @@ pub fn candidate(pod: &Pod) -> Candidate {
                 .and_then(|c| c.last_transition_time.as_ref())
                 .map(|t| t.0)
         }),
-        observed: None,
         labels,
+        ..Candidate::default()
     }
 }
 

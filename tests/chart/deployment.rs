@@ -105,11 +105,12 @@ fn rbac_is_least_privilege_with_no_wildcards() {
         assert_eq!(got.1, verbs, "verbs on {resource}");
     };
     expect("pods", &["get", "list", "watch"]);
+    expect("endpointslices", &["get", "list", "watch"]);
     expect("grpcservices", &["get", "list", "watch", "patch"]);
     expect("grpcservices/status", &["patch", "update"]);
     expect("grpcservices/finalizers", &["patch", "update"]);
     expect("events", &["create", "patch"]);
-    assert_eq!(rules.len(), 5, "nothing else: {rules:?}");
+    assert_eq!(rules.len(), 6, "nothing else: {rules:?}");
     // Secrets, in particular, are never readable.
     assert!(!rules.iter().any(|(r, _)| r == "secrets"));
 

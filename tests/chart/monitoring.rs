@@ -29,7 +29,11 @@ fn the_prometheus_rule_alerts_on_the_failures_that_matter_and_is_configurable() 
         ("GrpcRegistrarBackendDisconnected", "critical", Some("2m")),
         ("GrpcRegistrarReconcileFailures", "warning", Some("15m")),
         ("GrpcRegistrarServiceNotRegistered", "critical", Some("10m")),
-        ("GrpcRegistrarServiceHasNoReadyPods", "warning", Some("10m")),
+        (
+            "GrpcRegistrarServiceHasNoReadyEndpoints",
+            "warning",
+            Some("10m"),
+        ),
         ("GrpcRegistrarLeaseLost", "warning", None),
         ("GrpcRegistrarSlowPropagation", "warning", Some("15m")),
     ] {
@@ -51,7 +55,7 @@ fn the_prometheus_rule_alerts_on_the_failures_that_matter_and_is_configurable() 
     let broken = alert("GrpcRegistrarServiceNotRegistered")["expr"]
         .as_str()
         .unwrap();
-    assert!(broken.contains("grpc_registrar_ready_pods") && broken.contains("== 0"));
+    assert!(broken.contains("grpc_registrar_ready_endpoints") && broken.contains("== 0"));
     let slow = alert("GrpcRegistrarSlowPropagation")["expr"]
         .as_str()
         .unwrap();

@@ -355,7 +355,32 @@ async fn invalid_specs_are_rejected(plane: Plane, ns: String) {
         (
             "missing-port",
             json!({"selector": {"matchLabels": {"app": "x"}}}),
-            "spec.port: Required value",
+            "port is required with selector",
+        ),
+        (
+            "two-sources",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051, "serviceRef": {"name": "x", "port": 50051}}),
+            "set exactly one source",
+        ),
+        (
+            "no-source",
+            json!({"port": 50051}),
+            "set exactly one source",
+        ),
+        (
+            "service-ref-port-outside",
+            json!({"serviceRef": {"name": "x", "port": "grpc"}, "port": 50051}),
+            "set serviceRef.port",
+        ),
+        (
+            "service-ref-bad-name",
+            json!({"serviceRef": {"name": "X_y", "port": "grpc"}}),
+            "serviceRef.name must be a Service name",
+        ),
+        (
+            "service-ref-labels",
+            json!({"serviceRef": {"name": "x", "port": "grpc"}, "metadataFromLabels": ["version"]}),
+            "metadataFromLabels copies pod labels",
         ),
         (
             "port-range",
@@ -412,8 +437,8 @@ async fn status_and_printer_columns(plane: Plane, ns: String) {
     eventually("status counts and message", || async {
         let s = env.status("greeter").await;
         s["registeredEndpoints"] == 1
-            && s["readyPods"] == 1
-            && s["selectedPods"] == 2
+            && s["readyEndpoints"] == 1
+            && s["selectedEndpoints"] == 2
             && env.condition("greeter", "Ready").await["message"]
                 == "1 of 2 selected pods registered; not registered: 1 not ready"
     })

@@ -140,7 +140,7 @@ pub async fn the_last_status_write_of_a_burst_carries_the_final_counts_and_revis
         "status carries the final counts and the final revision",
         || async {
             let s = env.status("greeter").await;
-            s["readyPods"] == 3
+            s["readyEndpoints"] == 3
                 && s["registeredEndpoints"] == 3
                 && s["etcdRevision"].as_i64().is_some_and(|r| r >= revision)
         },
@@ -200,8 +200,8 @@ pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_ou
         let page = metrics().await;
         page.contains(&format!(
             "grpc_registrar_registered_endpoints{{{service}}} 2"
-        )) && page.contains(&format!("grpc_registrar_selected_pods{{{service}}} 2"))
-            && page.contains(&format!("grpc_registrar_ready_pods{{{service}}} 2"))
+        )) && page.contains(&format!("grpc_registrar_selected_endpoints{{{service}}} 2"))
+            && page.contains(&format!("grpc_registrar_ready_endpoints{{{service}}} 2"))
     })
     .await;
     let page = metrics().await;

@@ -5,19 +5,26 @@
 //!   candidates its selector can match.
 //! - [`SelectorIndex`]: each service's selector, parsed once per version and posted under one
 //!   of its requirements, so a pod event reaches only the services that can match it.
+//! - [`SliceIndex`]: EndpointSlice endpoints by Service, merged over its slices.
+//! - [`ServiceRefIndex`]: GrpcServices by the Service their `serviceRef` names, so a slice
+//!   event reaches only those.
 //!
-//! Both take `apply` / `delete` / `reset` (a re-list), and are cheap to clone (one shared
-//! lock each).
+//! Each takes `apply` / `delete` / `reset` or `retain` (a re-list), and is cheap to clone (one
+//! shared lock each).
 
 mod candidates;
+mod refs;
 mod selectors;
+mod slices;
 
 use std::collections::{HashMap, HashSet};
 
 use kube::core::{Expression, Selector};
 
 pub use candidates::CandidateIndex;
+pub use refs::ServiceRefIndex;
 pub use selectors::SelectorIndex;
+pub use slices::{ServiceSelection, SliceIndex};
 
 type Labels = std::collections::BTreeMap<String, String>;
 

@@ -63,6 +63,25 @@ pub fn free_port() -> u16 {
         .expect("failed to find a free port")
 }
 
+/// This host's IPv4 address on its default route: an address servers can listen on that an
+/// EndpointSlice accepts (the API server rejects loopback and link-local endpoint addresses).
+///
+/// # Panics
+/// When the host has no such address: e2e tests that need it fail rather than skip.
+#[must_use]
+pub fn host_ip() -> std::net::IpAddr {
+    // Connecting a UDP socket sends nothing; it only picks the source address of the route.
+    ["10.255.255.255:9", "192.0.2.255:9", "172.31.255.255:9"]
+        .iter()
+        .find_map(|probe| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            socket.connect(probe).ok()?;
+            let ip = socket.local_addr().ok()?.ip();
+            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+        })
+        .expect("this host has no non-loopback IPv4 address for EndpointSlice endpoints")
+}
+
 /// Finds a control-plane binary: `$<ENV>` if set, else `target/controlplane/bin/<name>`.
 ///
 /// # Panics

@@ -14,6 +14,7 @@ use grpc_registrar::desired::Policy;
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use test_support::{ControlPlane, EtcdServer, TcpProxy};
@@ -212,6 +213,74 @@ impl Env {
             .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
             .await
             .expect("failed to patch pod status");
+    }
+
+    /// Creates a headless Service `name` with one port `grpc` (50051, targetPort `grpc`), selecting
+    /// `selector` when given (kube-controller-manager then computes its EndpointSlices from the
+    /// pods), or none (its slices are made by hand, as for VMs).
+    pub async fn k8s_service(&self, name: &str, selector: Option<serde_json::Value>) {
+        let mut spec = json!({
+            "clusterIP": "None",
+            "ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"}],
+        });
+        if let Some(selector) = selector {
+            spec["selector"] = selector;
+        }
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": self.ns}, "spec": spec,
+        }))
+        .unwrap();
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("failed to create Service");
+    }
+
+    pub fn slices(&self) -> Api<EndpointSlice> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates or replaces a hand-made EndpointSlice `name` of Service `service`: `address_type`
+    /// IPv4, IPv6 or FQDN, port `grpc` = 50051, one endpoint per `(address, ready)`.
+    pub async fn put_slice(
+        &self,
+        name: &str,
+        service: &str,
+        address_type: &str,
+        endpoints: &[(&str, bool)],
+    ) {
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": self.ns,
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by": "e2e.grpc-registrar.io"}},
+            "addressType": address_type,
+            "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
+            "endpoints": endpoints.iter().map(|(address, ready)| json!({
+                "addresses": [address],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            })).collect::<Vec<_>>(),
+        });
+        self.slices()
+            .patch(
+                name,
+                &PatchParams::apply("e2e").force(),
+                &Patch::Apply(slice),
+            )
+            .await
+            .expect("failed to apply EndpointSlice");
+    }
+
+    /// The EndpointSlices of `service`.
+    pub async fn slices_of(&self, service: &str) -> Vec<EndpointSlice> {
+        self.slices()
+            .list(
+                &kube::api::ListParams::default()
+                    .labels(&format!("kubernetes.io/service-name={service}")),
+            )
+            .await
+            .expect("failed to list EndpointSlices")
+            .items
     }
 
     /// Key -> value under `prefix` in the registry etcd.

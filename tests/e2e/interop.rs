@@ -50,7 +50,7 @@ pub async fn a_kratos_client_calls_every_server_published_with_the_kratos_format
     assert_eq!(
         value,
         &format!(
-            r#"{{"id":"hello-0","name":"hello","version":"v1","metadata":{{"namespace":"{ns}","node":"node-1","pod":"hello-0","version":"v1"}},"endpoints":["grpc://{}"]}}"#,
+            r#"{{"id":"hello-0","name":"hello","version":"v1","metadata":{{"namespace":"{ns}","node":"node-1","pod":"hello-0","version":"v1","zone":"zone-a"}},"endpoints":["grpc://{}"]}}"#,
             servers[0].addr()
         )
     );
@@ -78,6 +78,70 @@ pub async fn a_kratos_client_calls_every_server_published_with_the_kratos_format
                 .as_u64()
                 .is_some_and(|n| n > 0),
             "kratos' balancer reaches all three: {result}"
+        );
+    }
+    env.shutdown().await;
+}
+
+/// Servers published through `serviceRef` (pod → EndpointSlice computed by the real
+/// kube-controller-manager → controller → etcd) are reached by Go's own etcd naming resolver
+/// with round_robin, with no code from us. Endpoint addresses cannot be loopback, so the
+/// servers listen on this host's address.
+pub async fn go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::new(plane, &ns).await;
+    let host = test_support::host_ip();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(
+            greeter::GreeterServer::start(std::net::SocketAddr::new(host, 0))
+                .await
+                .unwrap(),
+        );
+    }
+    env.k8s_service("hello", Some(json!({"app": "hello"})))
+        .await;
+    env.service(
+        "hello-grpc",
+        json!({"serviceRef": {"name": "hello", "port": "grpc"}}),
+    )
+    .await;
+    for (i, server) in servers.iter().enumerate() {
+        let name = format!("hello-{i}");
+        env.pod(&name, json!({"app": "hello"}), server.addr().port())
+            .await;
+        env.set_ready(&name, &host.to_string(), true).await;
+    }
+    let target = format!("services/{ns}/hello-grpc");
+    crate::harness::eventually("three endpoints, one per server port", || async {
+        env.keys_under(&format!("{target}/")).await.len() == 3
+    })
+    .await;
+
+    let endpoint = env.etcd.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(interop_bin())
+            .args(["call", "-etcd", &endpoint, "-target", &target, "-n", "60"])
+            .output()
+            .expect("failed to run the Go interop client")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "interop call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["failed"], 0, "{result}");
+    for server in &servers {
+        assert!(
+            result["servers"][server.addr().to_string()]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+            "round_robin reaches all three: {result}"
         );
     }
     env.shutdown().await;

@@ -11,6 +11,7 @@ mod faults;
 mod harness;
 mod interop;
 mod operator;
+mod slices;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +42,20 @@ fn main() {
             .expect("failed to build runtime"),
     );
     let plane: Plane = Arc::new(runtime.block_on(ControlPlane::start()));
+    // The node every test pod runs on: kube-controller-manager's endpointslice controller
+    // leaves out pods whose Node does not exist, and takes the endpoint's zone from it.
+    runtime.block_on(async {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(plane.client().await);
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "node-1",
+                    "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))
+                .unwrap(),
+            )
+            .await
+            .expect("failed to create node-1");
+    });
     // `kubectl apply`, exactly as the README tells users.
     plane.install_crd(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -130,6 +145,11 @@ fn main() {
         trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
         trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
         trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
+        trial(&runtime, &plane, "slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port", slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port),
+        trial(&runtime, &plane, "slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one", slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one),
+        trial(&runtime, &plane, "slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters", slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters),
+        trial(&runtime, &plane, "slices::ipv6_endpoints_of_a_service_are_published_bracketed", slices::ipv6_endpoints_of_a_service_are_published_bracketed),
+        trial(&runtime, &plane, "interop::go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref", interop::go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref),
         trial(&runtime, &plane, "interop::a_kratos_client_calls_every_server_published_with_the_kratos_format", interop::a_kratos_client_calls_every_server_published_with_the_kratos_format),
         trial(&runtime, &plane, "chart::helm_install_then_the_charts_service_account_runs_the_whole_flow", chart::helm_install_then_the_charts_service_account_runs_the_whole_flow),
         trial(&runtime, &plane, "faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready", faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready),
@@ -202,7 +222,8 @@ async fn ready_pods_are_published(plane: Plane, ns: String) {
     assert_eq!(endpoint.addr, "10.1.0.2:50051");
     assert_eq!(
         endpoint.metadata.unwrap(),
-        json!({"namespace": ns, "node": "node-1", "pod": "g-1"})
+        // The API server copies the Node's zone label onto pods bound to it.
+        json!({"namespace": ns, "node": "node-1", "pod": "g-1", "zone": "zone-a"})
     );
     assert!(
         value.starts_with(r#"{"Op":0,"Addr":"10.1.0.2:50051","#),

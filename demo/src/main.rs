@@ -1,9 +1,11 @@
 //! `make demo`: the product end to end on one machine, with nothing faked.
 //!
-//! A real kube-apiserver (and its etcd), a registry etcd, the controller, three real tonic Greeter
-//! servers standing in for the pods' containers, and a tonic client resolving through
-//! tonic-etcd-resolver. There is no kubelet, so the demo plays its part: it patches each pod's
-//! status (IP and readiness) as a kubelet would.
+//! A real kube-apiserver (and its etcd) with kube-controller-manager's endpointslice controller,
+//! a registry etcd, the controller, real tonic Greeter servers standing in for the pods'
+//! containers, and a tonic client resolving through tonic-etcd-resolver. Both sources are shown:
+//! `greeter` publishes the pods its selector matches, `hello` the endpoints of a Service's
+//! EndpointSlices. There is no kubelet, so the demo plays its part: it patches each pod's status
+//! (IP and readiness) as a kubelet would.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use tokio::sync::watch;
 use tonic_etcd_resolver::{LbChannel, Options, Resolver};
 
 const TARGET: &str = "services/default/greeter";
+const HELLO_TARGET: &str = "services/default/hello";
 const PODS: [(&str, &str); 3] = [
     ("greeter-0", "127.0.0.11"),
     ("greeter-1", "127.0.0.12"),
@@ -66,6 +69,11 @@ async fn wait_ready(resolver: &Resolver, n: usize) -> anyhow::Result<Duration> {
 }
 
 async fn calls(channel: &LbChannel, n: usize) -> anyhow::Result<()> {
+    calls_to(channel, n, &PODS).await
+}
+
+/// `n` calls, each printed with the pod whose IP (or `ip:port`) answered.
+async fn calls_to(channel: &LbChannel, n: usize, pods: &[(&str, &str)]) -> anyhow::Result<()> {
     let mut client = GreeterClient::new(channel.clone());
     let mut spread = BTreeMap::new();
     for i in 0..n {
@@ -76,7 +84,7 @@ async fn calls(channel: &LbChannel, n: usize) -> anyhow::Result<()> {
             .await
             .context("call failed")?
             .into_inner();
-        let who = PODS
+        let who = pods
             .iter()
             .find(|(_, ip)| reply.server.starts_with(ip))
             .map_or("?", |(pod, _)| pod);
@@ -84,6 +92,101 @@ async fn calls(channel: &LbChannel, n: usize) -> anyhow::Result<()> {
         *spread.entry(who).or_insert(0) += 1;
     }
     println!("    spread: {spread:?}");
+    Ok(())
+}
+
+/// The second source: a Service's EndpointSlices, computed from its pods by the real
+/// kube-controller-manager (pod → EndpointSlice → controller → etcd).
+async fn hello(plane: &ControlPlane, pods: &Api<Pod>, registry: &EtcdServer) -> anyhow::Result<()> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    step("kubectl apply -f demo/hello.yaml   (a Service, a GrpcService with serviceRef, two pods)");
+    print!(
+        "    {}",
+        kubectl(plane, &["apply", "-f", &format!("{root}/demo/hello.yaml")])?
+            .replace('\n', "\n    ")
+    );
+    // EndpointSlice addresses cannot be loopback: the servers listen on this host's address.
+    let host = test_support::host_ip().to_string();
+    let addrs = [format!("{host}:50061"), format!("{host}:50062")];
+    let names = [
+        ("hello-0", addrs[0].as_str()),
+        ("hello-1", addrs[1].as_str()),
+    ];
+    step("Two real Greeter servers on this host's address, and the pods marked Ready");
+    let mut servers = Vec::new();
+    for (name, addr) in names {
+        let server = GreeterServer::start(addr.parse()?).await?;
+        println!("    {name}: serving on {}", server.addr());
+        servers.push(server);
+        set_ready(pods, name, &host, true).await?;
+    }
+    let resolver =
+        Resolver::connect([registry.endpoint()], HELLO_TARGET, Options::default()).await?;
+    let took = wait_ready(&resolver, 2).await?;
+    println!(
+        "    the client sees 2 endpoints of services/default/hello ({} ms after it started watching)",
+        took.as_millis()
+    );
+    calls_to(&resolver.channel(), 4, &names).await?;
+
+    step(
+        "kubectl get endpointslices -l kubernetes.io/service-name=hello   (two ports, two slices)",
+    );
+    println!(
+        "    {}",
+        kubectl(
+            plane,
+            &[
+                "get",
+                "endpointslices",
+                "-n",
+                "default",
+                "-l",
+                "kubernetes.io/service-name=hello"
+            ]
+        )?
+        .trim_end()
+        .replace('\n', "\n    ")
+    );
+    kubectl(
+        plane,
+        &[
+            "wait",
+            "grpcsvc/hello",
+            "-n",
+            "default",
+            "--for=jsonpath={.status.registeredEndpoints}=2",
+            "--timeout=10s",
+        ],
+    )?;
+    print!(
+        "    {}",
+        kubectl(plane, &["get", "grpcsvc", "-n", "default", "-o", "wide"])?.replace('\n', "\n    ")
+    );
+
+    step("hello-1 turns unready: pod → its EndpointSlice → the registry");
+    let flipped = Instant::now();
+    set_ready(pods, "hello-1", &host, false).await?;
+    wait_ready(&resolver, 1).await?;
+    println!(
+        "    out of the client's rotation in {} ms",
+        flipped.elapsed().as_millis()
+    );
+    calls_to(&resolver.channel(), 2, &names).await?;
+    kubectl(
+        plane,
+        &[
+            "delete",
+            "grpcsvc",
+            "hello",
+            "-n",
+            "default",
+            "--wait=true",
+            "--timeout=30s",
+        ],
+    )?;
+    wait_ready(&resolver, 0).await?;
+    drop(servers);
     Ok(())
 }
 
@@ -96,7 +199,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
 
-    step("Starting a real control plane (kube-apiserver + etcd) and a registry etcd");
+    step(
+        "Starting a real control plane (kube-apiserver + etcd, kube-controller-manager's endpointslice controller) and a registry etcd",
+    );
     let plane = ControlPlane::start().await;
     let registry_etcd = EtcdServer::start().await;
     println!(
@@ -213,6 +318,8 @@ async fn main() -> anyhow::Result<()> {
         flipped.elapsed().as_millis()
     );
     calls(&resolver.channel(), 6).await?;
+
+    hello(&plane, &pods, &registry_etcd).await?;
 
     step("kubectl delete grpcsvc greeter: the finalizer removes every key");
     kubectl(

@@ -45,6 +45,23 @@ fn kubectl(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `kubectl delete grpcsvc <name>`, waiting for the finalizer to have removed every key.
+fn delete_grpcsvc(plane: &ControlPlane, name: &str) -> anyhow::Result<()> {
+    kubectl(
+        plane,
+        &[
+            "delete",
+            "grpcsvc",
+            name,
+            "-n",
+            "default",
+            "--wait=true",
+            "--timeout=30s",
+        ],
+    )?;
+    Ok(())
+}
+
 async fn set_ready(pods: &Api<Pod>, name: &str, ip: &str, ready: bool) -> anyhow::Result<()> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let status = json!({"status": {
@@ -173,18 +190,7 @@ async fn hello(plane: &ControlPlane, pods: &Api<Pod>, registry: &EtcdServer) -> 
         flipped.elapsed().as_millis()
     );
     calls_to(&resolver.channel(), 2, &names).await?;
-    kubectl(
-        plane,
-        &[
-            "delete",
-            "grpcsvc",
-            "hello",
-            "-n",
-            "default",
-            "--wait=true",
-            "--timeout=30s",
-        ],
-    )?;
+    delete_grpcsvc(plane, "hello")?;
     wait_ready(&resolver, 0).await?;
     drop(servers);
     Ok(())
@@ -322,18 +328,7 @@ async fn main() -> anyhow::Result<()> {
     hello(&plane, &pods, &registry_etcd).await?;
 
     step("kubectl delete grpcsvc greeter: the finalizer removes every key");
-    kubectl(
-        &plane,
-        &[
-            "delete",
-            "grpcsvc",
-            "greeter",
-            "-n",
-            "default",
-            "--wait=true",
-            "--timeout=30s",
-        ],
-    )?;
+    delete_grpcsvc(&plane, "greeter")?;
     wait_ready(&resolver, 0).await?;
     println!("    registry empty; the client has no endpoints");
 

@@ -9,6 +9,39 @@ use test_support::interop_bin;
 use crate::Plane;
 use crate::harness::Env;
 
+/// Runs the Go interop client with `args` and returns its JSON report, failing on a non-zero
+/// exit.
+async fn go_client(args: &[&str]) -> serde_json::Value {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(interop_bin())
+            .args(&args)
+            .output()
+            .expect("failed to run the Go interop client")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "the Go interop client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// No call failed and the client's balancer reached every server.
+fn every_server_answered(result: &serde_json::Value, servers: &[greeter::GreeterServer]) {
+    assert_eq!(result["failed"], 0, "{result}");
+    for server in servers {
+        assert!(
+            result["servers"][server.addr().to_string()]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+            "the balancer reaches every server: {result}"
+        );
+    }
+}
+
 /// A GrpcService with `format: Kratos` publishes each ready pod as a kratos `ServiceInstance`
 /// under `/microservices/<name>/<pod>`; a real kratos client (its etcd registry and
 /// `discovery:///` dialer) finds the real tonic servers behind them and spreads calls over all.
@@ -56,30 +89,11 @@ pub async fn a_kratos_client_calls_every_server_published_with_the_kratos_format
     );
 
     let endpoint = env.etcd.endpoint();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(interop_bin())
-            .args(["kratos", "-etcd", &endpoint, "-name", "hello"])
-            .args(["-n", "60", "-wait", "10s"])
-            .output()
-            .expect("failed to run the Go interop client")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "interop kratos failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["failed"], 0, "{result}");
-    for server in &servers {
-        assert!(
-            result["servers"][server.addr().to_string()]
-                .as_u64()
-                .is_some_and(|n| n > 0),
-            "kratos' balancer reaches all three: {result}"
-        );
-    }
+    let result = go_client(&[
+        "kratos", "-etcd", &endpoint, "-name", "hello", "-n", "60", "-wait", "10s",
+    ])
+    .await;
+    every_server_answered(&result, &servers);
     env.shutdown().await;
 }
 
@@ -121,28 +135,7 @@ pub async fn go_etcd_naming_resolver_reaches_servers_published_through_a_service
     .await;
 
     let endpoint = env.etcd.endpoint();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(interop_bin())
-            .args(["call", "-etcd", &endpoint, "-target", &target, "-n", "60"])
-            .output()
-            .expect("failed to run the Go interop client")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "interop call failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["failed"], 0, "{result}");
-    for server in &servers {
-        assert!(
-            result["servers"][server.addr().to_string()]
-                .as_u64()
-                .is_some_and(|n| n > 0),
-            "round_robin reaches all three: {result}"
-        );
-    }
+    let result = go_client(&["call", "-etcd", &endpoint, "-target", &target, "-n", "60"]).await;
+    every_server_answered(&result, &servers);
     env.shutdown().await;
 }

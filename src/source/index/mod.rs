@@ -53,6 +53,30 @@ pub(super) fn anchors(selector: &Selector) -> Vec<Anchor> {
         .collect()
 }
 
+/// A per-namespace index of GrpcServices by name, for [`retain_live`].
+pub(super) trait ByName {
+    /// The GrpcService names indexed.
+    fn names(&self) -> Vec<String>;
+    /// Forgets one.
+    fn forget(&mut self, name: &str);
+}
+
+/// Keeps only the GrpcServices in `live` (after a re-list), by `(namespace, name)`, and drops
+/// namespaces left empty.
+pub(super) fn retain_live<N: ByName>(
+    by_ns: &mut HashMap<String, N>,
+    live: &HashSet<(String, String)>,
+) {
+    for (namespace, ns) in by_ns.iter_mut() {
+        for name in ns.names() {
+            if !live.contains(&(namespace.clone(), name.clone())) {
+                ns.forget(&name);
+            }
+        }
+    }
+    by_ns.retain(|_, ns| !ns.names().is_empty());
+}
+
 /// Label postings: key → value → ids.
 #[derive(Debug, Default)]
 pub(super) struct Postings(HashMap<String, HashMap<String, HashSet<String>>>);

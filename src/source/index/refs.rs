@@ -3,6 +3,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use super::{ByName, retain_live};
+
 /// The references of one namespace.
 #[derive(Debug, Default)]
 struct NamespaceRefs {
@@ -22,6 +24,16 @@ impl NamespaceRefs {
                 self.by_service.remove(&service);
             }
         }
+    }
+}
+
+impl ByName for NamespaceRefs {
+    fn names(&self) -> Vec<String> {
+        self.refs.keys().cloned().collect()
+    }
+
+    fn forget(&mut self, name: &str) {
+        self.remove(name);
     }
 }
 
@@ -58,19 +70,7 @@ impl ServiceRefIndex {
 
     /// Keeps only the GrpcServices in `live` (after a re-list), by `(namespace, name)`.
     pub fn retain(&self, live: &HashSet<(String, String)>) {
-        let mut by_ns = self.0.write().expect("lock");
-        for (namespace, ns) in by_ns.iter_mut() {
-            let gone: Vec<String> = ns
-                .refs
-                .keys()
-                .filter(|name| !live.contains(&(namespace.clone(), (*name).clone())))
-                .cloned()
-                .collect();
-            for name in gone {
-                ns.remove(&name);
-            }
-        }
-        by_ns.retain(|_, ns| !ns.refs.is_empty());
+        retain_live(&mut self.0.write().expect("lock"), live);
     }
 
     /// The GrpcServices in `namespace` that name `service`.

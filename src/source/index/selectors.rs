@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use kube::core::{Selector, SelectorExt};
 
-use super::{Anchor, Labels, anchors};
+use super::{Anchor, ByName, Labels, anchors, retain_live};
 
 /// One service's parsed selector.
 #[derive(Debug)]
@@ -61,6 +61,16 @@ impl NamespaceSelectors {
         if let Some(old) = self.services.remove(name) {
             self.post(name, old.anchor.as_ref(), false);
         }
+    }
+}
+
+impl ByName for NamespaceSelectors {
+    fn names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
+    fn forget(&mut self, name: &str) {
+        self.remove(name);
     }
 }
 
@@ -124,19 +134,7 @@ impl SelectorIndex {
 
     /// Keeps only the services in `live` (after a re-list), by `(namespace, name)`.
     pub fn retain(&self, live: &HashSet<(String, String)>) {
-        let mut by_ns = self.0.write().expect("lock");
-        for (namespace, ns) in by_ns.iter_mut() {
-            let gone: Vec<String> = ns
-                .services
-                .keys()
-                .filter(|name| !live.contains(&(namespace.clone(), (*name).clone())))
-                .cloned()
-                .collect();
-            for name in gone {
-                ns.remove(&name);
-            }
-        }
-        by_ns.retain(|_, ns| !ns.services.is_empty());
+        retain_live(&mut self.0.write().expect("lock"), live);
     }
 
     /// The services in `namespace` whose selector matches `labels`: only those posted under one

@@ -167,7 +167,7 @@ impl Default for Metrics {
         let transition_to_registry = Histogram::new(exponential_buckets(0.25, 2.0, 10));
         registry.register(
             "propagation_seconds",
-            "From this controller seeing a pod's readiness change (watch event) to the registry commit reflecting it",
+            "From this controller seeing a readiness change (a pod or EndpointSlice watch event) to the registry commit reflecting it",
             propagation.clone(),
         );
         registry.register(

@@ -125,6 +125,20 @@ impl ControlPlane {
     /// When a binary is missing, a process exits, or either server is not ready within its
     /// deadline.
     pub async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// As [`ControlPlane::start`], without kube-controller-manager: for benches of the pod
+    /// source alone, where its pod informer would compete for the CPU with the controller
+    /// measured.
+    ///
+    /// # Panics
+    /// As [`ControlPlane::start`].
+    pub async fn start_without_controller_manager() -> Self {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(controller_manager: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("controlplane-")
             .tempdir()
@@ -188,10 +202,13 @@ impl ControlPlane {
             kubeconfig,
         };
         plane.wait_ready().await;
-        // Started once the API server is ready: it gives the API server only 10s to be healthy.
-        let (child, port) = controller_manager::spawn(plane.dir.path(), &plane.kubeconfig);
-        plane.controller_manager = Some(child);
-        plane.wait_controller_manager(port).await;
+        if controller_manager {
+            // Started once the API server is ready: it gives the API server only 10s to be
+            // healthy.
+            let (child, port) = controller_manager::spawn(plane.dir.path(), &plane.kubeconfig);
+            plane.controller_manager = Some(child);
+            plane.wait_controller_manager(port).await;
+        }
         plane
     }
 

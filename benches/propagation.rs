@@ -32,7 +32,7 @@ fn status(ready: bool) -> serde_json::Value {
 
 #[tokio::main]
 async fn main() {
-    let plane = ControlPlane::start().await;
+    let plane = ControlPlane::start_without_controller_manager().await;
     plane.install_crd(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/crds/grpcservice.yaml"

@@ -94,7 +94,9 @@ pub struct GrpcServiceSpec {
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(
         validation = Rule::new("self.matches('^/?[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$')")
-            .message("target must be '/'-separated segments of letters, digits, '.', '_' and '-', with no empty segment and no trailing slash")
+            .message("target must be '/'-separated segments of letters, digits, '.', '_' and '-', with no empty segment and no trailing slash"),
+        validation = Rule::new("!self.matches('(^|/)[.][.]?(/|$)')")
+            .message("target must not contain '.' or '..' segments"),
     )]
     pub target: Option<String>,
 
@@ -117,10 +119,16 @@ pub struct GrpcServiceSpec {
 
     /// Static metadata merged into every endpoint's metadata (`EtcdNaming` and `Kratos`;
     /// `version` is also kratos' instance version).
+    ///
+    /// At most 32 entries, keys of at most 63 characters and values of at most 1024 (about
+    /// 35 KB in all), so that a value always fits in an etcd request.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 1024}))]
     #[x_kube(
         validation = Rule::new("self.all(k, !(k in ['pod', 'namespace', 'node', 'zone']))")
-            .message("metadata keys pod, namespace, node and zone are reserved for the controller")
+            .message("metadata keys pod, namespace, node and zone are reserved for the controller"),
+        validation = Rule::new("self.all(k, size(k) >= 1 && size(k) <= 63)")
+            .message("metadata keys must be 1 to 63 characters"),
     )]
     pub metadata: BTreeMap<String, String>,
 

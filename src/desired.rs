@@ -116,6 +116,17 @@ pub enum SpecError {
     /// The key template does not parse.
     #[error("failed to parse keyTemplate: {0}")]
     Template(String),
+    /// An entry too large for any registry write.
+    #[error(
+        "failed to render key {key:?}: {bytes} bytes, over the {max} a registry write can carry; shrink metadata",
+        max = layout::MAX_ENTRY_BYTES
+    )]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// Its key and value bytes.
+        bytes: usize,
+    },
     /// Two endpoints render to the same key, so one would silently hide the other.
     #[error("failed to render keys: pods {first:?} and {second:?} both map to key {key:?}")]
     KeyCollision {
@@ -252,6 +263,17 @@ pub fn default_target(key_prefix: &str, namespace: &str, name: &str) -> String {
     format!("{}/{namespace}/{name}", key_prefix.trim_end_matches('/'))
 }
 
+/// The target a spec asks for, checked against the tenancy rules (DESIGN §4):
+///
+/// - normalised: `/`-separated segments of letters, digits, `.`, `_` and `-`, none empty, `.`
+///   or `..`, no trailing `/` (a leading `/` is kept: it is part of the key clients watch);
+/// - never the registrar root, inside it, or above it;
+/// - never another namespace's default prefix, inside it, or above every namespace's (the key
+///   prefix itself or a parent of it), whatever the custom-target policy: a sync of a target
+///   deletes what it does not publish under it, so a target above another's would delete its
+///   keys, and one inside another namespace's prefix would take its clients' traffic;
+/// - inside the namespace's own prefix (`<key-prefix>/<namespace>/…`, strictly below it), or,
+///   in namespaces the policy allows, anywhere else.
 fn resolve_target(
     requested: Option<&str>,
     namespace: &str,
@@ -261,26 +283,54 @@ fn resolve_target(
     let Some(target) = requested else {
         return Ok(default_target(&policy.key_prefix, namespace, name));
     };
-    let malformed = target.is_empty()
-        || target.ends_with('/')
-        || target.trim_start_matches('/').split('/').any(|s| {
+    let path = target.strip_prefix('/').unwrap_or(target);
+    let malformed = path.is_empty()
+        || path.split('/').any(|s| {
             s.is_empty()
+                || s == "."
+                || s == ".."
                 || !s
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         });
     if malformed {
-        return Err(SpecError::Target(target.into(), "malformed"));
-    }
-    let root = policy.registrar_root.trim_end_matches('/');
-    if target == root || target.starts_with(&format!("{root}/")) {
         return Err(SpecError::Target(
             target.into(),
-            "inside the controller's own records",
+            "malformed: empty, '.' or '..' segments are not allowed",
         ));
     }
-    let own = format!("{}/{namespace}", policy.key_prefix.trim_end_matches('/'));
-    if target.starts_with(&format!("{own}/")) || policy.custom_targets.allows(namespace) {
+    let nests = |prefix: &str| {
+        let prefix = prefix.trim_matches('/');
+        path == prefix
+            || path.starts_with(&format!("{prefix}/"))
+            || prefix.starts_with(&format!("{path}/"))
+    };
+    if nests(&policy.registrar_root) {
+        return Err(SpecError::Target(
+            target.into(),
+            "inside or above the controller's own records",
+        ));
+    }
+    let key_prefix = policy.key_prefix.trim_matches('/');
+    let own = format!("{key_prefix}/{namespace}");
+    if path.starts_with(&format!("{own}/")) {
+        return Ok(target.to_owned());
+    }
+    if nests(key_prefix) {
+        // The key prefix itself, a parent of it, or another namespace's default prefix (or its
+        // own, without a name): no policy allows these.
+        let allowed = if policy.custom_targets.allows(namespace) {
+            format!("{own}/, or outside {key_prefix}/")
+        } else {
+            format!("{own}/")
+        };
+        return Err(SpecError::TargetNotAllowed {
+            target: target.into(),
+            namespace: namespace.into(),
+            allowed,
+        });
+    }
+    if policy.custom_targets.allows(namespace) {
         Ok(target.to_owned())
     } else {
         Err(SpecError::TargetNotAllowed {

@@ -190,6 +190,42 @@ async fn a_second_claimant_gets_conflict_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_target_nested_in_or_containing_an_owned_one_is_a_conflict_naming_it() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    claim_and_sync(&reg, "shared/hello", &owner("victim"), 2).await;
+    for outer_or_inner in ["shared", "shared/hello/v2", "shared/hello/v2/x"] {
+        let claim = reg.claim(outer_or_inner, &owner("attacker")).await.unwrap();
+        let Claim::Conflict {
+            owner: holder,
+            target,
+            version,
+        } = claim
+        else {
+            panic!("{outer_or_inner}: expected a conflict, got {claim:?}");
+        };
+        assert_eq!((holder, target.as_str()), (owner("victim"), "shared/hello"));
+        // Not even a takeover (the owner looked stale) gets past the nesting check.
+        assert!(matches!(
+            reg.take_over(outer_or_inner, &owner("attacker"), version)
+                .await
+                .unwrap(),
+            Claim::Conflict { .. }
+        ));
+    }
+    // A sibling that only shares a string prefix is not nested.
+    assert_eq!(
+        reg.claim("shared/hellox", &owner("other")).await.unwrap(),
+        Claim::Owned
+    );
+    assert_eq!(
+        dump(&etcd, "shared/hello/").await.len(),
+        2,
+        "the victim's keys are untouched"
+    );
+}
+
+#[tokio::test]
 async fn a_thousand_endpoints_apply_in_txns_of_at_most_128_ops() {
     let etcd = EtcdServer::start_with(&["--max-txn-ops=128"]).await;
     let (reg, _) = registry(&etcd).await;
@@ -205,6 +241,32 @@ async fn a_thousand_endpoints_apply_in_txns_of_at_most_128_ops() {
     assert_eq!(report.puts, 1000);
     assert_eq!(report.txns, 8, "ceil(1000 / 128)");
     assert_eq!(dump(&etcd, "services/").await.len(), 1000);
+}
+
+#[tokio::test]
+async fn large_values_are_written_in_txns_bounded_by_bytes_under_etcds_request_limit() {
+    // etcd's default request limit (1.5 MiB): three 600 KB values in one txn would be refused
+    // with "etcdserver: request is too large".
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let target = "services/default/fat";
+    assert_eq!(
+        reg.claim(target, &owner("fat")).await.unwrap(),
+        Claim::Owned
+    );
+    let big: BTreeMap<String, Vec<u8>> = (0..3)
+        .map(|i| (format!("{target}/10.0.0.{i}:50051"), vec![b'x'; 600 * 1024]))
+        .collect();
+    let report = reg
+        .sync_entries(target, &owner("fat"), TTL, Arc::new(big))
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.puts, report.txns),
+        (3, 3),
+        "one 600 KB value per txn"
+    );
+    assert_eq!(dump(&etcd, "services/").await.len(), 3);
 }
 
 #[tokio::test]

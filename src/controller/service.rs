@@ -64,6 +64,18 @@ impl GrpcService {
         };
         tracing::Span::current().record("target", plan.target.as_str());
 
+        // What the spec asks for, computed before the claim so that status counts are true in
+        // every outcome (a conflict too), and the spec is known valid before anything is claimed.
+        let selected = self.select(ctx, &plan);
+        let mut want = desired(&plan, &selected);
+        // A spec whose keys cannot be written (two endpoints on one key, an entry too large for
+        // any write) is invalid: found here, before anything is released or claimed.
+        if let Err(e) = plan.layout().render(&want.endpoints) {
+            return self
+                .invalid_spec_for(ctx, &e, Some((&plan.target, &want)))
+                .await;
+        }
+
         // A changed target: free the old one first, so it never holds stale endpoints.
         if let Some(old) = self.status.as_ref().and_then(|s| s.target.as_deref())
             && old != plan.target
@@ -71,11 +83,6 @@ impl GrpcService {
             let deleted = ctx.backend.release(old, &owner).await?;
             info!(old_target = old, deleted, "released previous target");
         }
-
-        // What the spec asks for, computed before the claim so that status counts are true in
-        // every outcome (a conflict too).
-        let selected = self.select(ctx, &plan);
-        let mut want = desired(&plan, &selected);
 
         if !ctx.backend.reachable() {
             let error = registry::Error::Unreachable {
@@ -87,9 +94,18 @@ impl GrpcService {
         }
         match self.claim(ctx, &plan.target, &owner).await? {
             Ok(Claim::Owned) => {}
-            Ok(Claim::Conflict { owner: other, .. }) => {
+            Ok(Claim::Conflict {
+                owner: other,
+                target: held,
+                ..
+            }) => {
                 self.note_transitions(ctx, &selected, false);
-                let owner = format!("{}/{}", other.namespace, other.name);
+                let mut owner = format!("{}/{}", other.namespace, other.name);
+                if held != plan.target {
+                    owner.push_str(&format!(
+                        " through target {held}, which overlaps it (a sync of the outer target would delete the inner one's keys)"
+                    ));
+                }
                 let outcome = Outcome::Conflict {
                     target: &plan.target,
                     owner: owner.clone(),
@@ -329,11 +345,14 @@ impl GrpcService {
         let Claim::Conflict {
             owner: other,
             version,
+            target: held,
         } = &claim
         else {
             return Ok(Ok(claim));
         };
-        if other.namespace.is_empty() {
+        // Only the target itself is taken over from a stale owner; a nested or containing
+        // target stays its owner's until released.
+        if other.namespace.is_empty() || held != target {
             return Ok(Ok(claim));
         }
         let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &other.namespace);

@@ -192,7 +192,7 @@ async fn an_unreachable_registry_is_reported_in_status_and_retried() {
 }
 
 #[tokio::test]
-async fn a_colliding_key_template_is_an_invalid_spec_and_publishes_nothing() {
+async fn a_colliding_key_template_is_an_invalid_spec_that_claims_and_publishes_nothing() {
     let registry = backend();
     let pods = [
         PodBuilder::ready("p1", "10.0.0.1").build(),
@@ -216,6 +216,11 @@ async fn a_colliding_key_template_is_an_invalid_spec_and_publishes_nothing() {
     server.await.unwrap();
     assert_eq!(action, Action::await_change());
     assert!(keys(&registry, "services/default/greeter").is_empty());
+    assert_eq!(
+        registry.owner("services/default/greeter"),
+        None,
+        "an invalid spec claims nothing"
+    );
 }
 
 #[tokio::test]

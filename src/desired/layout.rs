@@ -8,6 +8,11 @@ use tonic_etcd_resolver::format::{Endpoint, ValueFormat};
 use super::{LogicalEndpoint, Plan, SpecError, template};
 use crate::desired::KeyTemplate;
 
+/// The most bytes one entry (key and value) may take: one entry alone always fits in one
+/// registry write (etcd refuses requests over 1.5 MiB; its txn batches are bounded by
+/// [`crate::registry::etcd::MAX_TXN_BYTES`], this much).
+pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
 /// The wire layout of one service: where its keys go and how values are encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -78,11 +83,13 @@ impl Layout {
         self.format.codec().render(&wire)
     }
 
-    /// Every key and value, checking that no two endpoints share a key.
+    /// Every key and value, checking that no two endpoints share a key and that each entry fits
+    /// in one registry write.
     ///
     /// # Errors
     /// [`SpecError::KeyCollision`] naming both endpoints, when the key template maps two to one
-    /// key (one would silently hide the other).
+    /// key (one would silently hide the other); [`SpecError::TooLarge`] for an entry over
+    /// [`MAX_ENTRY_BYTES`].
     pub fn render(
         &self,
         endpoints: &[LogicalEndpoint],
@@ -98,7 +105,12 @@ impl Layout {
                     second: endpoint.id.clone(),
                 });
             }
-            out.insert(key, self.value(endpoint));
+            let value = self.value(endpoint);
+            let bytes = key.len() + value.len();
+            if bytes > MAX_ENTRY_BYTES {
+                return Err(SpecError::TooLarge { key, bytes });
+            }
+            out.insert(key, value);
         }
         Ok(out)
     }

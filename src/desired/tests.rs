@@ -309,16 +309,80 @@ fn custom_target_under_own_namespace_prefix_is_allowed() {
 }
 
 #[test]
-fn custom_target_in_another_namespace_prefix_is_refused_unless_allowed() {
+fn custom_target_in_another_namespace_prefix_is_refused_even_where_custom_targets_are_allowed() {
     let mut svc = service("greeter");
     svc.spec.target = Some("services/payments/greeter".into());
     let err = Plan::new(&svc, &Policy::default()).unwrap_err();
     assert!(matches!(err, SpecError::TargetNotAllowed { .. }), "{err}");
     let policy = Policy {
-        custom_targets: CustomTargets::parse("ops, default"),
+        custom_targets: CustomTargets::All,
         ..Policy::default()
     };
-    assert!(Plan::new(&svc, &policy).is_ok());
+    let err = Plan::new(&svc, &policy).unwrap_err();
+    assert!(matches!(err, SpecError::TargetNotAllowed { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("may only publish under \"services/default/, or outside services/\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_tenancy_rules_hold_for_every_target_shape_with_and_without_custom_targets() {
+    use CustomTargets::{All, None as NoCustom};
+    // (target, custom targets allowed, Ok(normalised) or the error kind)
+    let cases: &[(&str, CustomTargets, Result<&str, &str>)] = &[
+        ("services/default/a", NoCustom, Ok("services/default/a")),
+        ("services/default/a/b", NoCustom, Ok("services/default/a/b")),
+        ("/services/default/a", NoCustom, Ok("/services/default/a")),
+        ("services/default", NoCustom, Err("not allowed")),
+        ("services/default", All, Err("not allowed")),
+        ("services/victim/hello", NoCustom, Err("not allowed")),
+        ("services/victim/hello", All, Err("not allowed")),
+        ("/services/victim/hello", All, Err("not allowed")),
+        ("services/victim", All, Err("not allowed")),
+        ("services", All, Err("not allowed")),
+        ("/services", All, Err("not allowed")),
+        (
+            "services/default/../victim/hello",
+            NoCustom,
+            Err("malformed"),
+        ),
+        ("services/bad/../victim/hello", All, Err("malformed")),
+        ("services/default/./a", NoCustom, Err("malformed")),
+        ("services/default/a/..", All, Err("malformed")),
+        ("services//default/a", All, Err("malformed")),
+        ("services/default/a/", All, Err("malformed")),
+        ("/", All, Err("malformed")),
+        ("grpc-registrar/owners/x", All, Err("records")),
+        ("grpc-registrar", All, Err("records")),
+        ("/grpc-registrar/x", All, Err("records")),
+        ("etcdv3_resolver/greeter", NoCustom, Err("not allowed")),
+        (
+            "etcdv3_resolver/greeter",
+            All,
+            Ok("etcdv3_resolver/greeter"),
+        ),
+        ("/microservices/hello", All, Ok("/microservices/hello")),
+        ("servicesx/victim/hello", All, Ok("servicesx/victim/hello")),
+    ];
+    for (target, custom, want) in cases {
+        let mut svc = service("greeter");
+        svc.spec.target = Some((*target).into());
+        let policy = Policy {
+            custom_targets: custom.clone(),
+            ..Policy::default()
+        };
+        let got = Plan::new(&svc, &policy).map(|p| p.target);
+        let kind = match &got {
+            Ok(t) => Ok(t.as_str()),
+            Err(SpecError::TargetNotAllowed { .. }) => Err("not allowed"),
+            Err(SpecError::Target(_, m)) if m.starts_with("malformed") => Err("malformed"),
+            Err(SpecError::Target(_, m)) if m.contains("records") => Err("records"),
+            Err(e) => panic!("{target}: unexpected {e}"),
+        };
+        assert_eq!(&kind, want, "{target} with {custom:?}: {got:?}");
+    }
 }
 
 #[test]

@@ -138,7 +138,19 @@ impl Backend for MemoryBackend {
                 Claim::Conflict {
                     owner: current.owner.clone(),
                     version: current.version,
+                    target: target.to_owned(),
                 }
+            });
+        }
+        if let Some((other, current)) = state
+            .targets
+            .iter()
+            .find(|(other, _)| crate::registry::nested(target, other))
+        {
+            return Ok(Claim::Conflict {
+                owner: current.owner.clone(),
+                version: current.version,
+                target: other.clone(),
             });
         }
         state.writes += 1;
@@ -169,6 +181,7 @@ impl Backend for MemoryBackend {
                     return Ok(Claim::Conflict {
                         owner: t.owner.clone(),
                         version: t.version,
+                        target: target.to_owned(),
                     });
                 }
                 None => {}

@@ -39,17 +39,38 @@ impl Owner {
     }
 }
 
+/// Whether two different targets nest, one inside the other (`a/b` and `a/b/c`, not `a/b` and
+/// `a/bc`): a sync of the outer one would delete the inner one's keys.
+#[must_use]
+pub fn nested(a: &str, b: &str) -> bool {
+    a != b && (b.starts_with(&format!("{a}/")) || a.starts_with(&format!("{b}/")))
+}
+
+/// Every proper ancestor of a target, `a` and `a/b` for `a/b/c` (a leading `/` kept).
+#[must_use]
+pub fn ancestors(target: &str) -> Vec<&str> {
+    target
+        .match_indices('/')
+        .map(|(i, _)| &target[..i])
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
 /// The outcome of a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// The caller owns the target.
     Owned,
-    /// Someone else does.
+    /// Someone else owns it, or a target nested in it or containing it (whose sync would
+    /// delete the other's keys).
     Conflict {
         /// The current owner (an empty namespace when the record is not ours to read).
         owner: Owner,
         /// The record's version, for a guarded takeover of a stale owner.
         version: i64,
+        /// The target that owner holds: the one claimed, or one nested in it or containing it
+        /// (only the first may be taken over).
+        target: String,
     },
 }
 
@@ -123,19 +144,20 @@ pub enum Event {
 /// A registry backend: everything reconcile and leader election need of it.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
-    /// A short name for logs and metrics, e.g. `etcd`.
     /// False while the backend is known not to answer (e.g. lease renewals go unanswered), so
     /// that a reconcile reports the outage at once instead of waiting out a request timeout.
     fn reachable(&self) -> bool {
         true
     }
 
+    /// A short name for logs and metrics, e.g. `etcd`.
     fn name(&self) -> &'static str;
 
     /// The TTL used when a service sets none.
     fn default_ttl(&self) -> Duration;
 
-    /// Claims `target` for `owner` with a compare-and-swap. Idempotent for the same uid.
+    /// Claims `target` for `owner` with a compare-and-swap, refused while another owner holds
+    /// it or a target nested in it or containing it. Idempotent for the same uid.
     ///
     /// # Errors
     /// Backend failures.
@@ -190,4 +212,22 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// Backend failures.
     async fn leader_term(&self) -> Result<i64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_nest_by_whole_segments_only() {
+        assert!(nested("a/b", "a/b/c") && nested("a/b/c", "a/b"));
+        assert!(!nested("a/b", "a/bc") && !nested("a/b", "a/b"));
+        assert!(
+            !nested("/a/b", "a/b/c"),
+            "a leading slash is another key space"
+        );
+        assert_eq!(ancestors("a/b/c"), ["a", "a/b"]);
+        assert_eq!(ancestors("/micro/hello"), ["/micro"]);
+        assert!(ancestors("a").is_empty());
+    }
 }

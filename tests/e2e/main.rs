@@ -12,6 +12,7 @@ mod harness;
 mod interop;
 mod operator;
 mod slices;
+mod tenancy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -145,6 +146,7 @@ fn main() {
         trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
         trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
         trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
+        trial(&runtime, &plane, "tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched", tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched),
         trial(&runtime, &plane, "slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port", slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port),
         trial(&runtime, &plane, "slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one", slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one),
         trial(&runtime, &plane, "slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters", slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters),
@@ -377,6 +379,23 @@ async fn invalid_specs_are_rejected(plane: Plane, ns: String) {
             "missing-port",
             json!({"selector": {"matchLabels": {"app": "x"}}}),
             "port is required with selector",
+        ),
+        (
+            "dot-dot-target",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051, "target": "services/bad/../victim/hello"}),
+            "target must not contain '.' or '..' segments",
+        ),
+        (
+            "too-much-metadata",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051,
+                   "metadata": (0..33).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}),
+            "must have at most 32 items",
+        ),
+        (
+            "megabyte-metadata",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "port": 50051,
+                   "metadata": {"blob": "x".repeat(1024 * 1024)}}),
+            "Too long",
         ),
         (
             "two-sources",

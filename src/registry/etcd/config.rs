@@ -5,6 +5,10 @@ use std::time::Duration;
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
 
+/// The most key and value bytes in one write txn: well under etcd's default 1.5 MiB request
+/// limit (`--max-request-bytes`), with room for the guards and framing.
+pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+
 /// TLS material for etcd, PEM: the CA that signed etcd's serving certificate, and an optional
 /// client certificate and key (mTLS; under etcd's `--client-cert-auth` with auth enabled, the
 /// certificate's common name is the etcd user, so no password is needed).

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, ConnectOptions, Txn};
 use tokio::sync::broadcast;
 
-pub use config::{EtcdConfig, EtcdTls, EtcdUser, MAX_TXN_OPS};
-pub use diff::{Current, Op, diff};
+pub use config::{EtcdConfig, EtcdTls, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
+pub use diff::{Current, Op, batches, diff};
 use fence::Fence;
 pub use fence::{leader_record, leader_term};
 use lease::LeasePool;

@@ -1,12 +1,12 @@
 //! Target ownership: `<registrar-root>/owners/<target>` names the GrpcService that may write
 //! under the target, claimed with a compare-and-swap txn.
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, TxnOp, TxnOpResponse};
 use tonic_etcd_resolver::format::watch_prefix;
 use tracing::info;
 
 use super::EtcdRegistry;
-use crate::registry::{Claim, Owner, Result};
+use crate::registry::{Claim, Owner, Result, ancestors};
 
 impl EtcdRegistry {
     /// The key of a target's ownership record.
@@ -26,37 +26,77 @@ impl EtcdRegistry {
             return Ok(Claim::Owned);
         }
         let key = self.owner_key(target);
+        // The record must not exist, nor any record of a target nested in this one (under
+        // `<key>/`) or containing it (an ancestor's key): a sync of the outer target would
+        // delete the inner one's keys. All in the one compare-and-swap.
+        let children = format!("{key}/");
+        let ancestors: Vec<String> = ancestors(target)
+            .into_iter()
+            .map(|a| self.owner_key(a))
+            .collect();
+        let mut compares = vec![
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Compare::create_revision(children.clone(), CompareOp::Equal, 0).with_prefix(),
+        ];
+        compares.extend(
+            ancestors
+                .iter()
+                .map(|a| Compare::create_revision(a.clone(), CompareOp::Equal, 0)),
+        );
+        let mut on_failure = vec![
+            TxnOp::get(key.clone(), None),
+            TxnOp::get(
+                children,
+                Some(GetOptions::new().with_prefix().with_limit(1)),
+            ),
+        ];
+        on_failure.extend(ancestors.iter().map(|a| TxnOp::get(a.clone(), None)));
         let resp = self
             .guarded(
                 "claim target",
-                vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                compares,
                 vec![TxnOp::put(key.clone(), owner.record(), None)],
-                vec![TxnOp::get(key.clone(), None)],
+                on_failure,
             )
             .await?;
         let claim = if resp.succeeded() {
             info!(target, uid = %owner.uid, "claimed target");
             Claim::Owned
         } else {
-            let kv = resp.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-                _ => None,
-            });
-            let Some(kv) = kv else {
+            // The first record found: the target's own, else a nested or containing one.
+            let found = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                    _ => None,
+                })
+                .next();
+            let Some(kv) = found else {
                 // Deleted between compare and get: try again.
                 return Box::pin(self.claim(target, owner)).await;
             };
+            let held = kv
+                .key_str()
+                .ok()
+                .and_then(|k| {
+                    k.strip_prefix(&format!("{}/owners/", self.inner.config.registrar_root))
+                })
+                .unwrap_or(target)
+                .to_owned();
+            let version = kv.mod_revision();
             match serde_json::from_slice::<Owner>(kv.value()).ok() {
-                Some(current) if current.uid == owner.uid => {
+                Some(current) if current.uid == owner.uid && held == target => {
                     if current != *owner {
                         // Same object, refreshed identity: rewrite under CAS.
-                        return self.take_over(target, owner, kv.mod_revision()).await;
+                        return self.take_over(target, owner, version).await;
                     }
                     Claim::Owned
                 }
                 Some(current) => Claim::Conflict {
                     owner: current,
-                    version: kv.mod_revision(),
+                    version,
+                    target: held,
                 },
                 None => Claim::Conflict {
                     owner: Owner {
@@ -64,7 +104,8 @@ impl EtcdRegistry {
                         namespace: String::new(),
                         name: String::new(),
                     },
-                    version: kv.mod_revision(),
+                    version,
+                    target: held,
                 },
             }
         };
@@ -81,14 +122,19 @@ impl EtcdRegistry {
     /// etcd failures.
     pub async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
         let key = self.owner_key(target);
+        let mut compares = vec![
+            Compare::mod_revision(key.clone(), CompareOp::Equal, version),
+            Compare::create_revision(format!("{key}/"), CompareOp::Equal, 0).with_prefix(),
+        ];
+        compares.extend(
+            ancestors(target)
+                .into_iter()
+                .map(|a| Compare::create_revision(self.owner_key(a), CompareOp::Equal, 0)),
+        );
         let resp = self
             .guarded(
                 "take over target",
-                vec![Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    version,
-                )],
+                compares,
                 vec![TxnOp::put(key, owner.record(), None)],
                 vec![],
             )

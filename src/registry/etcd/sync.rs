@@ -9,7 +9,7 @@ use tonic_etcd_resolver::format::watch_prefix;
 use tracing::debug;
 
 use super::lease::is_lease_not_found;
-use super::{Current, EtcdRegistry, Op, diff};
+use super::{Current, EtcdRegistry, Op, batches, diff};
 use crate::registry::error::timeout;
 use crate::registry::{Error, Owner, Result, SyncReport};
 
@@ -49,7 +49,8 @@ impl EtcdRegistry {
 
     /// Makes the keys under an owned `target` equal `desired`, all on the shared lease for `ttl`.
     ///
-    /// Writes go in txns of at most `max_txn_ops` operations, each guarded by the ownership
+    /// Writes go in txns of at most `max_txn_ops` operations and [`super::MAX_TXN_BYTES`]
+    /// bytes, each guarded by the ownership
     /// record (and the leader fence), so nothing is written once ownership is lost.
     ///
     /// # Errors
@@ -70,7 +71,7 @@ impl EtcdRegistry {
             ..SyncReport::default()
         };
         let guard = Compare::value(self.owner_key(target), CompareOp::Equal, owner.record());
-        for batch in ops.chunks(self.inner.config.max_txn_ops.max(1)) {
+        for batch in batches(&ops, self.inner.config.max_txn_ops, super::MAX_TXN_BYTES) {
             let txn_ops: Vec<TxnOp> = batch
                 .iter()
                 .map(|op| match op {

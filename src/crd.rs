@@ -125,8 +125,8 @@ pub struct GrpcServiceSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 1024}))]
     #[x_kube(
-        validation = Rule::new("self.all(k, !(k in ['pod', 'namespace', 'node', 'zone']))")
-            .message("metadata keys pod, namespace, node and zone are reserved for the controller"),
+        validation = Rule::new("self.all(k, !(k in ['pod', 'namespace', 'node', 'zone', 'cluster']))")
+            .message("metadata keys pod, namespace, node, zone and cluster are reserved for the controller"),
         validation = Rule::new("self.all(k, size(k) >= 1 && size(k) <= 63)")
             .message("metadata keys must be 1 to 63 characters"),
     )]

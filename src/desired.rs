@@ -69,6 +69,9 @@ pub struct Policy {
     pub registrar_root: String,
     /// Namespaces allowed targets outside their own prefix.
     pub custom_targets: CustomTargets,
+    /// This cluster's name when several publish into one registry; endpoint metadata carries
+    /// it as `cluster`.
+    pub cluster: Option<String>,
 }
 
 impl Default for Policy {
@@ -77,6 +80,7 @@ impl Default for Policy {
             key_prefix: "services".into(),
             registrar_root: "grpc-registrar".into(),
             custom_targets: CustomTargets::None,
+            cluster: None,
         }
     }
 }
@@ -184,6 +188,8 @@ pub struct Plan {
     pub publish_not_ready: bool,
     /// Lease TTL override.
     pub ttl_seconds: Option<i64>,
+    /// The controller's cluster name, for metadata.
+    pub cluster: Option<String>,
 }
 
 impl Plan {
@@ -247,6 +253,7 @@ impl Plan {
             metadata_labels: spec.metadata_from_labels.clone(),
             publish_not_ready: spec.publish_not_ready_addresses,
             ttl_seconds: spec.ttl_seconds,
+            cluster: policy.cluster.clone(),
         })
     }
 
@@ -430,6 +437,9 @@ fn metadata(plan: &Plan, candidate: &Candidate) -> BTreeMap<String, String> {
         md.insert("pod".into(), pod.clone());
     }
     md.insert("namespace".into(), plan.namespace.clone());
+    if let Some(cluster) = &plan.cluster {
+        md.insert("cluster".into(), cluster.clone());
+    }
     if let Some(node) = &candidate.node {
         md.insert("node".into(), node.clone());
     }

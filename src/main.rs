@@ -102,6 +102,27 @@ struct RegistryArgs {
     /// Namespaces allowed targets outside their own prefix: a comma-separated list, or `*`.
     #[arg(long, env = "CUSTOM_TARGET_NAMESPACES", default_value = "")]
     custom_target_namespaces: String,
+    /// This cluster's name, when several clusters publish into one registry: each cluster's
+    /// controller then owns, fences and deletes only its own keys under a shared target, and
+    /// endpoint metadata carries `cluster`. A DNS label; unset for one cluster.
+    #[arg(long, env = "CLUSTER_NAME", value_parser = parse_cluster_name)]
+    cluster_name: Option<String>,
+}
+
+/// A cluster name: a DNS label (it is a segment of the controller's record keys).
+fn parse_cluster_name(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("must be a DNS label: 1-63 lowercase letters, digits and '-'".into())
+    }
 }
 
 /// Leader election, for more than one replica.
@@ -175,6 +196,7 @@ impl EtcdArgs {
         };
         Ok(EtcdConfig {
             registrar_root: registry.registrar_root.clone(),
+            cluster: registry.cluster_name.clone(),
             default_ttl: Duration::from_secs(registry.lease_ttl),
             tls,
             user,
@@ -233,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
             key_prefix: registry.key_prefix,
             registrar_root: registry.registrar_root,
             custom_targets: CustomTargets::parse(&registry.custom_target_namespaces),
+            cluster: registry.cluster_name,
         },
         scope: Scope {
             namespace: (!namespace.is_empty()).then_some(namespace),

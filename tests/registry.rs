@@ -435,3 +435,96 @@ async fn a_follower_and_a_leader_past_its_lease_bound_write_nothing() {
     reg.depose();
     assert!(!reg.may_write());
 }
+
+async fn cluster_registry(etcd: &EtcdServer, cluster: &str) -> EtcdRegistry {
+    let config = EtcdConfig {
+        default_ttl: TTL,
+        op_timeout: Duration::from_secs(2),
+        cluster: Some(cluster.into()),
+        ..EtcdConfig::new(vec![etcd.endpoint()])
+    };
+    EtcdRegistry::connect(config, Arc::new(Metrics::default()))
+        .await
+        .unwrap()
+}
+
+fn keyed(target: &str, addrs: &[&str]) -> Arc<BTreeMap<String, Vec<u8>>> {
+    Arc::new(
+        addrs
+            .iter()
+            .map(|addr| {
+                let value = format::render(ValueFormat::EtcdNaming, &Endpoint::new(*addr));
+                (format::endpoint_key(target, addr), value)
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn two_clusters_share_a_target_and_each_syncs_and_releases_only_its_own_keys() {
+    let etcd = EtcdServer::start().await;
+    let east = cluster_registry(&etcd, "east").await;
+    let west = cluster_registry(&etcd, "west").await;
+    let target = "services/default/greeter";
+    // The same GrpcService (same namespace and name, another uid) in each cluster.
+    let (e, w) = (
+        owner("greeter"),
+        Owner {
+            uid: "uid-west".into(),
+            ..owner("greeter")
+        },
+    );
+    assert_eq!(east.claim(target, &e).await.unwrap(), Claim::Owned);
+    assert_eq!(
+        west.claim(target, &w).await.unwrap(),
+        Claim::Owned,
+        "a scope per cluster"
+    );
+    east.sync_entries(
+        target,
+        &e,
+        TTL,
+        keyed(target, &["10.1.0.1:50051", "10.1.0.2:50051"]),
+    )
+    .await
+    .unwrap();
+    west.sync_entries(target, &w, TTL, keyed(target, &["10.2.0.1:50051"]))
+        .await
+        .unwrap();
+    let west_key = format!("{target}/10.2.0.1:50051");
+    let before = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(before.len(), 3, "clients see the union");
+
+    // East's pod leaves: only east's key goes.
+    let report = east
+        .sync_entries(target, &e, TTL, keyed(target, &["10.1.0.1:50051"]))
+        .await
+        .unwrap();
+    assert_eq!((report.puts, report.deletes), (0, 1));
+    // A desired key another cluster holds (an address both report) is left to it.
+    let report = east
+        .sync_entries(
+            target,
+            &e,
+            TTL,
+            keyed(target, &["10.1.0.1:50051", "10.2.0.1:50051"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!((report.puts, report.registered), (0, 1));
+    let after = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(
+        after.get(&west_key),
+        before.get(&west_key),
+        "west's key untouched"
+    );
+
+    // East deletes its GrpcService: only its keys and its record go.
+    assert_eq!(east.release(target, &e).await.unwrap(), 1);
+    let left = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(left.keys().collect::<Vec<_>>(), [&west_key]);
+    assert_eq!(left.get(&west_key), before.get(&west_key));
+    assert_eq!(west.claim(target, &w).await.unwrap(), Claim::Owned);
+    assert_ne!(east.leader_key(), west.leader_key(), "a fence per cluster");
+    assert_ne!(east.owner_key(target), west.owner_key(target));
+}

@@ -559,3 +559,25 @@ fn a_numeric_service_port_must_be_listed_and_fqdn_endpoints_are_skipped_with_a_r
     let d = super::desired(&listed, &[Arc::new(fqdn)]);
     assert_eq!(d.skipped.get("grpc.example.com"), Some(&Skip::Fqdn));
 }
+
+#[test]
+fn with_a_cluster_name_every_endpoint_says_which_cluster_it_is_in() {
+    let policy = Policy {
+        cluster: Some("east".into()),
+        ..Policy::default()
+    };
+    let plan = Plan::new(&service("greeter"), &policy).unwrap();
+    let pods = [Arc::new(candidate(
+        &PodBuilder::ready("p1", "10.0.0.1").build(),
+    ))];
+    let d = super::desired(&plan, &pods);
+    assert_eq!(
+        d.endpoints[0].metadata.get("cluster").map(String::as_str),
+        Some("east")
+    );
+    let plain = super::desired(
+        &Plan::new(&service("greeter"), &Policy::default()).unwrap(),
+        &pods,
+    );
+    assert!(!plain.endpoints[0].metadata.contains_key("cluster"));
+}

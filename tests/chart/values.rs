@@ -330,3 +330,12 @@ fn the_crd_is_the_generated_file_kept_on_uninstall_and_can_be_left_out() {
     assert!(kind(&docs, "CustomResourceDefinition").is_empty());
     one(&docs, "Deployment");
 }
+
+#[test]
+fn a_cluster_name_reaches_the_controller_only_when_set_and_must_be_a_dns_label() {
+    assert_eq!(env_value(&render(&[]), "CLUSTER_NAME"), None);
+    let docs = render(&["registry.clusterName=east-1"]);
+    assert_eq!(env_value(&docs, "CLUSTER_NAME").as_deref(), Some("east-1"));
+    let out = refused(&["registry.clusterName=East_1"]);
+    assert!(out.contains("/registry/clusterName"), "{out}");
+}

@@ -10,6 +10,7 @@ mod failover;
 mod faults;
 mod harness;
 mod interop;
+mod multicluster;
 mod operator;
 mod slices;
 mod tenancy;
@@ -146,6 +147,7 @@ fn main() {
         trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
         trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
         trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
+        trial(&runtime, &plane, "multicluster::two_clusters_publish_one_target_and_neither_ever_deletes_the_others_keys", multicluster::two_clusters_publish_one_target_and_neither_ever_deletes_the_others_keys),
         trial(&runtime, &plane, "tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched", tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched),
         trial(&runtime, &plane, "slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port", slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port),
         trial(&runtime, &plane, "slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one", slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one),

@@ -54,6 +54,10 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Prefix of the controller's own records (`<root>/owners/...`, `<root>/leader`).
     pub registrar_root: String,
+    /// This cluster's name, when several clusters publish into one registry: a write scope is
+    /// then (target, cluster). Records live under `<root>/clusters/<name>/`, every lease is
+    /// marked there, and only keys on this cluster's leases are ever rewritten or deleted.
+    pub cluster: Option<String>,
     /// TTL of the shared lease when a service sets none.
     pub default_ttl: Duration,
     /// Operations per txn; at most etcd's `--max-txn-ops`.
@@ -67,12 +71,22 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
+    /// Where this controller's records live: the registrar root, or this cluster's part of it.
+    #[must_use]
+    pub fn records_root(&self) -> String {
+        match &self.cluster {
+            Some(cluster) => format!("{}/clusters/{cluster}", self.registrar_root),
+            None => self.registrar_root.clone(),
+        }
+    }
+
     /// A config with the defaults for everything but the endpoints.
     #[must_use]
     pub fn new(endpoints: Vec<String>) -> Self {
         Self {
             endpoints,
             registrar_root: "grpc-registrar".into(),
+            cluster: None,
             default_ttl: Duration::from_secs(30),
             max_txn_ops: MAX_TXN_OPS,
             op_timeout: Duration::from_secs(5),

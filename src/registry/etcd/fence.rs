@@ -43,7 +43,7 @@ impl EtcdRegistry {
     /// The key of the leader record that fences writes when leader election is on.
     #[must_use]
     pub fn leader_key(&self) -> String {
-        format!("{}/leader", self.inner.config.registrar_root)
+        format!("{}/leader", self.inner.config.records_root())
     }
 
     /// Makes this replica the fenced leader for `term`: writes the leader record (only over an

@@ -54,6 +54,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Whether this replica may write, and the fencing record guarding its writes.
     fence: Mutex<Fence>,
+    /// With a cluster name: the leases this process has marked as its cluster's.
+    marked: Mutex<std::collections::HashSet<i64>>,
 }
 
 impl EtcdRegistry {
@@ -114,6 +116,7 @@ impl EtcdRegistry {
                 claimed,
                 metrics,
                 fence: Mutex::new(Fence::Off),
+                marked: Mutex::default(),
             }),
         }
     }

@@ -5,14 +5,14 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, TxnOp, TxnOpRes
 use tonic_etcd_resolver::format::watch_prefix;
 use tracing::info;
 
-use super::EtcdRegistry;
+use super::{EtcdRegistry, Op, batches};
 use crate::registry::{Claim, Owner, Result, ancestors};
 
 impl EtcdRegistry {
     /// The key of a target's ownership record.
     #[must_use]
     pub fn owner_key(&self, target: &str) -> String {
-        format!("{}/owners/{target}", self.inner.config.registrar_root)
+        format!("{}/owners/{target}", self.inner.config.records_root())
     }
 
     /// Claims `target` for `owner` with a compare-and-swap txn.
@@ -76,12 +76,11 @@ impl EtcdRegistry {
                 // Deleted between compare and get: try again.
                 return Box::pin(self.claim(target, owner)).await;
             };
+            let records = self.owner_key("");
             let held = kv
                 .key_str()
                 .ok()
-                .and_then(|k| {
-                    k.strip_prefix(&format!("{}/owners/", self.inner.config.registrar_root))
-                })
+                .and_then(|k| k.strip_prefix(&records))
                 .unwrap_or(target)
                 .to_owned();
             let version = kv.mod_revision();
@@ -155,6 +154,9 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
+        if self.inner.config.cluster.is_some() {
+            return self.release_own_keys(target, owner).await;
+        }
         let key = self.owner_key(target);
         let resp = self
             .guarded(
@@ -187,6 +189,43 @@ impl EtcdRegistry {
             })
             .unwrap_or(0);
         info!(target, deleted, "released target");
+        Ok(deleted)
+    }
+
+    /// With a cluster name: deletes only this cluster's keys under `target` (other clusters
+    /// publish there too), then the ownership record, in txns guarded by that record.
+    async fn release_own_keys(&self, target: &str, owner: &Owner) -> Result<usize> {
+        let key = self.owner_key(target);
+        let guard = Compare::value(key.clone(), CompareOp::Equal, owner.record());
+        let listing = self.list(target).await?;
+        let mut ops: Vec<Op> = listing
+            .current
+            .into_keys()
+            .map(|key| Op::Delete { key })
+            .collect();
+        ops.push(Op::Delete { key: key.clone() });
+        let mut deleted = 0;
+        for batch in batches(&ops, self.inner.config.max_txn_ops, super::MAX_TXN_BYTES) {
+            let txn_ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|op| match op {
+                    Op::Delete { key } | Op::Put { key, .. } => TxnOp::delete(key.as_str(), None),
+                })
+                .collect();
+            let resp = self
+                .guarded("release target", vec![guard.clone()], txn_ops, vec![])
+                .await?;
+            if !resp.succeeded() {
+                self.forget_claim(target);
+                return Ok(deleted);
+            }
+            deleted += batch
+                .iter()
+                .filter(|op| !matches!(op, Op::Delete { key: k } if *k == key))
+                .count();
+        }
+        self.forget_claim(target);
+        info!(target, deleted, "released this cluster's keys under target");
         Ok(deleted)
     }
 

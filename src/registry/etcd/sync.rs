@@ -4,47 +4,132 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, TxnOp};
+use std::collections::{BTreeSet, HashSet};
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tonic_etcd_resolver::format::watch_prefix;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::lease::is_lease_not_found;
 use super::{Current, EtcdRegistry, Op, batches, diff};
 use crate::registry::error::timeout;
 use crate::registry::{Error, Owner, Result, SyncReport};
 
+/// The keys under a target, as [`EtcdRegistry::list`] reads them.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// This controller's keys (every key, without a cluster name).
+    pub current: BTreeMap<String, Current>,
+    /// Keys on other clusters' leases, never touched.
+    pub foreign: BTreeSet<String>,
+    /// The revision read at.
+    pub revision: i64,
+}
+
 impl EtcdRegistry {
     /// Lists the keys under `target/` with their values and leases, and the revision read at.
     ///
+    /// With a cluster name, only this cluster's keys (those on a lease marked as its own) are
+    /// listed as current; the others are returned apart, never to be rewritten or deleted. One
+    /// round trip either way: the markers are read in the same txn.
+    ///
     /// # Errors
     /// etcd failures.
-    pub async fn list(&self, target: &str) -> Result<(BTreeMap<String, Current>, i64)> {
+    pub async fn list(&self, target: &str) -> Result<Listing> {
         let started = Instant::now();
         let mut kv = self.inner.client.kv_client();
+        let prefix = GetOptions::new().with_prefix();
+        let mut reads = vec![TxnOp::get(watch_prefix(target), Some(prefix.clone()))];
+        if self.inner.config.cluster.is_some() {
+            reads.push(TxnOp::get(
+                self.lease_marker(None),
+                Some(prefix.with_keys_only()),
+            ));
+        }
         let resp = timeout(
             "list target keys",
             self.inner.config.op_timeout,
-            kv.get(watch_prefix(target), Some(GetOptions::new().with_prefix())),
+            kv.txn(Txn::new().and_then(reads)),
         )
         .await;
         self.inner.metrics.observe_etcd("range", started);
         self.record("range", resp.as_ref().err());
         let resp = resp?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        let current = resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
+        let mut ranges = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let keys = ranges.next().map(|g| g.kvs().to_vec()).unwrap_or_default();
+        let ours: Option<HashSet<i64>> = ranges.next().map(|markers| {
+            let mut ours: HashSet<i64> = markers
+                .kvs()
+                .iter()
+                .filter_map(|kv| {
+                    let key = kv.key_str().ok()?;
+                    i64::from_str_radix(key.rsplit('/').next()?, 16).ok()
+                })
+                .collect();
+            ours.extend(self.inner.marked.lock().expect("lock").iter());
+            ours
+        });
+        let mut listing = Listing {
+            revision,
+            ..Listing::default()
+        };
+        for kv in keys {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if ours
+                .as_ref()
+                .is_some_and(|ours| !ours.contains(&kv.lease()))
+            {
+                listing.foreign.insert(key);
+            } else {
+                listing.current.insert(
+                    key,
                     Current {
                         value: kv.value().to_vec(),
                         lease: kv.lease(),
                     },
-                )
-            })
-            .collect();
-        Ok((current, revision))
+                );
+            }
+        }
+        Ok(listing)
+    }
+
+    /// The key marking a lease as this cluster's (`None`: the prefix of all of them).
+    fn lease_marker(&self, lease: Option<i64>) -> String {
+        let root = self.inner.config.records_root();
+        lease.map_or_else(
+            || format!("{root}/leases/"),
+            |id| format!("{root}/leases/{id:x}"),
+        )
+    }
+
+    /// With a cluster name, marks `lease` as this cluster's, on the lease itself (the marker
+    /// goes when the lease does). Once per lease and process.
+    async fn mark(&self, lease: i64) -> Result<()> {
+        let Some(cluster) = &self.inner.config.cluster else {
+            return Ok(());
+        };
+        if self.inner.marked.lock().expect("lock").contains(&lease) {
+            return Ok(());
+        }
+        let mut kv = self.inner.client.kv_client();
+        let resp = timeout(
+            "mark lease",
+            self.inner.config.op_timeout,
+            kv.put(
+                self.lease_marker(Some(lease)),
+                cluster.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await;
+        self.record("put", resp.as_ref().err());
+        resp?;
+        self.inner.marked.lock().expect("lock").insert(lease);
+        Ok(())
     }
 
     /// Makes the keys under an owned `target` equal `desired`, all on the shared lease for `ttl`.
@@ -63,8 +148,27 @@ impl EtcdRegistry {
         desired: Arc<BTreeMap<String, Vec<u8>>>,
     ) -> Result<SyncReport> {
         let lease_id = self.inner.leases.lease(ttl).await?;
-        let (current, mut revision) = self.list(target).await?;
-        let ops = diff(&current, &desired, lease_id);
+        self.mark(lease_id).await?;
+        let listing = self.list(target).await?;
+        let mut revision = listing.revision;
+        // Another cluster's key is never overwritten: a desired key it already holds (the same
+        // address in two clusters) is left to it, and said.
+        let desired: Arc<BTreeMap<String, Vec<u8>>> =
+            if listing.foreign.is_empty() || !desired.keys().any(|k| listing.foreign.contains(k)) {
+                desired
+            } else {
+                let (kept, taken): (BTreeMap<_, _>, BTreeMap<_, _>) = desired
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .partition(|(k, _)| !listing.foreign.contains(k));
+                warn!(
+                    target,
+                    keys = ?taken.keys().collect::<Vec<_>>(),
+                    "keys held by another cluster's controller are left to it"
+                );
+                Arc::new(kept)
+            };
+        let ops = diff(&listing.current, &desired, lease_id);
         let mut report = SyncReport {
             registered: desired.len(),
             lease_id,

@@ -10,7 +10,7 @@ mod service;
 pub mod status;
 mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, field, info, info_span, instrument, warn};
@@ -104,6 +104,11 @@ pub struct Context {
     /// The last valid plan (and TTL) each service (by uid) synced, so that a spec turned
     /// invalid keeps publishing under it, following readiness, across a lease replacement too.
     published: Mutex<HashMap<String, (crate::desired::Plan, Duration)>>,
+    /// The services waiting in `Conflict`, by the target holding them off: releasing that
+    /// target wakes them at once (the periodic re-check covers releases made elsewhere).
+    waiting: Mutex<HashMap<String, HashSet<ObjectRef<GrpcService>>>>,
+    /// Where woken services go: the controller reconciles them.
+    freed: tokio::sync::mpsc::UnboundedSender<ObjectRef<GrpcService>>,
 }
 
 impl Context {
@@ -140,6 +145,44 @@ impl Context {
             announced: Mutex::default(),
             failures: Mutex::default(),
             published: Mutex::default(),
+            waiting: Mutex::default(),
+            freed: tokio::sync::mpsc::unbounded_channel().0,
+        }
+    }
+
+    /// The same context, sending the services a release frees to `freed`.
+    #[must_use]
+    pub fn with_freed(
+        self,
+        freed: tokio::sync::mpsc::UnboundedSender<ObjectRef<GrpcService>>,
+    ) -> Self {
+        Self { freed, ..self }
+    }
+
+    /// Notes that `service` waits for `target` to be released.
+    fn wait_for_release(&self, target: &str, service: ObjectRef<GrpcService>) {
+        self.waiting
+            .lock()
+            .expect("lock")
+            .entry(target.to_owned())
+            .or_default()
+            .insert(service);
+    }
+
+    /// Forgets whatever `service` waited for (it owns its target now, or is gone).
+    fn stop_waiting(&self, service: &ObjectRef<GrpcService>) {
+        let mut waiting = self.waiting.lock().expect("lock");
+        for services in waiting.values_mut() {
+            services.remove(service);
+        }
+        waiting.retain(|_, services| !services.is_empty());
+    }
+
+    /// `target` was released: the services waiting for it are reconciled now.
+    fn released(&self, target: &str) {
+        let woken = self.waiting.lock().expect("lock").remove(target);
+        for service in woken.into_iter().flatten() {
+            let _ = self.freed.send(service);
         }
     }
 
@@ -318,12 +361,18 @@ pub async fn run(
 
     let controller =
         Controller::for_stream(svc_events, svc_store.clone()).trigger_backoff(Backoff::watch());
+    // A release wakes the services waiting in Conflict for that target.
+    let (freed_tx, freed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let freed = futures::stream::unfold(freed_rx, |mut rx| async move {
+        rx.recv().await.map(|service| (service, rx))
+    });
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_owned(),
         instance: std::env::var("POD_NAME").ok(),
     };
     let ctx = Arc::new(
         Context::new(client, backend, candidates.clone(), policy, metrics)
+            .with_freed(freed_tx)
             .with_slices(slices.clone())
             .with_role(role)
             .with_events(reporter)
@@ -375,6 +424,7 @@ pub async fn run(
         .watches_stream(pod_events, move |pod| mapper.map(&pod))
         .watches_stream(slice_events, move |slice| slice_mapper.map(&slice))
         .reconcile_all_on(reconcile_all)
+        .reconcile_on(freed)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(move |result| {

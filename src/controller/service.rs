@@ -82,6 +82,7 @@ impl GrpcService {
         {
             let deleted = ctx.backend.release(old, &owner).await?;
             info!(old_target = old, deleted, "released previous target");
+            ctx.released(old);
         }
 
         if !ctx.backend.reachable() {
@@ -93,13 +94,14 @@ impl GrpcService {
                 .await;
         }
         match self.claim(ctx, &plan.target, &owner).await? {
-            Ok(Claim::Owned) => {}
+            Ok(Claim::Owned) => ctx.stop_waiting(&ObjectRef::from_obj(self)),
             Ok(Claim::Conflict {
                 owner: other,
                 target: held,
                 ..
             }) => {
                 self.note_transitions(ctx, &selected, false);
+                ctx.wait_for_release(&held, ObjectRef::from_obj(self));
                 let mut owner = format!("{}/{}", other.namespace, other.name);
                 if held != plan.target {
                     owner.push_str(&format!(
@@ -460,7 +462,9 @@ impl GrpcService {
         for target in targets {
             let deleted = ctx.backend.release(&target, &owner).await?;
             info!(target, deleted, "deregistered service");
+            ctx.released(&target);
         }
+        ctx.stop_waiting(&ObjectRef::from_obj(self));
         ctx.selections.record(ObjectRef::from_obj(self), []);
         ctx.slice_selections.record(ObjectRef::from_obj(self), []);
         ctx.published.lock().expect("lock").remove(&owner.uid);

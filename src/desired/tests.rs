@@ -581,3 +581,17 @@ fn with_a_cluster_name_every_endpoint_says_which_cluster_it_is_in() {
     );
     assert!(!plain.endpoints[0].metadata.contains_key("cluster"));
 }
+
+#[test]
+fn an_entry_too_large_for_any_registry_write_is_an_invalid_spec_not_a_backend_error() {
+    // The CRD bounds metadata far below this; a controller fed an unbounded spec still refuses.
+    let mut svc = service("greeter");
+    svc.spec.metadata = BTreeMap::from([("blob".to_owned(), "x".repeat(layout::MAX_ENTRY_BYTES))]);
+    let err = desired(
+        &Plan::new(&svc, &Policy::default()).unwrap(),
+        &[PodBuilder::ready("p1", "10.0.0.1").build()],
+    )
+    .unwrap_err();
+    assert!(matches!(err, SpecError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("shrink metadata"), "{err}");
+}

@@ -601,6 +601,24 @@ async fn second_claimant_conflicts(plane: Plane, ns: String) {
         },
     )
     .await;
+    // The owner goes: its release wakes the waiting service at once, not at the periodic
+    // re-check (every 15 s).
+    let freed = std::time::Instant::now();
+    env.services()
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("second takes the freed target over", || async {
+        env.condition_is("second", "Ready", "True").await
+    })
+    .await;
+    assert!(
+        freed.elapsed() < std::time::Duration::from_secs(10),
+        "taken over on the release, not the re-check: {:?}",
+        freed.elapsed()
+    );
+    env.expect_keys("second registers", &["shared/10.7.0.1:50051"])
+        .await;
     env.shutdown().await;
 }
 

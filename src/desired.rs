@@ -402,7 +402,13 @@ pub struct Desired {
     pub skipped: BTreeMap<String, Skip>,
     /// The Service whose endpoints these are (`serviceRef`); `None` for selected pods.
     pub service: Option<String>,
+    /// The named ports the candidates left out for `PortNotFound` do offer (a few), so that a
+    /// message can say what would have matched.
+    pub ports_offered: std::collections::BTreeSet<(String, u16)>,
 }
+
+/// How many offered ports a `PortNotFound` message lists at most.
+const PORTS_OFFERED: usize = 6;
 
 /// Checks the registrable rules of DESIGN §1 in order and returns the candidate's IP and port.
 ///
@@ -470,6 +476,15 @@ pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
                 metadata: metadata(plan, candidate),
             }),
             Err(skip) => {
+                if skip == Skip::PortNotFound && out.ports_offered.len() < PORTS_OFFERED {
+                    out.ports_offered.extend(
+                        candidate
+                            .ports
+                            .iter()
+                            .take(PORTS_OFFERED - out.ports_offered.len())
+                            .cloned(),
+                    );
+                }
                 out.skipped.insert(candidate.id.clone(), skip);
             }
         }

@@ -307,6 +307,24 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
         message.push_str("; not registered: ");
         message.push_str(&parts.join(", "));
     }
+    if !desired.ports_offered.is_empty() {
+        let offered: Vec<String> = desired
+            .ports_offered
+            .iter()
+            .map(|(name, number)| {
+                if name.is_empty() {
+                    number.to_string()
+                } else {
+                    format!("{name}={number}")
+                }
+            })
+            .collect();
+        message.push_str(&format!(" (ports offered: {}", offered.join(", ")));
+        message.push_str(match service {
+            None => ")",
+            Some(_) => "; a number names the endpoints' port, not the Service's own)",
+        });
+    }
     message
 }
 
@@ -748,6 +766,24 @@ mod tests {
         assert_eq!(
             endpoints_event(2, 1, &desired(1, 1, &[])).note.as_deref(),
             Some("1 endpoint registered (was 2); 1 pod selected, 1 ready")
+        );
+    }
+
+    #[test]
+    fn a_port_not_found_says_which_ports_are_offered_and_what_a_service_number_means() {
+        let mut want = desired(
+            2,
+            2,
+            &[("a", Skip::PortNotFound), ("b", Skip::PortNotFound)],
+        );
+        want.service = Some("hello".into());
+        want.ports_offered = [("grpc".to_owned(), 50061), (String::new(), 8080)].into();
+        let s = synced_with(None, &want, &report(0, 1), None, 1);
+        assert_eq!(
+            ready(&s).message,
+            "0 of 2 endpoints of Service hello registered; not registered: 2 no EndpointSlice port \
+             with the requested name or number (ports offered: 8080, grpc=50061; a number names \
+             the endpoints' port, not the Service's own)"
         );
     }
 }

@@ -329,7 +329,7 @@ pub async fn a_port_name_no_pod_has_is_reported_in_the_ready_condition(plane: Pl
                 c["type"] == "Ready"
                     && c["status"] == "False"
                     && c["reason"] == "PortNotFound"
-                    && c["message"] == "0 of 2 selected pods registered; not registered: 2 no container port with the requested name"
+                    && c["message"] == "0 of 2 selected pods registered; not registered: 2 no container port with the requested name (ports offered: grpc=50051)"
             })
         })
     })

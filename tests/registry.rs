@@ -528,3 +528,43 @@ async fn two_clusters_share_a_target_and_each_syncs_and_releases_only_its_own_ke
     assert_ne!(east.leader_key(), west.leader_key(), "a fence per cluster");
     assert_ne!(east.owner_key(target), west.owner_key(target));
 }
+
+#[tokio::test]
+async fn naming_the_cluster_later_adopts_the_keys_it_still_wants_and_deletes_no_unmarked_one() {
+    let etcd = EtcdServer::start().await;
+    let target = "services/default/greeter";
+    // Published before clusters were named: keys on an unmarked lease.
+    let (before, _) = registry(&etcd).await;
+    claim_and_sync(&before, target, &owner("greeter"), 2).await;
+    let keys: Vec<String> = dump(&etcd, &format!("{target}/"))
+        .await
+        .into_keys()
+        .collect();
+    let east = cluster_registry(&etcd, "east").await;
+    assert_eq!(
+        east.claim(target, &owner("greeter")).await.unwrap(),
+        Claim::Owned
+    );
+    let wanted = Arc::new(
+        entries(target, 2)
+            .iter()
+            .take(1)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    let report = east
+        .sync_entries(target, &owner("greeter"), TTL, wanted)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.puts, report.deletes),
+        (1, 0),
+        "adopted, nothing deleted"
+    );
+    let after = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        keys.iter().collect::<Vec<_>>()
+    );
+    assert_eq!(after[&keys[0]].1, report.lease_id, "on east's lease now");
+}

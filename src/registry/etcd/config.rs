@@ -56,7 +56,8 @@ pub struct EtcdConfig {
     pub registrar_root: String,
     /// This cluster's name, when several clusters publish into one registry: a write scope is
     /// then (target, cluster). Records live under `<root>/clusters/<name>/`, every lease is
-    /// marked there, and only keys on this cluster's leases are ever rewritten or deleted.
+    /// marked under `<root>/leases/<name>/`, and keys on another cluster's lease are never
+    /// rewritten or deleted.
     pub cluster: Option<String>,
     /// TTL of the shared lease when a service sets none.
     pub default_ttl: Duration,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tonic_etcd_resolver::format::watch_prefix;
@@ -22,6 +22,9 @@ pub struct Listing {
     pub current: BTreeMap<String, Current>,
     /// Keys on other clusters' leases, never touched.
     pub foreign: BTreeSet<String>,
+    /// With a cluster name, keys on a lease no cluster marked: re-put on this cluster's lease
+    /// when desired (adopted), never deleted.
+    pub unmarked: BTreeMap<String, Current>,
     /// The revision read at.
     pub revision: i64,
 }
@@ -30,8 +33,9 @@ impl EtcdRegistry {
     /// Lists the keys under `target/` with their values and leases, and the revision read at.
     ///
     /// With a cluster name, only this cluster's keys (those on a lease marked as its own) are
-    /// listed as current; the others are returned apart, never to be rewritten or deleted. One
-    /// round trip either way: the markers are read in the same txn.
+    /// listed as current; other clusters' are returned apart, never to be rewritten or deleted,
+    /// and unmarked ones apart too. One round trip either way: the markers are read in the same
+    /// txn.
     ///
     /// # Errors
     /// etcd failures.
@@ -61,17 +65,28 @@ impl EtcdRegistry {
             _ => None,
         });
         let keys = ranges.next().map(|g| g.kvs().to_vec()).unwrap_or_default();
-        let ours: Option<HashSet<i64>> = ranges.next().map(|markers| {
-            let mut ours: HashSet<i64> = markers
+        // With a cluster name: which cluster marked each lease.
+        let owners: Option<HashMap<i64, bool>> = ranges.next().map(|markers| {
+            let cluster = self.inner.config.cluster.as_deref().unwrap_or_default();
+            let mut owners: HashMap<i64, bool> = markers
                 .kvs()
                 .iter()
                 .filter_map(|kv| {
                     let key = kv.key_str().ok()?;
-                    i64::from_str_radix(key.rsplit('/').next()?, 16).ok()
+                    let (marker_cluster, id) = key.rsplit_once('/')?;
+                    let ours = marker_cluster.rsplit('/').next()? == cluster;
+                    Some((i64::from_str_radix(id, 16).ok()?, ours))
                 })
                 .collect();
-            ours.extend(self.inner.marked.lock().expect("lock").iter());
-            ours
+            owners.extend(
+                self.inner
+                    .marked
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .map(|id| (*id, true)),
+            );
+            owners
         });
         let mut listing = Listing {
             revision,
@@ -79,30 +94,36 @@ impl EtcdRegistry {
         };
         for kv in keys {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            if ours
-                .as_ref()
-                .is_some_and(|ours| !ours.contains(&kv.lease()))
-            {
-                listing.foreign.insert(key);
-            } else {
-                listing.current.insert(
-                    key,
-                    Current {
-                        value: kv.value().to_vec(),
-                        lease: kv.lease(),
-                    },
-                );
+            let current = Current {
+                value: kv.value().to_vec(),
+                lease: kv.lease(),
+            };
+            match owners.as_ref().map(|o| o.get(&kv.lease())) {
+                // One cluster, or this cluster's lease.
+                None | Some(Some(true)) => {
+                    listing.current.insert(key, current);
+                }
+                Some(Some(false)) => {
+                    listing.foreign.insert(key);
+                }
+                // A lease no cluster marked (none, or written before clusters were named): such
+                // a key may be adopted when desired, never deleted.
+                Some(None) => {
+                    listing.unmarked.insert(key, current);
+                }
             }
         }
         Ok(listing)
     }
 
-    /// The key marking a lease as this cluster's (`None`: the prefix of all of them).
+    /// The key marking a lease as this cluster's, `<root>/leases/<cluster>/<lease-id>` (`None`:
+    /// the prefix of every cluster's markers, read in one range).
     fn lease_marker(&self, lease: Option<i64>) -> String {
-        let root = self.inner.config.records_root();
+        let root = &self.inner.config.registrar_root;
+        let cluster = self.inner.config.cluster.as_deref().unwrap_or_default();
         lease.map_or_else(
             || format!("{root}/leases/"),
-            |id| format!("{root}/leases/{id:x}"),
+            |id| format!("{root}/leases/{cluster}/{id:x}"),
         )
     }
 
@@ -168,7 +189,14 @@ impl EtcdRegistry {
                 );
                 Arc::new(kept)
             };
-        let ops = diff(&listing.current, &desired, lease_id);
+        let mut current = listing.current;
+        current.extend(
+            listing
+                .unmarked
+                .into_iter()
+                .filter(|(key, _)| desired.contains_key(key)),
+        );
+        let ops = diff(&current, &desired, lease_id);
         let mut report = SyncReport {
             registered: desired.len(),
             lease_id,

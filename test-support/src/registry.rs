@@ -112,3 +112,27 @@ pub async fn deletes_seen(watch: &mut WatchStream, quiet: Duration) -> usize {
     }
     deletes
 }
+
+/// The keys a watching client has seen deleted (each once), reading until the watch is quiet
+/// for `quiet`.
+///
+/// # Panics
+/// When the watch breaks.
+pub async fn deleted_keys(
+    watch: &mut WatchStream,
+    quiet: Duration,
+) -> std::collections::BTreeSet<String> {
+    let mut deleted = std::collections::BTreeSet::new();
+    while let Ok(Some(resp)) = tokio::time::timeout(quiet, watch.message())
+        .await
+        .map(|r| r.expect("the registry watch broke"))
+    {
+        deleted.extend(
+            resp.events()
+                .iter()
+                .filter(|e| e.event_type() == EventType::Delete)
+                .filter_map(|e| e.kv()?.key_str().ok().map(str::to_owned)),
+        );
+    }
+    deleted
+}

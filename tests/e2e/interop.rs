@@ -11,7 +11,7 @@ use crate::harness::Env;
 
 /// Runs the Go interop client with `args` and returns its JSON report, failing on a non-zero
 /// exit.
-async fn go_client(args: &[&str]) -> serde_json::Value {
+pub async fn go_client(args: &[&str]) -> serde_json::Value {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(interop_bin())
@@ -30,7 +30,7 @@ async fn go_client(args: &[&str]) -> serde_json::Value {
 }
 
 /// No call failed and the client's balancer reached every server.
-fn every_server_answered(result: &serde_json::Value, servers: &[greeter::GreeterServer]) {
+pub fn every_server_answered(result: &serde_json::Value, servers: &[greeter::GreeterServer]) {
     assert_eq!(result["failed"], 0, "{result}");
     for server in servers {
         assert!(

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use futures::StreamExt;
 use greeter::pb::HelloRequest;
 use greeter::pb::greeter_client::GreeterClient;
 use kube::api::{DeleteParams, PostParams};
@@ -81,33 +80,10 @@ pub async fn two_clusters_publish_one_target_and_neither_ever_deletes_the_others
     assert_eq!(metadata(&key(&servers[3]))["cluster"], "west");
 
     // Clients see the union with no change: Go's etcd naming resolver and tonic's.
-    let endpoint = registry.clone();
-    let go_target = target.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(test_support::interop_bin())
-            .args([
-                "call", "-etcd", &endpoint, "-target", &go_target, "-n", "80",
-            ])
-            .output()
-            .expect("failed to run the Go interop client")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["failed"], 0, "{result}");
-    for server in &servers {
-        assert!(
-            result["servers"][server.addr().to_string()]
-                .as_u64()
-                .is_some_and(|n| n > 0),
-            "Go's round_robin reaches both clusters: {result}"
-        );
-    }
+    let result =
+        crate::interop::go_client(&["call", "-etcd", &registry, "-target", &target, "-n", "80"])
+            .await;
+    crate::interop::every_server_answered(&result, &servers);
     let resolver = Resolver::connect([registry.clone()], &target, Options::default())
         .await
         .unwrap();
@@ -216,18 +192,8 @@ pub async fn two_clusters_publish_one_target_and_neither_ever_deletes_the_others
     tokio::time::sleep(Duration::from_secs(u64::from(TTL))).await;
     expect(west_keys.clone(), "east's keys expired with its lease").await;
 
-    let mut deleted = BTreeSet::new();
-    while let Ok(Some(Ok(resp))) =
-        tokio::time::timeout(Duration::from_millis(500), watch.next()).await
-    {
-        for event in resp.events() {
-            if event.event_type() == etcd_client::EventType::Delete
-                && let Some(kv) = event.kv()
-            {
-                deleted.insert(kv.key_str().unwrap().to_owned());
-            }
-        }
-    }
+    let deleted =
+        test_support::registry::deleted_keys(&mut watch, Duration::from_millis(500)).await;
     assert!(
         deleted.is_disjoint(&west_keys),
         "no DELETE of west's keys: {deleted:?}"

@@ -159,18 +159,8 @@ pub async fn a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale
         ],
     )
     .await;
-    let mut deleted = BTreeSet::new();
-    while let Ok(Some(Ok(resp))) =
-        tokio::time::timeout(Duration::from_millis(500), watch.next()).await
-    {
-        for event in resp.events() {
-            if event.event_type() == etcd_client::EventType::Delete
-                && let Some(kv) = event.kv()
-            {
-                deleted.insert(kv.key_str().unwrap().to_owned());
-            }
-        }
-    }
+    let deleted =
+        test_support::registry::deleted_keys(&mut watch, Duration::from_millis(500)).await;
     let old_keys: BTreeSet<String> = old.iter().map(|(_, ip)| key(ip)).collect();
     assert_eq!(
         deleted, old_keys,

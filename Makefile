@@ -39,7 +39,8 @@ crd:
 	cp crds/grpcservice.yaml charts/grpc-registrar/files/grpcservice.yaml
 
 ## bench: every figure (tables printed and written to target/bench/*.json): registry, propagation, failover,
-## cold start at scale, churn, the Go self-registration comparison, and the resolver.
+## cold start at scale, churn, the Go self-registration comparison, the two endpoint sources (pods and
+## EndpointSlices) side by side, and the resolver.
 bench: tools
 	cargo bench --bench registry
 	cargo bench --bench propagation
@@ -47,6 +48,7 @@ bench: tools
 	cargo bench --bench scale
 	cargo bench --bench churn
 	cargo bench --bench seed
+	cargo bench --bench sources
 	cargo bench -p tonic-etcd-resolver --bench resolver
 
 ## demo: a real control plane, the controller, three Greeter servers and a resolving client.

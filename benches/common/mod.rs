@@ -1,15 +1,17 @@
 //! Shared by the cluster benches: the control plane with the CRD, the real controller binary as
 //! a process (its `/metrics` and `/readyz` read over HTTP), pods created and made ready through
-//! the API, and process CPU and memory from `/proc`.
+//! the API, Nodes, Services and hand-made EndpointSlices, watches whose events are stamped on
+//! arrival, and process CPU and memory from `/proc`.
 
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
 use serde_json::json;
 use test_support::{ControlPlane, free_port};
 
@@ -214,4 +216,189 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// Keys under `prefix`.
 pub async fn count(etcd: &mut etcd_client::Client, prefix: &str) -> i64 {
     test_support::registry::count(etcd, prefix).await
+}
+
+/// Creates Node `name` in `zone`: the endpointslice controller skips pods whose `nodeName`
+/// names a Node it cannot find, and takes an endpoint's zone from its Node.
+pub async fn node(client: &kube::Client, name: &str, zone: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name,
+            "labels": {"topology.kubernetes.io/zone": zone}}}))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Creates pod `name` labelled `app=<app>` on `node`, with container port `grpc` 50051; it is
+/// not ready until its status is patched (see [`ready_status`]).
+pub async fn pod_on(client: &kube::Client, ns: &str, name: &str, app: &str, node: &str) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "greeter",
+                "ports": [{"name": "grpc", "containerPort": 50051}]}]}}))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Creates the Kubernetes Service `name` with port `grpc` 50051 (targetPort `grpc`): selecting
+/// `app=<app>` (kube-controller-manager computes its EndpointSlices), or with `None` without a
+/// selector and headless (its slices are made by hand; headless, so that hundreds of them do
+/// not exhaust the plane's /24 of cluster IPs).
+pub async fn kube_service(client: &kube::Client, ns: &str, name: &str, app: Option<&str>) {
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
+    let mut spec = json!({"ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc"}]});
+    match app {
+        Some(app) => spec["selector"] = json!({"app": app}),
+        None => spec["clusterIP"] = json!("None"),
+    }
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Creates the GrpcService `name` publishing the EndpointSlices of the Service `service` on
+/// its port `grpc`.
+pub async fn service_ref(client: &kube::Client, ns: &str, name: &str, service: &str) {
+    let api: Api<grpc_registrar::crd::GrpcService> = Api::namespaced(client.clone(), ns);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "grpc-registrar.io/v1alpha1", "kind": "GrpcService",
+            "metadata": {"name": name},
+            "spec": {"serviceRef": {"name": service, "port": "grpc"}}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Creates a hand-made EndpointSlice `name` of the Service `service` (port `grpc` 50051)
+/// listing `ips`, each ready, on `node-1` in `zone-a`, as a selector-less Service's owner
+/// would (no `targetRef`: the endpoints are not pods).
+pub async fn endpoint_slice(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    service: &str,
+    ips: &[String],
+) {
+    let api: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), ns);
+    let endpoints: Vec<serde_json::Value> = ips
+        .iter()
+        .map(|ip| {
+            json!({"addresses": [ip],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": "node-1", "zone": "zone-a"})
+        })
+        .collect();
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
+            "endpoints": endpoints
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// How long a change may take to show on a bench watch before the run fails.
+pub const WATCH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Watches `api`, sending what `pick` reads from each changed object, stamped on arrival (for
+/// latency figures split into hops).
+/// Returns the watching task (to abort before the control plane goes) once its initial
+/// listing is done.
+pub async fn stamped_watch<K, T>(
+    api: Api<K>,
+    config: kube::runtime::watcher::Config,
+    tx: tokio::sync::mpsc::UnboundedSender<(Instant, T)>,
+    pick: impl Fn(&K) -> Option<T> + Send + 'static,
+) -> AbortOnDrop
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+    T: Send + 'static,
+{
+    let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut listed = Some(listed_tx);
+        let mut events = watcher(api, config).boxed();
+        while let Some(event) = events.try_next().await.expect("a bench watch failed") {
+            let at = Instant::now();
+            match event {
+                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                    if let Some(value) = pick(&obj) {
+                        let _ = tx.send((at, value));
+                    }
+                }
+                watcher::Event::InitDone => {
+                    if let Some(listed) = listed.take() {
+                        let _ = listed.send(());
+                    }
+                }
+                watcher::Event::Init | watcher::Event::Delete(_) => {}
+            }
+        }
+    });
+    tokio::time::timeout(WATCH_PATIENCE, listed_rx)
+        .await
+        .expect("a bench watch did not list within 30 s")
+        .expect("a bench watch ended before listing");
+    AbortOnDrop(task)
+}
+
+/// A spawned task, aborted when dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// When the first event at or after `after` that satisfies `wanted` arrived.
+pub async fn arrival<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, T)>,
+    after: Instant,
+    wanted: impl Fn(&T) -> bool,
+) -> Instant {
+    loop {
+        let (at, value) = tokio::time::timeout(WATCH_PATIENCE, rx.recv())
+            .await
+            .expect("no change within 30 s")
+            .expect("a bench watch ended");
+        if at >= after && wanted(&value) {
+            return at;
+        }
+    }
+}
+
+/// Runs `make(0..n)`, 32 at a time.
+pub async fn each<F, Fut>(n: usize, make: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    futures::stream::iter(0..n)
+        .map(make)
+        .buffer_unordered(32)
+        .collect::<()>()
+        .await;
 }

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     Controller, arrival, count, cpu_seconds, each, endpoint_slice, kube_service, memory_mib,
-    namespace, node, percentile, plane, pod_on, ready_pods, ready_status, service, service_ref,
-    stamped_watch,
+    namespace, node, percentile, plane_with_endpoint_slices, pod_on, ready_pods, ready_status,
+    service, service_ref, stamped_watch,
 };
 use etcd_client::{EventType, WatchOptions};
 use k8s_openapi::api::core::v1::Pod;
@@ -64,7 +64,7 @@ async fn main() {
                 .expect("SOURCES_SIZES: comma-separated endpoint counts")
         })
         .collect();
-    let plane = plane().await;
+    let plane = plane_with_endpoint_slices().await;
     let client = plane.client().await;
     node(&client, "node-1", "zone-a").await;
 

@@ -15,9 +15,19 @@ use kube::runtime::watcher;
 use serde_json::json;
 use test_support::{ControlPlane, free_port};
 
-/// A control plane with the GrpcService CRD established.
+/// A control plane with the GrpcService CRD established, without kube-controller-manager: the
+/// pod-source benches measure the controller alone, with no other pod informer on the CPU.
 pub async fn plane() -> ControlPlane {
-    let plane = ControlPlane::start().await;
+    with_crd(ControlPlane::start_without_controller_manager().await)
+}
+
+/// As [`plane`], with kube-controller-manager computing EndpointSlices.
+#[allow(dead_code)]
+pub async fn plane_with_endpoint_slices() -> ControlPlane {
+    with_crd(ControlPlane::start().await)
+}
+
+fn with_crd(plane: ControlPlane) -> ControlPlane {
     plane.install_crd(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/crds/grpcservice.yaml"

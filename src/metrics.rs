@@ -55,7 +55,15 @@ pub struct BuildLabels {
 }
 
 /// The backend operations whose errors are counted, initialised to 0.
-pub const BACKEND_OPS: [&str; 6] = ["range", "txn", "grant", "keepalive", "watch", "connect"];
+pub const BACKEND_OPS: [&str; 7] = [
+    "range",
+    "txn",
+    "put",
+    "grant",
+    "keepalive",
+    "watch",
+    "connect",
+];
 
 /// Labels of the etcd latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

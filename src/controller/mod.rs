@@ -85,8 +85,10 @@ pub struct Context {
     /// Publishes Kubernetes Events on GrpcServices, when set.
     /// Who publishes Events on GrpcServices, when set.
     pub events: Option<Reporter>,
-    /// True once the pod and EndpointSlice indexes have completed their initial lists.
-    pub sources_synced: tokio::sync::watch::Receiver<bool>,
+    /// True once the pod index has completed its initial list.
+    pub pods_synced: tokio::sync::watch::Receiver<bool>,
+    /// True once the EndpointSlice index has completed its initial list.
+    pub slices_synced: tokio::sync::watch::Receiver<bool>,
     /// When this process started: older transitions are not propagation samples.
     started: k8s_openapi::jiff::Timestamp,
     /// When each service's status was last written, by uid.
@@ -133,7 +135,8 @@ impl Context {
             slice_selections: Selections::default(),
             role: crate::leader::always_leader(),
             events: None,
-            sources_synced: tokio::sync::watch::channel(true).1,
+            pods_synced: tokio::sync::watch::channel(true).1,
+            slices_synced: tokio::sync::watch::channel(true).1,
             // Whole seconds, as Kubernetes stores transition times.
             started: k8s_openapi::jiff::Timestamp::from_second(
                 k8s_openapi::jiff::Timestamp::now().as_second(),
@@ -186,11 +189,17 @@ impl Context {
         }
     }
 
-    /// The same context, reconciling only once `synced` says the source indexes are complete.
+    /// The same context, reconciling a service only once its source's index is complete
+    /// (`pods` and `slices` say so).
     #[must_use]
-    pub fn with_sources_synced(self, synced: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn with_sources_synced(
+        self,
+        pods: tokio::sync::watch::Receiver<bool>,
+        slices: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
-            sources_synced: synced,
+            pods_synced: pods,
+            slices_synced: slices,
             ..self
         }
     }
@@ -266,7 +275,6 @@ pub async fn run(
     let pods_synced = tokio::sync::watch::Sender::new(false);
     let slices_synced = tokio::sync::watch::Sender::new(false);
     let services_synced = tokio::sync::watch::Sender::new(false);
-    let sources_synced = tokio::sync::watch::Sender::new(false);
     let candidates = CandidateIndex::default();
     let slices = SliceIndex::default();
     let selectors = SelectorIndex::default();
@@ -376,7 +384,7 @@ pub async fn run(
             .with_slices(slices.clone())
             .with_role(role)
             .with_events(reporter)
-            .with_sources_synced(sources_synced.subscribe()),
+            .with_sources_synced(pods_synced.subscribe(), slices_synced.subscribe()),
     );
     let mapper = PodMapper::new(candidates.clone(), selectors, ctx.selections.clone());
     let slice_mapper = SliceMapper::new(refs, ctx.slice_selections.clone());
@@ -388,17 +396,17 @@ pub async fn run(
             services_synced.subscribe(),
         );
         tokio::spawn(async move {
-            if pods.wait_for(|s| *s).await.is_ok() && slices_listed.wait_for(|s| *s).await.is_ok() {
-                sources_synced.send_replace(true);
-                if services.wait_for(|s| *s).await.is_ok() {
-                    info!(
-                        candidates = candidates.len(),
-                        endpoints = slices.len(),
-                        services = svc_store.len(),
-                        "caches synced"
-                    );
-                    ready.store(true, Ordering::Relaxed);
-                }
+            if pods.wait_for(|s| *s).await.is_ok()
+                && slices_listed.wait_for(|s| *s).await.is_ok()
+                && services.wait_for(|s| *s).await.is_ok()
+            {
+                info!(
+                    candidates = candidates.len(),
+                    endpoints = slices.len(),
+                    services = svc_store.len(),
+                    "caches synced"
+                );
+                ready.store(true, Ordering::Relaxed);
             }
         });
     }
@@ -472,13 +480,21 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     tracing::Span::current().record("namespace", namespace.as_str());
-    // Never compute desired state from a half-filled index: that would delete live keys. The
-    // wait is bounded, so that shutdown (which waits for running reconciles) is too when the
-    // API server never answers.
-    let mut synced = ctx.sources_synced.clone();
-    match tokio::time::timeout(SOURCES_SYNC_WAIT, synced.wait_for(|synced| *synced)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(_)) | Err(_) => return Ok(Action::requeue(Duration::from_secs(1))),
+    // Never compute desired state from a half-filled index: that would delete live keys. Only
+    // the spec's own source is waited for (a selector's pods, a serviceRef's slices; both when
+    // the spec names neither or both), so that one watch failing (e.g. EndpointSlices not
+    // readable) holds up only the services that read it. The wait is bounded, so that shutdown
+    // (which waits for running reconciles) is too when the API server never answers.
+    let (pods, slices) = (svc.spec.selector.is_some(), svc.spec.service_ref.is_some());
+    let waits = [
+        (pods || !slices).then(|| ctx.pods_synced.clone()),
+        (slices || !pods).then(|| ctx.slices_synced.clone()),
+    ];
+    for mut synced in waits.into_iter().flatten() {
+        match tokio::time::timeout(SOURCES_SYNC_WAIT, synced.wait_for(|synced| *synced)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return Ok(Action::requeue(Duration::from_secs(1))),
+        }
     }
     let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = svc.uid().unwrap_or_default();

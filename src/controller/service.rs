@@ -71,9 +71,15 @@ impl GrpcService {
         // A spec whose keys cannot be written (two endpoints on one key, an entry too large for
         // any write) is invalid: found here, before anything is released or claimed.
         if let Err(e) = plan.layout().render(&want.endpoints) {
-            return self
-                .invalid_spec_for(ctx, &e, Some((&plan.target, &want)))
-                .await;
+            // Nothing was released or claimed: status keeps naming the target still published
+            // (a changed target is shown only once it is taken), so that the next valid spec
+            // releases the right one.
+            let published = self.status.as_ref().and_then(|s| s.target.as_deref());
+            let shown = match published {
+                Some(old) if old != plan.target => None,
+                _ => Some(plan.target.as_str()),
+            };
+            return self.invalid_spec_for(ctx, &e, shown, Some(&want)).await;
         }
 
         // A changed target: free the old one first, so it never holds stale endpoints.
@@ -93,6 +99,9 @@ impl GrpcService {
                 .backend_failed(ctx, &plan.target, Some(&want), error)
                 .await;
         }
+        // Registered before the claim, so that a release landing between a refused claim and
+        // the registration still wakes this service.
+        ctx.wait_for_release(&plan.target, ObjectRef::from_obj(self));
         match self.claim(ctx, &plan.target, &owner).await? {
             Ok(Claim::Owned) => ctx.stop_waiting(&ObjectRef::from_obj(self)),
             Ok(Claim::Conflict {
@@ -121,7 +130,10 @@ impl GrpcService {
                 }
                 return Ok(Action::requeue(CONFLICT_RECHECK));
             }
-            Err(e) => return self.backend_failed(ctx, &plan.target, Some(&want), e).await,
+            Err(e) => {
+                ctx.stop_waiting(&ObjectRef::from_obj(self));
+                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+            }
         }
         let ttl = self.ttl(ctx);
         let publication = Publication {
@@ -149,7 +161,7 @@ impl GrpcService {
             }
             Err(registry::Error::Spec(e)) => {
                 return self
-                    .invalid_spec_for(ctx, &e, Some((&plan.target, &want)))
+                    .invalid_spec_for(ctx, &e, Some(&plan.target), Some(&want))
                     .await;
             }
             Err(e) => {
@@ -375,7 +387,7 @@ impl GrpcService {
     /// still followed, and keys are re-put after a lease replacement. The next spec change is
     /// reconciled afresh.
     async fn invalid_spec(&self, ctx: &Context, error: &SpecError) -> Result<Action> {
-        self.invalid_spec_for(ctx, error, None).await
+        self.invalid_spec_for(ctx, error, None, None).await
     }
 
     /// As [`Self::invalid_spec`], with the target and counts when the spec got that far.
@@ -383,12 +395,13 @@ impl GrpcService {
         &self,
         ctx: &Context,
         error: &SpecError,
-        known: Option<(&str, &Desired)>,
+        target: Option<&str>,
+        counts: Option<&Desired>,
     ) -> Result<Action> {
         let outcome = Outcome::InvalidSpec {
             message: error.to_string(),
-            target: known.map(|(t, _)| t),
-            desired: known.map(|(_, d)| d),
+            target,
+            desired: counts,
         };
         // Logged when it becomes the condition, not on every re-reconcile of the same spec.
         if self.patch_status(ctx, &outcome).await?.is_transition() {

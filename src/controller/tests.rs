@@ -360,3 +360,70 @@ async fn a_service_ref_with_no_endpoints_is_not_ready_with_reason_no_endpoints()
     reconcile(Arc::new(svc), ctx).await.unwrap();
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_new_target_with_keys_that_cannot_be_written_releases_nothing_and_status_keeps_the_old_one()
+ {
+    let registry = backend();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").build(),
+    ];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let mut moved = svc.clone();
+    moved.spec.target = Some("services/default/greeter-v2".into());
+    moved.spec.key_template = Some("{target}/{namespace}".into());
+    moved.metadata.generation = Some(2);
+    moved.status = Some(crate::crd::GrpcServiceStatus {
+        target: Some("services/default/greeter".into()),
+        ..Default::default()
+    });
+    let server = api.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (moved.clone(), |status| {
+            assert_eq!(condition(status, "InvalidSpec")["status"], "True");
+            assert_eq!(
+                status["target"], "services/default/greeter",
+                "the target still published, so the next valid spec releases it"
+            );
+        }),
+    ]));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    reconcile(Arc::new(moved), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 2);
+    assert!(registry.owner("services/default/greeter").is_some());
+    assert_eq!(registry.owner("services/default/greeter-v2"), None);
+}
+
+#[tokio::test]
+async fn a_selector_service_does_not_wait_for_the_endpointslice_watch_and_a_service_ref_does() {
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    // The slice watch never lists (e.g. EndpointSlices not readable); the pods are listed.
+    let (_slices_tx, slices_rx) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(
+        Arc::into_inner(ctx)
+            .unwrap()
+            .with_sources_synced(tokio::sync::watch::channel(true).1, slices_rx),
+    );
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
+        assert_eq!(status["registeredEndpoints"], 1);
+    }));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    server.await.unwrap();
+    let by_ref = with_finalizer(service_ref(
+        "by-ref",
+        "greeter",
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(50051),
+    ));
+    let action = reconcile(Arc::new(by_ref), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(1)));
+    assert_eq!(
+        registry.owner("services/default/by-ref"),
+        None,
+        "nothing claimed"
+    );
+}

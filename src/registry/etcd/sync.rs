@@ -129,7 +129,7 @@ impl EtcdRegistry {
 
     /// With a cluster name, marks `lease` as this cluster's, on the lease itself (the marker
     /// goes when the lease does). Once per lease and process.
-    async fn mark(&self, lease: i64) -> Result<()> {
+    async fn mark(&self, lease: i64, ttl: Duration) -> Result<()> {
         let Some(cluster) = &self.inner.config.cluster else {
             return Ok(());
         };
@@ -148,9 +148,18 @@ impl EtcdRegistry {
         )
         .await;
         self.record("put", resp.as_ref().err());
-        resp?;
-        self.inner.marked.lock().expect("lock").insert(lease);
-        Ok(())
+        match resp {
+            Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
+                // As for a write: the keeper checks at once and announces a new lease.
+                self.inner.leases.suspect(ttl).await;
+                Err(Error::Etcd { op, cause })
+            }
+            other => {
+                other?;
+                self.inner.marked.lock().expect("lock").insert(lease);
+                Ok(())
+            }
+        }
     }
 
     /// Makes the keys under an owned `target` equal `desired`, all on the shared lease for `ttl`.
@@ -169,7 +178,7 @@ impl EtcdRegistry {
         desired: Arc<BTreeMap<String, Vec<u8>>>,
     ) -> Result<SyncReport> {
         let lease_id = self.inner.leases.lease(ttl).await?;
-        self.mark(lease_id).await?;
+        self.mark(lease_id, ttl).await?;
         let listing = self.list(target).await?;
         let mut revision = listing.revision;
         // Another cluster's key is never overwritten: a desired key it already holds (the same

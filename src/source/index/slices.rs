@@ -27,19 +27,19 @@ struct ServiceEndpoints {
 }
 
 impl ServiceEndpoints {
-    /// The copy that stands for an id: registrable over ready over neither, then the first
-    /// slice by name, so that the choice is stable.
+    /// The copy that stands for an id: registrable over ready over neither, then IPv4 over
+    /// IPv6 (a dual-stack Service lists each pod in a slice per family: one family is
+    /// published, the same one every time), then the first slice by name, so that the choice is
+    /// stable.
     fn best(copies: &Copies) -> Option<&Arc<Candidate>> {
+        let v4 = |c: &Candidate| c.ip.is_some_and(|ip| ip.is_ipv4());
         copies
             .iter()
             .reduce(|best, next| {
-                if slice::better(&next.1, &best.1)
-                    || (!slice::better(&best.1, &next.1) && next.0 < best.0)
-                {
-                    next
-                } else {
-                    best
-                }
+                let tie = !slice::better(&next.1, &best.1) && !slice::better(&best.1, &next.1);
+                let next_wins = slice::better(&next.1, &best.1)
+                    || (tie && (v4(&next.1), &best.0) > (v4(&best.1), &next.0));
+                if next_wins { next } else { best }
             })
             .map(|(_, c)| c)
     }
@@ -329,6 +329,21 @@ mod tests {
         index.apply("ns", "svc-a", Some("svc"), vec![]);
         assert_eq!(ids(&index, "svc"), pairs(&[("p1", true)]));
         assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_published_in_one_family_whatever_the_slice_names() {
+        let family = |v6_slice: &str, v4_slice: &str| {
+            let index = SliceIndex::default();
+            let mut v6 = endpoint("p1", true);
+            v6.ip = Some("fd00::1".parse().unwrap());
+            index.apply("ns", v6_slice, Some("svc"), vec![v6]);
+            index.apply("ns", v4_slice, Some("svc"), vec![endpoint("p1", true)]);
+            index.select("ns", "svc").candidates[0].ip
+        };
+        let v4 = Some("10.0.0.1".parse().unwrap());
+        assert_eq!(family("svc-a", "svc-b"), v4);
+        assert_eq!(family("svc-b", "svc-a"), v4);
     }
 
     #[test]

@@ -190,6 +190,8 @@ pub struct Plan {
     pub ttl_seconds: Option<i64>,
     /// The controller's cluster name, for metadata.
     pub cluster: Option<String>,
+    /// Instance tags, where the backend has tags (Consul).
+    pub tags: Vec<String>,
 }
 
 impl Plan {
@@ -254,6 +256,7 @@ impl Plan {
             publish_not_ready: spec.publish_not_ready_addresses,
             ttl_seconds: spec.ttl_seconds,
             cluster: policy.cluster.clone(),
+            tags: Vec::new(),
         })
     }
 

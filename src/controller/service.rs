@@ -141,6 +141,7 @@ impl GrpcService {
             owner: owner.clone(),
             ttl,
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
+            tags: plan.tags.clone(),
         };
         let report = match ctx.backend.sync(&publication).await {
             Ok(report) => {
@@ -422,6 +423,7 @@ impl GrpcService {
                 owner: self.owner()?,
                 ttl,
                 endpoints: Arc::new(desired(&plan, &selected).endpoints),
+                tags: plan.tags.clone(),
             };
             match ctx.backend.sync(&publication).await {
                 // The old spec cannot render the pods as they are now either: leave the keys.

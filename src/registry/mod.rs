@@ -85,6 +85,8 @@ pub struct Publication {
     pub ttl: Duration,
     /// The endpoints.
     pub endpoints: Arc<Vec<LogicalEndpoint>>,
+    /// Tags for every instance, where the backend has tags (Consul); etcd has none.
+    pub tags: Vec<String>,
 }
 
 impl Publication {

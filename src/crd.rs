@@ -125,8 +125,8 @@ pub struct GrpcServiceSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 1024}))]
     #[x_kube(
-        validation = Rule::new("self.all(k, !(k in ['pod', 'namespace', 'node', 'zone', 'cluster']))")
-            .message("metadata keys pod, namespace, node, zone and cluster are reserved for the controller"),
+        validation = Rule::new("self.all(k, !(k in ['pod', 'namespace', 'node', 'zone', 'cluster', 'weight']))")
+            .message("metadata keys pod, namespace, node, zone, cluster and weight are reserved for the controller (set spec.weight for a weight)"),
         validation = Rule::new("self.all(k, size(k) >= 1 && size(k) <= 63)")
             .message("metadata keys must be 1 to 63 characters"),
     )]
@@ -141,6 +141,14 @@ pub struct GrpcServiceSpec {
     /// Service.
     #[serde(default)]
     pub publish_not_ready_addresses: bool,
+
+    /// A weight for weighted clients, written as `metadata.weight` (kratos' convention, read by
+    /// tonic-etcd-resolver's weighted policy). A pod's `grpc-registrar.io/weight` annotation
+    /// (an integer from 1 to 10000) overrides it for that pod. Unset: no weight is written, and
+    /// clients use their default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub weight: Option<u32>,
 
     /// The etcd lease TTL for this service's keys, overriding the controller's `--lease-ttl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -350,6 +358,7 @@ mod tests {
     #[test]
     fn reserved_metadata_keys_are_rejected() {
         rejects(json!({"metadata": {"pod": "x"}}), "reserved");
+        rejects(json!({"metadata": {"weight": "5"}}), "set spec.weight");
     }
 
     fn service_ref(extra: serde_json::Value) -> Result<(), String> {

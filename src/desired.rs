@@ -192,6 +192,8 @@ pub struct Plan {
     pub cluster: Option<String>,
     /// Instance tags, where the backend has tags (Consul).
     pub tags: Vec<String>,
+    /// `spec.weight`, written as `metadata.weight` unless a pod's annotation overrides it.
+    pub weight: Option<u32>,
 }
 
 impl Plan {
@@ -257,6 +259,7 @@ impl Plan {
             ttl_seconds: spec.ttl_seconds,
             cluster: policy.cluster.clone(),
             tags: Vec::new(),
+            weight: spec.weight,
         })
     }
 
@@ -408,6 +411,9 @@ pub struct Desired {
     /// The named ports the candidates left out for `PortNotFound` do offer (a few), so that a
     /// message can say what would have matched.
     pub ports_offered: std::collections::BTreeSet<(String, u16)>,
+    /// Registered candidates whose weight annotation is not a weight (1 to 10000), by id: they
+    /// are published with the service's weight, and status says so.
+    pub invalid_weights: std::collections::BTreeSet<String>,
 }
 
 /// How many offered ports a `PortNotFound` message lists at most.
@@ -435,8 +441,30 @@ pub fn registrable(plan: &Plan, candidate: &Candidate) -> Result<(IpAddr, u16), 
     Ok((ip, port))
 }
 
-fn metadata(plan: &Plan, candidate: &Candidate) -> BTreeMap<String, String> {
+/// The annotation that sets one pod's weight, overriding `spec.weight`.
+pub const WEIGHT_ANNOTATION: &str = "grpc-registrar.io/weight";
+
+/// The weights a client may be given: 1 to 10000 (0 would take an endpoint out of rotation,
+/// which readiness does).
+pub const WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
+
+/// A candidate's weight: its annotation when that is a weight, else the service's; `Err` with
+/// the service's when the annotation is not a weight.
+fn weight(plan: &Plan, candidate: &Candidate) -> Result<Option<u32>, Option<u32>> {
+    match candidate.weight.as_deref().map(str::trim) {
+        None => Ok(plan.weight),
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(w) if WEIGHTS.contains(&w) => Ok(Some(w)),
+            _ => Err(plan.weight),
+        },
+    }
+}
+
+fn metadata(plan: &Plan, candidate: &Candidate, weight: Option<u32>) -> BTreeMap<String, String> {
     let mut md = plan.static_metadata.clone();
+    if let Some(weight) = weight {
+        md.insert("weight".into(), weight.to_string());
+    }
     for label in &plan.metadata_labels {
         if let Some(value) = candidate.labels.get(label) {
             md.insert(label.clone(), value.clone());
@@ -471,13 +499,19 @@ pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
             out.ready += 1;
         }
         match registrable(plan, candidate) {
-            Ok((ip, port)) => out.endpoints.push(LogicalEndpoint {
-                id: candidate.id.clone(),
-                ip,
-                port,
-                node: candidate.node.clone(),
-                metadata: metadata(plan, candidate),
-            }),
+            Ok((ip, port)) => {
+                let weight = weight(plan, candidate).unwrap_or_else(|fallback| {
+                    out.invalid_weights.insert(candidate.id.clone());
+                    fallback
+                });
+                out.endpoints.push(LogicalEndpoint {
+                    id: candidate.id.clone(),
+                    ip,
+                    port,
+                    node: candidate.node.clone(),
+                    metadata: metadata(plan, candidate, weight),
+                });
+            }
             Err(skip) => {
                 if skip == Skip::PortNotFound && out.ports_offered.len() < PORTS_OFFERED {
                     out.ports_offered.extend(

@@ -307,6 +307,21 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
         message.push_str("; not registered: ");
         message.push_str(&parts.join(", "));
     }
+    if !desired.invalid_weights.is_empty() {
+        let n = desired.invalid_weights.len();
+        let some: Vec<&str> = desired
+            .invalid_weights
+            .iter()
+            .take(3)
+            .map(String::as_str)
+            .collect();
+        message.push_str(&format!(
+            "; {n} with a {} annotation that is not an integer from 1 to 10000, published with the service's weight ({}{})",
+            crate::desired::WEIGHT_ANNOTATION,
+            some.join(", "),
+            if n > 3 { ", …" } else { "" }
+        ));
+    }
     if !desired.ports_offered.is_empty() {
         let offered: Vec<String> = desired
             .ports_offered
@@ -784,6 +799,18 @@ mod tests {
             "0 of 2 endpoints of Service hello registered; not registered: 2 no EndpointSlice port \
              with the requested name or number (ports offered: 8080, grpc=50061; a number names \
              the endpoints' port, not the Service's own)"
+        );
+    }
+
+    #[test]
+    fn pods_with_a_weight_annotation_that_is_not_a_weight_are_named_in_the_ready_message() {
+        let mut want = desired(5, 5, &[]);
+        want.invalid_weights = ["a", "b", "c", "d"].map(String::from).into();
+        let s = synced_with(None, &want, &report(5, 1), None, 5);
+        assert_eq!(
+            ready(&s).message,
+            "5 of 5 selected pods registered; 4 with a grpc-registrar.io/weight annotation that \
+             is not an integer from 1 to 10000, published with the service's weight (a, b, c, …)"
         );
     }
 }

@@ -595,3 +595,68 @@ fn an_entry_too_large_for_any_registry_write_is_an_invalid_spec_not_a_backend_er
     assert!(matches!(err, SpecError::TooLarge { .. }), "{err}");
     assert!(err.to_string().contains("shrink metadata"), "{err}");
 }
+
+fn weights(plan: &Plan, pods: &[Pod]) -> (Vec<Option<String>>, Vec<String>) {
+    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    let d = super::desired(plan, &candidates);
+    (
+        d.endpoints
+            .iter()
+            .map(|e| e.metadata.get("weight").cloned())
+            .collect(),
+        d.invalid_weights.into_iter().collect(),
+    )
+}
+
+#[test]
+fn spec_weight_is_written_as_metadata_weight_and_a_pod_annotation_overrides_it() {
+    let mut svc = service("greeter");
+    svc.spec.weight = Some(20);
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2")
+            .annotation(WEIGHT_ANNOTATION, "100")
+            .build(),
+    ];
+    assert_eq!(
+        weights(&plan, &pods),
+        (vec![Some("20".into()), Some("100".into())], vec![])
+    );
+    let d = desired(&plan, &pods).unwrap();
+    let value = String::from_utf8(d.entries.values().next().unwrap().clone()).unwrap();
+    assert!(value.contains(r#""weight":"20""#), "{value}");
+}
+
+#[test]
+fn no_weight_is_written_unless_the_spec_or_the_pod_asks() {
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2")
+            .annotation(WEIGHT_ANNOTATION, " 7 ")
+            .build(),
+    ];
+    assert_eq!(
+        weights(&plan(), &pods),
+        (vec![None, Some("7".into())], vec![])
+    );
+}
+
+#[test]
+fn an_annotation_that_is_not_a_weight_falls_back_to_the_service_weight_and_is_reported() {
+    let mut svc = service("greeter");
+    svc.spec.weight = Some(3);
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let pods: Vec<Pod> = ["0", "10001", "-1", "heavy", "1.5", ""]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            PodBuilder::ready(&format!("p{i}"), &format!("10.0.0.{}", i + 1))
+                .annotation(WEIGHT_ANNOTATION, w)
+                .build()
+        })
+        .collect();
+    let (got, invalid) = weights(&plan, &pods);
+    assert_eq!(got, vec![Some("3".to_owned()); 6]);
+    assert_eq!(invalid, ["p0", "p1", "p2", "p3", "p4", "p5"]);
+}

@@ -50,6 +50,8 @@ pub struct Candidate {
     pub zone: Option<String>,
     /// Labels, for selectors and `metadataFromLabels`.
     pub labels: BTreeMap<String, String>,
+    /// The pod's `grpc-registrar.io/weight` annotation, unparsed (`desired` checks it).
+    pub weight: Option<String>,
     /// When readiness last changed (a pod's Ready transition, or its deletion), as Kubernetes
     /// records it: whole seconds, set by the kubelet.
     pub changed: Option<Timestamp>,

@@ -51,6 +51,10 @@ pub fn candidate(pod: &Pod) -> Candidate {
                 .map(|t| t.0)
         }),
         labels,
+        weight: pod
+            .annotations()
+            .get(crate::desired::WEIGHT_ANNOTATION)
+            .cloned(),
         ..Candidate::default()
     }
 }

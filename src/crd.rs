@@ -8,8 +8,67 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 pub use tonic_etcd_resolver::ValueFormat;
 
-/// The finalizer that deletes a service's keys and ownership record before it goes away.
+/// The finalizer that deletes a service's keys and ownership record before it goes away
+/// (the etcd backend's; see [`Backend::finalizer`]).
 pub const FINALIZER: &str = "grpc-registrar.io/cleanup";
+
+/// The registry a GrpcService is published into. Each controller serves one backend
+/// (`--backend`) and acts only on the GrpcServices that name it, so one controller per backend
+/// may run side by side.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum Backend {
+    /// etcd: keys under a target prefix on a shared lease (the default).
+    #[default]
+    Etcd,
+    /// Consul's catalog: one Consul service with an instance per endpoint.
+    Consul,
+}
+
+impl Backend {
+    /// The finalizer of this backend's controller: each releases only what it published, so a
+    /// service moved to another backend is cleaned up by the one it leaves.
+    #[must_use]
+    pub const fn finalizer(self) -> &'static str {
+        match self {
+            Self::Etcd => FINALIZER,
+            Self::Consul => "grpc-registrar.io/consul-cleanup",
+        }
+    }
+
+    /// The name used in flags, logs and metrics.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Etcd => "etcd",
+            Self::Consul => "consul",
+        }
+    }
+}
+
+/// How a GrpcService appears in Consul's catalog.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsulService {
+    /// The Consul service name (what clients ask the catalog, and `<name>.service.consul` in
+    /// DNS). Defaults to the GrpcService's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$')")
+            .message("consul.service must be letters, digits and '-', starting and ending with a letter or digit (a DNS label, so that <name>.service.consul resolves)")
+    )]
+    pub service: Option<String>,
+    /// Tags on every instance, e.g. `grpc` or `v2`, for clients that filter by tag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(
+        validation = Rule::new("self.all(t, size(t) >= 1 && size(t) <= 255)")
+            .message("consul.tags must each be 1 to 255 characters")
+    )]
+    pub tags: Vec<String>,
+}
 
 /// Placeholders a `keyTemplate` may use.
 pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
@@ -55,6 +114,10 @@ pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
         .message("port does not apply with serviceRef: set serviceRef.port"),
     validation = Rule::new("!has(self.serviceRef) || !has(self.metadataFromLabels) || size(self.metadataFromLabels) == 0")
         .message("metadataFromLabels copies pod labels, which EndpointSlices do not carry: use it with selector"),
+    validation = Rule::new("!has(self.consul) || (has(self.backend) && self.backend == 'Consul')")
+        .message("consul applies only with backend: Consul"),
+    validation = Rule::new("!has(self.backend) || self.backend != 'Consul' || (!has(self.target) && !has(self.keyTemplate) && !has(self.ttlSeconds))")
+        .message("target, keyTemplate and ttlSeconds are etcd settings: with backend Consul, name the service in consul.service"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GrpcServiceSpec {
@@ -78,6 +141,15 @@ pub struct GrpcServiceSpec {
         validation = Rule::new(PORT_RULE).message(PORT_MESSAGE)
     )]
     pub port: Option<IntOrString>,
+
+    /// The registry to publish into: `Etcd` (default) or `Consul`. Only the controller serving
+    /// that backend acts on this GrpcService.
+    #[serde(default)]
+    pub backend: Backend,
+
+    /// Consul's catalog naming and tags (with `backend: Consul`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consul: Option<ConsulService>,
 
     /// Publishes the endpoints of a Service in this namespace, merged over all its
     /// EndpointSlices: those the endpointslice controller computes from the Service's
@@ -359,6 +431,34 @@ mod tests {
     fn reserved_metadata_keys_are_rejected() {
         rejects(json!({"metadata": {"pod": "x"}}), "reserved");
         rejects(json!({"metadata": {"weight": "5"}}), "set spec.weight");
+    }
+
+    #[test]
+    fn consul_settings_need_backend_consul_and_etcd_settings_are_refused_there() {
+        rejects(
+            json!({"consul": {"service": "greeter"}}),
+            "consul applies only with backend: Consul",
+        );
+        rejects(
+            json!({"backend": "Consul", "target": "a/b"}),
+            "are etcd settings",
+        );
+        rejects(
+            json!({"backend": "Consul", "ttlSeconds": 30}),
+            "are etcd settings",
+        );
+        rejects(
+            json!({"backend": "Consul", "consul": {"service": "-bad"}}),
+            "consul.service must be",
+        );
+        rejects(
+            json!({"backend": "Consul", "consul": {"tags": [""]}}),
+            "consul.tags must each",
+        );
+        accepts(
+            json!({"backend": "Consul", "consul": {"service": "greeter-v2", "tags": ["grpc"]}}),
+        );
+        accepts(json!({"backend": "Consul"}));
     }
 
     fn service_ref(extra: serde_json::Value) -> Result<(), String> {

@@ -72,6 +72,9 @@ pub struct Policy {
     /// This cluster's name when several publish into one registry; endpoint metadata carries
     /// it as `cluster`.
     pub cluster: Option<String>,
+    /// The backend this controller publishes into: the target is an etcd prefix, or a Consul
+    /// service name.
+    pub backend: crate::crd::Backend,
 }
 
 impl Default for Policy {
@@ -81,6 +84,7 @@ impl Default for Policy {
             registrar_root: "grpc-registrar".into(),
             custom_targets: CustomTargets::None,
             cluster: None,
+            backend: crate::crd::Backend::Etcd,
         }
     }
 }
@@ -91,6 +95,9 @@ pub enum SpecError {
     /// The label selector does not parse.
     #[error("failed to parse selector: {0}")]
     Selector(String),
+    /// A setting of another backend than the one the spec names.
+    #[error("failed to apply the backend's settings: {0}")]
+    Backend(&'static str),
     /// Not exactly one source, or a port missing or misplaced for the source.
     #[error("failed to read the source: {0}")]
     Source(&'static str),
@@ -239,7 +246,13 @@ impl Plan {
         {
             return Err(SpecError::PortName(name.clone()));
         }
-        let target = resolve_target(spec.target.as_deref(), &namespace, &name, policy)?;
+        let (target, tags) = match policy.backend {
+            crate::crd::Backend::Etcd => (
+                resolve_target(spec.target.as_deref(), &namespace, &name, policy)?,
+                Vec::new(),
+            ),
+            crate::crd::Backend::Consul => consul_service(spec, &name)?,
+        };
         let template = KeyTemplate::parse(
             spec.key_template
                 .as_deref()
@@ -258,7 +271,7 @@ impl Plan {
             publish_not_ready: spec.publish_not_ready_addresses,
             ttl_seconds: spec.ttl_seconds,
             cluster: policy.cluster.clone(),
-            tags: Vec::new(),
+            tags,
             weight: spec.weight,
         })
     }
@@ -268,6 +281,36 @@ impl Plan {
     pub fn layout(&self) -> Layout {
         Layout::new(self)
     }
+}
+
+/// The Consul service name and tags a spec asks for: `consul.service`, or the GrpcService's
+/// name. Checked as the schema does, so that an object stored before the rule still gets a
+/// clear error.
+fn consul_service(
+    spec: &crate::crd::GrpcServiceSpec,
+    name: &str,
+) -> Result<(String, Vec<String>), SpecError> {
+    let consul = spec.consul.clone().unwrap_or_default();
+    let service = consul.service.unwrap_or_else(|| name.to_owned());
+    let dns_label = !service.is_empty()
+        && service.len() <= 63
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !service.starts_with('-')
+        && !service.ends_with('-');
+    if !dns_label {
+        return Err(SpecError::Target(
+            service,
+            "not a Consul service name: letters, digits and '-', at most 63, not starting or ending with '-'",
+        ));
+    }
+    if spec.target.is_some() || spec.key_template.is_some() || spec.ttl_seconds.is_some() {
+        return Err(SpecError::Backend(
+            "target, keyTemplate and ttlSeconds are etcd settings: with backend Consul, name the service in consul.service",
+        ));
+    }
+    Ok((service, consul.tags))
 }
 
 /// The default target of a service, `<key-prefix>/<namespace>/<name>`.

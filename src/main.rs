@@ -256,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
             registrar_root: registry.registrar_root,
             custom_targets: CustomTargets::parse(&registry.custom_target_namespaces),
             cluster: registry.cluster_name,
+            backend: grpc_registrar::crd::Backend::Etcd,
         },
         scope: Scope {
             namespace: (!namespace.is_empty()).then_some(namespace),

@@ -30,7 +30,7 @@ use tracing::{Instrument, field, info, info_span, instrument, warn};
 pub use watch::{PodFeed, PodMapper, Selections, ServiceFeed, SliceFeed, SliceMapper};
 
 use crate::backoff::Backoff;
-use crate::crd::{FINALIZER, GrpcService};
+use crate::crd::GrpcService;
 use crate::desired::Policy;
 use crate::leader::Role;
 use crate::metrics::Metrics;
@@ -498,15 +498,22 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
     }
     let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = svc.uid().unwrap_or_default();
-    let action = if svc.metadata.deletion_timestamp.is_some() {
-        let Some(index) = svc.finalizers().iter().position(|f| f == FINALIZER) else {
+    let finalizer = ctx.policy.backend.finalizer();
+    // A service published into another backend is that backend's controller's; one that moved
+    // there is released here first (our finalizer says we published it).
+    let ours = svc.spec.backend == ctx.policy.backend;
+    let action = if svc.metadata.deletion_timestamp.is_some() || !ours {
+        let Some(index) = svc.finalizers().iter().position(|f| f == finalizer) else {
             return Ok(Action::await_change());
         };
         let action = svc.cleanup(&ctx).await?;
-        remove_finalizer(&api, &svc, index).await?;
+        remove_finalizer(&api, &svc, index, finalizer).await?;
         action
     } else {
-        with_finalizer(&api, svc).await?.apply(&ctx).await?
+        with_finalizer(&api, svc, finalizer)
+            .await?
+            .apply(&ctx)
+            .await?
     };
     ctx.failures.lock().expect("lock").remove(&uid);
     Ok(action)
@@ -514,7 +521,12 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
 
 /// Removes the finalizer at `index` once cleanup is done, guarded by a test so that a
 /// concurrent change of the list fails (and is retried) instead of removing another entry.
-async fn remove_finalizer(api: &Api<GrpcService>, svc: &GrpcService, index: usize) -> Result<()> {
+async fn remove_finalizer(
+    api: &Api<GrpcService>,
+    svc: &GrpcService,
+    index: usize,
+    finalizer: &str,
+) -> Result<()> {
     use json_patch::jsonptr::PointerBuf;
     use json_patch::{PatchOperation, RemoveOperation, TestOperation};
     let path = PointerBuf::parse(format!("/metadata/finalizers/{index}"))
@@ -522,7 +534,7 @@ async fn remove_finalizer(api: &Api<GrpcService>, svc: &GrpcService, index: usiz
     let patch = json_patch::Patch(vec![
         PatchOperation::Test(TestOperation {
             path: path.clone(),
-            value: FINALIZER.into(),
+            value: finalizer.into(),
         }),
         PatchOperation::Remove(RemoveOperation { path }),
     ]);
@@ -547,10 +559,14 @@ async fn remove_finalizer(api: &Api<GrpcService>, svc: &GrpcService, index: usiz
 /// service's critical path. Here the same guarded JSON patch (test, then add) is sent and the
 /// reconcile goes on with the updated object, so the finalizer is still persisted before
 /// anything is written to the registry.
-async fn with_finalizer(api: &Api<GrpcService>, svc: Arc<GrpcService>) -> Result<Arc<GrpcService>> {
+async fn with_finalizer(
+    api: &Api<GrpcService>,
+    svc: Arc<GrpcService>,
+    finalizer: &str,
+) -> Result<Arc<GrpcService>> {
     use json_patch::jsonptr::PointerBuf;
     use json_patch::{AddOperation, PatchOperation, TestOperation};
-    if svc.metadata.deletion_timestamp.is_some() || svc.finalizers().iter().any(|f| f == FINALIZER)
+    if svc.metadata.deletion_timestamp.is_some() || svc.finalizers().iter().any(|f| f == finalizer)
     {
         return Ok(svc);
     }
@@ -558,13 +574,13 @@ async fn with_finalizer(api: &Api<GrpcService>, svc: Arc<GrpcService>) -> Result
         (
             serde_json::Value::Null,
             "/metadata/finalizers",
-            serde_json::json!([FINALIZER]),
+            serde_json::json!([finalizer]),
         )
     } else {
         (
             serde_json::json!(svc.finalizers()),
             "/metadata/finalizers/-",
-            serde_json::json!(FINALIZER),
+            serde_json::json!(finalizer),
         )
     };
     let patch = json_patch::Patch(vec![

@@ -469,10 +469,19 @@ impl GrpcService {
             .and_then(|s| s.target.clone())
             .into_iter()
             .collect();
-        if let Ok(plan) = Plan::new(self, &ctx.policy)
-            && !targets.contains(&plan.target)
-        {
-            targets.push(plan.target);
+        // What the spec names now, and what this process last published (the spec may have
+        // moved to another backend or target since).
+        let published = ctx
+            .published
+            .lock()
+            .expect("lock")
+            .get(&owner.uid)
+            .map(|(plan, _)| plan.target.clone());
+        let planned = Plan::new(self, &ctx.policy).ok().map(|plan| plan.target);
+        for target in [planned, published].into_iter().flatten() {
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
         }
         for target in targets {
             let deleted = ctx.backend.release(&target, &owner).await?;

@@ -427,3 +427,45 @@ async fn a_selector_service_does_not_wait_for_the_endpointslice_watch_and_a_serv
         "nothing claimed"
     );
 }
+
+#[tokio::test]
+async fn a_service_moved_to_another_backend_is_released_here_and_loses_only_this_backends_finalizer()
+ {
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |_| {}));
+    reconcile(Arc::new(svc.clone()), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
+
+    // Now the spec names Consul: this (etcd) controller releases what it published and removes
+    // its own finalizer, and writes no status (the Consul controller owns it now).
+    let (ctx2, api2) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let mut moved = svc;
+    moved.spec.backend = crate::crd::Backend::Consul;
+    let server = api2.run(Scenario::FinalizerRemoval(moved.clone()));
+    let action = reconcile(Arc::new(moved), ctx2).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(keys(&registry, "services/default/greeter").is_empty());
+    assert!(registry.owner("services/default/greeter").is_none());
+}
+
+#[tokio::test]
+async fn a_service_of_another_backend_is_left_alone() {
+    let registry = backend();
+    let (ctx, _api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let mut svc = service("greeter");
+    svc.spec.backend = crate::crd::Backend::Consul;
+    // No API request is answered: any (a finalizer or status patch) would hang the reconcile.
+    let action = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        reconcile(Arc::new(svc), ctx),
+    )
+    .await
+    .expect("the reconcile made no API request")
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(keys(&registry, "services/default/greeter").is_empty());
+}

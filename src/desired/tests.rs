@@ -660,3 +660,49 @@ fn an_annotation_that_is_not_a_weight_falls_back_to_the_service_weight_and_is_re
     assert_eq!(got, vec![Some("3".to_owned()); 6]);
     assert_eq!(invalid, ["p0", "p1", "p2", "p3", "p4", "p5"]);
 }
+
+fn consul_policy() -> Policy {
+    Policy {
+        backend: crate::crd::Backend::Consul,
+        ..Policy::default()
+    }
+}
+
+#[test]
+fn with_the_consul_backend_the_target_is_the_consul_service_name_with_its_tags() {
+    let mut svc = service("greeter");
+    svc.spec.backend = crate::crd::Backend::Consul;
+    let plan = Plan::new(&svc, &consul_policy()).unwrap();
+    assert_eq!((plan.target.as_str(), plan.tags.len()), ("greeter", 0));
+
+    svc.spec.consul = Some(crate::crd::ConsulService {
+        service: Some("greeter-v2".into()),
+        tags: vec!["grpc".into()],
+    });
+    let plan = Plan::new(&svc, &consul_policy()).unwrap();
+    assert_eq!(plan.target, "greeter-v2");
+    assert_eq!(plan.tags, ["grpc"]);
+}
+
+#[test]
+fn with_the_consul_backend_etcd_settings_and_non_dns_names_are_invalid_specs() {
+    let mut svc = service("greeter");
+    svc.spec.backend = crate::crd::Backend::Consul;
+    svc.spec.ttl_seconds = Some(30);
+    assert!(matches!(
+        Plan::new(&svc, &consul_policy()),
+        Err(SpecError::Backend(_))
+    ));
+    svc.spec.ttl_seconds = None;
+    for bad in ["-greeter", "greeter.v2", "grüße", ""] {
+        svc.spec.consul = Some(crate::crd::ConsulService {
+            service: Some(bad.into()),
+            tags: vec![],
+        });
+        let err = Plan::new(&svc, &consul_policy()).unwrap_err();
+        assert!(
+            err.to_string().contains("not a Consul service name"),
+            "{bad}: {err}"
+        );
+    }
+}

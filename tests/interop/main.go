@@ -16,6 +16,13 @@
 //	                                            own etcd Registry.Register; prints "ready", and
 //	                                            Deregisters when stdin closes
 //	interop dump     -etcd URL -prefix P        print every key=value under prefix P
+//	interop consul   -consul ADDR -name NAME -n N [-tag T] [-passing=false]   a Consul user's
+//	                                            client: blocking Health().Service(NAME, passing)
+//	                                            queries feeding grpc-go (consul:///NAME) with
+//	                                            round_robin, N SayHello calls, same JSON as call
+//	interop consul-watch -consul ADDR -name NAME [-tag T] [-passing=false]   print each change
+//	                                            of the instance set as a JSON line until stdin
+//	                                            closes
 //
 // It needs no generated code: SayHello is invoked with a raw-bytes codec and the protobuf
 // wire format is read with protowire.
@@ -87,7 +94,7 @@ func replyServer(b []byte) string {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: interop call|register|seed|kratos|kratos-register|dump [flags]")
+		fmt.Fprintln(os.Stderr, "usage: interop call|register|seed|kratos|kratos-register|dump|consul|consul-watch [flags]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -101,7 +108,20 @@ func main() {
 	version := fs.String("version", "", "kratos instance version (kratos-register)")
 	wait := fs.Duration("wait", 0, "wait up to this long for an instance to be discovered (kratos)")
 	prefix := fs.String("prefix", "/", "key prefix (dump)")
+	consul := fs.String("consul", "127.0.0.1:8500", "Consul HTTP address (consul, consul-watch)")
+	tag := fs.String("tag", "", "only instances with this tag (consul, consul-watch)")
+	passing := fs.Bool("passing", true, "only passing instances, Health().Service; false lists the catalog (consul, consul-watch)")
 	_ = fs.Parse(os.Args[2:])
+	switch os.Args[1] {
+	case "consul":
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		consulCall(ctx, *consul, *name, *tag, *passing, *n)
+		return
+	case "consul-watch":
+		consulWatch(*consul, *name, *tag, *passing)
+		return
+	}
 	if os.Args[1] == "seed" {
 		seed(*etcd, *target, *n, *ttl)
 		return

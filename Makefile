@@ -4,12 +4,13 @@ SHELL := /usr/bin/env bash
 
 .PHONY: tools test lint crd demo bench dev dev-down
 
-## tools: protoc (Debian's protobuf-compiler); etcd, kube-apiserver, kube-controller-manager, helm and the Go
-## interop client built from pinned Go modules (tests/controlplane, tests/helm, tests/interop) into target/, cached.
-## Fails loudly when it cannot.
+## tools: protoc (Debian's protobuf-compiler); etcd, kube-apiserver, kube-controller-manager, helm, Consul and the
+## Go interop client built from pinned Go modules (tests/controlplane, tests/helm, tests/consul, tests/interop) into
+## target/, cached. Fails loudly when it cannot.
 tools:
 	scripts/protoc.sh >/dev/null
 	scripts/controlplane.sh >/dev/null
+	scripts/consul.sh >/dev/null
 	scripts/interop.sh >/dev/null
 	scripts/helm.sh >/dev/null
 

@@ -9,10 +9,12 @@ use std::time::Duration;
 use tonic::body::Body;
 use tower::{BoxError, ServiceExt};
 
+use crate::call::Call;
 use crate::pool::{Pool, Ready};
 use crate::resolver::Guard;
 
-/// A channel that round-robins RPCs over the endpoints that are up.
+/// A channel that balances RPCs over the endpoints that are up, by the policies chosen in
+/// [`crate::Options`] (round-robin by default).
 ///
 /// Pass it to a generated client (`GreeterClient::new(channel)`); clone it freely, clones share
 /// connections. An endpoint whose connection fails is skipped until it answers again, even while
@@ -58,13 +60,27 @@ impl LbChannel {
         };
         match tokio::time::timeout(max, wait).await {
             Ok(Some(ready)) => Ok(ready),
-            Ok(None) | Err(_) => Err(unavailable().into()),
+            Ok(None) | Err(_) => Err(unavailable(pool.target()).into()),
         }
     }
 }
 
-fn unavailable() -> tonic::Status {
-    tonic::Status::unavailable("no endpoint is registered and reachable")
+fn unavailable(target: &str) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "no endpoint of target {target:?} is registered, reachable and serving"
+    ))
+}
+
+/// Whether a channel error is a deadline (the backend is slow, its connection is fine).
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 impl tower::Service<http::Request<Body>> for LbChannel {
@@ -81,11 +97,23 @@ impl tower::Service<http::Request<Body>> for LbChannel {
         let pool = self.pool.clone();
         Box::pin(async move {
             let ready = Self::pick(&pool).await?;
-            match ready.channel.oneshot(request).await {
-                Ok(response) => Ok(response),
+            let mut call = pool
+                .tracks_calls()
+                .then(|| Call::start(pool.clone(), ready.clone()));
+            match ready.channel.clone().oneshot(request).await {
+                Ok(response) => Ok(match call {
+                    Some(call) => call.response(response),
+                    None => response,
+                }),
                 Err(e) => {
-                    // Transport-level failure (gRPC errors arrive as Ok responses).
-                    ready.health.mark_down();
+                    // Transport-level failure (gRPC errors arrive as Ok responses). A deadline
+                    // says the backend is slow, not that its connection is gone.
+                    if !is_timeout(&e) {
+                        ready.health.mark_down();
+                    }
+                    if let Some(call) = &mut call {
+                        call.finish(true);
+                    }
                     Err(e.into())
                 }
             }

@@ -32,23 +32,41 @@
 //! - **Fails fast when empty.** With no endpoint up an RPC fails with `Unavailable` at once, as
 //!   grpc-go does; [`Options::wait_for_endpoints`] waits instead.
 //!
+//! - **Policies beyond round-robin.** Zone preference with spill-over, smooth weighted
+//!   round-robin from `metadata.weight`, least-loaded power-of-two-choices on the RPCs it
+//!   counts in flight itself, outlier ejection, and `grpc.health.v1` health checks; see
+//!   [`Options`] and the README's "Choosing a policy".
+//!
+//! Targets are key prefixes (`services/default/greeter`); grpc-go's `etcd:///<prefix>` form is
+//! accepted too. The crate re-exports [`etcd_client`], so [`Resolver::new`] callers need not
+//! match its version by hand.
+//!
 //! # Layout
 //! - [`format`]: the wire contract: keys, and one [`format::Codec`] per value format (etcd naming
 //!   JSON, bare address, kratos); grpc-registrar writes with it.
 //! - [`Resolver`]: the registry watch, snapshots, discovery stream.
 //! - [`LbChannel`]: the load-balanced, failure-aware channel.
-//! - [`Options`]: per-endpoint connection settings and retry pacing.
+//! - [`Options`]: per-endpoint connection settings, policies and retry pacing.
+//! - [`policy`]: the policies' settings ([`Balance`], [`ZonePreference`],
+//!   [`OutlierDetection`], [`HealthCheck`]) and pure decision functions.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod call;
 mod channel;
+mod connector;
 mod error;
 pub mod format;
 mod options;
+pub mod policy;
 mod pool;
 mod resolver;
+mod target;
 
 pub use channel::LbChannel;
 pub use error::{Error, Result};
+pub use etcd_client;
 pub use format::{Codec, Endpoint, FormatError, ValueFormat};
 pub use options::Options;
+pub use policy::{Balance, HealthCheck, HealthCheckMode, OutlierDetection, ZonePreference};
 pub use resolver::{Resolver, Snapshot, Stats};

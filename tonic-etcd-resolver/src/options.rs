@@ -1,4 +1,5 @@
-//! How the resolver connects to backends and how it behaves with no endpoints.
+//! How the resolver connects to backends, which policies pick among them, and how it behaves
+//! with no endpoints.
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,12 +8,16 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tonic::transport::Endpoint as TonicEndpoint;
 
-use crate::Error;
 use crate::format::ValueFormat;
+use crate::{Balance, Error, HealthCheck, OutlierDetection, ZonePreference};
 
 type Configure = Arc<dyn Fn(TonicEndpoint) -> TonicEndpoint + Send + Sync>;
 
-/// Settings applied to every backend connection, and the resolver's retry pacing.
+/// Settings applied to every backend connection, the load-balancing policies, and the
+/// resolver's retry pacing.
+///
+/// The policies compose: health checks and outlier ejection take endpoints out, a zone
+/// preference narrows the rest to the client's zone, and the [`Balance`] picks one.
 ///
 /// ```
 /// use std::time::Duration;
@@ -22,6 +27,14 @@ type Configure = Arc<dyn Fn(TonicEndpoint) -> TonicEndpoint + Send + Sync>;
 ///     .connect_timeout(Duration::from_secs(1))
 ///     .timeout(Duration::from_secs(3))
 ///     .configure(|endpoint| endpoint.user_agent("my-app").unwrap());
+///
+/// // Least loaded, local zone first, failing backends ejected, NOT_SERVING ones skipped.
+/// use tonic_etcd_resolver::{Balance, HealthCheck, OutlierDetection, ZonePreference};
+/// let options = Options::default()
+///     .balance(Balance::LeastLoaded)
+///     .prefer_zone(ZonePreference::new("eu-west-1a"))
+///     .outlier_detection(OutlierDetection::default())
+///     .health_check(HealthCheck::watch("helloworld.Greeter"));
 /// ```
 #[derive(Clone)]
 pub struct Options {
@@ -46,6 +59,14 @@ pub struct Options {
     pub(crate) retry_max: Duration,
     /// `None`: detect each value's format. `Some(f)`: read only `f`, skipping other values.
     pub(crate) format: Option<ValueFormat>,
+    /// How an endpoint is picked among the candidates.
+    pub(crate) balance: Balance,
+    /// Prefer endpoints in the client's zone.
+    pub(crate) zone: Option<ZonePreference>,
+    /// Eject endpoints that keep failing.
+    pub(crate) outlier: Option<OutlierDetection>,
+    /// Skip endpoints that report `NOT_SERVING`.
+    pub(crate) health_check: Option<HealthCheck>,
 }
 
 impl Default for Options {
@@ -62,6 +83,10 @@ impl Default for Options {
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             format: None,
+            balance: Balance::RoundRobin,
+            zone: None,
+            outlier: None,
+            health_check: None,
         }
     }
 }
@@ -78,6 +103,10 @@ impl fmt::Debug for Options {
             .field("retry_min", &self.retry_min)
             .field("retry_max", &self.retry_max)
             .field("format", &self.format)
+            .field("balance", &self.balance)
+            .field("zone", &self.zone)
+            .field("outlier", &self.outlier)
+            .field("health_check", &self.health_check)
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +143,7 @@ impl Options {
 
     /// TLS to every backend; endpoints are then dialled as `https://`.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[must_use]
     pub fn tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
         self.tls = Some(tls);
@@ -158,6 +188,37 @@ impl Options {
     #[must_use]
     pub fn format(mut self, format: ValueFormat) -> Self {
         self.format = Some(format);
+        self
+    }
+
+    /// How an RPC's endpoint is picked among the candidates (default [`Balance::RoundRobin`]).
+    #[must_use]
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.balance = balance;
+        self
+    }
+
+    /// Prefers endpoints whose `metadata.zone` is the client's, spilling over to other zones
+    /// when too few are up (see [`ZonePreference`]).
+    #[must_use]
+    pub fn prefer_zone(mut self, zone: ZonePreference) -> Self {
+        self.zone = Some(zone);
+        self
+    }
+
+    /// Ejects endpoints whose RPCs keep failing, for a growing interval (see
+    /// [`OutlierDetection`]).
+    #[must_use]
+    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+        self.outlier = Some(outlier);
+        self
+    }
+
+    /// Asks each endpoint's `grpc.health.v1.Health` service and skips endpoints that report
+    /// `NOT_SERVING` (see [`HealthCheck`]).
+    #[must_use]
+    pub fn health_check(mut self, check: HealthCheck) -> Self {
+        self.health_check = Some(check);
         self
     }
 

@@ -1,29 +1,29 @@
-//! Backend connections with health: an endpoint whose connection fails is not picked again until
-//! it answers a reachability probe.
+//! Backend connections with health, and the pick: an endpoint whose connection fails is not
+//! picked again until it answers a reachability probe; among the rest, the policies choose.
 //!
-//! Each connection's socket is watched: end-of-stream or a read error (the backend died) marks
-//! the endpoint down at once, before any RPC has to fail on it. A transport error on an RPC does
-//! the same. A per-endpoint task then probes with backoff and puts it back when it answers.
+//! Each connection's socket is watched ([`crate::connector`]): end-of-stream or a read error
+//! (the backend died) marks the endpoint down at once, before any RPC has to fail on it. A
+//! transport error on an RPC does the same. A per-endpoint task then probes with backoff and
+//! puts it back when it answers.
 
-use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::task::{Context, Poll};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::Options;
+use crate::connector::WatchedConnector;
+use crate::policy::outlier::{OutlierState, max_ejected};
+use crate::policy::p2c::{self, Load};
+use crate::policy::weighted::Swrr;
+use crate::{Balance, Options};
 
-/// One endpoint's up/down flag.
+/// One endpoint's connection up/down flag.
 #[derive(Default)]
 pub(crate) struct Health {
     down: AtomicBool,
@@ -39,41 +39,117 @@ impl Health {
     }
 }
 
+/// What the registry says about an endpoint, beyond its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Meta {
+    /// `metadata.zone`.
+    pub(crate) zone: Option<Arc<str>>,
+    /// `metadata.weight`, or the default.
+    pub(crate) weight: u32,
+}
+
+/// Per-endpoint state shared by the pick, the calls in flight and the health checker.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// RPCs sent and not yet finished (response body ended or dropped).
+    pub(crate) in_flight: AtomicUsize,
+    /// False while an active health check says `NOT_SERVING`.
+    pub(crate) serving: Arc<AtomicBool>,
+    /// End of the current ejection, in nanoseconds from the pool's start; 0 when none.
+    ejected_until: AtomicU64,
+    /// Failure record for outlier detection.
+    outlier: Mutex<OutlierState>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            serving: Arc::new(AtomicBool::new(true)),
+            ..Self::default()
+        }
+    }
+
+    fn ejected(&self, now: Duration) -> bool {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        until != 0 && u128::from(until) > now.as_nanos()
+    }
+}
+
 /// An endpoint that may be picked.
 #[derive(Clone)]
 pub(crate) struct Ready {
     pub(crate) addr: Arc<str>,
     pub(crate) channel: Channel,
     pub(crate) health: Arc<Health>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) meta: Meta,
 }
 
 struct Member {
     task: JoinHandle<()>,
     /// Set once the first reachability probe has finished, either way.
     probed: Arc<AtomicBool>,
+    /// The registry's latest word on it; the task reads it when the endpoint comes up.
+    meta: Arc<Mutex<Meta>>,
+}
+
+/// Aborts a task when dropped, so a member's helpers end with it.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Every backend the registry lists, and the subset that may be picked.
 pub(crate) struct Pool {
+    /// The resolved target, for messages.
+    target: Arc<str>,
     options: Options,
     members: Mutex<HashMap<String, Member>>,
     ready: RwLock<Arc<Vec<Ready>>>,
-    /// Signalled whenever the ready set changes or a first probe finishes.
+    /// Signalled whenever the ready set changes, a first probe finishes or a health status
+    /// changes.
     pub(crate) changed: Notify,
     next: AtomicUsize,
     /// Members whose first probe has not finished: an RPC waits for them rather than failing.
     unprobed: AtomicUsize,
+    /// Registered endpoints in the client's zone, for the spill-over threshold.
+    registered_local: AtomicUsize,
+    /// Smooth weighted round-robin state.
+    swrr: Mutex<Swrr<Arc<str>>>,
+    /// Serializes ejections, so the cap holds.
+    ejecting: Mutex<()>,
+    /// The clock's origin for ejection times.
+    epoch: Instant,
+    /// Round-robin with nothing to filter: the pick takes the fast path.
+    simple: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Pool {
-    pub(crate) fn new(options: Options) -> Arc<Self> {
+    pub(crate) fn new(target: &str, options: Options) -> Arc<Self> {
+        let simple = options.balance == Balance::RoundRobin
+            && options.zone.is_none()
+            && options.outlier.is_none()
+            && options.health_check.is_none();
         Arc::new(Self {
+            target: target.into(),
             options,
             members: Mutex::default(),
             ready: RwLock::default(),
             changed: Notify::new(),
             next: AtomicUsize::new(0),
             unprobed: AtomicUsize::new(0),
+            registered_local: AtomicUsize::new(0),
+            swrr: Mutex::default(),
+            ejecting: Mutex::new(()),
+            epoch: Instant::now(),
+            simple,
         })
     }
 
@@ -81,13 +157,34 @@ impl Pool {
         &self.options
     }
 
-    /// Makes the member set equal `addrs`: new addresses start connecting, gone ones are dropped
-    /// from the ready set at once.
-    pub(crate) fn set(self: &Arc<Self>, addrs: &BTreeSet<String>) {
-        let mut members = self.members.lock().expect("lock");
+    pub(crate) fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Whether calls must be tracked: in flight for least-loaded, outcomes for ejection.
+    pub(crate) fn tracks_calls(&self) -> bool {
+        self.options.balance == Balance::LeastLoaded || self.options.outlier.is_some()
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    fn ready_set(&self) -> Arc<Vec<Ready>> {
+        self.ready
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes the member set equal `endpoints` (address to metadata): new addresses start
+    /// connecting, gone ones are dropped from the ready set at once, changed metadata applies
+    /// without reconnecting.
+    pub(crate) fn set(self: &Arc<Self>, endpoints: &BTreeMap<String, Meta>) {
+        let mut members = lock(&self.members);
         let gone: Vec<String> = members
             .keys()
-            .filter(|a| !addrs.contains(*a))
+            .filter(|a| !endpoints.contains_key(*a))
             .cloned()
             .collect();
         for addr in &gone {
@@ -99,26 +196,137 @@ impl Pool {
         }
         if !gone.is_empty() {
             self.update_ready(|ready| ready.retain(|r| !gone.iter().any(|g| **g == *r.addr)));
+            lock(&self.swrr).retain(|k| endpoints.contains_key(&**k));
         }
-        for addr in addrs {
-            if !members.contains_key(addr) {
-                info!(addr, "endpoint added");
-                let probed = Arc::new(AtomicBool::new(false));
-                self.unprobed.fetch_add(1, Ordering::AcqRel);
-                let task = tokio::spawn(member(Arc::downgrade(self), addr.clone(), probed.clone()));
-                members.insert(addr.clone(), Member { task, probed });
+        for (addr, meta) in endpoints {
+            if let Some(member) = members.get(addr) {
+                if *lock(&member.meta) != *meta {
+                    debug!(addr, weight = meta.weight, zone = ?meta.zone, "endpoint metadata changed");
+                    // Under the ready set's lock, as the member task reads it, so neither
+                    // side sees a stale copy.
+                    self.update_ready(|ready| {
+                        lock(&member.meta).clone_from(meta);
+                        for r in ready.iter_mut().filter(|r| *r.addr == **addr) {
+                            r.meta.clone_from(meta);
+                        }
+                    });
+                }
+                continue;
             }
+            info!(addr, weight = meta.weight, zone = ?meta.zone, "endpoint added");
+            let probed = Arc::new(AtomicBool::new(false));
+            let shared_meta = Arc::new(Mutex::new(meta.clone()));
+            self.unprobed.fetch_add(1, Ordering::AcqRel);
+            let task = tokio::spawn(member(
+                Arc::downgrade(self),
+                addr.clone(),
+                probed.clone(),
+                shared_meta.clone(),
+            ));
+            members.insert(
+                addr.clone(),
+                Member {
+                    task,
+                    probed,
+                    meta: shared_meta,
+                },
+            );
+        }
+        if let Some(zone) = &self.options.zone {
+            let local = endpoints
+                .values()
+                .filter(|m| m.zone.as_deref() == Some(zone.zone.as_str()))
+                .count();
+            self.registered_local.store(local, Ordering::Relaxed);
         }
     }
 
-    /// The next ready endpoint, round-robin.
+    /// The endpoint for the next RPC: among those up, serving and not ejected, local ones
+    /// first with a zone preference, then by the balance policy.
     pub(crate) fn pick(&self) -> Option<Ready> {
-        let ready = self.ready.read().expect("lock").clone();
+        let ready = self.ready_set();
         if ready.is_empty() {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % ready.len();
-        Some(ready[i].clone())
+        if self.simple {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % ready.len();
+            return Some(ready[i].clone());
+        }
+        let mut candidates: Vec<&Ready> = ready
+            .iter()
+            .filter(|r| r.shared.serving.load(Ordering::Acquire))
+            .collect();
+        if self.options.outlier.is_some() {
+            let now = self.now();
+            let kept: Vec<&Ready> = candidates
+                .iter()
+                .copied()
+                .filter(|r| !r.shared.ejected(now))
+                .collect();
+            // Never eject the last endpoints: if only ejected ones are left, use them.
+            if !kept.is_empty() {
+                candidates = kept;
+            }
+        }
+        if let Some(zone) = &self.options.zone {
+            candidates = zone.filter(
+                candidates,
+                |r| r.meta.zone.as_deref() == Some(zone.zone.as_str()),
+                self.registered_local.load(Ordering::Relaxed),
+            );
+        }
+        let i = match self.options.balance {
+            Balance::RoundRobin => (!candidates.is_empty())
+                .then(|| self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()),
+            Balance::Weighted => {
+                let keyed: Vec<(Arc<str>, u32)> = candidates
+                    .iter()
+                    .map(|r| (r.addr.clone(), r.meta.weight))
+                    .collect();
+                lock(&self.swrr).pick(&keyed)
+            }
+            Balance::LeastLoaded => p2c::choose(
+                candidates.len(),
+                |i| Load {
+                    in_flight: candidates[i].shared.in_flight.load(Ordering::Relaxed),
+                    weight: candidates[i].meta.weight,
+                },
+                |k| fastrand::usize(..k),
+            ),
+        }?;
+        Some(candidates[i].clone())
+    }
+
+    /// Records one RPC outcome for outlier detection, ejecting the endpoint when it trips and
+    /// the cap allows.
+    pub(crate) fn record(&self, ready: &Ready, failed: bool) {
+        let Some(config) = &self.options.outlier else {
+            return;
+        };
+        let now = self.now();
+        if !lock(&ready.shared.outlier).record(config, now, failed) {
+            return;
+        }
+        let _serial = lock(&self.ejecting);
+        let all = self.ready_set();
+        let ejected = all.iter().filter(|r| r.shared.ejected(now)).count();
+        let allowed = max_ejected(config.max_ejection_percent, all.len());
+        if ejected >= allowed {
+            debug!(
+                addr = &*ready.addr,
+                ejected, allowed, "outlier not ejected: the ejection cap is reached"
+            );
+            return;
+        }
+        let length = lock(&ready.shared.outlier).eject(config, now);
+        let until = u64::try_from((now + length).as_nanos()).unwrap_or(u64::MAX);
+        ready.shared.ejected_until.store(until, Ordering::Release);
+        warn!(
+            addr = &*ready.addr,
+            ejection = ?length,
+            ejected = ejected + 1,
+            "endpoint ejected as an outlier"
+        );
     }
 
     /// Whether some endpoint is still on its first connection attempt.
@@ -134,19 +342,27 @@ impl Pool {
         }
     }
 
-    /// Addresses currently picked from, for tests and observability.
+    /// Addresses currently connected, for tests and observability.
     pub(crate) fn ready_addrs(&self) -> Vec<String> {
-        self.ready
-            .read()
-            .expect("lock")
+        self.ready_set()
             .iter()
+            .map(|r| r.addr.to_string())
+            .collect()
+    }
+
+    /// Addresses an RPC may currently go to: connected, serving and not ejected.
+    pub(crate) fn pickable_addrs(&self) -> Vec<String> {
+        let now = self.now();
+        self.ready_set()
+            .iter()
+            .filter(|r| r.shared.serving.load(Ordering::Acquire) && !r.shared.ejected(now))
             .map(|r| r.addr.to_string())
             .collect()
     }
 
     fn update_ready(&self, f: impl FnOnce(&mut Vec<Ready>)) {
         {
-            let mut guard = self.ready.write().expect("lock");
+            let mut guard = self.ready.write().unwrap_or_else(PoisonError::into_inner);
             let mut next = guard.as_ref().clone();
             f(&mut next);
             next.sort_by(|a, b| a.addr.cmp(&b.addr));
@@ -158,16 +374,14 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if let Ok(members) = self.members.lock() {
-            for member in members.values() {
-                member.task.abort();
-            }
+        for member in lock(&self.members).values() {
+            member.task.abort();
         }
     }
 }
 
 /// Keeps one endpoint's connection: probe until reachable, serve until it fails, repeat.
-async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>) {
+async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>, meta: Arc<Mutex<Meta>>) {
     let Some(strong) = pool.upgrade() else { return };
     let options = strong.options.clone();
     drop(strong);
@@ -175,16 +389,34 @@ async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>) {
         Ok(endpoint) => endpoint,
         Err(e) => {
             warn!(addr, error = %e, "skipping endpoint");
+            if let Some(pool) = pool.upgrade() {
+                pool.probed(&probed);
+            }
             return;
         }
     };
     let health = Arc::new(Health::default());
+    let shared = Arc::new(Shared::new());
     let connector = WatchedConnector {
         health: Arc::downgrade(&health),
         nodelay: options.tcp_nodelay,
     };
     let channel = endpoint.connect_with_connector_lazy(connector);
     let name: Arc<str> = addr.as_str().into();
+    let _checker = options.health_check.clone().map(|config| {
+        let pool = pool.clone();
+        AbortOnDrop(tokio::spawn(crate::policy::health::run(
+            config,
+            name.clone(),
+            channel.clone(),
+            shared.serving.clone(),
+            move || {
+                if let Some(pool) = pool.upgrade() {
+                    pool.changed.notify_waiters();
+                }
+            },
+        )))
+    });
     loop {
         let mut delays = options.backoff();
         loop {
@@ -203,14 +435,15 @@ async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>) {
         }
         health.down.store(false, Ordering::Release);
         let Some(strong) = pool.upgrade() else { return };
-        let ready = Ready {
-            addr: name.clone(),
-            channel: channel.clone(),
-            health: health.clone(),
-        };
         strong.update_ready(|set| {
             set.retain(|r| r.addr != name);
-            set.push(ready);
+            set.push(Ready {
+                addr: name.clone(),
+                channel: channel.clone(),
+                health: health.clone(),
+                shared: shared.clone(),
+                meta: lock(&meta).clone(),
+            });
         });
         strong.probed(&probed);
         drop(strong);
@@ -225,111 +458,5 @@ async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>) {
             addr,
             "endpoint connection failed; not picked until it answers again"
         );
-    }
-}
-
-/// Connects backends over TCP and marks the endpoint down when the socket ends.
-#[derive(Clone)]
-struct WatchedConnector {
-    health: Weak<Health>,
-    nodelay: bool,
-}
-
-impl tower::Service<http::Uri> for WatchedConnector {
-    type Response = TokioIo<WatchedStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let authority = uri.authority().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "uri has no authority")
-            })?;
-            let stream = match TcpStream::connect(authority.as_str()).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    if let Some(health) = this.health.upgrade() {
-                        health.mark_down();
-                    }
-                    return Err(e);
-                }
-            };
-            stream.set_nodelay(this.nodelay)?;
-            Ok(TokioIo::new(WatchedStream {
-                inner: stream,
-                health: this.health,
-            }))
-        })
-    }
-}
-
-/// A TCP stream that reports its end (EOF or error) to the endpoint's health.
-struct WatchedStream {
-    inner: TcpStream,
-    health: Weak<Health>,
-}
-
-impl WatchedStream {
-    fn ended(&self) {
-        if let Some(health) = self.health.upgrade() {
-            health.mark_down();
-        }
-    }
-}
-
-impl AsyncRead for WatchedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let wanted = buf.remaining() > 0;
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        match &result {
-            Poll::Ready(Ok(())) if wanted && buf.filled().len() == before => self.ended(),
-            Poll::Ready(Err(_)) => self.ended(),
-            _ => {}
-        }
-        result
-    }
-}
-
-impl AsyncWrite for WatchedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, data);
-        if let Poll::Ready(Err(_)) = &result {
-            self.ended();
-        }
-        result
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }

@@ -16,7 +16,8 @@ use tower::discover::Change;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::format::{Endpoint, watch_prefix};
-use crate::pool::Pool;
+use crate::policy::{Balance, DEFAULT_WEIGHT, parse_weight};
+use crate::pool::{Meta, Pool};
 use crate::{Error, LbChannel, Options, Result};
 
 /// The current registry content: key to endpoint.
@@ -75,16 +76,23 @@ pub struct Resolver {
 impl Resolver {
     /// Connects to etcd and resolves `target`.
     ///
+    /// `target` is a key prefix (`services/default/greeter`: keys `services/default/greeter/*`)
+    /// or grpc-go's `etcd:///services/default/greeter` form of it.
+    ///
     /// The etcd client is created with `require_leader` and HTTP/2 keep-alive, so a watch on a
     /// partitioned member fails instead of hanging.
     ///
     /// # Errors
-    /// When etcd cannot be reached for the first listing.
+    /// [`Error::InvalidTarget`] for a target that names no key prefix (empty, another scheme,
+    /// an `etcd://` authority); [`Error::Etcd`] or [`Error::Timeout`] when etcd cannot be
+    /// reached for the first listing. Each names the target.
     pub async fn connect<E: AsRef<str>, S: AsRef<[E]>>(
         etcd_endpoints: S,
         target: impl Into<String>,
         options: Options,
     ) -> Result<Self> {
+        let target = target.into();
+        crate::target::key_prefix(&target)?;
         let connect = ConnectOptions::new()
             .with_require_leader(true)
             .with_connect_timeout(options.connect_timeout)
@@ -94,6 +102,7 @@ impl Resolver {
             .await
             .map_err(|source| Error::Etcd {
                 op: "connect to etcd",
+                target: target.clone(),
                 source,
             })?;
         Self::new(client, target, options).await
@@ -104,14 +113,16 @@ impl Resolver {
     /// Returns after the first listing, so [`Resolver::endpoints`] is populated at once.
     ///
     /// # Errors
-    /// When the first listing fails.
+    /// [`Error::InvalidTarget`] as in [`Resolver::connect`], or when the first listing fails.
     pub async fn new(client: Client, target: impl Into<String>, options: Options) -> Result<Self> {
         let target = target.into();
+        let prefix = crate::target::key_prefix(&target)?;
         let stats = Arc::new(Stats::default());
-        let pool = Pool::new(options.clone());
+        let pool = Pool::new(&target, options.clone());
         let mut state = Registry {
             client,
-            prefix: watch_prefix(&target),
+            target: target.clone(),
+            prefix: watch_prefix(&prefix),
             entries: BTreeMap::new(),
             stats: stats.clone(),
             timeout: options.connect_timeout.max(Duration::from_secs(1)),
@@ -119,7 +130,7 @@ impl Resolver {
         };
         let revision = state.list().await?;
         let (tx, rx) = watch::channel(Arc::new(state.entries.clone()));
-        pool.set(&addrs(&state.entries));
+        pool.set(&members(&state.entries, &options));
         info!(
             target,
             endpoints = state.entries.len(),
@@ -186,10 +197,18 @@ impl Resolver {
         self.snapshot.clone()
     }
 
-    /// Addresses the channel currently picks from (registered and reachable).
+    /// Addresses registered and reachable (connected).
     #[must_use]
     pub fn ready_endpoints(&self) -> Vec<String> {
         self.pool.ready_addrs()
+    }
+
+    /// Addresses an RPC may go to now: connected, not reporting `NOT_SERVING` to a
+    /// [`crate::HealthCheck`] and not ejected by [`crate::OutlierDetection`] (before any
+    /// zone preference narrows them).
+    #[must_use]
+    pub fn pickable_endpoints(&self) -> Vec<String> {
+        self.pool.pickable_addrs()
     }
 
     /// Skipped values and re-lists.
@@ -245,9 +264,37 @@ fn addrs(entries: &BTreeMap<String, Endpoint>) -> BTreeSet<String> {
     entries.values().map(|e| e.addr.clone()).collect()
 }
 
+/// Each registered address with what the policies read from its metadata (the first key's,
+/// when two keys name one address).
+fn members(entries: &BTreeMap<String, Endpoint>, options: &Options) -> BTreeMap<String, Meta> {
+    let mut out = BTreeMap::new();
+    for (key, endpoint) in entries {
+        if out.contains_key(&endpoint.addr) {
+            continue;
+        }
+        let weight = match parse_weight(endpoint.metadata.as_ref()) {
+            Ok(weight) => weight.unwrap_or(DEFAULT_WEIGHT),
+            Err(e) => {
+                if options.balance != Balance::RoundRobin {
+                    warn!(key, error = %e, default = DEFAULT_WEIGHT, "using the default weight");
+                }
+                DEFAULT_WEIGHT
+            }
+        };
+        let meta = Meta {
+            zone: endpoint.metadata_str("zone").map(Arc::from),
+            weight,
+        };
+        out.insert(endpoint.addr.clone(), meta);
+    }
+    out
+}
+
 /// The resolver's view of the registry.
 struct Registry {
     client: Client,
+    /// The target as given, for errors.
+    target: String,
     prefix: String,
     entries: BTreeMap<String, Endpoint>,
     stats: Arc<Stats>,
@@ -267,9 +314,11 @@ impl Registry {
         .await
         .map_err(|_| Error::Timeout {
             op: "list endpoints",
+            target: self.target.clone(),
         })?
         .map_err(|source| Error::Etcd {
             op: "list endpoints",
+            target: self.target.clone(),
             source,
         })?;
         let mut entries = BTreeMap::new();
@@ -331,7 +380,7 @@ async fn run(
 ) {
     let publish = |registry: &Registry| {
         let snapshot: Snapshot = Arc::new(registry.entries.clone());
-        pool.set(&addrs(&snapshot));
+        pool.set(&members(&snapshot, &options));
         tx.send_replace(snapshot);
     };
     let mut delays = options.backoff();
@@ -479,6 +528,7 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let registry = Registry {
             client,
+            target: target.to_owned(),
             prefix: watch_prefix(target),
             entries: BTreeMap::new(),
             stats: stats.clone(),
@@ -486,7 +536,7 @@ mod tests {
             options: options.clone(),
         };
         let (tx, mut rx) = watch::channel(Snapshot::default());
-        let pool = Pool::new(options.clone());
+        let pool = Pool::new(target, options.clone());
         let task = tokio::spawn(run(registry, 1, tx, pool, options));
         tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.len() == 2))
             .await

@@ -1,0 +1,160 @@
+//! Weights from `metadata.weight`, and smooth weighted round-robin.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+/// The weight of an endpoint whose metadata has no usable `weight`, as in kratos.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// The largest weight read; grpc-registrar writes weights from 1 to this.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Why a `metadata.weight` was not used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("failed to read weight {0}: expected an integer from 1 to 10000")]
+pub struct InvalidWeight(pub String);
+
+/// Reads an endpoint's weight from its metadata's `weight` member.
+///
+/// The convention is kratos': a string holding an integer (`{"weight":"200"}`); a JSON number
+/// is read too. Weights run from 1 to [`MAX_WEIGHT`]. With no metadata or no `weight` member
+/// the weight is `Ok(None)`, and the caller uses [`DEFAULT_WEIGHT`].
+///
+/// # Errors
+/// [`InvalidWeight`] for anything else (`"abc"`, `0`, `-3`, `1.5`, `20000`): the resolver then
+/// uses [`DEFAULT_WEIGHT`] and logs a warning. `0` is not a way to drain an endpoint: delete its
+/// key, or fail its readiness.
+pub fn parse_weight(metadata: Option<&serde_json::Value>) -> Result<Option<u32>, InvalidWeight> {
+    let Some(value) = metadata.and_then(|m| m.get("weight")) else {
+        return Ok(None);
+    };
+    let parsed = match value {
+        serde_json::Value::String(s) => s.trim().parse::<u32>().ok(),
+        serde_json::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        _ => None,
+    };
+    match parsed {
+        Some(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(Some(w)),
+        _ => Err(InvalidWeight(value.to_string())),
+    }
+}
+
+/// Smooth weighted round-robin, nginx's algorithm: each pick adds every candidate's weight to
+/// its current weight, takes the largest, and subtracts the total from it.
+///
+/// The state is keyed, so candidates may come and go between picks (zone spill-over, an
+/// ejection): a key not offered keeps its current weight until [`Swrr::retain`] drops it.
+#[derive(Debug)]
+pub(crate) struct Swrr<K> {
+    current: HashMap<K, i64>,
+}
+
+impl<K> Default for Swrr<K> {
+    fn default() -> Self {
+        Self {
+            current: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Swrr<K> {
+    /// The index in `candidates` (key, weight) of the next pick; `None` when it is empty.
+    pub(crate) fn pick(&mut self, candidates: &[(K, u32)]) -> Option<usize> {
+        let mut total: i64 = 0;
+        let mut best: Option<(usize, i64)> = None;
+        for (i, (key, weight)) in candidates.iter().enumerate() {
+            let weight = i64::from(*weight);
+            total += weight;
+            let current = self.current.entry(key.clone()).or_insert(0);
+            *current += weight;
+            if best.is_none_or(|(_, b)| *current > b) {
+                best = Some((i, *current));
+            }
+        }
+        let (i, _) = best?;
+        if let Some(current) = self.current.get_mut(&candidates[i].0) {
+            *current -= total;
+        }
+        Some(i)
+    }
+
+    /// Forgets keys that `keep` rejects.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.current.retain(|k, _| keep(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sequence(weights: &[(&'static str, u32)], n: usize) -> String {
+        let mut swrr = Swrr::default();
+        (0..n)
+            .map(|_| weights[swrr.pick(weights).unwrap()].0)
+            .collect()
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_interleaves_like_nginx() {
+        // nginx's documented sequence for weights 5, 1, 1.
+        assert_eq!(sequence(&[("a", 5), ("b", 1), ("c", 1)], 7), "aabacaa");
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_gives_calls_in_proportion_to_weight() {
+        let seq = sequence(&[("a", 300), ("b", 100), ("c", 200)], 600);
+        let count = |c| seq.chars().filter(|x| *x == c).count();
+        assert_eq!((count('a'), count('b'), count('c')), (300, 100, 200));
+    }
+
+    #[test]
+    fn equal_weights_are_plain_round_robin() {
+        assert_eq!(sequence(&[("a", 100), ("b", 100), ("c", 100)], 6), "abcabc");
+    }
+
+    #[test]
+    fn an_empty_candidate_set_picks_nothing() {
+        assert_eq!(Swrr::<&str>::default().pick(&[]), None);
+    }
+
+    #[test]
+    fn a_candidate_leaving_does_not_disturb_the_others() {
+        let mut swrr = Swrr::default();
+        let all = [("a", 2), ("b", 1)];
+        for _ in 0..5 {
+            swrr.pick(&all);
+        }
+        swrr.retain(|k| *k != "b");
+        let only_a = [("a", 2)];
+        assert_eq!(swrr.pick(&only_a), Some(0));
+    }
+
+    #[test]
+    fn weights_are_read_from_strings_and_numbers_and_default_when_absent() {
+        assert_eq!(parse_weight(Some(&json!({"weight": "200"}))), Ok(Some(200)));
+        assert_eq!(parse_weight(Some(&json!({"weight": 7}))), Ok(Some(7)));
+        assert_eq!(parse_weight(Some(&json!({"zone": "a"}))), Ok(None));
+        assert_eq!(parse_weight(None), Ok(None));
+    }
+
+    #[test]
+    fn malformed_zero_and_out_of_range_weights_are_errors() {
+        for bad in [
+            json!("abc"),
+            json!("0"),
+            json!(0),
+            json!(-3),
+            json!(1.5),
+            json!("20000"),
+            json!(null),
+            json!({"w": 1}),
+        ] {
+            assert!(
+                parse_weight(Some(&json!({ "weight": bad }))).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

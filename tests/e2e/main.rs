@@ -14,6 +14,7 @@ mod multicluster;
 mod operator;
 mod slices;
 mod tenancy;
+mod weights;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -107,6 +108,7 @@ fn main() {
             "status_and_printer_columns_show_target_ready_and_registered",
             status_and_printer_columns,
         ),
+        trial(&runtime, &plane, "weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported", weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported),
         trial(&runtime, &plane, "operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event", operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event),
         trial(&runtime, &plane, "operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once", operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once),
         trial(&runtime, &plane, "operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable", operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable),

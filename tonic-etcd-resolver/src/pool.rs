@@ -360,6 +360,19 @@ impl Pool {
             .collect()
     }
 
+    /// RPCs in flight per connected address (counted when calls are tracked).
+    pub(crate) fn in_flight(&self) -> BTreeMap<String, usize> {
+        self.ready_set()
+            .iter()
+            .map(|r| {
+                (
+                    r.addr.to_string(),
+                    r.shared.in_flight.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     fn update_ready(&self, f: impl FnOnce(&mut Vec<Ready>)) {
         {
             let mut guard = self.ready.write().unwrap_or_else(PoisonError::into_inner);

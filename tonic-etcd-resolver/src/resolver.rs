@@ -211,6 +211,16 @@ impl Resolver {
         self.pool.pickable_addrs()
     }
 
+    /// RPCs in flight per connected address, as [`Balance::LeastLoaded`] sees them.
+    ///
+    /// Counted only when a policy needs it ([`Balance::LeastLoaded`] or
+    /// [`crate::OutlierDetection`]); zero otherwise. An RPC counts until its response body
+    /// ends or is dropped.
+    #[must_use]
+    pub fn in_flight(&self) -> BTreeMap<String, usize> {
+        self.pool.in_flight()
+    }
+
     /// Skipped values and re-lists.
     #[must_use]
     pub fn stats(&self) -> &Stats {

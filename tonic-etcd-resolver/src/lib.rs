@@ -42,7 +42,7 @@
 //! match its version by hand.
 //!
 //! # Layout
-//! - [`format`]: the wire contract: keys, and one [`format::Codec`] per value format (etcd naming
+//! - [`format`](mod@format): the wire contract: keys, and one [`format::Codec`] per value format (etcd naming
 //!   JSON, bare address, kratos); grpc-registrar writes with it.
 //! - [`Resolver`]: the registry watch, snapshots, discovery stream.
 //! - [`LbChannel`]: the load-balanced, failure-aware channel.

@@ -175,18 +175,34 @@ fn every_setting_the_chart_passes_is_an_env_var_the_binary_reads() {
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout).into_owned();
-    let docs = render(&[
+    let etcd = render(&[
         "etcd.tls.secretName=etcd-tls",
         "etcd.auth.secretName=etcd-auth",
+        "registry.clusterName=east-1",
     ]);
-    for var in container(&docs)["env"].as_array().unwrap() {
-        let name = var["name"].as_str().unwrap();
-        if name == "RUST_LOG" {
-            continue; // read by the log filter, not a flag
+    let consul = render(&[
+        "backend=consul",
+        "consul.datacenter=dc1",
+        "consul.tls.secretName=consul-tls",
+        "consul.tls.clientCert=true",
+        "consul.token.secretName=consul-acl",
+        "registry.clusterName=east-1",
+    ]);
+    for docs in [etcd, consul] {
+        for var in container(&docs)["env"].as_array().unwrap() {
+            let name = var["name"].as_str().unwrap();
+            if name == "RUST_LOG" {
+                continue; // read by the log filter, not a flag
+            }
+            assert!(
+                help.contains(&format!("[env: {name}")),
+                "the chart sets {name}, which the binary does not read"
+            );
         }
-        assert!(
-            help.contains(&format!("[env: {name}")),
-            "the chart sets {name}, which the binary does not read"
-        );
     }
+    // The backends the schema allows are the binary's own (`--backend` is its only enum with
+    // these values).
+    let backends = strings(&schema()["properties"]["backend"]["enum"]);
+    let possible = format!("[possible values: {}]", backends.join(", "));
+    assert!(help.contains(&possible), "{possible} not in:\n{help}");
 }

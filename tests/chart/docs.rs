@@ -111,6 +111,42 @@ fn the_install_notes_say_how_to_check_health_and_warn_about_the_placeholder_etcd
 }
 
 #[test]
+fn the_install_notes_name_the_backend_and_warn_about_the_placeholder_consul_address() {
+    let placeholder = notes(&["backend=consul"]);
+    assert!(
+        placeholder.starts_with("###")
+            && placeholder.contains("WARNING: consul.address is still the chart's placeholder"),
+        "{placeholder}"
+    );
+    // The etcd placeholder is no concern of a Consul release.
+    assert!(!placeholder.contains("etcd.endpoints"), "{placeholder}");
+
+    let set = notes(&[
+        "backend=consul",
+        "consul.address=https://consul.example:8501",
+        "consul.datacenter=dc-east",
+        "registry.clusterName=east-1",
+    ]);
+    assert!(!set.contains("WARNING"), "{set}");
+    for needle in [
+        "backend: consul",
+        "Consul's catalog",
+        "https://consul.example:8501 (datacenter dc-east)",
+        "\"grpc-registrar-east-1\"",
+        "spec.backend: Consul",
+        "backend: Consul",
+        "Consul reachable",
+    ] {
+        assert!(set.contains(needle), "NOTES lack {needle:?}:\n{set}");
+    }
+    assert!(!set.contains("etcd"), "{set}");
+
+    let etcd = notes(&["etcd.endpoints={https://etcd-0.etcd:2379}"]);
+    assert!(etcd.contains("backend: etcd"), "{etcd}");
+    assert!(!etcd.contains("Consul"), "{etcd}");
+}
+
+#[test]
 fn the_install_notes_warn_when_alerts_have_no_scrape_job_to_select() {
     let etcd = "etcd.endpoints={https://etcd-0.etcd:2379}";
     let alone = notes(&[etcd, "prometheusRule.enabled=true"]);

@@ -5,10 +5,12 @@
 //! suite.)
 //!
 //! - `deployment`: lint, rendering, Pod Security, RBAC, replicas and the binary's env vars;
+//! - `consul`: the Consul backend's env vars, Secret mounts and values;
 //! - `values`: the values schema, render-time checks and every override;
 //! - `monitoring`: the PrometheusRule, the Grafana dashboard and the metrics they use;
 //! - `docs`: the chart README and the install notes.
 
+mod consul;
 mod deployment;
 mod docs;
 mod monitoring;

@@ -87,7 +87,12 @@ fn the_chart_refuses_exactly_the_election_timings_the_binary_refuses() {
         ("30", "15s", "10s", "9.5"),
         ("30", "15s", "10s", "500ms"),
     ];
-    for (ttl, lease, renew, retry) in cases {
+    // The binary checks the election against LEASE_TTL (the etcd lease's, or Consul's node
+    // check's) with either backend.
+    for ((ttl, lease, renew, retry), backend) in cases
+        .into_iter()
+        .flat_map(|case| [(case, "etcd"), (case, "consul")])
+    {
         let binary = ElectionConfig {
             namespace: "registrar".into(),
             name: "reg".into(),
@@ -98,6 +103,7 @@ fn the_chart_refuses_exactly_the_election_timings_the_binary_refuses() {
         }
         .validate(Duration::from_secs(ttl.parse().unwrap()));
         let sets = [
+            format!("backend={backend}"),
             format!("etcd.leaseTTL={ttl}"),
             format!("leaderElection.leaseDuration={lease}"),
             format!("leaderElection.renewDeadline={renew}"),
@@ -128,6 +134,13 @@ fn a_lease_ttl_shorter_than_the_leader_lease_fails_saying_what_to_change() {
     );
     assert!(
         out.contains("raise etcd.leaseTTL above 15s or lower leaderElection.leaseDuration"),
+        "{out}"
+    );
+    // The same rule with Consul, whose node check takes its TTL from etcd.leaseTTL.
+    let out = refused(&["backend=consul", "etcd.leaseTTL=10"]);
+    assert!(
+        out.contains("leaderElection.leaseDuration (15s) must be shorter than etcd.leaseTTL (10s)")
+            && out.contains("Consul node check"),
         "{out}"
     );
     // Without leader election the binary does not check the timings, and neither does the chart.

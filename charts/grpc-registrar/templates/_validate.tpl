@@ -36,8 +36,13 @@ milliseconds. Call with (list "the.value.path" $value), so that an error names t
 {{- if ge $renew $lease }}
 {{- fail (printf "leaderElection.renewDeadline (%s) must be shorter than leaderElection.leaseDuration (%s), so a leader stops writing before another may take over: lower renewDeadline or raise leaseDuration" (toString $le.renewDeadline) (toString $le.leaseDuration)) }}
 {{- end }}
+{{- /* etcd.leaseTTL is LEASE_TTL for either backend, and the binary checks it for both. */}}
 {{- if ge $lease $ttl }}
-{{- fail (printf "leaderElection.leaseDuration (%s) must be shorter than etcd.leaseTTL (%vs), so a new leader re-puts every key before the old etcd lease expires: raise etcd.leaseTTL above %s or lower leaderElection.leaseDuration (and renewDeadline, retryPeriod) below %vs" (toString $le.leaseDuration) .Values.etcd.leaseTTL (toString $le.leaseDuration) .Values.etcd.leaseTTL) }}
+{{- $why := "a new leader re-puts every key before the old etcd lease expires" }}
+{{- if eq .Values.backend "consul" }}
+{{- $why = "a new leader renews the controller's Consul node check (whose TTL it is with backend consul) before it lapses" }}
+{{- end }}
+{{- fail (printf "leaderElection.leaseDuration (%s) must be shorter than etcd.leaseTTL (%vs), so %s: raise etcd.leaseTTL above %s or lower leaderElection.leaseDuration (and renewDeadline, retryPeriod) below %vs" (toString $le.leaseDuration) .Values.etcd.leaseTTL $why (toString $le.leaseDuration) .Values.etcd.leaseTTL) }}
 {{- end }}
 {{- end }}
 {{- $shutdown := include "grpc-registrar.durationMs" (list "shutdownTimeout" .Values.shutdownTimeout) | float64 }}

@@ -16,6 +16,18 @@ pub enum Error {
         /// The client error.
         cause: etcd_client::Error,
     },
+    /// A Consul HTTP request failed or was refused; `op` names it, `addr` the agent asked.
+    #[error("failed to {op} at {addr}: {cause}")]
+    Consul {
+        /// The failed operation, e.g. `write registry batch`.
+        op: &'static str,
+        /// The Consul address asked.
+        addr: String,
+        /// The HTTP status, when Consul answered.
+        status: Option<u16>,
+        /// What went wrong, in words.
+        cause: String,
+    },
     /// A request got no answer in time.
     #[error("failed to {op}: no answer within {after:?}")]
     Timeout {
@@ -56,6 +68,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Etcd { .. } => "etcd",
+            Self::Consul { .. } => "consul",
             Self::Timeout { .. } => "timeout",
             Self::OwnershipLost { .. } => "ownership_lost",
             Self::Fenced { .. } => "fenced",
@@ -70,6 +83,8 @@ impl Error {
     pub fn reached_backend(&self) -> bool {
         match self {
             Self::Timeout { .. } | Self::Unreachable { .. } => false,
+            // A 5xx is Consul up but unable to serve (no leader, an RPC to the servers failed).
+            Self::Consul { status, .. } => status.is_some_and(|s| s < 500),
             Self::Etcd { cause, .. } => match cause {
                 etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => false,
                 etcd_client::Error::GRpcStatus(s) => !matches!(

@@ -7,6 +7,7 @@
 //! - [`etcd`]: etcd, with one shared lease per TTL, guarded txn batches and an etcd fence.
 //! - [`memory`]: an in-memory backend for reconciler tests; no external process.
 
+pub mod consul;
 mod error;
 pub mod etcd;
 pub mod memory;

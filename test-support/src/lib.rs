@@ -14,6 +14,7 @@
 //!   kubeconfig.
 
 pub mod bench;
+pub mod consul;
 pub mod controlplane;
 pub mod etcd;
 pub mod pki;

@@ -1,0 +1,196 @@
+//! The fence: with leader election on, every write carries a KV `check-index` on the leader
+//! record `<kv_root>/[clusters/<c>/]leader`, so a deposed leader (paused, partitioned, slow)
+//! writes nothing.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::ConsulRegistry;
+use super::api::{KvEntry, TxnOp, TxnOutcome};
+use crate::registry::{Error, Result};
+
+/// The write permission of this replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Fence {
+    /// No leader election: always write, unguarded (a single replica).
+    Off,
+    /// Not the leader: write nothing.
+    Follower,
+    /// The leader: write until `valid_until` (the local bound of the Kubernetes Lease), guarded
+    /// on the leader record still being at `index`. The record's holder and term are kept to
+    /// write it again when Consul lost it with its data.
+    Leader {
+        index: u64,
+        valid_until: Instant,
+        holder: std::sync::Arc<str>,
+        term: i64,
+    },
+}
+
+/// The leader record's value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    /// The replica holding the Kubernetes Lease.
+    pub holder: String,
+    /// Its term (the Lease's transitions); a record is replaced only by a later term.
+    pub term: i64,
+}
+
+impl ConsulRegistry {
+    /// The key of the leader record that fences writes when leader election is on.
+    #[must_use]
+    pub fn leader_key(&self) -> String {
+        format!("{}/leader", self.inner.config.records_root())
+    }
+
+    /// Makes this replica the fenced leader for `term`: writes the leader record (by CAS, only
+    /// over an older term), then guards every write on its index. The claim cache starts
+    /// empty, so the new leader re-claims everything it reconciles.
+    ///
+    /// # Errors
+    /// [`Error::Fenced`] when Consul holds a later term (or this term for another holder);
+    /// Consul failures.
+    pub async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
+        let key = self.leader_key();
+        let ours = LeaderRecord {
+            holder: holder.to_owned(),
+            term,
+        };
+        let value = serde_json::to_vec(&ours).unwrap_or_default();
+        let fenced = || Error::Fenced {
+            op: "write leader record",
+        };
+        let mut index = None;
+        for _ in 0..3 {
+            let (current, at) = self.read_leader().await?;
+            match current {
+                Some(current) if current == ours => {
+                    index = Some(at);
+                    break;
+                }
+                Some(current) if current.term >= term => {
+                    warn!(
+                        term,
+                        newer_term = current.term,
+                        "consul holds a later leader record"
+                    );
+                    return Err(fenced());
+                }
+                _ => {}
+            }
+            let outcome = self
+                .inner
+                .api
+                .txn("write leader record", &[TxnOp::kv_cas(&key, &value, at)])
+                .await;
+            self.record("txn", outcome.as_ref().err());
+            if let TxnOutcome::Committed(results) = outcome? {
+                index = results.first().and_then(|r| r.kv).map(|kv| kv.modify_index);
+                break;
+            }
+            // Changed between the read and the CAS: read again.
+        }
+        let Some(index) = index else {
+            return Err(fenced());
+        };
+        self.inner.claimed.lock().expect("lock").clear();
+        *self.inner.fence.lock().expect("lock") = Fence::Leader {
+            index,
+            valid_until,
+            holder: holder.into(),
+            term,
+        };
+        info!(
+            term,
+            revision = index,
+            holder,
+            "fenced consul writes as leader"
+        );
+        Ok(i64::try_from(index).unwrap_or(i64::MAX))
+    }
+
+    /// The leader record and its index (0 when there is none).
+    async fn read_leader(&self) -> Result<(Option<LeaderRecord>, u64)> {
+        let read = self
+            .inner
+            .api
+            .get::<Vec<KvEntry>>(
+                "read leader record",
+                &format!("/v1/kv/{}", self.leader_key()),
+                &[],
+            )
+            .await;
+        self.record("read", read.as_ref().err());
+        let entry = read?.body.and_then(|e| e.into_iter().next());
+        Ok(entry.map_or((None, 0), |e| {
+            // An unreadable record is term 0: any leader may replace it.
+            let record = serde_json::from_slice(&e.bytes()).unwrap_or(LeaderRecord {
+                holder: String::new(),
+                term: 0,
+            });
+            (Some(record), e.modify_index)
+        }))
+    }
+
+    /// The term of the leader record in Consul, 0 when there is none.
+    ///
+    /// # Errors
+    /// Consul failures.
+    pub async fn leader_term(&self) -> Result<i64> {
+        Ok(self.read_leader().await?.0.map_or(0, |r| r.term))
+    }
+
+    /// Extends the leader's local write permission to `valid_until` (after a Lease renewal).
+    pub fn extend_fence(&self, valid_until: Instant) {
+        if let Fence::Leader { valid_until: v, .. } = &mut *self.inner.fence.lock().expect("lock") {
+            *v = valid_until;
+        }
+    }
+
+    /// Stops writing at once, and forgets claims (the next leader owns them).
+    pub fn depose(&self) {
+        *self.inner.fence.lock().expect("lock") = Fence::Follower;
+        self.inner.claimed.lock().expect("lock").clear();
+    }
+
+    /// After a fenced txn failed on a leader record that no longer exists (Consul lost its
+    /// data, or it was deleted: no later leader wrote one), writes it again for this replica's
+    /// term. Returns whether it did; a later leader's record still wins by term.
+    pub(super) async fn refence_lost_record(&self) -> Result<bool> {
+        let Fence::Leader {
+            valid_until,
+            holder,
+            term,
+            ..
+        } = self.inner.fence.lock().expect("lock").clone()
+        else {
+            return Ok(false);
+        };
+        if self.read_leader().await?.0.is_some() {
+            return Ok(false);
+        }
+        warn!(
+            term,
+            "the consul leader record is gone; writing it again for this term"
+        );
+        self.fence(&holder, term, valid_until).await?;
+        Ok(true)
+    }
+
+    /// The `check-index` op that fences a write, `None` without leader election.
+    pub(super) fn fence_op(&self) -> Result<Option<TxnOp>> {
+        match &*self.inner.fence.lock().expect("lock") {
+            Fence::Off => Ok(None),
+            Fence::Leader {
+                index, valid_until, ..
+            } if Instant::now() < *valid_until => {
+                Ok(Some(TxnOp::check_index(&self.leader_key(), *index)))
+            }
+            Fence::Leader { .. } | Fence::Follower => Err(Error::Fenced {
+                op: "write to consul",
+            }),
+        }
+    }
+}

@@ -8,11 +8,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, ValueEnum};
 use grpc_registrar::controller::Scope;
+use grpc_registrar::crd::Backend;
 use grpc_registrar::desired::{CustomTargets, Policy};
 use grpc_registrar::leader::{self, ElectionConfig};
 use grpc_registrar::logging;
+use grpc_registrar::registry::consul::{ConsulConfig, ConsulTls};
 use grpc_registrar::registry::etcd::{EtcdConfig, EtcdTls, EtcdUser};
-use grpc_registrar::run::{self, Config};
+use grpc_registrar::run::{self, Config, RegistryConfig};
 use tracing::{error, info, warn};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -21,15 +23,27 @@ enum LogFormat {
     Json,
 }
 
-/// Registers ready Kubernetes pods in an etcd service registry for gRPC.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendArg {
+    Etcd,
+    Consul,
+}
+
+/// Registers ready Kubernetes pods in a service registry for gRPC: etcd, or Consul's catalog.
 ///
 /// The cluster is found as kubectl finds it: $KUBECONFIG (or ~/.kube/config), else the in-cluster
 /// service account. The log level comes from RUST_LOG (default `info`).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// The registry this controller publishes into. It acts only on the GrpcServices whose
+    /// `spec.backend` names it (`Etcd` when unset), so one controller per backend may run.
+    #[arg(long, env = "BACKEND", value_enum, default_value = "etcd")]
+    backend: BackendArg,
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    consul: ConsulArgs,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
@@ -87,10 +101,80 @@ struct EtcdArgs {
     etcd_password_file: Option<PathBuf>,
 }
 
+/// How to reach Consul (with `--backend consul`); the env vars are Consul's own.
+#[derive(Debug, Args)]
+struct ConsulArgs {
+    /// Consul's HTTP API: `http://host:8500`, or `https://host:8501` with --consul-ca-file.
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "http://127.0.0.1:8500"
+    )]
+    consul_addr: String,
+    /// CA certificate file (PEM) that signed Consul's HTTPS certificate.
+    #[arg(long, env = "CONSUL_CACERT")]
+    consul_ca_file: Option<PathBuf>,
+    /// Client certificate file (PEM), when Consul verifies incoming HTTPS clients.
+    #[arg(long, env = "CONSUL_CLIENT_CERT", requires = "consul_key_file")]
+    consul_cert_file: Option<PathBuf>,
+    /// Client private key file (PEM).
+    #[arg(long, env = "CONSUL_CLIENT_KEY", requires = "consul_cert_file")]
+    consul_key_file: Option<PathBuf>,
+    /// File holding the ACL token (e.g. a mounted Secret); the token is never logged. It needs
+    /// node:write on the controller's node, service:write on the published services and
+    /// key:write on the --registrar-root prefix.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
+    consul_token_file: Option<PathBuf>,
+    /// The datacenter to register in; the agent's own when unset.
+    #[arg(long, env = "CONSUL_DATACENTER")]
+    consul_datacenter: Option<String>,
+}
+
+impl ConsulArgs {
+    fn into_config(self, registry: &RegistryArgs) -> anyhow::Result<ConsulConfig> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))
+        };
+        let tls = match (
+            &self.consul_ca_file,
+            &self.consul_cert_file,
+            &self.consul_key_file,
+        ) {
+            (None, None, None) => None,
+            (ca, cert, key) => Some(ConsulTls {
+                ca: ca.as_ref().map(read).transpose()?,
+                identity: match (cert, key) {
+                    (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                    _ => None,
+                },
+            }),
+        };
+        let token = match &self.consul_token_file {
+            Some(path) => Some(
+                String::from_utf8(read(path)?)
+                    .context("the consul token file is not UTF-8")?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(ConsulConfig {
+            token,
+            datacenter: self.consul_datacenter,
+            tls,
+            cluster: registry.cluster_name.clone(),
+            kv_root: registry.registrar_root.clone(),
+            default_ttl: Duration::from_secs(registry.lease_ttl),
+            ..ConsulConfig::new(self.consul_addr)
+        })
+    }
+}
+
 /// What is published where.
 #[derive(Debug, Args)]
 struct RegistryArgs {
-    /// TTL of the shared etcd lease, in seconds, for services that set none.
+    /// TTL of the shared etcd lease, in seconds, for services that set none; with Consul, the
+    /// TTL the controller's node check announces (renewed every third of it).
     #[arg(long, env = "LEASE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=86400))]
     lease_ttl: u64,
     /// Prefix of default targets: `<key-prefix>/<namespace>/<name>`.
@@ -237,7 +321,9 @@ impl ElectionArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Cli {
+        backend,
         etcd,
+        consul,
         registry,
         election,
         namespace,
@@ -249,14 +335,24 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Plain => logging::Format::Plain,
         LogFormat::Json => logging::Format::Json,
     });
+    let (backend, registry_config) = match backend {
+        BackendArg::Etcd => (
+            Backend::Etcd,
+            RegistryConfig::Etcd(etcd.into_config(&registry)?),
+        ),
+        BackendArg::Consul => (
+            Backend::Consul,
+            RegistryConfig::Consul(consul.into_config(&registry)?),
+        ),
+    };
     let config = Config {
-        etcd: etcd.into_config(&registry)?,
+        registry: registry_config,
         policy: Policy {
             key_prefix: registry.key_prefix,
             registrar_root: registry.registrar_root,
             custom_targets: CustomTargets::parse(&registry.custom_target_namespaces),
             cluster: registry.cluster_name,
-            backend: grpc_registrar::crd::Backend::Etcd,
+            backend,
         },
         scope: Scope {
             namespace: (!namespace.is_empty()).then_some(namespace),

@@ -19,13 +19,32 @@ use crate::http::{self, Health};
 use crate::leader::{ElectionConfig, Elector, Role};
 use crate::metrics::Metrics;
 use crate::registry::Backend;
+use crate::registry::consul::{ConsulConfig, ConsulRegistry};
 use crate::registry::etcd::{EtcdConfig, EtcdRegistry};
+
+/// The registry backend and how to reach it.
+#[derive(Clone, Debug)]
+pub enum RegistryConfig {
+    /// etcd, with its lease TTL.
+    Etcd(EtcdConfig),
+    /// Consul's catalog, with its node check TTL.
+    Consul(ConsulConfig),
+}
+
+impl RegistryConfig {
+    fn default_ttl(&self) -> Duration {
+        match self {
+            Self::Etcd(etcd) => etcd.default_ttl,
+            Self::Consul(consul) => consul.default_ttl,
+        }
+    }
+}
 
 /// Everything the process is configured with.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// How to reach etcd, and its lease TTL.
-    pub etcd: EtcdConfig,
+    /// The registry backend and how to reach it.
+    pub registry: RegistryConfig,
     /// Which targets a namespace may publish under.
     pub policy: Policy,
     /// Which namespaces are watched.
@@ -73,7 +92,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let Config {
-        etcd,
+        registry,
         policy,
         scope,
         metrics_addr,
@@ -81,7 +100,7 @@ pub async fn run(
     } = config;
     if let Some(election) = &election {
         election
-            .validate(etcd.default_ttl)
+            .validate(registry.default_ttl())
             .map_err(Error::Election)?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -122,46 +141,40 @@ pub async fn run(
         client = kube::Client::try_default() => client.map_err(Error::Kube)?,
         () = stopped() => return Ok(()),
     };
-    info!(
-        endpoints = %etcd.endpoints.join(","),
-        tls = etcd.tls.is_some(),
-        user = etcd.user.as_ref().map_or("(none)", |u| u.name.as_str()),
-        "connecting to etcd"
-    );
-    // With auth, connecting authenticates, so it needs etcd up: retry rather than crash-loop.
-    let connect = (|| EtcdRegistry::connect(etcd.clone(), metrics.clone()))
-        .retry(Backoff::builder(
-            Duration::from_millis(200),
-            Duration::from_secs(10),
-        ))
-        .notify(|e, delay| warn!(error = %e, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "failed to connect to etcd; retrying"));
-    let registry = tokio::select! {
-        registry = connect => registry?,
-        () = stopped() => return Ok(()),
-    };
-    // A wrong endpoint, a firewall or bad credentials are said once, clearly, at start-up; the
-    // probe keeps checking (and `/readyz` says not ready) until etcd answers.
-    let endpoints = etcd.endpoints.join(",");
-    let up = match registry.check().await {
-        Ok(revision) => {
-            info!(endpoints = %endpoints, revision, "etcd reachable");
-            true
+    let default_ttl = registry.default_ttl();
+    let backend: Arc<dyn Backend> = match registry {
+        RegistryConfig::Etcd(etcd) => {
+            let Some(registry) = connect_etcd(etcd, &metrics, stopped(), stopped()).await? else {
+                return Ok(());
+            };
+            Arc::new(registry)
         }
-        Err(e) => {
-            error!(
-            endpoints = %endpoints,
-            error = %e,
-            "etcd is not reachable: check --etcd-endpoints, TLS and credentials; retrying, and /readyz reports not ready until it answers"
-            );
-            false
+        RegistryConfig::Consul(consul) => {
+            let registry = ConsulRegistry::connect(consul, metrics.clone())?;
+            let address = registry.config().address.clone();
+            let check = {
+                let registry = registry.clone();
+                move || {
+                    let registry = registry.clone();
+                    async move { registry.check().await.map(|()| 0) }
+                }
+            };
+            let up = first_check(
+                &check,
+                "consul",
+                &address,
+                "--consul-addr, TLS and the ACL token",
+            )
+            .await;
+            tokio::spawn(probe(check, "consul", address, up, stopped()));
+            Arc::new(registry)
         }
     };
-    tokio::spawn(probe(registry.clone(), endpoints, up, stopped()));
-    let backend: Arc<dyn Backend> = Arc::new(registry);
     info!(
         %metrics_addr,
         watch_namespace = scope.namespace.as_deref().unwrap_or("(all)"),
-        lease_ttl = etcd.default_ttl.as_secs(),
+        backend = backend.name(),
+        lease_ttl = default_ttl.as_secs(),
         leader_elect = election.is_some(),
         "starting grpc-registrar"
     );
@@ -201,15 +214,86 @@ pub async fn run(
     }
 }
 
-/// Checks that etcd answers: every 2 s while it does not (logging when it comes back), every
-/// 10 s while it does, so that `/readyz` and `backend_connected` are current even with no
-/// service (and so no lease) to renew.
-async fn probe(
-    registry: EtcdRegistry,
+/// Connects to etcd (retrying: with auth, connecting needs etcd up) and checks it once, saying
+/// clearly at start-up what is wrong; `None` when stopped first.
+async fn connect_etcd(
+    etcd: EtcdConfig,
+    metrics: &Arc<Metrics>,
+    stopped: impl Future<Output = ()>,
+    probe_stopped: impl Future<Output = ()> + Send + 'static,
+) -> Result<Option<EtcdRegistry>, Error> {
+    info!(
+        endpoints = %etcd.endpoints.join(","),
+        tls = etcd.tls.is_some(),
+        user = etcd.user.as_ref().map_or("(none)", |u| u.name.as_str()),
+        "connecting to etcd"
+    );
+    let connect = (|| EtcdRegistry::connect(etcd.clone(), metrics.clone()))
+        .retry(Backoff::builder(
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        ))
+        .notify(|e, delay| warn!(error = %e, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "failed to connect to etcd; retrying"));
+    let registry = tokio::select! {
+        registry = connect => registry?,
+        () = stopped => return Ok(None),
+    };
+    let endpoints = etcd.endpoints.join(",");
+    let check = {
+        let registry = registry.clone();
+        move || {
+            let registry = registry.clone();
+            async move { registry.check().await }
+        }
+    };
+    let up = first_check(
+        &check,
+        "etcd",
+        &endpoints,
+        "--etcd-endpoints, TLS and credentials",
+    )
+    .await;
+    tokio::spawn(probe(check, "etcd", endpoints, up, probe_stopped));
+    Ok(Some(registry))
+}
+
+/// The start-up check: a wrong address, a firewall or bad credentials are said once, clearly;
+/// the probe keeps checking (and `/readyz` says not ready) until the backend answers.
+async fn first_check<F, Fut>(check: &F, backend: &str, endpoints: &str, what: &str) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = crate::registry::Result<i64>>,
+{
+    match check().await {
+        Ok(revision) => {
+            info!(backend, endpoints, revision, "registry reachable");
+            true
+        }
+        Err(e) => {
+            error!(
+                backend,
+                endpoints,
+                error = %e,
+                "registry is not reachable: check {what}; retrying, and /readyz reports not ready until it answers"
+            );
+            false
+        }
+    }
+}
+
+/// Checks that the backend answers: every 2 s while it does not (logging when it comes back),
+/// every 10 s while it does, so that `/readyz` and `backend_connected` are current even with no
+/// service (and so no lease or node check) to renew.
+async fn probe<F, Fut>(
+    check: F,
+    backend: &'static str,
     endpoints: String,
     mut up: bool,
     stopped: impl Future<Output = ()>,
-) {
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = crate::registry::Result<i64>>,
+{
     let run = async {
         loop {
             tokio::time::sleep(if up {
@@ -218,17 +302,19 @@ async fn probe(
                 Duration::from_secs(2)
             })
             .await;
-            match registry.check().await {
+            match check().await {
                 Ok(revision) if !up => {
-                    info!(endpoints = %endpoints, revision, "etcd reachable");
+                    info!(backend, endpoints = %endpoints, revision, "registry reachable");
                     up = true;
                 }
                 Ok(_) => {}
                 Err(e) if up => {
-                    warn!(endpoints = %endpoints, error = %e, "etcd is not reachable; retrying");
+                    warn!(backend, endpoints = %endpoints, error = %e, "registry is not reachable; retrying");
                     up = false;
                 }
-                Err(e) => debug!(endpoints = %endpoints, error = %e, "etcd still not reachable"),
+                Err(e) => {
+                    debug!(backend, endpoints = %endpoints, error = %e, "registry still not reachable")
+                }
             }
         }
     };

@@ -45,12 +45,12 @@ pub struct Env {
 impl Env {
     /// Creates namespace `ns`, a registry etcd, and starts the controller watching `ns` only.
     pub async fn new(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, false, None, Policy::default(), true).await
+        Self::build(plane, ns, false, None, Policy::default(), true, None).await
     }
 
     /// As [`Env::new`], with the controller checking targets against `policy`.
     pub async fn with_policy(plane: Arc<ControlPlane>, ns: &str, policy: Policy) -> Self {
-        Self::build(plane, ns, false, None, policy, true).await
+        Self::build(plane, ns, false, None, policy, true, None).await
     }
 
     /// As [`Env::new`], with the controller reaching the API server through a proxy the test can
@@ -68,21 +68,42 @@ impl Env {
         config.cluster_url = format!("https://{}", proxy.addr()).parse().unwrap();
         let client = kube::Client::try_from(config).unwrap();
         (
-            Self::build(plane, ns, false, Some(client), Policy::default(), true).await,
+            Self::build(
+                plane,
+                ns,
+                false,
+                Some(client),
+                Policy::default(),
+                true,
+                None,
+            )
+            .await,
             proxy,
         )
     }
 
     /// As [`Env::new`], with the controller reaching etcd through a proxy the test can cut.
     pub async fn partitionable(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, true, None, Policy::default(), true).await
+        Self::build(plane, ns, true, None, Policy::default(), true, None).await
     }
 
     /// A namespace and a registry etcd only; the test runs the controller itself.
     pub async fn without_controller(plane: Arc<ControlPlane>, ns: &str) -> Self {
-        Self::build(plane, ns, false, None, Policy::default(), false).await
+        Self::build(plane, ns, false, None, Policy::default(), false, None).await
     }
 
+    /// As [`Env::with_policy`], with the controller publishing into `backend` (e.g. Consul)
+    /// instead of the registry etcd (which is still started, unused).
+    pub async fn with_backend(
+        plane: Arc<ControlPlane>,
+        ns: &str,
+        policy: Policy,
+        backend: Arc<dyn grpc_registrar::registry::Backend>,
+    ) -> Self {
+        Self::build(plane, ns, false, None, policy, true, Some(backend)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn build(
         plane: Arc<ControlPlane>,
         ns: &str,
@@ -90,6 +111,7 @@ impl Env {
         controller_client: Option<kube::Client>,
         policy: Policy,
         start: bool,
+        backend: Option<Arc<dyn grpc_registrar::registry::Backend>>,
     ) -> Self {
         let client = plane.client().await;
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -120,14 +142,19 @@ impl Env {
             op_timeout: Duration::from_secs(2),
             ..EtcdConfig::new(vec![endpoint])
         };
-        let registry = EtcdRegistry::connect(config, metrics.clone())
-            .await
-            .unwrap();
+        let registry: Arc<dyn grpc_registrar::registry::Backend> = match backend {
+            Some(backend) => backend,
+            None => Arc::new(
+                EtcdRegistry::connect(config, metrics.clone())
+                    .await
+                    .unwrap(),
+            ),
+        };
         let (stop, mut stopped) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(false));
         let controller = tokio::spawn(controller::run(
             controller_client.unwrap_or_else(|| client.clone()),
-            Arc::new(registry),
+            registry,
             Scope {
                 namespace: Some(ns.to_owned()),
             },

@@ -1,0 +1,135 @@
+//! The Consul backend end to end: the real API server, the controller publishing into a real
+//! Consul agent, real tonic servers, and the Go client Consul users run (blocking
+//! `Health().Service(name, passing)` queries feeding grpc-go's round_robin).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpc_registrar::crd::Backend;
+use grpc_registrar::desired::Policy;
+use grpc_registrar::metrics::Metrics;
+use grpc_registrar::registry::consul::{ConsulConfig, ConsulRegistry};
+use kube::api::DeleteParams;
+use serde_json::json;
+use test_support::consul::Consul;
+
+use crate::Plane;
+use crate::harness::{Env, eventually};
+use crate::interop::{every_server_answered, go_client};
+
+async fn env_with_consul(plane: Plane, ns: &str, consul: &Consul) -> Env {
+    let config = ConsulConfig {
+        default_ttl: Duration::from_secs(10),
+        ..ConsulConfig::new(consul.http_addr())
+    };
+    let registry = ConsulRegistry::connect(config, Arc::new(Metrics::default()))
+        .expect("failed to build the consul client");
+    let policy = Policy {
+        backend: Backend::Consul,
+        ..Policy::default()
+    };
+    Env::with_backend(plane, ns, policy, Arc::new(registry)).await
+}
+
+/// A GET on Consul's HTTP API, as JSON (`[]` when it does not answer).
+async fn get(consul: &Consul, path: &str) -> serde_json::Value {
+    match reqwest::get(format!("{}{path}", consul.http_addr())).await {
+        Ok(resp) if resp.status().is_success() => resp.json().await.unwrap_or(json!([])),
+        _ => json!([]),
+    }
+}
+
+/// Addresses of the passing instances of `service`, as a passing-only client sees them.
+async fn passing(consul: &Consul, service: &str) -> Vec<String> {
+    let entries = get(
+        consul,
+        &format!("/v1/health/service/{service}?passing=true"),
+    )
+    .await;
+    let mut addrs: Vec<String> = entries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["Service"]["Address"].as_str().unwrap_or_default(),
+                e["Service"]["Port"]
+            )
+        })
+        .collect();
+    addrs.sort();
+    addrs
+}
+
+pub async fn a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion(
+    plane: Plane,
+    ns: String,
+) {
+    let consul = Consul::start().await;
+    let env = env_with_consul(plane, &ns, &consul).await;
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(
+            greeter::GreeterServer::start("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    let service = format!("hello-{}", &ns[ns.len() - 8..]);
+    env.service(
+        "hello",
+        json!({"selector": {"matchLabels": {"app": "hello"}}, "port": "grpc",
+               "backend": "Consul", "consul": {"service": service, "tags": ["grpc"]}}),
+    )
+    .await;
+    for (i, server) in servers.iter().enumerate() {
+        let name = format!("hello-{i}");
+        env.pod(&name, json!({"app": "hello"}), server.addr().port())
+            .await;
+        env.set_ready(&name, "127.0.0.1", true).await;
+    }
+    eventually("three passing instances", || async {
+        passing(&consul, &service).await.len() == 3
+    })
+    .await;
+    let status = env.status("hello").await;
+    assert_eq!(status["target"], service.as_str(), "{status}");
+    assert_eq!(status["registeredEndpoints"], 3, "{status}");
+    assert!(env.condition_is("hello", "Ready", "True").await);
+
+    let addr = consul.http_addr();
+    let result = go_client(&[
+        "consul", "-consul", &addr, "-name", &service, "-tag", "grpc", "-n", "60",
+    ])
+    .await;
+    every_server_answered(&result, &servers);
+
+    // Unready: out of the passing set, and the Go client's calls no longer reach it.
+    env.set_ready("hello-1", "127.0.0.1", false).await;
+    let gone = servers[1].addr().to_string();
+    eventually("hello-1 no longer passing", || async {
+        let now = passing(&consul, &service).await;
+        now.len() == 2 && !now.contains(&gone)
+    })
+    .await;
+    let result = go_client(&["consul", "-consul", &addr, "-name", &service, "-n", "30"]).await;
+    assert_eq!(result["failed"], 0, "{result}");
+    assert!(result["servers"].get(&gone).is_none(), "{result}");
+
+    // Deleting the GrpcService deregisters every instance before its finalizer is released.
+    env.services()
+        .delete("hello", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the GrpcService gone", || async {
+        env.services().get_opt("hello").await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        get(&consul, &format!("/v1/catalog/service/{service}")).await,
+        json!([]),
+        "instances left after deletion"
+    );
+    env.shutdown().await;
+}

@@ -95,6 +95,14 @@ pub enum SpecError {
     /// The label selector does not parse.
     #[error("failed to parse selector: {0}")]
     Selector(String),
+    /// Metadata the backend would refuse (Consul's rules for keys and values), naming what.
+    #[error("failed to publish metadata {what}: {reason}")]
+    Metadata {
+        /// The key, or the count, at fault.
+        what: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
     /// A setting of another backend than the one the spec names.
     #[error("failed to apply the backend's settings: {0}")]
     Backend(&'static str),

@@ -58,13 +58,11 @@ pub fn instance_id(service: &str, endpoint_id: &str, port: u16) -> String {
 }
 
 /// Checks meta against Consul's limits, so that a write is never refused for it.
-fn validate_meta(service: &str, meta: &BTreeMap<String, String>) -> Result<(), SpecError> {
-    let bad = |what: String, reason: &'static str| {
-        Err(SpecError::Target(format!("{service} ({what})"), reason))
-    };
+fn validate_meta(meta: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    let bad = |what: String, reason: &'static str| Err(SpecError::Metadata { what, reason });
     if meta.len() > META_MAX_PAIRS {
         return bad(
-            format!("{} metadata pairs", meta.len()),
+            format!("({} pairs)", meta.len()),
             "Consul allows at most 64 metadata pairs per instance",
         );
     }
@@ -76,19 +74,19 @@ fn validate_meta(service: &str, meta: &BTreeMap<String, String>) -> Result<(), S
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
             return bad(
-                format!("metadata key {key}"),
-                "a Consul metadata key is 1 to 128 letters, digits, '_' or '-'",
+                format!("key {key:?}"),
+                "a Consul metadata key is 1 to 128 letters, digits, '_' or '-' (metadataFromLabels copies label names such as app.kubernetes.io/name, which Consul refuses)",
             );
         }
         if key.starts_with(META_RESERVED_PREFIX) {
             return bad(
-                format!("metadata key {key}"),
+                format!("key {key:?}"),
                 "Consul reserves metadata keys starting with consul- for itself",
             );
         }
         if value.len() > META_VALUE_MAX {
             return bad(
-                format!("metadata key {key}"),
+                format!("key {key:?}"),
                 "a Consul metadata value is at most 512 characters",
             );
         }
@@ -117,7 +115,7 @@ pub(super) fn desired(
             OWNER_META.to_owned(),
             format!("{}/{}", owner.namespace, owner.name),
         );
-        validate_meta(service, &meta)?;
+        validate_meta(&meta)?;
         let passing = meta
             .get("weight")
             .and_then(|w| w.parse::<u32>().ok())
@@ -308,7 +306,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("metadata key a.b"), "{err}");
+        assert!(
+            err.contains(r#"failed to publish metadata key "a.b""#),
+            "{err}"
+        );
         let long = "v".repeat(513);
         let err = desired(
             "g",
@@ -324,7 +325,7 @@ mod tests {
         let err = desired("g", &owner(), &[ep("p", "10.0.0.1", &many)], &tags)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("65 metadata pairs"), "{err}");
+        assert!(err.contains("metadata (65 pairs)"), "{err}");
         assert!(
             desired(
                 "g",

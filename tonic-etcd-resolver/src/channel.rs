@@ -100,7 +100,7 @@ impl tower::Service<http::Request<Body>> for LbChannel {
             let mut call = pool
                 .tracks_calls()
                 .then(|| Call::start(pool.clone(), ready.clone()));
-            match ready.channel.clone().oneshot(request).await {
+            match ready.channel.oneshot(request).await {
                 Ok(response) => Ok(match call {
                     Some(call) => call.response(response),
                     None => response,

@@ -270,13 +270,14 @@ pub struct GrpcServiceStatus {
     /// Service's EndpointSlices.
     #[serde(default)]
     pub selected_endpoints: i32,
-    /// Keys in etcd for this service.
+    /// Entries in the registry for this service: etcd keys, or Consul instances.
     #[serde(default)]
     pub registered_endpoints: i32,
-    /// The etcd revision of the last sync.
+    /// The registry revision of the last change: etcd's revision, or Consul's index with the
+    /// Consul backend (the name predates it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd_revision: Option<i64>,
-    /// The etcd lease holding the keys, in hex as etcdctl prints it.
+    /// The etcd lease holding the keys, in hex as etcdctl prints it (none with Consul).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<String>,
     /// When the registry last changed for this service.

@@ -171,14 +171,25 @@ impl GrpcService {
         };
         self.note_transitions(ctx, &selected, report.puts + report.deletes > 0);
         if report.puts + report.deletes > 0 {
-            info!(
-                puts = report.puts,
-                deletes = report.deletes,
-                registered = report.registered,
-                revision = report.revision,
-                lease_id = %format!("{:x}", report.lease_id),
-                "registry updated"
-            );
+            // A backend without leases (Consul) reports lease 0: no lease_id field.
+            if report.lease_id == 0 {
+                info!(
+                    puts = report.puts,
+                    deletes = report.deletes,
+                    registered = report.registered,
+                    revision = report.revision,
+                    "registry updated"
+                );
+            } else {
+                info!(
+                    puts = report.puts,
+                    deletes = report.deletes,
+                    registered = report.registered,
+                    revision = report.revision,
+                    lease_id = %format!("{:x}", report.lease_id),
+                    "registry updated"
+                );
+            }
         }
         ctx.metrics
             .observe_service(&owner.namespace, &owner.name, &want, report.registered);

@@ -136,7 +136,8 @@ pub fn next_status(
             status.target = Some((*target).to_owned());
             counts(&mut status, Some(desired));
             status.registered_endpoints = clamp(report.registered);
-            status.lease_id = Some(format!("{:x}", report.lease_id));
+            // A backend without leases (Consul) reports 0: no leaseId.
+            status.lease_id = (report.lease_id != 0).then(|| format!("{:x}", report.lease_id));
             match last_change {
                 Some(change) => {
                     status.etcd_revision = Some(change.revision);

@@ -99,8 +99,8 @@ impl ConsulRegistry {
             self.inner.claimed.lock().expect("lock").clear();
             warn!(
                 node = %self.inner.node,
-                lease_id = new,
-                old_lease_id = old,
+                node_index = new,
+                old_node_index = old,
                 "the consul node was lost with its instances; registered it again, every service is re-synced"
             );
             let _ = self.inner.events.send(Event::Replaced {
@@ -109,7 +109,7 @@ impl ConsulRegistry {
                 new: i64::try_from(new).unwrap_or(i64::MAX),
             });
         } else {
-            info!(node = %self.inner.node, lease_id = new, "registered consul node");
+            info!(node = %self.inner.node, node_index = new, "registered consul node");
         }
         Ok(new)
     }

@@ -146,7 +146,9 @@ impl ConsulRegistry {
             revision = revision.max(self.list_index().await?);
         }
         report.revision = i64::try_from(revision).unwrap_or(i64::MAX);
-        report.lease_id = i64::try_from(self.incarnation()).unwrap_or(i64::MAX);
+        // Consul has no lease: entries live on the synthetic node, whose incarnation is logged
+        // as `node_index` (status shows no leaseId).
+        report.lease_id = 0;
         self.start_keeper();
         if report.puts + report.deletes > 0 {
             debug!(

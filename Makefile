@@ -19,6 +19,8 @@ tools:
 test: tools lint
 	cargo test --workspace --doc
 	cargo test -p tonic-etcd-resolver --features tls --test tls
+	# (tonic-etcd-resolver's package test builds its example from the packaged crate with
+	# crates.io dependencies into target/package-check: about 2 min the first time, cached after.)
 	cargo test --workspace --lib --bins --tests --examples
 	@echo "property tests: 1,000,000 cases over the value parser/renderer and the key template"
 	PROPTEST_CASES=200000 cargo test -p tonic-etcd-resolver --test format_props
@@ -31,6 +33,7 @@ lint: tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p tonic-etcd-resolver --all-targets --features tls -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc -p tonic-etcd-resolver --no-deps --all-features
 	test -z "$$(gofmt -l tests/interop)" || { echo "gofmt: tests/interop is not formatted" >&2; exit 1; }
 	cd tests/interop && go vet ./...
 

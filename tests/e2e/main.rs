@@ -110,6 +110,7 @@ fn main() {
             status_and_printer_columns,
         ),
         trial(&runtime, &plane, "consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion", consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion),
+        trial(&runtime, &plane, "weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes", weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes),
         trial(&runtime, &plane, "weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported", weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported),
         trial(&runtime, &plane, "operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event", operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event),
         trial(&runtime, &plane, "operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once", operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once),

@@ -44,7 +44,7 @@ crd:
 
 ## bench: every figure (tables printed and written to target/bench/*.json): registry, propagation, failover,
 ## cold start at scale, churn, the Go self-registration comparison, the two endpoint sources (pods and
-## EndpointSlices) side by side, and the resolver.
+## EndpointSlices) side by side, the Consul backend beside etcd, and the resolver.
 bench: tools
 	cargo bench --bench registry
 	cargo bench --bench propagation
@@ -53,6 +53,7 @@ bench: tools
 	cargo bench --bench churn
 	cargo bench --bench seed
 	cargo bench --bench sources
+	cargo bench --bench consul
 	cargo bench -p tonic-etcd-resolver --bench resolver
 
 ## demo: a real control plane, the controller, three Greeter servers and a resolving client.

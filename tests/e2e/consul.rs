@@ -133,3 +133,141 @@ pub async fn a_go_consul_client_calls_every_ready_server_and_follows_readiness_a
     );
     env.shutdown().await;
 }
+
+/// A Go `consul-watch` client (blocking passing-only health queries): every change of the
+/// instance set it sees, as JSON lines, until dropped.
+struct ConsulWatch {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl ConsulWatch {
+    fn start(consul: &Consul, service: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(test_support::interop_bin())
+            .args([
+                "consul-watch",
+                "-consul",
+                &consul.http_addr(),
+                "-name",
+                service,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("failed to start the Go consul-watch client");
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The instance sets seen so far.
+    fn seen(&self) -> Vec<usize> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["addrs"].as_array().map_or(0, Vec::len))
+            .collect()
+    }
+}
+
+impl Drop for ConsulWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two real controller processes on Consul: SIGKILL of the leader. The standby takes over and
+/// keeps the node's check passing; a passing-only client never sees an instance leave, and
+/// nothing is deregistered.
+pub async fn sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leaving(
+    plane: Plane,
+    ns: String,
+) {
+    use crate::harness::{ControllerProcess, leader};
+
+    let consul = Consul::start().await;
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let service = format!("fo-{}", &ns[ns.len() - 8..]);
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc",
+               "backend": "Consul", "consul": {"service": service}}),
+    )
+    .await;
+    for i in 1..=3u8 {
+        let name = format!("g-{i}");
+        env.pod(&name, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(&name, &format!("10.44.0.{i}"), true).await;
+    }
+    let replica = |name: &str| {
+        ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
+            .env("BACKEND", "consul")
+            .env("CONSUL_HTTP_ADDR", consul.http_addr())
+            .replica(name)
+            .start()
+    };
+    let mut a = replica("a");
+    eventually("a leads", || async {
+        leader(&env.client, &ns).await.as_deref() == Some("a")
+    })
+    .await;
+    let _b = replica("b");
+    eventually("three passing instances", || async {
+        passing(&consul, &service).await.len() == 3
+    })
+    .await;
+    let watch = ConsulWatch::start(&consul, &service);
+    eventually("the Go client sees three instances", || async {
+        watch.seen().last() == Some(&3)
+    })
+    .await;
+    let alive = || async {
+        get(&consul, "/v1/health/node/grpc-registrar").await[0]["Output"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let renewed_by_a = alive().await;
+
+    a.kill();
+    eventually("b leads", || async {
+        leader(&env.client, &ns).await.as_deref() == Some("b")
+    })
+    .await;
+    // b renews the node's check (its output changes) and serves changes.
+    eventually("b renews the node's check", || async {
+        alive().await != renewed_by_a
+    })
+    .await;
+    env.set_ready("g-3", "10.44.0.3", false).await;
+    eventually("b deregisters an unready pod", || async {
+        passing(&consul, &service).await.len() == 2
+    })
+    .await;
+    env.set_ready("g-3", "10.44.0.3", true).await;
+    eventually("and registers it again", || async {
+        passing(&consul, &service).await.len() == 3
+    })
+    .await;
+    // Across the failover, the only change a passing-only client saw was the one we made.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        watch.seen(),
+        [3, 2, 3],
+        "a passing-only client saw instances leave across the failover"
+    );
+}

@@ -110,6 +110,7 @@ fn main() {
             status_and_printer_columns,
         ),
         trial(&runtime, &plane, "consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion", consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion),
+        trial(&runtime, &plane, "consul::sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leaving", consul::sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leaving),
         trial(&runtime, &plane, "weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes", weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes),
         trial(&runtime, &plane, "weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported", weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported),
         trial(&runtime, &plane, "operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event", operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event),

@@ -25,8 +25,9 @@ test: tools lint
 	@echo "property tests: 1,000,000 cases over the value parser/renderer and the key template"
 	PROPTEST_CASES=200000 cargo test -p tonic-etcd-resolver --test format_props
 	PROPTEST_CASES=200000 cargo test --lib desired::template::tests
-	@echo "demo smoke: make demo must keep working"
+	@echo "demo smoke: make demo (and BACKEND=consul) must keep working"
 	cargo run -q -p demo
+	BACKEND=consul cargo run -q -p demo
 
 ## lint: formatting and clippy, warnings denied.
 lint: tools
@@ -56,7 +57,8 @@ bench: tools
 	cargo bench --bench consul
 	cargo bench -p tonic-etcd-resolver --bench resolver
 
-## demo: a real control plane, the controller, three Greeter servers and a resolving client.
+## demo: a real control plane, the controller, three Greeter servers and a resolving client
+## (`make demo BACKEND=consul`: with Consul's catalog as the registry and a Go Consul client).
 demo:
 	scripts/demo.sh
 

@@ -7,6 +7,8 @@
 //! EndpointSlices. There is no kubelet, so the demo plays its part: it patches each pod's status
 //! (IP and readiness) as a kubelet would.
 
+mod consul;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -29,24 +31,24 @@ use tonic_etcd_resolver::{LbChannel, Options, Resolver};
 
 const TARGET: &str = "services/default/greeter";
 const HELLO_TARGET: &str = "services/default/hello";
-const PODS: [(&str, &str); 3] = [
+pub(crate) const PODS: [(&str, &str); 3] = [
     ("greeter-0", "127.0.0.11"),
     ("greeter-1", "127.0.0.12"),
     ("greeter-2", "127.0.0.13"),
 ];
 
-fn step(text: &str) {
+pub(crate) fn step(text: &str) {
     println!("\n==> {text}");
 }
 
-fn kubectl(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn kubectl(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     let (ok, out, err) = plane.kubectl(args);
     ensure!(ok, "kubectl {} failed: {err}", args.join(" "));
     Ok(out)
 }
 
 /// `kubectl delete grpcsvc <name>`, waiting for the finalizer to have removed every key.
-fn delete_grpcsvc(plane: &ControlPlane, name: &str) -> anyhow::Result<()> {
+pub(crate) fn delete_grpcsvc(plane: &ControlPlane, name: &str) -> anyhow::Result<()> {
     kubectl(
         plane,
         &[
@@ -62,7 +64,12 @@ fn delete_grpcsvc(plane: &ControlPlane, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn set_ready(pods: &Api<Pod>, name: &str, ip: &str, ready: bool) -> anyhow::Result<()> {
+pub(crate) async fn set_ready(
+    pods: &Api<Pod>,
+    name: &str,
+    ip: &str,
+    ready: bool,
+) -> anyhow::Result<()> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let status = json!({"status": {
         "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
@@ -109,6 +116,29 @@ async fn calls_to(channel: &LbChannel, n: usize, pods: &[(&str, &str)]) -> anyho
         *spread.entry(who).or_insert(0) += 1;
     }
     println!("    spread: {spread:?}");
+    Ok(())
+}
+
+/// `kubectl apply -f crds/grpcservice.yaml`, waiting until the API serves it.
+pub(crate) fn install_crd(plane: &ControlPlane) -> anyhow::Result<()> {
+    step("kubectl apply -f crds/grpcservice.yaml");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    print!(
+        "    {}",
+        kubectl(
+            plane,
+            &["apply", "-f", &format!("{root}/crds/grpcservice.yaml")]
+        )?
+    );
+    kubectl(
+        plane,
+        &[
+            "wait",
+            "--for=condition=established",
+            "crd/grpcservices.grpc-registrar.io",
+            "--timeout=60s",
+        ],
+    )?;
     Ok(())
 }
 
@@ -204,6 +234,11 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn,kube_client::client::builder=off".into()),
         )
         .init();
+    match std::env::var("BACKEND").as_deref() {
+        Ok("consul") => return consul::run().await,
+        Ok("etcd") | Err(_) => {}
+        Ok(other) => bail!("BACKEND must be etcd or consul, not {other:?}"),
+    }
 
     step(
         "Starting a real control plane (kube-apiserver + etcd, kube-controller-manager's endpointslice controller) and a registry etcd",
@@ -217,24 +252,8 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("    registry etcd  {}", registry_etcd.endpoint());
 
-    step("kubectl apply -f crds/grpcservice.yaml");
+    install_crd(&plane)?;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    print!(
-        "    {}",
-        kubectl(
-            &plane,
-            &["apply", "-f", &format!("{root}/crds/grpcservice.yaml")]
-        )?
-    );
-    kubectl(
-        &plane,
-        &[
-            "wait",
-            "--for=condition=established",
-            "crd/grpcservices.grpc-registrar.io",
-            "--timeout=60s",
-        ],
-    )?;
 
     step("Starting the grpc-registrar controller");
     let client = plane.client().await;

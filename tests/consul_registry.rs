@@ -709,3 +709,89 @@ async fn without_the_controller_consul_leaves_the_synthetic_nodes_check_passing(
     assert_eq!(statuses, ["passing", "passing"], "{checks}");
     assert_eq!(passing(&consul, "greeter").await, ids("greeter", 0..2));
 }
+
+/// A request to the plain HTTP port with the management token (ACLs on).
+async fn admin(consul: &Consul, method: reqwest::Method, path: &str, body: Value) -> Value {
+    let resp = reqwest::Client::new()
+        .request(method, format!("{}{path}", consul.http_addr()))
+        .header("X-Consul-Token", test_support::consul::MANAGEMENT_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("consul answered");
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn over_https_with_a_scoped_acl_token_instances_are_registered_and_without_it_the_refusal_is_clear()
+ {
+    let ca = test_support::pki::TestCa::new("consul-ca");
+    let consul = Consul::start_secured(&ca).await;
+    // The rules the README and chart document: the node, the services, the records' prefix.
+    admin(
+        &consul,
+        reqwest::Method::PUT,
+        "/v1/acl/policy",
+        serde_json::json!({"Name": "grpc-registrar", "Rules":
+            "node \"grpc-registrar\" { policy = \"write\" }\nservice_prefix \"\" { policy = \"write\" }\nkey_prefix \"grpc-registrar/\" { policy = \"write\" }\nnode_prefix \"\" { policy = \"read\" }"}),
+    )
+    .await;
+    let token = admin(
+        &consul,
+        reqwest::Method::PUT,
+        "/v1/acl/token",
+        serde_json::json!({"Policies": [{"Name": "grpc-registrar"}]}),
+    )
+    .await["SecretID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let https = consul.https_addr().unwrap();
+    let secured = |token: Option<String>, ca_pem: Option<Vec<u8>>| {
+        ConsulRegistry::connect(
+            ConsulConfig {
+                token,
+                tls: Some(grpc_registrar::registry::consul::ConsulTls {
+                    ca: ca_pem,
+                    identity: None,
+                }),
+                request_timeout: Duration::from_secs(3),
+                default_ttl: TTL,
+                ..ConsulConfig::new(https.clone())
+            },
+            Arc::new(Metrics::default()),
+        )
+        .unwrap()
+    };
+
+    let reg = secured(Some(token), Some(ca.ca_pem().as_bytes().to_vec()));
+    reg.check().await.unwrap();
+    claim_and_sync(&reg, "greeter", &owner("greeter"), first(3)).await;
+    let listed = admin(
+        &consul,
+        reqwest::Method::GET,
+        "/v1/health/service/greeter?passing=true",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+
+    // No token: refused by the ACLs, and the error says what was refused where.
+    let anonymous = secured(None, Some(ca.ca_pem().as_bytes().to_vec()));
+    let err = anonymous
+        .claim("other", &owner("other"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&https)
+            && (err.contains("403") || err.to_lowercase().contains("permission denied")),
+        "{err}"
+    );
+    // A CA that did not sign Consul's certificate: a TLS error, not a hang.
+    let stranger = test_support::pki::TestCa::new("other-ca");
+    let untrusted = secured(None, Some(stranger.ca_pem().as_bytes().to_vec()));
+    let err = untrusted.check().await.unwrap_err().to_string();
+    assert!(err.contains(&https), "{err}");
+}

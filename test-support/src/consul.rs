@@ -35,7 +35,13 @@ pub struct Consul {
     dir: TempDir,
     ports: Ports,
     starts: u32,
+    /// Extra `-hcl` settings (ACLs, TLS), and the HTTPS port when TLS is on.
+    hcl: Vec<String>,
+    https: Option<u16>,
 }
+
+/// The management token of a Consul started by [`Consul::start_secured`].
+pub const MANAGEMENT_TOKEN: &str = "6b1fd0b8-8b4e-4a4e-9f3c-3f0c2a9e1d01";
 
 #[derive(Clone, Copy, Debug)]
 struct Ports {
@@ -64,7 +70,36 @@ impl Consul {
     /// # Panics
     /// When the binary is missing or Consul has no leader within the deadline.
     pub async fn start() -> Self {
+        Self::start_with(Vec::new(), None).await
+    }
+
+    /// As [`Consul::start`], with ACLs on (default deny, [`MANAGEMENT_TOKEN`]) and the HTTPS API
+    /// served with a certificate from `ca` (the plain HTTP port stays, for readiness checks).
+    ///
+    /// # Panics
+    /// As [`Consul::start`].
+    pub async fn start_secured(ca: &crate::pki::TestCa) -> Self {
+        let server = ca.server("consul");
+        let https = free_port();
+        let hcl = vec![
+            format!(
+                "acl {{ enabled = true\n default_policy = \"deny\"\n tokens {{ initial_management = \"{MANAGEMENT_TOKEN}\" }} }}"
+            ),
+            format!(
+                "tls {{ defaults {{ ca_file = \"{}\"\n cert_file = \"{}\"\n key_file = \"{}\"\n verify_incoming = false }} }}",
+                ca.ca_file().display(),
+                server.cert.display(),
+                server.key.display()
+            ),
+            format!("ports {{ https = {https} }}"),
+        ];
+        Self::start_with(hcl, Some(https)).await
+    }
+
+    async fn start_with(hcl: Vec<String>, https: Option<u16>) -> Self {
         let mut consul = Self {
+            hcl,
+            https,
             child: None,
             dir: tempfile::Builder::new()
                 .prefix("consul-test-")
@@ -89,6 +124,12 @@ impl Consul {
                 Err(log) => panic!("consul failed to start:\n{log}"),
             }
         }
+    }
+
+    /// The HTTPS API address, `https://127.0.0.1:<port>`, of a [`Consul::start_secured`].
+    #[must_use]
+    pub fn https_addr(&self) -> Option<String> {
+        self.https.map(|port| format!("https://127.0.0.1:{port}"))
     }
 
     /// The HTTP API address, `http://127.0.0.1:<port>`.
@@ -180,6 +221,7 @@ impl Consul {
             // Raft timings as in dev mode, so a start or restart elects a leader in a second.
             .args(["-hcl", "performance { raft_multiplier = 1 }"])
             .args(["-hcl", "disable_update_check = true"])
+            .args(self.hcl.iter().flat_map(|h| ["-hcl", h.as_str()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("failed to clone log handle"))
             .stderr(log)

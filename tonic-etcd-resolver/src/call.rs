@@ -8,8 +8,8 @@
 //! that ends without a status is a failure; a body dropped before its end counts neither way.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -22,7 +22,9 @@ use crate::pool::{Pool, Ready};
 
 /// One RPC in flight to one endpoint.
 pub(crate) struct Call {
-    pool: Arc<Pool>,
+    /// Weak, so an open stream does not keep the pool (and its member, health and probe tasks)
+    /// alive after the resolver and its channels are gone.
+    pool: Weak<Pool>,
     ready: Ready,
     /// The in-flight count was given back (the body ended).
     released: bool,
@@ -32,35 +34,42 @@ pub(crate) struct Call {
 
 impl Call {
     /// Counts an RPC to `ready` as in flight.
-    pub(crate) fn start(pool: Arc<Pool>, ready: Ready) -> Self {
+    pub(crate) fn start(pool: &Arc<Pool>, ready: Ready) -> Self {
         ready.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         Self {
-            pool,
+            pool: Arc::downgrade(pool),
             ready,
             released: false,
             recorded: false,
         }
     }
 
-    /// Records the outcome, once.
+    /// Records the outcome, once (nowhere, when the pool is gone).
     pub(crate) fn finish(&mut self, failed: bool) {
         if !self.recorded {
             self.recorded = true;
-            self.pool.record(&self.ready, failed);
+            if let Some(pool) = self.pool.upgrade() {
+                pool.record(&self.ready, failed);
+            }
         }
     }
 
     fn finish_with(&mut self, headers: &HeaderMap) {
+        let Some(pool) = self.pool.upgrade() else {
+            self.recorded = true;
+            return;
+        };
         let code = headers
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i32>().ok())
             .map(Code::from_i32);
-        let failed = match (code, &self.pool.options().outlier) {
+        let failed = match (code, &pool.options().outlier) {
             (None, _) => true,
             (Some(code), Some(config)) => config.is_failure(code),
             (Some(_), None) => false,
         };
+        drop(pool);
         self.finish(failed);
     }
 

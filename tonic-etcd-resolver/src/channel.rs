@@ -103,7 +103,7 @@ impl tower::Service<http::Request<Body>> for LbChannel {
             let ready = Self::pick(&pool).await?;
             let mut call = pool
                 .tracks_calls()
-                .then(|| Call::start(pool.clone(), ready.clone()));
+                .then(|| Call::start(&pool, ready.clone()));
             match ready.channel.oneshot(request).await {
                 Ok(response) => Ok(match call {
                     Some(call) => call.response(response),

@@ -87,6 +87,10 @@ pub(crate) struct Ready {
 
 struct Member {
     task: JoinHandle<()>,
+    /// Set, under the ready set's lock, when the registry drops it: its task, which may still
+    /// be running when aborted, then never touches the ready set again (a re-added address
+    /// gets a new member).
+    removed: Arc<AtomicBool>,
     /// Set once the first reachability probe has finished, either way.
     probed: Arc<AtomicBool>,
     /// The registry's latest word on it; the task reads it when the endpoint comes up.
@@ -188,14 +192,20 @@ impl Pool {
             .cloned()
             .collect();
         for addr in &gone {
-            if let Some(member) = members.remove(addr) {
-                member.task.abort();
-                self.probed(&member.probed);
-            }
             info!(addr, "endpoint removed");
         }
         if !gone.is_empty() {
-            self.update_ready(|ready| ready.retain(|r| !gone.iter().any(|g| **g == *r.addr)));
+            let gone: Vec<Member> = gone.iter().filter_map(|a| members.remove(a)).collect();
+            self.update_ready(|ready| {
+                for member in &gone {
+                    member.removed.store(true, Ordering::Release);
+                }
+                ready.retain(|r| endpoints.contains_key(&*r.addr));
+            });
+            for member in gone {
+                member.task.abort();
+                self.probed(&member.probed);
+            }
             lock(&self.swrr).retain(|k| endpoints.contains_key(&**k));
         }
         for (addr, meta) in endpoints {
@@ -216,17 +226,20 @@ impl Pool {
             info!(addr, weight = meta.weight, zone = ?meta.zone, "endpoint added");
             let probed = Arc::new(AtomicBool::new(false));
             let shared_meta = Arc::new(Mutex::new(meta.clone()));
+            let removed = Arc::new(AtomicBool::new(false));
             self.unprobed.fetch_add(1, Ordering::AcqRel);
             let task = tokio::spawn(member(
                 Arc::downgrade(self),
                 addr.clone(),
                 probed.clone(),
                 shared_meta.clone(),
+                removed.clone(),
             ));
             members.insert(
                 addr.clone(),
                 Member {
                     task,
+                    removed,
                     probed,
                     meta: shared_meta,
                 },
@@ -308,6 +321,10 @@ impl Pool {
             return;
         }
         let _serial = lock(&self.ejecting);
+        if ready.shared.ejected(now) {
+            // Another failing call got here first: one ejection, of its length.
+            return;
+        }
         let all = self.ready_set();
         let ejected = all.iter().filter(|r| r.shared.ejected(now)).count();
         let allowed = max_ejected(config.max_ejection_percent, all.len());
@@ -318,7 +335,9 @@ impl Pool {
             );
             return;
         }
-        let length = lock(&ready.shared.outlier).eject(config, now);
+        let Some(length) = lock(&ready.shared.outlier).eject(config, now) else {
+            return;
+        };
         let until = u64::try_from((now + length).as_nanos()).unwrap_or(u64::MAX);
         ready.shared.ejected_until.store(until, Ordering::Release);
         warn!(
@@ -394,7 +413,13 @@ impl Drop for Pool {
 }
 
 /// Keeps one endpoint's connection: probe until reachable, serve until it fails, repeat.
-async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>, meta: Arc<Mutex<Meta>>) {
+async fn member(
+    pool: Weak<Pool>,
+    addr: String,
+    probed: Arc<AtomicBool>,
+    meta: Arc<Mutex<Meta>>,
+    removed: Arc<AtomicBool>,
+) {
     let Some(strong) = pool.upgrade() else { return };
     let options = strong.options.clone();
     drop(strong);
@@ -449,6 +474,9 @@ async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>, meta: A
         health.down.store(false, Ordering::Release);
         let Some(strong) = pool.upgrade() else { return };
         strong.update_ready(|set| {
+            if removed.load(Ordering::Acquire) {
+                return;
+            }
             set.retain(|r| r.addr != name);
             set.push(Ready {
                 addr: name.clone(),
@@ -465,7 +493,11 @@ async fn member(pool: Weak<Pool>, addr: String, probed: Arc<AtomicBool>, meta: A
             health.wake.notified().await;
         }
         let Some(strong) = pool.upgrade() else { return };
-        strong.update_ready(|set| set.retain(|r| r.addr != name));
+        strong.update_ready(|set| {
+            if !removed.load(Ordering::Acquire) {
+                set.retain(|r| r.addr != name);
+            }
+        });
         drop(strong);
         warn!(
             addr,

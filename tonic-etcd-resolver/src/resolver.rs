@@ -16,7 +16,8 @@ use tower::discover::Change;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::format::{Endpoint, watch_prefix};
-use crate::policy::{Balance, DEFAULT_WEIGHT, parse_weight};
+use crate::policy::weighted::WeightWarnings;
+use crate::policy::{Balance, DEFAULT_WEIGHT, InvalidWeight, parse_weight};
 use crate::pool::{Meta, Pool};
 use crate::{Error, LbChannel, Options, Result};
 
@@ -130,7 +131,8 @@ impl Resolver {
         };
         let revision = state.list().await?;
         let (tx, rx) = watch::channel(Arc::new(state.entries.clone()));
-        pool.set(&members(&state.entries, &options));
+        let warnings = Arc::new(WeightWarnings::default());
+        pool.set(&members(&state.entries, &options, &warnings));
         info!(
             target,
             endpoints = state.entries.len(),
@@ -138,7 +140,7 @@ impl Resolver {
             "resolved"
         );
         let task = tokio::spawn(
-            run(state, revision, tx, pool.clone(), options)
+            run(state, revision, tx, pool.clone(), options, warnings)
                 .instrument(info_span!("resolver", target = %target)),
         );
         Ok(Self {
@@ -276,8 +278,13 @@ fn addrs(entries: &BTreeMap<String, Endpoint>) -> BTreeSet<String> {
 
 /// Each registered address with what the policies read from its metadata (the first key's,
 /// when two keys name one address).
-fn members(entries: &BTreeMap<String, Endpoint>, options: &Options) -> BTreeMap<String, Meta> {
+fn members(
+    entries: &BTreeMap<String, Endpoint>,
+    options: &Options,
+    warnings: &WeightWarnings,
+) -> BTreeMap<String, Meta> {
     let mut out = BTreeMap::new();
+    let mut bad = BTreeSet::new();
     for (key, endpoint) in entries {
         if out.contains_key(&endpoint.addr) {
             continue;
@@ -285,9 +292,7 @@ fn members(entries: &BTreeMap<String, Endpoint>, options: &Options) -> BTreeMap<
         let weight = match parse_weight(endpoint.metadata.as_ref()) {
             Ok(weight) => weight.unwrap_or(DEFAULT_WEIGHT),
             Err(e) => {
-                if options.balance != Balance::RoundRobin {
-                    warn!(key, error = %e, default = DEFAULT_WEIGHT, "using the default weight");
-                }
+                bad.insert((key.clone(), e.0));
                 DEFAULT_WEIGHT
             }
         };
@@ -296,6 +301,12 @@ fn members(entries: &BTreeMap<String, Endpoint>, options: &Options) -> BTreeMap<
             weight,
         };
         out.insert(endpoint.addr.clone(), meta);
+    }
+    // Once per key and value, not on every watch event.
+    for (key, value) in warnings.fresh(bad) {
+        if options.balance != Balance::RoundRobin {
+            warn!(key, error = %InvalidWeight(value), default = DEFAULT_WEIGHT, "using the default weight");
+        }
     }
     out
 }
@@ -387,10 +398,11 @@ async fn run(
     tx: watch::Sender<Snapshot>,
     pool: Arc<Pool>,
     options: Options,
+    warnings: Arc<WeightWarnings>,
 ) {
     let publish = |registry: &Registry| {
         let snapshot: Snapshot = Arc::new(registry.entries.clone());
-        pool.set(&members(&snapshot, &options));
+        pool.set(&members(&snapshot, &options, &warnings));
         tx.send_replace(snapshot);
     };
     let mut delays = options.backoff();
@@ -547,7 +559,7 @@ mod tests {
         };
         let (tx, mut rx) = watch::channel(Snapshot::default());
         let pool = Pool::new(target, options.clone());
-        let task = tokio::spawn(run(registry, 1, tx, pool, options));
+        let task = tokio::spawn(run(registry, 1, tx, pool, options, Arc::default()));
         tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.len() == 2))
             .await
             .expect("re-listed after compaction")

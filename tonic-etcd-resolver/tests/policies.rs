@@ -514,3 +514,153 @@ async fn an_unreachable_etcd_is_an_error_naming_the_target() {
     };
     assert!(err.to_string().contains(TARGET), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failures_to_one_endpoint_eject_it_once_for_the_base_length() {
+    let etcd = EtcdServer::start().await;
+    let s = servers(3).await;
+    // Slow enough that every call is in flight before the first one fails.
+    s[0].set_delay(Duration::from_millis(100));
+    s[0].set_failing(true);
+    for server in &s {
+        register(&etcd, TARGET, &server.addr(), json!({})).await;
+    }
+    let base = Duration::from_secs(1);
+    let resolver = resolver(&etcd, ejecting(base)).await;
+    all_ready(&resolver, 3).await;
+    let client = GreeterClient::new(resolver.channel());
+    let started = Instant::now();
+    let _: Vec<_> = futures::stream::iter(0..96)
+        .map(|_| {
+            let mut client = client.clone();
+            async move { client.say_hello(HelloRequest::default()).await }
+        })
+        .buffer_unordered(96)
+        .collect()
+        .await;
+    assert!(!resolver.pickable_endpoints().contains(&s[0].addr()));
+    // Two of three endpoints are never ejected together (50% of 3 rounds down to 1).
+    assert_eq!(resolver.pickable_endpoints().len(), 2);
+    s[0].set_failing(false);
+    eventually("the ejection ends", || async {
+        resolver.pickable_endpoints().contains(&s[0].addr())
+    })
+    .await;
+    // One ejection of the base length, not one per concurrent failure (2 s, 3 s, ...).
+    assert!(
+        started.elapsed() < base * 2,
+        "ejected for {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_know_the_checked_service_is_not_picked() {
+    for check in [
+        HealthCheck::watch("not.registered.Service"),
+        HealthCheck::poll("not.registered.Service", Duration::from_millis(50)),
+    ] {
+        let etcd = EtcdServer::start().await;
+        let s = TestServer::start().await;
+        register(&etcd, TARGET, &s.addr(), json!({})).await;
+        let resolver = resolver(&etcd, checked(check.clone())).await;
+        all_ready(&resolver, 1).await;
+        eventually("the endpoint is not serving", || async {
+            resolver.pickable_endpoints().is_empty()
+        })
+        .await;
+        let err = GreeterClient::new(resolver.channel())
+            .say_hello(HelloRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{check:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_removed_while_connecting_never_becomes_pickable() {
+    let etcd = EtcdServer::start().await;
+    let mut client = etcd.client().await;
+    let gone = TestServer::start().await;
+    let kept = TestServer::start().await;
+    let resolver = resolver(&etcd, options()).await;
+    let key = tonic_etcd_resolver::format::endpoint_key(TARGET, &gone.addr());
+    for _ in 0..20 {
+        // Removed, re-added and removed again, each while its member may be connecting.
+        register(&etcd, TARGET, &gone.addr(), json!({})).await;
+        client.delete(key.as_str(), None).await.unwrap();
+        register(&etcd, TARGET, &gone.addr(), json!({})).await;
+        client.delete(key.as_str(), None).await.unwrap();
+    }
+    // A later change, once connected, shows the resolver has caught up with the deletes.
+    register(&etcd, TARGET, &kept.addr(), json!({})).await;
+    eventually("the kept endpoint connects", || async {
+        resolver.ready_endpoints() == [kept.addr()]
+    })
+    .await;
+    let (by_server, failed) = calls(&resolver.channel(), 20).await;
+    assert_eq!((failed, by_server.get(&kept.addr())), (0, Some(&20)));
+    assert_eq!(gone.calls(), 0);
+    // Re-added for good: connected once.
+    register(&etcd, TARGET, &gone.addr(), json!({})).await;
+    all_ready(&resolver, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_returns_to_zero_after_timeouts_transport_errors_and_cancelled_calls() {
+    let etcd = EtcdServer::start().await;
+    let mut s = servers(3).await;
+    for server in &s {
+        server.set_delay(Duration::from_millis(300));
+        register(&etcd, TARGET, &server.addr(), json!({})).await;
+    }
+    let options = options()
+        .balance(Balance::LeastLoaded)
+        .timeout(Duration::from_millis(100));
+    let resolver = resolver(&etcd, options).await;
+    all_ready(&resolver, 3).await;
+    let channel = resolver.channel();
+    let in_flight_total = || resolver.in_flight().values().sum::<usize>();
+
+    // Timeouts: every call outlives the channel's deadline.
+    let (_, failed) = calls(&channel, 6).await;
+    assert_eq!(failed, 6);
+
+    // Cancelled: the client gives up first.
+    for _ in 0..6 {
+        let mut client = GreeterClient::new(channel.clone());
+        let call = client.say_hello(HelloRequest::default());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), call)
+                .await
+                .is_err()
+        );
+    }
+
+    eventually("nothing is in flight", || async { in_flight_total() == 0 }).await;
+
+    // Transport errors: a server dies with calls in flight (no deadline this time).
+    let resolver = self::resolver(&etcd, self::options().balance(Balance::LeastLoaded)).await;
+    all_ready(&resolver, 3).await;
+    let in_flight_total = || resolver.in_flight().values().sum::<usize>();
+    s[0].set_delay(Duration::from_secs(10));
+    let pending: Vec<_> = (0..6)
+        .map(|_| {
+            let mut client = GreeterClient::new(resolver.channel());
+            tokio::spawn(async move { client.say_hello(HelloRequest::default()).await })
+        })
+        .collect();
+    eventually("calls are in flight on the server that dies", || async {
+        resolver.in_flight().get(&s[0].addr()) == Some(&2)
+    })
+    .await;
+    s[0].kill();
+    let mut errors = 0;
+    for call in pending {
+        errors += usize::from(call.await.unwrap().is_err());
+    }
+    assert_eq!(errors, 2);
+
+    eventually("nothing is in flight", || async { in_flight_total() == 0 }).await;
+    assert_eq!(resolver.ready_endpoints().len(), 2);
+}

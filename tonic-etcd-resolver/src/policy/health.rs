@@ -19,16 +19,18 @@ pub enum HealthCheckMode {
     /// A `Watch` stream per endpoint: changes apply as soon as the server sends them. A broken
     /// stream is reopened after the interval.
     Watch,
-    /// A `Check` every interval, each bounded by the interval: a change applies within one
-    /// interval.
+    /// A `Check` every interval (the period runs from one check's start to the next, so a slow
+    /// answer does not stretch it), each bounded by the interval: a change applies within one
+    /// interval and the check's round trip.
     Poll,
 }
 
 /// Active health checking with the `grpc.health.v1.Health` service (tonic-health on the
 /// server side).
 ///
-/// An endpoint whose status for `service` is `NOT_SERVING` (or `SERVICE_UNKNOWN`) is not
-/// picked until it reports `SERVING`. An endpoint starts out serving, so the first RPCs do not
+/// An endpoint whose status for `service` is `NOT_SERVING` (or `SERVICE_UNKNOWN`, which is
+/// also what a `NOT_FOUND` error means: tonic-health's answer for a service it does not know,
+/// logged once per endpoint) is not picked until it reports `SERVING`. An endpoint starts out serving, so the first RPCs do not
 /// wait for the first answer. A server with no health service (`UNIMPLEMENTED`) is treated as
 /// serving and not asked again, as grpc-go does; any other failed check leaves the last known
 /// status, since a dead connection is already noticed and skipped. If no endpoint is serving,
@@ -89,6 +91,8 @@ enum Answer {
     Status(bool),
     /// No health service: serving, and stop asking.
     Unimplemented,
+    /// The server does not know the service (`NOT_FOUND`): `SERVICE_UNKNOWN`, not serving.
+    UnknownService,
     /// Keep the last status and ask again later.
     Failed(String),
 }
@@ -97,6 +101,7 @@ fn answer(result: Result<i32, tonic::Status>) -> Answer {
     match result {
         Ok(status) => Answer::Status(serving(status)),
         Err(status) if status.code() == Code::Unimplemented => Answer::Unimplemented,
+        Err(status) if status.code() == Code::NotFound => Answer::UnknownService,
         Err(status) => Answer::Failed(status.to_string()),
     }
 }
@@ -129,7 +134,25 @@ pub(crate) async fn run(
             changed();
         }
     };
+    let warned_unknown = AtomicBool::new(false);
+    let unknown = || {
+        if !warned_unknown.swap(true, Ordering::Relaxed) {
+            warn!(
+                addr,
+                service = config.service,
+                "endpoint does not know the health-checked service; not picked"
+            );
+        }
+        set(false);
+    };
+    // Periods run from one check's start to the next; a late one delays the rest rather than
+    // bunching them up.
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if config.mode == HealthCheckMode::Poll {
+            ticker.tick().await;
+        }
         let failure = match config.mode {
             HealthCheckMode::Poll => {
                 let check = tokio::time::timeout(config.interval, client.check(request())).await;
@@ -140,6 +163,10 @@ pub(crate) async fn run(
                             None
                         }
                         Answer::Unimplemented => break,
+                        Answer::UnknownService => {
+                            unknown();
+                            None
+                        }
                         Answer::Failed(error) => Some(error),
                     },
                     Err(_) => Some("health check timed out".to_owned()),
@@ -154,6 +181,10 @@ pub(crate) async fn run(
                             Ok(None) => break Some("health watch ended".to_owned()),
                             Err(status) => match answer(Err(status)) {
                                 Answer::Unimplemented => return set_unimplemented(addr, &set),
+                                Answer::UnknownService => {
+                                    unknown();
+                                    break None;
+                                }
                                 Answer::Failed(error) => break Some(error),
                                 Answer::Status(_) => break None,
                             },
@@ -162,6 +193,10 @@ pub(crate) async fn run(
                 }
                 Err(status) => match answer(Err(status)) {
                     Answer::Unimplemented => break,
+                    Answer::UnknownService => {
+                        unknown();
+                        None
+                    }
                     Answer::Failed(error) => Some(error),
                     Answer::Status(_) => None,
                 },
@@ -170,7 +205,9 @@ pub(crate) async fn run(
         if let Some(error) = failure {
             debug!(addr, error, "health check failed; keeping the last status");
         }
-        tokio::time::sleep(config.interval).await;
+        if config.mode == HealthCheckMode::Watch {
+            tokio::time::sleep(config.interval).await;
+        }
     }
     set_unimplemented(addr, &set);
 }

@@ -153,13 +153,29 @@ pub(crate) struct OutlierState {
     requests: u32,
     /// Failed RPCs ended in the window.
     failures: u32,
-    /// Ejections so far, decayed by one per clean interval.
+    /// Ejections so far, decayed by one per interval served without ejection.
     pub(crate) ejections: u32,
     /// The end of the current ejection, if any.
     pub(crate) ejected_until: Option<Duration>,
+    /// Where the interval now running towards the next decay began: the last ejection's end,
+    /// or the last decay.
+    decay_from: Duration,
 }
 
 impl OutlierState {
+    /// Takes one off the ejection count for each whole `interval` served without ejection
+    /// since the last ejection ended (or the last decay), as Envoy's interval timer does.
+    fn decay(&mut self, config: &OutlierDetection, now: Duration) {
+        if self.ejected_until.is_some_and(|until| until > now) {
+            return;
+        }
+        let start = self.decay_from.max(self.ejected_until.unwrap_or_default());
+        let whole = now.saturating_sub(start).as_nanos() / config.interval.as_nanos().max(1);
+        let whole = u32::try_from(whole).unwrap_or(u32::MAX);
+        self.ejections = self.ejections.saturating_sub(whole);
+        self.decay_from = start + config.interval.saturating_mul(whole);
+    }
+
     /// Records one RPC outcome at `now`; returns whether the endpoint should now be ejected.
     pub(crate) fn record(
         &mut self,
@@ -167,19 +183,13 @@ impl OutlierState {
         now: Duration,
         failed: bool,
     ) -> bool {
+        self.decay(config, now);
         if now.saturating_sub(self.window_start) >= config.interval {
-            // Clean: the whole window passed with no ejection and no failure.
-            let clean = self
-                .ejected_until
-                .is_none_or(|until| until <= self.window_start);
-            if clean && self.failures == 0 {
-                self.ejections = self.ejections.saturating_sub(1);
-            }
             self.window_start = now;
             self.requests = 0;
             self.failures = 0;
         }
-        if self.ejected_until.is_some_and(|until| until > now) {
+        if self.ejected(now) {
             // A late answer from an ejected endpoint changes nothing.
             return false;
         }
@@ -198,16 +208,27 @@ impl OutlierState {
         failed && (by_streak || by_rate)
     }
 
-    /// Ejects the endpoint at `now`; returns for how long.
-    pub(crate) fn eject(&mut self, config: &OutlierDetection, now: Duration) -> Duration {
-        self.ejections += 1;
+    /// Whether an ejection is running at `now`.
+    pub(crate) fn ejected(&self, now: Duration) -> bool {
+        self.ejected_until.is_some_and(|until| until > now)
+    }
+
+    /// Ejects the endpoint at `now` and returns for how long; `None`, changing nothing, while
+    /// an ejection is already running (concurrent failures eject once).
+    pub(crate) fn eject(&mut self, config: &OutlierDetection, now: Duration) -> Option<Duration> {
+        if self.ejected(now) {
+            return None;
+        }
+        self.decay(config, now);
+        self.ejections = self.ejections.saturating_add(1);
         let length = ejection_duration(config.base_ejection, config.max_ejection, self.ejections);
         self.ejected_until = Some(now + length);
+        self.decay_from = now + length;
         self.consecutive = 0;
         self.window_start = now;
         self.requests = 0;
         self.failures = 0;
-        length
+        Some(length)
     }
 }
 
@@ -287,13 +308,48 @@ mod tests {
             .interval(20 * S);
         let mut state = OutlierState::default();
         assert!(state.record(&config, S, true));
-        assert_eq!(state.eject(&config, S), 10 * S);
+        assert_eq!(state.eject(&config, S), Some(10 * S));
         assert!(!state.record(&config, 2 * S, true), "ejected: ignored");
         assert!(state.record(&config, 12 * S, true));
-        assert_eq!(state.eject(&config, 12 * S), 20 * S);
+        assert_eq!(state.eject(&config, 12 * S), Some(20 * S));
         // Back at 32 s; a clean interval after it takes one ejection off.
         assert!(!state.record(&config, 33 * S, false));
         assert!(!state.record(&config, 60 * S, false));
         assert_eq!(state.ejections, 1);
+    }
+
+    #[test]
+    fn ejecting_an_endpoint_already_ejected_changes_nothing() {
+        let config = OutlierDetection::default().base_ejection(10 * S);
+        let mut state = OutlierState::default();
+        assert_eq!(state.eject(&config, S), Some(10 * S));
+        for _ in 0..5 {
+            assert_eq!(state.eject(&config, 2 * S), None);
+        }
+        assert_eq!((state.ejections, state.ejected_until), (1, Some(11 * S)));
+    }
+
+    #[test]
+    fn the_ejection_count_drops_by_one_per_interval_served_without_ejection() {
+        let config = OutlierDetection::default()
+            .base_ejection(10 * S)
+            .max_ejection(1000 * S)
+            .interval(10 * S);
+        let mut state = OutlierState::default();
+        for n in 1..=4u32 {
+            // Back to back: each ejection starts as the last one ends.
+            let now = state.ejected_until.unwrap_or(S);
+            assert_eq!(state.eject(&config, now), Some(10 * S * n));
+        }
+        // The fourth ends at 101 s. Failures do not stop the decay, only ejections do; three
+        // whole intervals later (and no request in between) three are gone.
+        assert!(!state.record(&config, 131 * S, true));
+        assert_eq!(state.ejections, 1);
+        // Part of an interval counts towards the next one.
+        assert!(!state.record(&config, 135 * S, false));
+        assert_eq!(state.ejections, 1);
+        assert!(!state.record(&config, 141 * S, false));
+        assert_eq!(state.ejections, 0);
+        assert_eq!(state.eject(&config, 500 * S), Some(10 * S), "fully decayed");
     }
 }

@@ -1,7 +1,8 @@
 //! Weights from `metadata.weight`, and smooth weighted round-robin.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
+use std::sync::{Mutex, PoisonError};
 
 /// The weight of an endpoint whose metadata has no usable `weight`, as in kratos.
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -36,6 +37,25 @@ pub fn parse_weight(metadata: Option<&serde_json::Value>) -> Result<Option<u32>,
     match parsed {
         Some(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(Some(w)),
         _ => Err(InvalidWeight(value.to_string())),
+    }
+}
+
+/// The bad weights already warned about, as (key, value), so each is logged once rather than
+/// on every watch event.
+#[derive(Debug, Default)]
+pub(crate) struct WeightWarnings {
+    /// Pairs warned about that are still in the registry.
+    seen: Mutex<BTreeSet<(String, String)>>,
+}
+
+impl WeightWarnings {
+    /// Keeps only the pairs in `current` (every bad weight in the latest listing), and returns
+    /// those not warned about before.
+    pub(crate) fn fresh(&self, current: BTreeSet<(String, String)>) -> Vec<(String, String)> {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = current.difference(&seen).cloned().collect();
+        *seen = current;
+        fresh
     }
 }
 
@@ -88,6 +108,34 @@ impl<K: Eq + Hash + Clone> Swrr<K> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn pairs(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_bad_weight_is_warned_about_once_per_key_and_value() {
+        let warnings = WeightWarnings::default();
+        let first = pairs(&[("a", "\"abc\""), ("b", "0")]);
+        assert_eq!(warnings.fresh(first.clone()).len(), 2);
+        assert!(
+            warnings.fresh(first).is_empty(),
+            "the same again: no warning"
+        );
+        let changed = pairs(&[("a", "\"abd\""), ("b", "0")]);
+        assert_eq!(
+            warnings.fresh(changed),
+            pairs(&[("a", "\"abd\"")]).into_iter().collect::<Vec<_>>()
+        );
+        // Fixed, then broken the same way again: warned again.
+        assert!(warnings.fresh(pairs(&[("b", "0")])).is_empty());
+        assert_eq!(
+            warnings.fresh(pairs(&[("a", "\"abd\""), ("b", "0")])).len(),
+            1
+        );
+    }
 
     fn sequence(weights: &[(&'static str, u32)], n: usize) -> String {
         let mut swrr = Swrr::default();

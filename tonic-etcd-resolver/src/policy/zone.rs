@@ -3,6 +3,9 @@
 /// The environment variable [`ZonePreference::from_env`] reads the client's zone from.
 pub const ZONE_ENV: &str = "GRPC_CLIENT_ZONE";
 
+/// The unit [`ZonePreference::min_local_ratio`] is kept in.
+const PER_MILLION: u64 = 1_000_000;
+
 /// Prefer endpoints whose metadata `zone` is the client's zone.
 ///
 /// grpc-registrar writes each endpoint's `metadata.zone` from its node's
@@ -34,8 +37,9 @@ pub struct ZonePreference {
     pub(crate) zone: String,
     /// Fewest local endpoints up before spilling over.
     pub(crate) min_local: usize,
-    /// Least share of the registered local endpoints up before spilling over.
-    pub(crate) min_local_ratio: f64,
+    /// Least share of the registered local endpoints up before spilling over, in parts per
+    /// million: integers, so 0.28 of 25 is exactly 7, where `ceil(0.28 * 25.0)` is 8.
+    pub(crate) min_local_per_million: u64,
 }
 
 impl ZonePreference {
@@ -44,7 +48,7 @@ impl ZonePreference {
         Self {
             zone: zone.into(),
             min_local: 1,
-            min_local_ratio: 0.5,
+            min_local_per_million: PER_MILLION / 2,
         }
     }
 
@@ -64,13 +68,16 @@ impl ZonePreference {
     }
 
     /// Spill over when fewer than `ratio` of the registered local endpoints are up (default
-    /// 0.5, clamped to 0..=1).
+    /// 0.5, clamped to 0..=1, kept to six decimal places).
     pub fn min_local_ratio(mut self, ratio: f64) -> Self {
-        self.min_local_ratio = if ratio.is_nan() {
+        let ratio = if ratio.is_nan() {
             0.0
         } else {
             ratio.clamp(0.0, 1.0)
         };
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let per_million = (ratio * 1e6).round() as u64;
+        self.min_local_per_million = per_million;
         self
     }
 
@@ -82,9 +89,13 @@ impl ZonePreference {
 
     /// How many local endpoints must be up for local ones alone to be candidates.
     pub(crate) fn needed(&self, registered_local: usize) -> usize {
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let by_ratio = (self.min_local_ratio * registered_local as f64).ceil() as usize;
-        self.min_local.max(by_ratio)
+        let registered = u64::try_from(registered_local).unwrap_or(u64::MAX);
+        let by_ratio = self
+            .min_local_per_million
+            .saturating_mul(registered)
+            .div_ceil(PER_MILLION);
+        self.min_local
+            .max(usize::try_from(by_ratio).unwrap_or(usize::MAX))
     }
 
     /// Narrows `candidates` (all up) to local ones, unless too few are up.
@@ -141,6 +152,24 @@ mod tests {
         let pref = ZonePreference::new("a").min_local(2).min_local_ratio(0.0);
         let up = [("a1", "a"), ("b1", "b")];
         assert_eq!(filter(&pref, &up, 1), ["a1", "b1"]);
+    }
+
+    #[test]
+    fn the_spill_over_threshold_is_an_exact_ceiling_of_the_ratio() {
+        // In f64, 0.28 * 25 is 7.000000000000001, whose ceiling is 8.
+        for (ratio, registered, needed) in [
+            (0.28, 25, 7),
+            (0.28, 26, 8),
+            (0.5, 3, 2),
+            (0.5, 4, 2),
+            (0.7, 10, 7),
+            (0.07, 100, 7),
+            (1.0, 9, 9),
+            (0.0, 9, 1),
+        ] {
+            let pref = ZonePreference::new("a").min_local_ratio(ratio);
+            assert_eq!(pref.needed(registered), needed, "{ratio} of {registered}");
+        }
     }
 
     #[test]

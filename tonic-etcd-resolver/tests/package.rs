@@ -81,7 +81,19 @@ fn the_packaged_crate_builds_its_example_with_crates_io_dependencies_only() {
     for file in ["README.md", "LICENSE", "Cargo.toml", "examples/client.rs"] {
         assert!(unpacked.join(file).is_file(), "the package has no {file}");
     }
+    for workspace_only in ["tests", "benches"] {
+        assert!(
+            !unpacked.join(workspace_only).exists(),
+            "the package has {workspace_only}/, which needs workspace-only crates"
+        );
+    }
     let manifest = std::fs::read_to_string(unpacked.join("Cargo.toml")).unwrap();
+    for target in ["[[test]]", "[[bench]]"] {
+        assert!(
+            !manifest.contains(target),
+            "the packaged manifest names a {target} it does not ship:\n{manifest}"
+        );
+    }
     for workspace_only in ["dependencies.greeter", "dependencies.test-support"] {
         assert!(
             !manifest.contains(workspace_only),

@@ -109,28 +109,11 @@ fn latency_row(name: &str, mut ms: Vec<f64>) -> (String, String) {
     )
 }
 
-/// Passing instances of `service`, by blocking query from `index`: (addresses, new index).
-async fn blocking_passing(
-    http: &reqwest::Client,
-    consul: &str,
-    service: &str,
-    index: u64,
-) -> (usize, u64) {
-    let resp = http
-        .get(format!(
-            "{consul}/v1/health/service/{service}?passing=true&index={index}&wait=30s"
-        ))
-        .send()
-        .await
-        .unwrap();
-    let next = resp
-        .headers()
-        .get("X-Consul-Index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(index);
-    let entries: serde_json::Value = resp.json().await.unwrap();
-    (entries.as_array().map_or(0, Vec::len), next)
+/// Passing instances of `service`, by blocking query from `index`: (count, new index).
+async fn blocking_passing(consul: &str, service: &str, index: u64) -> (usize, u64) {
+    let (addrs, next) =
+        test_support::consul::passing(consul, service, index, Duration::from_secs(30)).await;
+    (addrs.len(), next)
 }
 
 fn status(ready: bool) -> serde_json::Value {
@@ -283,7 +266,6 @@ async fn main() {
         )
         .await
         .unwrap();
-    let http = reqwest::Client::new();
     let consul_addr = consul.http_addr();
     let mut index = 0;
     let (mut via_etcd, mut via_consul) = (Vec::new(), Vec::new());
@@ -319,16 +301,16 @@ async fn main() {
         }
         // Consul: the blocking query is already waiting on the current index when the patch is
         // sent, as a client's would be.
-        let (now, at) = blocking_passing(&http, &consul_addr, "bench", 0).await;
+        let (now, at) = blocking_passing(&consul_addr, "bench", 0).await;
         index = index.max(at);
         let want = usize::from(ready);
         let waiting = {
-            let (http, consul_addr) = (http.clone(), consul_addr.clone());
+            let consul_addr = consul_addr.clone();
             let mut index = index;
             let mut seen = now;
             tokio::spawn(async move {
                 while seen != want {
-                    (seen, index) = blocking_passing(&http, &consul_addr, "bench", index).await;
+                    (seen, index) = blocking_passing(&consul_addr, "bench", index).await;
                 }
                 (Instant::now(), index)
             })

@@ -23,48 +23,16 @@ use tokio::sync::watch;
 use crate::{PODS, delete_grpcsvc, install_crd, kubectl, set_ready, step};
 
 /// Passing instances of `service` by blocking query from `index`: (addresses, next index).
-async fn passing(
-    http: &reqwest::Client,
-    consul: &str,
-    service: &str,
-    index: u64,
-) -> anyhow::Result<(Vec<String>, u64)> {
-    let resp = http
-        .get(format!(
-            "{consul}/v1/health/service/{service}?passing=true&index={index}&wait=10s"
-        ))
-        .send()
-        .await
-        .context("failed to query consul")?;
-    let next = resp
-        .headers()
-        .get("X-Consul-Index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(index);
-    let entries: serde_json::Value = resp.json().await?;
-    let mut addrs: Vec<String> = entries
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            format!(
-                "{}:{}",
-                e["Service"]["Address"].as_str().unwrap_or_default(),
-                e["Service"]["Port"]
-            )
-        })
-        .collect();
-    addrs.sort();
-    Ok((addrs, next))
+async fn passing(consul: &str, service: &str, index: u64) -> (Vec<String>, u64) {
+    test_support::consul::passing(consul, service, index, Duration::from_secs(10)).await
 }
 
 /// Waits (blocking queries, as a client would) until `n` instances pass; returns how long.
-async fn wait_passing(http: &reqwest::Client, consul: &str, n: usize) -> anyhow::Result<Duration> {
+async fn wait_passing(consul: &str, n: usize) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut index = 0;
     loop {
-        let (addrs, next) = passing(http, consul, "greeter", index).await?;
+        let (addrs, next) = passing(consul, "greeter", index).await;
         if addrs.len() == n {
             return Ok(started.elapsed());
         }
@@ -173,15 +141,14 @@ pub async fn run() -> anyhow::Result<()> {
         servers.push(server);
         set_ready(&pods, name, ip, true).await?;
     }
-    let http = reqwest::Client::new();
-    let took = wait_passing(&http, &addr, 3).await?;
+    let took = wait_passing(&addr, 3).await?;
     println!(
         "    3 passing instances of greeter in Consul's catalog ({} ms)",
         took.as_millis()
     );
 
     step("What Consul users see: the catalog, and a Go client on blocking health queries");
-    let (instances, _) = passing(&http, &addr, "greeter", 0).await?;
+    let (instances, _) = passing(&addr, "greeter", 0).await;
     println!("    GET /v1/health/service/greeter?passing=true -> {instances:?}");
     go_calls(&addr, 6)?;
 
@@ -205,7 +172,7 @@ pub async fn run() -> anyhow::Result<()> {
     step("greeter-1 fails its readiness probe (Ready=False): it leaves the passing set");
     let flipped = Instant::now();
     set_ready(&pods, "greeter-1", "127.0.0.12", false).await?;
-    wait_passing(&http, &addr, 2).await?;
+    wait_passing(&addr, 2).await?;
     println!(
         "    deregistered and gone from a blocking passing-only query in {} ms",
         flipped.elapsed().as_millis()
@@ -214,7 +181,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     step("kubectl delete grpcsvc greeter: the finalizer deregisters every instance");
     delete_grpcsvc(&plane, "greeter")?;
-    let (left, _) = passing(&http, &addr, "greeter", 0).await?;
+    let (left, _) = passing(&addr, "greeter", 0).await;
     println!("    instances left in Consul: {}", left.len());
 
     let _ = stop.send(true);

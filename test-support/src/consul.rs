@@ -293,3 +293,42 @@ impl Drop for Consul {
         }
     }
 }
+
+/// What a passing-only client sees of `service`: a blocking `Health().Service(passing)` query
+/// from `index` (0 answers at once, as does a query that waits out `wait`), as sorted
+/// `address:port` strings, and the index to block on next. Empty when Consul does not answer.
+pub async fn passing(
+    http_addr: &str,
+    service: &str,
+    index: u64,
+    wait: Duration,
+) -> (Vec<String>, u64) {
+    let url = format!(
+        "{http_addr}/v1/health/service/{service}?passing=true&index={index}&wait={}ms",
+        wait.as_millis()
+    );
+    let Ok(resp) = reqwest::get(url).await else {
+        return (Vec::new(), index);
+    };
+    let next = resp
+        .headers()
+        .get("X-Consul-Index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(index);
+    let entries: serde_json::Value = resp.json().await.unwrap_or_default();
+    let mut addrs: Vec<String> = entries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["Service"]["Address"].as_str().unwrap_or_default(),
+                e["Service"]["Port"]
+            )
+        })
+        .collect();
+    addrs.sort();
+    (addrs, next)
+}

@@ -132,8 +132,19 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
-    #[allow(clippy::too_many_lines)]
+    /// The metrics of an etcd-backed controller.
     fn default() -> Self {
+        Self::for_backend("etcd")
+    }
+}
+
+impl Metrics {
+    /// The metrics of a controller publishing into `backend` (`etcd` or `consul`): its
+    /// backend series start at 0, and no other backend's series exist (an alert on
+    /// `backend_connected == 0` must not fire for a backend not in use).
+    #[must_use]
+    #[allow(clippy::too_many_lines)]
+    pub fn for_backend(backend: &'static str) -> Self {
         let mut root = Registry::default();
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("grpc_registrar");
@@ -160,12 +171,9 @@ impl Default for Metrics {
         let backend_connected = Family::<BackendLabels, Gauge>::default();
         let backend_errors = Family::<BackendOpLabels, Counter>::default();
         for op in BACKEND_OPS {
-            drop(backend_errors.get_or_create(&BackendOpLabels {
-                backend: "etcd",
-                op,
-            }));
+            drop(backend_errors.get_or_create(&BackendOpLabels { backend, op }));
         }
-        drop(backend_connected.get_or_create(&BackendLabels { backend: "etcd" }));
+        drop(backend_connected.get_or_create(&BackendLabels { backend }));
         let lease_keepalives = Counter::default();
         let lease_keepalive_failures = Counter::default();
         let lease_grants = Counter::default();
@@ -518,6 +526,16 @@ mod tests {
         ] {
             assert!(page.contains(needle), "{needle} missing:\n{page}");
         }
+    }
+
+    #[test]
+    fn a_consul_controller_has_only_consul_backend_series_so_no_etcd_alert_fires() {
+        let page = Metrics::for_backend("consul").encode();
+        assert!(
+            page.contains("grpc_registrar_backend_connected{backend=\"consul\"} 0"),
+            "{page}"
+        );
+        assert!(!page.contains("backend=\"etcd\""), "{page}");
     }
 
     #[test]

@@ -32,6 +32,13 @@ pub enum RegistryConfig {
 }
 
 impl RegistryConfig {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Etcd(_) => "etcd",
+            Self::Consul(_) => "consul",
+        }
+    }
+
     fn default_ttl(&self) -> Duration {
         match self {
             Self::Etcd(etcd) => etcd.default_ttl,
@@ -115,7 +122,7 @@ pub async fn run(
         }
     };
 
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::for_backend(registry.name()));
     let ready = Arc::new(AtomicBool::new(false));
     let (role_tx, role) = watch::channel(if election.is_some() {
         Role::Follower

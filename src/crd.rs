@@ -56,8 +56,8 @@ pub struct ConsulService {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(
-        validation = Rule::new("self.matches('^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$')")
-            .message("consul.service must be letters, digits and '-', starting and ending with a letter or digit (a DNS label, so that <name>.service.consul resolves)")
+        validation = Rule::new("self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$')")
+            .message("consul.service must be lowercase letters, digits and '-', starting and ending with a letter or digit (a DNS label; Consul matches names case-insensitively)")
     )]
     pub service: Option<String>,
     /// Tags on every instance, e.g. `grpc` or `v2`, for clients that filter by tag.
@@ -451,6 +451,10 @@ mod tests {
         rejects(
             json!({"backend": "Consul", "consul": {"service": "-bad"}}),
             "consul.service must be",
+        );
+        rejects(
+            json!({"backend": "Consul", "consul": {"service": "Greeter"}}),
+            "consul.service must be lowercase",
         );
         rejects(
             json!({"backend": "Consul", "consul": {"tags": [""]}}),

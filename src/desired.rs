@@ -304,13 +304,13 @@ fn consul_service(
         && service.len() <= 63
         && service
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !service.starts_with('-')
         && !service.ends_with('-');
     if !dns_label {
         return Err(SpecError::Target(
             service,
-            "not a Consul service name: letters, digits and '-', at most 63, not starting or ending with '-'",
+            "not a Consul service name: lowercase letters, digits and '-', at most 63, not starting or ending with '-' (Consul matches names case-insensitively)",
         ));
     }
     if spec.target.is_some() || spec.key_template.is_some() || spec.ttl_seconds.is_some() {

@@ -694,7 +694,7 @@ fn with_the_consul_backend_etcd_settings_and_non_dns_names_are_invalid_specs() {
         Err(SpecError::Backend(_))
     ));
     svc.spec.ttl_seconds = None;
-    for bad in ["-greeter", "greeter.v2", "grüße", ""] {
+    for bad in ["-greeter", "greeter.v2", "grüße", "", "Greeter"] {
         svc.spec.consul = Some(crate::crd::ConsulService {
             service: Some(bad.into()),
             tags: vec![],

@@ -28,11 +28,15 @@ pub fn validate_service(service: &str) -> Result<(), SpecError> {
         Some("a Consul service name is a DNS label: at most 63 characters")
     } else if !service
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         || service.starts_with('-')
         || service.ends_with('-')
     {
-        Some("a Consul service name is a DNS label: letters, digits and '-' inside")
+        // Lower case only: Consul matches service names case-insensitively, so `Greeter` and
+        // `greeter` would be two owners of one service.
+        Some(
+            "a Consul service name is a lowercase DNS label: lowercase letters, digits and '-' inside",
+        )
     } else {
         None
     };
@@ -294,7 +298,7 @@ mod tests {
 
     #[test]
     fn invalid_service_names_and_meta_are_spec_errors_naming_the_culprit() {
-        for bad in ["", "a.b", "a_b", "-a", &"x".repeat(64)] {
+        for bad in ["", "a.b", "a_b", "-a", "Greeter", &"x".repeat(64)] {
             assert!(validate_service(bad).is_err(), "{bad:?}");
         }
         let tags = [];

@@ -157,7 +157,8 @@ impl ConsulRegistry {
 
     /// After a fenced txn failed on a leader record that no longer exists (Consul lost its
     /// data, or it was deleted: no later leader wrote one), writes it again for this replica's
-    /// term. Returns whether it did; a later leader's record still wins by term.
+    /// term; when another of this replica's writers already did, guards on that record's index.
+    /// Returns whether the write may be retried; a later leader's record still wins by term.
     pub(super) async fn refence_lost_record(&self) -> Result<bool> {
         let Fence::Leader {
             valid_until,
@@ -168,8 +169,21 @@ impl ConsulRegistry {
         else {
             return Ok(false);
         };
-        if self.read_leader().await?.0.is_some() {
-            return Ok(false);
+        match self.read_leader().await? {
+            (None, _) => {}
+            (Some(record), at) if *record.holder == *holder && record.term == term => {
+                // Our own record, rewritten by another of this replica's writers after the
+                // loss (the keeper or another reconcile): guard on its new index and go on.
+                if let Fence::Leader { index, term: t, .. } =
+                    &mut *self.inner.fence.lock().expect("lock")
+                    && *t == term
+                {
+                    *index = at;
+                    return Ok(true);
+                }
+                return Ok(false);
+            }
+            (Some(_), _) => return Ok(false),
         }
         warn!(
             term,

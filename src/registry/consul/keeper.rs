@@ -76,8 +76,16 @@ impl ConsulRegistry {
     /// Registers the synthetic node and its passing check. When this process had seen the
     /// node before, it was lost with its instances: [`Event::Replaced`] is announced and
     /// claims forgotten, so the controller re-syncs (and re-claims) every service.
-    pub(super) async fn register_node(&self) -> Result<u64> {
+    ///
+    /// `seen` is the incarnation the caller knew when it found the node missing: when another
+    /// writer registered the node since (several syncs find it missing at once), nothing is
+    /// registered or announced again.
+    pub(super) async fn register_node(&self, seen: u64) -> Result<u64> {
         let _one = self.inner.node_lock.lock().await;
+        let now = self.incarnation();
+        if now != seen {
+            return Ok(now);
+        }
         let ops = vec![self.node_op("set"), self.alive_op()];
         let results = match self.guarded("register consul node", vec![], ops).await? {
             Guarded::Committed(results) => results,
@@ -162,9 +170,10 @@ async fn keep(inner: Weak<Inner>, ttl: Duration) {
         let Some(registry) = inner.upgrade().map(|inner| ConsulRegistry { inner }) else {
             return;
         };
+        let seen = registry.incarnation();
         let renewed = match registry.renew().await {
             Ok(true) => Ok(()),
-            Ok(false) => registry.register_node().await.map(|_| ()),
+            Ok(false) => registry.register_node(seen).await.map(|_| ()),
             Err(e) => Err(e),
         };
         let wait = match renewed {

@@ -92,12 +92,13 @@ impl ConsulRegistry {
         let mut revision;
         let mut unindexed = false;
         'sync: loop {
+            let seen = self.incarnation();
             let listing = self.list(service).await?;
             revision = listing.index;
             match listing.node {
                 Some(node) => self.saw_node(node.create_index),
                 None => {
-                    self.register_node().await?;
+                    self.register_node(seen).await?;
                 }
             }
             let ops: Vec<TxnOp> = diff(&listing.instances, &desired)

@@ -64,10 +64,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (rss, peak) = memory_mib(controller.pid());
         let txns = controller
-            .metric("grpc_registrar_etcd_request_duration_seconds_count{op=\"txn\"}")
+            .metric("grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"txn\"}")
             .await;
         let ranges = controller
-            .metric("grpc_registrar_etcd_request_duration_seconds_count{op=\"range\"}")
+            .metric("grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"range\"}")
             .await;
         let leases = probe.leases().await.map_or(0, |r| r.leases().len());
         let mean_ms = |sum: f64, count: f64| {
@@ -88,13 +88,13 @@ async fn main() {
         );
         let txn_ms = mean_ms(
             controller
-                .metric("grpc_registrar_etcd_request_duration_seconds_sum{op=\"txn\"}")
+                .metric("grpc_registrar_registry_request_duration_seconds_sum{backend=\"etcd\",op=\"txn\"}")
                 .await,
             txns,
         );
         let range_ms = mean_ms(
             controller
-                .metric("grpc_registrar_etcd_request_duration_seconds_sum{op=\"range\"}")
+                .metric("grpc_registrar_registry_request_duration_seconds_sum{backend=\"etcd\",op=\"range\"}")
                 .await,
             ranges,
         );

@@ -506,7 +506,7 @@ async fn footprint(
             .metric("grpc_registrar_reconcile_failures_total")
             .await,
         txns: controller
-            .metric("grpc_registrar_etcd_request_duration_seconds_count{op=\"txn\"}")
+            .metric("grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"txn\"}")
             .await,
     };
     eprintln!(

@@ -22,6 +22,8 @@ pub struct Health {
     pub ready: Arc<AtomicBool>,
     /// This replica's role, reported by `/readyz` (a warm follower is ready too).
     pub role: tokio::sync::watch::Receiver<crate::leader::Role>,
+    /// The registry backend in use (`etcd` or `consul`): the one whose reachability counts.
+    pub backend: &'static str,
 }
 
 /// Serves the endpoints on `listener` until `shutdown` resolves.
@@ -62,15 +64,21 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
 }
 
 /// Ready when this replica can do its job: its caches are synced (so a leader computes from
-/// complete state, and a follower can take over at once) and the registry backend answers (a
-/// replica that cannot reach etcd can neither publish nor renew). A follower is ready too: it
-/// is warm. The body says which check fails.
+/// complete state, and a follower can take over at once) and the registry it publishes into
+/// answers (a replica that cannot reach the registry can neither publish nor renew). A follower
+/// is ready too: it is warm. The body says which check fails.
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let (code, body) = readiness(&health);
+    (code, body)
+}
+
+/// The `/readyz` answer: its status code and body.
+fn readiness(health: &Health) -> (StatusCode, String) {
     let role = health.role.borrow().as_str();
     let synced = health.ready.load(Ordering::Relaxed);
-    let backend = health.metrics.backend_up("etcd");
+    let backend = health.metrics.backend_up(health.backend);
     let body = format!(
-        "{}\nrole: {role}\ncaches: {}\netcd: {}\n",
+        "{}\nrole: {role}\ncaches: {}\nregistry: {} ({})\n",
         if synced && backend {
             "ready"
         } else {
@@ -80,8 +88,9 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
         if backend {
             "reachable"
         } else {
-            "unreachable (see the log)"
+            "unreachable, see the log"
         },
+        health.backend,
     );
     let code = if synced && backend {
         StatusCode::OK
@@ -89,4 +98,51 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::leader::Role;
+
+    fn health(backend: &'static str, synced: bool) -> Health {
+        Health {
+            metrics: Arc::new(Metrics::for_backend(backend)),
+            ready: Arc::new(AtomicBool::new(synced)),
+            role: tokio::sync::watch::channel(Role::Leader { term: 1 }).1,
+            backend,
+        }
+    }
+
+    #[test]
+    fn a_consul_controller_is_ready_when_consul_answers_whatever_etcd_does() {
+        let health = health("consul", true);
+        health
+            .metrics
+            .backend_result("consul", "connect", true, true);
+        let (code, body) = readiness(&health);
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert!(body.contains("registry: reachable (consul)"), "{body}");
+        assert!(!body.contains("etcd"), "{body}");
+    }
+
+    #[test]
+    fn readiness_follows_the_configured_registry_and_the_caches() {
+        for backend in ["etcd", "consul"] {
+            let health = health(backend, false);
+            health
+                .metrics
+                .backend_result(backend, "connect", true, true);
+            assert_eq!(readiness(&health).0, StatusCode::SERVICE_UNAVAILABLE);
+            health.ready.store(true, Ordering::Relaxed);
+            assert_eq!(readiness(&health).0, StatusCode::OK);
+            health.metrics.backend_result(backend, "txn", false, false);
+            let (code, body) = readiness(&health);
+            assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+            assert!(
+                body.contains(&format!("registry: unreachable, see the log ({backend})")),
+                "{body}"
+            );
+        }
+    }
 }

@@ -183,7 +183,10 @@ struct RegistryArgs {
     /// Prefix of the controller's own records in etcd (target ownership, the leader record).
     #[arg(long, env = "REGISTRAR_ROOT", default_value = "grpc-registrar")]
     registrar_root: String,
-    /// Namespaces allowed targets outside their own prefix: a comma-separated list, or `*`.
+    /// Namespaces trusted to publish outside their own space: a comma-separated list, or `*`.
+    /// etcd: targets outside `<key-prefix>/<namespace>/`. Consul: flat service names; every
+    /// other namespace publishes `<name>--<namespace>`. `*` restores the pre-rule Consul
+    /// behaviour (any namespace, any flat name).
     #[arg(long, env = "CUSTOM_TARGET_NAMESPACES", default_value = "")]
     custom_target_namespaces: String,
     /// This cluster's name, when several clusters publish into one registry: each cluster's
@@ -364,7 +367,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown_signal().await;
         info!(
             timeout_ms = u64::try_from(shutdown_timeout.as_millis()).unwrap_or(u64::MAX),
-            "shutdown signal received; finishing in-flight work (the etcd lease is kept)"
+            "shutdown signal received; finishing in-flight work (registrations are kept)"
         );
         // Shutdown always ends: whatever still waits (an unreachable API server or etcd) is
         // abandoned after the timeout, or at once on a second signal.

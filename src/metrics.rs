@@ -11,8 +11,9 @@ use prometheus_client::registry::Registry;
 
 /// Every root-cause label a reconcile failure can carry (`metric_label()` of the controller's
 /// and the registry's errors), initialised to 0 so that rates and alerts see the series at once.
-pub const FAILURE_LABELS: [&str; 8] = [
+pub const FAILURE_LABELS: [&str; 9] = [
     "etcd",
+    "consul",
     "timeout",
     "unreachable",
     "ownership_lost",
@@ -55,7 +56,8 @@ pub struct BuildLabels {
 }
 
 /// The backend operations whose errors are counted, initialised to 0.
-pub const BACKEND_OPS: [&str; 7] = [
+pub const BACKEND_OPS: [&str; 8] = [
+    "read",
     "range",
     "txn",
     "put",
@@ -65,10 +67,12 @@ pub const BACKEND_OPS: [&str; 7] = [
     "connect",
 ];
 
-/// Labels of the etcd latency histogram.
+/// Labels of the registry request latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
-    /// `range` or `txn`.
+    /// The backend, e.g. `etcd`.
+    pub backend: &'static str,
+    /// The request: `range`, `txn` or `read`.
     pub op: &'static str,
 }
 
@@ -96,8 +100,8 @@ pub struct Metrics {
     pub failures: Family<ErrorLabels, Counter>,
     /// Reconcile duration in seconds.
     pub reconcile_duration: Histogram,
-    /// etcd request latency in seconds, by operation.
-    pub etcd_duration: Family<OpLabels, Histogram>,
+    /// Registry request latency in seconds, by backend and operation.
+    pub request_duration: Family<OpLabels, Histogram>,
     /// Keys registered per service.
     pub registered_endpoints: Family<ServiceLabels, Gauge>,
     /// Endpoints the source yields per service (selected pods, or the Service's endpoints).
@@ -114,6 +118,8 @@ pub struct Metrics {
     pub lease_keepalive_failures: Counter,
     /// Leases granted.
     pub lease_grants: Counter,
+    /// Live leases adopted from the registry's record (a restart or a new leader), not granted.
+    pub lease_adoptions: Counter,
     /// Leases found lost (expired or revoked) and replaced.
     pub lease_losses: Counter,
     /// Reconciles of every service after a lease loss (each re-puts its keys on the new lease).
@@ -125,6 +131,13 @@ pub struct Metrics {
     /// the commit: end to end, including the API server and watch delay, but with whole-second
     /// resolution (condition times have no fraction), so it over-reads by up to 1 s.
     pub transition_to_registry: Histogram,
+    /// Status, finalizer or Event writes that failed (retried with backoff; the registry is
+    /// not affected).
+    pub status_write_failures: Counter,
+    /// Seconds from an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` (when
+    /// kube-controller-manager saw the pod change, as kube-proxy measures it) to the registry
+    /// commit: end to end for `serviceRef` services, sub-second precision.
+    pub trigger_to_registry: Histogram,
     /// 1 while this replica is the leader (or runs without leader election), else 0.
     pub leader: Gauge,
     /// Leadership changes seen by this replica.
@@ -162,7 +175,7 @@ impl Metrics {
             drop(failures.get_or_create(&ErrorLabels { error }));
         }
         let reconcile_duration = latency_histogram();
-        let etcd_duration = Family::<OpLabels, Histogram>::new_with_constructor(
+        let request_duration = Family::<OpLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
         let registered_endpoints = Family::<ServiceLabels, Gauge>::default();
@@ -177,6 +190,7 @@ impl Metrics {
         let lease_keepalives = Counter::default();
         let lease_keepalive_failures = Counter::default();
         let lease_grants = Counter::default();
+        let lease_adoptions = Counter::default();
         let lease_losses = Counter::default();
         let lease_replays = Counter::default();
         let propagation = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -190,6 +204,18 @@ impl Metrics {
             "transition_to_registry_seconds",
             "From a pod's Ready transition time as Kubernetes recorded it (whole seconds) to the registry commit",
             transition_to_registry.clone(),
+        );
+        let trigger_to_registry = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "trigger_to_registry_seconds",
+            "From an EndpointSlice's last-change-trigger-time (kube-controller-manager saw the pod change) to the registry commit",
+            trigger_to_registry.clone(),
+        );
+        let status_write_failures = Counter::default();
+        registry.register(
+            "status_write_failures",
+            "Status, finalizer or Event writes to the API server that failed and are retried (the registry is not affected)",
+            status_write_failures.clone(),
         );
         let leader = Gauge::default();
         leader.set(1);
@@ -216,9 +242,9 @@ impl Metrics {
             reconcile_duration.clone(),
         );
         registry.register(
-            "etcd_request_duration_seconds",
-            "etcd request latency",
-            etcd_duration.clone(),
+            "registry_request_duration_seconds",
+            "Registry request latency, by backend and operation",
+            request_duration.clone(),
         );
         registry.register(
             "registered_endpoints",
@@ -257,6 +283,11 @@ impl Metrics {
         );
         registry.register("lease_grants", "Leases granted", lease_grants.clone());
         registry.register(
+            "lease_adoptions",
+            "Live leases adopted from the registry's record (after a restart or a failover) instead of granted",
+            lease_adoptions.clone(),
+        );
+        registry.register(
             "lease_losses",
             "Leases lost and replaced",
             lease_losses.clone(),
@@ -271,7 +302,7 @@ impl Metrics {
             reconciliations,
             failures,
             reconcile_duration,
-            etcd_duration,
+            request_duration,
             registered_endpoints,
             selected_endpoints,
             ready_endpoints,
@@ -280,10 +311,13 @@ impl Metrics {
             lease_keepalives,
             lease_keepalive_failures,
             lease_grants,
+            lease_adoptions,
             lease_losses,
             lease_replays,
             propagation,
             transition_to_registry,
+            status_write_failures,
+            trigger_to_registry,
             leader,
             leader_transitions,
         }
@@ -306,10 +340,10 @@ impl Metrics {
         self.failures.get_or_create(&ErrorLabels { error }).inc();
     }
 
-    /// Records an etcd request that started at `started`.
-    pub fn observe_etcd(&self, op: &'static str, started: Instant) {
-        self.etcd_duration
-            .get_or_create(&OpLabels { op })
+    /// Records a request to `backend` that started at `started`.
+    pub fn observe_request(&self, backend: &'static str, op: &'static str, started: Instant) {
+        self.request_duration
+            .get_or_create(&OpLabels { backend, op })
             .observe(started.elapsed().as_secs_f64());
     }
 

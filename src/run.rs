@@ -141,6 +141,7 @@ pub async fn run(
         metrics: metrics.clone(),
         ready: ready.clone(),
         role: role.clone(),
+        backend: registry.name(),
     };
     let server = tokio::spawn(http::serve(listener, health, stopped()));
 

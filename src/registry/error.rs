@@ -87,9 +87,14 @@ impl Error {
             Self::Consul { status, .. } => status.is_some_and(|s| s < 500),
             Self::Etcd { cause, .. } => match cause {
                 etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => false,
+                // Unimplemented: a gRPC server answered that is not etcd (`unknown service
+                // etcdserverpb.KV`), so the registry itself was not reached.
                 etcd_client::Error::GRpcStatus(s) => !matches!(
                     s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Unimplemented
                 ),
                 _ => true,
             },
@@ -116,6 +121,9 @@ pub fn describe(error: &etcd_client::Error) -> String {
                 tonic::Code::DeadlineExceeded => "deadline exceeded".to_owned(),
                 tonic::Code::PermissionDenied => "permission denied".to_owned(),
                 tonic::Code::Unauthenticated => "authentication failed".to_owned(),
+                tonic::Code::Unimplemented => {
+                    "the endpoint answered gRPC but is not etcd (check --etcd-endpoints)".to_owned()
+                }
                 code => format!("etcd answered {}", code.description()),
             };
             let mut out = code;
@@ -156,4 +164,60 @@ pub async fn timeout<T>(
         .await
         .map_err(|_| Error::Timeout { op, after })?
         .map_err(Error::etcd(op))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_error() -> Vec<Error> {
+        vec![
+            Error::Etcd {
+                op: "txn",
+                cause: etcd_client::Error::InvalidArgs("x".into()),
+            },
+            Error::Consul {
+                op: "read",
+                addr: "http://consul:8500".into(),
+                status: Some(500),
+                cause: "no leader".into(),
+            },
+            Error::Timeout {
+                op: "txn",
+                after: Duration::from_secs(1),
+            },
+            Error::OwnershipLost { target: "t".into() },
+            Error::Fenced { op: "txn" },
+            Error::Unreachable { backend: "etcd" },
+            Error::Spec(SpecError::PortRange(0)),
+        ]
+    }
+
+    #[test]
+    fn every_failure_label_is_a_zero_initialised_series() {
+        for error in every_error() {
+            assert!(
+                crate::metrics::FAILURE_LABELS.contains(&error.metric_label()),
+                "{} is not in FAILURE_LABELS",
+                error.metric_label()
+            );
+        }
+    }
+
+    #[test]
+    fn a_grpc_server_that_is_not_etcd_does_not_count_as_the_registry_answering() {
+        let error = Error::Etcd {
+            op: "read from etcd",
+            cause: etcd_client::Error::GRpcStatus(tonic::Status::unimplemented(
+                "unknown service etcdserverpb.KV",
+            )),
+        };
+        assert!(!error.reached_backend());
+        assert!(error.to_string().contains("is not etcd"), "{error}");
+        let refused = Error::Etcd {
+            op: "read from etcd",
+            cause: etcd_client::Error::GRpcStatus(tonic::Status::permission_denied("no")),
+        };
+        assert!(refused.reached_backend(), "etcd answered, and refused");
+    }
 }

@@ -92,51 +92,115 @@ fn container_env(deployment: &Deployment, ns: &str) -> BTreeMap<String, String> 
         .collect()
 }
 
-pub async fn helm_install_then_the_charts_service_account_runs_the_whole_flow(
-    plane: Plane,
-    ns: String,
-) {
-    let env = Env::without_controller(plane.clone(), &ns).await;
+/// The common `helm install` settings of these tests: the shared control plane's CRD was
+/// applied with kubectl (as the README's kubectl path does), so the chart leaves it alone; short
+/// leader-election timings.
+const COMMON_SETS: [&str; 5] = [
+    "crds.install=false",
+    "etcd.leaseTTL=10",
+    "leaderElection.leaseDuration=3s",
+    "leaderElection.renewDeadline=2s",
+    "leaderElection.retryPeriod=500ms",
+];
+
+/// The chart installed, and the controller binary running as its Deployment would: the
+/// container's environment, the ServiceAccount's token, metrics on `metrics_port`. The
+/// controller is killed (its log printed on a failure) when this is dropped.
+struct Installed {
+    kubeconfig: std::path::PathBuf,
+    log: std::path::PathBuf,
+    deployment: Deployment,
+    _dir: tempfile::TempDir,
+    _stop: Box<dyn std::any::Any + Send>,
+}
+
+impl Installed {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The Deployment's readiness probe: its path, and whether it targets the metrics port.
+    fn readiness_path(&self) -> String {
+        let container = &self
+            .deployment
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        let probe = container
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("the chart's Deployment has an HTTP readiness probe");
+        let port = &probe.port;
+        let metrics_port = container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("metrics"))
+            .expect("the container names its metrics port");
+        assert!(
+            *port
+                == k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                    "metrics".into()
+                )
+                || *port
+                    == k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                        metrics_port.container_port
+                    ),
+            "the readiness probe targets the metrics port: {port:?}"
+        );
+        probe.path.clone().expect("a probe path")
+    }
+}
+
+/// `helm install`s the chart into `ns` with `sets` (beside [`COMMON_SETS`]), then runs the
+/// controller binary with exactly the Deployment's environment and the chart ServiceAccount's
+/// identity, serving its metrics on `metrics_port`.
+async fn install_and_run(
+    plane: &Plane,
+    env: &Env,
+    sets: &[String],
+    metrics_port: u16,
+) -> Installed {
+    let ns = env.ns.as_str();
     let chart = workspace_root().join("charts/grpc-registrar");
-    let endpoints = format!("etcd.endpoints={{{}}}", env.etcd.endpoint());
-    let out = helm(
-        &plane,
-        &[
-            "install",
-            RELEASE,
-            chart.to_str().unwrap(),
-            "--namespace",
-            &ns,
-            "--set",
-            &endpoints,
-            "--set",
-            &format!("watchNamespace={ns}"),
-            // The shared control plane's CRD was applied with kubectl (as the README's
-            // kubectl path does); the chart then leaves it alone.
-            "--set",
-            "crds.install=false",
-            "--set",
-            "etcd.leaseTTL=10",
-            "--set",
-            "leaderElection.leaseDuration=3s",
-            "--set",
-            "leaderElection.renewDeadline=2s",
-            "--set",
-            "leaderElection.retryPeriod=500ms",
-        ],
-    );
+    let mut args: Vec<String> = [
+        "install",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        ns,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let watch = format!("watchNamespace={ns}");
+    for set in sets
+        .iter()
+        .map(String::as_str)
+        .chain([watch.as_str()])
+        .chain(COMMON_SETS)
+    {
+        args.push("--set".to_owned());
+        args.push(set.to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = helm(plane, &args);
     assert!(out.contains("STATUS: deployed"), "{out}");
-    let list = helm(&plane, &["list", "--namespace", &ns]);
+    let list = helm(plane, &["list", "--namespace", ns]);
     assert!(list.contains(RELEASE), "{list}");
 
-    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), ns);
     let deployment = deployments
         .get(FULLNAME)
         .await
         .expect("the chart's Deployment");
-    let container_env = container_env(&deployment, &ns);
+    let mut container_env = container_env(&deployment, ns);
+    container_env.insert("METRICS_ADDR".into(), format!("127.0.0.1:{metrics_port}"));
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = service_account_kubeconfig(&plane, &ns, dir.path());
+    let kubeconfig = service_account_kubeconfig(plane, ns, dir.path());
     let log = dir.path().join("controller.log");
     let mut controller = Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
         .env_clear()
@@ -148,7 +212,7 @@ pub async fn helm_install_then_the_charts_service_account_runs_the_whole_flow(
         .spawn()
         .unwrap();
     let shown = log.clone();
-    let _stop = scopeguard(move || {
+    let stop = scopeguard(move || {
         let _ = controller.kill();
         let _ = controller.wait();
         if std::thread::panicking() {
@@ -158,6 +222,23 @@ pub async fn helm_install_then_the_charts_service_account_runs_the_whole_flow(
             );
         }
     });
+    Installed {
+        kubeconfig,
+        log,
+        deployment,
+        _dir: dir,
+        _stop: Box::new(stop),
+    }
+}
+
+pub async fn helm_install_then_the_charts_service_account_runs_the_whole_flow(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let endpoints = format!("etcd.endpoints={{{}}}", env.etcd.endpoint());
+    let installed = install_and_run(&plane, &env, &[endpoints], 0).await;
+    let kubeconfig = installed.kubeconfig.clone();
 
     // The registration flow, done by the ServiceAccount identity.
     env.service(
@@ -170,7 +251,7 @@ pub async fn helm_install_then_the_charts_service_account_runs_the_whole_flow(
         env.set_ready(name, &format!("10.50.0.{}", i + 1), true)
             .await;
     }
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let logs = || installed.log();
     let keys = ["greeter/10.50.0.1:50051", "greeter/10.50.0.2:50051"];
     env.expect_keys("registered under the chart's identity", &keys)
         .await;
@@ -218,7 +299,7 @@ pub async fn helm_install_then_the_charts_service_account_runs_the_whole_flow(
 }
 
 /// Runs `f` on drop.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
+fn scopeguard(f: impl FnOnce() + Send + 'static) -> impl Drop + Send + 'static {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {
         fn drop(&mut self) {
@@ -228,4 +309,107 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// The first hour of a Consul install: the chart with `backend: consul` against a real Consul.
+/// The controller, run as the Deployment defines it, passes the chart's own readiness probe
+/// (it used to answer 503 "etcd: unreachable" forever), exports only Consul's backend series,
+/// publishes a passing instance, and says so when Consul goes away.
+pub async fn helm_install_with_backend_consul_passes_the_charts_readiness_probe(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let mut consul = test_support::consul::Consul::start().await;
+    let port = test_support::free_port();
+    let installed = install_and_run(
+        &plane,
+        &env,
+        &[
+            "backend=consul".to_owned(),
+            format!("consul.address={}", consul.http_addr()),
+        ],
+        port,
+    )
+    .await;
+    let probe = installed.readiness_path();
+    eventually("the chart's readiness probe passes", || async {
+        test_support::http_get(port, &probe)
+            .await
+            .is_some_and(|(code, body)| {
+                code == 200 && body.contains("registry: reachable (consul)")
+            })
+    })
+    .await;
+    let metrics = test_support::http_get(port, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("grpc_registrar_backend_connected{backend=\"consul\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("backend=\"etcd\""),
+        "no etcd series: {metrics}"
+    );
+    assert!(
+        metrics.contains("grpc_registrar_reconcile_failures_total{error=\"consul\"} 0")
+            && metrics
+                .contains("grpc_registrar_backend_errors_total{backend=\"consul\",op=\"read\"} 0"),
+        "Consul's failure series start at 0: {metrics}"
+    );
+
+    // The controller does its job under the chart's identity, under the namespace's own name
+    // (no namespace is trusted with flat names by default).
+    let service = format!("greeter--{ns}");
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc",
+               "backend": "Consul"}),
+    )
+    .await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.51.0.1", true).await;
+    eventually("a passing instance", || async {
+        test_support::consul::passing(&consul.http_addr(), &service, 0, std::time::Duration::ZERO)
+            .await
+            .0
+            == ["10.51.0.1:50051"]
+    })
+    .await;
+    eventually("status Ready", || {
+        env.condition_is("greeter", "Ready", "True")
+    })
+    .await;
+    assert!(
+        test_support::http_get(port, "/metrics")
+            .await
+            .unwrap()
+            .1
+            .contains("grpc_registrar_registry_request_duration_seconds_count{backend=\"consul\",op=\"txn\"}"),
+        "Consul requests are timed"
+    );
+
+    // Consul goes away: the probe says so, naming the registry in use.
+    consul.stop();
+    eventually("the readiness probe fails, naming consul", || async {
+        test_support::http_get(port, &probe)
+            .await
+            .is_some_and(|(code, body)| {
+                code == 503 && body.contains("registry: unreachable, see the log (consul)")
+            })
+    })
+    .await;
+    consul.restart().await;
+    eventually("the readiness probe passes again", || async {
+        test_support::http_get(port, &probe)
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    })
+    .await;
+    assert!(
+        !installed.log().to_lowercase().contains("forbidden"),
+        "a request was forbidden:\n{}",
+        installed.log()
+    );
+    drop(installed);
+    helm(&plane, &["uninstall", RELEASE, "--namespace", &ns]);
 }

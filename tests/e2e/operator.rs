@@ -228,10 +228,10 @@ pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_ou
     // etcd goes away: /readyz says so, the gauge drops, errors are counted by operation, and
     // the log says it once rather than once per retry.
     env.etcd.stop();
-    eventually("/readyz is 503 naming etcd", || async {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(code, body)| code == 503 && body.contains("etcd: unreachable"))
+    eventually("/readyz is 503 naming the registry, etcd", || async {
+        http_get(port, "/readyz").await.is_some_and(|(code, body)| {
+            code == 503 && body.contains("registry: unreachable, see the log (etcd)")
+        })
     })
     .await;
     assert!(
@@ -325,4 +325,45 @@ pub async fn the_examples_for_a_real_cluster_are_accepted_by_the_api_server(
         out.contains("grpcservice.grpc-registrar.io/grpc-health created (server dry run)"),
         "{out}"
     );
+}
+
+/// `--etcd-endpoints` pointed at a gRPC server that is not etcd (a Greeter): the answer
+/// (`unknown service etcdserverpb.KV`) is not etcd's, so `/readyz` says the registry is
+/// unreachable and the log says what is wrong, instead of "reachable", 200.
+pub async fn a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let greeter = greeter::GreeterServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let port = test_support::free_port();
+    let endpoint = format!("http://{}", greeter.addr());
+    let mut controller = ControllerProcess::builder(&plane, &endpoint, &ns, 10)
+        .env("RUST_LOG", "info")
+        .metrics_port(port)
+        .log_to(log.path().to_owned())
+        .start();
+    eventually("the start-up check says etcd is not there", || async {
+        std::fs::read_to_string(log.path()).is_ok_and(|l| l.contains("is not etcd"))
+    })
+    .await;
+    // Caches sync (the API server is fine); the registry stays unreachable.
+    eventually("/readyz is 503, naming the registry", || async {
+        http_get(port, "/readyz").await.is_some_and(|(code, body)| {
+            code == 503
+                && body.contains("caches: synced")
+                && body.contains("registry: unreachable, see the log (etcd)")
+        })
+    })
+    .await;
+    let metrics = http_get(port, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("grpc_registrar_backend_connected{backend=\"etcd\"} 0"),
+        "{metrics}"
+    );
+    controller.terminate();
+    drop(env);
 }

@@ -80,12 +80,13 @@ impl ConsulRegistry {
                 }
                 _ => {}
             }
+            let started = std::time::Instant::now();
             let outcome = self
                 .inner
                 .api
                 .txn("write leader record", &[TxnOp::kv_cas(&key, &value, at)])
                 .await;
-            self.record("txn", outcome.as_ref().err());
+            self.record("txn", started, outcome.as_ref().err());
             if let TxnOutcome::Committed(results) = outcome? {
                 index = results.first().and_then(|r| r.kv).map(|kv| kv.modify_index);
                 break;
@@ -113,6 +114,7 @@ impl ConsulRegistry {
 
     /// The leader record and its index (0 when there is none).
     async fn read_leader(&self) -> Result<(Option<LeaderRecord>, u64)> {
+        let started = std::time::Instant::now();
         let read = self
             .inner
             .api
@@ -122,7 +124,7 @@ impl ConsulRegistry {
                 &[],
             )
             .await;
-        self.record("read", read.as_ref().err());
+        self.record("read", started, read.as_ref().err());
         let entry = read?.body.and_then(|e| e.into_iter().next());
         Ok(entry.map_or((None, 0), |e| {
             // An unreadable record is term 0: any leader may replace it.

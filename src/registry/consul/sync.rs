@@ -27,6 +27,7 @@ impl ConsulRegistry {
     /// Consul failures.
     pub(super) async fn list(&self, service: &str) -> Result<Listing> {
         let filter = format!("Service == \"{service}\"");
+        let started = std::time::Instant::now();
         let read = self
             .inner
             .api
@@ -36,7 +37,7 @@ impl ConsulRegistry {
                 &[("filter", filter.as_str())],
             )
             .await;
-        self.record("read", read.as_ref().err());
+        self.record("read", started, read.as_ref().err());
         let read = read?;
         let body = read.body.unwrap_or_default();
         Ok(Listing {
@@ -166,6 +167,7 @@ impl ConsulRegistry {
 
     /// Consul's current index for this node's services, read without listing any.
     async fn list_index(&self) -> Result<u64> {
+        let started = std::time::Instant::now();
         let read = self
             .inner
             .api
@@ -175,7 +177,7 @@ impl ConsulRegistry {
                 &[("filter", "ID == \"\"")],
             )
             .await;
-        self.record("read", read.as_ref().err());
+        self.record("read", started, read.as_ref().err());
         Ok(read?.index)
     }
 }

@@ -165,6 +165,10 @@ fn start_controller(client: &kube::Client, ns: &str, backend: Arc<dyn Backend>, 
     ));
 }
 
+/// The Consul name of the bench's GrpcService `bench` in namespace `via-consul`: an untrusted
+/// namespace's default, qualified with the namespace.
+const CONSUL_NAME: &str = "bench--via-consul";
+
 #[tokio::main]
 async fn main() {
     let mut rows = Vec::new();
@@ -301,7 +305,7 @@ async fn main() {
         }
         // Consul: the blocking query is already waiting on the current index when the patch is
         // sent, as a client's would be.
-        let (now, at) = blocking_passing(&consul_addr, "bench", 0).await;
+        let (now, at) = blocking_passing(&consul_addr, CONSUL_NAME, 0).await;
         index = index.max(at);
         let want = usize::from(ready);
         let waiting = {
@@ -310,7 +314,7 @@ async fn main() {
             let mut seen = now;
             tokio::spawn(async move {
                 while seen != want {
-                    (seen, index) = blocking_passing(&consul_addr, "bench", index).await;
+                    (seen, index) = blocking_passing(&consul_addr, CONSUL_NAME, index).await;
                 }
                 (Instant::now(), index)
             })

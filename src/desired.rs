@@ -3,6 +3,7 @@
 //! Nothing here does I/O, so every rule of DESIGN §1–§2 is unit tested below. What an endpoint
 //! looks like on the wire (keys, value bytes) is [`layout`]'s business, used by the etcd backend.
 
+pub mod consul_name;
 pub mod layout;
 mod template;
 
@@ -119,7 +120,7 @@ pub enum SpecError {
     PortName(String),
     /// A custom target outside the namespace's prefix, in a namespace not allowed one.
     #[error(
-        "failed to authorize target {target:?}: namespace {namespace:?} may only publish under {allowed:?}"
+        "failed to authorize target {target:?}: namespace {namespace:?} may only publish under {allowed:?} (targets outside it need the namespace listed in --custom-target-namespaces, and are never in or above another namespace's prefix)"
     )]
     TargetNotAllowed {
         /// The requested target.
@@ -128,6 +129,16 @@ pub enum SpecError {
         namespace: String,
         /// The prefix it may use.
         allowed: String,
+    },
+    /// A Consul service name the namespace may not publish (see [`consul_name`]).
+    #[error("failed to authorize consul service {service:?} for namespace {namespace:?}: {reason}")]
+    ConsulName {
+        /// The name asked for, or the one it would become.
+        service: String,
+        /// The GrpcService's namespace.
+        namespace: String,
+        /// The rule it breaks, and what to do.
+        reason: String,
     },
     /// The target is malformed or inside the controller's own records.
     #[error("failed to validate target {0:?}: {1}")]
@@ -217,6 +228,42 @@ impl Plan {
     /// # Errors
     /// [`SpecError`] for anything the API server's schema could not catch.
     pub fn new(svc: &GrpcService, policy: &Policy) -> Result<Self, SpecError> {
+        Self::build(svc, policy, None)
+    }
+
+    /// The target this service was published under before the current tenancy rule, when the
+    /// rule now gives it another (a Consul name from before namespace-qualified names): a
+    /// service whose ownership record still holds it keeps publishing there (see
+    /// [`Plan::keeping`]) until its spec names another.
+    #[must_use]
+    pub fn pre_rule_target(svc: &GrpcService, policy: &Policy) -> Option<String> {
+        if policy.backend != crate::crd::Backend::Consul {
+            return None;
+        }
+        let consul = svc.spec.consul.as_ref();
+        let old = consul_name::pre_rule(
+            consul.and_then(|c| c.service.as_deref()),
+            &svc.name_any(),
+            &policy.registrar_root,
+        )?;
+        let now = Self::new(svc, policy).ok().map(|plan| plan.target);
+        (now.as_deref() != Some(old.as_str())).then_some(old)
+    }
+
+    /// As [`Plan::new`], publishing under `target` (from [`Plan::pre_rule_target`]) instead of
+    /// the one the tenancy rule gives; every other rule still applies.
+    ///
+    /// # Errors
+    /// As [`Plan::new`], but for the name rule.
+    pub fn keeping(svc: &GrpcService, policy: &Policy, target: String) -> Result<Self, SpecError> {
+        Self::build(svc, policy, Some(target))
+    }
+
+    fn build(
+        svc: &GrpcService,
+        policy: &Policy,
+        keep_target: Option<String>,
+    ) -> Result<Self, SpecError> {
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         let spec = &svc.spec;
@@ -259,7 +306,9 @@ impl Plan {
                 resolve_target(spec.target.as_deref(), &namespace, &name, policy)?,
                 Vec::new(),
             ),
-            crate::crd::Backend::Consul => consul_service(spec, &name)?,
+            crate::crd::Backend::Consul => {
+                consul_service(spec, &namespace, &name, policy, keep_target)?
+            }
         };
         let template = KeyTemplate::parse(
             spec.key_template
@@ -292,32 +341,32 @@ impl Plan {
 }
 
 /// The Consul service name and tags a spec asks for: `consul.service`, or the GrpcService's
-/// name. Checked as the schema does, so that an object stored before the rule still gets a
-/// clear error.
+/// name, under the namespace rule of [`consul_name`] (unless `keep` names a pre-rule name the
+/// service still holds). Checked as the schema does, so that an object stored before the rule
+/// still gets a clear error.
 fn consul_service(
     spec: &crate::crd::GrpcServiceSpec,
+    namespace: &str,
     name: &str,
+    policy: &Policy,
+    keep: Option<String>,
 ) -> Result<(String, Vec<String>), SpecError> {
     let consul = spec.consul.clone().unwrap_or_default();
-    let service = consul.service.unwrap_or_else(|| name.to_owned());
-    let dns_label = !service.is_empty()
-        && service.len() <= 63
-        && service
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !service.starts_with('-')
-        && !service.ends_with('-');
-    if !dns_label {
-        return Err(SpecError::Target(
-            service,
-            "not a Consul service name: lowercase letters, digits and '-', at most 63, not starting or ending with '-' (Consul matches names case-insensitively)",
-        ));
-    }
     if spec.target.is_some() || spec.key_template.is_some() || spec.ttl_seconds.is_some() {
         return Err(SpecError::Backend(
             "target, keyTemplate and ttlSeconds are etcd settings: with backend Consul, name the service in consul.service",
         ));
     }
+    let service = match keep {
+        Some(kept) => kept,
+        None => consul_name::resolve(
+            consul.service.as_deref(),
+            namespace,
+            name,
+            &policy.custom_targets,
+            &policy.registrar_root,
+        )?,
+    };
     Ok((service, consul.tags))
 }
 

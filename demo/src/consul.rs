@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use greeter::GreeterServer;
 use grpc_registrar::controller::{self, Scope};
 use grpc_registrar::crd::Backend;
-use grpc_registrar::desired::Policy;
+use grpc_registrar::desired::{CustomTargets, Policy};
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::consul::{ConsulConfig, ConsulRegistry};
 use k8s_openapi::api::core::v1::Pod;
@@ -96,7 +96,9 @@ pub async fn run() -> anyhow::Result<()> {
     println!("    consul         {addr}   dns {}", consul.dns_addr());
     install_crd(&plane)?;
 
-    step("Starting the grpc-registrar controller with --backend consul");
+    step(
+        "Starting the grpc-registrar controller with --backend consul --custom-target-namespaces=default",
+    );
     let client = plane.client().await;
     let metrics = Arc::new(Metrics::default());
     let config = ConsulConfig {
@@ -109,8 +111,11 @@ pub async fn run() -> anyhow::Result<()> {
         client.clone(),
         Arc::new(registry),
         Scope::default(),
+        // The demo's namespace is the platform's: trusted with flat Consul names, so the
+        // GrpcService publishes as `greeter` (elsewhere it would be `greeter--<namespace>`).
         Policy {
             backend: Backend::Consul,
+            custom_targets: CustomTargets::Namespaces(vec!["default".to_owned()]),
             ..Policy::default()
         },
         metrics,

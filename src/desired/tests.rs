@@ -661,9 +661,11 @@ fn an_annotation_that_is_not_a_weight_falls_back_to_the_service_weight_and_is_re
     assert_eq!(invalid, ["p0", "p1", "p2", "p3", "p4", "p5"]);
 }
 
+/// A Consul controller trusting `default` with flat names.
 fn consul_policy() -> Policy {
     Policy {
         backend: crate::crd::Backend::Consul,
+        custom_targets: CustomTargets::Namespaces(vec!["default".into()]),
         ..Policy::default()
     }
 }
@@ -674,6 +676,15 @@ fn with_the_consul_backend_the_target_is_the_consul_service_name_with_its_tags()
     svc.spec.backend = crate::crd::Backend::Consul;
     let plan = Plan::new(&svc, &consul_policy()).unwrap();
     assert_eq!((plan.target.as_str(), plan.tags.len()), ("greeter", 0));
+    // Untrusted, the same service is qualified with its namespace.
+    let untrusted = Policy {
+        custom_targets: CustomTargets::None,
+        ..consul_policy()
+    };
+    assert_eq!(
+        Plan::new(&svc, &untrusted).unwrap().target,
+        "greeter--default"
+    );
 
     svc.spec.consul = Some(crate::crd::ConsulService {
         service: Some("greeter-v2".into()),
@@ -705,4 +716,37 @@ fn with_the_consul_backend_etcd_settings_and_non_dns_names_are_invalid_specs() {
             "{bad}: {err}"
         );
     }
+}
+
+#[test]
+fn a_flat_consul_name_from_before_the_rule_is_offered_only_when_the_rule_gives_another() {
+    let mut svc = service("greeter");
+    svc.spec.backend = crate::crd::Backend::Consul;
+    let untrusted = Policy {
+        custom_targets: CustomTargets::None,
+        ..consul_policy()
+    };
+    assert_eq!(
+        Plan::pre_rule_target(&svc, &untrusted).as_deref(),
+        Some("greeter")
+    );
+    assert_eq!(Plan::pre_rule_target(&svc, &consul_policy()), None);
+    svc.spec.consul = Some(crate::crd::ConsulService {
+        service: Some("payments".into()),
+        tags: vec![],
+    });
+    assert!(matches!(
+        Plan::new(&svc, &untrusted),
+        Err(SpecError::ConsulName { .. })
+    ));
+    assert_eq!(
+        Plan::pre_rule_target(&svc, &untrusted).as_deref(),
+        Some("payments")
+    );
+    let kept = Plan::keeping(&svc, &untrusted, "payments".into()).unwrap();
+    assert_eq!(kept.target, "payments");
+    // The etcd backend has no such rule.
+    svc.spec.backend = crate::crd::Backend::Etcd;
+    svc.spec.consul = None;
+    assert_eq!(Plan::pre_rule_target(&svc, &Policy::default()), None);
 }

@@ -76,10 +76,26 @@ fn the_consul_backend_gets_consuls_env_and_mounts_and_nothing_of_etcd() {
     );
 
     let set = env_names(&docs);
-    for etcd_only in ["KEY_PREFIX", "CUSTOM_TARGET_NAMESPACES"] {
-        assert!(!set.iter().any(|n| n == etcd_only), "{etcd_only}");
-    }
+    assert!(!set.iter().any(|n| n == "KEY_PREFIX"), "{set:?}");
     assert!(!set.iter().any(|n| n.starts_with("ETCD_")), "{set:?}");
+}
+
+#[test]
+fn namespaces_trusted_with_flat_consul_names_reach_a_consul_controller() {
+    // Untrusted by default: every namespace publishes `<name>--<namespace>`.
+    let docs = render(&["backend=consul"]);
+    assert_eq!(
+        env_value(&docs, "CUSTOM_TARGET_NAMESPACES").as_deref(),
+        Some("")
+    );
+    let docs = render(&[
+        "backend=consul",
+        "registry.customTargetNamespaces={platform,payments}",
+    ]);
+    assert_eq!(
+        env_value(&docs, "CUSTOM_TARGET_NAMESPACES").as_deref(),
+        Some("platform,payments")
+    );
 }
 
 #[test]

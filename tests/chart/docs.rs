@@ -147,6 +147,39 @@ fn the_install_notes_name_the_backend_and_warn_about_the_placeholder_consul_addr
 }
 
 #[test]
+fn the_consul_install_notes_say_which_names_a_namespace_publishes_and_warn_about_trusting_all() {
+    let base = [
+        "backend=consul",
+        "consul.address=https://consul.example:8501",
+    ];
+    let untrusted = notes(&base);
+    for needle in [
+        "\"greeter--default\"",
+        "registry.customTargetNamespaces (none)",
+    ] {
+        assert!(
+            untrusted.contains(needle),
+            "NOTES lack {needle:?}:\n{untrusted}"
+        );
+    }
+    assert!(!untrusted.contains("WARNING"), "{untrusted}");
+    let some = notes(&[
+        base[0],
+        base[1],
+        "registry.customTargetNamespaces={platform,infra}",
+    ]);
+    assert!(
+        some.contains("registry.customTargetNamespaces (now: platform, infra)"),
+        "{some}"
+    );
+    let all = notes(&[base[0], base[1], "registry.customTargetNamespaces={*}"]);
+    assert!(
+        all.contains("WARNING: registry.customTargetNamespaces=[\"*\"] lets every namespace"),
+        "{all}"
+    );
+}
+
+#[test]
 fn the_install_notes_warn_when_alerts_have_no_scrape_job_to_select() {
     let etcd = "etcd.endpoints={https://etcd-0.etcd:2379}";
     let alone = notes(&[etcd, "prometheusRule.enabled=true"]);

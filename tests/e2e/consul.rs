@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grpc_registrar::crd::Backend;
-use grpc_registrar::desired::Policy;
+use grpc_registrar::desired::{CustomTargets, Policy};
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::consul::{ConsulConfig, ConsulRegistry};
 use kube::api::DeleteParams;
@@ -24,8 +24,10 @@ async fn env_with_consul(plane: Plane, ns: &str, consul: &Consul) -> Env {
     };
     let registry = ConsulRegistry::connect(config, Arc::new(Metrics::default()))
         .expect("failed to build the consul client");
+    // The test's namespace is trusted with flat Consul names (each test has its own Consul).
     let policy = Policy {
         backend: Backend::Consul,
+        custom_targets: CustomTargets::Namespaces(vec![ns.to_owned()]),
         ..Policy::default()
     };
     Env::with_backend(plane, ns, policy, Arc::new(registry)).await
@@ -192,11 +194,12 @@ pub async fn sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leavi
 
     let consul = Consul::start().await;
     let env = Env::without_controller(plane.clone(), &ns).await;
-    let service = format!("fo-{}", &ns[ns.len() - 8..]);
+    // No namespace is trusted with flat names: the service is `greeter--<namespace>`.
+    let service = format!("greeter--{ns}");
     env.service(
         "greeter",
         json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc",
-               "backend": "Consul", "consul": {"service": service}}),
+               "backend": "Consul"}),
     )
     .await;
     for i in 1..=3u8 {

@@ -2,8 +2,10 @@
 //! through kube-apiserver and marked Ready, then the real controller binary starts. Reports the
 //! time until every key is in the registry (from process start, and from the moment its caches
 //! had seen the last pod), the time per pod, the etcd txns and leases it used, where reconcile
-//! time went, then a restart (SIGKILL, a new process moves every key onto its lease), and peak
-//! RSS —
+//! time went and how many reconciles per service; then a restart (SIGKILL, a new process adopts
+//! the live lease) and a leader failover (two replicas, SIGKILL of the leader), each with the
+//! DELETEs and PUTs an etcd watch saw from the kill until past the TTL, the time until every
+//! service was verified, and the API writes it made; and peak RSS —
 //! for N = 1,000, 10,000, 30,000 and 100,000 at 10 pods per GrpcService, in one run
 //! (`SCALE_SIZES=1000,10000` to choose). A bench binary: figures, no assertions.
 //! `cargo bench --bench scale` (part of `make bench`).
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{Controller, count, memory_mib, namespace, plane, ready_pods, service};
 use futures::StreamExt;
+use kube::ResourceExt;
 use test_support::EtcdServer;
 
 #[tokio::main]
@@ -49,7 +52,7 @@ async fn main() {
         let mut probe = etcd.client().await;
         let prefix = format!("services/{ns}/");
         let started = Instant::now();
-        let mut controller = Controller::start(&plane, &etcd.endpoint(), &ns, 30);
+        let mut controller = Controller::start(&plane, &etcd.endpoint(), &ns, TTL);
         controller.synced().await;
         let synced = started.elapsed();
         while count(&mut probe, &prefix).await < i64::try_from(n).unwrap() {
@@ -99,34 +102,35 @@ async fn main() {
             ranges,
         );
         let cpu = common::cpu_seconds(controller.pid());
-        drop(controller);
+        let per_service = reconciles / services as f64;
 
-        // A restart: finalizers and status are in place, every key is on the killed process's
-        // lease; the new process must move every key onto its own lease.
-        let old_leases: std::collections::BTreeSet<i64> =
-            test_support::registry::dump(&mut probe, &prefix)
-                .await
-                .into_values()
-                .map(|s| s.lease)
-                .collect();
-        let restarted = Instant::now();
-        let mut second = Controller::start(&plane, &etcd.endpoint(), &ns, 30);
-        second.synced().await;
-        let second_synced = restarted.elapsed();
-        loop {
-            let keys = test_support::registry::dump(&mut probe, &prefix).await;
-            if keys.len() == n && keys.values().all(|s| !old_leases.contains(&s.lease)) {
-                break;
-            }
-            assert!(
-                restarted.elapsed() < Duration::from_secs(600),
-                "keys not moved after 10 min"
-            );
-            // A dump of 100k keys is ~15 MB: poll large sizes gently.
-            tokio::time::sleep(Duration::from_millis(if n > 10_000 { 500 } else { 50 })).await;
-        }
-        let moved = restarted.elapsed();
-        drop(second);
+        // A restart (SIGKILL, then a new process) and a leader failover (two replicas, SIGKILL
+        // of the leader), each watched from the kill until past the TTL.
+        let restart = handover(
+            &plane,
+            &client,
+            &etcd,
+            &ns,
+            services,
+            controller,
+            Handover::Restart,
+        )
+        .await;
+        let (leader, standby) = leader_first(
+            Controller::replica(&plane, &etcd.endpoint(), &ns, TTL, "a"),
+            Controller::replica(&plane, &etcd.endpoint(), &ns, TTL, "b"),
+        )
+        .await;
+        let failover = handover(
+            &plane,
+            &client,
+            &etcd,
+            &ns,
+            services,
+            leader,
+            Handover::Failover(standby),
+        )
+        .await;
         rows.push((
             format!("{n} pods / {services} GrpcServices: start → all keys"),
             format!("{:.2} s", all.as_secs_f64()),
@@ -151,13 +155,30 @@ async fn main() {
             ),
         ));
         rows.push((
-            format!("{n} pods: restart: caches synced → every key on the new lease"),
-            format!(
-                "{:.2} s ({:.2} s from start)",
-                moved.saturating_sub(second_synced).as_secs_f64(),
-                moved.as_secs_f64()
-            ),
+            format!("{n} pods: first start: reconciles per service (target about 1)"),
+            format!("{per_service:.2}"),
         ));
+        for (what, h) in [
+            ("restart (SIGKILL, new process)", &restart),
+            ("leader failover (SIGKILL of the leader)", &failover),
+        ] {
+            rows.push((
+                format!("{n} pods: {what}: DELETEs / PUTs on an etcd watch, kill → TTL + 2 s (target 0 DELETEs)"),
+                format!("{} / {}", h.deletes, h.puts),
+            ));
+            rows.push((
+                format!("{n} pods: {what}: new process start → every service verified"),
+                format!("{:.2} s", h.verified.as_secs_f64()),
+            ));
+            rows.push((
+                format!("{n} pods: {what}: API writes per service (target 0)"),
+                format!(
+                    "{:.3} ({} GrpcServices changed)",
+                    h.api_writes as f64 / services as f64,
+                    h.api_writes
+                ),
+            ));
+        }
         rows.push((
             format!("{n} pods: controller RSS peak / after"),
             format!(
@@ -165,9 +186,154 @@ async fn main() {
                 peak * 1024.0 / n as f64
             ),
         ));
-        for (name, value) in &rows[rows.len() - 7..] {
+        for (name, value) in &rows[rows.len() - 13..] {
             eprintln!("{name}: {value}");
         }
     }
     test_support::bench::report("scale", &rows);
+}
+
+/// The default lease TTL, as a real install runs.
+const TTL: u32 = 30;
+
+/// Which handover to measure.
+enum Handover {
+    /// SIGKILL of the only process, then a new one.
+    Restart,
+    /// SIGKILL of the leader of two replicas (the first given); the standby takes over.
+    Failover(Controller),
+}
+
+/// What a handover cost.
+struct Cost {
+    deletes: usize,
+    puts: usize,
+    verified: Duration,
+    api_writes: usize,
+}
+
+/// Kills `first` once it has verified every service, lets the next process (a new one, or the
+/// standby) take over, and measures from the kill until past the TTL.
+async fn handover(
+    plane: &test_support::ControlPlane,
+    client: &kube::Client,
+    etcd: &EtcdServer,
+    ns: &str,
+    services: usize,
+    mut first: Controller,
+    kind: Handover,
+) -> Cost {
+    let verified = |c: &Controller| {
+        let c = c.port;
+        async move {
+            common::metric(
+                &common::http_get(c, "/metrics")
+                    .await
+                    .map(|(_, b)| b)
+                    .unwrap_or_default(),
+                "grpc_registrar_reconcile_duration_seconds_count",
+            ) >= services as f64
+        }
+    };
+    first.synced().await;
+    while !verified(&first).await {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let prefix = format!("services/{ns}/");
+    let mut client_etcd = etcd.client().await;
+    let mut watch = client_etcd
+        .watch(
+            prefix.as_str(),
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let versions = |client: kube::Client| async move {
+        let api: kube::Api<grpc_registrar::crd::GrpcService> = kube::Api::namespaced(client, ns);
+        api.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    // Let the first process's status writes settle before the baseline.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = versions(client.clone()).await;
+    let killed = Instant::now();
+    drop(first);
+    let next = match kind {
+        Handover::Restart => Controller::start(plane, &etcd.endpoint(), ns, TTL),
+        Handover::Failover(standby) => standby,
+    };
+    let started = Instant::now();
+    // The standby's reconciles count from when it became the leader: wait for a count that
+    // covers every service after the kill.
+    let base = common::metric(
+        &common::http_get(next.port, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+        "grpc_registrar_reconcile_duration_seconds_count",
+    );
+    loop {
+        let now = common::metric(
+            &common::http_get(next.port, "/metrics")
+                .await
+                .map(|(_, b)| b)
+                .unwrap_or_default(),
+            "grpc_registrar_reconcile_duration_seconds_count",
+        );
+        if now - base >= services as f64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "not every service verified after 15 min"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let verified = started.elapsed();
+    // Past the killed process's TTL, counting what a watching client saw.
+    let (mut deletes, mut puts) = (0, 0);
+    let until = killed + Duration::from_secs(u64::from(TTL) + 2);
+    while let Ok(Ok(Some(resp))) = tokio::time::timeout(
+        until.saturating_duration_since(Instant::now()),
+        watch.message(),
+    )
+    .await
+    {
+        for event in resp.events() {
+            match event.event_type() {
+                etcd_client::EventType::Delete => deletes += 1,
+                etcd_client::EventType::Put => puts += 1,
+            }
+        }
+    }
+    let after = versions(client.clone()).await;
+    let api_writes = after
+        .iter()
+        .filter(|(name, rv)| before.get(*name) != Some(rv))
+        .count();
+    drop(next);
+    Cost {
+        deletes,
+        puts,
+        verified,
+        api_writes,
+    }
+}
+
+/// The pair, the leader first (once one leads).
+async fn leader_first(a: Controller, b: Controller) -> (Controller, Controller) {
+    loop {
+        if a.metric("grpc_registrar_leader ").await == 1.0 {
+            return (a, b);
+        }
+        if b.metric("grpc_registrar_leader ").await == 1.0 {
+            return (b, a);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

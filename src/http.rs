@@ -77,8 +77,16 @@ fn readiness(health: &Health) -> (StatusCode, String) {
     let role = health.role.borrow().as_str();
     let synced = health.ready.load(Ordering::Relaxed);
     let backend = health.metrics.backend_up(health.backend);
+    // Said, not failed: a rolling update without leader election has two writers for a while,
+    // and a 503 there would stall it for good.
+    let writers = match health.metrics.other_writers.get() {
+        0 => String::new(),
+        n => format!(
+            "writers: {n} other live controller(s) write this registry scope (see the log)\n"
+        ),
+    };
     let body = format!(
-        "{}\nrole: {role}\ncaches: {}\nregistry: {} ({})\n",
+        "{}\nrole: {role}\ncaches: {}\nregistry: {} ({})\n{writers}",
         if synced && backend {
             "ready"
         } else {
@@ -144,5 +152,18 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn another_live_writer_is_said_without_failing_readiness() {
+        let health = health("etcd", true);
+        health.metrics.backend_result("etcd", "connect", true, true);
+        health.metrics.other_writers.set(1);
+        let (code, body) = readiness(&health);
+        assert_eq!(code, StatusCode::OK);
+        assert!(
+            body.contains("writers: 1 other live controller(s)"),
+            "{body}"
+        );
     }
 }

@@ -138,6 +138,9 @@ pub struct Metrics {
     /// kube-controller-manager saw the pod change, as kube-proxy measures it) to the registry
     /// commit: end to end for `serviceRef` services, sub-second precision.
     pub trigger_to_registry: Histogram,
+    /// Other live controllers writing this registry scope (should be 0: two writers of one
+    /// scope without leader election rewrite each other's keys).
+    pub other_writers: Gauge,
     /// 1 while this replica is the leader (or runs without leader election), else 0.
     pub leader: Gauge,
     /// Leadership changes seen by this replica.
@@ -210,6 +213,12 @@ impl Metrics {
             "trigger_to_registry_seconds",
             "From an EndpointSlice's last-change-trigger-time (kube-controller-manager saw the pod change) to the registry commit",
             trigger_to_registry.clone(),
+        );
+        let other_writers = Gauge::default();
+        registry.register(
+            "other_writers",
+            "Other live controllers writing this registry scope (the same cluster name) besides this one; should be 0",
+            other_writers.clone(),
         );
         let status_write_failures = Counter::default();
         registry.register(
@@ -318,6 +327,7 @@ impl Metrics {
             transition_to_registry,
             status_write_failures,
             trigger_to_registry,
+            other_writers,
             leader,
             leader_transitions,
         }

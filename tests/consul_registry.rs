@@ -710,17 +710,27 @@ async fn without_the_controller_consul_leaves_the_synthetic_nodes_check_passing(
     assert_eq!(passing(&consul, "greeter").await, ids("greeter", 0..2));
 }
 
-/// A request to the plain HTTP port with the management token (ACLs on).
+/// A request to the plain HTTP port with the management token (ACLs on). Retried for a while:
+/// right after start, a loaded machine's Consul may refuse the token until its ACL system has
+/// caught up with the leader.
 async fn admin(consul: &Consul, method: reqwest::Method, path: &str, body: Value) -> Value {
-    let resp = reqwest::Client::new()
-        .request(method, format!("{}{path}", consul.http_addr()))
-        .header("X-Consul-Token", test_support::consul::MANAGEMENT_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .expect("consul answered");
-    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-    resp.json().await.unwrap_or(Value::Null)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = reqwest::Client::new()
+            .request(method.clone(), format!("{}{path}", consul.http_addr()))
+            .header("X-Consul-Token", test_support::consul::MANAGEMENT_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("consul answered");
+        let status = resp.status();
+        if status.is_success() {
+            return resp.json().await.unwrap_or(Value::Null);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        assert!(Instant::now() < deadline, "{path}: {status} {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
@@ -794,4 +804,29 @@ async fn over_https_with_a_scoped_acl_token_instances_are_registered_and_without
     let untrusted = secured(None, Some(stranger.ca_pem().as_bytes().to_vec()));
     let err = untrusted.check().await.unwrap_err().to_string();
     assert!(err.contains(&https), "{err}");
+}
+
+#[tokio::test]
+async fn a_publication_record_is_written_only_by_the_owner_and_released_with_its_service() {
+    let consul = Consul::start().await;
+    let reg = registry(&consul, None);
+    let who = owner("greeter");
+    claim_and_sync(&reg, "greeter", &who, first(2)).await;
+    reg.record_publication("greeter", &who, b"spec v1")
+        .await
+        .unwrap();
+    // A new process reads what the registry holds.
+    let again = registry(&consul, None);
+    assert_eq!(
+        again.publication_record(&who.uid).await.unwrap().as_deref(),
+        Some(&b"spec v1"[..])
+    );
+    assert!(matches!(
+        again
+            .record_publication("greeter", &owner("intruder"), b"x")
+            .await,
+        Err(grpc_registrar::registry::Error::OwnershipLost { .. })
+    ));
+    assert_eq!(again.release("greeter", &who).await.unwrap(), 2);
+    assert_eq!(again.publication_record(&who.uid).await.unwrap(), None);
 }

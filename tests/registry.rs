@@ -112,6 +112,58 @@ async fn a_key_that_is_no_longer_desired_is_deleted_and_unchanged_keys_are_not_r
 }
 
 #[tokio::test]
+async fn a_new_process_adopts_the_live_lease_and_rewrites_nothing() {
+    let etcd = EtcdServer::start().await;
+    let target = "services/default/greeter";
+    let (first, _) = registry(&etcd).await;
+    claim_and_sync(&first, target, &owner("greeter"), 50).await;
+    let lease = first.lease_ids().await[0];
+    let before = dump(&etcd, "services/").await;
+    // The process dies (its keeper stops; the lease lives on until its TTL).
+    drop(first);
+
+    let (second, metrics) = registry(&etcd).await;
+    assert_eq!(
+        second.claim(target, &owner("greeter")).await.unwrap(),
+        Claim::Owned
+    );
+    let report = second
+        .sync_entries(target, &owner("greeter"), TTL, entries(target, 50))
+        .await
+        .unwrap();
+    assert_eq!((report.puts, report.deletes, report.txns), (0, 0, 0));
+    assert_eq!(report.lease_id, lease, "the live lease was adopted");
+    assert_eq!(metrics.lease_adoptions.get(), 1);
+    assert_eq!(metrics.lease_grants.get(), 0);
+    // Past the TTL: the adopted lease is kept alive and every key is where it was.
+    tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+    assert_eq!(dump(&etcd, "services/").await, before);
+}
+
+#[tokio::test]
+async fn a_lease_that_is_gone_is_not_adopted_and_every_key_is_put_again() {
+    let etcd = EtcdServer::start().await;
+    let target = "services/default/greeter";
+    let (first, _) = registry(&etcd).await;
+    claim_and_sync(&first, target, &owner("greeter"), 5).await;
+    let lease = first.lease_ids().await[0];
+    drop(first);
+    etcd.client().await.lease_revoke(lease).await.unwrap();
+
+    let (second, metrics) = registry(&etcd).await;
+    claim_and_sync(&second, target, &owner("greeter"), 5).await;
+    let new = second.lease_ids().await[0];
+    assert_ne!(new, lease);
+    assert_eq!(
+        (metrics.lease_adoptions.get(), metrics.lease_grants.get()),
+        (0, 1)
+    );
+    let keys = dump(&etcd, "services/").await;
+    assert_eq!(keys.len(), 5);
+    assert!(keys.values().all(|(_, l)| *l == new));
+}
+
+#[tokio::test]
 async fn lease_loss_is_announced_with_a_new_lease_and_the_next_sync_re_puts_everything() {
     let etcd = EtcdServer::start().await;
     let (reg, metrics) = registry(&etcd).await;
@@ -299,6 +351,8 @@ async fn release_removes_exactly_the_owned_keys_and_leaves_foreign_keys_alone() 
         left,
         [
             "/etcdv3_resolver/foo/1.2.3.4:5",
+            // The controller's record of its live lease (on that lease), for the next process.
+            "grpc-registrar/lease/5",
             "services/default/foo",
             "services/default/foo_bar/1.2.3.4:5"
         ]
@@ -567,4 +621,30 @@ async fn naming_the_cluster_later_adopts_the_keys_it_still_wants_and_deletes_no_
         keys.iter().collect::<Vec<_>>()
     );
     assert_eq!(after[&keys[0]].1, report.lease_id, "on east's lease now");
+}
+
+#[tokio::test]
+async fn a_publication_record_is_written_only_by_the_owner_and_released_with_its_target() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let target = "services/default/greeter";
+    let who = owner("greeter");
+    claim_and_sync(&reg, target, &who, 2).await;
+    reg.record_publication(target, &who, b"spec v1")
+        .await
+        .unwrap();
+    // A new process reads what the registry holds.
+    let (again, _) = registry(&etcd).await;
+    assert_eq!(
+        again.publication_record(&who.uid).await.unwrap().as_deref(),
+        Some(&b"spec v1"[..])
+    );
+    assert!(matches!(
+        again
+            .record_publication(target, &owner("intruder"), b"x")
+            .await,
+        Err(grpc_registrar::registry::Error::OwnershipLost { .. })
+    ));
+    assert_eq!(again.release(target, &who).await.unwrap(), 2);
+    assert_eq!(again.publication_record(&who.uid).await.unwrap(), None);
 }

@@ -123,9 +123,39 @@ pub struct Controller {
 
 impl Controller {
     pub fn start(plane: &ControlPlane, etcd: &str, ns: &str, ttl: u32) -> Self {
+        Self::start_with(plane, etcd, ns, ttl, &[])
+    }
+
+    /// One replica of a leader-elected pair named `identity` (Lease 2 s in the release
+    /// namespace `ns`).
+    pub fn replica(plane: &ControlPlane, etcd: &str, ns: &str, ttl: u32, identity: &str) -> Self {
+        Self::start_with(
+            plane,
+            etcd,
+            ns,
+            ttl,
+            &[
+                ("POD_NAME", identity),
+                ("POD_NAMESPACE", ns),
+                ("LEADER_ELECT", "true"),
+                ("LEADER_LEASE_DURATION", "2s"),
+                ("LEADER_RENEW_DEADLINE", "1500ms"),
+                ("LEADER_RETRY_PERIOD", "250ms"),
+            ],
+        )
+    }
+
+    fn start_with(
+        plane: &ControlPlane,
+        etcd: &str,
+        ns: &str,
+        ttl: u32,
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
+            .envs(env.iter().copied())
             .env("KUBECONFIG", plane.kubeconfig())
             .env(
                 "RUST_LOG",

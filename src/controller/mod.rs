@@ -6,9 +6,13 @@
 //! - `service`: `impl GrpcService { apply, cleanup }` and status writes.
 //! - [`status`]: the next status and its Event, purely.
 
+pub mod publication;
 mod service;
 pub mod status;
+pub mod sweep;
 mod watch;
+pub mod writer;
+pub mod writers;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -82,17 +86,14 @@ pub struct Context {
     pub slice_selections: Selections<EndpointSlice>,
     /// This replica's role; only the leader writes.
     pub role: tokio::sync::watch::Receiver<Role>,
-    /// Publishes Kubernetes Events on GrpcServices, when set.
-    /// Who publishes Events on GrpcServices, when set.
-    pub events: Option<Reporter>,
+    /// Writes status, finalizers and Events behind the registry (see [`writer`]).
+    pub writer: writer::ApiWriter,
     /// True once the pod index has completed its initial list.
     pub pods_synced: tokio::sync::watch::Receiver<bool>,
     /// True once the EndpointSlice index has completed its initial list.
     pub slices_synced: tokio::sync::watch::Receiver<bool>,
     /// When this process started: older transitions are not propagation samples.
     started: k8s_openapi::jiff::Timestamp,
-    /// When each service's status was last written, by uid.
-    status_writes: Mutex<HashMap<String, std::time::Instant>>,
     /// The last readiness transition observed, per service (`<namespace>/<name>`) and
     /// candidate id: a reconcile reads and prunes only its own service's entries.
     /// With when the service was created.
@@ -103,9 +104,10 @@ pub struct Context {
     announced: Mutex<HashMap<String, (usize, std::time::Instant)>>,
     /// Retry pacing per failing service uid.
     failures: Mutex<HashMap<String, (Backoff, String)>>,
-    /// The last valid plan (and TTL) each service (by uid) synced, so that a spec turned
-    /// invalid keeps publishing under it, following readiness, across a lease replacement too.
-    published: Mutex<HashMap<String, (crate::desired::Plan, Duration)>>,
+    /// The last valid publication of each service, as recorded in the registry (this is a
+    /// cache of the registry's records): a spec turned invalid keeps publishing under it,
+    /// following readiness, across a lease replacement, a restart and a failover.
+    published: publication::Records,
     /// The services waiting in `Conflict`, by the target holding them off: releasing that
     /// target wakes them at once (the periodic re-check covers releases made elsewhere).
     waiting: Mutex<HashMap<String, HashSet<ObjectRef<GrpcService>>>>,
@@ -124,6 +126,7 @@ impl Context {
         policy: Policy,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let writer = writer::ApiWriter::new(client.clone(), None, backend.clone(), metrics.clone());
         Self {
             client,
             backend,
@@ -134,7 +137,7 @@ impl Context {
             selections: Selections::default(),
             slice_selections: Selections::default(),
             role: crate::leader::always_leader(),
-            events: None,
+            writer,
             pods_synced: tokio::sync::watch::channel(true).1,
             slices_synced: tokio::sync::watch::channel(true).1,
             // Whole seconds, as Kubernetes stores transition times.
@@ -143,11 +146,10 @@ impl Context {
             )
             .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
             transitions: Mutex::default(),
-            status_writes: Mutex::default(),
             last_changes: Mutex::default(),
             announced: Mutex::default(),
             failures: Mutex::default(),
-            published: Mutex::default(),
+            published: publication::Records::default(),
             waiting: Mutex::default(),
             freed: tokio::sync::mpsc::unbounded_channel().0,
         }
@@ -213,10 +215,13 @@ impl Context {
     /// The same context, publishing Events on GrpcServices as `reporter`.
     #[must_use]
     pub fn with_events(self, reporter: Reporter) -> Self {
-        Self {
-            events: Some(reporter),
-            ..self
-        }
+        let writer = writer::ApiWriter::new(
+            self.client.clone(),
+            Some(reporter),
+            self.backend.clone(),
+            self.metrics.clone(),
+        );
+        Self { writer, ..self }
     }
 
     /// The same context, writing only while `role` says leader.
@@ -319,10 +324,20 @@ pub async fn run(
     let (svc_store, svc_writer) = reflector::store();
     let mut svc_feed = ServiceFeed::new(selectors.clone(), refs.clone());
     let services_done = services_synced.clone();
+    // A service of ours deleted without our finalizer (deleted before the finalizer written
+    // behind its first registry write landed) is released by the sweep.
+    let (gone_tx, gone_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (ours, finalizer) = (policy.backend, policy.backend.finalizer());
     let svc_events = watcher(services, watcher::Config::default().streaming_lists())
         .backoff(Backoff::watch())
         .reflect(svc_writer)
         .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(svc)) = event
+                && svc.spec.backend == ours
+                && !svc.finalizers().iter().any(|f| f == finalizer)
+            {
+                let _ = gone_tx.send(svc.uid().unwrap_or_default());
+            }
             if let Ok(event) = event
                 && svc_feed.apply(event)
             {
@@ -390,6 +405,7 @@ pub async fn run(
     let slice_mapper = SliceMapper::new(refs, ctx.slice_selections.clone());
     {
         let ready = ready.clone();
+        let svc_store = svc_store.clone();
         let (mut pods, mut slices_listed, mut services) = (
             pods_synced.subscribe(),
             slices_synced.subscribe(),
@@ -415,6 +431,37 @@ pub async fn run(
     // forever. Until the caches are synced nothing has been reconciled, so stopping at once
     // then is safe; once synced, shutdown is graceful (in-flight reconciles finish).
     let shutdown = shutdown.shared();
+    // Status, finalizers and Events are written behind; the writer flushes once the last
+    // reconcile has handed it its work.
+    let (writer_stop, writer_stopped) = tokio::sync::oneshot::channel::<()>();
+    let writer = tokio::spawn(
+        ctx.writer
+            .clone()
+            .run(async move {
+                let _ = writer_stopped.await;
+            })
+            .instrument(info_span!("status_writer")),
+    );
+    tokio::spawn(
+        sweeper(
+            ctx.clone(),
+            svc_store.clone(),
+            scope.clone(),
+            services_synced.subscribe(),
+            gone_rx,
+        )
+        .instrument(info_span!("sweep")),
+    );
+    // One writer per scope: announced every third of the default TTL (1 to 10 s).
+    tokio::spawn(
+        writers::run(
+            ctx.clone(),
+            svc_store.clone(),
+            writers::instance(),
+            (ctx.backend.default_ttl() / 3).clamp(Duration::from_secs(1), Duration::from_secs(10)),
+        )
+        .instrument(info_span!("writers")),
+    );
     let synced_flag = ready.clone();
     let stop_unsynced = {
         let shutdown = shutdown.clone();
@@ -458,7 +505,69 @@ pub async fn run(
         () = run => {}
         () = stop_unsynced => info!("stopped before the caches synced; nothing was reconciled"),
     }
+    let _ = writer_stop.send(());
+    let _ = writer.await;
     info!("controller stopped");
+}
+
+/// Runs the owner-record sweep (see [`sweep`]): for each service deleted without our finalizer
+/// as it goes, and over every record once the caches are synced, on becoming the leader, and
+/// every [`RESYNC`].
+async fn sweeper(
+    ctx: Arc<Context>,
+    store: reflector::Store<GrpcService>,
+    scope: Scope,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    mut gone: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    if synced.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    let mut role = ctx.role.clone();
+    // Without leader election the role never changes (its sender is gone).
+    let mut elected = true;
+    let mut every = tokio::time::interval(RESYNC);
+    loop {
+        tokio::select! {
+            uid = gone.recv() => {
+                let Some(uid) = uid else { return };
+                ctx.writer.forget(&uid);
+                sweep::sweep(ctx.backend.as_ref(), &scope, |_| true, Some(&uid)).await;
+            }
+            changed = role.changed(), if elected => {
+                if changed.is_err() {
+                    elected = false;
+                } else if matches!(*role.borrow_and_update(), Role::Leader { .. }) {
+                    sweep_all(&ctx, &store, &scope).await;
+                }
+            }
+            _ = every.tick() => sweep_all(&ctx, &store, &scope).await,
+        }
+    }
+}
+
+/// Sweeps every record of this controller's scope against the live GrpcServices.
+async fn sweep_all(ctx: &Context, store: &reflector::Store<GrpcService>, scope: &Scope) {
+    // The records first, then the live set: a record written for a service the store did not
+    // yet hold cannot exist (reconciles are driven from the store).
+    let uids = std::sync::OnceLock::new();
+    let live = |owner: &crate::registry::Owner| {
+        uids.get_or_init(|| {
+            store
+                .state()
+                .iter()
+                .filter_map(|svc| svc.uid())
+                .collect::<HashSet<String>>()
+        })
+        .contains(&owner.uid)
+    };
+    let released = sweep::sweep(ctx.backend.as_ref(), scope, live, None).await;
+    if released > 0 {
+        info!(
+            released,
+            "released the targets of GrpcServices that no longer exist"
+        );
+    }
 }
 
 /// Reconciles one `GrpcService`: finalizer, then apply or cleanup.
@@ -510,10 +619,13 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
         remove_finalizer(&api, &svc, index, finalizer).await?;
         action
     } else {
-        with_finalizer(&api, svc, finalizer)
-            .await?
-            .apply(&ctx)
-            .await?
+        // The registry first: the finalizer is added behind the first registry write (a
+        // service deleted before it lands is released by the owner-record sweep).
+        let action = svc.apply(&ctx).await?;
+        if !svc.finalizers().iter().any(|f| f == finalizer) {
+            ctx.writer.add_finalizer(&svc, finalizer);
+        }
+        action
     };
     ctx.failures.lock().expect("lock").remove(&uid);
     Ok(action)
@@ -550,59 +662,6 @@ async fn remove_finalizer(
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         result => result.map(|_| ()).map_err(Error::kube("remove finalizer")),
     }
-}
-
-/// Adds the finalizer to a live service that lacks it, returning the updated object.
-///
-/// kube's `finalizer()` would add it too, then end the reconcile and wait for the watch event of
-/// its own patch; at a cold start of thousands of services that round trip was on every
-/// service's critical path. Here the same guarded JSON patch (test, then add) is sent and the
-/// reconcile goes on with the updated object, so the finalizer is still persisted before
-/// anything is written to the registry.
-async fn with_finalizer(
-    api: &Api<GrpcService>,
-    svc: Arc<GrpcService>,
-    finalizer: &str,
-) -> Result<Arc<GrpcService>> {
-    use json_patch::jsonptr::PointerBuf;
-    use json_patch::{AddOperation, PatchOperation, TestOperation};
-    if svc.metadata.deletion_timestamp.is_some() || svc.finalizers().iter().any(|f| f == finalizer)
-    {
-        return Ok(svc);
-    }
-    let (test, path, value) = if svc.finalizers().is_empty() {
-        (
-            serde_json::Value::Null,
-            "/metadata/finalizers",
-            serde_json::json!([finalizer]),
-        )
-    } else {
-        (
-            serde_json::json!(svc.finalizers()),
-            "/metadata/finalizers/-",
-            serde_json::json!(finalizer),
-        )
-    };
-    let patch = json_patch::Patch(vec![
-        PatchOperation::Test(TestOperation {
-            path: PointerBuf::parse("/metadata/finalizers")
-                .map_err(|_| Error::MissingField("finalizers"))?,
-            value: test,
-        }),
-        PatchOperation::Add(AddOperation {
-            path: PointerBuf::parse(path).map_err(|_| Error::MissingField("finalizers"))?,
-            value,
-        }),
-    ]);
-    let updated = api
-        .patch(
-            &svc.name_any(),
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Json::<()>(patch),
-        )
-        .await
-        .map_err(Error::kube("add finalizer"))?;
-    Ok(Arc::new(updated))
 }
 
 /// Requeues a failed reconcile with per-service exponential backoff (200 ms doubling to 60 s).

@@ -6,38 +6,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
-use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::publication;
 use super::status::{LastChange, Outcome, endpoints_event, next_status, transition_events};
 use super::watch::{pod_ref, slice_ref};
-use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, FIELD_MANAGER, RESYNC, STATUS_INTERVAL};
+use super::writer::Submitted;
+use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, RESYNC};
 use crate::crd::GrpcService;
 use crate::desired::{Desired, Plan, Source, SpecError, desired};
 use crate::registry::{self, Claim, Owner, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
-
-/// What [`GrpcService::patch_status`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StatusWrite {
-    /// Written; `transition` when the write carried a transition Event (Ready, lease, target).
-    Written {
-        transition: bool,
-    },
-    Unchanged,
-    Deferred,
-}
-
-impl StatusWrite {
-    fn is_transition(self) -> bool {
-        self == Self::Written { transition: true }
-    }
-}
 
 impl GrpcService {
     fn owner(&self) -> Result<Owner> {
@@ -58,9 +42,15 @@ impl GrpcService {
     /// Publishes the registrable selected candidates and reports the outcome in status.
     pub(super) async fn apply(&self, ctx: &Context) -> Result<Action> {
         let owner = self.owner()?;
-        let plan = match Plan::new(self, &ctx.policy) {
-            Ok(plan) => plan,
-            Err(e) => return self.invalid_spec(ctx, &e).await,
+        let plan = match self.plan(ctx, &owner).await {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e)) => return self.invalid_spec(ctx, &e).await,
+            Err(e) => {
+                let published = self.status.as_ref().and_then(|s| s.target.clone());
+                return self
+                    .backend_failed(ctx, published.as_deref().unwrap_or_default(), None, e)
+                    .await;
+            }
         };
         tracing::Span::current().record("target", plan.target.as_str());
 
@@ -122,7 +112,7 @@ impl GrpcService {
                     owner: owner.clone(),
                     desired: Some(&want),
                 };
-                if self.patch_status(ctx, &outcome).await?.is_transition() {
+                if self.submit_status(ctx, &outcome).is_transition() {
                     warn!(
                         owner,
                         "target is owned by another GrpcService; publishing nothing until it is freed"
@@ -143,12 +133,22 @@ impl GrpcService {
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
             tags: plan.tags.clone(),
         };
-        let report = match ctx.backend.sync(&publication).await {
+        let synced = match ctx.backend.sync(&publication).await {
+            // Recorded in the registry, so that any replica can keep publishing it once the
+            // spec turns invalid.
+            Ok(report) => ctx
+                .published
+                .keep(
+                    ctx.backend.as_ref(),
+                    &owner,
+                    &publication::Record::of(self, &plan.target),
+                )
+                .await
+                .map(|()| report),
+            Err(e) => Err(e),
+        };
+        let report = match synced {
             Ok(report) => {
-                ctx.published
-                    .lock()
-                    .expect("lock")
-                    .insert(owner.uid.clone(), (plan.clone(), ttl));
                 if report.puts + report.deletes > 0 {
                     ctx.last_changes.lock().expect("lock").insert(
                         owner.uid.clone(),
@@ -205,36 +205,60 @@ impl GrpcService {
             report: &report,
             last_change: last_change.as_ref(),
         };
-        let write = self.patch_status(ctx, &outcome).await?;
-        let event_due = self
-            .announce_endpoints(ctx, &owner.uid, report.registered, &want, write)
-            .await;
-        // Counts only: the status is written on the requeue, at most once per STATUS_INTERVAL,
-        // and the count Event at most once per EVENT_INTERVAL; the last of a burst is never lost.
-        let next = match (write, event_due) {
-            (StatusWrite::Deferred, _) => STATUS_INTERVAL,
-            (_, Some(due)) => due,
-            _ => RESYNC,
-        };
-        Ok(Action::requeue(next))
+        // Written behind (coalesced, at most once per STATUS_INTERVAL for counts alone; the
+        // last of a burst is never lost), so this reconcile's slot is free at once.
+        let write = self.submit_status(ctx, &outcome);
+        let event_due = self.announce_endpoints(ctx, &owner.uid, report.registered, &want, write);
+        // The count Event at most once per EVENT_INTERVAL: come back for a held-back one.
+        Ok(Action::requeue(event_due.unwrap_or(RESYNC)))
+    }
+
+    /// The validated spec. A service still published under the target it had before the
+    /// current tenancy rule (a Consul name from before namespace-qualified names) keeps it
+    /// while the registry's ownership record names this service, so that an upgrade renames
+    /// nothing; its spec naming another target moves it under the rule.
+    async fn plan(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+    ) -> Result<Result<Plan, SpecError>, registry::Error> {
+        let published = self.status.as_ref().and_then(|s| s.target.as_deref());
+        if let Some(old) = Plan::pre_rule_target(self, &ctx.policy)
+            && published == Some(old.as_str())
+            && ctx
+                .backend
+                .owner_of(&old)
+                .await?
+                .is_some_and(|o| o.uid == owner.uid)
+        {
+            let kept = Plan::keeping(self, &ctx.policy, old);
+            if let Ok(plan) = &kept {
+                debug!(
+                    kept_target = plan.target,
+                    "keeps the target it had before the tenancy rule; its spec must name an allowed one to move"
+                );
+            }
+            return Ok(kept);
+        }
+        Ok(Plan::new(self, &ctx.policy))
     }
 
     /// Sends an `EndpointsChanged` Event when the registered count moved since the last one
     /// this process announced, at most once per [`EVENT_INTERVAL`]; returns when to come back
     /// when one is held back. A status transition (its own Event) resets the baseline.
-    async fn announce_endpoints(
+    fn announce_endpoints(
         &self,
         ctx: &Context,
         uid: &str,
         registered: usize,
         want: &Desired,
-        write: StatusWrite,
+        write: Submitted,
     ) -> Option<Duration> {
         let now = std::time::Instant::now();
         let event = {
             let mut announced = ctx.announced.lock().expect("lock");
             let entry = announced.entry(uid.to_owned()).or_insert((registered, now));
-            if matches!(write, StatusWrite::Written { transition: true }) {
+            if write == (Submitted::Queued { transition: true }) {
                 *entry = (registered, now);
             }
             let (before, at) = *entry;
@@ -248,27 +272,8 @@ impl GrpcService {
             *entry = (registered, now);
             endpoints_event(before, registered, want)
         };
-        self.publish(ctx, &[event]).await;
+        ctx.writer.event(self, event);
         None
-    }
-
-    /// Publishes Events on this object, best effort: an Event that cannot be written must not
-    /// fail the reconcile.
-    async fn publish(&self, ctx: &Context, events: &[kube::runtime::events::Event]) {
-        let Some(reporter) = &ctx.events else {
-            return;
-        };
-        for event in events {
-            // A recorder per Event: kube's recorder folds an Event into an earlier one with the
-            // same reason and keeps the earlier note, so "3 not ready" would be shown as the
-            // earlier "3 not running". Our own rules already bound the volume (transitions
-            // only, and counts at most once per EVENT_INTERVAL).
-            let recorder =
-                kube::runtime::events::Recorder::new(ctx.client.clone(), reporter.clone());
-            if let Err(e) = recorder.publish(event, &self.object_ref(&())).await {
-                warn!(error = %crate::error::chain(&e), reason = %event.reason, "failed to publish event");
-            }
-        }
     }
 
     /// The candidates `plan`'s source yields now, recording which objects were read so that
@@ -325,7 +330,13 @@ impl GrpcService {
                     .observe(now.duration_since(observed).as_secs_f64());
                 if let Some(changed) = candidate.changed.filter(|c| *c >= ctx.started) {
                     let seconds = wall.duration_since(changed).as_secs_f64().max(0.0);
-                    ctx.metrics.transition_to_registry.observe(seconds);
+                    // A slice's trigger time has sub-second precision; a pod's condition time
+                    // whole seconds.
+                    if self.spec.service_ref.is_some() {
+                        ctx.metrics.trigger_to_registry.observe(seconds);
+                    } else {
+                        ctx.metrics.transition_to_registry.observe(seconds);
+                    }
                 }
             }
             current.insert(candidate.id.clone(), observed);
@@ -416,23 +427,22 @@ impl GrpcService {
             desired: counts,
         };
         // Logged when it becomes the condition, not on every re-reconcile of the same spec.
-        if self.patch_status(ctx, &outcome).await?.is_transition() {
+        if self.submit_status(ctx, &outcome).is_transition() {
             warn!(error = %error, "invalid spec; keeping what the last valid spec published");
         }
-        let last = ctx
-            .published
-            .lock()
-            .expect("lock")
-            .get(&self.uid().unwrap_or_default())
-            .cloned();
-        if let Some((plan, ttl)) = last {
-            // The last valid spec, evaluated against the pods as they are now: readiness is
-            // still followed (an unready pod leaves) while the spec is being fixed.
+        // The last valid publication, recorded in the registry (so it survives a restart or a
+        // failover), evaluated against the pods as they are now: readiness is still followed
+        // (an unready pod leaves) while the spec is being fixed.
+        let owner = self.owner()?;
+        let last = ctx.published.last(ctx.backend.as_ref(), &owner.uid).await?;
+        if let Some((record, plan)) =
+            last.and_then(|r| r.plan(self, &ctx.policy).map(|plan| (r, plan)))
+        {
             let selected = self.select(ctx, &plan);
             let publication = Publication {
                 layout: plan.layout(),
-                owner: self.owner()?,
-                ttl,
+                owner,
+                ttl: record.service(self).ttl(ctx),
                 endpoints: Arc::new(desired(&plan, &selected).endpoints),
                 tags: plan.tags.clone(),
             };
@@ -465,9 +475,7 @@ impl GrpcService {
             message: error.to_string(),
             desired: want,
         };
-        if let Err(e) = self.patch_status(ctx, &outcome).await {
-            warn!(error = %crate::error::chain(&e), "failed to report the registry failure in status");
-        }
+        self.submit_status(ctx, &outcome);
         Err(error.into())
     }
 
@@ -480,14 +488,13 @@ impl GrpcService {
             .and_then(|s| s.target.clone())
             .into_iter()
             .collect();
-        // What the spec names now, and what this process last published (the spec may have
-        // moved to another backend or target since).
+        // What the spec names now, and what was last published validly (the spec may have
+        // moved to another backend or target since), as the registry recorded it.
         let published = ctx
             .published
-            .lock()
-            .expect("lock")
-            .get(&owner.uid)
-            .map(|(plan, _)| plan.target.clone());
+            .last(ctx.backend.as_ref(), &owner.uid)
+            .await?
+            .map(|record| record.target);
         let planned = Plan::new(self, &ctx.policy).ok().map(|plan| plan.target);
         for target in [planned, published].into_iter().flatten() {
             if !targets.contains(&target) {
@@ -502,7 +509,8 @@ impl GrpcService {
         ctx.stop_waiting(&ObjectRef::from_obj(self));
         ctx.selections.record(ObjectRef::from_obj(self), []);
         ctx.slice_selections.record(ObjectRef::from_obj(self), []);
-        ctx.published.lock().expect("lock").remove(&owner.uid);
+        ctx.published.forget(&owner.uid);
+        ctx.writer.forget(&owner.uid);
         ctx.transitions
             .lock()
             .expect("lock")
@@ -513,56 +521,20 @@ impl GrpcService {
         Ok(Action::await_change())
     }
 
-    /// Writes status with server-side apply, only when it changed. A change of counts only (the
-    /// Ready condition's status and reason unchanged) within [`STATUS_INTERVAL`] of this
-    /// service's last write is deferred: under churn, a status write per readiness flip would
-    /// load the API server and hold up the next reconcile of the service.
-    async fn patch_status(&self, ctx: &Context, outcome: &Outcome<'_>) -> Result<StatusWrite> {
+    /// Hands the status `outcome` implies to the writer (see [`super::writer`]), with its
+    /// transition Events; nothing when it equals the latest this process knows. A replica
+    /// deposed mid-reconcile leaves status to the new leader.
+    fn submit_status(&self, ctx: &Context, outcome: &Outcome<'_>) -> Submitted {
+        if !ctx.backend.may_write() {
+            return Submitted::Unchanged;
+        }
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let next = next_status(
-            self.status.as_ref(),
-            self.metadata.generation,
-            outcome,
-            &now,
-        );
-        // A replica deposed mid-reconcile leaves status to the new leader.
-        if self.status.as_ref() == Some(&next) || !ctx.backend.may_write() {
-            return Ok(StatusWrite::Unchanged);
+        let prev = ctx.writer.latest(self);
+        let next = next_status(prev.as_ref(), self.metadata.generation, outcome, &now);
+        if prev.as_ref() == Some(&next) {
+            return Submitted::Unchanged;
         }
-        let uid = self.uid().unwrap_or_default();
-        let events = transition_events(self.status.as_ref(), &next);
-        let counts_only = matches!(outcome, Outcome::Synced { .. }) && events.is_empty();
-        if counts_only
-            && ctx
-                .status_writes
-                .lock()
-                .expect("lock")
-                .get(&uid)
-                .is_some_and(|at| at.elapsed() < STATUS_INTERVAL)
-        {
-            return Ok(StatusWrite::Deferred);
-        }
-        let api: Api<GrpcService> =
-            Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
-        let patch = json!({
-            "apiVersion": "grpc-registrar.io/v1alpha1",
-            "kind": "GrpcService",
-            "status": next,
-        });
-        api.patch_status(
-            &self.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await
-        .map_err(Error::kube("patch status"))?;
-        ctx.status_writes
-            .lock()
-            .expect("lock")
-            .insert(uid, std::time::Instant::now());
-        self.publish(ctx, &events).await;
-        Ok(StatusWrite::Written {
-            transition: !events.is_empty(),
-        })
+        let events = transition_events(prev.as_ref(), &next);
+        ctx.writer.submit(self, next, events)
     }
 }

@@ -28,6 +28,10 @@ struct State {
     unavailable: bool,
     fence: Option<Option<Instant>>,
     leader_term: i64,
+    /// Publication records by owner uid.
+    records: HashMap<String, Vec<u8>>,
+    /// Writers' announcements, by instance.
+    writers: HashMap<String, u64>,
 }
 
 /// The in-memory registry.
@@ -165,6 +169,41 @@ impl Backend for MemoryBackend {
         Ok(Claim::Owned)
     }
 
+    async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
+        let mut state = self.lock();
+        state.writers.insert(instance.to_owned(), beat);
+        Ok(state
+            .writers
+            .iter()
+            .filter(|(i, _)| *i != instance)
+            .map(|(i, b)| (i.clone(), *b))
+            .collect())
+    }
+
+    async fn forget_writer(&self, instance: &str) -> Result<()> {
+        self.lock().writers.remove(instance);
+        Ok(())
+    }
+
+    async fn owners(&self) -> Result<Vec<(String, Owner)>> {
+        Ok(self
+            .lock()
+            .targets
+            .iter()
+            .map(|(target, t)| (target.clone(), t.owner.clone()))
+            .collect())
+    }
+
+    async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
+        if self.lock().unavailable {
+            return Err(Error::Timeout {
+                op: "read ownership record",
+                after: Duration::ZERO,
+            });
+        }
+        Ok(self.owner(target))
+    }
+
     async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
         {
             let mut state = self.writable("take over target")?;
@@ -232,12 +271,36 @@ impl Backend for MemoryBackend {
         })
     }
 
+    async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
+        let mut state = self.writable("record publication")?;
+        if state.targets.get(target).is_none_or(|t| t.owner != *owner) {
+            return Err(Error::OwnershipLost {
+                target: target.to_owned(),
+            });
+        }
+        state.records.insert(owner.uid.clone(), record.to_vec());
+        state.writes += 1;
+        Ok(())
+    }
+
+    async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
+        let state = self.lock();
+        if state.unavailable {
+            return Err(Error::Timeout {
+                op: "read publication record",
+                after: Duration::ZERO,
+            });
+        }
+        Ok(state.records.get(uid).cloned())
+    }
+
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
         let mut state = self.writable("release target")?;
         match state.targets.get(target) {
             Some(t) if t.owner == *owner => {
                 let deleted = t.entries.len();
                 state.targets.remove(target);
+                state.records.remove(&owner.uid);
                 state.revision += 1;
                 state.writes += 1;
                 Ok(deleted)

@@ -166,6 +166,35 @@ pub trait Backend: Send + Sync + 'static {
     /// Backend failures.
     async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim>;
 
+    /// The owner recorded for `target`, read from the registry (not from this process's
+    /// memory); `None` when nobody owns it or the record is not ours to read.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn owner_of(&self, target: &str) -> Result<Option<Owner>>;
+
+    /// Every ownership record of this controller (its cluster's, with a cluster name): the
+    /// target and its owner. For the sweep that releases what deleted GrpcServices left.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn owners(&self) -> Result<Vec<(String, Owner)>>;
+
+    /// Announces this process as a live writer of its scope (`instance`, its `beat`-th
+    /// announcement) and returns the other writers' last announcements, by instance. Two
+    /// writers of one scope without leader election fight over every key; comparing beats
+    /// between calls tells a live one from one that stopped.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>>;
+
+    /// Removes the announcement of a writer that stopped beating.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn forget_writer(&self, instance: &str) -> Result<()>;
+
     /// Takes over a target whose recorded owner is gone, guarded on the record's `version`, so
     /// two claimants cannot both win.
     ///
@@ -180,8 +209,25 @@ pub trait Backend: Send + Sync + 'static {
     /// the layout cannot render the endpoints; backend failures.
     async fn sync(&self, publication: &Publication) -> Result<SyncReport>;
 
-    /// Deletes everything under an owned target and its ownership record. Returns how many
-    /// entries were deleted; 0, touching nothing, when `owner` does not own it.
+    /// Records what `owner` last published validly (opaque bytes, the controller's), guarded on
+    /// its ownership of `target` and on the leader fence, so that any replica can publish it
+    /// again after a restart or a failover while the spec is invalid. One record per owner
+    /// uid; [`Backend::release`] deletes it.
+    ///
+    /// # Errors
+    /// [`Error::OwnershipLost`] when `target`'s record no longer names `owner`; backend
+    /// failures.
+    async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()>;
+
+    /// The record [`Backend::record_publication`] last wrote for the owner `uid`.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Deletes everything under an owned target and its ownership record (and the owner's
+    /// publication record). Returns how many entries were deleted; 0, touching nothing, when
+    /// `owner` does not own it.
     ///
     /// # Errors
     /// Backend failures.

@@ -48,13 +48,29 @@ pub fn candidates(slice: &EndpointSlice) -> Vec<Candidate> {
         })
         .collect();
     let fqdn = slice.address_type == "FQDN";
+    // When kube-controller-manager saw the pod change that this version of the slice reflects
+    // (as kube-proxy measures it): the start of propagation for the endpoints that changed.
+    let triggered = slice
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
     slice
         .endpoints
         .iter()
         .flatten()
         .filter_map(|endpoint| candidate(endpoint, &ports, fqdn))
+        .map(|candidate| Candidate {
+            changed: triggered,
+            ..candidate
+        })
         .collect()
 }
+
+/// The annotation kube-controller-manager sets on an EndpointSlice to the time of the change
+/// (a pod's, or the Service's) that produced it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 fn candidate(endpoint: &Endpoint, ports: &[(String, u16)], fqdn: bool) -> Option<Candidate> {
     let address = endpoint.addresses.first()?;

@@ -82,6 +82,30 @@ impl Env {
         )
     }
 
+    /// As [`Env::new`], with the controller acting as the user `user` (impersonated), whose
+    /// permissions the test grants itself.
+    pub async fn as_user(plane: Arc<ControlPlane>, ns: &str, user: &str) -> Self {
+        let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig()).unwrap();
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        config.auth_info.impersonate = Some(user.to_owned());
+        let client = kube::Client::try_from(config).unwrap();
+        Self::build(
+            plane,
+            ns,
+            false,
+            Some(client),
+            Policy::default(),
+            true,
+            None,
+        )
+        .await
+    }
+
     /// As [`Env::new`], with the controller reaching etcd through a proxy the test can cut.
     pub async fn partitionable(plane: Arc<ControlPlane>, ns: &str) -> Self {
         Self::build(plane, ns, true, None, Policy::default(), true, None).await
@@ -115,13 +139,19 @@ impl Env {
     ) -> Self {
         let client = plane.client().await;
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
+        // A namespace that exists already is a test's second controller on it (an upgrade).
+        match namespaces
             .create(
                 &PostParams::default(),
                 &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
             )
             .await
-            .expect("failed to create namespace");
+        {
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            created => {
+                created.expect("failed to create namespace");
+            }
+        }
         let etcd = EtcdServer::start().await;
         let proxy = if proxied {
             let upstream = etcd

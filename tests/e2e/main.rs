@@ -7,6 +7,7 @@
 
 mod chart;
 mod consul;
+mod consul_tenancy;
 mod failover;
 mod faults;
 mod harness;
@@ -117,6 +118,7 @@ fn main() {
         trial(&runtime, &plane, "operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once", operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once),
         trial(&runtime, &plane, "operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable", operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable),
         trial(&runtime, &plane, "operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server", operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server),
+        trial(&runtime, &plane, "operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log", operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log),
         trial(&runtime, &plane, "operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision", operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision),
         trial(
             &runtime,
@@ -144,6 +146,7 @@ fn main() {
         ),
         trial(&runtime, &plane, "faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl", faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl),
         trial(&runtime, &plane, "faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing", faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing),
+        trial(&runtime, &plane, "faults::a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and_no_owner_record", faults::a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and_no_owner_record),
         trial(&runtime, &plane, "faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry", faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry),
         trial(&runtime, &plane, "faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing", faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing),
         trial(&runtime, &plane, "faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing", faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing),
@@ -151,10 +154,14 @@ fn main() {
         trial(&runtime, &plane, "faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition", faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition),
         trial(&runtime, &plane, "failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl", failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl),
         trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
+        trial(&runtime, &plane, "failover::an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_and_follow_readiness", failover::an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_and_follow_readiness),
+        trial(&runtime, &plane, "failover::two_writers_of_one_scope_without_leader_election_are_reported", failover::two_writers_of_one_scope_without_leader_election_are_reported),
         trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
         trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
         trial(&runtime, &plane, "multicluster::two_clusters_publish_one_target_and_neither_ever_deletes_the_others_keys", multicluster::two_clusters_publish_one_target_and_neither_ever_deletes_the_others_keys),
         trial(&runtime, &plane, "tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched", tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched),
+        trial(&runtime, &plane, "consul_tenancy::the_consul_tenancy_matrix_leaves_every_other_namespace_untouched", consul_tenancy::the_consul_tenancy_matrix_leaves_every_other_namespace_untouched),
+        trial(&runtime, &plane, "consul_tenancy::an_upgrade_keeps_a_flat_consul_name_until_the_spec_changes_it", consul_tenancy::an_upgrade_keeps_a_flat_consul_name_until_the_spec_changes_it),
         trial(&runtime, &plane, "slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port", slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port),
         trial(&runtime, &plane, "slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one", slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one),
         trial(&runtime, &plane, "slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters", slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters),
@@ -162,6 +169,7 @@ fn main() {
         trial(&runtime, &plane, "interop::go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref", interop::go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref),
         trial(&runtime, &plane, "interop::a_kratos_client_calls_every_server_published_with_the_kratos_format", interop::a_kratos_client_calls_every_server_published_with_the_kratos_format),
         trial(&runtime, &plane, "chart::helm_install_then_the_charts_service_account_runs_the_whole_flow", chart::helm_install_then_the_charts_service_account_runs_the_whole_flow),
+        trial(&runtime, &plane, "chart::helm_install_with_backend_consul_passes_the_charts_readiness_probe", chart::helm_install_with_backend_consul_passes_the_charts_readiness_probe),
         trial(&runtime, &plane, "faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready", faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready),
     ];
     let conclusion = libtest_mimic::run(&args, trials);

@@ -40,6 +40,8 @@ async fn everything(env: &Env) -> BTreeMap<String, (String, i64)> {
         .unwrap()
         .kvs()
         .iter()
+        // The controllers' liveness announcements change on every beat, by design.
+        .filter(|kv| !kv.key_str().unwrap().starts_with("grpc-registrar/writers/"))
         .map(|kv| {
             (
                 kv.key_str().unwrap().to_owned(),
@@ -140,7 +142,8 @@ async fn matrix(env: &Env, victim_ns: &str, allowed: bool) {
             let t = target
                 .clone()
                 .unwrap_or_else(|| format!("services/{ns}/{name}"));
-            published.push(t);
+            let uid = env.services().get(&name).await.unwrap().uid().unwrap();
+            published.push((t, uid));
         }
     }
     // Whatever was refused wrote nothing: the registry holds the victim's seeds, unchanged, and
@@ -154,12 +157,16 @@ async fn matrix(env: &Env, victim_ns: &str, allowed: bool) {
         );
     }
     let mut new: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-    new.retain(|k| !k.starts_with("grpc-registrar/leader"));
+    // The controller's own records of its lease and leadership are not the cases' doing.
+    new.retain(|k| {
+        !k.starts_with("grpc-registrar/leader") && !k.starts_with("grpc-registrar/lease/")
+    });
     let mut want: Vec<String> = published
         .iter()
-        .flat_map(|t| {
+        .flat_map(|(t, uid)| {
             [
                 format!("grpc-registrar/owners/{t}"),
+                format!("grpc-registrar/published/{uid}"),
                 format!("{t}/10.70.0.1:50051"),
             ]
         })

@@ -252,6 +252,26 @@ impl TxnOp {
         })
     }
 
+    /// A KV `set`: `key` to `value`, unconditionally (guard it with `check-index` ops).
+    pub(super) fn kv_set(key: &str, value: &[u8]) -> Self {
+        Self::Kv(KvOp {
+            verb: "set",
+            key: key.to_owned(),
+            value: Some(base64::engine::general_purpose::STANDARD.encode(value)),
+            index: 0,
+        })
+    }
+
+    /// A KV `delete`: `key`, unconditionally (guard it with `check-index` ops).
+    pub(super) fn kv_delete(key: &str) -> Self {
+        Self::Kv(KvOp {
+            verb: "delete",
+            key: key.to_owned(),
+            value: None,
+            index: 0,
+        })
+    }
+
     /// A KV `delete-cas`: delete `key` only while at `index`.
     pub(super) fn kv_delete_cas(key: &str, index: u64) -> Self {
         Self::Kv(KvOp {
@@ -411,6 +431,9 @@ pub(super) struct TxnError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub(super) struct KvEntry {
+    /// The key.
+    #[serde(default)]
+    pub(super) key: String,
     /// Base64, or null for an empty value.
     pub(super) value: Option<String>,
     pub(super) modify_index: u64,

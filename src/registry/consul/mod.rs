@@ -146,6 +146,7 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul unreachable or without a leader.
     pub async fn check(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         let leader = self
             .inner
             .api
@@ -163,12 +164,14 @@ impl ConsulRegistry {
                 Ok(())
             }
         });
-        self.record("connect", leader.as_ref().err());
+        self.record("connect", started, leader.as_ref().err());
         leader
     }
 
-    /// Counts a request's failure by operation and tracks whether Consul answers.
-    fn record(&self, op: &'static str, error: Option<&Error>) {
+    /// Records a request's latency (from `started`), counts its failure by operation, and
+    /// tracks whether Consul answers.
+    fn record(&self, op: &'static str, started: std::time::Instant, error: Option<&Error>) {
+        self.inner.metrics.observe_request("consul", op, started);
         self.inner.metrics.backend_result(
             "consul",
             op,
@@ -195,8 +198,9 @@ impl ConsulRegistry {
                 .chain(guards.iter().cloned())
                 .chain(ops.iter().cloned())
                 .collect();
+            let started = std::time::Instant::now();
             let outcome = self.inner.api.txn(op, &all).await;
-            self.record("txn", outcome.as_ref().err());
+            self.record("txn", started, outcome.as_ref().err());
             let errors = match outcome? {
                 TxnOutcome::Committed(results) => return Ok(Guarded::Committed(results)),
                 TxnOutcome::RolledBack(errors) => errors,
@@ -254,12 +258,36 @@ impl Backend for ConsulRegistry {
         ConsulRegistry::claim(self, target, owner).await
     }
 
+    async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
+        ConsulRegistry::owner_of(self, target).await
+    }
+
+    async fn owners(&self) -> Result<Vec<(String, Owner)>> {
+        ConsulRegistry::owners(self).await
+    }
+
+    async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
+        ConsulRegistry::heartbeat(self, instance, beat).await
+    }
+
+    async fn forget_writer(&self, instance: &str) -> Result<()> {
+        ConsulRegistry::forget_writer(self, instance).await
+    }
+
     async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
         ConsulRegistry::take_over(self, target, owner, version).await
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
         ConsulRegistry::sync(self, publication).await
+    }
+
+    async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
+        ConsulRegistry::record_publication(self, target, owner, record).await
+    }
+
+    async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
+        ConsulRegistry::publication_record(self, uid).await
     }
 
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {

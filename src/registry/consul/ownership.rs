@@ -17,6 +17,7 @@ impl ConsulRegistry {
 
     /// The ownership record of `service` and its index.
     pub(super) async fn read_owner(&self, service: &str) -> Result<Option<KvEntry>> {
+        let started = std::time::Instant::now();
         let read = self
             .inner
             .api
@@ -26,8 +27,162 @@ impl ConsulRegistry {
                 &[],
             )
             .await;
-        self.record("read", read.as_ref().err());
+        self.record("read", started, read.as_ref().err());
         Ok(read?.body.and_then(|e| e.into_iter().next()))
+    }
+
+    /// The KV key of an owner's publication record, `<records-root>/published/<uid>`.
+    #[must_use]
+    pub fn publication_key(&self, uid: &str) -> String {
+        format!("{}/published/{uid}", self.inner.config.records_root())
+    }
+
+    /// Writes `owner`'s publication record, guarded on its ownership of `service`.
+    ///
+    /// # Errors
+    /// [`Error::OwnershipLost`]; Consul failures.
+    pub async fn record_publication(
+        &self,
+        service: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<()> {
+        let lost = || Error::OwnershipLost {
+            target: service.to_owned(),
+        };
+        let entry = self.read_owner(service).await?.ok_or_else(lost)?;
+        if entry.bytes() != owner.record() {
+            self.forget_claim(service);
+            return Err(lost());
+        }
+        let guard = vec![TxnOp::check_index(
+            &self.owner_key(service),
+            entry.modify_index,
+        )];
+        let set = vec![TxnOp::kv_set(&self.publication_key(&owner.uid), record)];
+        match self.guarded("record publication", guard, set).await? {
+            Guarded::Committed(_) => Ok(()),
+            Guarded::GuardFailed => {
+                self.forget_claim(service);
+                Err(lost())
+            }
+            Guarded::OpFailed(e) => Err(self.refused("record publication", &e)),
+        }
+    }
+
+    /// The publication record of the owner `uid`.
+    ///
+    /// # Errors
+    /// Consul failures.
+    pub async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
+        let started = std::time::Instant::now();
+        let read = self
+            .inner
+            .api
+            .get::<Vec<KvEntry>>(
+                "read publication record",
+                &format!("/v1/kv/{}", self.publication_key(uid)),
+                &[],
+            )
+            .await;
+        self.record("read", started, read.as_ref().err());
+        Ok(read?
+            .body
+            .and_then(|e| e.into_iter().next())
+            .map(|entry| entry.bytes()))
+    }
+
+    /// See [`crate::registry::Backend::heartbeat`]: KV `<records-root>/writers/<instance>`.
+    ///
+    /// # Errors
+    /// Consul failures.
+    pub async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
+        let prefix = format!("{}/writers/", self.inner.config.records_root());
+        let started = std::time::Instant::now();
+        let set = vec![TxnOp::kv_set(
+            &format!("{prefix}{instance}"),
+            beat.to_string().as_bytes(),
+        )];
+        let outcome = self.inner.api.txn("announce writer", &set).await;
+        self.record("txn", started, outcome.as_ref().err());
+        outcome?;
+        let started = std::time::Instant::now();
+        let read = self
+            .inner
+            .api
+            .get::<Vec<KvEntry>>(
+                "read writers",
+                &format!("/v1/kv/{prefix}"),
+                &[("recurse", "true")],
+            )
+            .await;
+        self.record("read", started, read.as_ref().err());
+        Ok(read?
+            .body
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|entry| {
+                let other = entry.key.strip_prefix(&prefix)?.to_owned();
+                let beat = String::from_utf8(entry.bytes()).ok()?.parse().ok()?;
+                (other != instance).then_some((other, beat))
+            })
+            .collect())
+    }
+
+    /// See [`crate::registry::Backend::forget_writer`].
+    ///
+    /// # Errors
+    /// Consul failures.
+    pub async fn forget_writer(&self, instance: &str) -> Result<()> {
+        let key = format!("{}/writers/{instance}", self.inner.config.records_root());
+        let started = std::time::Instant::now();
+        let outcome = self
+            .inner
+            .api
+            .txn("forget writer", &[TxnOp::kv_delete(&key)])
+            .await;
+        self.record("txn", started, outcome.as_ref().err());
+        outcome.map(|_| ())
+    }
+
+    /// Every ownership record under this controller's records root: service and owner.
+    ///
+    /// # Errors
+    /// Consul failures.
+    pub async fn owners(&self) -> Result<Vec<(String, Owner)>> {
+        let started = std::time::Instant::now();
+        let prefix = format!("{}/owners/", self.inner.config.records_root());
+        let read = self
+            .inner
+            .api
+            .get::<Vec<KvEntry>>(
+                "list ownership records",
+                &format!("/v1/kv/{prefix}"),
+                &[("recurse", "true")],
+            )
+            .await;
+        self.record("read", started, read.as_ref().err());
+        Ok(read?
+            .body
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|entry| {
+                let service = entry.key.strip_prefix(&prefix)?.to_owned();
+                let owner = serde_json::from_slice(&entry.bytes()).ok()?;
+                Some((service, owner))
+            })
+            .collect())
+    }
+
+    /// The owner recorded for `service` in Consul's KV store.
+    ///
+    /// # Errors
+    /// Consul failures.
+    pub async fn owner_of(&self, service: &str) -> Result<Option<Owner>> {
+        Ok(self
+            .read_owner(service)
+            .await?
+            .and_then(|entry| serde_json::from_slice(&entry.bytes()).ok()))
     }
 
     /// Claims `service` for `owner` with a create-only CAS (behind the fence). Idempotent for
@@ -168,6 +323,7 @@ impl ConsulRegistry {
             .iter()
             .map(|i| super::instance::Change::Delete(i.id.clone()).op(&self.inner.node, service))
             .collect();
+        ops.push(TxnOp::kv_delete(&self.publication_key(&owner.uid)));
         ops.push(TxnOp::kv_delete_cas(&key, index));
         let mut deleted = 0;
         for batch in batches(ops, self.max_ops(1), super::MAX_TXN_BYTES)? {

@@ -1,5 +1,10 @@
 //! Shared etcd leases: one per distinct TTL, each kept alive by its own task.
 //!
+//! The lease belongs to the registry, not to a process (DESIGN §3): its id is recorded at
+//! `<records-root>/lease/<ttl>`, on the lease itself, so a new process or a new leader *adopts*
+//! the live lease (and its keys stay where they are) instead of granting a new one. Only a lease
+//! that is really gone (expired, revoked, lost with etcd's data) is replaced.
+//!
 //! etcd-client's keep-alive is a bare stream with no timer and no reconnect, so the keeper here
 //! drives `keep_alive()` at TTL/3 itself, rebuilds the keeper and stream after any stream error,
 //! and, when the lease is gone (TTL 0 or "lease not found"), grants a new one and announces it
@@ -45,6 +50,8 @@ pub(crate) struct LeasePool {
     on_replaced: OnReplaced,
     /// Keepers currently in an outage (renewals unanswered).
     outages: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where the live lease of each TTL is recorded, `<records-root>/lease/` (the TTL follows).
+    records: String,
 }
 
 /// A hook run on lease replacement.
@@ -56,6 +63,7 @@ impl LeasePool {
         op_timeout: Duration,
         metrics: Arc<Metrics>,
         on_replaced: OnReplaced,
+        records: String,
     ) -> Self {
         Self {
             client,
@@ -65,6 +73,39 @@ impl LeasePool {
             metrics,
             on_replaced,
             outages: Arc::default(),
+            records,
+        }
+    }
+
+    /// The key recording the live lease for `ttl_secs`.
+    pub(crate) fn record_key(&self, ttl_secs: u64) -> String {
+        format!("{}{ttl_secs}", self.records)
+    }
+
+    /// The lease recorded for `ttl_secs`, when etcd still has it: a previous process's or
+    /// leader's, to be kept alive instead of replaced. An unreadable record is `None`; a failed
+    /// read is an error (a passing fault must not move every key to a new lease).
+    async fn recorded(&self, ttl_secs: u64) -> Result<Option<i64>> {
+        let mut kv = self.client.kv_client();
+        let resp = timeout(
+            "read lease record",
+            self.op_timeout,
+            kv.get(self.record_key(ttl_secs), None),
+        )
+        .await?;
+        let Some(id) = resp
+            .kvs()
+            .first()
+            .and_then(|kv| i64::from_str_radix(kv.value_str().ok()?, 16).ok())
+        else {
+            return Ok(None);
+        };
+        let mut lease = self.client.lease_client();
+        match timeout("read lease", self.op_timeout, lease.time_to_live(id, None)).await {
+            Ok(resp) if resp.ttl() > 0 => Ok(Some(id)),
+            Ok(_) => Ok(None),
+            Err(Error::Etcd { cause, .. }) if is_lease_not_found(&cause) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -85,9 +126,16 @@ impl LeasePool {
         if let Some(slot) = slots.get(&secs) {
             return Ok(*slot.id.borrow());
         }
-        let id = grant(&self.client, secs, self.op_timeout).await?;
-        self.metrics.lease_grants.inc();
-        info!(lease_id = %hex(id), ttl = secs, "granted shared lease");
+        let id = if let Some(id) = self.recorded(secs).await? {
+            self.metrics.lease_adoptions.inc();
+            info!(lease_id = %hex(id), ttl = secs, "adopted the live shared lease; its keys stay where they are");
+            id
+        } else {
+            let id = grant(&self.client, secs, self.op_timeout).await?;
+            self.metrics.lease_grants.inc();
+            info!(lease_id = %hex(id), ttl = secs, "granted shared lease");
+            id
+        };
         let (tx, rx) = watch::channel(id);
         let suspect = Arc::new(Notify::new());
         let keeper = Keeper {

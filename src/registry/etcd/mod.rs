@@ -54,7 +54,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Whether this replica may write, and the fencing record guarding its writes.
     fence: Mutex<Fence>,
-    /// With a cluster name: the leases this process has marked as its cluster's.
+    /// The leases this process has recorded for adoption (with a cluster name, also marked as
+    /// its cluster's).
     marked: Mutex<std::collections::HashSet<i64>>,
 }
 
@@ -107,6 +108,7 @@ impl EtcdRegistry {
                     claimed.lock().expect("lock").clear();
                 }
             }),
+            format!("{}/lease/", config.records_root()),
         );
         Self {
             inner: Arc::new(Inner {
@@ -156,7 +158,7 @@ impl EtcdRegistry {
         let started = Instant::now();
         let mut kv = self.inner.client.kv_client();
         let resp = super::error::timeout(op, self.inner.config.op_timeout, kv.txn(txn)).await;
-        self.inner.metrics.observe_etcd("txn", started);
+        self.inner.metrics.observe_request("etcd", "txn", started);
         self.record("txn", resp.as_ref().err());
         resp
     }
@@ -190,6 +192,22 @@ impl Backend for EtcdRegistry {
         EtcdRegistry::claim(self, target, owner).await
     }
 
+    async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
+        EtcdRegistry::owner_of(self, target).await
+    }
+
+    async fn owners(&self) -> Result<Vec<(String, Owner)>> {
+        EtcdRegistry::owners(self).await
+    }
+
+    async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
+        EtcdRegistry::heartbeat(self, instance, beat).await
+    }
+
+    async fn forget_writer(&self, instance: &str) -> Result<()> {
+        EtcdRegistry::forget_writer(self, instance).await
+    }
+
     async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
         EtcdRegistry::take_over(self, target, owner, version).await
     }
@@ -203,6 +221,14 @@ impl Backend for EtcdRegistry {
             Arc::new(entries),
         )
         .await
+    }
+
+    async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
+        EtcdRegistry::record_publication(self, target, owner, record).await
+    }
+
+    async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
+        EtcdRegistry::publication_record(self, uid).await
     }
 
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {

@@ -15,6 +15,139 @@ impl EtcdRegistry {
         format!("{}/owners/{target}", self.inner.config.records_root())
     }
 
+    /// The key of an owner's publication record, `<records-root>/published/<uid>`.
+    #[must_use]
+    pub fn publication_key(&self, uid: &str) -> String {
+        format!("{}/published/{uid}", self.inner.config.records_root())
+    }
+
+    /// Writes `owner`'s publication record, guarded on its ownership of `target`.
+    ///
+    /// # Errors
+    /// [`crate::registry::Error::OwnershipLost`]; etcd failures.
+    pub async fn record_publication(
+        &self,
+        target: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<()> {
+        let guard = Compare::value(self.owner_key(target), CompareOp::Equal, owner.record());
+        let put = TxnOp::put(self.publication_key(&owner.uid), record.to_vec(), None);
+        let resp = self
+            .guarded("record publication", vec![guard], vec![put], vec![])
+            .await?;
+        if !resp.succeeded() {
+            self.forget_claim(target);
+            return Err(crate::registry::Error::OwnershipLost {
+                target: target.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The publication record of the owner `uid`.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
+        let started = std::time::Instant::now();
+        let mut kv = self.inner.client.kv_client();
+        let resp = crate::registry::error::timeout(
+            "read publication record",
+            self.inner.config.op_timeout,
+            kv.get(self.publication_key(uid), None),
+        )
+        .await;
+        self.inner.metrics.observe_request("etcd", "range", started);
+        self.record("range", resp.as_ref().err());
+        Ok(resp?.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// See [`crate::registry::Backend::heartbeat`]: `<records-root>/writers/<instance>`.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
+        let prefix = format!("{}/writers/", self.inner.config.records_root());
+        let txn = etcd_client::Txn::new().and_then(vec![
+            TxnOp::put(format!("{prefix}{instance}"), beat.to_string(), None),
+            TxnOp::get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        ]);
+        let resp = self.txn("announce writer", txn).await?;
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            })
+            .flat_map(|g| g.kvs().to_vec())
+            .filter_map(|kv| {
+                let other = kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned();
+                let beat = kv.value_str().ok()?.parse().ok()?;
+                (other != instance).then_some((other, beat))
+            })
+            .collect())
+    }
+
+    /// See [`crate::registry::Backend::forget_writer`].
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn forget_writer(&self, instance: &str) -> Result<()> {
+        let key = format!("{}/writers/{instance}", self.inner.config.records_root());
+        let txn = etcd_client::Txn::new().and_then(vec![TxnOp::delete(key, None)]);
+        self.txn("forget writer", txn).await.map(|_| ())
+    }
+
+    /// Every ownership record under this controller's records root: target and owner.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn owners(&self) -> Result<Vec<(String, Owner)>> {
+        let started = std::time::Instant::now();
+        let prefix = format!("{}/owners/", self.inner.config.records_root());
+        let mut kv = self.inner.client.kv_client();
+        let resp = crate::registry::error::timeout(
+            "list ownership records",
+            self.inner.config.op_timeout,
+            kv.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await;
+        self.inner.metrics.observe_request("etcd", "range", started);
+        self.record("range", resp.as_ref().err());
+        Ok(resp?
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let target = kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned();
+                let owner = serde_json::from_slice(kv.value()).ok()?;
+                Some((target, owner))
+            })
+            .collect())
+    }
+
+    /// The owner recorded for `target` in etcd.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
+        let started = std::time::Instant::now();
+        let mut kv = self.inner.client.kv_client();
+        let resp = crate::registry::error::timeout(
+            "read ownership record",
+            self.inner.config.op_timeout,
+            kv.get(self.owner_key(target), None),
+        )
+        .await;
+        self.inner.metrics.observe_request("etcd", "range", started);
+        self.record("range", resp.as_ref().err());
+        Ok(resp?
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+
     /// Claims `target` for `owner` with a compare-and-swap txn.
     ///
     /// Idempotent: claiming a target the same uid already owns succeeds.
@@ -172,6 +305,7 @@ impl EtcdRegistry {
                         Some(DeleteOptions::new().with_prefix()),
                     ),
                     TxnOp::delete(key, None),
+                    TxnOp::delete(self.publication_key(&owner.uid), None),
                 ],
                 vec![],
             )
@@ -203,6 +337,10 @@ impl EtcdRegistry {
             .into_keys()
             .map(|key| Op::Delete { key })
             .collect();
+        let record = self.publication_key(&owner.uid);
+        ops.push(Op::Delete {
+            key: record.clone(),
+        });
         ops.push(Op::Delete { key: key.clone() });
         let mut deleted = 0;
         for batch in batches(&ops, self.inner.config.max_txn_ops, super::MAX_TXN_BYTES) {
@@ -221,7 +359,7 @@ impl EtcdRegistry {
             }
             deleted += batch
                 .iter()
-                .filter(|op| !matches!(op, Op::Delete { key: k } if *k == key))
+                .filter(|op| !matches!(op, Op::Delete { key: k } if *k == key || *k == record))
                 .count();
         }
         self.forget_claim(target);

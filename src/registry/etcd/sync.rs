@@ -56,7 +56,7 @@ impl EtcdRegistry {
             kv.txn(Txn::new().and_then(reads)),
         )
         .await;
-        self.inner.metrics.observe_etcd("range", started);
+        self.inner.metrics.observe_request("etcd", "range", started);
         self.record("range", resp.as_ref().err());
         let resp = resp?;
         let revision = resp.header().map_or(0, |h| h.revision());
@@ -127,28 +127,28 @@ impl EtcdRegistry {
         )
     }
 
-    /// With a cluster name, marks `lease` as this cluster's, on the lease itself (the marker
-    /// goes when the lease does). Once per lease and process.
+    /// Records `lease` as the live lease for `ttl`, on the lease itself (the record goes when the
+    /// lease does), so that the next process or leader adopts it; with a cluster name, also
+    /// marks it as this cluster's. Once per lease and process, behind the leader fence (a
+    /// deposed leader must not point the record at its own lease).
     async fn mark(&self, lease: i64, ttl: Duration) -> Result<()> {
-        let Some(cluster) = &self.inner.config.cluster else {
-            return Ok(());
-        };
         if self.inner.marked.lock().expect("lock").contains(&lease) {
             return Ok(());
         }
-        let mut kv = self.inner.client.kv_client();
-        let resp = timeout(
-            "mark lease",
-            self.inner.config.op_timeout,
-            kv.put(
+        let on_lease = || Some(PutOptions::new().with_lease(lease));
+        let mut puts = vec![TxnOp::put(
+            self.inner.leases.record_key(ttl.as_secs().max(1)),
+            format!("{lease:x}"),
+            on_lease(),
+        )];
+        if let Some(cluster) = &self.inner.config.cluster {
+            puts.push(TxnOp::put(
                 self.lease_marker(Some(lease)),
                 cluster.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await;
-        self.record("put", resp.as_ref().err());
-        match resp {
+                on_lease(),
+            ));
+        }
+        match self.guarded("record lease", vec![], puts, vec![]).await {
             Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
                 // As for a write: the keeper checks at once and announces a new lease.
                 self.inner.leases.suspect(ttl).await;

@@ -68,10 +68,12 @@ impl ServiceEndpoints {
         }
         let mut ids = Vec::with_capacity(own.len());
         for (id, mut candidate) in own {
-            candidate.observed = match before(&id) {
-                Some(old) if old.same_registrable_state(&candidate) => old.observed,
-                Some(_) => Some(now),
-                None => fresh,
+            // An unchanged endpoint keeps when it was seen and triggered to change; a changed one
+            // is seen now, triggered when its slice says.
+            (candidate.observed, candidate.changed) = match before(&id) {
+                Some(old) if old.same_registrable_state(&candidate) => (old.observed, old.changed),
+                Some(_) => (Some(now), candidate.changed),
+                None => (fresh, fresh.and(candidate.changed)),
             };
             self.copies
                 .entry(id.clone())

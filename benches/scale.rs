@@ -258,9 +258,18 @@ async fn handover(
             .map(|s| (s.name_any(), s.resource_version().unwrap_or_default()))
             .collect::<std::collections::HashMap<_, _>>()
     };
-    // Let the first process's status writes settle before the baseline.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let before = versions(client.clone()).await;
+    // The baseline once the first process's writes behind (finalizers, status) have settled:
+    // no GrpcService changed for 2 s.
+    let mut before = versions(client.clone()).await;
+    let settling = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = versions(client.clone()).await;
+        if now == before || settling.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        before = now;
+    }
     let killed = Instant::now();
     drop(first);
     let next = match kind {

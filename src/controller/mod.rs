@@ -344,7 +344,23 @@ pub async fn run(
                 services_done.send_replace(true);
             }
         })
-        .applied_objects();
+        .applied_objects()
+        // Only what a reconcile acts on wakes it: a new generation (the spec) or a deletion.
+        // The status, finalizer and Event writes of its own reconciles do not.
+        .predicate_filter(
+            |svc: &GrpcService| {
+                use std::hash::{Hash, Hasher};
+                let mut hash = std::collections::hash_map::DefaultHasher::new();
+                (
+                    svc.uid(),
+                    svc.metadata.generation,
+                    svc.metadata.deletion_timestamp.is_some(),
+                )
+                    .hash(&mut hash);
+                Some(hash.finish())
+            },
+            kube::runtime::PredicateConfig::default(),
+        );
 
     let replays = metrics.clone();
     let backend_events = futures::stream::unfold(backend.events(), move |mut rx| {

@@ -46,7 +46,7 @@ impl GrpcService {
             Ok(Ok(plan)) => plan,
             Ok(Err(e)) => return self.invalid_spec(ctx, &e).await,
             Err(e) => {
-                let published = self.status.as_ref().and_then(|s| s.target.clone());
+                let published = self.published_target(ctx);
                 return self
                     .backend_failed(ctx, published.as_deref().unwrap_or_default(), None, e)
                     .await;
@@ -64,8 +64,8 @@ impl GrpcService {
             // Nothing was released or claimed: status keeps naming the target still published
             // (a changed target is shown only once it is taken), so that the next valid spec
             // releases the right one.
-            let published = self.status.as_ref().and_then(|s| s.target.as_deref());
-            let shown = match published {
+            let published = self.published_target(ctx);
+            let shown = match published.as_deref() {
                 Some(old) if old != plan.target => None,
                 _ => Some(plan.target.as_str()),
             };
@@ -73,7 +73,7 @@ impl GrpcService {
         }
 
         // A changed target: free the old one first, so it never holds stale endpoints.
-        if let Some(old) = self.status.as_ref().and_then(|s| s.target.as_deref())
+        if let Some(old) = self.published_target(ctx).as_deref()
             && old != plan.target
         {
             let deleted = ctx.backend.release(old, &owner).await?;
@@ -213,6 +213,12 @@ impl GrpcService {
         Ok(Action::requeue(event_due.unwrap_or(RESYNC)))
     }
 
+    /// The target status names, as this process last wrote or queued it (a status written
+    /// behind may not have reached the watch yet), else as the object carries it.
+    fn published_target(&self, ctx: &Context) -> Option<String> {
+        ctx.writer.latest(self).and_then(|s| s.target)
+    }
+
     /// The validated spec. A service still published under the target it had before the
     /// current tenancy rule (a Consul name from before namespace-qualified names) keeps it
     /// while the registry's ownership record names this service, so that an upgrade renames
@@ -222,9 +228,9 @@ impl GrpcService {
         ctx: &Context,
         owner: &Owner,
     ) -> Result<Result<Plan, SpecError>, registry::Error> {
-        let published = self.status.as_ref().and_then(|s| s.target.as_deref());
+        let published = self.published_target(ctx);
         if let Some(old) = Plan::pre_rule_target(self, &ctx.policy)
-            && published == Some(old.as_str())
+            && published.as_deref() == Some(old.as_str())
             && ctx
                 .backend
                 .owner_of(&old)
@@ -482,12 +488,7 @@ impl GrpcService {
     /// Deletes this service's keys and ownership record; the finalizer is released after.
     pub(super) async fn cleanup(&self, ctx: &Context) -> Result<Action> {
         let owner = self.owner()?;
-        let mut targets: Vec<String> = self
-            .status
-            .as_ref()
-            .and_then(|s| s.target.clone())
-            .into_iter()
-            .collect();
+        let mut targets: Vec<String> = self.published_target(ctx).into_iter().collect();
         // What the spec names now, and what was last published validly (the spec may have
         // moved to another backend or target since), as the registry recorded it.
         let published = ctx

@@ -27,6 +27,7 @@ fn the_prometheus_rule_alerts_on_the_failures_that_matter_and_is_configurable() 
     for (name, severity, wait) in [
         ("GrpcRegistrarNoLeader", "critical", Some("5m")),
         ("GrpcRegistrarBackendDisconnected", "critical", Some("2m")),
+        ("GrpcRegistrarMultipleWriters", "critical", Some("2m")),
         ("GrpcRegistrarReconcileFailures", "warning", Some("15m")),
         ("GrpcRegistrarServiceNotRegistered", "critical", Some("10m")),
         (

@@ -147,6 +147,7 @@ fn main() {
         trial(&runtime, &plane, "faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl", faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl),
         trial(&runtime, &plane, "faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing", faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing),
         trial(&runtime, &plane, "faults::a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and_no_owner_record", faults::a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and_no_owner_record),
+        trial(&runtime, &plane, "faults::a_restart_with_thousands_of_keys_on_a_short_ttl_writes_nothing", faults::a_restart_with_thousands_of_keys_on_a_short_ttl_writes_nothing),
         trial(&runtime, &plane, "faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry", faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry),
         trial(&runtime, &plane, "faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing", faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing),
         trial(&runtime, &plane, "faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing", faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing),

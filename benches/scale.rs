@@ -223,20 +223,18 @@ async fn handover(
     mut first: Controller,
     kind: Handover,
 ) -> Cost {
-    let verified = |c: &Controller| {
-        let c = c.port;
-        async move {
-            common::metric(
-                &common::http_get(c, "/metrics")
-                    .await
-                    .map(|(_, b)| b)
-                    .unwrap_or_default(),
-                "grpc_registrar_reconcile_duration_seconds_count",
-            ) >= services as f64
-        }
+    // Reconciles this process finished (each service once at least, once all are verified).
+    let reconciled = |port: u16| async move {
+        common::metric(
+            &common::http_get(port, "/metrics")
+                .await
+                .map(|(_, b)| b)
+                .unwrap_or_default(),
+            "grpc_registrar_reconcile_duration_seconds_count",
+        )
     };
     first.synced().await;
-    while !verified(&first).await {
+    while reconciled(first.port).await < services as f64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let prefix = format!("services/{ns}/");
@@ -279,21 +277,9 @@ async fn handover(
     let started = Instant::now();
     // The standby's reconciles count from when it became the leader: wait for a count that
     // covers every service after the kill.
-    let base = common::metric(
-        &common::http_get(next.port, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default(),
-        "grpc_registrar_reconcile_duration_seconds_count",
-    );
+    let base = reconciled(next.port).await;
     loop {
-        let now = common::metric(
-            &common::http_get(next.port, "/metrics")
-                .await
-                .map(|(_, b)| b)
-                .unwrap_or_default(),
-            "grpc_registrar_reconcile_duration_seconds_count",
-        );
+        let now = reconciled(next.port).await;
         if now - base >= services as f64 {
             break;
         }

@@ -29,6 +29,14 @@ where
     test_support::eventually(what, Duration::from_secs(30), check).await;
 }
 
+/// The control plane's client configuration, for a controller client the test adjusts.
+async fn client_config(plane: &ControlPlane) -> kube::Config {
+    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig()).unwrap();
+    kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap()
+}
+
 /// One test's world.
 pub struct Env {
     pub client: kube::Client,
@@ -58,13 +66,7 @@ impl Env {
     pub async fn behind_api_proxy(plane: Arc<ControlPlane>, ns: &str) -> (Self, TcpProxy) {
         let upstream = plane.url().trim_start_matches("https://").parse().unwrap();
         let proxy = TcpProxy::start(upstream).await;
-        let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig()).unwrap();
-        let mut config = kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .unwrap();
+        let mut config = client_config(&plane).await;
         config.cluster_url = format!("https://{}", proxy.addr()).parse().unwrap();
         let client = kube::Client::try_from(config).unwrap();
         (
@@ -85,13 +87,7 @@ impl Env {
     /// As [`Env::new`], with the controller acting as the user `user` (impersonated), whose
     /// permissions the test grants itself.
     pub async fn as_user(plane: Arc<ControlPlane>, ns: &str, user: &str) -> Self {
-        let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig()).unwrap();
-        let mut config = kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .unwrap();
+        let mut config = client_config(&plane).await;
         config.auth_info.impersonate = Some(user.to_owned());
         let client = kube::Client::try_from(config).unwrap();
         Self::build(

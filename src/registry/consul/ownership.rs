@@ -106,24 +106,12 @@ impl ConsulRegistry {
         let outcome = self.inner.api.txn("announce writer", &set).await;
         self.record("txn", started, outcome.as_ref().err());
         outcome?;
-        let started = std::time::Instant::now();
-        let read = self
-            .inner
-            .api
-            .get::<Vec<KvEntry>>(
-                "read writers",
-                &format!("/v1/kv/{prefix}"),
-                &[("recurse", "true")],
-            )
-            .await;
-        self.record("read", started, read.as_ref().err());
-        Ok(read?
-            .body
-            .unwrap_or_default()
+        Ok(self
+            .kv_under("read writers", &prefix)
+            .await?
             .into_iter()
-            .filter_map(|entry| {
-                let other = entry.key.strip_prefix(&prefix)?.to_owned();
-                let beat = String::from_utf8(entry.bytes()).ok()?.parse().ok()?;
+            .filter_map(|(other, value)| {
+                let beat = String::from_utf8(value).ok()?.parse().ok()?;
                 (other != instance).then_some((other, beat))
             })
             .collect())
@@ -150,27 +138,29 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn owners(&self) -> Result<Vec<(String, Owner)>> {
-        let started = std::time::Instant::now();
         let prefix = format!("{}/owners/", self.inner.config.records_root());
+        Ok(self
+            .kv_under("list ownership records", &prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(service, value)| Some((service, serde_json::from_slice(&value).ok()?)))
+            .collect())
+    }
+
+    /// Every KV entry under `prefix`: the rest of its key, and its value.
+    async fn kv_under(&self, op: &'static str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let started = std::time::Instant::now();
         let read = self
             .inner
             .api
-            .get::<Vec<KvEntry>>(
-                "list ownership records",
-                &format!("/v1/kv/{prefix}"),
-                &[("recurse", "true")],
-            )
+            .get::<Vec<KvEntry>>(op, &format!("/v1/kv/{prefix}"), &[("recurse", "true")])
             .await;
         self.record("read", started, read.as_ref().err());
         Ok(read?
             .body
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|entry| {
-                let service = entry.key.strip_prefix(&prefix)?.to_owned();
-                let owner = serde_json::from_slice(&entry.bytes()).ok()?;
-                Some((service, owner))
-            })
+            .filter_map(|entry| Some((entry.key.strip_prefix(prefix)?.to_owned(), entry.bytes())))
             .collect())
     }
 

@@ -57,6 +57,8 @@ mod channel;
 mod connector;
 mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod internals;
 mod options;
 pub mod policy;
 mod pool;

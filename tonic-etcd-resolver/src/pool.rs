@@ -369,6 +369,11 @@ impl Pool {
             .collect()
     }
 
+    /// How many endpoints are connected.
+    pub(crate) fn ready_count(&self) -> usize {
+        self.ready_set().len()
+    }
+
     /// Addresses an RPC may currently go to: connected, serving and not ejected.
     pub(crate) fn pickable_addrs(&self) -> Vec<String> {
         let now = self.now();
@@ -390,6 +395,38 @@ impl Pool {
                 )
             })
             .collect()
+    }
+
+    /// Adds `addr` to the ready set as if its member had connected, with a lazy channel that
+    /// opens no socket until used: for the pick benchmark ([`crate::internals`]).
+    ///
+    /// # Errors
+    /// When the address does not make a URI.
+    pub(crate) fn insert_unconnected(&self, addr: &str, meta: Meta) -> crate::Result<()> {
+        let channel = self.options.endpoint(addr)?.connect_lazy();
+        self.update_ready(|set| {
+            set.push(Ready {
+                addr: addr.into(),
+                channel,
+                health: Arc::default(),
+                shared: Arc::new(Shared::new()),
+                meta,
+            });
+        });
+        Ok(())
+    }
+
+    /// Counts the ready set's local endpoints as the registered ones, as [`Pool::set`] does
+    /// from the registry: for the pick benchmark.
+    pub(crate) fn set_registered_local_for_bench(&self) {
+        if let Some(zone) = &self.options.zone {
+            let local = self
+                .ready_set()
+                .iter()
+                .filter(|r| r.meta.zone.as_deref() == Some(zone.zone.as_str()))
+                .count();
+            self.registered_local.store(local, Ordering::Relaxed);
+        }
     }
 
     fn update_ready(&self, f: impl FnOnce(&mut Vec<Ready>)) {

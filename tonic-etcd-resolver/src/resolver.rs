@@ -205,6 +205,11 @@ impl Resolver {
         self.pool.ready_addrs()
     }
 
+    /// How many endpoints are connected (the length of [`Resolver::ready_endpoints`]).
+    pub(crate) fn ready_count(&self) -> usize {
+        self.pool.ready_count()
+    }
+
     /// Addresses an RPC may go to now: connected, not reporting `NOT_SERVING` to a
     /// [`crate::HealthCheck`] and not ejected by [`crate::OutlierDetection`] (before any
     /// zone preference narrows them).

@@ -5,10 +5,15 @@
 //! (the backend died) marks the endpoint down at once, before any RPC has to fail on it. A
 //! transport error on an RPC does the same. A per-endpoint task then probes with backoff and
 //! puts it back when it answers.
+//!
+//! With subsetting ([`crate::Options::subset`]) only the members of this client's subset are
+//! connected: the highest-ranked registered endpoints ([`Ranked`]) until enough are usable.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -20,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::connector::WatchedConnector;
 use crate::policy::outlier::{OutlierState, max_ejected};
 use crate::policy::p2c::{self, Load};
-use crate::policy::weighted::Swrr;
+use crate::policy::{Rendezvous, default_client_id, weighted};
 use crate::{Balance, Options};
 
 /// One endpoint's connection up/down flag.
@@ -55,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicUsize,
     /// False while an active health check says `NOT_SERVING`.
     pub(crate) serving: Arc<AtomicBool>,
+    /// Smooth weighted round-robin's current weight, changed only under the pool's `swrr` lock.
+    swrr: AtomicI64,
     /// End of the current ejection, in nanoseconds from the pool's start; 0 when none.
     ejected_until: AtomicU64,
     /// Failure record for outlier detection.
@@ -106,23 +113,95 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Every backend the registry lists, and the subset that may be picked.
+/// The endpoints the policies may pick from, computed once per change rather than per pick.
+#[derive(Default)]
+struct Cache {
+    /// Up, serving, not ejected and (with a zone preference that holds) local.
+    candidates: Vec<Arc<Ready>>,
+    /// When the first ejection among the ready set ends (pool clock): stale from then.
+    until: Option<Duration>,
+}
+
+/// Subsetting: every registered endpoint, ranked by this client's rendezvous weights.
+struct Ranked {
+    /// How many usable endpoints to connect to.
+    size: usize,
+    /// This client's weights.
+    rendezvous: Rendezvous,
+    /// Every registered endpoint: its weight and metadata.
+    registered: HashMap<String, (u64, Meta)>,
+    /// The same addresses, highest weight first.
+    order: BTreeSet<(Reverse<u64>, String)>,
+}
+
+impl Ranked {
+    /// Registers `addr` with `meta`, or with `None` unregisters it.
+    fn apply(&mut self, addr: String, meta: Option<Meta>) {
+        match meta {
+            Some(meta) => match self.registered.get_mut(&addr) {
+                Some((_, known)) => *known = meta,
+                None => {
+                    let weight = self.rendezvous.weight(&addr);
+                    self.order.insert((Reverse(weight), addr.clone()));
+                    self.registered.insert(addr, (weight, meta));
+                }
+            },
+            None => {
+                if let Some((weight, _)) = self.registered.remove(&addr) {
+                    self.order.remove(&(Reverse(weight), addr));
+                }
+            }
+        }
+    }
+
+    /// Makes the registered set equal `endpoints`, in time proportional to what changed plus
+    /// one pass to find what did.
+    fn set(&mut self, endpoints: &BTreeMap<String, Meta>) {
+        let order = &mut self.order;
+        self.registered.retain(|addr, (weight, _)| {
+            let keep = endpoints.contains_key(addr);
+            if !keep {
+                order.remove(&(Reverse(*weight), addr.clone()));
+            }
+            keep
+        });
+        for (addr, meta) in endpoints {
+            match self.registered.get_mut(addr) {
+                Some((_, known)) => known.clone_from(meta),
+                None => {
+                    let weight = self.rendezvous.weight(addr);
+                    self.order.insert((Reverse(weight), addr.clone()));
+                    self.registered.insert(addr.clone(), (weight, meta.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Every backend the registry lists (or this client's subset of them), and which may be picked.
 pub(crate) struct Pool {
     /// The resolved target, for messages.
     target: Arc<str>,
     options: Options,
     members: Mutex<HashMap<String, Member>>,
-    ready: RwLock<Arc<Vec<Ready>>>,
+    /// With subsetting, the registered endpoints ranked; members are a prefix of them.
+    ranked: Option<Mutex<Ranked>>,
+    /// The endpoints up, sorted by address. Picks read it under the lock, without copying.
+    ready: RwLock<Vec<Arc<Ready>>>,
     /// Signalled whenever the ready set changes, a first probe finishes or a health status
     /// changes.
     pub(crate) changed: Notify,
     next: AtomicUsize,
     /// Members whose first probe has not finished: an RPC waits for them rather than failing.
     unprobed: AtomicUsize,
-    /// Registered endpoints in the client's zone, for the spill-over threshold.
+    /// Endpoints in the client's zone among the members, for the spill-over threshold.
     registered_local: AtomicUsize,
-    /// Smooth weighted round-robin state.
-    swrr: Mutex<Swrr<Arc<str>>>,
+    /// The candidates of the policies other than plain round-robin, and until when they hold.
+    cache: RwLock<Cache>,
+    /// Set when something the candidates depend on changed.
+    stale: AtomicBool,
+    /// Serializes smooth weighted round-robin picks (their state is in each [`Shared`]).
+    swrr: Mutex<()>,
     /// Serializes ejections, so the cap holds.
     ejecting: Mutex<()>,
     /// The clock's origin for ejection times.
@@ -141,16 +220,29 @@ impl Pool {
             && options.zone.is_none()
             && options.outlier.is_none()
             && options.health_check.is_none();
+        let ranked = options.subset.map(|size| {
+            let client_id = options.client_id.clone().unwrap_or_else(default_client_id);
+            info!(target, client_id, size, "subsetting");
+            Mutex::new(Ranked {
+                size,
+                rendezvous: Rendezvous::new(&client_id),
+                registered: HashMap::new(),
+                order: BTreeSet::new(),
+            })
+        });
         Arc::new(Self {
             target: target.into(),
             options,
             members: Mutex::default(),
+            ranked,
             ready: RwLock::default(),
             changed: Notify::new(),
             next: AtomicUsize::new(0),
             unprobed: AtomicUsize::new(0),
             registered_local: AtomicUsize::new(0),
-            swrr: Mutex::default(),
+            cache: RwLock::default(),
+            stale: AtomicBool::new(true),
+            swrr: Mutex::new(()),
             ejecting: Mutex::new(()),
             epoch: Instant::now(),
             simple,
@@ -174,129 +266,281 @@ impl Pool {
         self.epoch.elapsed()
     }
 
-    fn ready_set(&self) -> Arc<Vec<Ready>> {
-        self.ready
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn ready_set(&self) -> RwLockReadGuard<'_, Vec<Arc<Ready>>> {
+        self.ready.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Makes the member set equal `endpoints` (address to metadata): new addresses start
-    /// connecting, gone ones are dropped from the ready set at once, changed metadata applies
-    /// without reconnecting.
+    /// Makes the registered set equal `endpoints` (address to metadata). Without subsetting
+    /// every one is a member; with it, the members are this client's subset of them. New
+    /// members start connecting, gone ones are dropped from the ready set at once, changed
+    /// metadata applies without reconnecting.
     pub(crate) fn set(self: &Arc<Self>, endpoints: &BTreeMap<String, Meta>) {
         let mut members = lock(&self.members);
+        let desired = match &self.ranked {
+            None => Cow::Borrowed(endpoints),
+            Some(ranked) => {
+                let mut ranked = lock(ranked);
+                ranked.set(endpoints);
+                Cow::Owned(self.select(&ranked, &members))
+            }
+        };
+        self.reconcile(&mut members, &desired);
+    }
+
+    /// Applies changes to single addresses (their metadata, or `None` when no longer
+    /// registered), in time proportional to what changed: a few map operations each, and with
+    /// subsetting one walk down the subset.
+    pub(crate) fn apply(self: &Arc<Self>, changes: Vec<(String, Option<Meta>)>) {
+        let mut members = lock(&self.members);
+        if let Some(ranked) = &self.ranked {
+            let mut ranked = lock(ranked);
+            for (addr, meta) in changes {
+                ranked.apply(addr, meta);
+            }
+            let desired = self.select(&ranked, &members);
+            drop(ranked);
+            self.reconcile(&mut members, &desired);
+            return;
+        }
+        let mut gone = Vec::new();
+        for (addr, meta) in changes {
+            match meta {
+                Some(meta) => self.upsert(&mut members, &addr, &meta),
+                None => gone.push(addr),
+            }
+        }
+        self.remove(&mut members, &gone);
+    }
+
+    /// With subsetting, recomputes the members after an endpoint went down, came up, changed
+    /// its serving status, or was ejected or let back.
+    pub(crate) fn resubset(self: &Arc<Self>) {
+        let Some(ranked) = &self.ranked else { return };
+        let mut members = lock(&self.members);
+        let desired = self.select(&lock(ranked), &members);
+        self.reconcile(&mut members, &desired);
+    }
+
+    /// The subset: registered endpoints in rank order until `size` of them are usable. A
+    /// member is usable while its first probe is pending, or when it is up, serving and not
+    /// ejected; an endpoint not yet a member counts as usable (it is about to be tried). The
+    /// unusable ones ranked above keep their place (and their probing), so each takes its
+    /// place back when it recovers.
+    fn select(&self, ranked: &Ranked, members: &HashMap<String, Member>) -> BTreeMap<String, Meta> {
+        let ready = self.ready_set();
+        let now = self.now();
+        let usable = |addr: &str| match members.get(addr) {
+            None => true,
+            Some(m) if !m.probed.load(Ordering::Acquire) => true,
+            Some(_) => ready
+                .binary_search_by(|r| (*r.addr).cmp(addr))
+                .is_ok_and(|i| pickable(&ready[i], now)),
+        };
+        let mut out = BTreeMap::new();
+        let mut usable_count = 0;
+        for (_, addr) in &ranked.order {
+            if usable_count == ranked.size {
+                break;
+            }
+            if usable(addr) {
+                usable_count += 1;
+            }
+            if let Some((_, meta)) = ranked.registered.get(addr) {
+                out.insert(addr.clone(), meta.clone());
+            }
+        }
+        out
+    }
+
+    /// Makes the members equal `desired`.
+    fn reconcile(
+        self: &Arc<Self>,
+        members: &mut HashMap<String, Member>,
+        desired: &BTreeMap<String, Meta>,
+    ) {
         let gone: Vec<String> = members
             .keys()
-            .filter(|a| !endpoints.contains_key(*a))
+            .filter(|a| !desired.contains_key(*a))
             .cloned()
             .collect();
-        for addr in &gone {
+        self.remove(members, &gone);
+        for (addr, meta) in desired {
+            self.upsert(members, addr, meta);
+        }
+    }
+
+    /// Whether `meta` puts an endpoint in the client's zone.
+    fn is_local(&self, meta: &Meta) -> bool {
+        self.options
+            .zone
+            .as_ref()
+            .is_some_and(|z| meta.zone.as_deref() == Some(z.zone.as_str()))
+    }
+
+    /// Stops connecting to `gone`: out of the ready set at once, their tasks aborted.
+    fn remove(&self, members: &mut HashMap<String, Member>, gone: &[String]) {
+        let gone: Vec<(&String, Member)> = gone
+            .iter()
+            .filter_map(|a| members.remove(a).map(|m| (a, m)))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.update_ready(|ready| {
+            for (addr, member) in &gone {
+                member.removed.store(true, Ordering::Release);
+                if let Ok(i) = ready.binary_search_by(|r| (*r.addr).cmp(addr.as_str())) {
+                    ready.remove(i);
+                }
+            }
+        });
+        for (addr, member) in gone {
             info!(addr, "endpoint removed");
+            if self.is_local(&lock(&member.meta)) {
+                self.registered_local.fetch_sub(1, Ordering::Relaxed);
+                self.invalidate();
+            }
+            member.task.abort();
+            self.probed(&member.probed);
         }
-        if !gone.is_empty() {
-            let gone: Vec<Member> = gone.iter().filter_map(|a| members.remove(a)).collect();
+    }
+
+    /// Starts connecting to `addr`, or applies its new metadata without reconnecting.
+    fn upsert(self: &Arc<Self>, members: &mut HashMap<String, Member>, addr: &str, meta: &Meta) {
+        if let Some(member) = members.get(addr) {
+            let known = lock(&member.meta).clone();
+            if known == *meta {
+                return;
+            }
+            debug!(addr, weight = meta.weight, zone = ?meta.zone, "endpoint metadata changed");
+            match (self.is_local(&known), self.is_local(meta)) {
+                (false, true) => self.registered_local.fetch_add(1, Ordering::Relaxed),
+                (true, false) => self.registered_local.fetch_sub(1, Ordering::Relaxed),
+                _ => 0,
+            };
+            self.invalidate();
+            // Under the ready set's lock, as the member task reads it, so neither side sees a
+            // stale copy.
             self.update_ready(|ready| {
-                for member in &gone {
-                    member.removed.store(true, Ordering::Release);
+                lock(&member.meta).clone_from(meta);
+                if let Ok(i) = ready.binary_search_by(|r| (*r.addr).cmp(addr)) {
+                    let mut updated = Ready::clone(&ready[i]);
+                    updated.meta.clone_from(meta);
+                    ready[i] = Arc::new(updated);
                 }
-                ready.retain(|r| endpoints.contains_key(&*r.addr));
             });
-            for member in gone {
-                member.task.abort();
-                self.probed(&member.probed);
-            }
-            lock(&self.swrr).retain(|k| endpoints.contains_key(&**k));
+            return;
         }
-        for (addr, meta) in endpoints {
-            if let Some(member) = members.get(addr) {
-                if *lock(&member.meta) != *meta {
-                    debug!(addr, weight = meta.weight, zone = ?meta.zone, "endpoint metadata changed");
-                    // Under the ready set's lock, as the member task reads it, so neither
-                    // side sees a stale copy.
-                    self.update_ready(|ready| {
-                        lock(&member.meta).clone_from(meta);
-                        for r in ready.iter_mut().filter(|r| *r.addr == **addr) {
-                            r.meta.clone_from(meta);
-                        }
-                    });
-                }
-                continue;
-            }
-            info!(addr, weight = meta.weight, zone = ?meta.zone, "endpoint added");
-            let probed = Arc::new(AtomicBool::new(false));
-            let shared_meta = Arc::new(Mutex::new(meta.clone()));
-            let removed = Arc::new(AtomicBool::new(false));
-            self.unprobed.fetch_add(1, Ordering::AcqRel);
-            let task = tokio::spawn(member(
-                Arc::downgrade(self),
-                addr.clone(),
-                probed.clone(),
-                shared_meta.clone(),
-                removed.clone(),
-            ));
-            members.insert(
-                addr.clone(),
-                Member {
-                    task,
-                    removed,
-                    probed,
-                    meta: shared_meta,
-                },
-            );
+        info!(addr, weight = meta.weight, zone = ?meta.zone, "endpoint added");
+        if self.is_local(meta) {
+            self.registered_local.fetch_add(1, Ordering::Relaxed);
+            self.invalidate();
         }
-        if let Some(zone) = &self.options.zone {
-            let local = endpoints
-                .values()
-                .filter(|m| m.zone.as_deref() == Some(zone.zone.as_str()))
-                .count();
-            self.registered_local.store(local, Ordering::Relaxed);
-        }
+        let probed = Arc::new(AtomicBool::new(false));
+        let shared_meta = Arc::new(Mutex::new(meta.clone()));
+        let removed = Arc::new(AtomicBool::new(false));
+        self.unprobed.fetch_add(1, Ordering::AcqRel);
+        let task = tokio::spawn(member(
+            Arc::downgrade(self),
+            addr.to_owned(),
+            probed.clone(),
+            shared_meta.clone(),
+            removed.clone(),
+        ));
+        members.insert(
+            addr.to_owned(),
+            Member {
+                task,
+                removed,
+                probed,
+                meta: shared_meta,
+            },
+        );
     }
 
     /// The endpoint for the next RPC: among those up, serving and not ejected, local ones
     /// first with a zone preference, then by the balance policy.
-    pub(crate) fn pick(&self) -> Option<Ready> {
-        let ready = self.ready_set();
-        if ready.is_empty() {
-            return None;
-        }
+    ///
+    /// Round-robin alone reads the ready set under its read lock: an atomic counter, an index,
+    /// and the one `Arc` it returns. The other policies pick from the cached candidates, which
+    /// are rebuilt only after something they depend on changed (the ready set, a health
+    /// status, an ejection or its end, the zone counts): a pick is then O(1), except
+    /// weighted's, which visits every candidate.
+    pub(crate) fn pick(&self) -> Option<Arc<Ready>> {
         if self.simple {
+            let ready = self.ready_set();
+            if ready.is_empty() {
+                return None;
+            }
             let i = self.next.fetch_add(1, Ordering::Relaxed) % ready.len();
             return Some(ready[i].clone());
         }
-        let mut candidates: Vec<&Ready> = ready
-            .iter()
-            .filter(|r| r.shared.serving.load(Ordering::Acquire))
-            .collect();
-        if self.options.outlier.is_some() {
-            let now = self.now();
-            let kept: Vec<&Ready> = candidates
-                .iter()
-                .copied()
-                .filter(|r| !r.shared.ejected(now))
-                .collect();
-            // Never eject the last endpoints: if only ejected ones are left, use them.
-            if !kept.is_empty() {
-                candidates = kept;
+        loop {
+            {
+                let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
+                let fresh = !self.stale.load(Ordering::Acquire)
+                    && cache.until.is_none_or(|until| self.now() < until);
+                if fresh {
+                    return self.choose(&cache.candidates);
+                }
             }
+            self.rebuild();
         }
-        if let Some(zone) = &self.options.zone {
-            candidates = zone.filter(
-                candidates,
-                |r| r.meta.zone.as_deref() == Some(zone.zone.as_str()),
-                self.registered_local.load(Ordering::Relaxed),
-            );
-        }
+    }
+
+    /// Marks the cached candidates stale: the next pick rebuilds them.
+    pub(crate) fn invalidate(&self) {
+        self.stale.store(true, Ordering::Release);
+    }
+
+    /// Rebuilds the candidates from the ready set.
+    fn rebuild(&self) {
+        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        // Before reading: a change from here on marks the new cache stale again.
+        self.stale.store(false, Ordering::Release);
+        let ready = self.ready_set();
+        let now = self.now();
+        let outlier = self.options.outlier.is_some();
+        let serving = |r: &Ready| r.shared.serving.load(Ordering::Acquire);
+        let kept = |r: &Ready| serving(r) && !(outlier && r.shared.ejected(now));
+        // Never eject the last endpoints: if only ejected ones are left, use them.
+        let skip_ejected = outlier && ready.iter().any(|r| kept(r));
+        let up = |r: &Ready| if skip_ejected { kept(r) } else { serving(r) };
+        let local_only = self.options.zone.as_ref().is_some_and(|z| {
+            let local_up = ready
+                .iter()
+                .filter(|r| up(r) && self.is_local(&r.meta))
+                .count();
+            z.keep_local(local_up, self.registered_local.load(Ordering::Relaxed))
+        });
+        cache.candidates = ready
+            .iter()
+            .filter(|r| up(r) && (!local_only || self.is_local(&r.meta)))
+            .cloned()
+            .collect();
+        // The first ejection to end changes the candidates then.
+        cache.until = ready
+            .iter()
+            .filter_map(|r| {
+                let until = r.shared.ejected_until.load(Ordering::Acquire);
+                (outlier && r.shared.ejected(now)).then(|| Duration::from_nanos(until))
+            })
+            .min();
+    }
+
+    /// The balance policy's choice among `candidates`.
+    fn choose(&self, candidates: &[Arc<Ready>]) -> Option<Arc<Ready>> {
         let i = match self.options.balance {
             Balance::RoundRobin => (!candidates.is_empty())
                 .then(|| self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()),
             Balance::Weighted => {
-                let keyed: Vec<(Arc<str>, u32)> = candidates
-                    .iter()
-                    .map(|r| (r.addr.clone(), r.meta.weight))
-                    .collect();
-                lock(&self.swrr).pick(&keyed)
+                let _serial = lock(&self.swrr);
+                return weighted::smooth_pick(
+                    candidates
+                        .iter()
+                        .map(|r| (r, &r.shared.swrr, r.meta.weight)),
+                )
+                .cloned();
             }
             Balance::LeastLoaded => p2c::choose(
                 candidates.len(),
@@ -312,7 +556,7 @@ impl Pool {
 
     /// Records one RPC outcome for outlier detection, ejecting the endpoint when it trips and
     /// the cap allows.
-    pub(crate) fn record(&self, ready: &Ready, failed: bool) {
+    pub(crate) fn record(self: &Arc<Self>, ready: &Ready, failed: bool) {
         let Some(config) = &self.options.outlier else {
             return;
         };
@@ -320,14 +564,16 @@ impl Pool {
         if !lock(&ready.shared.outlier).record(config, now, failed) {
             return;
         }
-        let _serial = lock(&self.ejecting);
+        let serial = lock(&self.ejecting);
         if ready.shared.ejected(now) {
             // Another failing call got here first: one ejection, of its length.
             return;
         }
-        let all = self.ready_set();
-        let ejected = all.iter().filter(|r| r.shared.ejected(now)).count();
-        let allowed = max_ejected(config.max_ejection_percent, all.len());
+        let (ejected, allowed) = {
+            let all = self.ready_set();
+            let ejected = all.iter().filter(|r| r.shared.ejected(now)).count();
+            (ejected, max_ejected(config.max_ejection_percent, all.len()))
+        };
         if ejected >= allowed {
             debug!(
                 addr = &*ready.addr,
@@ -340,12 +586,25 @@ impl Pool {
         };
         let until = u64::try_from((now + length).as_nanos()).unwrap_or(u64::MAX);
         ready.shared.ejected_until.store(until, Ordering::Release);
+        self.invalidate();
+        drop(serial);
         warn!(
             addr = &*ready.addr,
             ejection = ?length,
             ejected = ejected + 1,
             "endpoint ejected as an outlier"
         );
+        if self.ranked.is_some() {
+            // The subset refills now, and gives the filler back when the ejection ends.
+            self.resubset();
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(length).await;
+                if let Some(pool) = pool.upgrade() {
+                    pool.resubset();
+                }
+            });
+        }
     }
 
     /// Whether some endpoint is still on its first connection attempt.
@@ -353,12 +612,14 @@ impl Pool {
         self.unprobed.load(Ordering::Acquire) > 0
     }
 
-    /// Records a member's first probe as finished (once).
-    fn probed(&self, flag: &AtomicBool) {
-        if !flag.swap(true, Ordering::AcqRel) {
+    /// Records a member's first probe as finished; true the first time.
+    fn probed(&self, flag: &AtomicBool) -> bool {
+        let first = !flag.swap(true, Ordering::AcqRel);
+        if first {
             self.unprobed.fetch_sub(1, Ordering::AcqRel);
             self.changed.notify_waiters();
         }
+        first
     }
 
     /// Addresses currently connected, for tests and observability.
@@ -379,7 +640,7 @@ impl Pool {
         let now = self.now();
         self.ready_set()
             .iter()
-            .filter(|r| r.shared.serving.load(Ordering::Acquire) && !r.shared.ejected(now))
+            .filter(|r| pickable(r, now))
             .map(|r| r.addr.to_string())
             .collect()
     }
@@ -397,6 +658,24 @@ impl Pool {
             .collect()
     }
 
+    /// Changes the ready set (kept sorted by address) under its write lock, and tells waiters.
+    fn update_ready(&self, f: impl FnOnce(&mut Vec<Arc<Ready>>)) {
+        {
+            let mut guard = self.ready.write().unwrap_or_else(PoisonError::into_inner);
+            f(&mut guard);
+        }
+        self.invalidate();
+        self.changed.notify_waiters();
+    }
+
+    /// Puts `ready` in the ready set, in address order, replacing any entry for its address.
+    fn insert_ready(set: &mut Vec<Arc<Ready>>, ready: Ready) {
+        match set.binary_search_by(|r| r.addr.cmp(&ready.addr)) {
+            Ok(i) => set[i] = Arc::new(ready),
+            Err(i) => set.insert(i, Arc::new(ready)),
+        }
+    }
+
     /// Adds `addr` to the ready set as if its member had connected, with a lazy channel that
     /// opens no socket until used: for the pick benchmark ([`crate::internals`]).
     ///
@@ -405,13 +684,16 @@ impl Pool {
     pub(crate) fn insert_unconnected(&self, addr: &str, meta: Meta) -> crate::Result<()> {
         let channel = self.options.endpoint(addr)?.connect_lazy();
         self.update_ready(|set| {
-            set.push(Ready {
-                addr: addr.into(),
-                channel,
-                health: Arc::default(),
-                shared: Arc::new(Shared::new()),
-                meta,
-            });
+            Self::insert_ready(
+                set,
+                Ready {
+                    addr: addr.into(),
+                    channel,
+                    health: Arc::default(),
+                    shared: Arc::new(Shared::new()),
+                    meta,
+                },
+            );
         });
         Ok(())
     }
@@ -426,19 +708,14 @@ impl Pool {
                 .filter(|r| r.meta.zone.as_deref() == Some(zone.zone.as_str()))
                 .count();
             self.registered_local.store(local, Ordering::Relaxed);
+            self.invalidate();
         }
     }
+}
 
-    fn update_ready(&self, f: impl FnOnce(&mut Vec<Ready>)) {
-        {
-            let mut guard = self.ready.write().unwrap_or_else(PoisonError::into_inner);
-            let mut next = guard.as_ref().clone();
-            f(&mut next);
-            next.sort_by(|a, b| a.addr.cmp(&b.addr));
-            *guard = Arc::new(next);
-        }
-        self.changed.notify_waiters();
-    }
+/// Whether an RPC may go to `r` now: serving and not ejected.
+fn pickable(r: &Ready, now: Duration) -> bool {
+    r.shared.serving.load(Ordering::Acquire) && !r.shared.ejected(now)
 }
 
 impl Drop for Pool {
@@ -464,8 +741,10 @@ async fn member(
         Ok(endpoint) => endpoint,
         Err(e) => {
             warn!(addr, error = %e, "skipping endpoint");
-            if let Some(pool) = pool.upgrade() {
-                pool.probed(&probed);
+            if let Some(pool) = pool.upgrade()
+                && pool.probed(&probed)
+            {
+                pool.resubset();
             }
             return;
         }
@@ -487,7 +766,9 @@ async fn member(
             shared.serving.clone(),
             move || {
                 if let Some(pool) = pool.upgrade() {
+                    pool.invalidate();
                     pool.changed.notify_waiters();
+                    pool.resubset();
                 }
             },
         )))
@@ -501,8 +782,11 @@ async fn member(
             if matches!(probe, Ok(Ok(_))) {
                 break;
             }
-            if let Some(pool) = pool.upgrade() {
-                pool.probed(&probed);
+            if let Some(pool) = pool.upgrade()
+                && pool.probed(&probed)
+            {
+                // Never reachable so far: with subsetting, the next-ranked endpoint stands in.
+                pool.resubset();
             }
             let delay = delays.next().unwrap_or(options.retry_max);
             debug!(addr, ?delay, "endpoint unreachable; probing again");
@@ -514,16 +798,20 @@ async fn member(
             if removed.load(Ordering::Acquire) {
                 return;
             }
-            set.retain(|r| r.addr != name);
-            set.push(Ready {
-                addr: name.clone(),
-                channel: channel.clone(),
-                health: health.clone(),
-                shared: shared.clone(),
-                meta: lock(&meta).clone(),
-            });
+            Pool::insert_ready(
+                set,
+                Ready {
+                    addr: name.clone(),
+                    channel: channel.clone(),
+                    health: health.clone(),
+                    shared: shared.clone(),
+                    meta: lock(&meta).clone(),
+                },
+            );
         });
         strong.probed(&probed);
+        // Back up: a stand-in, if any, gives its place back.
+        strong.resubset();
         drop(strong);
         debug!(addr, "endpoint up");
         while !health.down.load(Ordering::Acquire) {
@@ -531,10 +819,13 @@ async fn member(
         }
         let Some(strong) = pool.upgrade() else { return };
         strong.update_ready(|set| {
-            if !removed.load(Ordering::Acquire) {
-                set.retain(|r| r.addr != name);
+            if !removed.load(Ordering::Acquire)
+                && let Ok(i) = set.binary_search_by(|r| r.addr.cmp(&name))
+            {
+                set.remove(i);
             }
         });
+        strong.resubset();
         drop(strong);
         warn!(
             addr,

@@ -1,7 +1,7 @@
 //! The registry side: a prefix Get, then a Watch from the next revision, re-listing after any
 //! compaction or broken stream, and never emptying the endpoint set because etcd is unreachable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +125,7 @@ impl Resolver {
             target: target.clone(),
             prefix: watch_prefix(&prefix),
             entries: BTreeMap::new(),
+            keys_by_addr: HashMap::new(),
             stats: stats.clone(),
             timeout: options.connect_timeout.max(Duration::from_secs(1)),
             options: options.clone(),
@@ -199,7 +200,8 @@ impl Resolver {
         self.snapshot.clone()
     }
 
-    /// Addresses registered and reachable (connected).
+    /// Addresses registered and reachable (connected): with [`Options::subset`], this client's
+    /// subset (and any stand-ins for members that are down).
     #[must_use]
     pub fn ready_endpoints(&self) -> Vec<String> {
         self.pool.ready_addrs()
@@ -281,6 +283,25 @@ fn addrs(entries: &BTreeMap<String, Endpoint>) -> BTreeSet<String> {
     entries.values().map(|e| e.addr.clone()).collect()
 }
 
+/// What the policies read from an endpoint's metadata, and the weight that could not be read.
+fn meta(endpoint: &Endpoint) -> (Meta, Option<String>) {
+    let (weight, bad) = match parse_weight(endpoint.metadata.as_ref()) {
+        Ok(weight) => (weight.unwrap_or(DEFAULT_WEIGHT), None),
+        Err(e) => (DEFAULT_WEIGHT, Some(e.0)),
+    };
+    let meta = Meta {
+        zone: endpoint.metadata_str("zone").map(Arc::from),
+        weight,
+    };
+    (meta, bad)
+}
+
+fn warn_weight(options: &Options, key: &str, value: String) {
+    if options.balance != Balance::RoundRobin {
+        warn!(key, error = %InvalidWeight(value), default = DEFAULT_WEIGHT, "using the default weight");
+    }
+}
+
 /// Each registered address with what the policies read from its metadata (the first key's,
 /// when two keys name one address).
 fn members(
@@ -294,24 +315,15 @@ fn members(
         if out.contains_key(&endpoint.addr) {
             continue;
         }
-        let weight = match parse_weight(endpoint.metadata.as_ref()) {
-            Ok(weight) => weight.unwrap_or(DEFAULT_WEIGHT),
-            Err(e) => {
-                bad.insert((key.clone(), e.0));
-                DEFAULT_WEIGHT
-            }
-        };
-        let meta = Meta {
-            zone: endpoint.metadata_str("zone").map(Arc::from),
-            weight,
-        };
+        let (meta, invalid) = meta(endpoint);
+        if let Some(value) = invalid {
+            bad.insert((key.clone(), value));
+        }
         out.insert(endpoint.addr.clone(), meta);
     }
     // Once per key and value, not on every watch event.
     for (key, value) in warnings.fresh(bad) {
-        if options.balance != Balance::RoundRobin {
-            warn!(key, error = %InvalidWeight(value), default = DEFAULT_WEIGHT, "using the default weight");
-        }
+        warn_weight(options, &key, value);
     }
     out
 }
@@ -323,6 +335,8 @@ struct Registry {
     target: String,
     prefix: String,
     entries: BTreeMap<String, Endpoint>,
+    /// The keys naming each address (usually one): the first one's metadata is the address's.
+    keys_by_addr: HashMap<String, BTreeSet<String>>,
     stats: Arc<Stats>,
     timeout: Duration,
     /// How values are parsed.
@@ -354,6 +368,13 @@ impl Registry {
                 entries.insert(key, endpoint);
             }
         }
+        self.keys_by_addr.clear();
+        for (key, endpoint) in &entries {
+            self.keys_by_addr
+                .entry(endpoint.addr.clone())
+                .or_default()
+                .insert(key.clone());
+        }
         self.entries = entries;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
@@ -369,22 +390,71 @@ impl Registry {
         }
     }
 
-    /// Applies one watch event; returns whether the endpoint set changed.
-    fn apply(&mut self, event: &etcd_client::Event) -> bool {
+    /// Applies one watch event, adding the addresses whose endpoint changed to `touched`;
+    /// returns whether the registry changed. Costs a few map operations, whatever the size.
+    fn apply(&mut self, event: &etcd_client::Event, touched: &mut BTreeSet<String>) -> bool {
         let Some(kv) = event.kv() else { return false };
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        match event.event_type() {
-            EventType::Put => match self.parse(&key, kv.value()) {
-                Some(endpoint) if self.entries.get(&key) == Some(&endpoint) => false,
-                Some(endpoint) => {
-                    self.entries.insert(key, endpoint);
-                    true
-                }
-                // The key no longer names a usable endpoint.
-                None => self.entries.remove(&key).is_some(),
-            },
-            EventType::Delete => self.entries.remove(&key).is_some(),
+        let new = match event.event_type() {
+            EventType::Put => self.parse(&key, kv.value()),
+            EventType::Delete => None,
+        };
+        if self.entries.get(&key) == new.as_ref() {
+            return false;
         }
+        let old = match new {
+            Some(endpoint) => {
+                let addr = endpoint.addr.clone();
+                let old = self.entries.insert(key.clone(), endpoint);
+                self.keys_by_addr
+                    .entry(addr.clone())
+                    .or_default()
+                    .insert(key.clone());
+                touched.insert(addr);
+                old
+            }
+            // Deleted, or no longer a usable endpoint.
+            None => self.entries.remove(&key),
+        };
+        if let Some(old) = old {
+            if old.addr != self.entries.get(&key).map_or("", |e| e.addr.as_str())
+                && let Some(keys) = self.keys_by_addr.get_mut(&old.addr)
+            {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.keys_by_addr.remove(&old.addr);
+                }
+            }
+            touched.insert(old.addr);
+        }
+        true
+    }
+
+    /// What the pool must learn about each address in `touched`: its metadata (from the first
+    /// key naming it), or `None` when no key names it any more.
+    fn changes(
+        &self,
+        touched: BTreeSet<String>,
+        warnings: &WeightWarnings,
+    ) -> Vec<(String, Option<Meta>)> {
+        touched
+            .into_iter()
+            .map(|addr| {
+                let first = self
+                    .keys_by_addr
+                    .get(&addr)
+                    .and_then(|keys| keys.first())
+                    .and_then(|key| self.entries.get(key).map(|e| (key, e)));
+                let Some((key, endpoint)) = first else {
+                    return (addr, None);
+                };
+                let (meta, bad) = meta(endpoint);
+                if let Some(value) = warnings.note(key, bad) {
+                    warn_weight(&self.options, key, value);
+                }
+                (addr, Some(meta))
+            })
+            .collect()
     }
 }
 
@@ -405,10 +475,13 @@ async fn run(
     options: Options,
     warnings: Arc<WeightWarnings>,
 ) {
-    let publish = |registry: &Registry| {
-        let snapshot: Snapshot = Arc::new(registry.entries.clone());
-        pool.set(&members(&snapshot, &options, &warnings));
-        tx.send_replace(snapshot);
+    // The pool first: its update costs what changed; the snapshot is a copy of the registry.
+    let publish = |registry: &Registry, touched: Option<BTreeSet<String>>| {
+        match touched {
+            Some(touched) => pool.apply(registry.changes(touched, &warnings)),
+            None => pool.set(&members(&registry.entries, &options, &warnings)),
+        }
+        tx.send_replace(Arc::new(registry.entries.clone()));
     };
     let mut delays = options.backoff();
     loop {
@@ -436,7 +509,7 @@ async fn run(
                 Ok(rev) => {
                     registry.stats.relists.fetch_add(1, Ordering::Relaxed);
                     revision = rev;
-                    publish(&registry);
+                    publish(&registry, None);
                     info!(
                         revision,
                         endpoints = registry.entries.len(),
@@ -455,7 +528,7 @@ async fn run(
 async fn watch_from(
     registry: &mut Registry,
     revision: &mut i64,
-    publish: &impl Fn(&Registry),
+    publish: &impl Fn(&Registry, Option<BTreeSet<String>>),
     delays: &mut Box<dyn Iterator<Item = Duration> + Send>,
     options: &Options,
 ) -> WatchEnd {
@@ -491,8 +564,9 @@ async fn watch_from(
         // A healthy message: later failures start their backoff afresh.
         *delays = options.backoff();
         let mut changed = false;
+        let mut touched = BTreeSet::new();
         for event in resp.events() {
-            changed |= registry.apply(event);
+            changed |= registry.apply(event, &mut touched);
             if let Some(kv) = event.kv() {
                 *revision = (*revision).max(kv.mod_revision());
             }
@@ -509,7 +583,7 @@ async fn watch_from(
                 endpoints = registry.entries.len(),
                 "registry changed"
             );
-            publish(registry);
+            publish(registry, Some(touched));
         }
     }
 }
@@ -558,6 +632,7 @@ mod tests {
             target: target.to_owned(),
             prefix: watch_prefix(target),
             entries: BTreeMap::new(),
+            keys_by_addr: HashMap::new(),
             stats: stats.clone(),
             timeout: Duration::from_secs(2),
             options: options.clone(),

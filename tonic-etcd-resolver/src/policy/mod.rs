@@ -11,7 +11,7 @@
 //! - `zone`: [`ZonePreference`], with spill-over.
 //! - `outlier`: [`OutlierDetection`], by consecutive failures or failure rate.
 //! - `health`: [`HealthCheck`], active `grpc.health.v1` checks.
-//! - `subset`: subsetting by rendezvous hashing ([`Rendezvous`]), for subsetting.
+//! - `subset`: subsetting by rendezvous hashing ([`Rendezvous`]), for [`crate::Options::subset`].
 
 pub(crate) mod health;
 pub(crate) mod outlier;

@@ -78,7 +78,7 @@ impl Rendezvous {
     }
 }
 
-/// The client id used when `Options::client_id` is not set: `POD_NAME`, else
+/// The client id used when [`crate::Options::client_id`] is not set: `POD_NAME`, else
 /// `HOSTNAME` (the first that is set and not empty, [`CLIENT_ID_ENVS`]), else a random id for
 /// this process.
 ///

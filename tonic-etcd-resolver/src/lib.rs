@@ -65,6 +65,7 @@ pub mod internals;
 mod options;
 pub mod policy;
 mod pool;
+mod published;
 mod resolver;
 mod target;
 

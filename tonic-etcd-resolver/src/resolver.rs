@@ -19,6 +19,7 @@ use crate::format::{Endpoint, watch_prefix};
 use crate::policy::weighted::WeightWarnings;
 use crate::policy::{Balance, DEFAULT_WEIGHT, InvalidWeight, parse_weight};
 use crate::pool::{Meta, Pool};
+use crate::published::Published;
 use crate::{Error, LbChannel, Options, Result};
 
 /// The current registry content: key to endpoint.
@@ -69,7 +70,8 @@ impl Stats {
 pub struct Resolver {
     target: String,
     pool: Arc<Pool>,
-    snapshot: watch::Receiver<Snapshot>,
+    /// The registry content and the snapshot behind [`Resolver::endpoints`].
+    published: Arc<Published>,
     stats: Arc<Stats>,
     guard: Arc<Guard>,
 }
@@ -120,20 +122,21 @@ impl Resolver {
         let prefix = crate::target::key_prefix(&target)?;
         let stats = Arc::new(Stats::default());
         let pool = Pool::new(&target, options.clone());
+        let published = Arc::new(Published::new());
         let mut state = Registry {
             client,
             target: target.clone(),
             prefix: watch_prefix(&prefix),
-            entries: BTreeMap::new(),
+            entries: published.clone(),
             keys_by_addr: HashMap::new(),
             stats: stats.clone(),
             timeout: options.connect_timeout.max(Duration::from_secs(1)),
             options: options.clone(),
         };
         let revision = state.list().await?;
-        let (tx, rx) = watch::channel(Arc::new(state.entries.clone()));
         let warnings = Arc::new(WeightWarnings::default());
-        pool.set(&members(&state.entries, &options, &warnings));
+        pool.set(&state.entries.with(|e| members(e, &options, &warnings)));
+        published.publish();
         info!(
             target,
             endpoints = state.entries.len(),
@@ -141,13 +144,13 @@ impl Resolver {
             "resolved"
         );
         let task = tokio::spawn(
-            run(state, revision, tx, pool.clone(), options, warnings)
+            run(state, revision, pool.clone(), options, warnings)
                 .instrument(info_span!("resolver", target = %target)),
         );
         Ok(Self {
             target,
             pool,
-            snapshot: rx,
+            published,
             stats,
             guard: Arc::new(Guard(task)),
         })
@@ -197,7 +200,7 @@ impl Resolver {
     /// The current endpoints, updated as the registry changes.
     #[must_use]
     pub fn endpoints(&self) -> watch::Receiver<Snapshot> {
-        self.snapshot.clone()
+        self.published.subscribe()
     }
 
     /// Addresses registered and reachable (connected): with [`Options::subset`], this client's
@@ -242,7 +245,7 @@ impl Resolver {
         &self,
     ) -> impl Stream<Item = Result<Change<String, TonicEndpoint>, Infallible>> + Send + use<> {
         let options = self.pool.options().clone();
-        let rx = self.snapshot.clone();
+        let rx = self.endpoints();
         let state = (
             rx,
             BTreeSet::<String>::new(),
@@ -334,7 +337,8 @@ struct Registry {
     /// The target as given, for errors.
     target: String,
     prefix: String,
-    entries: BTreeMap<String, Endpoint>,
+    /// Key to endpoint, shared with the resolver for its snapshot.
+    entries: Arc<Published>,
     /// The keys naming each address (usually one): the first one's metadata is the address's.
     keys_by_addr: HashMap<String, BTreeSet<String>>,
     stats: Arc<Stats>,
@@ -375,7 +379,7 @@ impl Registry {
                 .or_default()
                 .insert(key.clone());
         }
-        self.entries = entries;
+        self.entries.with(|e| *e = entries);
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
@@ -399,35 +403,38 @@ impl Registry {
             EventType::Put => self.parse(&key, kv.value()),
             EventType::Delete => None,
         };
-        if self.entries.get(&key) == new.as_ref() {
-            return false;
-        }
-        let old = match new {
-            Some(endpoint) => {
-                let addr = endpoint.addr.clone();
-                let old = self.entries.insert(key.clone(), endpoint);
-                self.keys_by_addr
-                    .entry(addr.clone())
-                    .or_default()
-                    .insert(key.clone());
-                touched.insert(addr);
-                old
+        let keys_by_addr = &mut self.keys_by_addr;
+        self.entries.with(|entries| {
+            if entries.get(&key) == new.as_ref() {
+                return false;
             }
-            // Deleted, or no longer a usable endpoint.
-            None => self.entries.remove(&key),
-        };
-        if let Some(old) = old {
-            if old.addr != self.entries.get(&key).map_or("", |e| e.addr.as_str())
-                && let Some(keys) = self.keys_by_addr.get_mut(&old.addr)
-            {
-                keys.remove(&key);
-                if keys.is_empty() {
-                    self.keys_by_addr.remove(&old.addr);
+            let old = match new {
+                Some(endpoint) => {
+                    let addr = endpoint.addr.clone();
+                    let old = entries.insert(key.clone(), endpoint);
+                    keys_by_addr
+                        .entry(addr.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    touched.insert(addr);
+                    old
                 }
+                // Deleted, or no longer a usable endpoint.
+                None => entries.remove(&key),
+            };
+            if let Some(old) = old {
+                if old.addr != entries.get(&key).map_or("", |e| e.addr.as_str())
+                    && let Some(keys) = keys_by_addr.get_mut(&old.addr)
+                {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        keys_by_addr.remove(&old.addr);
+                    }
+                }
+                touched.insert(old.addr);
             }
-            touched.insert(old.addr);
-        }
-        true
+            true
+        })
     }
 
     /// What the pool must learn about each address in `touched`: its metadata (from the first
@@ -437,24 +444,26 @@ impl Registry {
         touched: BTreeSet<String>,
         warnings: &WeightWarnings,
     ) -> Vec<(String, Option<Meta>)> {
-        touched
-            .into_iter()
-            .map(|addr| {
-                let first = self
-                    .keys_by_addr
-                    .get(&addr)
-                    .and_then(|keys| keys.first())
-                    .and_then(|key| self.entries.get(key).map(|e| (key, e)));
-                let Some((key, endpoint)) = first else {
-                    return (addr, None);
-                };
-                let (meta, bad) = meta(endpoint);
-                if let Some(value) = warnings.note(key, bad) {
-                    warn_weight(&self.options, key, value);
-                }
-                (addr, Some(meta))
-            })
-            .collect()
+        self.entries.with(|entries| {
+            touched
+                .into_iter()
+                .map(|addr| {
+                    let first = self
+                        .keys_by_addr
+                        .get(&addr)
+                        .and_then(|keys| keys.first())
+                        .and_then(|key| entries.get(key).map(|e| (key, e)));
+                    let Some((key, endpoint)) = first else {
+                        return (addr, None);
+                    };
+                    let (meta, bad) = meta(endpoint);
+                    if let Some(value) = warnings.note(key, bad) {
+                        warn_weight(&self.options, key, value);
+                    }
+                    (addr, Some(meta))
+                })
+                .collect()
+        })
     }
 }
 
@@ -470,18 +479,18 @@ enum WatchEnd {
 async fn run(
     mut registry: Registry,
     mut revision: i64,
-    tx: watch::Sender<Snapshot>,
     pool: Arc<Pool>,
     options: Options,
     warnings: Arc<WeightWarnings>,
 ) {
-    // The pool first: its update costs what changed; the snapshot is a copy of the registry.
+    // The pool first: its update costs what changed; the snapshot is a copy of the registry
+    // (made only while someone watches it).
     let publish = |registry: &Registry, touched: Option<BTreeSet<String>>| {
         match touched {
             Some(touched) => pool.apply(registry.changes(touched, &warnings)),
-            None => pool.set(&members(&registry.entries, &options, &warnings)),
+            None => pool.set(&registry.entries.with(|e| members(e, &options, &warnings))),
         }
-        tx.send_replace(Arc::new(registry.entries.clone()));
+        registry.entries.publish();
     };
     let mut delays = options.backoff();
     loop {
@@ -631,15 +640,15 @@ mod tests {
             client,
             target: target.to_owned(),
             prefix: watch_prefix(target),
-            entries: BTreeMap::new(),
+            entries: Arc::new(Published::new()),
             keys_by_addr: HashMap::new(),
             stats: stats.clone(),
             timeout: Duration::from_secs(2),
             options: options.clone(),
         };
-        let (tx, mut rx) = watch::channel(Snapshot::default());
+        let mut rx = registry.entries.subscribe();
         let pool = Pool::new(target, options.clone());
-        let task = tokio::spawn(run(registry, 1, tx, pool, options, Arc::default()));
+        let task = tokio::spawn(run(registry, 1, pool, options, Arc::default()));
         tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.len() == 2))
             .await
             .expect("re-listed after compaction")

@@ -16,6 +16,16 @@ const BATCHES: usize = 9;
 /// Time spent per batch, roughly.
 const BATCH_TIME: Duration = Duration::from_millis(40);
 
+/// Resident memory of this process, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
 fn addr(i: usize) -> String {
     format!("10.{}.{}.1:50051", i / 256, i % 256)
 }
@@ -103,5 +113,21 @@ async fn main() {
             format!("{:.0} ns and {:.0} ns per pick", ns[0], ns[1]),
         ));
     }
+    // Memory: what an endpoint's `Ready` and lazy tonic Channel cost, without the resolver's
+    // member task and probe (the `thousands` bench has the whole).
+    let n = SIZES[SIZES.len() - 1];
+    let addrs: Vec<String> = (0..n).map(addr).collect();
+    let before = rss_kib();
+    let bench = PickBench::new(
+        Options::default(),
+        addrs.iter().map(|a| (a.as_str(), None, 100)),
+    )
+    .expect("addresses parse");
+    let grown = rss_kib().saturating_sub(before);
+    drop(bench);
+    rows.push((
+        format!("RSS of {n} up endpoints on lazy channels (no member tasks)"),
+        format!("{:.1} KiB per endpoint", grown as f64 / n as f64),
+    ));
     test_support::bench::report("pick", &rows);
 }

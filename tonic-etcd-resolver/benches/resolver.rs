@@ -32,9 +32,13 @@ use tonic_etcd_resolver::{
 
 const TARGET: &str = "services/default/bench";
 const FLIPS: usize = 200;
-const CALLS: usize = 20_000;
 const IN_FLIGHT: usize = 32;
-const ROUNDS: usize = 5;
+/// Interleaved throughput rounds (direct, resolver, a second direct); the ratios reported are
+/// medians over rounds. Many short rounds, the sides' order rotating, so that a shared
+/// machine's drifting load falls on every side alike.
+const ROUNDS: usize = 15;
+/// Calls per side of a throughput pair.
+const PAIR_CALLS: usize = 8_000;
 const SLOW_CALLS: usize = 4_000;
 const ZONE_CALLS: usize = 3_000;
 const HEALTH_POLL: Duration = Duration::from_millis(500);
@@ -52,7 +56,7 @@ async fn until(mut check: impl FnMut() -> bool) {
     }
 }
 
-async fn throughput<T>(client: GreeterClient<T>) -> f64
+async fn throughput<T>(client: GreeterClient<T>, calls: usize) -> f64
 where
     T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
     T::Error: Into<tonic::codegen::StdError>,
@@ -61,7 +65,7 @@ where
     T::Future: Send,
 {
     let started = Instant::now();
-    let ok = futures::stream::iter(0..CALLS)
+    let ok = futures::stream::iter(0..calls)
         .map(|_| {
             let mut client = client.clone();
             async move {
@@ -75,8 +79,8 @@ where
         .filter(|ok| futures::future::ready(*ok))
         .count()
         .await;
-    assert_eq!(ok, CALLS);
-    CALLS as f64 / started.elapsed().as_secs_f64()
+    assert_eq!(ok, calls);
+    calls as f64 / started.elapsed().as_secs_f64()
 }
 
 #[tokio::main]
@@ -130,14 +134,45 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
         .connect()
         .await
         .unwrap();
+    // A second direct channel: direct against direct is the method's own noise (an A/A test).
+    let direct_again = tonic::transport::Endpoint::from_shared(format!("http://{a_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let (mut via_resolver, mut via_direct) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        via_direct.push(throughput(GreeterClient::new(direct.clone())).await);
-        via_resolver.push(throughput(GreeterClient::new(resolver.channel())).await);
+    let (mut ratios, mut noise) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Each side first, second and third in turn.
+        let mut rates = [0.0; 3];
+        for k in 0..3 {
+            let side = (round + k) % 3;
+            rates[side] = match side {
+                0 => throughput(GreeterClient::new(direct.clone()), PAIR_CALLS).await,
+                1 => throughput(GreeterClient::new(resolver.channel()), PAIR_CALLS).await,
+                _ => throughput(GreeterClient::new(direct_again.clone()), PAIR_CALLS).await,
+            };
+        }
+        let [d, r, d2] = rates;
+        via_direct.push(d);
+        via_resolver.push(r);
+        ratios.push(r / d);
+        noise.push(d2 / d);
     }
-    via_resolver.sort_by(f64::total_cmp);
-    via_direct.sort_by(f64::total_cmp);
+    for v in [&mut via_resolver, &mut via_direct, &mut ratios, &mut noise] {
+        v.sort_by(f64::total_cmp);
+    }
     let (r, d) = (via_resolver[ROUNDS / 2], via_direct[ROUNDS / 2]);
+    let spread = |v: &[f64]| {
+        format!(
+            "median {:.3} (quartiles {:.3} to {:.3}, all {:.3} to {:.3})",
+            v[ROUNDS / 2],
+            v[ROUNDS / 4],
+            v[ROUNDS * 3 / 4],
+            v[0],
+            v[ROUNDS - 1]
+        )
+    };
 
     let rows = [
         (
@@ -158,7 +193,7 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
         ),
         (
             format!(
-                "unary RPC/s, direct Channel ({CALLS} calls x {ROUNDS}, {IN_FLIGHT} in flight)"
+                "unary RPC/s, direct Channel ({PAIR_CALLS} calls x {ROUNDS}, {IN_FLIGHT} in flight)"
             ),
             format!("median {d:.0}"),
         ),
@@ -167,8 +202,12 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
             format!("median {r:.0}"),
         ),
         (
-            "throughput ratio resolver / direct".to_owned(),
-            format!("{:.3}", r / d),
+            format!("throughput ratio resolver / direct ({ROUNDS} interleaved rounds)"),
+            spread(&ratios),
+        ),
+        (
+            "throughput ratio direct / another direct (the noise, same rounds)".to_owned(),
+            spread(&noise),
         ),
     ];
     drop(b);

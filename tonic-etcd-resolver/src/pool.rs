@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -27,6 +27,12 @@ use crate::policy::outlier::{OutlierState, max_ejected};
 use crate::policy::p2c::{self, Load};
 use crate::policy::{Rendezvous, default_client_id, weighted};
 use crate::{Balance, Options};
+
+/// First reachability probes in flight at once. Started all together, 5,000 probes delay the
+/// first answer (and the first RPC) by the time it takes to start them all (~200 ms); a bound
+/// lets the first endpoints come up at once. Later probes (after a failure) are not bounded, so
+/// endpoints that time out cannot hold up the others' recovery.
+const FIRST_PROBES: usize = 128;
 
 /// One endpoint's connection up/down flag.
 #[derive(Default)]
@@ -194,6 +200,8 @@ pub(crate) struct Pool {
     next: AtomicUsize,
     /// Members whose first probe has not finished: an RPC waits for them rather than failing.
     unprobed: AtomicUsize,
+    /// Bounds the first probes in flight at once ([`FIRST_PROBES`]).
+    first_probes: Arc<Semaphore>,
     /// Endpoints in the client's zone among the members, for the spill-over threshold.
     registered_local: AtomicUsize,
     /// The candidates of the policies other than plain round-robin, and until when they hold.
@@ -239,6 +247,7 @@ impl Pool {
             changed: Notify::new(),
             next: AtomicUsize::new(0),
             unprobed: AtomicUsize::new(0),
+            first_probes: Arc::new(Semaphore::new(FIRST_PROBES)),
             registered_local: AtomicUsize::new(0),
             cache: RwLock::default(),
             stale: AtomicBool::new(true),
@@ -776,9 +785,19 @@ async fn member(
     loop {
         let mut delays = options.backoff();
         loop {
+            // A first probe waits for a permit: with thousands of endpoints registered at once,
+            // a few probes finish (and the first RPC goes) before all are started.
+            let permit = match pool.upgrade() {
+                Some(pool) if !probed.load(Ordering::Acquire) => {
+                    pool.first_probes.clone().acquire_owned().await.ok()
+                }
+                Some(_) => None,
+                None => return,
+            };
             let probe =
                 tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr.as_str()))
                     .await;
+            drop(permit);
             if matches!(probe, Ok(Ok(_))) {
                 break;
             }

@@ -7,32 +7,37 @@
 //! puts it back when it answers.
 //!
 //! With subsetting ([`crate::Options::subset`]) only the members of this client's subset are
-//! connected: the highest-ranked registered endpoints ([`Ranked`]) until enough are usable.
+//! connected: the highest-ranked registered endpoints until enough are usable.
+//!
+//! # Layout
+//! - this module: the per-endpoint state, and the members (every registered endpoint, or the
+//!   subset) kept equal to the registry with a task each;
+//! - `member`: one endpoint's task (probe, serve, mark down, probe again);
+//! - `pick`: the pick, its cached candidates, and outlier ejection;
+//! - `ranked`: subsetting's rendezvous order of the registered endpoints.
 
 use std::borrow::Cow;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::connector::WatchedConnector;
-use crate::policy::outlier::{OutlierState, max_ejected};
-use crate::policy::p2c::{self, Load};
-use crate::policy::{Rendezvous, default_client_id, weighted};
+use crate::policy::default_client_id;
+use crate::policy::outlier::OutlierState;
 use crate::{Balance, Options};
 
-/// First reachability probes in flight at once. Started all together, 5,000 probes delay the
-/// first answer (and the first RPC) by the time it takes to start them all (~200 ms); a bound
-/// lets the first endpoints come up at once. Later probes (after a failure) are not bounded, so
-/// endpoints that time out cannot hold up the others' recovery.
-const FIRST_PROBES: usize = 128;
+mod member;
+mod pick;
+mod ranked;
+
+use member::{FIRST_PROBES, member};
+use pick::Cache;
+use ranked::Ranked;
 
 /// One endpoint's connection up/down flag.
 #[derive(Default)]
@@ -110,80 +115,6 @@ struct Member {
     meta: Arc<Mutex<Meta>>,
 }
 
-/// Aborts a task when dropped, so a member's helpers end with it.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The endpoints the policies may pick from, computed once per change rather than per pick.
-#[derive(Default)]
-struct Cache {
-    /// Up, serving, not ejected and (with a zone preference that holds) local.
-    candidates: Vec<Arc<Ready>>,
-    /// When the first ejection among the ready set ends (pool clock): stale from then.
-    until: Option<Duration>,
-}
-
-/// Subsetting: every registered endpoint, ranked by this client's rendezvous weights.
-struct Ranked {
-    /// How many usable endpoints to connect to.
-    size: usize,
-    /// This client's weights.
-    rendezvous: Rendezvous,
-    /// Every registered endpoint: its weight and metadata.
-    registered: HashMap<String, (u64, Meta)>,
-    /// The same addresses, highest weight first.
-    order: BTreeSet<(Reverse<u64>, String)>,
-}
-
-impl Ranked {
-    /// Registers `addr` with `meta`, or with `None` unregisters it.
-    fn apply(&mut self, addr: String, meta: Option<Meta>) {
-        match meta {
-            Some(meta) => match self.registered.get_mut(&addr) {
-                Some((_, known)) => *known = meta,
-                None => {
-                    let weight = self.rendezvous.weight(&addr);
-                    self.order.insert((Reverse(weight), addr.clone()));
-                    self.registered.insert(addr, (weight, meta));
-                }
-            },
-            None => {
-                if let Some((weight, _)) = self.registered.remove(&addr) {
-                    self.order.remove(&(Reverse(weight), addr));
-                }
-            }
-        }
-    }
-
-    /// Makes the registered set equal `endpoints`, in time proportional to what changed plus
-    /// one pass to find what did.
-    fn set(&mut self, endpoints: &BTreeMap<String, Meta>) {
-        let order = &mut self.order;
-        self.registered.retain(|addr, (weight, _)| {
-            let keep = endpoints.contains_key(addr);
-            if !keep {
-                order.remove(&(Reverse(*weight), addr.clone()));
-            }
-            keep
-        });
-        for (addr, meta) in endpoints {
-            match self.registered.get_mut(addr) {
-                Some((_, known)) => known.clone_from(meta),
-                None => {
-                    let weight = self.rendezvous.weight(addr);
-                    self.order.insert((Reverse(weight), addr.clone()));
-                    self.registered.insert(addr.clone(), (weight, meta.clone()));
-                }
-            }
-        }
-    }
-}
-
 /// Every backend the registry lists (or this client's subset of them), and which may be picked.
 pub(crate) struct Pool {
     /// The resolved target, for messages.
@@ -231,12 +162,7 @@ impl Pool {
         let ranked = options.subset.map(|size| {
             let client_id = options.client_id.clone().unwrap_or_else(default_client_id);
             info!(target, client_id, size, "subsetting");
-            Mutex::new(Ranked {
-                size,
-                rendezvous: Rendezvous::new(&client_id),
-                registered: HashMap::new(),
-                order: BTreeSet::new(),
-            })
+            Mutex::new(Ranked::new(size, &client_id))
         });
         Arc::new(Self {
             target: target.into(),
@@ -347,16 +273,14 @@ impl Pool {
         };
         let mut out = BTreeMap::new();
         let mut usable_count = 0;
-        for (_, addr) in &ranked.order {
-            if usable_count == ranked.size {
+        for (addr, meta) in ranked.ranked() {
+            if usable_count == ranked.size() {
                 break;
             }
             if usable(addr) {
                 usable_count += 1;
             }
-            if let Some((_, meta)) = ranked.registered.get(addr) {
-                out.insert(addr.clone(), meta.clone());
-            }
+            out.insert(addr.clone(), meta.clone());
         }
         out
     }
@@ -465,155 +389,6 @@ impl Pool {
                 meta: shared_meta,
             },
         );
-    }
-
-    /// The endpoint for the next RPC: among those up, serving and not ejected, local ones
-    /// first with a zone preference, then by the balance policy.
-    ///
-    /// Round-robin alone reads the ready set under its read lock: an atomic counter, an index,
-    /// and the one `Arc` it returns. The other policies pick from the cached candidates, which
-    /// are rebuilt only after something they depend on changed (the ready set, a health
-    /// status, an ejection or its end, the zone counts): a pick is then O(1), except
-    /// weighted's, which visits every candidate.
-    pub(crate) fn pick(&self) -> Option<Arc<Ready>> {
-        if self.simple {
-            let ready = self.ready_set();
-            if ready.is_empty() {
-                return None;
-            }
-            let i = self.next.fetch_add(1, Ordering::Relaxed) % ready.len();
-            return Some(ready[i].clone());
-        }
-        loop {
-            {
-                let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
-                let fresh = !self.stale.load(Ordering::Acquire)
-                    && cache.until.is_none_or(|until| self.now() < until);
-                if fresh {
-                    return self.choose(&cache.candidates);
-                }
-            }
-            self.rebuild();
-        }
-    }
-
-    /// Marks the cached candidates stale: the next pick rebuilds them.
-    pub(crate) fn invalidate(&self) {
-        self.stale.store(true, Ordering::Release);
-    }
-
-    /// Rebuilds the candidates from the ready set.
-    fn rebuild(&self) {
-        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-        // Before reading: a change from here on marks the new cache stale again.
-        self.stale.store(false, Ordering::Release);
-        let ready = self.ready_set();
-        let now = self.now();
-        let outlier = self.options.outlier.is_some();
-        let serving = |r: &Ready| r.shared.serving.load(Ordering::Acquire);
-        let kept = |r: &Ready| serving(r) && !(outlier && r.shared.ejected(now));
-        // Never eject the last endpoints: if only ejected ones are left, use them.
-        let skip_ejected = outlier && ready.iter().any(|r| kept(r));
-        let up = |r: &Ready| if skip_ejected { kept(r) } else { serving(r) };
-        let local_only = self.options.zone.as_ref().is_some_and(|z| {
-            let local_up = ready
-                .iter()
-                .filter(|r| up(r) && self.is_local(&r.meta))
-                .count();
-            z.keep_local(local_up, self.registered_local.load(Ordering::Relaxed))
-        });
-        cache.candidates = ready
-            .iter()
-            .filter(|r| up(r) && (!local_only || self.is_local(&r.meta)))
-            .cloned()
-            .collect();
-        // The first ejection to end changes the candidates then.
-        cache.until = ready
-            .iter()
-            .filter_map(|r| {
-                let until = r.shared.ejected_until.load(Ordering::Acquire);
-                (outlier && r.shared.ejected(now)).then(|| Duration::from_nanos(until))
-            })
-            .min();
-    }
-
-    /// The balance policy's choice among `candidates`.
-    fn choose(&self, candidates: &[Arc<Ready>]) -> Option<Arc<Ready>> {
-        let i = match self.options.balance {
-            Balance::RoundRobin => (!candidates.is_empty())
-                .then(|| self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()),
-            Balance::Weighted => {
-                let _serial = lock(&self.swrr);
-                return weighted::smooth_pick(
-                    candidates
-                        .iter()
-                        .map(|r| (r, &r.shared.swrr, r.meta.weight)),
-                )
-                .cloned();
-            }
-            Balance::LeastLoaded => p2c::choose(
-                candidates.len(),
-                |i| Load {
-                    in_flight: candidates[i].shared.in_flight.load(Ordering::Relaxed),
-                    weight: candidates[i].meta.weight,
-                },
-                |k| fastrand::usize(..k),
-            ),
-        }?;
-        Some(candidates[i].clone())
-    }
-
-    /// Records one RPC outcome for outlier detection, ejecting the endpoint when it trips and
-    /// the cap allows.
-    pub(crate) fn record(self: &Arc<Self>, ready: &Ready, failed: bool) {
-        let Some(config) = &self.options.outlier else {
-            return;
-        };
-        let now = self.now();
-        if !lock(&ready.shared.outlier).record(config, now, failed) {
-            return;
-        }
-        let serial = lock(&self.ejecting);
-        if ready.shared.ejected(now) {
-            // Another failing call got here first: one ejection, of its length.
-            return;
-        }
-        let (ejected, allowed) = {
-            let all = self.ready_set();
-            let ejected = all.iter().filter(|r| r.shared.ejected(now)).count();
-            (ejected, max_ejected(config.max_ejection_percent, all.len()))
-        };
-        if ejected >= allowed {
-            debug!(
-                addr = &*ready.addr,
-                ejected, allowed, "outlier not ejected: the ejection cap is reached"
-            );
-            return;
-        }
-        let Some(length) = lock(&ready.shared.outlier).eject(config, now) else {
-            return;
-        };
-        let until = u64::try_from((now + length).as_nanos()).unwrap_or(u64::MAX);
-        ready.shared.ejected_until.store(until, Ordering::Release);
-        self.invalidate();
-        drop(serial);
-        warn!(
-            addr = &*ready.addr,
-            ejection = ?length,
-            ejected = ejected + 1,
-            "endpoint ejected as an outlier"
-        );
-        if self.ranked.is_some() {
-            // The subset refills now, and gives the filler back when the ejection ends.
-            self.resubset();
-            let pool = Arc::downgrade(self);
-            tokio::spawn(async move {
-                tokio::time::sleep(length).await;
-                if let Some(pool) = pool.upgrade() {
-                    pool.resubset();
-                }
-            });
-        }
     }
 
     /// Whether some endpoint is still on its first connection attempt.
@@ -732,123 +507,5 @@ impl Drop for Pool {
         for member in lock(&self.members).values() {
             member.task.abort();
         }
-    }
-}
-
-/// Keeps one endpoint's connection: probe until reachable, serve until it fails, repeat.
-async fn member(
-    pool: Weak<Pool>,
-    addr: String,
-    probed: Arc<AtomicBool>,
-    meta: Arc<Mutex<Meta>>,
-    removed: Arc<AtomicBool>,
-) {
-    let Some(strong) = pool.upgrade() else { return };
-    let options = strong.options.clone();
-    drop(strong);
-    let endpoint = match options.endpoint(&addr) {
-        Ok(endpoint) => endpoint,
-        Err(e) => {
-            warn!(addr, error = %e, "skipping endpoint");
-            if let Some(pool) = pool.upgrade()
-                && pool.probed(&probed)
-            {
-                pool.resubset();
-            }
-            return;
-        }
-    };
-    let health = Arc::new(Health::default());
-    let shared = Arc::new(Shared::new());
-    let connector = WatchedConnector {
-        health: Arc::downgrade(&health),
-        nodelay: options.tcp_nodelay,
-    };
-    let channel = endpoint.connect_with_connector_lazy(connector);
-    let name: Arc<str> = addr.as_str().into();
-    let _checker = options.health_check.clone().map(|config| {
-        let pool = pool.clone();
-        AbortOnDrop(tokio::spawn(crate::policy::health::run(
-            config,
-            name.clone(),
-            channel.clone(),
-            shared.serving.clone(),
-            move || {
-                if let Some(pool) = pool.upgrade() {
-                    pool.invalidate();
-                    pool.changed.notify_waiters();
-                    pool.resubset();
-                }
-            },
-        )))
-    });
-    loop {
-        let mut delays = options.backoff();
-        loop {
-            // A first probe waits for a permit: with thousands of endpoints registered at once,
-            // a few probes finish (and the first RPC goes) before all are started.
-            let permit = match pool.upgrade() {
-                Some(pool) if !probed.load(Ordering::Acquire) => {
-                    pool.first_probes.clone().acquire_owned().await.ok()
-                }
-                Some(_) => None,
-                None => return,
-            };
-            let probe =
-                tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr.as_str()))
-                    .await;
-            drop(permit);
-            if matches!(probe, Ok(Ok(_))) {
-                break;
-            }
-            if let Some(pool) = pool.upgrade()
-                && pool.probed(&probed)
-            {
-                // Never reachable so far: with subsetting, the next-ranked endpoint stands in.
-                pool.resubset();
-            }
-            let delay = delays.next().unwrap_or(options.retry_max);
-            debug!(addr, ?delay, "endpoint unreachable; probing again");
-            tokio::time::sleep(delay).await;
-        }
-        health.down.store(false, Ordering::Release);
-        let Some(strong) = pool.upgrade() else { return };
-        strong.update_ready(|set| {
-            if removed.load(Ordering::Acquire) {
-                return;
-            }
-            Pool::insert_ready(
-                set,
-                Ready {
-                    addr: name.clone(),
-                    channel: channel.clone(),
-                    health: health.clone(),
-                    shared: shared.clone(),
-                    meta: lock(&meta).clone(),
-                },
-            );
-        });
-        strong.probed(&probed);
-        // Back up: a stand-in, if any, gives its place back.
-        strong.resubset();
-        drop(strong);
-        debug!(addr, "endpoint up");
-        while !health.down.load(Ordering::Acquire) {
-            health.wake.notified().await;
-        }
-        let Some(strong) = pool.upgrade() else { return };
-        strong.update_ready(|set| {
-            if !removed.load(Ordering::Acquire)
-                && let Ok(i) = set.binary_search_by(|r| r.addr.cmp(&name))
-            {
-                set.remove(i);
-            }
-        });
-        strong.resubset();
-        drop(strong);
-        warn!(
-            addr,
-            "endpoint connection failed; not picked until it answers again"
-        );
     }
 }

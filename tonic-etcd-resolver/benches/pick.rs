@@ -74,6 +74,23 @@ async fn main() {
             Options::default().outlier_detection(OutlierDetection::default()),
         ),
     ];
+    // Memory first, before other benches' freed memory can be reused: what an endpoint's
+    // `Ready` and lazy tonic Channel cost, without the resolver's member task and probe (the
+    // `thousands` bench has the whole).
+    let n = SIZES[SIZES.len() - 1];
+    let addrs: Vec<String> = (0..n).map(addr).collect();
+    let before = rss_kib();
+    let bench = PickBench::new(
+        Options::default(),
+        addrs.iter().map(|a| (a.as_str(), None, 100)),
+    )
+    .expect("addresses parse");
+    let grown = rss_kib().saturating_sub(before);
+    drop(bench);
+    let memory = (
+        format!("RSS of {n} up endpoints on lazy channels (no member tasks)"),
+        format!("{:.1} KiB per endpoint", grown as f64 / n as f64),
+    );
     let mut rows = Vec::new();
     for (name, options) in &policies {
         let mut figures = Vec::new();
@@ -113,21 +130,6 @@ async fn main() {
             format!("{:.0} ns and {:.0} ns per pick", ns[0], ns[1]),
         ));
     }
-    // Memory: what an endpoint's `Ready` and lazy tonic Channel cost, without the resolver's
-    // member task and probe (the `thousands` bench has the whole).
-    let n = SIZES[SIZES.len() - 1];
-    let addrs: Vec<String> = (0..n).map(addr).collect();
-    let before = rss_kib();
-    let bench = PickBench::new(
-        Options::default(),
-        addrs.iter().map(|a| (a.as_str(), None, 100)),
-    )
-    .expect("addresses parse");
-    let grown = rss_kib().saturating_sub(before);
-    drop(bench);
-    rows.push((
-        format!("RSS of {n} up endpoints on lazy channels (no member tasks)"),
-        format!("{:.1} KiB per endpoint", grown as f64 / n as f64),
-    ));
+    rows.push(memory);
     test_support::bench::report("pick", &rows);
 }

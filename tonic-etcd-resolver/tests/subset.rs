@@ -1,5 +1,5 @@
 //! Subsetting against a real etcd and real tonic servers over loopback: a client connects to and
-//! calls only its subset, and the subset refills when a member dies or stops serving.
+//! calls only its subset, and the subset refills when a member dies, stops serving or is ejected.
 
 mod common;
 
@@ -12,7 +12,7 @@ use greeter::pb::greeter_client::GreeterClient;
 use serde_json::json;
 use test_support::EtcdServer;
 use tonic_etcd_resolver::policy::Rendezvous;
-use tonic_etcd_resolver::{HealthCheck, LbChannel, Options, Resolver};
+use tonic_etcd_resolver::{HealthCheck, LbChannel, Options, OutlierDetection, Resolver};
 
 const TARGET: &str = "services/default/subset";
 const CLIENT: &str = "subset-test-client";
@@ -167,4 +167,36 @@ async fn a_registered_endpoint_ranked_above_the_subset_joins_it_and_the_lowest_l
     })
     .await;
     assert_eq!(answering(&resolver.channel(), 40).await, subset);
+}
+
+#[tokio::test]
+async fn an_ejected_subset_member_is_stood_in_for_by_the_next_ranked() {
+    let etcd = EtcdServer::start().await;
+    let (mut servers, ranked) = registered(&etcd).await;
+    let options = options().outlier_detection(OutlierDetection::default());
+    let resolver = Resolver::connect([etcd.endpoint()], TARGET, options)
+        .await
+        .unwrap();
+    let subset = set(&[&ranked[0], &ranked[1]]);
+    eventually("the subset connected", || connected(&resolver) == subset).await;
+
+    server(&mut servers, &ranked[0]).set_failing(true);
+    let client = GreeterClient::new(resolver.channel());
+    let with_stand_in = set(&[&ranked[0], &ranked[1], &ranked[2]]);
+    test_support::eventually(
+        "the failing member ejected and stood in for",
+        Duration::from_secs(15),
+        || async {
+            // Failures to the failing member trip the ejection.
+            let _ = client.clone().say_hello(HelloRequest::default()).await;
+            connected(&resolver) == with_stand_in
+        },
+    )
+    .await;
+    let pickable: BTreeSet<String> = resolver.pickable_endpoints().into_iter().collect();
+    assert_eq!(pickable, set(&[&ranked[1], &ranked[2]]));
+    assert_eq!(
+        answering(&resolver.channel(), 40).await,
+        set(&[&ranked[1], &ranked[2]])
+    );
 }

@@ -1,7 +1,6 @@
 //! Weights from `metadata.weight`, and smooth weighted round-robin.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 /// The weight of an endpoint whose metadata has no usable `weight`, as in kratos.
@@ -81,29 +80,25 @@ impl WeightWarnings {
 }
 
 /// Smooth weighted round-robin, nginx's algorithm: each pick adds every candidate's weight to
-/// its current weight, takes the largest, and subtracts the total from it. Returns the chosen
-/// candidate's item; `None` when there is none.
+/// its current weight, takes the largest, and subtracts the total from it. `state` holds each
+/// candidate's (current weight, weight); returns the chosen index, `None` when it is empty.
 ///
-/// Each candidate brings its own current weight (`(item, current, weight)`), so candidates may
-/// come and go between picks (zone spill-over, an ejection): one not offered keeps its current
-/// weight. The atomics only make the cells shareable: callers serialize picks.
-pub(crate) fn smooth_pick<'a, T>(
-    candidates: impl IntoIterator<Item = (T, &'a AtomicI64, u32)>,
-) -> Option<T> {
+/// The caller keeps the current weights between picks, so candidates may come and go (zone
+/// spill-over, an ejection) and one left out keeps its own until it is offered again.
+pub(crate) fn smooth_pick(state: &mut [(i64, u32)]) -> Option<usize> {
     let mut total: i64 = 0;
-    let mut best: Option<(T, &AtomicI64, i64)> = None;
-    for (item, cell, weight) in candidates {
-        let weight = i64::from(weight);
+    let mut best: Option<(usize, i64)> = None;
+    for (i, (current, weight)) in state.iter_mut().enumerate() {
+        let weight = i64::from(*weight);
         total += weight;
-        let current = cell.load(Ordering::Relaxed) + weight;
-        cell.store(current, Ordering::Relaxed);
-        if best.as_ref().is_none_or(|(_, _, b)| current > *b) {
-            best = Some((item, cell, current));
+        *current += weight;
+        if best.is_none_or(|(_, b)| *current > b) {
+            best = Some((i, *current));
         }
     }
-    let (item, cell, current) = best?;
-    cell.store(current - total, Ordering::Relaxed);
-    Some(item)
+    let (i, _) = best?;
+    state[i].0 -= total;
+    Some(i)
 }
 
 #[cfg(test)]
@@ -151,17 +146,9 @@ mod tests {
 
     /// `n` picks over (name, weight), as one string of names.
     fn sequence(weights: &[(&'static str, u32)], n: usize) -> String {
-        let cells: Vec<AtomicI64> = weights.iter().map(|_| AtomicI64::new(0)).collect();
+        let mut state: Vec<(i64, u32)> = weights.iter().map(|(_, w)| (0, *w)).collect();
         (0..n)
-            .map(|_| {
-                smooth_pick(
-                    weights
-                        .iter()
-                        .zip(&cells)
-                        .map(|((name, w), c)| (*name, c, *w)),
-                )
-                .unwrap()
-            })
+            .map(|_| weights[smooth_pick(&mut state).unwrap()].0)
             .collect()
     }
 
@@ -185,23 +172,16 @@ mod tests {
 
     #[test]
     fn an_empty_candidate_set_picks_nothing() {
-        assert_eq!(
-            smooth_pick(std::iter::empty::<((), &AtomicI64, u32)>()),
-            None
-        );
+        assert_eq!(smooth_pick(&mut []), None);
     }
 
     #[test]
-    fn a_candidate_left_out_keeps_its_state_and_does_not_disturb_the_others() {
-        let (a, b) = (AtomicI64::new(0), AtomicI64::new(0));
-        for _ in 0..5 {
-            smooth_pick([("a", &a, 2), ("b", &b, 1)]);
+    fn current_weights_sum_to_zero_after_every_pick() {
+        let mut state = vec![(0, 2), (0, 1), (0, 7)];
+        for _ in 0..50 {
+            smooth_pick(&mut state);
+            assert_eq!(state.iter().map(|(c, _)| c).sum::<i64>(), 0);
         }
-        let b_before = b.load(Ordering::Relaxed);
-        assert_eq!(smooth_pick([("a", &a, 2)]), Some("a"));
-        assert_eq!(b.load(Ordering::Relaxed), b_before, "b was not offered");
-        // The sum of current weights stays 0: nothing leaks between picks.
-        assert_eq!(a.load(Ordering::Relaxed) + b.load(Ordering::Relaxed), 0);
     }
 
     #[test]

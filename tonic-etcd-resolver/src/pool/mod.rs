@@ -71,7 +71,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicUsize,
     /// False while an active health check says `NOT_SERVING`.
     pub(crate) serving: Arc<AtomicBool>,
-    /// Smooth weighted round-robin's current weight, changed only under the pool's `swrr` lock.
+    /// Smooth weighted round-robin's current weight while the endpoint is not a cached
+    /// candidate (the candidate cache holds it meanwhile).
     swrr: AtomicI64,
     /// End of the current ejection, in nanoseconds from the pool's start; 0 when none.
     ejected_until: AtomicU64,
@@ -139,8 +140,6 @@ pub(crate) struct Pool {
     cache: RwLock<Cache>,
     /// Set when something the candidates depend on changed.
     stale: AtomicBool,
-    /// Serializes smooth weighted round-robin picks (their state is in each [`Shared`]).
-    swrr: Mutex<()>,
     /// Serializes ejections, so the cap holds.
     ejecting: Mutex<()>,
     /// The clock's origin for ejection times.
@@ -177,7 +176,6 @@ impl Pool {
             registered_local: AtomicUsize::new(0),
             cache: RwLock::default(),
             stale: AtomicBool::new(true),
-            swrr: Mutex::new(()),
             ejecting: Mutex::new(()),
             epoch: Instant::now(),
             simple,

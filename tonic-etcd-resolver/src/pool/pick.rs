@@ -2,7 +2,7 @@
 //! until something they depend on changes; and outlier ejection, which changes them.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tracing::{debug, warn};
@@ -20,6 +20,9 @@ pub(super) struct Cache {
     candidates: Vec<Arc<Ready>>,
     /// When the first ejection among the ready set ends (pool clock): stale from then.
     until: Option<Duration>,
+    /// Weighted: each candidate's (current weight, weight), side by side so that a pick, which
+    /// visits every candidate, reads one array. Handed back to the endpoints on a rebuild.
+    swrr: Mutex<Vec<(i64, u32)>>,
 }
 
 impl Pool {
@@ -46,7 +49,7 @@ impl Pool {
                 let fresh = !self.stale.load(Ordering::Acquire)
                     && cache.until.is_none_or(|until| self.now() < until);
                 if fresh {
-                    return self.choose(&cache.candidates);
+                    return self.choose(&cache);
                 }
             }
             self.rebuild();
@@ -60,7 +63,16 @@ impl Pool {
 
     /// Rebuilds the candidates from the ready set.
     fn rebuild(&self) {
-        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        let cache = &mut *guard;
+        let weighted = self.options.balance == Balance::Weighted;
+        let swrr = cache.swrr.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if weighted {
+            // Back to their endpoints, so one left out of the new candidates keeps its own.
+            for (r, (current, _)) in cache.candidates.iter().zip(swrr.iter()) {
+                r.shared.swrr.store(*current, Ordering::Relaxed);
+            }
+        }
         // Before reading: a change from here on marks the new cache stale again.
         self.stale.store(false, Ordering::Release);
         let ready = self.ready_set();
@@ -83,6 +95,13 @@ impl Pool {
             .filter(|r| up(r) && (!local_only || self.is_local(&r.meta)))
             .cloned()
             .collect();
+        if weighted {
+            *swrr = cache
+                .candidates
+                .iter()
+                .map(|r| (r.shared.swrr.load(Ordering::Relaxed), r.meta.weight))
+                .collect();
+        }
         // The first ejection to end changes the candidates then.
         cache.until = ready
             .iter()
@@ -93,20 +112,13 @@ impl Pool {
             .min();
     }
 
-    /// The balance policy's choice among `candidates`.
-    fn choose(&self, candidates: &[Arc<Ready>]) -> Option<Arc<Ready>> {
+    /// The balance policy's choice among the cached candidates.
+    fn choose(&self, cache: &Cache) -> Option<Arc<Ready>> {
+        let candidates = &cache.candidates;
         let i = match self.options.balance {
             Balance::RoundRobin => (!candidates.is_empty())
                 .then(|| self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()),
-            Balance::Weighted => {
-                let _serial = lock(&self.swrr);
-                return weighted::smooth_pick(
-                    candidates
-                        .iter()
-                        .map(|r| (r, &r.shared.swrr, r.meta.weight)),
-                )
-                .cloned();
-            }
+            Balance::Weighted => weighted::smooth_pick(&mut lock(&cache.swrr)),
             Balance::LeastLoaded => p2c::choose(
                 candidates.len(),
                 |i| Load {
@@ -169,6 +181,65 @@ impl Pool {
                     pool.resubset();
                 }
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Options;
+    use crate::pool::Meta;
+
+    fn meta(weight: u32) -> Meta {
+        Meta { zone: None, weight }
+    }
+
+    fn pick(pool: &Pool) -> String {
+        pool.pick().expect("a candidate").addr.to_string()
+    }
+
+    fn set_serving(pool: &Pool, addr: &str, serving: bool) {
+        let ready = pool.ready_set();
+        let r = ready.iter().find(|r| &*r.addr == addr).expect("ready");
+        r.shared.serving.store(serving, Ordering::Release);
+        drop(ready);
+        pool.invalidate();
+    }
+
+    #[tokio::test]
+    async fn a_weighted_candidate_left_out_keeps_its_current_weight() {
+        let pool = Pool::new("t", Options::default().balance(Balance::Weighted));
+        let (a, b) = ("10.0.0.1:1", "10.0.0.2:1");
+        pool.insert_unconnected(a, meta(2)).unwrap();
+        pool.insert_unconnected(b, meta(1)).unwrap();
+        // a (current 2 -> -1; b 1): b now leads.
+        assert_eq!(pick(&pool), a);
+        set_serving(&pool, b, false);
+        for _ in 0..3 {
+            assert_eq!(pick(&pool), a, "b is out");
+        }
+        set_serving(&pool, b, true);
+        // b kept its 1 (a is back to -1): b 2 beats a 1. Reset to 0, b would tie and lose.
+        assert_eq!(pick(&pool), b);
+    }
+
+    #[tokio::test]
+    async fn candidates_are_rebuilt_when_marked_stale_and_not_before() {
+        let pool = Pool::new("t", Options::default().balance(Balance::LeastLoaded));
+        let (a, b) = ("10.0.0.1:1", "10.0.0.2:1");
+        pool.insert_unconnected(a, meta(1)).unwrap();
+        pool.insert_unconnected(b, meta(1)).unwrap();
+        pool.pick();
+        let ready = pool.ready_set();
+        let r = ready.iter().find(|r| &*r.addr == b).unwrap();
+        r.shared.serving.store(false, Ordering::Release);
+        drop(ready);
+        // Not yet invalidated: the cached candidates still hold b.
+        assert_eq!(pool.cache.read().unwrap().candidates.len(), 2);
+        pool.invalidate();
+        for _ in 0..20 {
+            assert_eq!(pick(&pool), a);
         }
     }
 }

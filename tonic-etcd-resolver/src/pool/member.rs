@@ -77,12 +77,14 @@ pub(super) async fn member(
         loop {
             // A first probe waits for a permit: with thousands of endpoints registered at once,
             // a few probes finish (and the first RPC goes) before all are started.
-            let permit = match pool.upgrade() {
-                Some(pool) if !probed.load(Ordering::Acquire) => {
-                    pool.first_probes.clone().acquire_owned().await.ok()
-                }
-                Some(_) => None,
+            // The pool is not held while waiting, so dropping it ends this task.
+            let first_probes = match pool.upgrade() {
+                Some(pool) => (!probed.load(Ordering::Acquire)).then(|| pool.first_probes.clone()),
                 None => return,
+            };
+            let permit = match first_probes {
+                Some(semaphore) => semaphore.acquire_owned().await.ok(),
+                None => None,
             };
             let probe =
                 tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr.as_str()))

@@ -48,10 +48,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn until(mut check: impl FnMut() -> bool) {
+/// Waits (yielding, up to 10 s) until `check`; on timeout panics naming `what` and the
+/// resolver's state, so a failed run says which wait failed.
+async fn until(what: &str, resolver: &Resolver, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !check() {
-        assert!(Instant::now() < deadline, "routing never changed");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: connected {:?}, pickable {:?}",
+            resolver.ready_endpoints(),
+            resolver.pickable_endpoints()
+        );
         tokio::task::yield_now().await;
     }
 }
@@ -110,7 +117,10 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
     let resolver = Resolver::connect([etcd.endpoint()], TARGET, Options::default())
         .await
         .unwrap();
-    until(|| resolver.ready_endpoints() == [a_addr.clone()]).await;
+    until("the first endpoint", &resolver, || {
+        resolver.ready_endpoints() == [a_addr.clone()]
+    })
+    .await;
 
     // Propagation.
     let b_key = format::endpoint_key(TARGET, &b_addr);
@@ -118,11 +128,17 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
     for _ in 0..FLIPS {
         let started = Instant::now();
         kv.put(b_key.as_str(), value(&b_addr), None).await.unwrap();
-        until(|| resolver.ready_endpoints().len() == 2).await;
+        until("a PUT to route", &resolver, || {
+            resolver.ready_endpoints().len() == 2
+        })
+        .await;
         put_ms.push(started.elapsed().as_secs_f64() * 1e3);
         let started = Instant::now();
         kv.delete(b_key.as_str(), None).await.unwrap();
-        until(|| resolver.ready_endpoints().len() == 1).await;
+        until("a DELETE to unroute", &resolver, || {
+            resolver.ready_endpoints().len() == 1
+        })
+        .await;
         del_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
     put_ms.sort_by(f64::total_cmp);
@@ -262,7 +278,10 @@ async fn load(
 }
 
 async fn ready(resolver: &Resolver, n: usize) {
-    until(|| resolver.ready_endpoints().len() == n).await;
+    until(&format!("{n} endpoints connected"), resolver, || {
+        resolver.ready_endpoints().len() == n
+    })
+    .await;
 }
 
 /// One of three servers adds 50 ms per call.
@@ -345,7 +364,10 @@ async fn zones(etcd: &EtcdServer) -> Vec<(String, String)> {
     servers[0].kill();
     servers[1].kill();
     let killed = Instant::now();
-    until(|| resolver.ready_endpoints().len() == 4).await;
+    until("2 killed servers noticed", &resolver, || {
+        resolver.ready_endpoints().len() == 4
+    })
+    .await;
     let noticed = killed.elapsed();
     let (_, failed, _, by_server) = load(&resolver.channel(), ZONE_CALLS, None).await;
     vec![
@@ -397,7 +419,10 @@ async fn health(etcd: &EtcdServer) -> Vec<(String, String)> {
         });
         // Let traffic reach both servers first.
         let warm = servers[0].calls();
-        until(|| servers[0].calls() > warm + 10).await;
+        until("traffic to reach the first server", &resolver, || {
+            servers[0].calls() > warm + 10
+        })
+        .await;
         servers[0].set_serving(false).await;
         let flipped = Instant::now();
         let at_flip = servers[0].calls();

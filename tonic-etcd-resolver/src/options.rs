@@ -254,8 +254,9 @@ impl Options {
     /// Clients choose independently (none knows the others), so the connections per endpoint
     /// vary as a binomial does: with 300 clients, 1,000 endpoints and `n = 20` (6 per endpoint
     /// on average), the busiest endpoint has about 2.3 times the average (the crate's `subset`
-    /// bench). No scheme in which each client chooses alone does better; schemes that balance
-    /// exactly need a dense index per client (0, 1, 2, ...), which a Deployment's pods lack.
+    /// bench). Whatever the scheme, when each client chooses alone the count per endpoint has
+    /// the binomial's variance; schemes that balance exactly need a dense index per client
+    /// (0, 1, 2, ...), which a Deployment's pods lack.
     /// The spread shrinks relative to the mean as `clients × n / endpoints` grows: size `n`
     /// accordingly, and balance by load ([`crate::Balance::LeastLoaded`]) within each subset.
     ///

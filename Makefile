@@ -45,7 +45,8 @@ crd:
 
 ## bench: every figure (tables printed and written to target/bench/*.json): registry, propagation, failover,
 ## cold start at scale, churn, the Go self-registration comparison, the two endpoint sources (pods and
-## EndpointSlices) side by side, the Consul backend beside etcd, and the resolver.
+## EndpointSlices) side by side, the Consul backend beside etcd, and the resolver (policies, pick cost,
+## subsetting simulated, thousands of endpoints).
 bench: tools
 	cargo bench --bench registry
 	cargo bench --bench propagation
@@ -56,6 +57,9 @@ bench: tools
 	cargo bench --bench sources
 	cargo bench --bench consul
 	cargo bench -p tonic-etcd-resolver --bench resolver
+	cargo bench -p tonic-etcd-resolver --bench pick
+	cargo bench -p tonic-etcd-resolver --bench subset
+	cargo bench -p tonic-etcd-resolver --bench thousands
 
 ## demo: a real control plane, the controller, three Greeter servers and a resolving client
 ## (`make demo BACKEND=consul`: with Consul's catalog as the registry and a Go Consul client).

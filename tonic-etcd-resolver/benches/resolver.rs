@@ -32,9 +32,13 @@ use tonic_etcd_resolver::{
 
 const TARGET: &str = "services/default/bench";
 const FLIPS: usize = 200;
-const CALLS: usize = 20_000;
 const IN_FLIGHT: usize = 32;
-const ROUNDS: usize = 5;
+/// Interleaved throughput rounds (direct, resolver, a second direct); the ratios reported are
+/// medians over rounds. Many short rounds, the sides' order rotating, so that a shared
+/// machine's drifting load falls on every side alike.
+const ROUNDS: usize = 15;
+/// Calls per side of a throughput pair.
+const PAIR_CALLS: usize = 8_000;
 const SLOW_CALLS: usize = 4_000;
 const ZONE_CALLS: usize = 3_000;
 const HEALTH_POLL: Duration = Duration::from_millis(500);
@@ -44,15 +48,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn until(mut check: impl FnMut() -> bool) {
+/// Waits (yielding, up to 10 s) until `check`; on timeout panics naming `what` and the
+/// resolver's state, so a failed run says which wait failed.
+async fn until(what: &str, resolver: &Resolver, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !check() {
-        assert!(Instant::now() < deadline, "routing never changed");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: connected {:?}, pickable {:?}",
+            resolver.ready_endpoints(),
+            resolver.pickable_endpoints()
+        );
         tokio::task::yield_now().await;
     }
 }
 
-async fn throughput<T>(client: GreeterClient<T>) -> f64
+async fn throughput<T>(client: GreeterClient<T>, calls: usize) -> f64
 where
     T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
     T::Error: Into<tonic::codegen::StdError>,
@@ -61,7 +72,7 @@ where
     T::Future: Send,
 {
     let started = Instant::now();
-    let ok = futures::stream::iter(0..CALLS)
+    let ok = futures::stream::iter(0..calls)
         .map(|_| {
             let mut client = client.clone();
             async move {
@@ -75,8 +86,8 @@ where
         .filter(|ok| futures::future::ready(*ok))
         .count()
         .await;
-    assert_eq!(ok, CALLS);
-    CALLS as f64 / started.elapsed().as_secs_f64()
+    assert_eq!(ok, calls);
+    calls as f64 / started.elapsed().as_secs_f64()
 }
 
 #[tokio::main]
@@ -106,7 +117,10 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
     let resolver = Resolver::connect([etcd.endpoint()], TARGET, Options::default())
         .await
         .unwrap();
-    until(|| resolver.ready_endpoints() == [a_addr.clone()]).await;
+    until("the first endpoint", &resolver, || {
+        resolver.ready_endpoints() == [a_addr.clone()]
+    })
+    .await;
 
     // Propagation.
     let b_key = format::endpoint_key(TARGET, &b_addr);
@@ -114,11 +128,17 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
     for _ in 0..FLIPS {
         let started = Instant::now();
         kv.put(b_key.as_str(), value(&b_addr), None).await.unwrap();
-        until(|| resolver.ready_endpoints().len() == 2).await;
+        until("a PUT to route", &resolver, || {
+            resolver.ready_endpoints().len() == 2
+        })
+        .await;
         put_ms.push(started.elapsed().as_secs_f64() * 1e3);
         let started = Instant::now();
         kv.delete(b_key.as_str(), None).await.unwrap();
-        until(|| resolver.ready_endpoints().len() == 1).await;
+        until("a DELETE to unroute", &resolver, || {
+            resolver.ready_endpoints().len() == 1
+        })
+        .await;
         del_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
     put_ms.sort_by(f64::total_cmp);
@@ -130,14 +150,45 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
         .connect()
         .await
         .unwrap();
+    // A second direct channel: direct against direct is the method's own noise (an A/A test).
+    let direct_again = tonic::transport::Endpoint::from_shared(format!("http://{a_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let (mut via_resolver, mut via_direct) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        via_direct.push(throughput(GreeterClient::new(direct.clone())).await);
-        via_resolver.push(throughput(GreeterClient::new(resolver.channel())).await);
+    let (mut ratios, mut noise) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Each side first, second and third in turn.
+        let mut rates = [0.0; 3];
+        for k in 0..3 {
+            let side = (round + k) % 3;
+            rates[side] = match side {
+                0 => throughput(GreeterClient::new(direct.clone()), PAIR_CALLS).await,
+                1 => throughput(GreeterClient::new(resolver.channel()), PAIR_CALLS).await,
+                _ => throughput(GreeterClient::new(direct_again.clone()), PAIR_CALLS).await,
+            };
+        }
+        let [d, r, d2] = rates;
+        via_direct.push(d);
+        via_resolver.push(r);
+        ratios.push(r / d);
+        noise.push(d2 / d);
     }
-    via_resolver.sort_by(f64::total_cmp);
-    via_direct.sort_by(f64::total_cmp);
+    for v in [&mut via_resolver, &mut via_direct, &mut ratios, &mut noise] {
+        v.sort_by(f64::total_cmp);
+    }
     let (r, d) = (via_resolver[ROUNDS / 2], via_direct[ROUNDS / 2]);
+    let spread = |v: &[f64]| {
+        format!(
+            "median {:.3} (quartiles {:.3} to {:.3}, all {:.3} to {:.3})",
+            v[ROUNDS / 2],
+            v[ROUNDS / 4],
+            v[ROUNDS * 3 / 4],
+            v[0],
+            v[ROUNDS - 1]
+        )
+    };
 
     let rows = [
         (
@@ -158,7 +209,7 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
         ),
         (
             format!(
-                "unary RPC/s, direct Channel ({CALLS} calls x {ROUNDS}, {IN_FLIGHT} in flight)"
+                "unary RPC/s, direct Channel ({PAIR_CALLS} calls x {ROUNDS}, {IN_FLIGHT} in flight)"
             ),
             format!("median {d:.0}"),
         ),
@@ -167,8 +218,12 @@ async fn baseline(etcd: &EtcdServer) -> Vec<(String, String)> {
             format!("median {r:.0}"),
         ),
         (
-            "throughput ratio resolver / direct".to_owned(),
-            format!("{:.3}", r / d),
+            format!("throughput ratio resolver / direct ({ROUNDS} interleaved rounds)"),
+            spread(&ratios),
+        ),
+        (
+            "throughput ratio direct / another direct (the noise, same rounds)".to_owned(),
+            spread(&noise),
         ),
     ];
     drop(b);
@@ -223,7 +278,10 @@ async fn load(
 }
 
 async fn ready(resolver: &Resolver, n: usize) {
-    until(|| resolver.ready_endpoints().len() == n).await;
+    until(&format!("{n} endpoints connected"), resolver, || {
+        resolver.ready_endpoints().len() == n
+    })
+    .await;
 }
 
 /// One of three servers adds 50 ms per call.
@@ -306,7 +364,20 @@ async fn zones(etcd: &EtcdServer) -> Vec<(String, String)> {
     servers[0].kill();
     servers[1].kill();
     let killed = Instant::now();
-    until(|| resolver.ready_endpoints().len() == 4).await;
+    // With calls going, as a client has them. A killed server can answer the reachability
+    // probe if its listener outlives its connections for a moment, and then counts as
+    // connected until a call to it fails: waiting without calls timed out in about 1 run in
+    // 10 on a loaded machine.
+    let deadline = killed + Duration::from_secs(10);
+    let mut client = GreeterClient::new(resolver.channel());
+    while resolver.ready_endpoints().len() != 4 {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for 2 killed servers noticed: connected {:?}",
+            resolver.ready_endpoints()
+        );
+        let _ = client.say_hello(HelloRequest::default()).await;
+    }
     let noticed = killed.elapsed();
     let (_, failed, _, by_server) = load(&resolver.channel(), ZONE_CALLS, None).await;
     vec![
@@ -315,7 +386,7 @@ async fn zones(etcd: &EtcdServer) -> Vec<(String, String)> {
             format!("{:.1}% stayed local, {} errors", before.0, before.1),
         ),
         (
-            "zones: 2 of 3 local servers killed -> spill-over".to_owned(),
+            "zones: 2 of 3 local servers killed (calls going) -> spill-over".to_owned(),
             format!(
                 "noticed in {:.2} ms; then {:.1}% local (1 of 4 up), {failed} errors",
                 noticed.as_secs_f64() * 1e3,
@@ -358,7 +429,10 @@ async fn health(etcd: &EtcdServer) -> Vec<(String, String)> {
         });
         // Let traffic reach both servers first.
         let warm = servers[0].calls();
-        until(|| servers[0].calls() > warm + 10).await;
+        until("traffic to reach the first server", &resolver, || {
+            servers[0].calls() > warm + 10
+        })
+        .await;
         servers[0].set_serving(false).await;
         let flipped = Instant::now();
         let at_flip = servers[0].calls();
@@ -373,8 +447,12 @@ async fn health(etcd: &EtcdServer) -> Vec<(String, String)> {
         stop.store(true, Ordering::Relaxed);
         traffic.await.unwrap();
         let after = last_at.duration_since(flipped);
+        // A poll applies a change within one interval and the check's round trip, and this
+        // loop samples every millisecond or so: a bound of exactly one interval failed by
+        // 0.2 to 1 ms in 2 of 8 runs.
+        let bound = HEALTH_POLL + Duration::from_millis(25);
         assert!(
-            after <= HEALTH_POLL,
+            after <= bound,
             "a NOT_SERVING server still got calls {after:?} later ({name})"
         );
         rows.push((

@@ -25,7 +25,7 @@ pub(crate) struct Call {
     /// Weak, so an open stream does not keep the pool (and its member, health and probe tasks)
     /// alive after the resolver and its channels are gone.
     pool: Weak<Pool>,
-    ready: Ready,
+    ready: Arc<Ready>,
     /// The in-flight count was given back (the body ended).
     released: bool,
     /// The outcome was recorded.
@@ -34,7 +34,7 @@ pub(crate) struct Call {
 
 impl Call {
     /// Counts an RPC to `ready` as in flight.
-    pub(crate) fn start(pool: &Arc<Pool>, ready: Ready) -> Self {
+    pub(crate) fn start(pool: &Arc<Pool>, ready: Arc<Ready>) -> Self {
         ready.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         Self {
             pool: Arc::downgrade(pool),

@@ -11,6 +11,7 @@ use tower::{BoxError, ServiceExt};
 
 use crate::call::Call;
 use crate::pool::{Pool, Ready};
+
 use crate::resolver::Guard;
 
 /// A channel that balances RPCs over the endpoints that are up, by the policies chosen in
@@ -36,7 +37,7 @@ impl LbChannel {
     /// The next endpoint that is up. With none up, waits while some endpoint is still on its
     /// first connection attempt (bounded by the connect timeout), then fails fast with
     /// `Unavailable` unless `wait_for_endpoints` allows a longer wait.
-    async fn pick(pool: &Pool) -> Result<Ready, BoxError> {
+    async fn pick(pool: &Pool) -> Result<Arc<Ready>, BoxError> {
         if let Some(ready) = pool.pick() {
             return Ok(ready);
         }
@@ -104,7 +105,7 @@ impl tower::Service<http::Request<Body>> for LbChannel {
             let mut call = pool
                 .tracks_calls()
                 .then(|| Call::start(&pool, ready.clone()));
-            match ready.channel.oneshot(request).await {
+            match ready.channel.clone().oneshot(request).await {
                 Ok(response) => Ok(match call {
                     Some(call) => call.response(response),
                     None => response,

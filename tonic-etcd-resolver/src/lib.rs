@@ -36,6 +36,9 @@
 //!   round-robin from `metadata.weight`, least-loaded power-of-two-choices on the RPCs it
 //!   counts in flight itself, outlier ejection, and `grpc.health.v1` health checks; see
 //!   [`Options`] and the README's "Choosing a policy".
+//! - **Subsetting.** With [`Options::subset`], a client connects to `n` endpoints chosen by
+//!   rendezvous hashing of its id, refilled from the rest when one is down, not serving or
+//!   ejected, instead of to every endpoint.
 //!
 //! Targets are key prefixes (`services/default/greeter`); grpc-go's `etcd:///<prefix>` form is
 //! accepted too. The crate re-exports [`etcd_client`], so [`Resolver::new`] callers need not
@@ -57,9 +60,12 @@ mod channel;
 mod connector;
 mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod internals;
 mod options;
 pub mod policy;
 mod pool;
+mod published;
 mod resolver;
 mod target;
 

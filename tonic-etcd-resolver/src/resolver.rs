@@ -1,7 +1,7 @@
 //! The registry side: a prefix Get, then a Watch from the next revision, re-listing after any
 //! compaction or broken stream, and never emptying the endpoint set because etcd is unreachable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +19,7 @@ use crate::format::{Endpoint, watch_prefix};
 use crate::policy::weighted::WeightWarnings;
 use crate::policy::{Balance, DEFAULT_WEIGHT, InvalidWeight, parse_weight};
 use crate::pool::{Meta, Pool};
+use crate::published::Published;
 use crate::{Error, LbChannel, Options, Result};
 
 /// The current registry content: key to endpoint.
@@ -69,7 +70,8 @@ impl Stats {
 pub struct Resolver {
     target: String,
     pool: Arc<Pool>,
-    snapshot: watch::Receiver<Snapshot>,
+    /// The registry content and the snapshot behind [`Resolver::endpoints`].
+    published: Arc<Published>,
     stats: Arc<Stats>,
     guard: Arc<Guard>,
 }
@@ -120,19 +122,21 @@ impl Resolver {
         let prefix = crate::target::key_prefix(&target)?;
         let stats = Arc::new(Stats::default());
         let pool = Pool::new(&target, options.clone());
+        let published = Arc::new(Published::new());
         let mut state = Registry {
             client,
             target: target.clone(),
             prefix: watch_prefix(&prefix),
-            entries: BTreeMap::new(),
+            entries: published.clone(),
+            keys_by_addr: HashMap::new(),
             stats: stats.clone(),
             timeout: options.connect_timeout.max(Duration::from_secs(1)),
             options: options.clone(),
         };
         let revision = state.list().await?;
-        let (tx, rx) = watch::channel(Arc::new(state.entries.clone()));
         let warnings = Arc::new(WeightWarnings::default());
-        pool.set(&members(&state.entries, &options, &warnings));
+        pool.set(&state.entries.with(|e| members(e, &options, &warnings)));
+        published.publish();
         info!(
             target,
             endpoints = state.entries.len(),
@@ -140,13 +144,13 @@ impl Resolver {
             "resolved"
         );
         let task = tokio::spawn(
-            run(state, revision, tx, pool.clone(), options, warnings)
+            run(state, revision, pool.clone(), options, warnings)
                 .instrument(info_span!("resolver", target = %target)),
         );
         Ok(Self {
             target,
             pool,
-            snapshot: rx,
+            published,
             stats,
             guard: Arc::new(Guard(task)),
         })
@@ -196,13 +200,19 @@ impl Resolver {
     /// The current endpoints, updated as the registry changes.
     #[must_use]
     pub fn endpoints(&self) -> watch::Receiver<Snapshot> {
-        self.snapshot.clone()
+        self.published.subscribe()
     }
 
-    /// Addresses registered and reachable (connected).
+    /// Addresses registered and reachable (connected): with [`Options::subset`], this client's
+    /// subset (and any stand-ins for members that are down).
     #[must_use]
     pub fn ready_endpoints(&self) -> Vec<String> {
         self.pool.ready_addrs()
+    }
+
+    /// How many endpoints are connected (the length of [`Resolver::ready_endpoints`]).
+    pub(crate) fn ready_count(&self) -> usize {
+        self.pool.ready_count()
     }
 
     /// Addresses an RPC may go to now: connected, not reporting `NOT_SERVING` to a
@@ -235,7 +245,7 @@ impl Resolver {
         &self,
     ) -> impl Stream<Item = Result<Change<String, TonicEndpoint>, Infallible>> + Send + use<> {
         let options = self.pool.options().clone();
-        let rx = self.snapshot.clone();
+        let rx = self.endpoints();
         let state = (
             rx,
             BTreeSet::<String>::new(),
@@ -276,6 +286,25 @@ fn addrs(entries: &BTreeMap<String, Endpoint>) -> BTreeSet<String> {
     entries.values().map(|e| e.addr.clone()).collect()
 }
 
+/// What the policies read from an endpoint's metadata, and the weight that could not be read.
+fn meta(endpoint: &Endpoint) -> (Meta, Option<String>) {
+    let (weight, bad) = match parse_weight(endpoint.metadata.as_ref()) {
+        Ok(weight) => (weight.unwrap_or(DEFAULT_WEIGHT), None),
+        Err(e) => (DEFAULT_WEIGHT, Some(e.0)),
+    };
+    let meta = Meta {
+        zone: endpoint.metadata_str("zone").map(Arc::from),
+        weight,
+    };
+    (meta, bad)
+}
+
+fn warn_weight(options: &Options, key: &str, value: String) {
+    if options.balance != Balance::RoundRobin {
+        warn!(key, error = %InvalidWeight(value), default = DEFAULT_WEIGHT, "using the default weight");
+    }
+}
+
 /// Each registered address with what the policies read from its metadata (the first key's,
 /// when two keys name one address).
 fn members(
@@ -289,24 +318,15 @@ fn members(
         if out.contains_key(&endpoint.addr) {
             continue;
         }
-        let weight = match parse_weight(endpoint.metadata.as_ref()) {
-            Ok(weight) => weight.unwrap_or(DEFAULT_WEIGHT),
-            Err(e) => {
-                bad.insert((key.clone(), e.0));
-                DEFAULT_WEIGHT
-            }
-        };
-        let meta = Meta {
-            zone: endpoint.metadata_str("zone").map(Arc::from),
-            weight,
-        };
+        let (meta, invalid) = meta(endpoint);
+        if let Some(value) = invalid {
+            bad.insert((key.clone(), value));
+        }
         out.insert(endpoint.addr.clone(), meta);
     }
     // Once per key and value, not on every watch event.
     for (key, value) in warnings.fresh(bad) {
-        if options.balance != Balance::RoundRobin {
-            warn!(key, error = %InvalidWeight(value), default = DEFAULT_WEIGHT, "using the default weight");
-        }
+        warn_weight(options, &key, value);
     }
     out
 }
@@ -317,7 +337,10 @@ struct Registry {
     /// The target as given, for errors.
     target: String,
     prefix: String,
-    entries: BTreeMap<String, Endpoint>,
+    /// Key to endpoint, shared with the resolver for its snapshot.
+    entries: Arc<Published>,
+    /// The keys naming each address (usually one): the first one's metadata is the address's.
+    keys_by_addr: HashMap<String, BTreeSet<String>>,
     stats: Arc<Stats>,
     timeout: Duration,
     /// How values are parsed.
@@ -349,7 +372,14 @@ impl Registry {
                 entries.insert(key, endpoint);
             }
         }
-        self.entries = entries;
+        self.keys_by_addr.clear();
+        for (key, endpoint) in &entries {
+            self.keys_by_addr
+                .entry(endpoint.addr.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.entries.with(|e| *e = entries);
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
@@ -364,22 +394,76 @@ impl Registry {
         }
     }
 
-    /// Applies one watch event; returns whether the endpoint set changed.
-    fn apply(&mut self, event: &etcd_client::Event) -> bool {
+    /// Applies one watch event, adding the addresses whose endpoint changed to `touched`;
+    /// returns whether the registry changed. Costs a few map operations, whatever the size.
+    fn apply(&mut self, event: &etcd_client::Event, touched: &mut BTreeSet<String>) -> bool {
         let Some(kv) = event.kv() else { return false };
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        match event.event_type() {
-            EventType::Put => match self.parse(&key, kv.value()) {
-                Some(endpoint) if self.entries.get(&key) == Some(&endpoint) => false,
+        let new = match event.event_type() {
+            EventType::Put => self.parse(&key, kv.value()),
+            EventType::Delete => None,
+        };
+        let keys_by_addr = &mut self.keys_by_addr;
+        self.entries.with(|entries| {
+            if entries.get(&key) == new.as_ref() {
+                return false;
+            }
+            let old = match new {
                 Some(endpoint) => {
-                    self.entries.insert(key, endpoint);
-                    true
+                    let addr = endpoint.addr.clone();
+                    let old = entries.insert(key.clone(), endpoint);
+                    keys_by_addr
+                        .entry(addr.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    touched.insert(addr);
+                    old
                 }
-                // The key no longer names a usable endpoint.
-                None => self.entries.remove(&key).is_some(),
-            },
-            EventType::Delete => self.entries.remove(&key).is_some(),
-        }
+                // Deleted, or no longer a usable endpoint.
+                None => entries.remove(&key),
+            };
+            if let Some(old) = old {
+                if old.addr != entries.get(&key).map_or("", |e| e.addr.as_str())
+                    && let Some(keys) = keys_by_addr.get_mut(&old.addr)
+                {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        keys_by_addr.remove(&old.addr);
+                    }
+                }
+                touched.insert(old.addr);
+            }
+            true
+        })
+    }
+
+    /// What the pool must learn about each address in `touched`: its metadata (from the first
+    /// key naming it), or `None` when no key names it any more.
+    fn changes(
+        &self,
+        touched: BTreeSet<String>,
+        warnings: &WeightWarnings,
+    ) -> Vec<(String, Option<Meta>)> {
+        self.entries.with(|entries| {
+            touched
+                .into_iter()
+                .map(|addr| {
+                    let first = self
+                        .keys_by_addr
+                        .get(&addr)
+                        .and_then(|keys| keys.first())
+                        .and_then(|key| entries.get(key).map(|e| (key, e)));
+                    let Some((key, endpoint)) = first else {
+                        return (addr, None);
+                    };
+                    let (meta, bad) = meta(endpoint);
+                    if let Some(value) = warnings.note(key, bad) {
+                        warn_weight(&self.options, key, value);
+                    }
+                    (addr, Some(meta))
+                })
+                .collect()
+        })
     }
 }
 
@@ -395,15 +479,18 @@ enum WatchEnd {
 async fn run(
     mut registry: Registry,
     mut revision: i64,
-    tx: watch::Sender<Snapshot>,
     pool: Arc<Pool>,
     options: Options,
     warnings: Arc<WeightWarnings>,
 ) {
-    let publish = |registry: &Registry| {
-        let snapshot: Snapshot = Arc::new(registry.entries.clone());
-        pool.set(&members(&snapshot, &options, &warnings));
-        tx.send_replace(snapshot);
+    // The pool first: its update costs what changed; the snapshot is a copy of the registry
+    // (made only while someone watches it).
+    let publish = |registry: &Registry, touched: Option<BTreeSet<String>>| {
+        match touched {
+            Some(touched) => pool.apply(registry.changes(touched, &warnings)),
+            None => pool.set(&registry.entries.with(|e| members(e, &options, &warnings))),
+        }
+        registry.entries.publish();
     };
     let mut delays = options.backoff();
     loop {
@@ -431,7 +518,7 @@ async fn run(
                 Ok(rev) => {
                     registry.stats.relists.fetch_add(1, Ordering::Relaxed);
                     revision = rev;
-                    publish(&registry);
+                    publish(&registry, None);
                     info!(
                         revision,
                         endpoints = registry.entries.len(),
@@ -450,7 +537,7 @@ async fn run(
 async fn watch_from(
     registry: &mut Registry,
     revision: &mut i64,
-    publish: &impl Fn(&Registry),
+    publish: &impl Fn(&Registry, Option<BTreeSet<String>>),
     delays: &mut Box<dyn Iterator<Item = Duration> + Send>,
     options: &Options,
 ) -> WatchEnd {
@@ -486,8 +573,9 @@ async fn watch_from(
         // A healthy message: later failures start their backoff afresh.
         *delays = options.backoff();
         let mut changed = false;
+        let mut touched = BTreeSet::new();
         for event in resp.events() {
-            changed |= registry.apply(event);
+            changed |= registry.apply(event, &mut touched);
             if let Some(kv) = event.kv() {
                 *revision = (*revision).max(kv.mod_revision());
             }
@@ -504,7 +592,7 @@ async fn watch_from(
                 endpoints = registry.entries.len(),
                 "registry changed"
             );
-            publish(registry);
+            publish(registry, Some(touched));
         }
     }
 }
@@ -552,14 +640,15 @@ mod tests {
             client,
             target: target.to_owned(),
             prefix: watch_prefix(target),
-            entries: BTreeMap::new(),
+            entries: Arc::new(Published::new()),
+            keys_by_addr: HashMap::new(),
             stats: stats.clone(),
             timeout: Duration::from_secs(2),
             options: options.clone(),
         };
-        let (tx, mut rx) = watch::channel(Snapshot::default());
+        let mut rx = registry.entries.subscribe();
         let pool = Pool::new(target, options.clone());
-        let task = tokio::spawn(run(registry, 1, tx, pool, options, Arc::default()));
+        let task = tokio::spawn(run(registry, 1, pool, options, Arc::default()));
         tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.len() == 2))
             .await
             .expect("re-listed after compaction")

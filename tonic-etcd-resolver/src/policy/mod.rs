@@ -11,15 +11,18 @@
 //! - `zone`: [`ZonePreference`], with spill-over.
 //! - `outlier`: [`OutlierDetection`], by consecutive failures or failure rate.
 //! - `health`: [`HealthCheck`], active `grpc.health.v1` checks.
+//! - `subset`: subsetting by rendezvous hashing ([`Rendezvous`]), for [`crate::Options::subset`].
 
 pub(crate) mod health;
 pub(crate) mod outlier;
 pub(crate) mod p2c;
+pub(crate) mod subset;
 pub(crate) mod weighted;
 pub(crate) mod zone;
 
 pub use health::{HealthCheck, HealthCheckMode};
 pub use outlier::OutlierDetection;
+pub use subset::{CLIENT_ID_ENVS, Rendezvous, default_client_id};
 pub use weighted::{DEFAULT_WEIGHT, InvalidWeight, MAX_WEIGHT, parse_weight};
 pub use zone::{ZONE_ENV, ZonePreference};
 

@@ -1,7 +1,6 @@
 //! Weights from `metadata.weight`, and smooth weighted round-robin.
 
-use std::collections::{BTreeSet, HashMap};
-use std::hash::Hash;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
 /// The weight of an endpoint whose metadata has no usable `weight`, as in kratos.
@@ -40,12 +39,12 @@ pub fn parse_weight(metadata: Option<&serde_json::Value>) -> Result<Option<u32>,
     }
 }
 
-/// The bad weights already warned about, as (key, value), so each is logged once rather than
-/// on every watch event.
+/// The bad weights already warned about, by key, so each is logged once rather than on every
+/// watch event.
 #[derive(Debug, Default)]
 pub(crate) struct WeightWarnings {
-    /// Pairs warned about that are still in the registry.
-    seen: Mutex<BTreeSet<(String, String)>>,
+    /// Key to the bad value warned about, for keys still in the registry with it.
+    seen: Mutex<BTreeMap<String, String>>,
 }
 
 impl WeightWarnings {
@@ -53,55 +52,53 @@ impl WeightWarnings {
     /// those not warned about before.
     pub(crate) fn fresh(&self, current: BTreeSet<(String, String)>) -> Vec<(String, String)> {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let fresh = current.difference(&seen).cloned().collect();
-        *seen = current;
+        let fresh = current
+            .iter()
+            .filter(|(k, v)| seen.get(k) != Some(v))
+            .cloned()
+            .collect();
+        *seen = current.into_iter().collect();
         fresh
+    }
+
+    /// Records one key's bad weight (`None`: its weight is fine now); returns the value when it
+    /// was not warned about before.
+    pub(crate) fn note(&self, key: &str, bad: Option<String>) -> Option<String> {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        match bad {
+            None => {
+                seen.remove(key);
+                None
+            }
+            Some(value) if seen.get(key) == Some(&value) => None,
+            Some(value) => {
+                seen.insert(key.to_owned(), value.clone());
+                Some(value)
+            }
+        }
     }
 }
 
 /// Smooth weighted round-robin, nginx's algorithm: each pick adds every candidate's weight to
-/// its current weight, takes the largest, and subtracts the total from it.
+/// its current weight, takes the largest, and subtracts the total from it. `state` holds each
+/// candidate's (current weight, weight); returns the chosen index, `None` when it is empty.
 ///
-/// The state is keyed, so candidates may come and go between picks (zone spill-over, an
-/// ejection): a key not offered keeps its current weight until [`Swrr::retain`] drops it.
-#[derive(Debug)]
-pub(crate) struct Swrr<K> {
-    current: HashMap<K, i64>,
-}
-
-impl<K> Default for Swrr<K> {
-    fn default() -> Self {
-        Self {
-            current: HashMap::new(),
+/// The caller keeps the current weights between picks, so candidates may come and go (zone
+/// spill-over, an ejection) and one left out keeps its own until it is offered again.
+pub(crate) fn smooth_pick(state: &mut [(i64, u32)]) -> Option<usize> {
+    let mut total: i64 = 0;
+    let mut best: Option<(usize, i64)> = None;
+    for (i, (current, weight)) in state.iter_mut().enumerate() {
+        let weight = i64::from(*weight);
+        total += weight;
+        *current += weight;
+        if best.is_none_or(|(_, b)| *current > b) {
+            best = Some((i, *current));
         }
     }
-}
-
-impl<K: Eq + Hash + Clone> Swrr<K> {
-    /// The index in `candidates` (key, weight) of the next pick; `None` when it is empty.
-    pub(crate) fn pick(&mut self, candidates: &[(K, u32)]) -> Option<usize> {
-        let mut total: i64 = 0;
-        let mut best: Option<(usize, i64)> = None;
-        for (i, (key, weight)) in candidates.iter().enumerate() {
-            let weight = i64::from(*weight);
-            total += weight;
-            let current = self.current.entry(key.clone()).or_insert(0);
-            *current += weight;
-            if best.is_none_or(|(_, b)| *current > b) {
-                best = Some((i, *current));
-            }
-        }
-        let (i, _) = best?;
-        if let Some(current) = self.current.get_mut(&candidates[i].0) {
-            *current -= total;
-        }
-        Some(i)
-    }
-
-    /// Forgets keys that `keep` rejects.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
-        self.current.retain(|k, _| keep(k));
-    }
+    let (i, _) = best?;
+    state[i].0 -= total;
+    Some(i)
 }
 
 #[cfg(test)]
@@ -137,10 +134,21 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_bad_weight_noted_key_by_key_is_warned_about_once_until_fixed() {
+        let warnings = WeightWarnings::default();
+        assert_eq!(warnings.note("a", Some("0".into())), Some("0".into()));
+        assert_eq!(warnings.note("a", Some("0".into())), None, "the same again");
+        assert_eq!(warnings.note("a", Some("-1".into())), Some("-1".into()));
+        assert_eq!(warnings.note("a", None), None, "fixed");
+        assert_eq!(warnings.note("a", Some("-1".into())), Some("-1".into()));
+    }
+
+    /// `n` picks over (name, weight), as one string of names.
     fn sequence(weights: &[(&'static str, u32)], n: usize) -> String {
-        let mut swrr = Swrr::default();
+        let mut state: Vec<(i64, u32)> = weights.iter().map(|(_, w)| (0, *w)).collect();
         (0..n)
-            .map(|_| weights[swrr.pick(weights).unwrap()].0)
+            .map(|_| weights[smooth_pick(&mut state).unwrap()].0)
             .collect()
     }
 
@@ -164,19 +172,16 @@ mod tests {
 
     #[test]
     fn an_empty_candidate_set_picks_nothing() {
-        assert_eq!(Swrr::<&str>::default().pick(&[]), None);
+        assert_eq!(smooth_pick(&mut []), None);
     }
 
     #[test]
-    fn a_candidate_leaving_does_not_disturb_the_others() {
-        let mut swrr = Swrr::default();
-        let all = [("a", 2), ("b", 1)];
-        for _ in 0..5 {
-            swrr.pick(&all);
+    fn current_weights_sum_to_zero_after_every_pick() {
+        let mut state = vec![(0, 2), (0, 1), (0, 7)];
+        for _ in 0..50 {
+            smooth_pick(&mut state);
+            assert_eq!(state.iter().map(|(c, _)| c).sum::<i64>(), 0);
         }
-        swrr.retain(|k| *k != "b");
-        let only_a = [("a", 2)];
-        assert_eq!(swrr.pick(&only_a), Some(0));
     }
 
     #[test]

@@ -98,15 +98,21 @@ impl ZonePreference {
             .max(usize::try_from(by_ratio).unwrap_or(usize::MAX))
     }
 
+    /// Whether only local endpoints are candidates, with `local_up` of them up.
+    pub(crate) fn keep_local(&self, local_up: usize, registered_local: usize) -> bool {
+        local_up >= self.needed(registered_local)
+    }
+
     /// Narrows `candidates` (all up) to local ones, unless too few are up.
-    pub(crate) fn filter<T>(
+    #[cfg(test)]
+    fn filter<T>(
         &self,
         candidates: Vec<T>,
         is_local: impl Fn(&T) -> bool,
         registered_local: usize,
     ) -> Vec<T> {
         let local_up = candidates.iter().filter(|c| is_local(c)).count();
-        if local_up >= self.needed(registered_local) {
+        if self.keep_local(local_up, registered_local) {
             candidates.into_iter().filter(|c| is_local(c)).collect()
         } else {
             candidates

@@ -1,0 +1,146 @@
+//! One endpoint's member task: probe until reachable, serve until the connection fails, repeat.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::{Health, Meta, Pool, Ready, Shared, lock};
+use crate::connector::WatchedConnector;
+
+/// First reachability probes in flight at once. Started all together, 5,000 probes delay the
+/// first answer (and the first RPC) by the time it takes to start them all (~200 ms); a bound
+/// lets the first endpoints come up at once. Later probes (after a failure) are not bounded, so
+/// endpoints that time out cannot hold up the others' recovery.
+pub(super) const FIRST_PROBES: usize = 128;
+
+/// Aborts a task when dropped, so a member's helpers end with it.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps one endpoint's connection: probe until reachable, serve until it fails, repeat.
+pub(super) async fn member(
+    pool: Weak<Pool>,
+    addr: String,
+    probed: Arc<AtomicBool>,
+    meta: Arc<Mutex<Meta>>,
+    removed: Arc<AtomicBool>,
+) {
+    let Some(strong) = pool.upgrade() else { return };
+    let options = strong.options.clone();
+    drop(strong);
+    let endpoint = match options.endpoint(&addr) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            warn!(addr, error = %e, "skipping endpoint");
+            if let Some(pool) = pool.upgrade()
+                && pool.probed(&probed)
+            {
+                pool.resubset();
+            }
+            return;
+        }
+    };
+    let health = Arc::new(Health::default());
+    let shared = Arc::new(Shared::new());
+    let connector = WatchedConnector {
+        health: Arc::downgrade(&health),
+        nodelay: options.tcp_nodelay,
+    };
+    let channel = endpoint.connect_with_connector_lazy(connector);
+    let name: Arc<str> = addr.as_str().into();
+    let _checker = options.health_check.clone().map(|config| {
+        let pool = pool.clone();
+        AbortOnDrop(tokio::spawn(crate::policy::health::run(
+            config,
+            name.clone(),
+            channel.clone(),
+            shared.serving.clone(),
+            move || {
+                if let Some(pool) = pool.upgrade() {
+                    pool.invalidate();
+                    pool.changed.notify_waiters();
+                    pool.resubset();
+                }
+            },
+        )))
+    });
+    loop {
+        let mut delays = options.backoff();
+        loop {
+            // A first probe waits for a permit: with thousands of endpoints registered at once,
+            // a few probes finish (and the first RPC goes) before all are started.
+            // The pool is not held while waiting, so dropping it ends this task.
+            let first_probes = match pool.upgrade() {
+                Some(pool) => (!probed.load(Ordering::Acquire)).then(|| pool.first_probes.clone()),
+                None => return,
+            };
+            let permit = match first_probes {
+                Some(semaphore) => semaphore.acquire_owned().await.ok(),
+                None => None,
+            };
+            let probe =
+                tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr.as_str()))
+                    .await;
+            drop(permit);
+            if matches!(probe, Ok(Ok(_))) {
+                break;
+            }
+            if let Some(pool) = pool.upgrade()
+                && pool.probed(&probed)
+            {
+                // Never reachable so far: with subsetting, the next-ranked endpoint stands in.
+                pool.resubset();
+            }
+            let delay = delays.next().unwrap_or(options.retry_max);
+            debug!(addr, ?delay, "endpoint unreachable; probing again");
+            tokio::time::sleep(delay).await;
+        }
+        health.down.store(false, Ordering::Release);
+        let Some(strong) = pool.upgrade() else { return };
+        strong.update_ready(|set| {
+            if removed.load(Ordering::Acquire) {
+                return;
+            }
+            Pool::insert_ready(
+                set,
+                Ready {
+                    addr: name.clone(),
+                    channel: channel.clone(),
+                    health: health.clone(),
+                    shared: shared.clone(),
+                    meta: lock(&meta).clone(),
+                },
+            );
+        });
+        strong.probed(&probed);
+        // Back up: a stand-in, if any, gives its place back.
+        strong.resubset();
+        drop(strong);
+        debug!(addr, "endpoint up");
+        while !health.down.load(Ordering::Acquire) {
+            health.wake.notified().await;
+        }
+        let Some(strong) = pool.upgrade() else { return };
+        strong.update_ready(|set| {
+            if !removed.load(Ordering::Acquire)
+                && let Ok(i) = set.binary_search_by(|r| r.addr.cmp(&name))
+            {
+                set.remove(i);
+            }
+        });
+        strong.resubset();
+        drop(strong);
+        warn!(
+            addr,
+            "endpoint connection failed; not picked until it answers again"
+        );
+    }
+}

@@ -543,41 +543,53 @@ async fn sweeper(
     // Without leader election the role never changes (its sender is gone).
     let mut elected = true;
     let mut every = tokio::time::interval(RESYNC);
+    // Services seen deleted without our finalizer, retried by the periodic sweep for an hour.
+    let mut deleted: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
         tokio::select! {
             uid = gone.recv() => {
                 let Some(uid) = uid else { return };
                 ctx.writer.forget(&uid);
-                sweep::sweep(ctx.backend.as_ref(), &scope, |_| true, Some(&uid)).await;
+                sweep::sweep(ctx.backend.as_ref(), &scope, |_| false, Some(&uid)).await;
+                deleted.insert(uid, std::time::Instant::now());
             }
             changed = role.changed(), if elected => {
                 if changed.is_err() {
                     elected = false;
                 } else if matches!(*role.borrow_and_update(), Role::Leader { .. }) {
-                    sweep_all(&ctx, &store, &scope).await;
+                    sweep_all(&ctx, &store, &scope, &deleted).await;
                 }
             }
-            _ = every.tick() => sweep_all(&ctx, &store, &scope).await,
+            _ = every.tick() => {
+                deleted.retain(|_, at| at.elapsed() < Duration::from_secs(3600));
+                sweep_all(&ctx, &store, &scope, &deleted).await;
+            }
         }
     }
 }
 
-/// Sweeps every record of this controller's scope against the live GrpcServices.
-async fn sweep_all(ctx: &Context, store: &reflector::Store<GrpcService>, scope: &Scope) {
+/// Sweeps every record of this controller's scope: those of services seen `deleted`, and those
+/// whose namespace and name now belong to another GrpcService.
+async fn sweep_all(
+    ctx: &Context,
+    store: &reflector::Store<GrpcService>,
+    scope: &Scope,
+    deleted: &HashMap<String, std::time::Instant>,
+) {
     // The records first, then the live set: a record written for a service the store did not
     // yet hold cannot exist (reconciles are driven from the store).
-    let uids = std::sync::OnceLock::new();
-    let live = |owner: &crate::registry::Owner| {
-        uids.get_or_init(|| {
+    let names = std::sync::OnceLock::new();
+    let orphan = |owner: &crate::registry::Owner| {
+        let live = names.get_or_init(|| {
             store
                 .state()
                 .iter()
-                .filter_map(|svc| svc.uid())
-                .collect::<HashSet<String>>()
-        })
-        .contains(&owner.uid)
+                .filter_map(|svc| Some(((svc.namespace()?, svc.name_any()), svc.uid()?)))
+                .collect::<HashMap<(String, String), String>>()
+        });
+        sweep::orphaned(owner, deleted, live)
     };
-    let released = sweep::sweep(ctx.backend.as_ref(), scope, live, None).await;
+    let released = sweep::sweep(ctx.backend.as_ref(), scope, orphan, None).await;
     if released > 0 {
         info!(
             released,

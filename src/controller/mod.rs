@@ -556,7 +556,12 @@ async fn sweeper(
             changed = role.changed(), if elected => {
                 if changed.is_err() {
                     elected = false;
-                } else if matches!(*role.borrow_and_update(), Role::Leader { .. }) {
+                    continue;
+                }
+                // Another leader may have written status meanwhile: the objects' own statuses
+                // are the truth again.
+                ctx.writer.clear();
+                if matches!(*role.borrow_and_update(), Role::Leader { .. }) {
                     sweep_all(&ctx, &store, &scope, &deleted).await;
                 }
             }

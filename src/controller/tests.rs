@@ -535,3 +535,24 @@ async fn a_burst_of_count_changes_is_one_status_write_with_the_final_counts() {
     assert_eq!(keys(&registry, "services/default/greeter").len(), 3);
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn after_a_change_of_leadership_the_objects_own_status_is_the_truth_again() {
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |_| {}));
+    reconcile(Arc::new(svc.clone()), ctx.clone()).await.unwrap();
+    server.await.unwrap();
+    ctx.writer.idle().await;
+    assert!(ctx.writer.latest(&svc).is_some(), "what this process wrote");
+    // Another leader wrote since: the object carries its status, which wins once cleared.
+    let mut newer = svc.clone();
+    newer.status = Some(crate::crd::GrpcServiceStatus {
+        target: Some("written/by/another/leader".into()),
+        ..Default::default()
+    });
+    assert_ne!(ctx.writer.latest(&newer), newer.status);
+    ctx.writer.clear();
+    assert_eq!(ctx.writer.latest(&newer), newer.status);
+}

@@ -244,6 +244,16 @@ impl ApiWriter {
         }
     }
 
+    /// Forgets every status this process wrote or queued, on a change of leadership: another
+    /// leader may have written since, so the objects' own statuses are the truth again.
+    pub fn clear(&self) {
+        self.shared
+            .entries
+            .lock()
+            .expect("lock")
+            .retain(|_, e| e.in_flight);
+    }
+
     /// Drops everything pending for the service `uid` (it is deleted).
     pub fn forget(&self, uid: &str) {
         self.shared.entries.lock().expect("lock").remove(uid);

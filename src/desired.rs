@@ -18,7 +18,7 @@ use tonic_etcd_resolver::format::{self, ValueFormat};
 
 use crate::crd::GrpcService;
 use crate::source::Candidate;
-pub use layout::Layout;
+pub use layout::{Collision, Layout};
 pub use template::KeyTemplate;
 
 /// Which namespaces may publish under a target outside their own default prefix.
@@ -514,6 +514,9 @@ pub struct Desired {
     /// Registered candidates whose weight annotation is not a weight (1 to 10000), by id: they
     /// are published with the service's weight, and status says so.
     pub invalid_weights: std::collections::BTreeSet<String>,
+    /// Registrable candidates left out because an earlier one renders to the same key (two
+    /// pods reporting one IP): the key is registered once, and status names them.
+    pub collisions: Vec<Collision>,
 }
 
 /// How many offered ports a `PortNotFound` message lists at most.

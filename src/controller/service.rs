@@ -58,9 +58,19 @@ impl GrpcService {
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
         let selected = self.select(ctx, &plan);
         let mut want = desired(&plan, &selected);
-        // A spec whose keys cannot be written (two endpoints on one key, an entry too large for
-        // any write) is invalid: found here, before anything is released or claimed.
-        if let Err(e) = plan.layout().render(&want.endpoints) {
+        // Two endpoints on one key are a property of the endpoints: one is registered, the other
+        // reported, and the rest keep following readiness. A template that maps every endpoint
+        // to one key, or an entry too large for any write, is the spec's fault: found here,
+        // before anything is released or claimed.
+        let checked = plan
+            .layout()
+            .dedupe(std::mem::take(&mut want.endpoints))
+            .and_then(|(kept, collisions)| {
+                want.endpoints = kept;
+                want.collisions = collisions;
+                plan.layout().render(&want.endpoints).map(|_| ())
+            });
+        if let Err(e) = checked {
             // Nothing was released or claimed: status keeps naming the target still published
             // (a changed target is shown only once it is taken), so that the next valid spec
             // releases the right one.
@@ -445,11 +455,17 @@ impl GrpcService {
             last.and_then(|r| r.plan(self, &ctx.policy).map(|plan| (r, plan)))
         {
             let selected = self.select(ctx, &plan);
+            // Colliding endpoints are left out here too (the first of each key stays).
+            let endpoints = desired(&plan, &selected).endpoints;
+            let endpoints = match plan.layout().dedupe(endpoints.clone()) {
+                Ok((kept, _)) => kept,
+                Err(_) => endpoints,
+            };
             let publication = Publication {
                 layout: plan.layout(),
                 owner,
                 ttl: record.service(self).ttl(ctx),
-                endpoints: Arc::new(desired(&plan, &selected).endpoints),
+                endpoints: Arc::new(endpoints),
                 tags: plan.tags.clone(),
             };
             match ctx.backend.sync(&publication).await {

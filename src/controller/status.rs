@@ -31,6 +31,9 @@ pub mod reason {
     /// No selected pod has a port with the requested name (Ready False when none is
     /// registered because of it; True, with this reason, when only some pods lack it).
     pub const PORT_NOT_FOUND: &str = "PortNotFound";
+    /// Ready stays True: two endpoints render to one key (two pods reporting one IP); the key is
+    /// registered once, the other endpoint left out, and the rest follow readiness.
+    pub const ENDPOINT_COLLISION: &str = "EndpointCollision";
     /// Ready is False: pods are selected, but none is registrable (not ready, not running, …).
     pub const NO_READY_ENDPOINTS: &str = "NoReadyEndpoints";
     /// Ready is False: another GrpcService owns the target.
@@ -257,6 +260,8 @@ fn synced_reason(registered: usize, desired: &Desired) -> &'static str {
         reason::PORT_NOT_FOUND
     } else if registered == 0 {
         reason::NO_READY_ENDPOINTS
+    } else if !desired.collisions.is_empty() {
+        reason::ENDPOINT_COLLISION
     } else {
         reason::SYNCED
     }
@@ -307,6 +312,25 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
         let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
         message.push_str("; not registered: ");
         message.push_str(&parts.join(", "));
+    }
+    if !desired.collisions.is_empty() {
+        let n = desired.collisions.len();
+        let some: Vec<String> = desired
+            .collisions
+            .iter()
+            .take(3)
+            .map(|c| {
+                format!(
+                    "{} left out: it renders to {}, which {} holds",
+                    c.left_out, c.key, c.kept
+                )
+            })
+            .collect();
+        message.push_str(&format!(
+            "; {n} colliding with another endpoint ({}{}): two endpoints report one address (IP reuse, hostNetwork, a copied pod status)",
+            some.join("; "),
+            if n > 3 { "; …" } else { "" }
+        ));
     }
     if !desired.invalid_weights.is_empty() {
         let n = desired.invalid_weights.len();

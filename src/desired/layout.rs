@@ -13,6 +13,17 @@ use crate::desired::KeyTemplate;
 /// [`crate::registry::etcd::MAX_TXN_BYTES`], this much).
 pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
 
+/// Two endpoints that render to one key: the first is registered, the other left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collision {
+    /// The shared key.
+    pub key: String,
+    /// The endpoint registered under it (the first in candidate order).
+    pub kept: String,
+    /// The endpoint left out.
+    pub left_out: String,
+}
+
 /// The wire layout of one service: where its keys go and how values are encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -90,6 +101,47 @@ impl Layout {
     /// [`SpecError::KeyCollision`] naming both endpoints, when the key template maps two to one
     /// key (one would silently hide the other); [`SpecError::TooLarge`] for an entry over
     /// [`MAX_ENTRY_BYTES`].
+    /// Keeps one endpoint per key: a later endpoint rendering to a key an earlier one (in
+    /// candidate order) already has is left out and returned as a [`Collision`], so that two
+    /// pods reporting one IP (IP reuse, hostNetwork) do not take the whole service down: the key
+    /// is registered once and the rest keep following readiness.
+    ///
+    /// # Errors
+    /// [`SpecError::KeyCollision`] when the key template names nothing of the endpoint, so
+    /// that it maps every endpoint (two or more) to one key: that is the spec's fault, not the
+    /// endpoints'.
+    pub fn dedupe(
+        &self,
+        endpoints: Vec<LogicalEndpoint>,
+    ) -> Result<(Vec<LogicalEndpoint>, Vec<Collision>), SpecError> {
+        let mut kept: Vec<LogicalEndpoint> = Vec::with_capacity(endpoints.len());
+        let mut first: BTreeMap<String, String> = BTreeMap::new();
+        let mut collisions = Vec::new();
+        for endpoint in endpoints {
+            let key = self.key(&endpoint);
+            match first.get(&key) {
+                Some(kept_id) => collisions.push(Collision {
+                    key,
+                    kept: kept_id.clone(),
+                    left_out: endpoint.id.clone(),
+                }),
+                None => {
+                    first.insert(key, endpoint.id.clone());
+                    kept.push(endpoint);
+                }
+            }
+        }
+        if !self.template.names_the_endpoint() && !collisions.is_empty() {
+            let collision = &collisions[0];
+            return Err(SpecError::KeyCollision {
+                key: collision.key.clone(),
+                first: collision.kept.clone(),
+                second: collision.left_out.clone(),
+            });
+        }
+        Ok((kept, collisions))
+    }
+
     pub fn render(
         &self,
         endpoints: &[LogicalEndpoint],

@@ -60,6 +60,15 @@ pub(crate) struct Vars<'a> {
 }
 
 impl KeyTemplate {
+    /// Whether keys differ per endpoint: the template names the endpoint (`{addr}`, `{ip}`,
+    /// `{pod}` or `{id}`). One that does not maps every endpoint to one key.
+    #[must_use]
+    pub fn names_the_endpoint(&self) -> bool {
+        self.0
+            .iter()
+            .any(|s| matches!(s, Segment::Var(Var::Addr | Var::Ip | Var::Pod | Var::Id)))
+    }
+
     /// Parses a template. It must start with `{target}/`, so every key stays under the target
     /// the service owns, and may only use the documented placeholders.
     ///

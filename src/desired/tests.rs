@@ -29,6 +29,12 @@ fn desired(plan: &Plan, pods: &[Pod]) -> Result<Rendered, SpecError> {
     })
 }
 
+/// The logical endpoints `pods` give under `plan`, before any key is rendered.
+fn desired_endpoints(plan: &Plan, pods: &[Pod]) -> Vec<LogicalEndpoint> {
+    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    super::desired(plan, &candidates).endpoints
+}
+
 fn keys(d: &Rendered) -> Vec<&str> {
     d.entries.keys().map(String::as_str).collect()
 }
@@ -749,4 +755,38 @@ fn a_flat_consul_name_from_before_the_rule_is_offered_only_when_the_rule_gives_a
     svc.spec.backend = crate::crd::Backend::Etcd;
     svc.spec.consul = None;
     assert_eq!(Plan::pre_rule_target(&svc, &Policy::default()), None);
+}
+
+#[test]
+fn two_endpoints_on_one_key_register_the_first_and_report_the_other() {
+    let svc = service("greeter");
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").build(),
+        // p3 reports p1's IP (IP reuse, hostNetwork): one key, two endpoints.
+        PodBuilder::ready("p3", "10.0.0.1").build(),
+    ];
+    let (kept, collisions) = plan
+        .layout()
+        .dedupe(desired_endpoints(&plan, &pods))
+        .unwrap();
+    let ids: Vec<&str> = kept.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["p1", "p2"]);
+    assert_eq!(
+        collisions,
+        [Collision {
+            key: "services/default/greeter/10.0.0.1:50051".into(),
+            kept: "p1".into(),
+            left_out: "p3".into(),
+        }]
+    );
+    // A template that maps every endpoint to one key is the spec's fault.
+    let mut svc = service("greeter");
+    svc.spec.key_template = Some("{target}/fixed".into());
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    assert!(matches!(
+        plan.layout().dedupe(desired_endpoints(&plan, &pods[..2])),
+        Err(SpecError::KeyCollision { .. })
+    ));
 }

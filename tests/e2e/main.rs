@@ -119,6 +119,7 @@ fn main() {
         trial(&runtime, &plane, "operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable", operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable),
         trial(&runtime, &plane, "operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server", operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server),
         trial(&runtime, &plane, "operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log", operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log),
+        trial(&runtime, &plane, "operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness", operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness),
         trial(&runtime, &plane, "operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision", operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision),
         trial(
             &runtime,

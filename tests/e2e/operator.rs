@@ -367,3 +367,59 @@ pub async fn a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_name
     controller.terminate();
     drop(env);
 }
+
+/// Two pods reporting one IP (IP reuse, hostNetwork, a copied status) collide on one key: the
+/// key is registered once, status and a Warning Event name the pod left out, and the service
+/// keeps publishing and following readiness (it used to turn InvalidSpec and freeze).
+pub async fn two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::new(plane, &ns).await;
+    env.service("greeter", spec()).await;
+    for (pod, ip) in [
+        ("g-0", "10.34.0.1"),
+        ("g-1", "10.34.0.2"),
+        ("g-2", "10.34.0.1"),
+    ] {
+        env.pod(pod, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(pod, ip, true).await;
+    }
+    env.expect_keys(
+        "one key per address",
+        &["greeter/10.34.0.1:50051", "greeter/10.34.0.2:50051"],
+    )
+    .await;
+    eventually("Ready, with the collision named", || async {
+        let ready = env.condition("greeter", "Ready").await;
+        ready["status"] == "True"
+            && ready["reason"] == "EndpointCollision"
+            && ready["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("g-2 left out") && m.contains("which g-0 holds"))
+    })
+    .await;
+    eventually("a Warning Event naming the pods", || {
+        has_event(
+            &env,
+            "greeter",
+            "Warning",
+            "EndpointCollision",
+            "g-2 left out",
+        )
+    })
+    .await;
+    // The rest keep following readiness.
+    env.set_ready("g-1", "10.34.0.2", false).await;
+    env.expect_keys("an unready pod leaves", &["greeter/10.34.0.1:50051"])
+        .await;
+    env.pod("g-3", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-3", "10.34.0.3", true).await;
+    env.expect_keys(
+        "a new ready pod joins",
+        &["greeter/10.34.0.1:50051", "greeter/10.34.0.3:50051"],
+    )
+    .await;
+    assert!(env.condition_is("greeter", "InvalidSpec", "False").await);
+    env.shutdown().await;
+}

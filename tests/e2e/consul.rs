@@ -258,7 +258,10 @@ pub async fn sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leavi
     })
     .await;
     // Across the failover, the only change a passing-only client saw was the one we made.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("the client saw the pod come back", || async {
+        watch.seen().last() == Some(&3) && watch.seen().len() >= 3
+    })
+    .await;
     assert_eq!(
         watch.seen(),
         [3, 2, 3],

@@ -31,6 +31,24 @@ use tonic_etcd_resolver::format;
 
 type Plane = Arc<ControlPlane>;
 
+/// Every trial, each named by its function's path so that the two cannot drift, plus a trial
+/// that fails when a test function in `tests/e2e/` is in no list.
+macro_rules! trials {
+    ($runtime:ident, $plane:ident; $($test:path),* $(,)?) => {{
+        let names: Vec<String> = vec![$(stringify!($test).replace(' ', "")),*];
+        let mut trials = vec![$(trial(&$runtime, &$plane, stringify!($test).replace(' ', ""), $test)),*];
+        trials.push(Trial::test("every_e2e_test_function_is_registered", move || {
+            let missing = unregistered(&names);
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("add these to the trials in tests/e2e/main.rs: {missing:?}").into())
+            }
+        }));
+        trials
+    }};
+}
+
 fn main() {
     let args = Arguments::from_args();
     // RUST_LOG=grpc_registrar=debug shows the controller's side of a failing test.
@@ -67,122 +85,103 @@ fn main() {
         "/crds/grpcservice.yaml"
     ));
 
-    let trials = vec![
-        trial(
-            &runtime,
-            &plane,
-            "ready_pods_are_published_with_etcd_naming_values",
-            ready_pods_are_published,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "a_pod_that_turns_unready_is_deregistered",
-            unready_pod_is_deregistered,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "a_terminating_pod_is_deregistered_before_it_is_gone",
-            terminating_pod_is_deregistered,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "a_pod_relabelled_out_of_the_selector_is_deregistered",
-            relabelled_pod_is_deregistered,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "deleting_the_grpcservice_removes_every_key_and_releases_the_finalizer",
-            deleting_service_cleans_up,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "invalid_specs_are_rejected_by_the_api_server_with_a_clear_message",
-            invalid_specs_are_rejected,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "status_and_printer_columns_show_target_ready_and_registered",
-            status_and_printer_columns,
-        ),
-        trial(&runtime, &plane, "consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion", consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion),
-        trial(&runtime, &plane, "consul::sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leaving", consul::sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leaving),
-        trial(&runtime, &plane, "weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes", weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes),
-        trial(&runtime, &plane, "weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported", weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported),
-        trial(&runtime, &plane, "operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event", operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event),
-        trial(&runtime, &plane, "operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once", operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once),
-        trial(&runtime, &plane, "operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable", operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable),
-        trial(&runtime, &plane, "operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server", operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server),
-        trial(&runtime, &plane, "operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log", operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log),
-        trial(&runtime, &plane, "operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness", operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness),
-        trial(&runtime, &plane, "operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision", operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision),
-        trial(
-            &runtime,
-            &plane,
-            "a_second_grpcservice_claiming_a_taken_target_shows_conflict",
-            second_claimant_conflicts,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "a_named_port_resolving_to_different_numbers_per_pod_works",
-            named_port_per_pod,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "faults::etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_every_key_comes_back",
-            faults::etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_every_key_comes_back,
-        ),
-        trial(
-            &runtime,
-            &plane,
-            "faults::etcd_outage_shorter_than_the_ttl_deletes_nothing",
-            faults::etcd_outage_shorter_than_the_ttl_deletes_nothing,
-        ),
-        trial(&runtime, &plane, "faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl", faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl),
-        trial(&runtime, &plane, "faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing", faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing),
-        trial(&runtime, &plane, "faults::a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and_no_owner_record", faults::a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and_no_owner_record),
-        trial(&runtime, &plane, "faults::a_restart_with_thousands_of_keys_on_a_short_ttl_writes_nothing", faults::a_restart_with_thousands_of_keys_on_a_short_ttl_writes_nothing),
-        trial(&runtime, &plane, "faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry", faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry),
-        trial(&runtime, &plane, "faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing", faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing),
-        trial(&runtime, &plane, "faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing", faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing),
-        trial(&runtime, &plane, "faults::wiped_etcd_gets_every_key_and_the_ownership_record_back", faults::wiped_etcd_gets_every_key_and_the_ownership_record_back),
-        trial(&runtime, &plane, "faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition", faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition),
-        trial(&runtime, &plane, "failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl", failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl),
-        trial(&runtime, &plane, "failover::a_rolling_restart_hands_over_at_once_with_no_delete", failover::a_rolling_restart_hands_over_at_once_with_no_delete),
-        trial(&runtime, &plane, "failover::an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_and_follow_readiness", failover::an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_and_follow_readiness),
-        trial(&runtime, &plane, "failover::two_writers_of_one_scope_without_leader_election_are_reported", failover::two_writers_of_one_scope_without_leader_election_are_reported),
-        trial(&runtime, &plane, "faults::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing", failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing),
-        trial(&runtime, &plane, "faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap", faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap),
-        trial(&runtime, &plane, "multicluster::two_clusters_publish_one_target_and_neither_ever_deletes_the_others_keys", multicluster::two_clusters_publish_one_target_and_neither_ever_deletes_the_others_keys),
-        trial(&runtime, &plane, "tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched", tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched),
-        trial(&runtime, &plane, "consul_tenancy::the_consul_tenancy_matrix_leaves_every_other_namespace_untouched", consul_tenancy::the_consul_tenancy_matrix_leaves_every_other_namespace_untouched),
-        trial(&runtime, &plane, "consul_tenancy::an_upgrade_keeps_a_flat_consul_name_until_the_spec_changes_it", consul_tenancy::an_upgrade_keeps_a_flat_consul_name_until_the_spec_changes_it),
-        trial(&runtime, &plane, "slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port", slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port),
-        trial(&runtime, &plane, "slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one", slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one),
-        trial(&runtime, &plane, "slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters", slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters),
-        trial(&runtime, &plane, "slices::ipv6_endpoints_of_a_service_are_published_bracketed", slices::ipv6_endpoints_of_a_service_are_published_bracketed),
-        trial(&runtime, &plane, "interop::go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref", interop::go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref),
-        trial(&runtime, &plane, "interop::a_kratos_client_calls_every_server_published_with_the_kratos_format", interop::a_kratos_client_calls_every_server_published_with_the_kratos_format),
-        trial(&runtime, &plane, "chart::helm_install_then_the_charts_service_account_runs_the_whole_flow", chart::helm_install_then_the_charts_service_account_runs_the_whole_flow),
-        trial(&runtime, &plane, "chart::helm_install_with_backend_consul_passes_the_charts_readiness_probe", chart::helm_install_with_backend_consul_passes_the_charts_readiness_probe),
-        trial(&runtime, &plane, "faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready", faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready),
-    ];
+    let trials = trials!(runtime, plane;
+        ready_pods_are_published_with_etcd_naming_values,
+        a_pod_that_turns_unready_is_deregistered,
+        a_terminating_pod_is_deregistered_before_it_is_gone,
+        a_pod_relabelled_out_of_the_selector_is_deregistered,
+        deleting_the_grpcservice_removes_every_key_and_releases_the_finalizer,
+        invalid_specs_are_rejected_by_the_api_server_with_a_clear_message,
+        status_and_printer_columns_show_target_ready_and_registered,
+        consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion,
+        consul::sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leaving,
+        weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes,
+        weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported,
+        operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event,
+        operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once,
+        operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable,
+        operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server,
+        operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log,
+        operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness,
+        operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision,
+        a_second_grpcservice_claiming_a_taken_target_shows_conflict,
+        a_named_port_resolving_to_different_numbers_per_pod_works,
+        faults::etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_every_key_comes_back,
+        faults::etcd_outage_shorter_than_the_ttl_deletes_nothing,
+        faults::controller_sigkill_without_restart_lets_the_keys_expire_after_the_ttl,
+        faults::controller_sigkill_and_restart_within_the_ttl_deletes_nothing,
+        faults::a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and_no_owner_record,
+        faults::a_restart_with_thousands_of_keys_on_a_short_ttl_writes_nothing,
+        faults::pod_churn_during_an_etcd_partition_ends_in_exactly_the_desired_registry,
+        faults::a_target_under_another_namespaces_prefix_is_refused_and_writes_nothing,
+        faults::etcd_restart_with_data_kept_recovers_within_two_seconds_and_deletes_nothing,
+        faults::wiped_etcd_gets_every_key_and_the_ownership_record_back,
+        faults::a_port_name_no_pod_has_is_reported_in_the_ready_condition,
+        failover::sigkill_of_the_leader_fails_over_with_no_delete_and_the_new_leader_owns_every_key_within_the_ttl,
+        failover::a_rolling_restart_hands_over_at_once_with_no_delete,
+        failover::an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_and_follow_readiness,
+        failover::two_writers_of_one_scope_without_leader_election_are_reported,
+        failover::a_paused_leader_that_resumes_after_being_deposed_overwrites_nothing,
+        faults::apiserver_restart_and_expired_watches_relist_and_apply_the_changes_made_in_the_gap,
+        multicluster::two_clusters_publish_one_target_and_neither_ever_deletes_the_others_keys,
+        tenancy::the_tenancy_matrix_leaves_every_other_namespace_untouched,
+        consul_tenancy::the_consul_tenancy_matrix_leaves_every_other_namespace_untouched,
+        consul_tenancy::an_upgrade_keeps_a_flat_consul_name_until_the_spec_changes_it,
+        slices::a_service_spanning_several_slices_registers_every_endpoint_with_its_named_port,
+        slices::a_rolling_replacement_loses_no_healthy_endpoint_and_leaves_no_stale_one,
+        slices::a_hand_made_endpointslice_on_a_selectorless_service_registers_and_deleting_it_deregisters,
+        slices::ipv6_endpoints_of_a_service_are_published_bracketed,
+        interop::go_etcd_naming_resolver_reaches_servers_published_through_a_service_ref,
+        interop::a_kratos_client_calls_every_server_published_with_the_kratos_format,
+        chart::helm_install_then_the_charts_service_account_runs_the_whole_flow,
+        chart::helm_install_with_backend_consul_passes_the_charts_readiness_probe,
+        faults::a_controller_started_after_many_services_exist_registers_them_all_and_turns_ready,
+    );
     let conclusion = libtest_mimic::run(&args, trials);
     drop(plane);
     conclusion.exit();
 }
 
+/// Test functions in `tests/e2e/` (async, taking the plane and a namespace name) that are not in
+/// `registered`, named as their trial would be.
+fn unregistered(registered: &[String]) -> Vec<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("failed to read tests/e2e") {
+        let path = entry.expect("failed to read tests/e2e").path();
+        let module = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let source: String = std::fs::read_to_string(&path)
+            .expect("failed to read an e2e source file")
+            .split_whitespace()
+            .collect();
+        for (_, rest) in source
+            .match_indices("asyncfn")
+            .map(|(i, _)| source.split_at(i + 7))
+        {
+            let Some((name, args)) = rest.split_once('(') else {
+                continue;
+            };
+            if !args.starts_with("plane:Plane,ns:String") {
+                continue;
+            }
+            let trial = if module == "main" {
+                name.to_string()
+            } else {
+                format!("{module}::{name}")
+            };
+            if !registered.contains(&trial) {
+                missing.push(trial);
+            }
+        }
+    }
+    missing.sort();
+    missing
+}
+
 fn trial<F, Fut>(
     runtime: &Arc<tokio::runtime::Runtime>,
     plane: &Plane,
-    name: &'static str,
+    name: String,
     test: F,
 ) -> Trial
 where
@@ -190,7 +189,7 @@ where
     Fut: Future<Output = ()>,
 {
     let (runtime, plane) = (runtime.clone(), plane.clone());
-    Trial::test(name, move || {
+    Trial::test(name.clone(), move || {
         // A namespace per test: a readable prefix plus a hash, within the 63-character limit.
         let ns = {
             use std::hash::{Hash, Hasher};
@@ -217,7 +216,7 @@ fn greeter_spec() -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"})
 }
 
-async fn ready_pods_are_published(plane: Plane, ns: String) {
+async fn ready_pods_are_published_with_etcd_naming_values(plane: Plane, ns: String) {
     let env = Env::new(plane, &ns).await;
     env.service("greeter", greeter_spec()).await;
     for (i, name) in ["g-0", "g-1", "g-2"].iter().enumerate() {
@@ -263,7 +262,7 @@ async fn ready_pods_are_published(plane: Plane, ns: String) {
     env.shutdown().await;
 }
 
-async fn unready_pod_is_deregistered(plane: Plane, ns: String) {
+async fn a_pod_that_turns_unready_is_deregistered(plane: Plane, ns: String) {
     let env = Env::new(plane, &ns).await;
     env.service("greeter", greeter_spec()).await;
     env.pod("g-0", json!({"app": "greeter"}), 50051).await;
@@ -287,7 +286,7 @@ async fn unready_pod_is_deregistered(plane: Plane, ns: String) {
     env.shutdown().await;
 }
 
-async fn terminating_pod_is_deregistered(plane: Plane, ns: String) {
+async fn a_terminating_pod_is_deregistered_before_it_is_gone(plane: Plane, ns: String) {
     let env = Env::new(plane, &ns).await;
     env.service("greeter", greeter_spec()).await;
     env.pod("g-0", json!({"app": "greeter"}), 50051).await;
@@ -321,7 +320,7 @@ async fn terminating_pod_is_deregistered(plane: Plane, ns: String) {
     env.shutdown().await;
 }
 
-async fn relabelled_pod_is_deregistered(plane: Plane, ns: String) {
+async fn a_pod_relabelled_out_of_the_selector_is_deregistered(plane: Plane, ns: String) {
     let env = Env::new(plane, &ns).await;
     env.service("greeter", greeter_spec()).await;
     env.pod("g-0", json!({"app": "greeter"}), 50051).await;
@@ -341,7 +340,10 @@ async fn relabelled_pod_is_deregistered(plane: Plane, ns: String) {
     env.shutdown().await;
 }
 
-async fn deleting_service_cleans_up(plane: Plane, ns: String) {
+async fn deleting_the_grpcservice_removes_every_key_and_releases_the_finalizer(
+    plane: Plane,
+    ns: String,
+) {
     let env = Env::new(plane, &ns).await;
     env.service("greeter", greeter_spec()).await;
     env.pod("g-0", json!({"app": "greeter"}), 50051).await;
@@ -366,7 +368,10 @@ async fn deleting_service_cleans_up(plane: Plane, ns: String) {
     env.shutdown().await;
 }
 
-async fn invalid_specs_are_rejected(plane: Plane, ns: String) {
+async fn invalid_specs_are_rejected_by_the_api_server_with_a_clear_message(
+    plane: Plane,
+    ns: String,
+) {
     let client = plane.client().await;
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces
@@ -483,7 +488,7 @@ async fn invalid_specs_are_rejected(plane: Plane, ns: String) {
     }
 }
 
-async fn status_and_printer_columns(plane: Plane, ns: String) {
+async fn status_and_printer_columns_show_target_ready_and_registered(plane: Plane, ns: String) {
     let env = Env::new(plane.clone(), &ns).await;
     env.service("greeter", greeter_spec()).await;
     env.pod("g-0", json!({"app": "greeter"}), 50051).await;
@@ -556,7 +561,7 @@ async fn status_and_printer_columns(plane: Plane, ns: String) {
     env.shutdown().await;
 }
 
-async fn second_claimant_conflicts(plane: Plane, ns: String) {
+async fn a_second_grpcservice_claiming_a_taken_target_shows_conflict(plane: Plane, ns: String) {
     let env = Env::new(plane.clone(), &ns).await;
     let target = format!("services/{ns}/shared");
     env.service(
@@ -638,7 +643,7 @@ async fn second_claimant_conflicts(plane: Plane, ns: String) {
     env.shutdown().await;
 }
 
-async fn named_port_per_pod(plane: Plane, ns: String) {
+async fn a_named_port_resolving_to_different_numbers_per_pod_works(plane: Plane, ns: String) {
     let env = Env::new(plane, &ns).await;
     env.service("greeter", greeter_spec()).await;
     env.pod("g-0", json!({"app": "greeter"}), 50051).await;

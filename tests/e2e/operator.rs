@@ -297,10 +297,21 @@ pub async fn sigterm_ends_the_process_promptly_when_the_api_server_was_never_rea
         .unwrap()
         .replace(&plane.url(), "https://127.0.0.1:1");
     std::fs::write(kubeconfig.path(), unreachable).unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut controller = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
         .env("KUBECONFIG", kubeconfig.path())
+        .log_to(log.path().to_path_buf())
         .start();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // In its retry loop: a watch has failed to reach the API server.
+    eventually(
+        "the controller retries the unreachable API server",
+        || async {
+            std::fs::read_to_string(log.path()).is_ok_and(|l| {
+                l.contains("controller error; retrying") && l.contains("Connection refused")
+            })
+        },
+    )
+    .await;
     controller.sigterm();
     let status = controller.wait_exit(std::time::Duration::from_secs(5));
     assert!(

@@ -273,8 +273,11 @@ pub struct GrpcServiceStatus {
     /// Entries in the registry for this service: etcd keys, or Consul instances.
     #[serde(default)]
     pub registered_endpoints: i32,
-    /// The registry revision of the last change: etcd's revision, or Consul's index with the
-    /// Consul backend (the name predates it).
+    /// The registry's revision of the last change (etcd's revision, Consul's index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_revision: Option<i64>,
+    /// Deprecated: the same value as `registryRevision`, under its name from before Consul.
+    /// Written for one more release for readers of the old name, then removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd_revision: Option<i64>,
     /// The etcd lease holding the keys, in hex as etcdctl prints it (none with Consul).

@@ -141,17 +141,21 @@ pub fn next_status(
             status.registered_endpoints = clamp(report.registered);
             // A backend without leases (Consul) reports 0: no leaseId.
             status.lease_id = (report.lease_id != 0).then(|| format!("{:x}", report.lease_id));
-            match last_change {
+            // A status written before the rename has only the old name.
+            let known = status.registry_revision.or(status.etcd_revision);
+            let revision = match last_change {
                 Some(change) => {
-                    status.etcd_revision = Some(change.revision);
                     status.last_sync_time = Some(change.at.clone());
+                    Some(change.revision)
                 }
-                None if status.etcd_revision.is_none() => {
-                    status.etcd_revision = Some(report.revision);
+                None if known.is_none() => {
                     status.last_sync_time = Some(now.clone());
+                    Some(report.revision)
                 }
-                None => {}
-            }
+                None => known,
+            };
+            status.registry_revision = revision;
+            status.etcd_revision = revision;
             let reason = synced_reason(report.registered, desired);
             (None, reason, synced_message(report.registered, desired))
         }
@@ -564,7 +568,8 @@ mod tests {
             (3, 2, 2)
         );
         assert_eq!(s.lease_id.as_deref(), Some("ff"));
-        assert_eq!(s.etcd_revision, Some(42));
+        assert_eq!(s.registry_revision, Some(42));
+        assert_eq!(s.etcd_revision, Some(42), "the deprecated name mirrors it");
         assert_eq!(s.last_sync_time, Some(t(10)));
         assert_eq!(
             (ready(&s).status.as_str(), ready(&s).reason.as_str()),
@@ -659,9 +664,18 @@ mod tests {
             Some(&change),
             12,
         );
-        assert_eq!(later.etcd_revision, Some(50));
+        assert_eq!(later.registry_revision, Some(50));
         assert_eq!(later.last_sync_time, Some(t(11)));
         assert_eq!((later.ready_endpoints, later.registered_endpoints), (3, 3));
+    }
+
+    #[test]
+    fn a_status_written_before_the_rename_keeps_its_revision_under_both_names() {
+        let mut old = synced(2);
+        old.registry_revision = None;
+        old.etcd_revision = Some(7);
+        let next = synced_with(Some(&old), &desired(2, 2, &[]), &report(2, 99), None, 12);
+        assert_eq!((next.registry_revision, next.etcd_revision), (Some(7), Some(7)));
     }
 
     #[test]

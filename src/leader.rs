@@ -1,4 +1,4 @@
-//! Leader election on a `coordination.k8s.io/v1` Lease, fenced in etcd.
+//! Leader election on a `coordination.k8s.io/v1` Lease, fenced in the registry.
 //!
 //! Every replica runs the reflectors and the reconciler, so a follower's caches are warm; only
 //! the leader writes. The elector holds the Lease the way client-go does (create, renew with the
@@ -6,7 +6,7 @@
 //! duration on the local clock). On taking over, the leader writes a leader record in the
 //! registry ([`Backend::fence`]) and every registry write is guarded on that record, so a deposed
 //! leader (paused, partitioned, slow) that resumes writes nothing: locally because its Lease
-//! bound has passed, and in etcd because the record moved on.
+//! bound has passed, and in the registry because the record moved on.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ pub struct ElectionConfig {
     pub name: String,
     /// This replica's identity (unique per process).
     pub identity: String,
-    /// How long a Lease that is not renewed stays held; shorter than the etcd TTL.
+    /// How long a Lease that is not renewed stays held; shorter than the registry lease TTL.
     pub lease_duration: Duration,
     /// A leader that has not renewed for this long stops writing; shorter than `lease_duration`.
     pub renew_deadline: Duration,
@@ -40,11 +40,11 @@ pub struct ElectionConfig {
 }
 
 impl ElectionConfig {
-    /// Checks the timing invariants against the etcd lease TTL.
+    /// Checks the timing invariants against the registry lease TTL.
     ///
     /// # Errors
     /// A description of the violated invariant.
-    pub fn validate(&self, etcd_ttl: Duration) -> Result<(), String> {
+    pub fn validate(&self, registry_ttl: Duration) -> Result<(), String> {
         if self.retry_period.is_zero() || self.retry_period >= self.renew_deadline {
             return Err(
                 "the retry period must be positive and shorter than the renew deadline".into(),
@@ -53,11 +53,11 @@ impl ElectionConfig {
         if self.renew_deadline >= self.lease_duration {
             return Err("the renew deadline must be shorter than the leader lease duration".into());
         }
-        if self.lease_duration >= etcd_ttl {
+        if self.lease_duration >= registry_ttl {
             return Err(format!(
-                "the leader lease duration ({}s) must be shorter than the etcd lease TTL ({}s), so a new leader re-puts every key before the old lease expires",
+                "the leader lease duration ({}s) must be shorter than the registry lease TTL ({}s), so a new leader re-puts every key before the old lease expires",
                 self.lease_duration.as_secs(),
-                etcd_ttl.as_secs()
+                registry_ttl.as_secs()
             ));
         }
         Ok(())
@@ -84,7 +84,7 @@ pub fn always_leader() -> watch::Receiver<Role> {
 pub enum Role {
     /// Caches warm, writing nothing.
     Follower,
-    /// Holding the Lease and the etcd fence for `term`.
+    /// Holding the Lease and the registry fence for `term`.
     Leader {
         /// The Lease's `leaseTransitions` when this replica took over.
         term: i64,
@@ -181,7 +181,7 @@ pub struct Elector {
     observed: Option<(Record, Instant)>,
     /// Holding the Lease: the term, and when the last successful write was sent.
     holding: Option<(i64, Instant)>,
-    /// The term to use on the next takeover when etcd showed a later one.
+    /// The term to use on the next takeover when the registry showed a later one.
     min_term: i64,
 }
 
@@ -344,7 +344,7 @@ impl Elector {
                 self.role.send_replace(Role::Leader { term });
             }
             Err(Error::Fenced { .. }) => {
-                // etcd has a later term (the Lease was recreated): renew with a later one.
+                // The registry has a later term (the Lease was recreated): renew with a later one.
                 if let Ok(later) = self.registry.leader_term().await {
                     self.min_term = later + 1;
                 }
@@ -352,11 +352,11 @@ impl Elector {
                 warn!(
                     term,
                     next_term = self.min_term,
-                    "etcd holds a later leader term; retrying with a later one"
+                    "the registry holds a later leader term; retrying with a later one"
                 );
             }
             Err(e) => {
-                warn!(term, error = %crate::error::chain(&e), "failed to fence etcd writes; retrying")
+                warn!(term, error = %crate::error::chain(&e), "failed to fence registry writes; retrying")
             }
         }
     }
@@ -468,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn timing_must_nest_inside_the_etcd_ttl() {
+    fn timing_must_nest_inside_the_registry_lease_ttl() {
         let config = ElectionConfig {
             namespace: "ns".into(),
             name: "grpc-registrar".into(),

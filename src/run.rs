@@ -65,7 +65,7 @@ pub struct Config {
 /// Why the process could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The leader election timing does not nest inside the etcd lease TTL.
+    /// The leader election timing does not nest inside the registry lease TTL.
     #[error("invalid leader election timing: {0}")]
     Election(String),
     /// The HTTP endpoints could not listen.

@@ -132,7 +132,7 @@ async fn a_new_process_adopts_the_live_lease_and_rewrites_nothing() {
         .await
         .unwrap();
     assert_eq!((report.puts, report.deletes, report.txns), (0, 0, 0));
-    assert_eq!(report.lease_id, lease, "the live lease was adopted");
+    assert_eq!(report.lease, Some(lease), "the live lease was adopted");
     assert_eq!(metrics.lease_adoptions.get(), 1);
     assert_eq!(metrics.lease_grants.get(), 0);
     // Past the TTL: the adopted lease is kept alive and every key is where it was.
@@ -620,7 +620,7 @@ async fn naming_the_cluster_later_adopts_the_keys_it_still_wants_and_deletes_no_
         after.keys().collect::<Vec<_>>(),
         keys.iter().collect::<Vec<_>>()
     );
-    assert_eq!(after[&keys[0]].1, report.lease_id, "on east's lease now");
+    assert_eq!(Some(after[&keys[0]].1), report.lease, "on east's lease now");
 }
 
 #[tokio::test]

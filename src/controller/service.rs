@@ -181,13 +181,13 @@ impl GrpcService {
         };
         self.note_transitions(ctx, &selected, report.puts + report.deletes > 0);
         if report.puts + report.deletes > 0 {
-            // A backend without leases (Consul) reports lease 0: no lease_id field.
-            if report.lease_id == 0 {
+            if let Some(lease) = report.lease {
                 info!(
                     puts = report.puts,
                     deletes = report.deletes,
                     registered = report.registered,
                     revision = report.revision,
+                    lease_id = %format!("{lease:x}"),
                     "registry updated"
                 );
             } else {
@@ -196,7 +196,6 @@ impl GrpcService {
                     deletes = report.deletes,
                     registered = report.registered,
                     revision = report.revision,
-                    lease_id = %format!("{:x}", report.lease_id),
                     "registry updated"
                 );
             }

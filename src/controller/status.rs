@@ -139,8 +139,7 @@ pub fn next_status(
             status.target = Some((*target).to_owned());
             counts(&mut status, Some(desired));
             status.registered_endpoints = clamp(report.registered);
-            // A backend without leases (Consul) reports 0: no leaseId.
-            status.lease_id = (report.lease_id != 0).then(|| format!("{:x}", report.lease_id));
+            status.lease_id = report.lease.map(|lease| format!("{lease:x}"));
             // A status written before the rename has only the old name.
             let known = status.registry_revision.or(status.etcd_revision);
             let revision = match last_change {
@@ -512,7 +511,7 @@ mod tests {
         SyncReport {
             registered,
             revision: 42,
-            lease_id,
+            lease: Some(lease_id),
             ..SyncReport::default()
         }
     }

@@ -267,7 +267,7 @@ impl Backend for MemoryBackend {
             txns: usize::from(puts + deletes > 0),
             registered,
             revision,
-            lease_id: self.lease_id,
+            lease: Some(self.lease_id),
         })
     }
 

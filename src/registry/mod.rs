@@ -111,8 +111,8 @@ pub struct SyncReport {
     pub registered: usize,
     /// The registry revision after the sync.
     pub revision: i64,
-    /// The lease the entries are on.
-    pub lease_id: i64,
+    /// The lease the entries are on, with a backend that has leases.
+    pub lease: Option<i64>,
 }
 
 /// What the backend saw happen to its lease or its connection.

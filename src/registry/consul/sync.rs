@@ -148,9 +148,8 @@ impl ConsulRegistry {
             revision = revision.max(self.list_index().await?);
         }
         report.revision = i64::try_from(revision).unwrap_or(i64::MAX);
-        // Consul has no lease: entries live on the synthetic node, whose incarnation is logged
-        // as `node_index` (status shows no leaseId).
-        report.lease_id = 0;
+        // Consul has no lease (`lease` stays None): entries live on the synthetic node, whose
+        // incarnation is logged as `node_index`.
         self.start_keeper();
         if report.puts + report.deletes > 0 {
             debug!(

@@ -208,7 +208,7 @@ impl EtcdRegistry {
         let ops = diff(&current, &desired, lease_id);
         let mut report = SyncReport {
             registered: desired.len(),
-            lease_id,
+            lease: Some(lease_id),
             ..SyncReport::default()
         };
         let guard = Compare::value(self.owner_key(target), CompareOp::Equal, owner.record());

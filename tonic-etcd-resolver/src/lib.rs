@@ -35,7 +35,7 @@
 //! - **Policies beyond round-robin.** Zone preference with spill-over, smooth weighted
 //!   round-robin from `metadata.weight`, least-loaded power-of-two-choices on the RPCs it
 //!   counts in flight itself, outlier ejection, and `grpc.health.v1` health checks; see
-//!   [`Options`] and the README's "Choosing a policy".
+//!   [`Options`] and grpc-registrar's docs/resolver-policies.md.
 //! - **Subsetting.** With [`Options::subset`], a client connects to `n` endpoints chosen by
 //!   rendezvous hashing of its id, refilled from the rest when one is down, not serving or
 //!   ejected, instead of to every endpoint.

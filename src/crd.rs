@@ -15,6 +15,9 @@ pub const FINALIZER: &str = "grpc-registrar.io/cleanup";
 /// The registry a GrpcService is published into. Each controller serves one backend
 /// (`--backend`) and acts only on the GrpcServices that name it, so one controller per backend
 /// may run side by side.
+/// The pod annotation that sets one pod's weight, overriding `spec.weight`.
+pub const WEIGHT_ANNOTATION: &str = "grpc-registrar.io/weight";
+
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
 )]

@@ -544,8 +544,7 @@ pub fn registrable(plan: &Plan, candidate: &Candidate) -> Result<(IpAddr, u16), 
     Ok((ip, port))
 }
 
-/// The annotation that sets one pod's weight, overriding `spec.weight`.
-pub const WEIGHT_ANNOTATION: &str = "grpc-registrar.io/weight";
+pub use crate::crd::WEIGHT_ANNOTATION;
 
 /// The weights a client may be given: 1 to 10000 (0 would take an endpoint out of rotation,
 /// which readiness does).

@@ -674,7 +674,10 @@ mod tests {
         old.registry_revision = None;
         old.etcd_revision = Some(7);
         let next = synced_with(Some(&old), &desired(2, 2, &[]), &report(2, 99), None, 12);
-        assert_eq!((next.registry_revision, next.etcd_revision), (Some(7), Some(7)));
+        assert_eq!(
+            (next.registry_revision, next.etcd_revision),
+            (Some(7), Some(7))
+        );
     }
 
     #[test]

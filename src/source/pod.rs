@@ -53,7 +53,7 @@ pub fn candidate(pod: &Pod) -> Candidate {
         labels,
         weight: pod
             .annotations()
-            .get(crate::desired::WEIGHT_ANNOTATION)
+            .get(crate::crd::WEIGHT_ANNOTATION)
             .cloned(),
         ..Candidate::default()
     }

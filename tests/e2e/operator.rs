@@ -142,7 +142,9 @@ pub async fn the_last_status_write_of_a_burst_carries_the_final_counts_and_revis
             let s = env.status("greeter").await;
             s["readyEndpoints"] == 3
                 && s["registeredEndpoints"] == 3
-                && s["registryRevision"].as_i64().is_some_and(|r| r >= revision)
+                && s["registryRevision"]
+                    .as_i64()
+                    .is_some_and(|r| r >= revision)
                 && s["etcdRevision"] == s["registryRevision"]
         },
     )

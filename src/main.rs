@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -321,8 +322,21 @@ impl ElectionArgs {
     }
 }
 
+/// Exits with status 1 and one line on stderr when the controller cannot start or fails: a
+/// configuration error is a sentence to act on, never a backtrace (`RUST_BACKTRACE=1` is common
+/// in containers, and anyhow's `Debug` output, which `main` returning `Err` prints, would add one).
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    match run_cli(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("grpc-registrar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let Cli {
         backend,
         etcd,
@@ -333,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr,
         log_format,
         shutdown_timeout,
-    } = Cli::parse();
+    } = cli;
     logging::init(match log_format {
         LogFormat::Plain => logging::Format::Plain,
         LogFormat::Json => logging::Format::Json,

@@ -52,7 +52,7 @@ impl GrpcService {
                     .await;
             }
         };
-        tracing::Span::current().record("target", plan.target.as_str());
+        tracing::Span::current().record("registry_target", plan.target.as_str());
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
@@ -520,7 +520,7 @@ impl GrpcService {
         }
         for target in targets {
             let deleted = ctx.backend.release(&target, &owner).await?;
-            info!(target, deleted, "deregistered service");
+            info!(registry_target = target, deleted, "deregistered service");
             ctx.released(&target);
         }
         ctx.stop_waiting(&ObjectRef::from_obj(self));

@@ -270,6 +270,29 @@ pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_ou
         updated["lease_id"].is_string() && updated["revision"].is_i64(),
         "{updated}"
     );
+    // One meaning and one type per field: `target` is always tracing's module, the registry
+    // prefix is `registry_target`, and `endpoints` is always a count.
+    assert_eq!(
+        updated["registry_target"],
+        format!("services/{ns}/greeter"),
+        "{updated}"
+    );
+    for line in &lines {
+        let module = line["target"].as_str().unwrap_or_default();
+        assert!(
+            !module.is_empty() && !module.contains('/'),
+            "target is a module path: {line}"
+        );
+        assert!(
+            line.get("endpoints").is_none_or(serde_json::Value::is_u64),
+            "endpoints is a count: {line}"
+        );
+    }
+    let reachable = lines
+        .iter()
+        .find(|l| l["message"] == "registry reachable")
+        .unwrap_or_else(|| panic!("no 'registry reachable' line in:\n{text}"));
+    assert!(reachable["registry_address"].is_string(), "{reachable}");
     let outage: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")

@@ -160,7 +160,7 @@ impl Pool {
             && options.health_check.is_none();
         let ranked = options.subset.map(|size| {
             let client_id = options.client_id.clone().unwrap_or_else(default_client_id);
-            info!(target, client_id, size, "subsetting");
+            info!(registry_target = target, client_id, size, "subsetting");
             Mutex::new(Ranked::new(size, &client_id))
         });
         Arc::new(Self {

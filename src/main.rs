@@ -39,7 +39,14 @@ enum BackendArg {
 struct Cli {
     /// The registry this controller publishes into. It acts only on the GrpcServices whose
     /// `spec.backend` names it (`Etcd` when unset), so one controller per backend may run.
-    #[arg(long, env = "BACKEND", value_enum, default_value = "etcd")]
+    /// Case-insensitive: `Consul`, as `spec.backend` spells it, works too.
+    #[arg(
+        long,
+        env = "BACKEND",
+        value_enum,
+        ignore_case = true,
+        default_value = "etcd"
+    )]
     backend: BackendArg,
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -467,6 +474,18 @@ mod tests {
         assert!(parse(&["--leader-elect"]));
         assert!(parse(&["--leader-elect", "true"]));
         assert!(!parse(&["--leader-elect=false"]));
+    }
+
+    #[test]
+    fn the_backend_is_accepted_as_spec_backend_spells_it() {
+        let parse = |value: &str| {
+            Cli::try_parse_from(["grpc-registrar", "--backend", value])
+                .map(|cli| format!("{:?}", cli.backend))
+        };
+        assert_eq!(parse("consul").unwrap(), "Consul");
+        assert_eq!(parse("Consul").unwrap(), "Consul");
+        assert_eq!(parse("Etcd").unwrap(), "Etcd");
+        assert!(parse("zookeeper").is_err());
     }
 
     #[test]

@@ -347,6 +347,12 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
             if n > 3 { ", …" } else { "" }
         ));
     }
+    if let Some((port, n)) = desired.undeclared_port {
+        message.push_str(&format!(
+            "; port {port} is declared by no container of {} registered (registered anyway, as a Service's targetPort would be: check spec.port if that is a typo)",
+            pods(n)
+        ));
+    }
     if !desired.ports_offered.is_empty() {
         let offered: Vec<String> = desired
             .ports_offered
@@ -625,6 +631,20 @@ mod tests {
             ("True", "PortNotFound")
         );
         assert_eq!(transition_events(None, &s)[0].type_, EventType::Warning);
+    }
+
+    #[test]
+    fn a_numeric_port_no_container_declares_stays_synced_with_a_hint_naming_the_declared_ports() {
+        let mut want = desired(2, 2, &[]);
+        want.undeclared_port = Some((50051, 2));
+        want.ports_offered = [("grpc".to_owned(), 50061)].into();
+        let s = synced_with(None, &want, &report(2, 1), None, 1);
+        let c = ready(&s);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Synced"));
+        assert_eq!(
+            c.message,
+            "2 of 2 selected pods registered; port 50051 is declared by no container of 2 pods registered (registered anyway, as a Service's targetPort would be: check spec.port if that is a typo) (ports offered: grpc=50061)"
+        );
     }
 
     #[test]

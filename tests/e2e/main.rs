@@ -121,6 +121,7 @@ fn main() {
         trial(&runtime, &plane, "operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log", operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log),
         trial(&runtime, &plane, "operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness", operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness),
         trial(&runtime, &plane, "operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision", operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision),
+        trial(&runtime, &plane, "operator::a_numeric_port_no_container_declares_is_registered_with_a_hint_in_status", operator::a_numeric_port_no_container_declares_is_registered_with_a_hint_in_status),
         trial(
             &runtime,
             &plane,

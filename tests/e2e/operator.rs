@@ -446,3 +446,30 @@ pub async fn two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow
     assert!(env.condition_is("greeter", "InvalidSpec", "False").await);
     env.shutdown().await;
 }
+
+pub async fn a_numeric_port_no_container_declares_is_registered_with_a_hint_in_status(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::new(plane, &ns).await;
+    // The pods declare 50051 (named grpc); the spec asks for 50052.
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": 50052}),
+    )
+    .await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.36.0.1", true).await;
+    eventually("Synced, registered, with the hint", || async {
+        let c = env.condition("greeter", "Ready").await;
+        let message = c["message"].as_str().unwrap_or_default().to_owned();
+        c["status"] == "True"
+            && c["reason"] == "Synced"
+            && message.contains("port 50052 is declared by no container of 1 pod registered")
+            && message.contains("check spec.port")
+            && message.contains("(ports offered: grpc=50051)")
+    })
+    .await;
+    assert_eq!(env.status("greeter").await["registeredEndpoints"], 1);
+    env.shutdown().await;
+}

@@ -98,6 +98,7 @@ pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
     status = "GrpcServiceStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"The Ready condition: True when the registry holds what the spec asks for, with at least one endpoint"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why Ready is what it is: Synced, EndpointCollision, NoReadyEndpoints, NoPodsSelected, NoEndpoints, PortNotFound, Conflict, InvalidSpec or BackendUnavailable"}"#,
+    printcolumn = r#"{"name":"Backend","type":"string","jsonPath":".spec.backend","description":"The registry it publishes into (Etcd or Consul): only a controller serving that backend acts on it, so a row with no Ready and Status means none runs"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.target","description":"The registry prefix clients dial"}"#,
     printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.registeredEndpoints","description":"Endpoints registered"}"#,
     printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selectedEndpoints","priority":1,"description":"Endpoints the source yields: pods the selector matches, or the Service's endpoints"}"#,
@@ -335,6 +336,7 @@ mod tests {
             [
                 "Ready",
                 "Status",
+                "Backend",
                 "Target",
                 "Endpoints",
                 "Selected",

@@ -100,6 +100,7 @@ fn the_install_notes_say_how_to_check_health_and_warn_about_the_placeholder_etcd
         "kubectl get grpcsvc -A",
         "READY",
         "STATUS",
+        "BACKEND",
         "TARGET",
         "ENDPOINTS",
         "kubectl -n registrar port-forward deployment/reg-grpc-registrar 8080:metrics",

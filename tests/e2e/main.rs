@@ -520,15 +520,24 @@ async fn status_and_printer_columns(plane: Plane, ns: String) {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "STATUS", "TARGET", "ENDPOINTS", "AGE"]
+        [
+            "NAME",
+            "READY",
+            "STATUS",
+            "BACKEND",
+            "TARGET",
+            "ENDPOINTS",
+            "AGE"
+        ]
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        &row[..5],
+        &row[..6],
         [
             "greeter",
             "True",
             "Synced",
+            "Etcd",
             &format!("services/{ns}/greeter"),
             "1"
         ]
@@ -543,6 +552,7 @@ async fn status_and_printer_columns(plane: Plane, ns: String) {
             "NAME",
             "READY",
             "STATUS",
+            "BACKEND",
             "TARGET",
             "ENDPOINTS",
             "SELECTED",
@@ -554,6 +564,20 @@ async fn status_and_printer_columns(plane: Plane, ns: String) {
         out.contains("1 of 2 selected pods registered; not registered: 1 not ready"),
         "{out}"
     );
+
+    // A service for a backend no controller here serves: its row says which backend it waits
+    // for instead of being blank.
+    env.service(
+        "elsewhere",
+        json!({"backend": "Consul", "selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"}),
+    )
+    .await;
+    let (ok, out, err) = plane.kubectl(&["get", "grpcsvc", "elsewhere", "-n", &ns]);
+    assert!(ok, "{err}");
+    let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[0], "elsewhere", "{out}");
+    assert!(row.contains(&"Consul"), "{out}");
+    assert!(!row.contains(&"Synced"), "{out}");
     env.shutdown().await;
 }
 
@@ -597,8 +621,8 @@ async fn second_claimant_conflicts(plane: Plane, ns: String) {
     assert!(ok, "{err}");
     let row: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(
-        &row[..5],
-        ["second", "False", "Conflict", target.as_str(), "0"],
+        &row[..6],
+        ["second", "False", "Conflict", "Etcd", target.as_str(), "0"],
         "{out}"
     );
     // Both outcomes are Kubernetes Events on the GrpcServices (what `kubectl describe` shows).

@@ -233,6 +233,7 @@ fn exported_metrics() -> BTreeSet<String> {
     let metrics = Metrics::default();
     // A labelled family is on the page once it has a series.
     metrics.observe_service("ns", "svc", &Desired::default(), 0);
+    metrics.observe_conditions("ns", "svc", &[]);
     metrics.observe_request("etcd", "range", Instant::now());
     metrics.reconcile_failed("etcd");
     metrics

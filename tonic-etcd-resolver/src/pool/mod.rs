@@ -412,6 +412,15 @@ impl Pool {
             .collect()
     }
 
+    /// How many endpoints this client holds (the registered ones, or its subset of them) and
+    /// how many of those are connected.
+    pub(crate) fn counts(&self) -> Counts {
+        Counts {
+            registered: lock(&self.members).len(),
+            connected: self.ready_count(),
+        }
+    }
+
     /// How many endpoints are connected.
     pub(crate) fn ready_count(&self) -> usize {
         self.ready_set().len()
@@ -493,6 +502,15 @@ impl Pool {
             self.invalidate();
         }
     }
+}
+
+/// The endpoint counts an `Unavailable` error reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Registered endpoints this client holds (with subsetting, its subset).
+    pub(crate) registered: usize,
+    /// Of those, the ones connected.
+    pub(crate) connected: usize,
 }
 
 /// Whether an RPC may go to `r` now: serving and not ejected.

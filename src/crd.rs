@@ -15,6 +15,26 @@ pub const FINALIZER: &str = "grpc-registrar.io/cleanup";
 /// The registry a GrpcService is published into. Each controller serves one backend
 /// (`--backend`) and acts only on the GrpcServices that name it, so one controller per backend
 /// may run side by side.
+/// The condition types of a GrpcService's status.
+pub mod condition {
+    /// The registry holds what the spec asks for, and at least one endpoint is registered.
+    pub const READY: &str = "Ready";
+    /// Another GrpcService owns the target.
+    pub const CONFLICT: &str = "Conflict";
+    /// The spec cannot be applied.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The registry backend could not be reached or refused the write.
+    pub const BACKEND_UNAVAILABLE: &str = "BackendUnavailable";
+}
+
+/// The condition types the controller maintains, in status order.
+pub const CONDITIONS: [&str; 4] = [
+    condition::READY,
+    condition::CONFLICT,
+    condition::INVALID_SPEC,
+    condition::BACKEND_UNAVAILABLE,
+];
+
 /// The pod annotation that sets one pod's weight, overriding `spec.weight`.
 pub const WEIGHT_ANNOTATION: &str = "grpc-registrar.io/weight";
 
@@ -101,6 +121,7 @@ pub const TEMPLATE_PLACEHOLDERS: &[&str] = &[
     status = "GrpcServiceStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"The Ready condition: True when the registry holds what the spec asks for, with at least one endpoint"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why Ready is what it is: Synced, EndpointCollision, NoReadyEndpoints, NoPodsSelected, NoEndpoints, PortNotFound, Conflict, InvalidSpec or BackendUnavailable"}"#,
+    printcolumn = r#"{"name":"Backend","type":"string","jsonPath":".spec.backend","description":"The registry it publishes into (Etcd or Consul): only a controller serving that backend acts on it, so a row with no Ready and Status means none runs"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.target","description":"The registry prefix clients dial"}"#,
     printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.registeredEndpoints","description":"Endpoints registered"}"#,
     printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selectedEndpoints","priority":1,"description":"Endpoints the source yields: pods the selector matches, or the Service's endpoints"}"#,
@@ -341,6 +362,7 @@ mod tests {
             [
                 "Ready",
                 "Status",
+                "Backend",
                 "Target",
                 "Endpoints",
                 "Selected",

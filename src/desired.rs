@@ -517,6 +517,10 @@ pub struct Desired {
     /// Registrable candidates left out because an earlier one renders to the same key (two
     /// pods reporting one IP): the key is registered once, and status names them.
     pub collisions: Vec<Collision>,
+    /// A numeric spec port that no container of some registered pods declares, and how many:
+    /// they are registered (a pod may serve a port it does not list, as a Service's targetPort
+    /// allows), but a typo in the port looks the same, so status hints at it.
+    pub undeclared_port: Option<(u16, usize)>,
 }
 
 /// How many offered ports a `PortNotFound` message lists at most.
@@ -602,6 +606,10 @@ pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
         }
         match registrable(plan, candidate) {
             Ok((ip, port)) => {
+                if undeclared(plan, candidate, port) {
+                    out.undeclared_port.get_or_insert((port, 0)).1 += 1;
+                    offer_ports(&mut out, candidate);
+                }
                 let weight = weight(plan, candidate).unwrap_or_else(|fallback| {
                     out.invalid_weights.insert(candidate.id.clone());
                     fallback
@@ -615,20 +623,30 @@ pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
                 });
             }
             Err(skip) => {
-                if skip == Skip::PortNotFound && out.ports_offered.len() < PORTS_OFFERED {
-                    out.ports_offered.extend(
-                        candidate
-                            .ports
-                            .iter()
-                            .take(PORTS_OFFERED - out.ports_offered.len())
-                            .cloned(),
-                    );
+                if skip == Skip::PortNotFound {
+                    offer_ports(&mut out, candidate);
                 }
                 out.skipped.insert(candidate.id.clone(), skip);
             }
         }
     }
     out
+}
+
+/// Whether `port`, the spec's number, is one that `candidate` lists no port for, though it may
+/// list some (a pod: its containers' ports; an EndpointSlice lists every port, so a number
+/// missing there is `PortNotFound` instead).
+fn undeclared(plan: &Plan, candidate: &Candidate, port: u16) -> bool {
+    matches!(plan.port, IntOrString::Int(_))
+        && !candidate.ports_complete
+        && !candidate.ports.iter().any(|(_, p)| *p == port)
+}
+
+/// Adds a few of the ports `candidate` does list to those a message offers.
+fn offer_ports(out: &mut Desired, candidate: &Candidate) {
+    let room = PORTS_OFFERED.saturating_sub(out.ports_offered.len());
+    out.ports_offered
+        .extend(candidate.ports.iter().take(room).cloned());
 }
 
 #[cfg(test)]

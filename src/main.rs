@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -38,7 +39,14 @@ enum BackendArg {
 struct Cli {
     /// The registry this controller publishes into. It acts only on the GrpcServices whose
     /// `spec.backend` names it (`Etcd` when unset), so one controller per backend may run.
-    #[arg(long, env = "BACKEND", value_enum, default_value = "etcd")]
+    /// Case-insensitive: `Consul`, as `spec.backend` spells it, works too.
+    #[arg(
+        long,
+        env = "BACKEND",
+        value_enum,
+        ignore_case = true,
+        default_value = "etcd"
+    )]
     backend: BackendArg,
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -321,8 +329,21 @@ impl ElectionArgs {
     }
 }
 
+/// Exits with status 1 and one line on stderr when the controller cannot start or fails: a
+/// configuration error is a sentence to act on, never a backtrace (`RUST_BACKTRACE=1` is common
+/// in containers, and anyhow's `Debug` output, which `main` returning `Err` prints, would add one).
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    match run_cli(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("grpc-registrar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let Cli {
         backend,
         etcd,
@@ -333,7 +354,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr,
         log_format,
         shutdown_timeout,
-    } = Cli::parse();
+    } = cli;
     logging::init(match log_format {
         LogFormat::Plain => logging::Format::Plain,
         LogFormat::Json => logging::Format::Json,
@@ -453,6 +474,18 @@ mod tests {
         assert!(parse(&["--leader-elect"]));
         assert!(parse(&["--leader-elect", "true"]));
         assert!(!parse(&["--leader-elect=false"]));
+    }
+
+    #[test]
+    fn the_backend_is_accepted_as_spec_backend_spells_it() {
+        let parse = |value: &str| {
+            Cli::try_parse_from(["grpc-registrar", "--backend", value])
+                .map(|cli| format!("{:?}", cli.backend))
+        };
+        assert_eq!(parse("consul").unwrap(), "Consul");
+        assert_eq!(parse("Consul").unwrap(), "Consul");
+        assert_eq!(parse("Etcd").unwrap(), "Etcd");
+        assert!(parse("zookeeper").is_err());
     }
 
     #[test]

@@ -2,12 +2,15 @@
 
 use std::time::Instant;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::crd::CONDITIONS;
 
 /// Every root-cause label a reconcile failure can carry (`metric_label()` of the controller's
 /// and the registry's errors), initialised to 0 so that rates and alerts see the series at once.
@@ -85,6 +88,17 @@ pub struct ServiceLabels {
     pub name: String,
 }
 
+/// Labels of the per-service condition gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    /// The GrpcService namespace.
+    pub namespace: String,
+    /// The GrpcService name.
+    pub name: String,
+    /// The condition type: one of [`crate::crd::CONDITIONS`].
+    pub condition: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100µs .. ~13s
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -108,6 +122,9 @@ pub struct Metrics {
     pub selected_endpoints: Family<ServiceLabels, Gauge>,
     /// Of those, the ones whose readiness signal is on, per service.
     pub ready_endpoints: Family<ServiceLabels, Gauge>,
+    /// 1 while the service's condition is True, else 0, per service and condition type, as the
+    /// leader last computed it (a follower exports none, so no stale value outlives a failover).
+    pub service_conditions: Family<ConditionLabels, Gauge>,
     /// 1 while the backend answers, 0 after a request or the lease keep-alive failed to reach it.
     pub backend_connected: Family<BackendLabels, Gauge>,
     /// Backend requests that failed, by operation.
@@ -184,6 +201,7 @@ impl Metrics {
         let registered_endpoints = Family::<ServiceLabels, Gauge>::default();
         let selected_endpoints = Family::<ServiceLabels, Gauge>::default();
         let ready_endpoints = Family::<ServiceLabels, Gauge>::default();
+        let service_conditions = Family::<ConditionLabels, Gauge>::default();
         let backend_connected = Family::<BackendLabels, Gauge>::default();
         let backend_errors = Family::<BackendOpLabels, Counter>::default();
         for op in BACKEND_OPS {
@@ -271,6 +289,11 @@ impl Metrics {
             ready_endpoints.clone(),
         );
         registry.register(
+            "service_condition",
+            "1 while a GrpcService's condition (Ready, Conflict, InvalidSpec, BackendUnavailable) is True, else 0, as the leader last set it",
+            service_conditions.clone(),
+        );
+        registry.register(
             "backend_connected",
             "1 while the registry backend answers, 0 after a request to it failed to connect",
             backend_connected.clone(),
@@ -315,6 +338,7 @@ impl Metrics {
             registered_endpoints,
             selected_endpoints,
             ready_endpoints,
+            service_conditions,
             backend_connected,
             backend_errors,
             lease_keepalives,
@@ -381,6 +405,22 @@ impl Metrics {
             .set(n(desired.ready));
     }
 
+    /// Records a service's conditions as its status now has them: 1 for True, 0 otherwise.
+    pub fn observe_conditions(&self, namespace: &str, name: &str, conditions: &[Condition]) {
+        for condition in CONDITIONS {
+            let on = conditions
+                .iter()
+                .any(|c| c.type_ == condition && c.status == "True");
+            self.service_conditions
+                .get_or_create(&ConditionLabels {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    condition,
+                })
+                .set(i64::from(on));
+        }
+    }
+
     /// Drops a deleted service's series.
     pub fn forget_service(&self, namespace: &str, name: &str) {
         let labels = ServiceLabels {
@@ -390,6 +430,13 @@ impl Metrics {
         self.registered_endpoints.remove(&labels);
         self.selected_endpoints.remove(&labels);
         self.ready_endpoints.remove(&labels);
+        for condition in CONDITIONS {
+            self.service_conditions.remove(&ConditionLabels {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                condition,
+            });
+        }
     }
 
     /// Records the outcome of a backend request: a failure is counted by operation, and one
@@ -419,6 +466,10 @@ impl Metrics {
         let value = i64::from(leading);
         if self.leader.set(value) != value {
             self.leader_transitions.inc();
+        }
+        if !leading {
+            // The new leader reports conditions now; a value kept here would go stale.
+            self.service_conditions.clear();
         }
     }
 
@@ -582,10 +633,54 @@ mod tests {
         assert!(!page.contains("backend=\"etcd\""), "{page}");
     }
 
+    fn condition(type_: &str, status: &str) -> Condition {
+        Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: "Why".to_owned(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+        }
+    }
+
+    #[test]
+    fn a_service_stuck_in_invalid_spec_shows_on_the_condition_gauge_until_a_follower_takes_over() {
+        let m = Metrics::default();
+        m.observe_conditions(
+            "ns",
+            "svc",
+            &[
+                condition("Ready", "False"),
+                condition("InvalidSpec", "True"),
+            ],
+        );
+        let page = m.encode();
+        for (condition, value) in [
+            ("Ready", 0),
+            ("Conflict", 0),
+            ("InvalidSpec", 1),
+            ("BackendUnavailable", 0),
+        ] {
+            let series = format!(
+                "grpc_registrar_service_condition{{namespace=\"ns\",name=\"svc\",condition=\"{condition}\"}} {value}\n"
+            );
+            assert!(page.contains(&series), "{series} missing:\n{page}");
+        }
+        m.set_leader(false);
+        assert!(
+            !m.encode().contains("name=\"svc\""),
+            "a follower exports no conditions"
+        );
+    }
+
     #[test]
     fn a_deleted_service_leaves_no_series() {
         let m = Metrics::default();
         m.observe_service("ns", "svc", &crate::desired::Desired::default(), 2);
+        m.observe_conditions("ns", "svc", &[condition("Ready", "True")]);
         assert!(
             m.encode()
                 .contains("grpc_registrar_registered_endpoints{namespace=\"ns\",name=\"svc\"} 2")

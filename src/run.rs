@@ -231,7 +231,7 @@ async fn connect_etcd(
     probe_stopped: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Option<EtcdRegistry>, Error> {
     info!(
-        endpoints = %etcd.endpoints.join(","),
+        registry_address = %etcd.endpoints.join(","),
         tls = etcd.tls.is_some(),
         user = etcd.user.as_ref().map_or("(none)", |u| u.name.as_str()),
         "connecting to etcd"
@@ -246,7 +246,7 @@ async fn connect_etcd(
         registry = connect => registry?,
         () = stopped => return Ok(None),
     };
-    let endpoints = etcd.endpoints.join(",");
+    let address = etcd.endpoints.join(",");
     let check = {
         let registry = registry.clone();
         move || {
@@ -257,30 +257,35 @@ async fn connect_etcd(
     let up = first_check(
         &check,
         "etcd",
-        &endpoints,
+        &address,
         "--etcd-endpoints, TLS and credentials",
     )
     .await;
-    tokio::spawn(probe(check, "etcd", endpoints, up, probe_stopped));
+    tokio::spawn(probe(check, "etcd", address, up, probe_stopped));
     Ok(Some(registry))
 }
 
 /// The start-up check: a wrong address, a firewall or bad credentials are said once, clearly;
 /// the probe keeps checking (and `/readyz` says not ready) until the backend answers.
-async fn first_check<F, Fut>(check: &F, backend: &str, endpoints: &str, what: &str) -> bool
+async fn first_check<F, Fut>(check: &F, backend: &str, address: &str, what: &str) -> bool
 where
     F: Fn() -> Fut,
     Fut: Future<Output = crate::registry::Result<i64>>,
 {
     match check().await {
         Ok(revision) => {
-            info!(backend, endpoints, revision, "registry reachable");
+            info!(
+                backend,
+                registry_address = address,
+                revision,
+                "registry reachable"
+            );
             true
         }
         Err(e) => {
             error!(
                 backend,
-                endpoints,
+                registry_address = address,
                 error = %e,
                 "registry is not reachable: check {what}; retrying, and /readyz reports not ready until it answers"
             );
@@ -295,7 +300,7 @@ where
 async fn probe<F, Fut>(
     check: F,
     backend: &'static str,
-    endpoints: String,
+    address: String,
     mut up: bool,
     stopped: impl Future<Output = ()>,
 ) where
@@ -312,16 +317,16 @@ async fn probe<F, Fut>(
             .await;
             match check().await {
                 Ok(revision) if !up => {
-                    info!(backend, endpoints = %endpoints, revision, "registry reachable");
+                    info!(backend, registry_address = %address, revision, "registry reachable");
                     up = true;
                 }
                 Ok(_) => {}
                 Err(e) if up => {
-                    warn!(backend, endpoints = %endpoints, error = %e, "registry is not reachable; retrying");
+                    warn!(backend, registry_address = %address, error = %e, "registry is not reachable; retrying");
                     up = false;
                 }
                 Err(e) => {
-                    debug!(backend, endpoints = %endpoints, error = %e, "registry still not reachable")
+                    debug!(backend, registry_address = %address, error = %e, "registry still not reachable")
                 }
             }
         }

@@ -607,7 +607,7 @@ async fn sweep_all(
 ///
 /// # Errors
 /// Retried by [`error_policy`] with backoff.
-#[instrument(skip_all, fields(namespace = field::Empty, name = %svc.name_any(), target = field::Empty))]
+#[instrument(skip_all, fields(namespace = field::Empty, name = %svc.name_any(), registry_target = field::Empty))]
 pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Action> {
     if !ctx.backend.may_write() {
         // A follower writes nothing (it reconciles everything on taking over); a leader whose

@@ -52,7 +52,7 @@ impl GrpcService {
                     .await;
             }
         };
-        tracing::Span::current().record("target", plan.target.as_str());
+        tracing::Span::current().record("registry_target", plan.target.as_str());
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
@@ -443,6 +443,9 @@ impl GrpcService {
         };
         // Logged when it becomes the condition, not on every re-reconcile of the same spec.
         if self.submit_status(ctx, &outcome).is_transition() {
+            // Counted once per turn into InvalidSpec, like a failed reconcile: the spec, not
+            // the registry, failed.
+            ctx.metrics.reconcile_failed("invalid_spec");
             warn!(error = %error, "invalid spec; keeping what the last valid spec published");
         }
         // The last valid publication, recorded in the registry (so it survives a restart or a
@@ -519,7 +522,7 @@ impl GrpcService {
         }
         for target in targets {
             let deleted = ctx.backend.release(&target, &owner).await?;
-            info!(target, deleted, "deregistered service");
+            info!(registry_target = target, deleted, "deregistered service");
             ctx.released(&target);
         }
         ctx.stop_waiting(&ObjectRef::from_obj(self));
@@ -547,6 +550,11 @@ impl GrpcService {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let prev = ctx.writer.latest(self);
         let next = next_status(prev.as_ref(), self.metadata.generation, outcome, &now);
+        ctx.metrics.observe_conditions(
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            &self.name_any(),
+            &next.conditions,
+        );
         if prev.as_ref() == Some(&next) {
             return Submitted::Unchanged;
         }

@@ -9,16 +9,7 @@ use crate::desired::{Desired, Skip};
 use crate::registry::SyncReport;
 
 /// Condition types.
-pub mod condition {
-    /// The registry holds what the spec asks for, and at least one endpoint is registered.
-    pub const READY: &str = "Ready";
-    /// Another GrpcService owns the target.
-    pub const CONFLICT: &str = "Conflict";
-    /// The spec cannot be applied.
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// The registry backend could not be reached or refused the write.
-    pub const BACKEND_UNAVAILABLE: &str = "BackendUnavailable";
-}
+pub use crate::crd::condition;
 
 /// Condition and Event reasons.
 pub mod reason {
@@ -54,13 +45,7 @@ pub mod reason {
     pub const TARGET_CHANGED: &str = "TargetChanged";
 }
 
-/// The condition types the controller maintains, in status order.
-pub const CONDITIONS: [&str; 4] = [
-    condition::READY,
-    condition::CONFLICT,
-    condition::INVALID_SPEC,
-    condition::BACKEND_UNAVAILABLE,
-];
+pub use crate::crd::CONDITIONS;
 
 /// The last registry change made for a service: status carries its revision and time, also
 /// when a later status write (a coalesced one) comes from a sync that wrote nothing.
@@ -350,6 +335,12 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
             if n > 3 { ", …" } else { "" }
         ));
     }
+    if let Some((port, n)) = desired.undeclared_port {
+        message.push_str(&format!(
+            "; port {port} is declared by no container of {} registered (registered anyway, as a Service's targetPort would be: check spec.port if that is a typo)",
+            pods(n)
+        ));
+    }
     if !desired.ports_offered.is_empty() {
         let offered: Vec<String> = desired
             .ports_offered
@@ -629,6 +620,20 @@ mod tests {
             ("True", "PortNotFound")
         );
         assert_eq!(transition_events(None, &s)[0].type_, EventType::Warning);
+    }
+
+    #[test]
+    fn a_numeric_port_no_container_declares_stays_synced_with_a_hint_naming_the_declared_ports() {
+        let mut want = desired(2, 2, &[]);
+        want.undeclared_port = Some((50051, 2));
+        want.ports_offered = [("grpc".to_owned(), 50061)].into();
+        let s = synced_with(None, &want, &report(2, 1), None, 1);
+        let c = ready(&s);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Synced"));
+        assert_eq!(
+            c.message,
+            "2 of 2 selected pods registered; port 50051 is declared by no container of 2 pods registered (registered anyway, as a Service's targetPort would be: check spec.port if that is a typo) (ports offered: grpc=50061)"
+        );
     }
 
     #[test]

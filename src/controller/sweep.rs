@@ -72,7 +72,7 @@ pub async fn sweep(
             Ok(deleted) => {
                 released += 1;
                 info!(
-                    target,
+                    registry_target = target,
                     deleted,
                     namespace = owner.namespace,
                     name = owner.name,
@@ -80,7 +80,7 @@ pub async fn sweep(
                 );
             }
             Err(e) => {
-                warn!(target, error = %e, "failed to release an orphaned target; retried later")
+                warn!(registry_target = target, error = %e, "failed to release an orphaned target; retried later")
             }
         }
     }

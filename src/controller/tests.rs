@@ -124,10 +124,19 @@ async fn invalid_spec_is_reported_as_a_condition_and_writes_nothing() {
         );
         assert_eq!(condition(status, "Ready")["status"], "False");
     }));
-    let action = reconcile(Arc::new(svc), ctx).await.unwrap();
+    let action = reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
     server.await.unwrap();
     assert_eq!(action, Action::await_change());
     assert_eq!(registry.writes(), 0, "nothing claimed or written");
+    // Counted as a failure, and on the condition gauge an alert can wait on.
+    let page = ctx.metrics.encode();
+    for series in [
+        "grpc_registrar_reconcile_failures_total{error=\"invalid_spec\"} 1\n",
+        "grpc_registrar_service_condition{namespace=\"default\",name=\"greeter\",condition=\"InvalidSpec\"} 1\n",
+        "grpc_registrar_service_condition{namespace=\"default\",name=\"greeter\",condition=\"Ready\"} 0\n",
+    ] {
+        assert!(page.contains(series), "{series} missing:\n{page}");
+    }
 }
 
 #[tokio::test]
@@ -160,9 +169,12 @@ async fn second_service_on_a_claimed_target_gets_conflict_and_writes_nothing() {
             assert_eq!(status["registeredEndpoints"], 0);
         },
     ));
-    let action = reconcile(Arc::new(second), ctx).await.unwrap();
+    let action = reconcile(Arc::new(second), ctx.clone()).await.unwrap();
     server.await.unwrap();
     assert_eq!(action, Action::requeue(super::CONFLICT_RECHECK));
+    let page = ctx.metrics.encode();
+    let series = "grpc_registrar_service_condition{namespace=\"default\",name=\"second\",condition=\"Conflict\"} 1\n";
+    assert!(page.contains(series), "{series} missing:\n{page}");
     assert_eq!(
         keys(&registry, "services/default/shared"),
         ["services/default/shared/10.0.0.1:50051"]

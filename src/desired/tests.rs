@@ -214,6 +214,35 @@ fn numeric_port_is_used_as_is() {
 }
 
 #[test]
+fn a_numeric_port_no_container_declares_is_registered_and_reported() {
+    let mut svc = service("greeter");
+    svc.spec.port = Some(IntOrString::Int(50051));
+    let numeric = Plan::new(&svc, &Policy::default()).unwrap();
+    let pods = [
+        PodBuilder::ready("declares", "10.0.0.1")
+            .port("grpc", 50051)
+            .build(),
+        PodBuilder::ready("typo", "10.0.0.2")
+            .port("grpc", 50061)
+            .build(),
+    ];
+    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    let d = super::desired(&numeric, &candidates);
+    assert_eq!(
+        d.endpoints.len(),
+        2,
+        "both are registered, as a targetPort would be"
+    );
+    assert_eq!(d.undeclared_port, Some((50051, 1)));
+    assert!(d.ports_offered.contains(&("grpc".to_owned(), 50061)));
+    // A named port, or a number every pod declares, raises nothing.
+    let d = super::desired(&numeric, &candidates[..1]);
+    assert_eq!(d.undeclared_port, None);
+    let d = super::desired(&plan(), &candidates);
+    assert_eq!(d.undeclared_port, None);
+}
+
+#[test]
 fn ipv6_pod_address_is_bracketed_in_key_and_value() {
     let d = desired(&plan(), &[PodBuilder::ready("p1", "fd00::7").build()]).unwrap();
     assert_eq!(keys(&d), ["services/default/greeter/[fd00::7]:50051"]);

@@ -190,7 +190,7 @@ fn the_etcd_backend_renders_no_consul_settings() {
 
 #[test]
 fn an_unknown_backend_and_unknown_consul_keys_are_refused_by_the_schema() {
-    for backend in ["backend=zookeeper", "backend=Consul", "backend="] {
+    for backend in ["backend=zookeeper", "backend=CONSUL", "backend="] {
         let out = refused(&[backend]);
         assert!(out.contains("/backend"), "{backend}: {out}");
     }

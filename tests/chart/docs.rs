@@ -100,6 +100,7 @@ fn the_install_notes_say_how_to_check_health_and_warn_about_the_placeholder_etcd
         "kubectl get grpcsvc -A",
         "READY",
         "STATUS",
+        "BACKEND",
         "TARGET",
         "ENDPOINTS",
         "kubectl -n registrar port-forward deployment/reg-grpc-registrar 8080:metrics",
@@ -199,4 +200,30 @@ fn the_install_notes_warn_when_alerts_have_no_scrape_job_to_select() {
         "prometheusRule.selector=job=\"mine\"",
     ]);
     assert!(!own_job.contains("WARNING"), "{own_job}");
+}
+
+#[test]
+fn the_install_notes_warn_that_an_unnamed_controller_deletes_other_clusters_keys() {
+    for backend in ["etcd", "consul"] {
+        let set = format!("backend={backend}");
+        let unnamed = notes(&[&set]);
+        assert!(
+            unnamed.contains("registry.clusterName is empty")
+                && unnamed.contains("deletes that cluster's")
+                && unnamed.contains("its own registry.clusterName"),
+            "{backend}: {unnamed}"
+        );
+        let named = notes(&[&set, "registry.clusterName=east-1"]);
+        assert!(!named.contains("is empty"), "{backend}: {named}");
+        assert!(
+            named.contains(r#"As cluster "east-1""#),
+            "{backend}: {named}"
+        );
+    }
+    // And the placeholder warning sees an endpoint given as a string.
+    let placeholder = notes(&["etcd.endpoints=http://etcd:2379"]);
+    assert!(
+        placeholder.contains("WARNING: etcd.endpoints"),
+        "{placeholder}"
+    );
 }

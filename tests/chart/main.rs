@@ -7,9 +7,12 @@
 //! - `deployment`: lint, rendering, Pod Security, RBAC, replicas and the binary's env vars;
 //! - `consul`: the Consul backend's env vars, Secret mounts and values;
 //! - `values`: the values schema, render-time checks and every override;
+//! - `common`: the values most installs touch (backend and endpoint spellings, common labels and
+//!   annotations, the NetworkPolicy, probes, Secret key names, sizing);
 //! - `monitoring`: the PrometheusRule, the Grafana dashboard and the metrics they use;
 //! - `docs`: the chart README and the install notes.
 
+mod common;
 mod consul;
 mod deployment;
 mod docs;
@@ -230,6 +233,7 @@ fn exported_metrics() -> BTreeSet<String> {
     let metrics = Metrics::default();
     // A labelled family is on the page once it has a series.
     metrics.observe_service("ns", "svc", &Desired::default(), 0);
+    metrics.observe_conditions("ns", "svc", &[]);
     metrics.observe_request("etcd", "range", Instant::now());
     metrics.reconcile_failed("etcd");
     metrics

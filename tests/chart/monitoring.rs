@@ -73,7 +73,7 @@ fn the_prometheus_rule_alerts_on_the_failures_that_matter_and_is_configurable() 
             rule["expr"]
                 .as_str()
                 .unwrap()
-                .contains(r#"{job="registrar"}"#)
+                .contains(r#"{job="registrar""#)
         );
     }
 }
@@ -138,4 +138,45 @@ fn alerts_and_dashboard_use_only_metrics_the_binary_exports() {
         missing.is_empty(),
         "metrics on no dashboard panel: {missing:?}"
     );
+}
+
+#[test]
+fn services_stuck_in_invalid_spec_conflict_or_with_no_endpoint_alert_after_stuck_for() {
+    let docs = render(&["prometheusRule.enabled=true", "prometheusRule.stuckFor=20m"]);
+    let rules = alert_rules(&docs);
+    let alert = |name: &str| {
+        rules
+            .iter()
+            .find(|r| r["alert"] == name)
+            .unwrap_or_else(|| panic!("no alert {name}"))
+            .clone()
+    };
+    for (name, needle) in [
+        (
+            "GrpcRegistrarServiceInvalidSpec",
+            r#"grpc_registrar_service_condition{job="reg-grpc-registrar-metrics",condition="InvalidSpec"}) == 1"#,
+        ),
+        (
+            "GrpcRegistrarServiceConflict",
+            r#"grpc_registrar_service_condition{job="reg-grpc-registrar-metrics",condition="Conflict"}) == 1"#,
+        ),
+        (
+            "GrpcRegistrarServiceHasNoEndpoints",
+            r#"grpc_registrar_selected_endpoints{job="reg-grpc-registrar-metrics"}) == 0"#,
+        ),
+    ] {
+        let a = alert(name);
+        let expr = a["expr"].as_str().unwrap();
+        assert!(expr.contains(needle), "{name}: {expr}");
+        assert!(expr.contains("max by (namespace, name)"), "{name}: {expr}");
+        assert_eq!(a["for"], "20m", "{name}");
+        assert_eq!(a["labels"]["severity"], "warning", "{name}");
+        let description = a["annotations"]["description"].as_str().unwrap();
+        assert!(
+            description.contains("{{ $labels.namespace }}/{{ $labels.name }}")
+                && description.contains("20m"),
+            "{name}: {description}"
+        );
+    }
+    refused(&["prometheusRule.enabled=true", "prometheusRule.stuckFor=15"]);
 }

@@ -104,6 +104,7 @@ fn main() {
         operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log,
         operator::two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow_readiness,
         operator::the_last_status_write_of_a_burst_carries_the_final_counts_and_revision,
+        operator::a_numeric_port_no_container_declares_is_registered_with_a_hint_in_status,
         a_second_grpcservice_claiming_a_taken_target_shows_conflict,
         a_named_port_resolving_to_different_numbers_per_pod_works,
         faults::etcd_outage_longer_than_the_ttl_shows_backend_unavailable_then_every_key_comes_back,
@@ -524,15 +525,24 @@ async fn status_and_printer_columns_show_target_ready_and_registered(plane: Plan
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "STATUS", "TARGET", "ENDPOINTS", "AGE"]
+        [
+            "NAME",
+            "READY",
+            "STATUS",
+            "BACKEND",
+            "TARGET",
+            "ENDPOINTS",
+            "AGE"
+        ]
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        &row[..5],
+        &row[..6],
         [
             "greeter",
             "True",
             "Synced",
+            "Etcd",
             &format!("services/{ns}/greeter"),
             "1"
         ]
@@ -547,6 +557,7 @@ async fn status_and_printer_columns_show_target_ready_and_registered(plane: Plan
             "NAME",
             "READY",
             "STATUS",
+            "BACKEND",
             "TARGET",
             "ENDPOINTS",
             "SELECTED",
@@ -558,6 +569,20 @@ async fn status_and_printer_columns_show_target_ready_and_registered(plane: Plan
         out.contains("1 of 2 selected pods registered; not registered: 1 not ready"),
         "{out}"
     );
+
+    // A service for a backend no controller here serves: its row says which backend it waits
+    // for instead of being blank.
+    env.service(
+        "elsewhere",
+        json!({"backend": "Consul", "selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc"}),
+    )
+    .await;
+    let (ok, out, err) = plane.kubectl(&["get", "grpcsvc", "elsewhere", "-n", &ns]);
+    assert!(ok, "{err}");
+    let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[0], "elsewhere", "{out}");
+    assert!(row.contains(&"Consul"), "{out}");
+    assert!(!row.contains(&"Synced"), "{out}");
     env.shutdown().await;
 }
 
@@ -601,8 +626,8 @@ async fn a_second_grpcservice_claiming_a_taken_target_shows_conflict(plane: Plan
     assert!(ok, "{err}");
     let row: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(
-        &row[..5],
-        ["second", "False", "Conflict", target.as_str(), "0"],
+        &row[..6],
+        ["second", "False", "Conflict", "Etcd", target.as_str(), "0"],
         "{out}"
     );
     // Both outcomes are Kubernetes Events on the GrpcServices (what `kubectl describe` shows).

@@ -273,6 +273,29 @@ pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_ou
         updated["lease_id"].is_string() && updated["revision"].is_i64(),
         "{updated}"
     );
+    // One meaning and one type per field: `target` is always tracing's module, the registry
+    // prefix is `registry_target`, and `endpoints` is always a count.
+    assert_eq!(
+        updated["registry_target"],
+        format!("services/{ns}/greeter"),
+        "{updated}"
+    );
+    for line in &lines {
+        let module = line["target"].as_str().unwrap_or_default();
+        assert!(
+            !module.is_empty() && !module.contains('/'),
+            "target is a module path: {line}"
+        );
+        assert!(
+            line.get("endpoints").is_none_or(serde_json::Value::is_u64),
+            "endpoints is a count: {line}"
+        );
+    }
+    let reachable = lines
+        .iter()
+        .find(|l| l["message"] == "registry reachable")
+        .unwrap_or_else(|| panic!("no 'registry reachable' line in:\n{text}"));
+    assert!(reachable["registry_address"].is_string(), "{reachable}");
     let outage: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
@@ -435,5 +458,32 @@ pub async fn two_pods_on_one_ip_are_registered_once_reported_and_the_rest_follow
     )
     .await;
     assert!(env.condition_is("greeter", "InvalidSpec", "False").await);
+    env.shutdown().await;
+}
+
+pub async fn a_numeric_port_no_container_declares_is_registered_with_a_hint_in_status(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::new(plane, &ns).await;
+    // The pods declare 50051 (named grpc); the spec asks for 50052.
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": 50052}),
+    )
+    .await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.36.0.1", true).await;
+    eventually("Synced, registered, with the hint", || async {
+        let c = env.condition("greeter", "Ready").await;
+        let message = c["message"].as_str().unwrap_or_default().to_owned();
+        c["status"] == "True"
+            && c["reason"] == "Synced"
+            && message.contains("port 50052 is declared by no container of 1 pod registered")
+            && message.contains("check spec.port")
+            && message.contains("(ports offered: grpc=50051)")
+    })
+    .await;
+    assert_eq!(env.status("greeter").await["registeredEndpoints"], 1);
     env.shutdown().await;
 }

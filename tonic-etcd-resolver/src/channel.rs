@@ -65,15 +65,41 @@ impl LbChannel {
         };
         match tokio::time::timeout(max, wait).await {
             Ok(Some(ready)) => Ok(ready),
-            Ok(None) | Err(_) => Err(unavailable(pool.target()).into()),
+            Ok(None) | Err(_) => Err(unavailable(pool.target(), pool.counts()).into()),
         }
     }
 }
 
-fn unavailable(target: &str) -> tonic::Status {
-    tonic::Status::unavailable(format!(
-        "no endpoint of target {target:?} is registered, reachable and serving"
-    ))
+/// `Unavailable`, saying which of registered, reachable and serving failed.
+fn unavailable(target: &str, counts: crate::pool::Counts) -> tonic::Status {
+    tonic::Status::unavailable(no_endpoint_message(target, counts))
+}
+
+/// Why no endpoint can take an RPC: none registered (the servers, or the registrar, never
+/// published one under the target, or the target is misspelt), none reachable (registered, but
+/// connections are refused or time out), or none serving (connected, but health checks say
+/// not serving, or every one is ejected as an outlier).
+fn no_endpoint_message(target: &str, counts: crate::pool::Counts) -> String {
+    let crate::pool::Counts {
+        registered,
+        connected,
+    } = counts;
+    let endpoints = |n: usize| format!("{n} endpoint{}", if n == 1 { "" } else { "s" });
+    if registered == 0 {
+        format!(
+            "no endpoint of target {target:?} is registered: 0 endpoints under {target:?} in the registry (check the target name, and that its servers are published)"
+        )
+    } else if connected == 0 {
+        format!(
+            "no endpoint of target {target:?} is reachable: {} registered, all refusing or timing out connections",
+            endpoints(registered)
+        )
+    } else {
+        format!(
+            "no endpoint of target {target:?} is serving: {} registered, {connected} connected, none serving (health checks failing, or ejected as outliers)",
+            endpoints(registered)
+        )
+    }
 }
 
 /// Whether a channel error is a deadline (the backend is slow, its connection is fine).
@@ -123,5 +149,40 @@ impl tower::Service<http::Request<Body>> for LbChannel {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Counts;
+
+    #[test]
+    fn the_unavailable_message_says_whether_nothing_is_registered_reachable_or_serving() {
+        let message = |registered, connected| {
+            no_endpoint_message(
+                "services/shop/greeter",
+                Counts {
+                    registered,
+                    connected,
+                },
+            )
+        };
+        let none = message(0, 0);
+        assert!(
+            none.contains("is registered: 0 endpoints under \"services/shop/greeter\""),
+            "{none}"
+        );
+        let refusing = message(3, 0);
+        assert!(
+            refusing.contains("is reachable: 3 endpoints registered, all refusing"),
+            "{refusing}"
+        );
+        assert!(message(1, 0).contains("1 endpoint registered"));
+        let unhealthy = message(3, 2);
+        assert!(
+            unhealthy.contains("is serving: 3 endpoints registered, 2 connected, none serving"),
+            "{unhealthy}"
+        );
     }
 }

@@ -30,7 +30,8 @@
 //! - **Skips dead backends.** An endpoint whose connection fails is not picked until it answers
 //!   again, even while its key is still registered.
 //! - **Fails fast when empty.** With no endpoint up an RPC fails with `Unavailable` at once, as
-//!   grpc-go does; [`Options::wait_for_endpoints`] waits instead.
+//!   grpc-go does; [`Options::wait_for_endpoints`] waits instead. The message says whether no
+//!   endpoint is registered, none is reachable, or none is serving.
 //!
 //! - **Policies beyond round-robin.** Zone preference with spill-over, smooth weighted
 //!   round-robin from `metadata.weight`, least-loaded power-of-two-choices on the RPCs it

@@ -138,14 +138,14 @@ impl Resolver {
         pool.set(&state.entries.with(|e| members(e, &options, &warnings)));
         published.publish();
         info!(
-            target,
+            registry_target = target,
             endpoints = state.entries.len(),
             revision,
             "resolved"
         );
         let task = tokio::spawn(
             run(state, revision, pool.clone(), options, warnings)
-                .instrument(info_span!("resolver", target = %target)),
+                .instrument(info_span!("resolver", registry_target = %target)),
         );
         Ok(Self {
             target,

@@ -380,6 +380,11 @@ async fn with_every_server_not_serving_calls_fail_fast_naming_the_target() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(err.message().contains(TARGET), "{err}");
+    assert!(
+        err.message()
+            .contains("is serving: 1 endpoint registered, 1 connected, none serving"),
+        "{err}"
+    );
 }
 
 async fn zoned(etcd: &EtcdServer, zones: &[&str]) -> Vec<TestServer> {

@@ -315,6 +315,31 @@ async fn with_no_endpoints_calls_fail_fast_with_unavailable() {
     let err = client.say_hello(HelloRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(
+        err.message().contains("is registered: 0 endpoints under"),
+        "says nothing is registered: {err}"
+    );
+}
+
+#[tokio::test]
+async fn with_every_registered_endpoint_refusing_calls_fail_saying_none_is_reachable() {
+    let etcd = EtcdServer::start().await;
+    // A port that was just free: nothing listens there, so connections are refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    register(&etcd, TARGET, &closed).await;
+    let resolver = resolver(&etcd, TARGET).await;
+    let mut client = GreeterClient::new(resolver.channel());
+    let err = client.say_hello(HelloRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(
+        err.message()
+            .contains("is reachable: 1 endpoint registered, all refusing or timing out"),
+        "says the registered endpoint refuses: {err}"
+    );
 }
 
 #[tokio::test]

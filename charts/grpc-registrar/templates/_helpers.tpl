@@ -29,6 +29,45 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "grpc-registrar.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `annotations:` block of an object's metadata: (list $ $own) renders $own (that object's own
+annotations, or nil) over commonAnnotations, or nothing when both are empty. Indent it by 2.
+*/}}
+{{- define "grpc-registrar.annotations" -}}
+{{- $root := index . 0 }}
+{{- $all := merge (dict) (index . 1 | default dict) ($root.Values.commonAnnotations | default dict) }}
+{{- with $all -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The backend, lower-case: `etcd` or `consul` (values accept `Etcd` and `Consul`, as the CRD spells them). */}}
+{{- define "grpc-registrar.backend" -}}
+{{- lower .Values.backend }}
+{{- end }}
+
+{{/*
+etcd.endpoints as one comma-separated string: the values accept a list or a string
+(`--set etcd.endpoints=http://etcd:2379`, or several separated by commas).
+*/}}
+{{- define "grpc-registrar.etcdEndpoints" -}}
+{{- $endpoints := .Values.etcd.endpoints }}
+{{- if kindIs "string" $endpoints }}
+{{- $endpoints = splitList "," $endpoints }}
+{{- end }}
+{{- $clean := list }}
+{{- range $endpoints }}
+{{- with trim . }}
+{{- $clean = append $clean . }}
+{{- end }}
+{{- end }}
+{{- join "," $clean }}
 {{- end }}
 
 {{/* The ServiceAccount name. */}}

@@ -39,7 +39,7 @@ milliseconds. Call with (list "the.value.path" $value), so that an error names t
 {{- /* etcd.leaseTTL is LEASE_TTL for either backend, and the binary checks it for both. */}}
 {{- if ge $lease $ttl }}
 {{- $why := "a new leader re-puts every key before the old etcd lease expires" }}
-{{- if eq .Values.backend "consul" }}
+{{- if eq (include "grpc-registrar.backend" .) "consul" }}
 {{- $why = "a new leader renews the controller's Consul node check (whose TTL it is with backend consul) before it lapses" }}
 {{- end }}
 {{- fail (printf "leaderElection.leaseDuration (%s) must be shorter than etcd.leaseTTL (%vs), so %s: raise etcd.leaseTTL above %s or lower leaderElection.leaseDuration (and renewDeadline, retryPeriod) below %vs" (toString $le.leaseDuration) .Values.etcd.leaseTTL $why (toString $le.leaseDuration) .Values.etcd.leaseTTL) }}

@@ -201,7 +201,7 @@ impl ConsulRegistry {
                     .last()
                     .and_then(|r| r.kv)
                     .map_or(0, |kv| kv.modify_index);
-                info!(target = service, uid = %owner.uid, revision = index, "claimed consul service");
+                info!(registry_target = service, uid = %owner.uid, revision = index, "claimed consul service");
                 self.remember_claim(service, owner, index);
                 return Ok(Claim::Owned);
             }
@@ -259,7 +259,7 @@ impl ConsulRegistry {
                     .last()
                     .and_then(|r| r.kv)
                     .map_or(0, |kv| kv.modify_index);
-                info!(target = service, uid = %owner.uid, revision = index, "took over consul service from a stale owner");
+                info!(registry_target = service, uid = %owner.uid, revision = index, "took over consul service from a stale owner");
                 self.remember_claim(service, owner, index);
                 Ok(Claim::Owned)
             }
@@ -332,7 +332,10 @@ impl ConsulRegistry {
             }
         }
         self.forget_claim(service);
-        info!(target = service, deleted, "released consul service");
+        info!(
+            registry_target = service,
+            deleted, "released consul service"
+        );
         Ok(deleted)
     }
 

@@ -135,7 +135,7 @@ impl ConsulRegistry {
                     }
                     Guarded::OpFailed(e) if !retried => {
                         retried = true;
-                        warn!(target = service, error = %e.what, "an instance changed under the sync; listing again");
+                        warn!(registry_target = service, error = %e.what, "an instance changed under the sync; listing again");
                         continue 'sync;
                     }
                     Guarded::OpFailed(e) => return Err(self.refused("write registry batch", &e)),
@@ -153,7 +153,7 @@ impl ConsulRegistry {
         self.start_keeper();
         if report.puts + report.deletes > 0 {
             debug!(
-                target = service,
+                registry_target = service,
                 puts = report.puts,
                 deletes = report.deletes,
                 txns = report.txns,

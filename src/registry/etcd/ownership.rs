@@ -193,7 +193,7 @@ impl EtcdRegistry {
             )
             .await?;
         let claim = if resp.succeeded() {
-            info!(target, uid = %owner.uid, "claimed target");
+            info!(registry_target = target, uid = %owner.uid, "claimed target");
             Claim::Owned
         } else {
             // The first record found: the target's own, else a nested or containing one.
@@ -272,7 +272,7 @@ impl EtcdRegistry {
             )
             .await?;
         if resp.succeeded() {
-            info!(target, uid = %owner.uid, "took over target from a stale owner");
+            info!(registry_target = target, uid = %owner.uid, "took over target from a stale owner");
             self.remember_claim(target, owner);
             Ok(Claim::Owned)
         } else {
@@ -322,7 +322,7 @@ impl EtcdRegistry {
                 _ => None,
             })
             .unwrap_or(0);
-        info!(target, deleted, "released target");
+        info!(registry_target = target, deleted, "released target");
         Ok(deleted)
     }
 
@@ -363,7 +363,10 @@ impl EtcdRegistry {
                 .count();
         }
         self.forget_claim(target);
-        info!(target, deleted, "released this cluster's keys under target");
+        info!(
+            registry_target = target,
+            deleted, "released this cluster's keys under target"
+        );
         Ok(deleted)
     }
 

@@ -192,7 +192,7 @@ impl EtcdRegistry {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .partition(|(k, _)| !listing.foreign.contains(k));
                 warn!(
-                    target,
+                    registry_target = target,
                     keys = ?taken.keys().collect::<Vec<_>>(),
                     "keys held by another cluster's controller are left to it"
                 );
@@ -252,7 +252,7 @@ impl EtcdRegistry {
         report.revision = revision;
         if report.puts + report.deletes > 0 {
             debug!(
-                target,
+                registry_target = target,
                 puts = report.puts,
                 deletes = report.deletes,
                 revision,

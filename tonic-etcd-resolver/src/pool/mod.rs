@@ -160,7 +160,7 @@ impl Pool {
             && options.health_check.is_none();
         let ranked = options.subset.map(|size| {
             let client_id = options.client_id.clone().unwrap_or_else(default_client_id);
-            info!(target, client_id, size, "subsetting");
+            info!(registry_target = target, client_id, size, "subsetting");
             Mutex::new(Ranked::new(size, &client_id))
         });
         Arc::new(Self {
@@ -412,6 +412,15 @@ impl Pool {
             .collect()
     }
 
+    /// How many endpoints this client holds (the registered ones, or its subset of them) and
+    /// how many of those are connected.
+    pub(crate) fn counts(&self) -> Counts {
+        Counts {
+            registered: lock(&self.members).len(),
+            connected: self.ready_count(),
+        }
+    }
+
     /// How many endpoints are connected.
     pub(crate) fn ready_count(&self) -> usize {
         self.ready_set().len()
@@ -493,6 +502,15 @@ impl Pool {
             self.invalidate();
         }
     }
+}
+
+/// The endpoint counts an `Unavailable` error reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Registered endpoints this client holds (with subsetting, its subset).
+    pub(crate) registered: usize,
+    /// Of those, the ones connected.
+    pub(crate) connected: usize,
 }
 
 /// Whether an RPC may go to `r` now: serving and not ejected.

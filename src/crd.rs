@@ -12,9 +12,6 @@ pub use tonic_etcd_resolver::ValueFormat;
 /// (the etcd backend's; see [`Backend::finalizer`]).
 pub const FINALIZER: &str = "grpc-registrar.io/cleanup";
 
-/// The registry a GrpcService is published into. Each controller serves one backend
-/// (`--backend`) and acts only on the GrpcServices that name it, so one controller per backend
-/// may run side by side.
 /// The condition types of a GrpcService's status.
 pub mod condition {
     /// The registry holds what the spec asks for, and at least one endpoint is registered.
@@ -38,6 +35,9 @@ pub const CONDITIONS: [&str; 4] = [
 /// The pod annotation that sets one pod's weight, overriding `spec.weight`.
 pub const WEIGHT_ANNOTATION: &str = "grpc-registrar.io/weight";
 
+/// The registry a GrpcService is published into. Each controller serves one backend
+/// (`--backend`) and acts only on the GrpcServices that name it, so one controller per backend
+/// may run side by side.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
 )]

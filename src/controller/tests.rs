@@ -224,6 +224,45 @@ async fn a_colliding_key_template_is_an_invalid_spec_that_claims_and_publishes_n
 }
 
 #[tokio::test]
+async fn a_key_template_naming_nothing_is_invalid_with_one_ready_pod_and_the_key_stays() {
+    // Found by the soak: with one registrable endpoint nothing collides, so such a template was
+    // taken as valid: the real key was deleted, `<target>/fixed` published, and that spec
+    // recorded as the last valid publication.
+    let registry = backend();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").not_ready().build(),
+    ];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let mut fixed = svc.clone();
+    fixed.spec.key_template = Some("{target}/fixed".into());
+    fixed.metadata.generation = Some(2);
+    let server = api.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (fixed.clone(), |status| {
+            let invalid = condition(status, "InvalidSpec");
+            assert_eq!(invalid["status"], "True");
+            assert!(
+                invalid["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("names nothing of the endpoint"),
+                "{invalid}"
+            );
+        }),
+    ]));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    ctx.writer.idle().await;
+    let published = keys(&registry, "services/default/greeter");
+    assert_eq!(published, ["services/default/greeter/10.0.0.1:50051"]);
+    let action = reconcile(Arc::new(fixed), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(keys(&registry, "services/default/greeter"), published);
+}
+
+#[tokio::test]
 async fn a_spec_turned_invalid_keeps_what_it_published_across_a_lease_replacement() {
     let registry = backend();
     let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];

@@ -32,8 +32,8 @@ struct State {
     want: Want,
     /// The registry's scoped keys as the watch reported them.
     registry: BTreeMap<String, String>,
-    /// DELETEs not judged yet.
-    pending: Vec<(f64, String)>,
+    /// Events not judged yet: when, the key, and whether it was a PUT.
+    pending: Vec<(f64, String, bool)>,
     /// Every scoped key seen in an event.
     seen: BTreeSet<String>,
     puts: usize,
@@ -210,8 +210,9 @@ impl Checker {
                 } else {
                     s.deletes += 1;
                     s.registry.remove(key);
-                    s.pending.push((now, key.to_owned()));
                 }
+                s.pending
+                    .push((now, key.to_owned(), kind == EventType::Put));
             });
         }
         self.with(|s| s.revision = s.revision.max(revision));
@@ -224,17 +225,35 @@ impl Checker {
         }
     }
 
-    /// Judges every DELETE seen before `until`.
+    /// Judges every event seen before `until`: a DELETE of a key wanted throughout the time
+    /// the controller may have been looking at, outside a lease-expiry window, and a PUT of a
+    /// key wanted at no time in it (a stale or deposed writer), are violations.
     pub fn judge(&self, until: f64) {
         let windows = self.tl.windows();
         let (due, history) = self.with(|s| {
-            let (due, rest) = s.pending.drain(..).partition(|(t, _)| *t <= until);
+            let (due, rest) = s.pending.drain(..).partition(|(t, _, _)| *t <= until);
             s.pending = rest;
             (due, s.history.clone())
         });
-        let due: Vec<(f64, String)> = due;
-        for (t, key) in due {
+        let due: Vec<(f64, String, bool)> = due;
+        for (t, key, put) in due {
             let from = view_start(t, &windows);
+            if put {
+                let wanted = history.get(&key).is_some_and(|h| {
+                    h.iter()
+                        .any(|(a, b)| *a <= t + CHECK_LAG && b.is_none_or(|b| b >= from))
+                });
+                if !wanted {
+                    self.tl.violation(
+                        t,
+                        format!(
+                            "safety: PUT of {key}, wanted at no time from {from:.2}s to {:.2}s",
+                            t + CHECK_LAG
+                        ),
+                    );
+                }
+                continue;
+            }
             let Some(since) = desired_throughout(history.get(&key), from, t + CHECK_LAG) else {
                 continue;
             };
@@ -323,7 +342,10 @@ impl Checker {
                     let name = svc.metadata.name.clone().unwrap_or_default();
                     let status = &svc.data["status"];
                     let want_count = want.counts.get(&name).copied().unwrap_or(0) as i64;
-                    if status["registeredEndpoints"].as_i64() != Some(want_count) {
+                    // An invalid spec's status counts what that spec would select, if anything.
+                    if !want.invalid.contains(&name)
+                        && status["registeredEndpoints"].as_i64() != Some(want_count)
+                    {
                         diff.push(format!(
                             "status of {name}: registeredEndpoints {} != {want_count}",
                             status["registeredEndpoints"]

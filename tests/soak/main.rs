@@ -131,7 +131,6 @@ async fn soak() -> anyhow::Result<()> {
     // kube-apiserver restarts are expensive on 2 cores: about one per 100 s.
     tokio::join!(workload.run(until), nemesis.run(until, 100.0));
     nemesis.stop().await;
-    workload.finish().await;
     let converged = checker.converge(&client, &endpoint, CONVERGENCE).await;
     checker.judge(f64::INFINITY);
     let foreign = checker.foreign_intact(&endpoint).await;

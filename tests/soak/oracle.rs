@@ -30,6 +30,8 @@ pub struct Expect {
 pub struct Want {
     pub keys: BTreeMap<String, Expect>,
     pub counts: BTreeMap<String, usize>,
+    /// Services whose current spec is invalid (they publish their last valid one).
+    pub invalid: std::collections::BTreeSet<String>,
 }
 
 pub struct Oracle {
@@ -70,6 +72,8 @@ impl Oracle {
             let spec = &svc.data["spec"];
             if self.valid(spec) {
                 self.last_valid.insert(uid.clone(), spec.clone());
+            } else {
+                want.invalid.insert(name.clone());
             }
             if svc.metadata.deletion_timestamp.is_some() {
                 continue; // being deleted: its keys may go

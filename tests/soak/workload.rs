@@ -324,19 +324,4 @@ impl Workload {
         }
         result
     }
-
-    /// Fixes every invalid spec (retrying through API errors), so that the end state is fully
-    /// valid and the oracle's convergence target is unambiguous.
-    pub async fn finish(&mut self) {
-        for i in 0..self.services.len() {
-            while self.services[i].exists && self.services[i].invalid.is_some() {
-                if self.fix(i).await.is_ok() {
-                    self.tl
-                        .event("invalid edit fixed", self.services[i].name.clone());
-                } else {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
 }

@@ -129,7 +129,9 @@ impl Nemesis {
                     let held = match kind {
                         0 => self.rng.secs(0.2, 6.0),
                         1 => self.rng.secs(0.2, 6.0),
-                        _ => self.rng.secs(1.0, 5.0),
+                        // Often past the leader Lease (2 s) and the checker's view lag (5 s), so
+                        // that a resumed, deposed leader's stale view would show.
+                        _ => self.rng.secs(1.0, 10.0),
                     };
                     let replica = self.replicas[i].clone();
                     tokio::spawn(replica_fault(tl, launcher, replica, i, kind, held))

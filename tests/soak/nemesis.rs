@@ -1,5 +1,5 @@
 //! The seeded nemesis: SIGKILL, SIGTERM and SIGSTOP/SIGCONT of either replica (and now and then
-//! of both past the TTL), etcd SIGKILL and restart with its data, etcd partitions shorter and
+//! of both past the TTL), one replica cut off from kube-apiserver, etcd SIGKILL and restart with its data, etcd partitions shorter and
 //! longer than the TTL, kube-apiserver restarts with its watches expired (410), and
 //! readiness-flip bursts. Faults start on their own schedule and heal on their own, so they
 //! overlap; each records the outage window it opens for the checker.
@@ -21,7 +21,7 @@ use crate::timeline::{Outage, Timeline};
 const SETTLE: f64 = 3.0;
 
 /// The fault kinds, as counted in the summary.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "replica SIGKILL",
     "replica SIGTERM",
     "replica SIGSTOP",
@@ -32,18 +32,54 @@ pub const KINDS: [&str; 10] = [
     "kube-apiserver restart (410)",
     "readiness burst",
     "replica died on its own",
+    "replica cut from kube-apiserver",
 ];
 
-/// Starts replicas of the real binary, each logging (stdout and stderr) to its own file.
+/// Starts replicas of the real binary, each logging (stdout and stderr) to its own file and
+/// reaching kube-apiserver through its own proxy, so that one replica can be cut off from it.
 pub struct Launcher {
     pub plane: Arc<ControlPlane>,
     pub etcd: String,
     pub ns: String,
     pub ttl: u32,
     pub dir: PathBuf,
+    /// Each replica's way to kube-apiserver.
+    api: [TcpProxy; 2],
 }
 
 impl Launcher {
+    pub async fn new(
+        plane: Arc<ControlPlane>,
+        etcd: String,
+        ns: &str,
+        ttl: u32,
+        dir: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let upstream: std::net::SocketAddr = plane.url().trim_start_matches("https://").parse()?;
+        let api = [
+            TcpProxy::start(upstream).await,
+            TcpProxy::start(upstream).await,
+        ];
+        let kubeconfig = std::fs::read_to_string(plane.kubeconfig())?;
+        for (i, proxy) in api.iter().enumerate() {
+            let via = kubeconfig.replace(&plane.url(), &format!("https://{}", proxy.addr()));
+            anyhow::ensure!(
+                via != kubeconfig,
+                "the kubeconfig does not name {}",
+                plane.url()
+            );
+            std::fs::write(dir.join(format!("kubeconfig-{i}")), via)?;
+        }
+        Ok(Self {
+            plane,
+            etcd,
+            ns: ns.to_owned(),
+            ttl,
+            dir,
+            api,
+        })
+    }
+
     pub fn log(&self, i: usize) -> PathBuf {
         self.dir.join(format!("replica-{i}.log"))
     }
@@ -51,6 +87,7 @@ impl Launcher {
     pub fn start(&self, i: usize) -> ControllerProcess {
         ControllerProcess::builder(&self.plane, &self.etcd, &self.ns, self.ttl)
             .replica(["a", "b"][i])
+            .env("KUBECONFIG", self.dir.join(format!("kubeconfig-{i}")))
             .args(&[
                 "--custom-target-namespaces",
                 &self.ns,
@@ -120,7 +157,7 @@ impl Nemesis {
                 break;
             }
             tokio::time::sleep(Duration::from_secs_f64(gap)).await;
-            let kind = self.rng.weighted(&[4, 3, 3, 1, 2, 3, 2, 1, 3]);
+            let kind = self.rng.weighted(&[4, 3, 3, 1, 2, 3, 2, 1, 3, 0, 3]);
             let i = self.rng.below(2);
             let ttl = self.ttl;
             let (tl, launcher) = (self.tl.clone(), self.launcher.clone());
@@ -206,6 +243,23 @@ impl Nemesis {
                     self.bursts.fetch_add(1, Ordering::Relaxed);
                     self.tl.event(KINDS[8], "15 flips");
                     continue;
+                }
+                10 => {
+                    let held = self.rng.secs(2.0, 10.0);
+                    let replica = self.replicas[i].clone();
+                    tokio::spawn(async move {
+                        let Ok(_process) = replica.try_lock() else {
+                            return;
+                        };
+                        tl.event(KINDS[10], format!("replica {i}, {held:.1}s"));
+                        // It cannot renew the leader Lease: for the lease it is down. Its view of
+                        // the API goes stale, so it must write nothing until it is back.
+                        let w = tl.open(Outage::Replica(i));
+                        launcher.api[i].cut().await;
+                        tokio::time::sleep(Duration::from_secs_f64(held)).await;
+                        launcher.api[i].restore();
+                        tl.close(w, SETTLE);
+                    })
                 }
                 _ => continue,
             };

@@ -48,6 +48,8 @@ pub struct Checker {
     ttl: f64,
     foreign: BTreeSet<String>,
     state: Mutex<State>,
+    /// Whether its watches of the API server have listed (the workload starts after).
+    synced: std::sync::atomic::AtomicBool,
 }
 
 /// What the checker counted, for the summary.
@@ -66,6 +68,7 @@ impl Checker {
             ttl,
             foreign,
             state: Mutex::default(),
+            synced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -122,6 +125,19 @@ impl Checker {
             grpc,
             futures::stream::select(pods, k8s),
         ));
+        let stores = (svc_store.clone(), pod_store.clone(), k8s_store.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let listed = tokio::join!(
+                stores.0.wait_until_ready(),
+                stores.1.wait_until_ready(),
+                stores.2.wait_until_ready()
+            );
+            if let (Ok(()), Ok(()), Ok(())) = listed {
+                this.synced
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        });
         let mut oracle = Oracle::new(&self.ns);
         while events.next().await.is_some() {
             let services: Vec<DynamicObject> =
@@ -223,6 +239,10 @@ impl Checker {
             tokio::time::sleep(Duration::from_millis(500)).await;
             self.judge(self.tl.now() - CHECK_LAG);
         }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Judges every event seen before `until`: a DELETE of a key wanted throughout the time

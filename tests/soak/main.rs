@@ -116,6 +116,12 @@ async fn soak() -> anyhow::Result<()> {
         workload.bursts.clone(),
         seed,
     );
+    test_support::eventually(
+        "the checker's watches have listed",
+        Duration::from_secs(60),
+        || async { checker.synced() },
+    )
+    .await;
     workload
         .setup()
         .await

@@ -17,8 +17,15 @@ use crate::harness::ControllerProcess;
 use crate::rng::Rng;
 use crate::timeline::{Outage, Timeline};
 
-/// How long a restarted (or resumed) replica takes to act again: start, sync, elect.
-const SETTLE: f64 = 3.0;
+/// How long a restarted (or resumed, or reconnected) replica may take to keep the lease alive
+/// again: start, list, wait out the old holder's Lease (2 s), elect, fence, adopt. Measured on a
+/// loaded 2-core machine; a tighter figure showed expiries no fault window explained.
+const SETTLE: f64 = 5.0;
+/// How long the leader's lease keeper may take to renew once etcd answers again (its retry
+/// pacing and a reconnect).
+const ETCD_SETTLE: f64 = 1.5;
+/// How long a leader may take to hold its Lease again after kube-apiserver is back.
+const API_SETTLE: f64 = 3.0;
 
 /// The fault kinds, as counted in the summary.
 pub const KINDS: [&str; 11] = [
@@ -206,7 +213,7 @@ impl Nemesis {
                         etcd.stop();
                         tokio::time::sleep(Duration::from_secs_f64(held)).await;
                         etcd.restart().await;
-                        tl.close(w, 0.5);
+                        tl.close(w, ETCD_SETTLE);
                     })
                 }
                 5 | 6 => {
@@ -223,7 +230,7 @@ impl Nemesis {
                         proxy.cut().await;
                         tokio::time::sleep(Duration::from_secs_f64(held)).await;
                         proxy.restore();
-                        tl.close(w, 0.5);
+                        tl.close(w, ETCD_SETTLE);
                     })
                 }
                 7 if self.tl.now() - last_api >= api_every => {
@@ -236,7 +243,7 @@ impl Nemesis {
                         let started = tl.now();
                         plane.restart_apiserver().await;
                         tl.event(KINDS[7], format!("ready after {:.1}s", tl.now() - started));
-                        tl.close(w, 1.0);
+                        tl.close(w, API_SETTLE);
                     })
                 }
                 8 => {

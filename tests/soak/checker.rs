@@ -237,7 +237,7 @@ impl Checker {
     async fn judge_loop(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            self.judge(self.tl.now() - CHECK_LAG);
+            self.judge(self.tl.now());
         }
     }
 
@@ -245,36 +245,40 @@ impl Checker {
         self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Judges every event seen before `until`: a DELETE of a key wanted throughout the time
-    /// the controller may have been looking at, outside a lease-expiry window, and a PUT of a
-    /// key wanted at no time in it (a stale or deposed writer), are violations.
+    /// Judges every event whose view ends before `until`: a DELETE of a key wanted throughout
+    /// the time the controller may have been looking at, outside a lease-expiry window, and a PUT
+    /// of a key wanted at no time in it (a stale or deposed writer), are violations.
     pub fn judge(&self, until: f64) {
         let windows = self.tl.windows();
         let (due, history) = self.with(|s| {
-            let (due, rest) = s.pending.drain(..).partition(|(t, _, _)| *t <= until);
+            // Due once the checker has seen the API as it was up to the end of the event's view.
+            let (due, rest) = s
+                .pending
+                .drain(..)
+                .partition(|(t, _, _)| view_end(*t, &windows) <= until);
             s.pending = rest;
             (due, s.history.clone())
         });
         let due: Vec<(f64, String, bool)> = due;
         for (t, key, put) in due {
             let from = view_start(t, &windows);
+            let to = view_end(t, &windows);
             if put {
                 let wanted = history.get(&key).is_some_and(|h| {
                     h.iter()
-                        .any(|(a, b)| *a <= t + CHECK_LAG && b.is_none_or(|b| b >= from))
+                        .any(|(a, b)| *a <= to && b.is_none_or(|b| b >= from))
                 });
                 if !wanted {
                     self.tl.violation(
                         t,
                         format!(
-                            "safety: PUT of {key}, wanted at no time from {from:.2}s to {:.2}s",
-                            t + CHECK_LAG
+                            "safety: PUT of {key}, wanted at no time from {from:.2}s to {to:.2}s"
                         ),
                     );
                 }
                 continue;
             }
-            let Some(since) = desired_throughout(history.get(&key), from, t + CHECK_LAG) else {
+            let Some(since) = desired_throughout(history.get(&key), from, to) else {
                 continue;
             };
             if let Some((a, b)) = expiry_window(t, &windows, self.ttl) {
@@ -288,8 +292,7 @@ impl Checker {
             self.tl.violation(
                 t,
                 format!(
-                    "safety: DELETE of {key}, desired continuously since {since:.2}s (checked from {from:.2}s to {:.2}s), outside any lease-expiry window",
-                    t + CHECK_LAG
+                    "safety: DELETE of {key}, desired continuously since {since:.2}s (checked from {from:.2}s to {to:.2}s), outside any lease-expiry window"
                 ),
             );
         }
@@ -414,14 +417,26 @@ impl Checker {
 }
 
 /// The earliest API state the controller may still be acting on at `t`: `VIEW_LAG` before, or,
-/// around a kube-apiserver restart, `VIEW_LAG` before the restart began.
+/// around a kube-apiserver restart or a replica's cut from it, `VIEW_LAG` before it began (a
+/// replica that leads again may act before its watches have re-listed).
 fn view_start(t: f64, windows: &[Window]) -> f64 {
     windows
         .iter()
-        .filter(|w| w.outage == Outage::ApiServer)
+        .filter(|w| matches!(w.outage, Outage::ApiServer | Outage::ApiCut(_)))
         .filter(|w| w.from <= t && w.to.is_none_or(|to| to + RELIST >= t - VIEW_LAG))
         .map(|w| w.from - VIEW_LAG)
         .fold(t - VIEW_LAG, f64::min)
+}
+
+/// The latest API state the checker may not have seen yet at `t`: `CHECK_LAG` after, or, when
+/// kube-apiserver restarts around then, until the checker's own watches have re-listed.
+fn view_end(t: f64, windows: &[Window]) -> f64 {
+    windows
+        .iter()
+        .filter(|w| w.outage == Outage::ApiServer)
+        .filter(|w| w.from <= t + CHECK_LAG && w.to.is_none_or(|to| to + RELIST >= t))
+        .map(|w| w.to.unwrap_or(f64::INFINITY) + RELIST)
+        .fold(t + CHECK_LAG, f64::max)
 }
 
 /// When `key` was wanted without a break over `[from, to]`: the start of that stretch.
@@ -452,7 +467,8 @@ fn dark_spans(windows: &[Window], now: f64) -> Vec<(f64, f64)> {
         let mid = f64::midpoint(pair[0], pair[1]);
         let dark = covered(Outage::Etcd, mid)
             || covered(Outage::ApiServer, mid)
-            || (covered(Outage::Replica(0), mid) && covered(Outage::Replica(1), mid));
+            || ((covered(Outage::Replica(0), mid) || covered(Outage::ApiCut(0), mid))
+                && (covered(Outage::Replica(1), mid) || covered(Outage::ApiCut(1), mid)));
         if !dark {
             continue;
         }

@@ -261,7 +261,7 @@ impl Nemesis {
                         tl.event(KINDS[10], format!("replica {i}, {held:.1}s"));
                         // It cannot renew the leader Lease: for the lease it is down. Its view of
                         // the API goes stale, so it must write nothing until it is back.
-                        let w = tl.open(Outage::Replica(i));
+                        let w = tl.open(Outage::ApiCut(i));
                         launcher.api[i].cut().await;
                         tokio::time::sleep(Duration::from_secs_f64(held)).await;
                         launcher.api[i].restore();

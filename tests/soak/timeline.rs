@@ -14,6 +14,8 @@ pub enum Outage {
     Etcd,
     /// kube-apiserver is down (restarting).
     ApiServer,
+    /// Replica `n` is cut off from kube-apiserver: it cannot lead, and its view goes stale.
+    ApiCut(usize),
 }
 
 #[derive(Clone, Copy, Debug)]

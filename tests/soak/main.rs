@@ -182,7 +182,7 @@ async fn soak() -> anyhow::Result<()> {
         table.push_str(&format!("| workload: {kind} | {n} |\n"));
     }
     table.push_str(&format!(
-        "| registry keys checked (distinct) | {} |\n| PUTs seen | {} |\n| DELETEs judged | {} |\n| DELETEs by lease expiry in a dark window | {} |\n| converged after the faults stopped | {} |\n| largest replica RSS | {max_rss_mib} MiB |\n| violations | {} |\n",
+        "| registry keys checked (distinct) | {} |\n| PUTs judged | {} |\n| DELETEs judged | {} |\n| DELETEs by lease expiry in a dark window | {} |\n| converged after the faults stopped | {} |\n| largest replica RSS | {max_rss_mib} MiB |\n| violations | {} |\n",
         tally.keys,
         tally.puts,
         tally.deletes,

@@ -2,7 +2,7 @@
 SHELL := /usr/bin/env bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: tools test lint crd demo bench dev dev-down
+.PHONY: tools test lint crd demo bench soak dev dev-down
 
 ## tools: protoc (Debian's protobuf-compiler); etcd, kube-apiserver, kube-controller-manager, helm, Consul and the
 ## Go interop client built from pinned Go modules (tests/controlplane, tests/helm, tests/consul, tests/interop) into
@@ -65,6 +65,14 @@ bench: tools
 ## (`make demo BACKEND=consul`: with Consul's catalog as the registry and a Go Consul client).
 demo:
 	scripts/demo.sh
+
+## soak: the nemesis soak for SOAK_SECS (default 600) with SOAK_SEED (default: random, printed first so any
+## run can be replayed): seeded churn and faults against two real replicas, etcd and the control plane, judged
+## by an independent checker. `make test` runs a 100-second variant (tests/soak).
+SOAK_SECS ?= 600
+SOAK_SEED ?=
+soak: tools
+	SOAK_SECS=$(SOAK_SECS) SOAK_SEED=$(SOAK_SEED) SOAK_VERBOSE=1 cargo test --test soak -- --nocapture
 
 ## dev: a local control plane that stays up (kube-apiserver + its etcd, a registry etcd, the real controller
 ## binary); prints the KUBECONFIG and etcd endpoint to use, with the pinned kubectl and etcdctl on PATH.

@@ -236,6 +236,45 @@ async fn a_colliding_key_template_is_an_invalid_spec_that_claims_and_publishes_n
 }
 
 #[tokio::test]
+async fn a_key_template_naming_nothing_is_invalid_with_one_ready_pod_and_the_key_stays() {
+    // Found by the soak: with one registrable endpoint nothing collides, so such a template was
+    // taken as valid: the real key was deleted, `<target>/fixed` published, and that spec
+    // recorded as the last valid publication.
+    let registry = backend();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").not_ready().build(),
+    ];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let mut fixed = svc.clone();
+    fixed.spec.key_template = Some("{target}/fixed".into());
+    fixed.metadata.generation = Some(2);
+    let server = api.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (fixed.clone(), |status| {
+            let invalid = condition(status, "InvalidSpec");
+            assert_eq!(invalid["status"], "True");
+            assert!(
+                invalid["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("names nothing of the endpoint"),
+                "{invalid}"
+            );
+        }),
+    ]));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    ctx.writer.idle().await;
+    let published = keys(&registry, "services/default/greeter");
+    assert_eq!(published, ["services/default/greeter/10.0.0.1:50051"]);
+    let action = reconcile(Arc::new(fixed), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(keys(&registry, "services/default/greeter"), published);
+}
+
+#[tokio::test]
 async fn a_spec_turned_invalid_keeps_what_it_published_across_a_lease_replacement() {
     let registry = backend();
     let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
@@ -567,4 +606,64 @@ async fn after_a_change_of_leadership_the_objects_own_status_is_the_truth_again(
     assert_ne!(ctx.writer.latest(&newer), newer.status);
     ctx.writer.clear();
     assert_eq!(ctx.writer.latest(&newer), newer.status);
+}
+
+#[tokio::test]
+async fn a_replica_leading_again_does_not_report_the_replica_that_led_meanwhile_as_a_second_writer()
+{
+    // Found by the soak: b leads and sees a's announcement (a led before); b is deposed and a
+    // leads, beating on; b leads again and took a's moved-on beat for a live second writer (a
+    // Warning on every service and `other_writers` 1) though a had been deposed.
+    use crate::leader::Role;
+    use crate::registry::Backend;
+    use std::time::{Duration, Instant};
+    let registry = backend();
+    let (ctx, _api) = context(&registry, &[]);
+    let (role, elected) = tokio::sync::watch::channel(Role::Leader { term: 1 });
+    let ctx = Arc::new(
+        Arc::try_unwrap(ctx)
+            .unwrap_or_else(|_| panic!("the context is shared"))
+            .with_role(elected),
+    );
+    let far = || Instant::now() + Duration::from_secs(600);
+    registry.enable_fencing();
+    registry.fence("b", 1, far()).await.unwrap();
+    registry.heartbeat("a", 7).await.unwrap();
+    // Another instance whose beat never changes, through which the test reads b's beats.
+    let beat_of_b = || async {
+        registry
+            .heartbeat("probe", 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .find_map(|(i, beat)| (i == "b").then_some(beat))
+            .unwrap_or(0)
+    };
+    let (store, _writer) = kube::runtime::reflector::store();
+    let task = tokio::spawn(super::writers::run(
+        ctx.clone(),
+        store,
+        "b".into(),
+        Duration::from_millis(200),
+    ));
+    while beat_of_b().await < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // b is deposed; a leads (term 2) and beats on; b leads again in term 3.
+    registry.depose();
+    role.send_replace(Role::Follower);
+    let before = beat_of_b().await;
+    registry.heartbeat("a", 8).await.unwrap();
+    registry.heartbeat("a", 9).await.unwrap();
+    registry.fence("b", 3, far()).await.unwrap();
+    role.send_replace(Role::Leader { term: 3 });
+    // Two rounds as the leader again; a report would hold for one round (200 ms), and the
+    // gauge is read every 10 ms.
+    let mut reported = 0;
+    while beat_of_b().await < before + 2 {
+        reported = reported.max(ctx.metrics.other_writers.get());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    assert_eq!(reported, 0, "a was reported as a live second writer");
 }

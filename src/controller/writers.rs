@@ -38,6 +38,13 @@ pub struct Round {
 }
 
 impl Detector {
+    /// Forgets every announcement, when this replica leads in a new term: beats seen in an
+    /// earlier term say nothing of who writes now (meanwhile another replica led, and its
+    /// announcement moved on while it did).
+    pub fn forget(&mut self) {
+        self.seen.clear();
+    }
+
     /// Compares `others` (instance, beat) with the last round.
     pub fn round(&mut self, others: &[(String, u64)]) -> Round {
         let mut round = Round::default();
@@ -86,10 +93,21 @@ pub async fn run(
     let mut beat = 0_u64;
     let mut reported: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(interval);
+    // The leader term the detector's memory is from.
+    let mut seen_in = None;
     loop {
         tick.tick().await;
         if !ctx.backend.may_write() {
             continue;
+        }
+        let term = match *ctx.role.borrow() {
+            crate::leader::Role::Leader { term } => Some(term),
+            crate::leader::Role::Follower => None,
+        };
+        if term != seen_in {
+            // Leading in a new term: another replica may have led meanwhile.
+            detector.forget();
+            seen_in = term;
         }
         beat += 1;
         let others = match ctx.backend.heartbeat(&instance, beat).await {

@@ -109,7 +109,8 @@ impl Layout {
     /// # Errors
     /// [`SpecError::KeyCollision`] when the key template names nothing of the endpoint, so
     /// that it maps every endpoint (two or more) to one key: that is the spec's fault, not the
-    /// endpoints'.
+    /// endpoints'; [`SpecError::Template`] for such a template with fewer than two endpoints, so
+    /// that the spec is invalid whatever the pods' readiness.
     pub fn dedupe(
         &self,
         endpoints: Vec<LogicalEndpoint>,
@@ -131,13 +132,21 @@ impl Layout {
                 }
             }
         }
-        if !self.template.names_the_endpoint() && !collisions.is_empty() {
-            let collision = &collisions[0];
-            return Err(SpecError::KeyCollision {
-                key: collision.key.clone(),
-                first: collision.kept.clone(),
-                second: collision.left_out.clone(),
-            });
+        if !self.template.names_the_endpoint() {
+            // Invalid whatever the endpoints: with fewer than two it would publish (and record as
+            // the last valid publication) one key standing for the whole service.
+            return Err(collisions.first().map_or_else(
+                || {
+                    SpecError::Template(
+                        "it names nothing of the endpoint ({addr}, {ip}, {pod} or {id}), so every endpoint would map to one key".into(),
+                    )
+                },
+                |collision| SpecError::KeyCollision {
+                    key: collision.key.clone(),
+                    first: collision.kept.clone(),
+                    second: collision.left_out.clone(),
+                },
+            ));
         }
         Ok((kept, collisions))
     }

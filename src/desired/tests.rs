@@ -787,6 +787,26 @@ fn a_flat_consul_name_from_before_the_rule_is_offered_only_when_the_rule_gives_a
 }
 
 #[test]
+fn a_key_template_naming_nothing_of_the_endpoint_is_invalid_whatever_the_endpoints() {
+    let mut svc = service("greeter");
+    svc.spec.key_template = Some("{target}/fixed".into());
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").build(),
+    ];
+    for ready in 0..=1 {
+        assert!(
+            matches!(
+                plan.layout().dedupe(desired_endpoints(&plan, &pods[..ready])),
+                Err(SpecError::Template(ref m)) if m.contains("names nothing of the endpoint")
+            ),
+            "{ready} endpoints"
+        );
+    }
+}
+
+#[test]
 fn two_endpoints_on_one_key_register_the_first_and_report_the_other() {
     let svc = service("greeter");
     let plan = Plan::new(&svc, &Policy::default()).unwrap();

@@ -459,6 +459,22 @@ impl ControllerBuilder {
         self
     }
 
+    /// Appends the process's whole output (its log on stdout, and stderr, where a panic goes)
+    /// to `path`, so that the log survives a restart of the process. (Used by the soak, which
+    /// shares this file.)
+    #[allow(dead_code)]
+    pub fn log_all_to(mut self, path: std::path::PathBuf) -> Self {
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("failed to open the controller log");
+        self.command
+            .stderr(file.try_clone().expect("failed to clone the log handle"))
+            .stdout(file);
+        self
+    }
+
     /// Sets an environment variable of the process.
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
         self.command.env(key, value);
@@ -542,6 +558,18 @@ impl ControllerProcess {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         None
+    }
+
+    /// The exit status if the process has exited, without waiting. (Used by the soak.)
+    #[allow(dead_code)]
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+
+    /// The process id. (Used by the soak.)
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 
     /// SIGSTOP: the process freezes mid-flight, as under a long GC pause or a stalled node.

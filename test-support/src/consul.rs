@@ -53,13 +53,16 @@ struct Ports {
 }
 
 impl Ports {
+    /// Five different free ports (five separate `free_port` calls once gave Serf's LAN and
+    /// WAN the same one, and Consul refused to start).
     fn free() -> Self {
+        let [http, dns, server, serf_lan, serf_wan] = crate::free_ports();
         Self {
-            http: free_port(),
-            dns: free_port(),
-            server: free_port(),
-            serf_lan: free_port(),
-            serf_wan: free_port(),
+            http,
+            dns,
+            server,
+            serf_lan,
+            serf_wan,
         }
     }
 }

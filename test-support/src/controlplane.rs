@@ -24,7 +24,7 @@ use rcgen::{
 };
 use tempfile::TempDir;
 
-use crate::{controlplane_bin, free_port, tail};
+use crate::{controlplane_bin, free_ports, tail};
 
 /// How long kube-apiserver may take to become ready.
 const READY_DEADLINE: Duration = Duration::from_secs(90);
@@ -144,7 +144,7 @@ impl ControlPlane {
             .tempdir()
             .expect("failed to create control plane temp dir");
         let pki = pki(dir.path());
-        let (etcd_client, etcd_peer, port) = (free_port(), free_port(), free_port());
+        let [etcd_client, etcd_peer, port] = free_ports();
 
         let log = |name: &str| File::create(dir.path().join(name)).expect("failed to create log");
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::{controlplane_bin, free_port, tail};
+use crate::{controlplane_bin, free_ports, tail};
 
 /// How long a start may take before the test fails.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -122,14 +122,15 @@ impl EtcdServer {
     }
 
     async fn start_inner(extra_args: &[&str], access: EtcdAccess) -> Self {
+        let [client_port, peer_port] = free_ports();
         let mut server = Self {
             child: None,
             dir: tempfile::Builder::new()
                 .prefix("etcd-test-")
                 .tempdir()
                 .expect("failed to create etcd temp dir"),
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port,
+            peer_port,
             starts: 0,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
             access,
@@ -144,8 +145,7 @@ impl EtcdServer {
                 Err(log) if log.contains("address already in use") && attempt < 5 => {
                     attempt += 1;
                     server.stop();
-                    server.client_port = free_port();
-                    server.peer_port = free_port();
+                    [server.client_port, server.peer_port] = free_ports();
                     let _ = std::fs::remove_dir_all(server.data_dir());
                 }
                 Err(log) => panic!("etcd failed to start:\n{log}"),

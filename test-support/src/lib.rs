@@ -64,6 +64,24 @@ pub fn free_port() -> u16 {
         .expect("failed to find a free port")
 }
 
+/// `N` free loopback ports, all different: each stays bound until every one is found (a port
+/// let go can be handed out again at once, and Consul refuses one port for two roles).
+///
+/// # Panics
+/// When no free port can be bound.
+#[must_use]
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("failed to find a free port"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .expect("failed to find a free port")
+            .port()
+    })
+}
+
 /// This host's IPv4 address on its default route: an address servers can listen on that an
 /// EndpointSlice accepts (the API server rejects loopback and link-local endpoint addresses).
 ///

@@ -39,7 +39,7 @@ use crate::desired::Policy;
 use crate::leader::Role;
 use crate::metrics::Metrics;
 use crate::registry::Backend;
-use crate::source::index::{CandidateIndex, SelectorIndex, ServiceRefIndex, SliceIndex};
+use crate::source::index::{CandidateIndex, ServicesBySelector, ServicesByRef, SliceIndex};
 use crate::{Error, Result};
 
 /// The field manager for status writes (server-side apply).
@@ -282,8 +282,8 @@ pub async fn run(
     let services_synced = tokio::sync::watch::Sender::new(false);
     let candidates = CandidateIndex::default();
     let slices = SliceIndex::default();
-    let selectors = SelectorIndex::default();
-    let refs = ServiceRefIndex::default();
+    let selectors = ServicesBySelector::default();
+    let refs = ServicesByRef::default();
 
     let mut pod_feed = PodFeed::new(candidates.clone());
     let pods_done = pods_synced.clone();

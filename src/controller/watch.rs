@@ -12,7 +12,7 @@ use kube::runtime::watcher::Event;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::GrpcService;
-use crate::source::index::{CandidateIndex, SelectorIndex, ServiceRefIndex, SliceIndex};
+use crate::source::index::{CandidateIndex, ServicesBySelector, ServicesByRef, SliceIndex};
 use crate::source::{Candidate, pod, slice};
 
 /// Which objects (pods, or EndpointSlices) each service's last reconcile read, and the reverse.
@@ -113,7 +113,7 @@ pub fn slice_ref(namespace: &str, name: &str) -> ObjectRef<EndpointSlice> {
 #[derive(Clone)]
 pub struct PodMapper {
     candidates: CandidateIndex,
-    selectors: SelectorIndex,
+    selectors: ServicesBySelector,
     selections: Selections<Pod>,
 }
 
@@ -122,7 +122,7 @@ impl PodMapper {
     #[must_use]
     pub fn new(
         candidates: CandidateIndex,
-        selectors: SelectorIndex,
+        selectors: ServicesBySelector,
         selections: Selections<Pod>,
     ) -> Self {
         Self {
@@ -158,14 +158,14 @@ impl PodMapper {
 /// another Service, or be gone).
 #[derive(Clone)]
 pub struct SliceMapper {
-    refs: ServiceRefIndex,
+    refs: ServicesByRef,
     selections: Selections<EndpointSlice>,
 }
 
 impl SliceMapper {
     /// A mapper over the reference index and the reconciler's selections.
     #[must_use]
-    pub fn new(refs: ServiceRefIndex, selections: Selections<EndpointSlice>) -> Self {
+    pub fn new(refs: ServicesByRef, selections: Selections<EndpointSlice>) -> Self {
         Self { refs, selections }
     }
 
@@ -282,15 +282,15 @@ impl SliceFeed {
 /// Applies GrpcService watch events to the selector and reference indexes (a re-list drops
 /// services not seen again). Returns true on `InitDone`.
 pub struct ServiceFeed {
-    selectors: SelectorIndex,
-    refs: ServiceRefIndex,
+    selectors: ServicesBySelector,
+    refs: ServicesByRef,
     relist: Option<HashSet<(String, String)>>,
 }
 
 impl ServiceFeed {
     /// A feed into both indexes.
     #[must_use]
-    pub fn new(selectors: SelectorIndex, refs: ServiceRefIndex) -> Self {
+    pub fn new(selectors: ServicesBySelector, refs: ServicesByRef) -> Self {
         Self {
             selectors,
             refs,
@@ -350,8 +350,8 @@ mod tests {
     use crate::fixtures::{PodBuilder, service};
 
     fn mapper(services: &[GrpcService], pods: &[Pod]) -> (PodMapper, Selections<Pod>, PodFeed) {
-        let (candidates, selectors) = (CandidateIndex::default(), SelectorIndex::default());
-        let mut svc_feed = ServiceFeed::new(selectors.clone(), ServiceRefIndex::default());
+        let (candidates, selectors) = (CandidateIndex::default(), ServicesBySelector::default());
+        let mut svc_feed = ServiceFeed::new(selectors.clone(), ServicesByRef::default());
         for s in services {
             svc_feed.apply(&Event::Apply(s.clone()));
         }
@@ -442,8 +442,8 @@ mod tests {
     }
 
     fn slice_mapper(services: &[GrpcService]) -> (SliceMapper, Selections<EndpointSlice>) {
-        let refs = ServiceRefIndex::default();
-        let mut svc_feed = ServiceFeed::new(SelectorIndex::default(), refs.clone());
+        let refs = ServicesByRef::default();
+        let mut svc_feed = ServiceFeed::new(ServicesBySelector::default(), refs.clone());
         for s in services {
             svc_feed.apply(&Event::Apply(s.clone()));
         }

@@ -3,18 +3,18 @@
 //!
 //! - [`CandidateIndex`]: candidates by namespace, id and label, so a reconcile reads only the
 //!   candidates its selector can match.
-//! - [`SelectorIndex`]: each service's selector, parsed once per version and posted under one
+//! - [`ServicesBySelector`]: each GrpcService's selector, parsed once per version and posted under one
 //!   of its requirements, so a pod event reaches only the services that can match it.
 //! - [`SliceIndex`]: EndpointSlice endpoints by Service, merged over its slices.
-//! - [`ServiceRefIndex`]: GrpcServices by the Service their `serviceRef` names, so a slice
+//! - [`ServicesByRef`]: GrpcServices by the Service their `serviceRef` names, so a slice
 //!   event reaches only those.
 //!
 //! Each takes `apply` / `delete` / `reset` or `retain` (a re-list), and is cheap to clone (one
 //! shared lock each).
 
 mod candidates;
-mod refs;
-mod selectors;
+mod services_by_ref;
+mod services_by_selector;
 mod slices;
 
 use std::collections::{HashMap, HashSet};
@@ -22,8 +22,8 @@ use std::collections::{HashMap, HashSet};
 use kube::core::{Expression, Selector};
 
 pub use candidates::CandidateIndex;
-pub use refs::ServiceRefIndex;
-pub use selectors::SelectorIndex;
+pub use services_by_ref::ServicesByRef;
+pub use services_by_selector::ServicesBySelector;
 pub use slices::{ServiceSelection, SliceIndex};
 
 type Labels = std::collections::BTreeMap<String, String>;

@@ -1,4 +1,4 @@
-//! Which GrpcServices name each Service in `spec.serviceRef`.
+//! GrpcServices by the Service their `spec.serviceRef` names.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -40,9 +40,9 @@ impl ByName for NamespaceRefs {
 /// GrpcServices by the Service their `serviceRef` names, so that an EndpointSlice event
 /// reaches only those.
 #[derive(Clone, Debug, Default)]
-pub struct ServiceRefIndex(Arc<RwLock<HashMap<String, NamespaceRefs>>>);
+pub struct ServicesByRef(Arc<RwLock<HashMap<String, NamespaceRefs>>>);
 
-impl ServiceRefIndex {
+impl ServicesByRef {
     /// Records that GrpcService `name` names `service` (`None`: it names none).
     pub fn apply(&self, namespace: &str, name: &str, service: Option<&str>) {
         let mut by_ns = self.0.write().expect("lock");
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn a_slice_event_reaches_the_grpcservices_naming_its_service_in_its_namespace() {
-        let index = ServiceRefIndex::default();
+        let index = ServicesByRef::default();
         index.apply("a", "greeter-grpc", Some("greeter"));
         index.apply("a", "greeter-canary", Some("greeter"));
         index.apply("b", "greeter-grpc", Some("greeter"));
@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn a_changed_or_removed_reference_moves_or_leaves() {
-        let index = ServiceRefIndex::default();
+        let index = ServicesByRef::default();
         index.apply("a", "svc", Some("old"));
         index.apply("a", "svc", Some("new"));
         assert!(index.referencing("a", "old").is_empty());

@@ -1,4 +1,4 @@
-//! Services' selectors, posted by one requirement each.
+//! GrpcServices by their selectors, each posted under one of its requirements.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -77,9 +77,9 @@ impl ByName for NamespaceSelectors {
 /// Each service's selector, parsed once per generation, posted under its most selective
 /// requirement (an equality over an `In`, over an `Exists`).
 #[derive(Clone, Debug, Default)]
-pub struct SelectorIndex(Arc<RwLock<HashMap<String, NamespaceSelectors>>>);
+pub struct ServicesBySelector(Arc<RwLock<HashMap<String, NamespaceSelectors>>>);
 
-impl SelectorIndex {
+impl ServicesBySelector {
     /// Indexes `name`'s selector at `version` (the object's uid and generation); `None` (no
     /// selector, or one that does not parse) removes it. Cheap when the version is unchanged.
     pub fn apply(
@@ -190,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_pod_reaches_only_the_services_posted_under_its_labels() {
-        let index = SelectorIndex::default();
+        let index = ServicesBySelector::default();
         index.apply("a", "greeter", v(1), || {
             Some(selector(&[("app", "greeter")], &[]))
         });
@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_new_generation_reindexes_and_the_same_one_parses_nothing() {
-        let index = SelectorIndex::default();
+        let index = ServicesBySelector::default();
         index.apply("a", "svc", v(1), || Some(selector(&[("app", "v1")], &[])));
         index.apply("a", "svc", v(1), || panic!("same generation parsed again"));
         index.apply("a", "svc", v(2), || Some(selector(&[("app", "v2")], &[])));
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn a_service_recreated_under_the_same_name_and_generation_is_indexed_afresh() {
-        let index = SelectorIndex::default();
+        let index = ServicesBySelector::default();
         index.apply("a", "svc", v(1), || Some(selector(&[("app", "old")], &[])));
         index.apply("a", "svc", (Some("new-uid".into()), Some(1)), || {
             Some(selector(&[("app", "new")], &[]))
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn retain_drops_services_gone_in_a_relist() {
-        let index = SelectorIndex::default();
+        let index = ServicesBySelector::default();
         index.apply("a", "kept", v(1), || Some(selector(&[("app", "x")], &[])));
         index.apply("a", "gone", v(1), || Some(selector(&[("app", "x")], &[])));
         index.retain(&HashSet::from([("a".to_owned(), "kept".to_owned())]));

@@ -17,7 +17,7 @@ use kube::core::Selector;
 use tonic_etcd_resolver::format::{self, ValueFormat};
 
 use crate::crd::GrpcService;
-use crate::source::Candidate;
+use crate::source::{Candidate, Selection};
 pub use layout::{Collision, Layout};
 pub use template::KeyTemplate;
 
@@ -169,26 +169,6 @@ pub enum SpecError {
     },
 }
 
-/// Where a service's candidates come from.
-#[derive(Clone, Debug)]
-pub enum Source {
-    /// The pods of the namespace that the (parsed, non-empty) selector matches.
-    Pods(Selector),
-    /// The endpoints of the named Service's EndpointSlices, in the namespace.
-    Service(String),
-}
-
-impl Source {
-    /// The Service named, for a `serviceRef` source.
-    #[must_use]
-    pub fn service(&self) -> Option<&str> {
-        match self {
-            Self::Pods(_) => None,
-            Self::Service(name) => Some(name),
-        }
-    }
-}
-
 /// A validated `GrpcService` spec, ready to be evaluated against pods.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -204,8 +184,8 @@ pub struct Plan {
     pub template: KeyTemplate,
     /// The port, resolved per candidate.
     pub port: IntOrString,
-    /// Where candidates come from.
-    pub source: Source,
+    /// Which source the candidates come from, and what is asked of it.
+    pub selection: Selection,
     /// Static metadata merged into every endpoint.
     pub static_metadata: BTreeMap<String, String>,
     /// Candidate labels copied into metadata.
@@ -267,16 +247,18 @@ impl Plan {
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         let spec = &svc.spec;
-        let (source, port) = match (&spec.selector, &spec.service_ref, &spec.port) {
+        let (selection, port) = match (&spec.selector, &spec.service_ref, &spec.port) {
             (Some(selector), None, Some(port)) => {
                 let selector = Selector::try_from(selector.clone())
                     .map_err(|e| SpecError::Selector(e.to_string()))?;
                 if selector.selects_all() {
                     return Err(SpecError::Selector("selector must not be empty".into()));
                 }
-                (Source::Pods(selector), port)
+                (Selection::Pods(selector), port)
             }
-            (None, Some(service), None) => (Source::Service(service.name.clone()), &service.port),
+            (None, Some(service), None) => {
+                (Selection::Service(service.name.clone()), &service.port)
+            }
             (Some(_), Some(_), _) | (None, None, _) => {
                 return Err(SpecError::Source(
                     "set exactly one of selector and serviceRef",
@@ -322,7 +304,7 @@ impl Plan {
             format: spec.format,
             template,
             port: port.clone(),
-            source,
+            selection,
             static_metadata: spec.metadata.clone(),
             metadata_labels: spec.metadata_from_labels.clone(),
             publish_not_ready: spec.publish_not_ready_addresses,
@@ -597,7 +579,7 @@ fn metadata(plan: &Plan, candidate: &Candidate, weight: Option<u32>) -> BTreeMap
 pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
     let mut out = Desired {
         selected: candidates.len(),
-        service: plan.source.service().map(str::to_owned),
+        service: plan.selection.service().map(str::to_owned),
         ..Desired::default()
     };
     for candidate in candidates {

@@ -2,9 +2,10 @@
 //!
 //! # Layout
 //! - [`crd`]: the `GrpcService` custom resource.
-//! - [`source`]: endpoint sources (pods) turned into source-neutral candidates, and the indexes
-//!   (candidates by namespace and label, selectors by requirement) that keep each event's cost to
-//!   what it touches.
+//! - [`source`]: endpoint sources (pods, EndpointSlices) turned into source-neutral candidates
+//!   behind one seam ([`source::Source`], fed by one [`source::feed::Feed`]), and the indexes
+//!   (candidates by namespace and label, GrpcServices by selector and by Service) that keep
+//!   each event's cost to what it touches.
 //! - [`desired`]: the pure decision logic, a validated spec plus candidates in, logical endpoints
 //!   out; [`desired::layout`] renders them as etcd keys and values.
 //! - [`registry`]: the backend seam ([`registry::Backend`]) and its implementations: etcd

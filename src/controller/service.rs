@@ -14,11 +14,10 @@ use tracing::{debug, info, warn};
 
 use super::publication;
 use super::status::{LastChange, Outcome, endpoints_event, next_status, transition_events};
-use super::watch::{pod_ref, slice_ref};
 use super::writer::Submitted;
 use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, RESYNC};
 use crate::crd::GrpcService;
-use crate::desired::{Desired, Plan, Source, SpecError, desired};
+use crate::desired::{Desired, Plan, SpecError, desired};
 use crate::registry::{self, Claim, Owner, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
@@ -88,7 +87,7 @@ impl GrpcService {
         {
             let deleted = ctx.backend.release(old, &owner).await?;
             info!(old_target = old, deleted, "released previous target");
-            ctx.released(old);
+            ctx.waiting.released(old);
         }
 
         if !ctx.backend.reachable() {
@@ -101,16 +100,18 @@ impl GrpcService {
         }
         // Registered before the claim, so that a release landing between a refused claim and
         // the registration still wakes this service.
-        ctx.wait_for_release(&plan.target, ObjectRef::from_obj(self));
+        ctx.waiting
+            .wait_for_release(&plan.target, ObjectRef::from_obj(self));
         match self.claim(ctx, &plan.target, &owner).await? {
-            Ok(Claim::Owned) => ctx.stop_waiting(&ObjectRef::from_obj(self)),
+            Ok(Claim::Owned) => ctx.waiting.stop_waiting(&ObjectRef::from_obj(self)),
             Ok(Claim::Conflict {
                 owner: other,
                 target: held,
                 ..
             }) => {
                 self.note_transitions(ctx, &selected, false);
-                ctx.wait_for_release(&held, ObjectRef::from_obj(self));
+                ctx.waiting
+                    .wait_for_release(&held, ObjectRef::from_obj(self));
                 let mut owner = format!("{}/{}", other.namespace, other.name);
                 if held != plan.target {
                     owner.push_str(&format!(
@@ -131,7 +132,7 @@ impl GrpcService {
                 return Ok(Action::requeue(CONFLICT_RECHECK));
             }
             Err(e) => {
-                ctx.stop_waiting(&ObjectRef::from_obj(self));
+                ctx.waiting.stop_waiting(&ObjectRef::from_obj(self));
                 return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
             }
         }
@@ -160,13 +161,12 @@ impl GrpcService {
         let report = match synced {
             Ok(report) => {
                 if report.puts + report.deletes > 0 {
-                    ctx.last_changes.lock().expect("lock").insert(
-                        owner.uid.clone(),
-                        LastChange {
+                    ctx.states.with(&owner.uid, |state| {
+                        state.last_change = Some(LastChange {
                             revision: report.revision,
                             at: Time(k8s_openapi::jiff::Timestamp::now()),
-                        },
-                    );
+                        });
+                    });
                 }
                 report
             }
@@ -203,11 +203,8 @@ impl GrpcService {
         ctx.metrics
             .observe_service(&owner.namespace, &owner.name, &want, report.registered);
         let last_change = ctx
-            .last_changes
-            .lock()
-            .expect("lock")
-            .get(&owner.uid)
-            .cloned();
+            .states
+            .with(&owner.uid, |state| state.last_change.clone());
         let outcome = Outcome::Synced {
             target: &plan.target,
             desired: &want,
@@ -270,22 +267,25 @@ impl GrpcService {
         write: Submitted,
     ) -> Option<Duration> {
         let now = std::time::Instant::now();
-        let event = {
-            let mut announced = ctx.announced.lock().expect("lock");
-            let entry = announced.entry(uid.to_owned()).or_insert((registered, now));
+        let event = ctx.states.with(uid, |state| {
+            let entry = state.announced.get_or_insert((registered, now));
             if write == (Submitted::Queued { transition: true }) {
                 *entry = (registered, now);
             }
             let (before, at) = *entry;
             if before == registered {
-                return None;
+                return Err(None);
             }
             let since = now.duration_since(at);
             if since < EVENT_INTERVAL {
-                return Some(EVENT_INTERVAL - since);
+                return Err(Some(EVENT_INTERVAL - since));
             }
             *entry = (registered, now);
-            endpoints_event(before, registered, want)
+            Ok(endpoints_event(before, registered, want))
+        });
+        let event = match event {
+            Ok(event) => event,
+            Err(due) => return due,
         };
         ctx.writer.event(self, event);
         None
@@ -294,30 +294,8 @@ impl GrpcService {
     /// The candidates `plan`'s source yields now, recording which objects were read so that
     /// their later events (even once they no longer match) wake this service.
     fn select(&self, ctx: &Context, plan: &Plan) -> Vec<Arc<Candidate>> {
-        let this = ObjectRef::from_obj(self);
-        match &plan.source {
-            Source::Pods(selector) => {
-                let selected = ctx.candidates.select(&plan.namespace, selector);
-                ctx.selections.record(
-                    this.clone(),
-                    selected.iter().map(|c| pod_ref(&plan.namespace, &c.id)),
-                );
-                ctx.slice_selections.record(this, []);
-                selected
-            }
-            Source::Service(service) => {
-                let selection = ctx.slices.select(&plan.namespace, service);
-                ctx.slice_selections.record(
-                    this.clone(),
-                    selection
-                        .slices
-                        .iter()
-                        .map(|name| slice_ref(&plan.namespace, name)),
-                );
-                ctx.selections.record(this, []);
-                selection.candidates
-            }
-        }
+        ctx.sources
+            .select(&ObjectRef::from_obj(self), &plan.namespace, &plan.selection)
     }
 
     /// Notes the selected candidates' last seen changes and, when `wrote` (the sync changed the
@@ -328,18 +306,33 @@ impl GrpcService {
     /// before its GrpcService existed), nor are those noted while the service could not
     /// publish (a conflict notes them without measuring).
     fn note_transitions(&self, ctx: &Context, selected: &[Arc<Candidate>], wrote: bool) {
+        let uid = self.uid().unwrap_or_default();
+        ctx.states.with(&uid, |state| {
+            let (born, seen) = state
+                .transitions
+                .get_or_insert_with(|| (self.created_at(), HashMap::new()));
+            self.note_seen(ctx, selected, wrote, *born, seen);
+        });
+    }
+
+    /// [`Self::note_transitions`] on the state of one service: created at `born`, its
+    /// candidates last seen changed at `seen`.
+    fn note_seen(
+        &self,
+        ctx: &Context,
+        selected: &[Arc<Candidate>],
+        wrote: bool,
+        born: std::time::Instant,
+        seen: &mut HashMap<String, std::time::Instant>,
+    ) {
         let now = std::time::Instant::now();
         let wall = k8s_openapi::jiff::Timestamp::now();
-        let mut transitions = ctx.transitions.lock().expect("lock");
-        let (born, seen) = transitions
-            .entry(self.key())
-            .or_insert_with(|| (self.created_at(), HashMap::new()));
         let mut current = HashMap::with_capacity(selected.len());
         for candidate in selected {
             let Some(observed) = candidate.observed else {
                 continue;
             };
-            if wrote && observed >= *born && seen.get(&candidate.id) != Some(&observed) {
+            if wrote && observed >= born && seen.get(&candidate.id) != Some(&observed) {
                 ctx.metrics
                     .propagation
                     .observe(now.duration_since(observed).as_secs_f64());
@@ -371,15 +364,6 @@ impl GrpcService {
                 now.checked_sub(std::time::Duration::try_from(age).ok()?)
             })
             .unwrap_or(now)
-    }
-
-    /// `<namespace>/<name>`.
-    fn key(&self) -> String {
-        format!(
-            "{}/{}",
-            self.namespace().unwrap_or_default(),
-            self.name_any()
-        )
     }
 
     /// Claims the target; takes it over when the recorded owner no longer exists. The inner
@@ -523,19 +507,9 @@ impl GrpcService {
         for target in targets {
             let deleted = ctx.backend.release(&target, &owner).await?;
             info!(registry_target = target, deleted, "deregistered service");
-            ctx.released(&target);
+            ctx.waiting.released(&target);
         }
-        ctx.stop_waiting(&ObjectRef::from_obj(self));
-        ctx.selections.record(ObjectRef::from_obj(self), []);
-        ctx.slice_selections.record(ObjectRef::from_obj(self), []);
-        ctx.published.forget(&owner.uid);
-        ctx.writer.forget(&owner.uid);
-        ctx.transitions
-            .lock()
-            .expect("lock")
-            .remove(&format!("{}/{}", owner.namespace, owner.name));
-        ctx.last_changes.lock().expect("lock").remove(&owner.uid);
-        ctx.announced.lock().expect("lock").remove(&owner.uid);
+        ctx.forget_service(&owner.uid, Some(&ObjectRef::from_obj(self)));
         ctx.metrics.forget_service(&owner.namespace, &owner.name);
         Ok(Action::await_change())
     }

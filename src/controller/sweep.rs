@@ -12,10 +12,16 @@
 //! write.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
+use kube::ResourceExt;
+use kube::runtime::reflector;
 use tracing::{info, warn};
 
-use super::Scope;
+use super::{Context, RESYNC, Scope};
+use crate::crd::GrpcService;
+use crate::leader::Role;
 use crate::registry::{Backend, Owner};
 
 /// Whether a record's `owner` is an orphan: a GrpcService seen `deleted`, or one whose namespace
@@ -85,6 +91,83 @@ pub async fn sweep(
         }
     }
     released
+}
+
+/// Runs the owner-record sweep (see the module): for each service deleted without our finalizer
+/// as it goes, and over every record once the caches are synced, on becoming the leader, and
+/// every [`RESYNC`].
+pub(super) async fn sweeper(
+    ctx: Arc<Context>,
+    store: reflector::Store<GrpcService>,
+    scope: Scope,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    mut gone: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    if synced.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    let mut role = ctx.role.clone();
+    // Without leader election the role never changes (its sender is gone).
+    let mut elected = true;
+    let mut every = tokio::time::interval(RESYNC);
+    // Services seen deleted without our finalizer, retried by the periodic sweep for an hour.
+    let mut deleted: HashMap<String, std::time::Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            uid = gone.recv() => {
+                let Some(uid) = uid else { return };
+                ctx.forget_service(&uid, None);
+                sweep(ctx.backend.as_ref(), &scope, |_| false, Some(&uid)).await;
+                deleted.insert(uid, std::time::Instant::now());
+            }
+            changed = role.changed(), if elected => {
+                if changed.is_err() {
+                    elected = false;
+                    continue;
+                }
+                // Another leader may have written status meanwhile: the objects' own statuses
+                // are the truth again.
+                ctx.writer.clear();
+                if matches!(*role.borrow_and_update(), Role::Leader { .. }) {
+                    sweep_all(&ctx, &store, &scope, &deleted).await;
+                }
+            }
+            _ = every.tick() => {
+                deleted.retain(|_, at| at.elapsed() < Duration::from_secs(3600));
+                sweep_all(&ctx, &store, &scope, &deleted).await;
+            }
+        }
+    }
+}
+
+/// Sweeps every record of this controller's scope: those of services seen `deleted`, and those
+/// whose namespace and name now belong to another GrpcService.
+async fn sweep_all(
+    ctx: &Context,
+    store: &reflector::Store<GrpcService>,
+    scope: &Scope,
+    deleted: &HashMap<String, std::time::Instant>,
+) {
+    // The records first, then the live set: a record written for a service the store did not
+    // yet hold cannot exist (reconciles are driven from the store).
+    let names = std::sync::OnceLock::new();
+    let orphan = |owner: &Owner| {
+        let live = names.get_or_init(|| {
+            store
+                .state()
+                .iter()
+                .filter_map(|svc| Some(((svc.namespace()?, svc.name_any()), svc.uid()?)))
+                .collect::<HashMap<(String, String), String>>()
+        });
+        orphaned(owner, deleted, live)
+    };
+    let released = sweep(ctx.backend.as_ref(), scope, orphan, None).await;
+    if released > 0 {
+        info!(
+            released,
+            "released the targets of GrpcServices that no longer exist"
+        );
+    }
 }
 
 #[cfg(test)]

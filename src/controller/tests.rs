@@ -6,11 +6,16 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value;
 
+use super::Sources;
 use super::{RESYNC, reconcile};
 use crate::crd::{FINALIZER, GrpcService};
-use crate::fixtures::verifier::{Scenario, context, slice_context};
+use crate::fixtures::verifier::{
+    Scenario, context, context_over, listed, pod_context, slice_context,
+};
 use crate::fixtures::{PodBuilder, endpoint_slice, service, service_ref};
 use crate::registry::memory::MemoryBackend;
+use crate::source::pod::{PodSource, candidate};
+use crate::source::slice::SliceSource;
 use kube::runtime::controller::Action;
 
 fn with_finalizer(mut svc: GrpcService) -> GrpcService {
@@ -104,6 +109,25 @@ async fn deleted_service_loses_its_keys_and_its_finalizer() {
     assert_eq!(action, Action::await_change());
     assert!(keys(&registry, "services/default/greeter").is_empty());
     assert!(registry.owner("services/default/greeter").is_none());
+}
+
+#[tokio::test]
+async fn a_cleaned_up_service_leaves_no_state_and_no_selection_behind() {
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |_| {}));
+    reconcile(Arc::new(svc.clone()), ctx.clone()).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(
+        ctx.states.len(),
+        1,
+        "the reconcile kept its service's state"
+    );
+    assert!(!ctx.sources.read_nothing(), "and recorded the pod it read");
+    svc.cleanup(&ctx).await.unwrap();
+    assert_eq!(ctx.states.len(), 0);
+    assert!(ctx.sources.read_nothing());
 }
 
 #[tokio::test]
@@ -347,7 +371,7 @@ async fn a_spec_turned_invalid_still_deregisters_a_pod_that_turns_unready() {
         PodBuilder::ready("p1", "10.0.0.1").build(),
         PodBuilder::ready("p2", "10.0.0.2").build(),
     ];
-    let (ctx, api) = context(&registry, &pods);
+    let (ctx, api, source) = pod_context(&registry, &pods);
     let svc = with_finalizer(service("greeter"));
     let mut invalid = svc.clone();
     invalid.spec.key_template = Some("{target}/{nope}".into());
@@ -367,7 +391,7 @@ async fn a_spec_turned_invalid_still_deregisters_a_pod_that_turns_unready() {
     assert_eq!(keys(&registry, "services/default/greeter").len(), 2);
     // p2 fails its readiness probe while the spec is still invalid: it leaves the registry
     // on the next reconcile.
-    ctx.candidates.apply(
+    source.candidates.apply(
         "default",
         crate::source::pod::candidate(&PodBuilder::ready("p2", "10.0.0.2").not_ready().build()),
     );
@@ -487,14 +511,17 @@ async fn a_new_target_with_keys_that_cannot_be_written_releases_nothing_and_stat
 #[tokio::test]
 async fn a_selector_service_does_not_wait_for_the_endpointslice_watch_and_a_service_ref_does() {
     let registry = backend();
-    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let pods = PodSource::default();
+    pods.candidates.apply(
+        "default",
+        candidate(&PodBuilder::ready("p1", "10.0.0.1").build()),
+    );
     // The slice watch never lists (e.g. EndpointSlices not readable); the pods are listed.
     let (_slices_tx, slices_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(
-        Arc::into_inner(ctx)
-            .unwrap()
-            .with_sources_synced(tokio::sync::watch::channel(true).1, slices_rx),
-    );
+    let sources = Sources::default()
+        .with(pods, listed())
+        .with(SliceSource::default(), slices_rx);
+    let (ctx, api) = context_over(&registry, sources);
     let svc = with_finalizer(service("greeter"));
     let server = api.run(Scenario::StatusPatch(svc.clone(), |status| {
         assert_eq!(status["registeredEndpoints"], 1);
@@ -560,7 +587,7 @@ async fn a_service_of_another_backend_is_left_alone() {
 #[tokio::test]
 async fn a_burst_of_count_changes_is_one_status_write_with_the_final_counts() {
     let registry = backend();
-    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let (ctx, api, source) = pod_context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let svc = with_finalizer(service("greeter"));
     let server = api.run(Scenario::StatusPatches(vec![
         (svc.clone(), |status| {
@@ -574,7 +601,7 @@ async fn a_burst_of_count_changes_is_one_status_write_with_the_final_counts() {
     reconcile(Arc::new(svc.clone()), ctx.clone()).await.unwrap();
     ctx.writer.idle().await;
     for (name, ip) in [("p2", "10.0.0.2"), ("p3", "10.0.0.3")] {
-        ctx.candidates.apply(
+        source.candidates.apply(
             "default",
             crate::source::pod::candidate(&PodBuilder::ready(name, ip).build()),
         );

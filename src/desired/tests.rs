@@ -265,7 +265,7 @@ fn selector_selects_only_matching_pods_in_the_same_namespace() {
     ] {
         index.apply(&pod.namespace().unwrap(), candidate(&pod));
     }
-    let Source::Pods(selector) = &plan.source else {
+    let Selection::Pods(selector) = &plan.selection else {
         panic!("a selector spec reads pods")
     };
     let selected = index.select(&plan.namespace, selector);
@@ -497,7 +497,7 @@ fn a_spec_needs_exactly_one_source_and_the_port_where_that_source_takes_it() {
         &Policy::default(),
     )
     .unwrap();
-    assert_eq!(plan.source.service(), Some("greeter-svc"));
+    assert_eq!(plan.selection.service(), Some("greeter-svc"));
     assert_eq!(plan.port, IntOrString::String("grpc".into()));
     let mut both = service_ref("greeter", "greeter-svc", IntOrString::Int(50051));
     both.spec.selector = service("greeter").spec.selector;

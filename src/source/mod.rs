@@ -4,21 +4,138 @@
 //! and zone are decoded here, once per object event. Nothing past this module reads a
 //! Kubernetes object; [`crate::desired`] works on candidates only.
 //!
+//! The seam is [`Source`] (what one source watches, how its events update its index, which
+//! GrpcServices an object wakes) and [`Selects`] (how a GrpcService selects candidates from
+//! it), with [`feed::Feed`] applying watch events, re-lists buffered, once for every source
+//! (as linkerd's `kubert::index` does). A new source is one file implementing both, and one
+//! registration line in the controller's `sources.rs`.
+//!
 //! - [`pod`]: pods selected by label, as a Service selects them (`spec.selector`).
 //! - [`slice`]: the endpoints of a Service's EndpointSlices (`spec.serviceRef`).
 //! - [`index`]: the candidate index (pods by namespace and label), the slice index (endpoints
 //!   by Service, merged over its slices), and the indexes of which GrpcServices an event can
 //!   concern, fed by watch events so that each event costs what it touches.
 
+pub mod feed;
 pub mod index;
 pub mod pod;
 pub mod slice;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
+use kube::core::Selector;
+
+use crate::crd::{GrpcService, GrpcServiceSpec};
+
+/// One kind of endpoint source, as its watch sees it: the objects it watches, how each decodes
+/// (once per event), and how events update its index. [`feed::Feed`] drives it.
+pub trait Source: Selects + Clone + 'static {
+    /// The Kubernetes object watched.
+    type Object: kube::Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static;
+    /// What one object decodes into, kept while a re-list is buffered.
+    type Decoded: Send + 'static;
+
+    /// Decodes one object.
+    fn decode(object: &Self::Object) -> Self::Decoded;
+
+    /// An object was added or changed.
+    fn apply(&self, namespace: &str, name: &str, decoded: Self::Decoded);
+
+    /// An object is gone.
+    fn delete(&self, namespace: &str, name: &str);
+
+    /// A (re-)list completed: its objects replace everything.
+    fn reset(&self, listed: Vec<Listed<Self::Decoded>>);
+
+    /// The GrpcServices in `namespace` (by name) whose selection matches `object` now, read
+    /// after the event was applied; those that read it before are known to the reconciler.
+    fn selecting(&self, namespace: &str, object: &Self::Object) -> Vec<String>;
+}
+
+/// One object of a (re-)list, decoded.
+#[derive(Debug)]
+pub struct Listed<D> {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// What it decoded into.
+    pub decoded: D,
+}
+
+/// One source as a reconcile and the GrpcService watch see it (object safe, so the controller
+/// keeps a list of them).
+pub trait Selects: Send + Sync {
+    /// Its name, in logs.
+    fn name(&self) -> &'static str;
+
+    /// Whether a GrpcService with `spec` reads this source (its reconcile waits for this
+    /// source's list).
+    fn read_by(&self, spec: &GrpcServiceSpec) -> bool;
+
+    /// The candidates `selection` picks in `namespace`, and the objects read; `None` when the
+    /// selection is another source's.
+    fn select(&self, namespace: &str, selection: &Selection) -> Option<Selected>;
+
+    /// Indexes a GrpcService's selection of this source (one that selects none is forgotten),
+    /// so that an object event reaches it.
+    fn index_service(&self, svc: &GrpcService);
+
+    /// Forgets a GrpcService.
+    fn forget_service(&self, namespace: &str, name: &str);
+
+    /// Keeps only the GrpcServices in `live` (after a re-list), by `(namespace, name)`.
+    fn retain_services(&self, live: &HashSet<(String, String)>);
+
+    /// How many candidates it holds.
+    fn len(&self) -> usize;
+
+    /// Whether it holds none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a GrpcService selects, from its spec: the source and what to ask of it.
+#[derive(Clone, Debug)]
+pub enum Selection {
+    /// The pods of the namespace that the (parsed, non-empty) selector matches.
+    Pods(Selector),
+    /// The endpoints of the named Service's EndpointSlices, in the namespace.
+    Service(String),
+}
+
+impl Selection {
+    /// The Service named, for a `serviceRef` selection.
+    #[must_use]
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Self::Pods(_) => None,
+            Self::Service(name) => Some(name),
+        }
+    }
+}
+
+/// What a selection found.
+#[derive(Debug, Default)]
+pub struct Selected {
+    /// One candidate per endpoint, sorted by id.
+    pub candidates: Vec<Arc<Candidate>>,
+    /// The names of the objects read (in the namespace), so that their later events wake the
+    /// service even once they no longer match.
+    pub objects: Vec<String>,
+}
 
 /// One endpoint candidate, whatever its source.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

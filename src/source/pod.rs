@@ -1,11 +1,102 @@
 //! The pod source: a Pod becomes a [`Candidate`], with readiness decoded once, here.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
+use kube::core::Selector;
 
-use super::Candidate;
+use super::index::{CandidateIndex, ServicesBySelector};
+use super::{Candidate, Listed, Selected, Selection, Selects, Source};
+use crate::crd::{GrpcService, GrpcServiceSpec};
+
+/// Pods selected by label (`spec.selector`): the candidates by namespace and label, and the
+/// GrpcServices by their selectors.
+#[derive(Clone, Debug, Default)]
+pub struct PodSource {
+    /// Pod candidates by namespace and label.
+    pub candidates: CandidateIndex,
+    /// GrpcServices by selector, so that a pod event reaches only those that can match it.
+    pub selectors: ServicesBySelector,
+}
+
+impl Source for PodSource {
+    type Object = Pod;
+    type Decoded = Candidate;
+
+    fn decode(pod: &Pod) -> Candidate {
+        candidate(pod)
+    }
+
+    fn apply(&self, namespace: &str, _name: &str, candidate: Candidate) {
+        self.candidates.apply(namespace, candidate);
+    }
+
+    fn delete(&self, namespace: &str, name: &str) {
+        self.candidates.delete(namespace, name);
+    }
+
+    fn reset(&self, listed: Vec<Listed<Candidate>>) {
+        self.candidates
+            .reset(listed.into_iter().map(|l| (l.namespace, l.decoded)));
+    }
+
+    /// A pod still listed wakes the services whose selector matches its labels.
+    fn selecting(&self, namespace: &str, pod: &Pod) -> Vec<String> {
+        if self.candidates.get(namespace, &pod.name_any()).is_none() {
+            return Vec::new();
+        }
+        self.selectors.matching(namespace, pod.labels())
+    }
+}
+
+impl Selects for PodSource {
+    fn name(&self) -> &'static str {
+        "pods"
+    }
+
+    fn read_by(&self, spec: &GrpcServiceSpec) -> bool {
+        spec.selector.is_some()
+    }
+
+    fn select(&self, namespace: &str, selection: &Selection) -> Option<Selected> {
+        let Selection::Pods(selector) = selection else {
+            return None;
+        };
+        let candidates = self.candidates.select(namespace, selector);
+        let objects = candidates.iter().map(|c| c.id.clone()).collect();
+        Some(Selected {
+            candidates,
+            objects,
+        })
+    }
+
+    fn index_service(&self, svc: &GrpcService) {
+        self.selectors.apply(
+            &svc.namespace().unwrap_or_default(),
+            &svc.name_any(),
+            (svc.uid(), svc.metadata.generation),
+            || {
+                Selector::try_from(svc.spec.selector.clone()?)
+                    .ok()
+                    .filter(|s| !s.selects_all())
+            },
+        );
+    }
+
+    fn forget_service(&self, namespace: &str, name: &str) {
+        self.selectors.delete(namespace, name);
+    }
+
+    fn retain_services(&self, live: &HashSet<(String, String)>) {
+        self.selectors.retain(live);
+    }
+
+    fn len(&self) -> usize {
+        self.candidates.len()
+    }
+}
 
 /// Pod label that carries the topology zone, copied into endpoint metadata when present.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";

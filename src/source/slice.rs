@@ -1,11 +1,101 @@
 //! The EndpointSlice source: each endpoint of a Service's slices becomes a [`Candidate`], with
 //! readiness decoded once, here (KEP-1672 conditions).
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use kube::ResourceExt;
 
-use super::Candidate;
+use super::index::{ServicesByRef, SliceIndex};
+use super::{Candidate, Listed, Selected, Selection, Selects, Source};
+use crate::crd::{GrpcService, GrpcServiceSpec};
+
+/// A Service's EndpointSlices (`spec.serviceRef`): endpoints by Service, merged over its
+/// slices, and the GrpcServices by the Service they name.
+#[derive(Clone, Debug, Default)]
+pub struct SliceSource {
+    /// Endpoints by namespace and Service.
+    pub slices: SliceIndex,
+    /// GrpcServices by the Service their `serviceRef` names.
+    pub refs: ServicesByRef,
+}
+
+impl Source for SliceSource {
+    type Object = EndpointSlice;
+    /// The slice's Service and its endpoints: each slice is decoded once, and the object
+    /// dropped.
+    type Decoded = (Option<String>, Vec<Candidate>);
+
+    fn decode(slice: &EndpointSlice) -> Self::Decoded {
+        (service_name(slice).map(str::to_owned), candidates(slice))
+    }
+
+    fn apply(&self, namespace: &str, name: &str, (service, candidates): Self::Decoded) {
+        self.slices
+            .apply(namespace, name, service.as_deref(), candidates);
+    }
+
+    fn delete(&self, namespace: &str, name: &str) {
+        self.slices.delete(namespace, name);
+    }
+
+    fn reset(&self, listed: Vec<Listed<Self::Decoded>>) {
+        self.slices.reset(
+            listed
+                .into_iter()
+                .map(|l| (l.namespace, l.name, l.decoded.0, l.decoded.1)),
+        );
+    }
+
+    /// A slice wakes the GrpcServices naming its Service.
+    fn selecting(&self, namespace: &str, slice: &EndpointSlice) -> Vec<String> {
+        service_name(slice)
+            .map(|service| self.refs.referencing(namespace, service))
+            .unwrap_or_default()
+    }
+}
+
+impl Selects for SliceSource {
+    fn name(&self) -> &'static str {
+        "endpointslices"
+    }
+
+    fn read_by(&self, spec: &GrpcServiceSpec) -> bool {
+        spec.service_ref.is_some()
+    }
+
+    fn select(&self, namespace: &str, selection: &Selection) -> Option<Selected> {
+        let Selection::Service(service) = selection else {
+            return None;
+        };
+        let found = self.slices.select(namespace, service);
+        Some(Selected {
+            candidates: found.candidates,
+            objects: found.slices,
+        })
+    }
+
+    fn index_service(&self, svc: &GrpcService) {
+        self.refs.apply(
+            &svc.namespace().unwrap_or_default(),
+            &svc.name_any(),
+            svc.spec.service_ref.as_ref().map(|r| r.name.as_str()),
+        );
+    }
+
+    fn forget_service(&self, namespace: &str, name: &str) {
+        self.refs.delete(namespace, name);
+    }
+
+    fn retain_services(&self, live: &HashSet<(String, String)>) {
+        self.refs.retain(live);
+    }
+
+    fn len(&self) -> usize {
+        self.slices.len()
+    }
+}
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -1,0 +1,228 @@
+//! The endpoint sources the controller reads: their registration (one line per source), their
+//! watches, and what a reconcile asks of them (wait for the list, select, forget a service).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kube::Client;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, watcher};
+
+use super::watch::{Mapper, Selections};
+use super::{Scope, api};
+use crate::backoff::Backoff;
+use crate::crd::{GrpcService, GrpcServiceSpec};
+use crate::source::feed::Feed;
+use crate::source::pod::PodSource;
+use crate::source::slice::SliceSource;
+use crate::source::{Candidate, Selection, Selects, Source};
+
+/// Registers every source this controller reads: a new source is one line here.
+fn register(sources: &mut Watches) {
+    sources.add(PodSource::default());
+    sources.add(SliceSource::default());
+}
+
+/// One registered source, as a reconcile sees it.
+#[derive(Clone)]
+struct Registered {
+    /// Its index, behind the object-safe half of the seam.
+    source: Arc<dyn Selects>,
+    /// Which of its objects each service last read; read by its mapper.
+    selections: Selections,
+    /// True once its index has completed its initial list.
+    synced: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The sources a reconcile reads, each with its selections and its list state.
+#[derive(Clone, Default)]
+pub struct Sources(Vec<Registered>);
+
+impl Sources {
+    /// The same sources and `source`, whose list is complete when `synced` says so.
+    #[must_use]
+    pub fn with(
+        mut self,
+        source: impl Selects + 'static,
+        synced: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        self.0.push(Registered {
+            source: Arc::new(source),
+            selections: Selections::default(),
+            synced,
+        });
+        self
+    }
+
+    /// Waits, at most `wait` each, for the lists of the sources `spec` reads (all of them when
+    /// it names none), so that desired state is never computed from a half-filled index; false
+    /// when one is not complete in time.
+    pub async fn wait_synced(&self, spec: &GrpcServiceSpec, wait: Duration) -> bool {
+        let read = self.0.iter().filter(|r| r.source.read_by(spec)).count();
+        for registered in &self.0 {
+            if read > 0 && !registered.source.read_by(spec) {
+                continue;
+            }
+            let mut synced = registered.synced.clone();
+            match tokio::time::timeout(wait, synced.wait_for(|synced| *synced)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// The candidates `selection` yields now, recording which objects `service` read (and
+    /// that it read none of the other sources), so that their later events (even once they
+    /// no longer match) wake it.
+    pub fn select(
+        &self,
+        service: &ObjectRef<GrpcService>,
+        namespace: &str,
+        selection: &Selection,
+    ) -> Vec<Arc<Candidate>> {
+        let mut candidates = Vec::new();
+        for registered in &self.0 {
+            match registered.source.select(namespace, selection) {
+                Some(selected) => {
+                    registered
+                        .selections
+                        .record(service.clone(), namespace, selected.objects);
+                    candidates = selected.candidates;
+                }
+                None => registered.selections.forget(service.clone()),
+            }
+        }
+        candidates
+    }
+
+    /// Forgets what `service` read, in every source.
+    pub fn forget(&self, service: &ObjectRef<GrpcService>) {
+        for registered in &self.0 {
+            registered.selections.forget(service.clone());
+        }
+    }
+
+    /// Whether no service's read of any source is recorded.
+    #[cfg(test)]
+    pub(super) fn read_nothing(&self) -> bool {
+        self.0.iter().all(|r| r.selections.is_empty())
+    }
+
+    /// Each source's name and how many candidates it holds, for logs.
+    #[must_use]
+    pub fn sizes(&self) -> Vec<(&'static str, usize)> {
+        self.0
+            .iter()
+            .map(|r| (r.source.name(), r.source.len()))
+            .collect()
+    }
+
+    /// The sources, for the GrpcService feed.
+    pub(super) fn indexes(&self) -> Vec<Arc<dyn Selects>> {
+        self.0.iter().map(|r| r.source.clone()).collect()
+    }
+
+    /// Each source's list state.
+    pub(super) fn synced(&self) -> Vec<tokio::sync::watch::Receiver<bool>> {
+        self.0.iter().map(|r| r.synced.clone()).collect()
+    }
+}
+
+/// Hooks one source's watch stream into the controller.
+type Attach = Box<dyn FnOnce(Controller<GrpcService>) -> Controller<GrpcService> + Send>;
+
+/// The registered sources with their watches, before the controller is built.
+pub(super) struct Watches {
+    client: Client,
+    scope: Scope,
+    /// Bumped on every re-list after the first, which reconciles every service.
+    relists: tokio::sync::watch::Sender<u64>,
+    sources: Sources,
+    attach: Vec<Attach>,
+}
+
+impl Watches {
+    /// Every registered source, each fed by its own watch in `scope`; a re-list after the
+    /// first bumps `relists`.
+    pub(super) fn new(
+        client: Client,
+        scope: Scope,
+        relists: tokio::sync::watch::Sender<u64>,
+    ) -> Self {
+        let mut watches = Self {
+            client,
+            scope,
+            relists,
+            sources: Sources::default(),
+            attach: Vec::new(),
+        };
+        register(&mut watches);
+        watches
+    }
+
+    /// Registers `source`: its watch feeds its index, and its events wake the services they
+    /// concern.
+    fn add<S: Source>(&mut self, source: S) {
+        let synced = tokio::sync::watch::Sender::new(false);
+        self.sources = std::mem::take(&mut self.sources).with(source.clone(), synced.subscribe());
+        let selections = self
+            .sources
+            .0
+            .last()
+            .expect("just added")
+            .selections
+            .clone();
+        let events = self.events(source.clone(), synced);
+        let mapper = Mapper::new(source, selections);
+        self.attach.push(Box::new(move |controller| {
+            controller.watches_stream(events, move |object| mapper.map(&object))
+        }));
+    }
+
+    /// The watch of one source, applied to its index (re-lists buffered) before the mapper
+    /// reads the object. Readiness is observed on the event stream (InitDone, after the index
+    /// applied it), not with `Store::wait_until_ready`: that future is backed by a oneshot
+    /// that keeps only the last waker, so with several concurrent waiters all but one can wait
+    /// forever. Streaming lists: the initial objects arrive as watch events from the API
+    /// server's cache, not as one list response (at 100k pods, a 100k-object response took
+    /// minutes to build and decode, and held it all in memory at once).
+    fn events<S: Source>(
+        &self,
+        source: S,
+        synced: tokio::sync::watch::Sender<bool>,
+    ) -> impl Stream<Item = Result<S::Object, watcher::Error>> + Send + 'static {
+        let mut feed = Feed::new(source);
+        let relists = self.relists.clone();
+        // A re-list after a watch gap (410 Gone, an API server restart) swaps the whole index
+        // in: objects deleted in the gap produce no event, so every service is reconciled then.
+        watcher(
+            api::<S::Object>(&self.client, &self.scope),
+            watcher::Config::default().streaming_lists(),
+        )
+        .backoff(Backoff::watch())
+        .inspect(move |event| {
+            if let Ok(event) = event
+                && feed.apply(event)
+                && synced.send_replace(true)
+            {
+                relists.send_modify(|n| *n += 1);
+            }
+        })
+        .touched_objects()
+    }
+
+    /// The sources, for the reconciler and the GrpcService feed.
+    pub(super) fn sources(&self) -> &Sources {
+        &self.sources
+    }
+
+    /// Hooks every source's watch into `controller`.
+    pub(super) fn attach(self, controller: Controller<GrpcService>) -> Controller<GrpcService> {
+        self.attach
+            .into_iter()
+            .fold(controller, |controller, attach| attach(controller))
+    }
+}

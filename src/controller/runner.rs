@@ -67,17 +67,7 @@ pub async fn run(
     );
     let store = services.store.clone();
     report_ready(&ready, &ctx.sources, &store, services_synced.subscribe());
-    // Status, finalizers and Events are written behind; the writer flushes once the last
-    // reconcile has handed it its work.
-    let (writer_stop, writer_stopped) = tokio::sync::oneshot::channel::<()>();
-    let writer = tokio::spawn(
-        ctx.writer
-            .clone()
-            .run(async move {
-                let _ = writer_stopped.await;
-            })
-            .instrument(info_span!("status_writer")),
-    );
+    let (writer_stop, writer) = spawn_writer(&ctx);
     spawn_beside(
         &ctx,
         &store,
@@ -247,6 +237,27 @@ fn report_ready(
             ready.store(true, Ordering::Relaxed);
         }
     });
+}
+
+/// Spawns the status writer: status, finalizers and Events are written behind, and the writer
+/// flushes once the last reconcile has handed it its work (when the sender returned is used or
+/// dropped).
+fn spawn_writer(
+    ctx: &Context,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let writer = tokio::spawn(
+        ctx.writer
+            .clone()
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .instrument(info_span!("status_writer")),
+    );
+    (stop, writer)
 }
 
 /// Spawns the tasks beside the reconciler: the owner-record sweep, and the one-writer-per-scope

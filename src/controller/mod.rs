@@ -156,6 +156,15 @@ impl Context {
         Self { role, ..self }
     }
 
+    /// The leadership term this replica writes in (0 without leader election); the caches of
+    /// what the registry holds belong to one term.
+    fn term(&self) -> i64 {
+        match *self.role.borrow() {
+            Role::Leader { term } => term,
+            Role::Follower => -1,
+        }
+    }
+
     /// Forgets everything this process kept for the service `uid` (`service`, when known, is
     /// also forgotten by the sources and the conflict waits): it is gone.
     fn forget_service(&self, uid: &str, service: Option<&ObjectRef<GrpcService>>) {

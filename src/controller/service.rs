@@ -22,6 +22,9 @@ use crate::registry::{self, Claim, Owner, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
 
+/// The candidates a plan selects and the desired state they make.
+type Evaluated = (Vec<Arc<Candidate>>, Desired);
+
 impl GrpcService {
     fn owner(&self) -> Result<Owner> {
         Ok(Owner {
@@ -55,12 +58,40 @@ impl GrpcService {
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
-        let selected = self.select(ctx, &plan);
-        let mut want = desired(&plan, &selected);
-        // Two endpoints on one key are a property of the endpoints: one is registered, the other
-        // reported, and the rest keep following readiness. A template that maps every endpoint
-        // to one key, or an entry too large for any write, is the spec's fault: found here,
-        // before anything is released or claimed.
+        let (selected, want) = match self.evaluate(ctx, &plan) {
+            Ok(evaluated) => evaluated,
+            Err(invalid) => {
+                let (e, want) = *invalid;
+                // Nothing was released or claimed: status keeps naming the target still
+                // published (a changed target is shown only once it is taken), so that the next
+                // valid spec releases the right one.
+                let published = self.published_target(ctx);
+                let shown = match published.as_deref() {
+                    Some(old) if old != plan.target => None,
+                    _ => Some(plan.target.as_str()),
+                };
+                return self.invalid_spec_for(ctx, &e, shown, Some(&want)).await;
+            }
+        };
+        // The last valid spec, as seen: published again should the spec turn invalid before it
+        // is recorded (e.g. while the registry is unreachable).
+        ctx.published.saw(
+            ctx.term(),
+            &owner.uid,
+            publication::Record::of(self, &plan.target),
+        );
+        self.publish(ctx, &owner, &plan, &selected, want, None)
+            .await
+    }
+
+    /// The candidates `plan` selects and the desired state they make. Two endpoints on one key
+    /// are a property of the endpoints: one is registered, the other reported, and the rest
+    /// keep following readiness. A template that maps every endpoint to one key, or an entry
+    /// too large for any write, is the spec's fault: found here, before anything is released or
+    /// claimed (with the counts, for status).
+    fn evaluate(&self, ctx: &Context, plan: &Plan) -> Result<Evaluated, Box<(SpecError, Desired)>> {
+        let selected = self.select(ctx, plan);
+        let mut want = desired(plan, &selected);
         let checked = plan
             .layout()
             .dedupe(std::mem::take(&mut want.endpoints))
@@ -69,24 +100,34 @@ impl GrpcService {
                 want.collisions = collisions;
                 plan.layout().render(&want.endpoints).map(|_| ())
             });
-        if let Err(e) = checked {
-            // Nothing was released or claimed: status keeps naming the target still published
-            // (a changed target is shown only once it is taken), so that the next valid spec
-            // releases the right one.
-            let published = self.published_target(ctx);
-            let shown = match published.as_deref() {
-                Some(old) if old != plan.target => None,
-                _ => Some(plan.target.as_str()),
-            };
-            return self.invalid_spec_for(ctx, &e, shown, Some(&want)).await;
+        match checked {
+            Ok(()) => Ok((selected, want)),
+            Err(e) => Err(Box::new((e, want))),
         }
+    }
 
+    /// Publishes `want` under `plan` for `owner`: frees a previously published other target,
+    /// claims this one, records the spec as the last valid publication (before the sync, so
+    /// that the record never lags the keys), and syncs. With `invalid`, `self` carries the last
+    /// valid spec of a service whose current spec is invalid: its status already says so, and
+    /// only the registry is written.
+    async fn publish(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+        plan: &Plan,
+        selected: &[Arc<Candidate>],
+        mut want: Desired,
+        invalid: Option<&SpecError>,
+    ) -> Result<Action> {
+        let report_status = invalid.is_none();
         // A changed target: free the old one first, so it never holds stale endpoints.
         if let Some(old) = self.published_target(ctx).as_deref()
             && old != plan.target
         {
-            let deleted = ctx.backend.release(old, &owner).await?;
+            let deleted = ctx.backend.release(old, owner).await?;
             info!(old_target = old, deleted, "released previous target");
+            ctx.published.released(ctx.term(), &owner.uid);
             ctx.waiting.released(old);
         }
 
@@ -94,6 +135,9 @@ impl GrpcService {
             let error = registry::Error::Unreachable {
                 backend: ctx.backend.name(),
             };
+            if !report_status {
+                return Err(error.into());
+            }
             return self
                 .backend_failed(ctx, &plan.target, Some(&want), error)
                 .await;
@@ -102,104 +146,96 @@ impl GrpcService {
         // the registration still wakes this service.
         ctx.waiting
             .wait_for_release(&plan.target, ObjectRef::from_obj(self));
-        match self.claim(ctx, &plan.target, &owner).await? {
-            Ok(Claim::Owned) => ctx.waiting.stop_waiting(&ObjectRef::from_obj(self)),
+        match self.claim(ctx, &plan.target, owner).await? {
+            Ok(Claim::Owned) => {
+                ctx.waiting.stop_waiting(&ObjectRef::from_obj(self));
+                // Status names the target published, so that the next spec releases it.
+                if let Some(error) = invalid
+                    && self.published_target(ctx).as_deref() != Some(plan.target.as_str())
+                {
+                    let outcome = Outcome::InvalidSpec {
+                        message: error.to_string(),
+                        target: Some(&plan.target),
+                        desired: None,
+                    };
+                    self.submit_status(ctx, &outcome);
+                }
+            }
             Ok(Claim::Conflict {
                 owner: other,
                 target: held,
                 ..
             }) => {
-                self.note_transitions(ctx, &selected, false);
                 ctx.waiting
                     .wait_for_release(&held, ObjectRef::from_obj(self));
-                let mut owner = format!("{}/{}", other.namespace, other.name);
-                if held != plan.target {
-                    owner.push_str(&format!(
-                        " through target {held}, which overlaps it (a sync of the outer target would delete the inner one's keys)"
-                    ));
-                }
-                let outcome = Outcome::Conflict {
-                    target: &plan.target,
-                    owner: owner.clone(),
-                    desired: Some(&want),
-                };
-                if self.submit_status(ctx, &outcome).is_transition() {
-                    warn!(
-                        owner,
-                        "target is owned by another GrpcService; publishing nothing until it is freed"
-                    );
+                if report_status {
+                    self.conflict(ctx, selected, &plan.target, &other, &held, &want);
                 }
                 return Ok(Action::requeue(CONFLICT_RECHECK));
             }
             Err(e) => {
                 ctx.waiting.stop_waiting(&ObjectRef::from_obj(self));
+                if !report_status {
+                    return Err(e.into());
+                }
                 return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
             }
         }
-        let ttl = self.ttl(ctx);
         let publication = Publication {
             layout: plan.layout(),
             owner: owner.clone(),
-            ttl,
+            ttl: self.ttl(ctx),
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
             tags: plan.tags.clone(),
         };
-        let synced = match ctx.backend.sync(&publication).await {
-            // Recorded in the registry, so that any replica can keep publishing it once the
-            // spec turns invalid.
-            Ok(report) => ctx
-                .published
-                .keep(
-                    ctx.backend.as_ref(),
-                    &owner,
-                    &publication::Record::of(self, &plan.target),
-                )
-                .await
-                .map(|()| report),
+        // Recorded in the registry first, so that any replica can keep publishing it once the
+        // spec turns invalid, whatever became of the sync.
+        let record = publication::Record::of(self, &plan.target);
+        let (backend, term) = (ctx.backend.as_ref(), ctx.term());
+        let previous = match invalid {
+            None => ctx.published.recorded(backend, term, &owner.uid).await?,
+            Some(_) => None,
+        };
+        let synced = match ctx.published.keep(backend, term, owner, &record).await {
+            Ok(()) => ctx.backend.sync(&publication).await,
             Err(e) => Err(e),
         };
-        let report = match synced {
-            Ok(report) => {
-                if report.puts + report.deletes > 0 {
-                    ctx.states.with(&owner.uid, |state| {
-                        state.last_change = Some(LastChange {
-                            revision: report.revision,
-                            at: Time(k8s_openapi::jiff::Timestamp::now()),
-                        });
-                    });
+        let report = match (synced, invalid) {
+            (Ok(report), _) => report,
+            // The last valid spec cannot render the endpoints as they are now either: the keys
+            // stay.
+            (Err(registry::Error::Spec(_)), Some(_)) => return Ok(Action::await_change()),
+            // The backend refuses the spec (e.g. a name or metadata against its rules): it is
+            // not valid after all, so the previous record is the last valid one again.
+            (Err(registry::Error::Spec(e)), None) => {
+                ctx.published.unsee(term, &owner.uid);
+                if let Some(previous) = previous
+                    && let Err(restore) = ctx.published.keep(backend, term, owner, &previous).await
+                {
+                    warn!(error = %restore, "failed to restore the record of the last valid spec");
                 }
-                report
-            }
-            Err(registry::Error::Spec(e)) => {
                 return self
                     .invalid_spec_for(ctx, &e, Some(&plan.target), Some(&want))
                     .await;
             }
-            Err(e) => {
+            (Err(e), Some(_)) => return Err(e.into()),
+            (Err(e), None) => {
                 return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
             }
         };
-        self.note_transitions(ctx, &selected, report.puts + report.deletes > 0);
         if report.puts + report.deletes > 0 {
-            if let Some(lease) = report.lease {
-                info!(
-                    puts = report.puts,
-                    deletes = report.deletes,
-                    registered = report.registered,
-                    revision = report.revision,
-                    lease_id = %format!("{lease:x}"),
-                    "registry updated"
-                );
-            } else {
-                info!(
-                    puts = report.puts,
-                    deletes = report.deletes,
-                    registered = report.registered,
-                    revision = report.revision,
-                    "registry updated"
-                );
-            }
+            ctx.states.with(&owner.uid, |state| {
+                state.last_change = Some(LastChange {
+                    revision: report.revision,
+                    at: Time(k8s_openapi::jiff::Timestamp::now()),
+                });
+            });
+            log_sync(&report);
         }
+        if !report_status {
+            return Ok(Action::await_change());
+        }
+        self.note_transitions(ctx, selected, report.puts + report.deletes > 0);
         ctx.metrics
             .observe_service(&owner.namespace, &owner.name, &want, report.registered);
         let last_change = ctx
@@ -217,6 +253,36 @@ impl GrpcService {
         let event_due = self.announce_endpoints(ctx, &owner.uid, report.registered, &want, write);
         // The count Event at most once per EVENT_INTERVAL: come back for a held-back one.
         Ok(Action::requeue(event_due.unwrap_or(RESYNC)))
+    }
+
+    /// Reports that another GrpcService owns `target` (or `held`, which overlaps it).
+    fn conflict(
+        &self,
+        ctx: &Context,
+        selected: &[Arc<Candidate>],
+        target: &str,
+        other: &Owner,
+        held: &str,
+        want: &Desired,
+    ) {
+        self.note_transitions(ctx, selected, false);
+        let mut owner = format!("{}/{}", other.namespace, other.name);
+        if held != target {
+            owner.push_str(&format!(
+                " through target {held}, which overlaps it (a sync of the outer target would delete the inner one's keys)"
+            ));
+        }
+        let outcome = Outcome::Conflict {
+            target,
+            owner: owner.clone(),
+            desired: Some(want),
+        };
+        if self.submit_status(ctx, &outcome).is_transition() {
+            warn!(
+                owner,
+                "target is owned by another GrpcService; publishing nothing until it is freed"
+            );
+        }
     }
 
     /// The target status names, as this process last wrote or queued it (a status written
@@ -432,35 +498,28 @@ impl GrpcService {
             ctx.metrics.reconcile_failed("invalid_spec");
             warn!(error = %error, "invalid spec; keeping what the last valid spec published");
         }
-        // The last valid publication, recorded in the registry (so it survives a restart or a
-        // failover), evaluated against the pods as they are now: readiness is still followed
-        // (an unready pod leaves) while the spec is being fixed.
+        // The last valid spec (recorded in the registry, so it survives a restart or a
+        // failover, or seen since), published against the pods as they are now: readiness is
+        // still followed (an unready pod leaves) while the spec is being fixed.
         let owner = self.owner()?;
-        let last = ctx.published.last(ctx.backend.as_ref(), &owner.uid).await?;
-        if let Some((record, plan)) =
-            last.and_then(|r| r.plan(self, &ctx.policy).map(|plan| (r, plan)))
-        {
-            let selected = self.select(ctx, &plan);
-            // Colliding endpoints are left out here too (the first of each key stays).
-            let endpoints = desired(&plan, &selected).endpoints;
-            let endpoints = match plan.layout().dedupe(endpoints.clone()) {
-                Ok((kept, _)) => kept,
-                Err(_) => endpoints,
-            };
-            let publication = Publication {
-                layout: plan.layout(),
-                owner,
-                ttl: record.service(self).ttl(ctx),
-                endpoints: Arc::new(endpoints),
-                tags: plan.tags.clone(),
-            };
-            match ctx.backend.sync(&publication).await {
-                // The old spec cannot render the pods as they are now either: leave the keys.
-                Ok(_) | Err(registry::Error::Spec(_)) => {}
-                Err(e) => return Err(e.into()),
+        let last = ctx
+            .published
+            .last(ctx.backend.as_ref(), ctx.term(), &owner.uid)
+            .await?;
+        let Some((old, plan)) = last.and_then(|record| {
+            let plan = record.plan(self, &ctx.policy)?;
+            Some((record.service(self), plan))
+        }) else {
+            return Ok(Action::await_change());
+        };
+        match old.evaluate(ctx, &plan) {
+            // Boxed: a valid spec's publish reaches here when the backend refuses it as a spec.
+            Ok((selected, want)) => {
+                Box::pin(old.publish(ctx, &owner, &plan, &selected, want, Some(error))).await
             }
+            // The old spec cannot render the pods as they are now either: leave the keys.
+            Err(_) => Ok(Action::await_change()),
         }
-        Ok(Action::await_change())
     }
 
     /// Reports a backend failure in status (best effort) and hands the error to the retry
@@ -495,7 +554,7 @@ impl GrpcService {
         // moved to another backend or target since), as the registry recorded it.
         let published = ctx
             .published
-            .last(ctx.backend.as_ref(), &owner.uid)
+            .recorded(ctx.backend.as_ref(), ctx.term(), &owner.uid)
             .await?
             .map(|record| record.target);
         let planned = Plan::new(self, &ctx.policy).ok().map(|plan| plan.target);
@@ -534,5 +593,27 @@ impl GrpcService {
         }
         let events = transition_events(prev.as_ref(), &next);
         ctx.writer.submit(self, next, events)
+    }
+}
+
+/// Logs a sync that changed the registry.
+fn log_sync(report: &registry::SyncReport) {
+    if let Some(lease) = report.lease {
+        info!(
+            puts = report.puts,
+            deletes = report.deletes,
+            registered = report.registered,
+            revision = report.revision,
+            lease_id = %format!("{lease:x}"),
+            "registry updated"
+        );
+    } else {
+        info!(
+            puts = report.puts,
+            deletes = report.deletes,
+            registered = report.registered,
+            revision = report.revision,
+            "registry updated"
+        );
     }
 }

@@ -227,13 +227,10 @@ fn report_ready(
             }
         }
         if services.wait_for(|s| *s).await.is_ok() {
-            let sizes = sources.sizes();
-            let candidates = sizes
-                .iter()
-                .map(|(source, n)| format!("{source}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            info!(candidates, services = store.len(), "caches synced");
+            for (source, candidates) in sources.sizes() {
+                info!(source, candidates, "source listed");
+            }
+            info!(services = store.len(), "caches synced");
             ready.store(true, Ordering::Relaxed);
         }
     });

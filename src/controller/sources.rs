@@ -166,15 +166,15 @@ impl Watches {
     /// Registers `source`: its watch feeds its index, and its events wake the services they
     /// concern.
     fn add<S: Source>(&mut self, source: S) {
-        let synced = tokio::sync::watch::Sender::new(false);
-        self.sources = std::mem::take(&mut self.sources).with(source.clone(), synced.subscribe());
-        let selections = self
-            .sources
-            .0
-            .last()
-            .expect("just added")
-            .selections
-            .clone();
+        let (synced, selections) = (
+            tokio::sync::watch::Sender::new(false),
+            Selections::default(),
+        );
+        self.sources.0.push(Registered {
+            source: Arc::new(source.clone()),
+            selections: selections.clone(),
+            synced: synced.subscribe(),
+        });
         let events = self.events(source.clone(), synced);
         let mapper = Mapper::new(source, selections);
         self.attach.push(Box::new(move |controller| {

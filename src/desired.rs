@@ -13,11 +13,10 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use kube::core::Selector;
 use tonic_etcd_resolver::format::{self, ValueFormat};
 
 use crate::crd::GrpcService;
-use crate::source::{Candidate, Selection};
+use crate::source::{Candidate, Selection, SelectionError};
 pub use layout::{Collision, Layout};
 pub use template::KeyTemplate;
 
@@ -247,32 +246,11 @@ impl Plan {
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         let spec = &svc.spec;
-        let (selection, port) = match (&spec.selector, &spec.service_ref, &spec.port) {
-            (Some(selector), None, Some(port)) => {
-                let selector = Selector::try_from(selector.clone())
-                    .map_err(|e| SpecError::Selector(e.to_string()))?;
-                if selector.selects_all() {
-                    return Err(SpecError::Selector("selector must not be empty".into()));
-                }
-                (Selection::Pods(selector), port)
-            }
-            (None, Some(service), None) => {
-                (Selection::Service(service.name.clone()), &service.port)
-            }
-            (Some(_), Some(_), _) | (None, None, _) => {
-                return Err(SpecError::Source(
-                    "set exactly one of selector and serviceRef",
-                ));
-            }
-            (Some(_), None, None) => {
-                return Err(SpecError::Source("port is required with selector"));
-            }
-            (None, Some(_), Some(_)) => {
-                return Err(SpecError::Source(
-                    "port does not apply with serviceRef: set serviceRef.port",
-                ));
-            }
-        };
+        let (selection, port) = crate::source::selection(spec).map_err(|e| match e {
+            SelectionError::Selector(message) => SpecError::Selector(message),
+            SelectionError::Source(message) => SpecError::Source(message),
+        })?;
+        let port = &port;
         if let IntOrString::Int(port) = *port
             && !(1..=65535).contains(&port)
         {

@@ -1,4 +1,4 @@
-//! The endpoint sources the controller reads: their registration (one line per source), their
+//! The endpoint sources the controller reads (those [`crate::source::register`] lists): their
 //! watches, and what a reconcile asks of them (wait for the list, select, forget a service).
 
 use std::sync::Arc;
@@ -15,15 +15,7 @@ use super::{Scope, api};
 use crate::backoff::Backoff;
 use crate::crd::{GrpcService, GrpcServiceSpec};
 use crate::source::feed::Feed;
-use crate::source::pod::PodSource;
-use crate::source::slice::SliceSource;
-use crate::source::{Candidate, Selection, Selects, Source};
-
-/// Registers every source this controller reads: a new source is one line here.
-fn register(sources: &mut Watches) {
-    sources.add(PodSource::default());
-    sources.add(SliceSource::default());
-}
+use crate::source::{Candidate, Register, Selection, Selects, Source};
 
 /// One registered source, as a reconcile sees it.
 #[derive(Clone)]
@@ -159,27 +151,8 @@ impl Watches {
             sources: Sources::default(),
             attach: Vec::new(),
         };
-        register(&mut watches);
+        crate::source::register(&mut watches);
         watches
-    }
-
-    /// Registers `source`: its watch feeds its index, and its events wake the services they
-    /// concern.
-    fn add<S: Source>(&mut self, source: S) {
-        let (synced, selections) = (
-            tokio::sync::watch::Sender::new(false),
-            Selections::default(),
-        );
-        self.sources.0.push(Registered {
-            source: Arc::new(source.clone()),
-            selections: selections.clone(),
-            synced: synced.subscribe(),
-        });
-        let events = self.events(source.clone(), synced);
-        let mapper = Mapper::new(source, selections);
-        self.attach.push(Box::new(move |controller| {
-            controller.watches_stream(events, move |object| mapper.map(&object))
-        }));
     }
 
     /// The watch of one source, applied to its index (re-lists buffered) before the mapper
@@ -224,5 +197,27 @@ impl Watches {
         self.attach
             .into_iter()
             .fold(controller, |controller, attach| attach(controller))
+    }
+}
+
+impl Register for Watches {
+    /// Registers a source: its watch feeds its index, and its events wake the services they
+    /// concern.
+    fn add<S: Source>(&mut self) {
+        let source = S::default();
+        let (synced, selections) = (
+            tokio::sync::watch::Sender::new(false),
+            Selections::default(),
+        );
+        self.sources.0.push(Registered {
+            source: Arc::new(source.clone()),
+            selections: selections.clone(),
+            synced: synced.subscribe(),
+        });
+        let events = self.events(source.clone(), synced);
+        let mapper = Mapper::new(source, selections);
+        self.attach.push(Box::new(move |controller| {
+            controller.watches_stream(events, move |object| mapper.map(&object))
+        }));
     }
 }

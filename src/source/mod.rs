@@ -8,7 +8,7 @@
 //! GrpcServices an object wakes) and [`Selects`] (how a GrpcService selects candidates from
 //! it), with [`feed::Feed`] applying watch events, re-lists buffered, once for every source
 //! (as linkerd's `kubert::index` does). A new source is one file implementing both, and one
-//! registration line in the controller's `sources.rs`.
+//! line in [`register`]: the controller then watches it, and [`selection`] reads it from specs.
 //!
 //! - [`pod`]: pods selected by label, as a Service selects them (`spec.selector`).
 //! - [`slice`]: the endpoints of a Service's EndpointSlices (`spec.serviceRef`).
@@ -32,9 +32,60 @@ use kube::core::Selector;
 
 use crate::crd::{GrpcService, GrpcServiceSpec};
 
+/// Every source, in the order a spec's selection is read: a new source is one line here.
+pub fn register(to: &mut impl Register) {
+    to.add::<pod::PodSource>();
+    to.add::<slice::SliceSource>();
+}
+
+/// What [`register`] hands every source to: the controller's watches, and [`selection`].
+pub trait Register {
+    /// Takes one source.
+    fn add<S: Source>(&mut self);
+}
+
+/// A spec's selection cannot be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SelectionError {
+    /// The label selector does not parse, or selects everything.
+    #[error("failed to parse selector: {0}")]
+    Selector(String),
+    /// Not exactly one source, or a port missing or misplaced for the source.
+    #[error("failed to read the source: {0}")]
+    Source(&'static str),
+}
+
+/// What a spec selects, and the port to publish: exactly one source must be named.
+///
+/// # Errors
+/// [`SelectionError`] when none or several are named, or the one named is not well-formed.
+pub fn selection(spec: &GrpcServiceSpec) -> Result<(Selection, IntOrString), SelectionError> {
+    /// The selections the sources read from one spec.
+    struct Named<'a> {
+        spec: &'a GrpcServiceSpec,
+        found: Vec<Result<(Selection, IntOrString), SelectionError>>,
+    }
+    impl Register for Named<'_> {
+        fn add<S: Source>(&mut self) {
+            self.found.extend(S::selection(self.spec));
+        }
+    }
+    let mut named = Named {
+        spec,
+        found: Vec::new(),
+    };
+    register(&mut named);
+    match <[_; 1]>::try_from(named.found) {
+        Ok([one]) => one,
+        Err(_) => Err(SelectionError::Source(
+            "set exactly one of selector and serviceRef",
+        )),
+    }
+}
+
 /// One kind of endpoint source, as its watch sees it: the objects it watches, how each decodes
 /// (once per event), and how events update its index. [`feed::Feed`] drives it.
-pub trait Source: Selects + Clone + 'static {
+pub trait Source: Selects + Clone + Default + 'static {
     /// The Kubernetes object watched.
     type Object: kube::Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
@@ -61,6 +112,12 @@ pub trait Source: Selects + Clone + 'static {
     /// The GrpcServices in `namespace` (by name) whose selection matches `object` now, read
     /// after the event was applied; those that read it before are known to the reconciler.
     fn selecting(&self, namespace: &str, object: &Self::Object) -> Vec<String>;
+
+    /// What `spec` selects of this source and the port to publish; `None` when the spec names
+    /// no selection of this source.
+    fn selection(
+        spec: &GrpcServiceSpec,
+    ) -> Option<Result<(Selection, IntOrString), SelectionError>>;
 }
 
 /// One object of a (re-)list, decoded.

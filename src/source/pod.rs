@@ -4,11 +4,12 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::core::Selector;
 
 use super::index::{CandidateIndex, ServicesBySelector};
-use super::{Candidate, Listed, Selected, Selection, Selects, Source};
+use super::{Candidate, Listed, Selected, Selection, SelectionError, Selects, Source};
 use crate::crd::{GrpcService, GrpcServiceSpec};
 
 /// Pods selected by label (`spec.selector`): the candidates by namespace and label, and the
@@ -40,6 +41,30 @@ impl Source for PodSource {
     fn reset(&self, listed: Vec<Listed<Candidate>>) {
         self.candidates
             .reset(listed.into_iter().map(|l| (l.namespace, l.decoded)));
+    }
+
+    /// `spec.selector`, parsed and not empty, with `spec.port`.
+    fn selection(
+        spec: &GrpcServiceSpec,
+    ) -> Option<Result<(Selection, IntOrString), SelectionError>> {
+        let selector = spec.selector.as_ref()?;
+        let Some(port) = &spec.port else {
+            return Some(Err(SelectionError::Source(
+                "port is required with selector",
+            )));
+        };
+        Some(
+            Selector::try_from(selector.clone())
+                .map_err(|e| SelectionError::Selector(e.to_string()))
+                .and_then(|selector| {
+                    if selector.selects_all() {
+                        return Err(SelectionError::Selector(
+                            "selector must not be empty".into(),
+                        ));
+                    }
+                    Ok((Selection::Pods(selector), port.clone()))
+                }),
+        )
     }
 
     /// A pod still listed wakes the services whose selector matches its labels.

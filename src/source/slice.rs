@@ -5,10 +5,11 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::index::{ServicesByRef, SliceIndex};
-use super::{Candidate, Listed, Selected, Selection, Selects, Source};
+use super::{Candidate, Listed, Selected, Selection, SelectionError, Selects, Source};
 use crate::crd::{GrpcService, GrpcServiceSpec};
 
 /// A Service's EndpointSlices (`spec.serviceRef`): endpoints by Service, merged over its
@@ -46,6 +47,22 @@ impl Source for SliceSource {
                 .into_iter()
                 .map(|l| (l.namespace, l.name, l.decoded.0, l.decoded.1)),
         );
+    }
+
+    /// `spec.serviceRef`, with its own port (`spec.port` does not apply).
+    fn selection(
+        spec: &GrpcServiceSpec,
+    ) -> Option<Result<(Selection, IntOrString), SelectionError>> {
+        let service = spec.service_ref.as_ref()?;
+        if spec.port.is_some() {
+            return Some(Err(SelectionError::Source(
+                "port does not apply with serviceRef: set serviceRef.port",
+            )));
+        }
+        Some(Ok((
+            Selection::Service(service.name.clone()),
+            service.port.clone(),
+        )))
     }
 
     /// A slice wakes the GrpcServices naming its Service.

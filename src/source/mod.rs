@@ -269,3 +269,27 @@ impl Candidate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{service, service_ref};
+
+    #[test]
+    fn each_registered_source_reads_its_own_field_and_port_and_a_spec_names_exactly_one() {
+        let (pods, port) = selection(&service("greeter").spec).unwrap();
+        assert!(matches!(pods, Selection::Pods(_)));
+        assert_eq!(Some(port), service("greeter").spec.port);
+        let by_ref = service_ref("greeter", "greeter-svc", IntOrString::Int(50051));
+        let (slices, port) = selection(&by_ref.spec).unwrap();
+        assert_eq!(slices.service(), Some("greeter-svc"));
+        assert_eq!(port, IntOrString::Int(50051));
+        let mut both = by_ref.spec.clone();
+        both.selector = service("greeter").spec.selector;
+        both.port = service("greeter").spec.port;
+        assert_eq!(
+            selection(&both).unwrap_err(),
+            SelectionError::Source("set exactly one of selector and serviceRef")
+        );
+    }
+}

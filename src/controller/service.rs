@@ -76,9 +76,13 @@ impl GrpcService {
         };
         // The last valid spec, as seen: published again should the spec turn invalid before it
         // is recorded (e.g. while the registry is unreachable).
-        ctx.published
-            .saw(ctx.term(), &owner.uid, publication::Record::of(self, &plan.target));
-        self.publish(ctx, &owner, &plan, &selected, want, None).await
+        ctx.published.saw(
+            ctx.term(),
+            &owner.uid,
+            publication::Record::of(self, &plan.target),
+        );
+        self.publish(ctx, &owner, &plan, &selected, want, None)
+            .await
     }
 
     /// The candidates `plan` selects and the desired state they make. Two endpoints on one key
@@ -86,11 +90,7 @@ impl GrpcService {
     /// keep following readiness. A template that maps every endpoint to one key, or an entry
     /// too large for any write, is the spec's fault: found here, before anything is released or
     /// claimed (with the counts, for status).
-    fn evaluate(
-        &self,
-        ctx: &Context,
-        plan: &Plan,
-    ) -> Result<Evaluated, Box<(SpecError, Desired)>> {
+    fn evaluate(&self, ctx: &Context, plan: &Plan) -> Result<Evaluated, Box<(SpecError, Desired)>> {
         let selected = self.select(ctx, plan);
         let mut want = desired(plan, &selected);
         let checked = plan
@@ -122,10 +122,23 @@ impl GrpcService {
         invalid: Option<&SpecError>,
     ) -> Result<Action> {
         let report_status = invalid.is_none();
-        // A changed target: free the old one first, so it never holds stale endpoints.
-        if let Some(old) = self.published_target(ctx).as_deref()
-            && old != plan.target
+        // A changed target: free the old one first, so it never holds stale endpoints. The old
+        // one is what status names and what the registry recorded last (a leader acting on a
+        // stale view may have published under a target status never named).
+        let recorded = match ctx
+            .published
+            .recorded(ctx.backend.as_ref(), ctx.term(), &owner.uid)
+            .await
         {
+            Ok(record) => record.map(|record| record.target),
+            Err(e) if report_status => {
+                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut old_targets: Vec<String> = self.published_target(ctx).into_iter().collect();
+        old_targets.extend(recorded.filter(|t| !old_targets.contains(t)));
+        for old in old_targets.iter().filter(|t| **t != plan.target) {
             let deleted = ctx.backend.release(old, owner).await?;
             info!(old_target = old, deleted, "released previous target");
             ctx.published.released(ctx.term(), &owner.uid);

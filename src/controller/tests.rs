@@ -191,7 +191,11 @@ async fn an_unreachable_registry_is_reported_in_status_and_retried() {
         let down = condition(status, "BackendUnavailable");
         assert_eq!(down["status"], "True");
         assert!(
-            down["message"].as_str().unwrap().contains("claim target"),
+            // The first registry request of a publish: the record of what was published last.
+            down["message"]
+                .as_str()
+                .unwrap()
+                .contains("read publication record"),
             "{down}"
         );
         assert_eq!(condition(status, "Ready")["status"], "False");
@@ -773,4 +777,34 @@ async fn a_replica_leading_again_publishes_the_last_valid_spec_another_leader_re
         ["10.0.0.1:50051"],
         "the record b wrote is the last valid spec"
     );
+}
+
+#[tokio::test]
+async fn a_previous_target_the_registry_recorded_is_released_even_when_status_does_not_name_it() {
+    // Found by the soak: a leader acting on a stale view published under a service's old target
+    // after the service had moved; status named the new target, so the old one was never
+    // released. The registry's record of the last publication names it.
+    let registry = backend();
+    let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |_| {}));
+    reconcile(Arc::new(svc.clone()), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
+
+    // Another process sees the service moved, with a status that names no target.
+    let (other, api) = context(&registry, &pods);
+    let mut moved = svc;
+    moved.spec.target = Some("services/default/greeter-v2".into());
+    moved.metadata.generation = Some(2);
+    moved.status = None;
+    let server = api.run(Scenario::StatusPatch(moved.clone(), |status| {
+        assert_eq!(status["target"], "services/default/greeter-v2");
+    }));
+    reconcile(Arc::new(moved), other).await.unwrap();
+    server.await.unwrap();
+    assert!(keys(&registry, "services/default/greeter").is_empty());
+    assert!(registry.owner("services/default/greeter").is_none());
+    assert_eq!(keys(&registry, "services/default/greeter-v2").len(), 1);
 }

@@ -8,13 +8,13 @@
 //! copy kept here is a cache of what the registry holds, filled from it after a restart.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{GrpcService, GrpcServiceSpec};
 use crate::desired::{Plan, Policy};
-use crate::registry::{self, Backend, Owner};
+use crate::registry::{self, Backend, Owner, Placement, Planner};
 
 /// What the registry records of a service's last valid publication.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,13 +40,19 @@ impl Record {
     }
 
     /// The plan this record publishes for `svc` (its identity, the recorded spec), under the
-    /// recorded target; `None` when the controller's policy no longer allows it.
+    /// recorded target, as `planner` plans it; `None` when the controller's policy no longer
+    /// allows it.
     #[must_use]
-    pub fn plan(&self, svc: &GrpcService, policy: &Policy) -> Option<Plan> {
+    pub fn plan(
+        &self,
+        svc: &GrpcService,
+        policy: &Policy,
+        planner: &dyn Planner,
+    ) -> Option<(Plan, Arc<dyn Placement>)> {
         let mut old = svc.clone();
         old.spec = self.spec.clone();
-        let plan = Plan::keeping(&old, policy, self.target.clone()).ok()?;
-        (plan.target == self.target).then_some(plan)
+        let (plan, placement) = planner.keeping(&old, policy, self.target.clone()).ok()?;
+        (placement.target() == self.target).then_some((plan, placement))
     }
 
     /// The spec recorded, as a service with `svc`'s identity (for its TTL and the like).

@@ -19,7 +19,7 @@ use super::writer::Submitted;
 use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, RESYNC};
 use crate::crd::GrpcService;
 use crate::desired::{Desired, Plan, Source, SpecError, desired};
-use crate::registry::{self, Claim, Owner, Publication};
+use crate::registry::{self, Claim, Owner, Placement, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
 
@@ -42,8 +42,8 @@ impl GrpcService {
     /// Publishes the registrable selected candidates and reports the outcome in status.
     pub(super) async fn apply(&self, ctx: &Context) -> Result<Action> {
         let owner = self.owner()?;
-        let plan = match self.plan(ctx, &owner).await {
-            Ok(Ok(plan)) => plan,
+        let (plan, placement) = match self.plan(ctx, &owner).await {
+            Ok(Ok(planned)) => planned,
             Ok(Err(e)) => return self.invalid_spec(ctx, &e).await,
             Err(e) => {
                 let published = self.published_target(ctx);
@@ -52,7 +52,8 @@ impl GrpcService {
                     .await;
             }
         };
-        tracing::Span::current().record("registry_target", plan.target.as_str());
+        let target = placement.target();
+        tracing::Span::current().record("registry_target", target);
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
@@ -62,13 +63,12 @@ impl GrpcService {
         // reported, and the rest keep following readiness. A template that maps every endpoint
         // to one key, or an entry too large for any write, is the spec's fault: found here,
         // before anything is released or claimed.
-        let checked = plan
-            .layout()
+        let checked = placement
             .dedupe(std::mem::take(&mut want.endpoints))
             .and_then(|(kept, collisions)| {
                 want.endpoints = kept;
                 want.collisions = collisions;
-                plan.layout().render(&want.endpoints).map(|_| ())
+                placement.render(&want.endpoints).map(|_| ())
             });
         if let Err(e) = checked {
             // Nothing was released or claimed: status keeps naming the target still published
@@ -76,15 +76,15 @@ impl GrpcService {
             // releases the right one.
             let published = self.published_target(ctx);
             let shown = match published.as_deref() {
-                Some(old) if old != plan.target => None,
-                _ => Some(plan.target.as_str()),
+                Some(old) if old != target => None,
+                _ => Some(target),
             };
             return self.invalid_spec_for(ctx, &e, shown, Some(&want)).await;
         }
 
         // A changed target: free the old one first, so it never holds stale endpoints.
         if let Some(old) = self.published_target(ctx).as_deref()
-            && old != plan.target
+            && old != target
         {
             let deleted = ctx.backend.release(old, &owner).await?;
             info!(old_target = old, deleted, "released previous target");
@@ -95,14 +95,12 @@ impl GrpcService {
             let error = registry::Error::Unreachable {
                 backend: ctx.backend.name(),
             };
-            return self
-                .backend_failed(ctx, &plan.target, Some(&want), error)
-                .await;
+            return self.backend_failed(ctx, target, Some(&want), error).await;
         }
         // Registered before the claim, so that a release landing between a refused claim and
         // the registration still wakes this service.
-        ctx.wait_for_release(&plan.target, ObjectRef::from_obj(self));
-        match self.claim(ctx, &plan.target, &owner).await? {
+        ctx.wait_for_release(target, ObjectRef::from_obj(self));
+        match self.claim(ctx, target, &owner).await? {
             Ok(Claim::Owned) => ctx.stop_waiting(&ObjectRef::from_obj(self)),
             Ok(Claim::Conflict {
                 owner: other,
@@ -112,13 +110,13 @@ impl GrpcService {
                 self.note_transitions(ctx, &selected, false);
                 ctx.wait_for_release(&held, ObjectRef::from_obj(self));
                 let mut owner = format!("{}/{}", other.namespace, other.name);
-                if held != plan.target {
+                if held != target {
                     owner.push_str(&format!(
                         " through target {held}, which overlaps it (a sync of the outer target would delete the inner one's keys)"
                     ));
                 }
                 let outcome = Outcome::Conflict {
-                    target: &plan.target,
+                    target,
                     owner: owner.clone(),
                     desired: Some(&want),
                 };
@@ -132,16 +130,15 @@ impl GrpcService {
             }
             Err(e) => {
                 ctx.stop_waiting(&ObjectRef::from_obj(self));
-                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+                return self.backend_failed(ctx, target, Some(&want), e).await;
             }
         }
         let ttl = self.ttl(ctx);
         let publication = Publication {
-            layout: plan.layout(),
+            placement: placement.clone(),
             owner: owner.clone(),
             ttl,
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
-            tags: plan.tags.clone(),
         };
         let synced = match ctx.backend.sync(&publication).await {
             // Recorded in the registry, so that any replica can keep publishing it once the
@@ -151,7 +148,7 @@ impl GrpcService {
                 .keep(
                     ctx.backend.as_ref(),
                     &owner,
-                    &publication::Record::of(self, &plan.target),
+                    &publication::Record::of(self, target),
                 )
                 .await
                 .map(|()| report),
@@ -172,11 +169,11 @@ impl GrpcService {
             }
             Err(registry::Error::Spec(e)) => {
                 return self
-                    .invalid_spec_for(ctx, &e, Some(&plan.target), Some(&want))
+                    .invalid_spec_for(ctx, &e, Some(target), Some(&want))
                     .await;
             }
             Err(e) => {
-                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+                return self.backend_failed(ctx, target, Some(&want), e).await;
             }
         };
         self.note_transitions(ctx, &selected, report.puts + report.deletes > 0);
@@ -209,7 +206,7 @@ impl GrpcService {
             .get(&owner.uid)
             .cloned();
         let outcome = Outcome::Synced {
-            target: &plan.target,
+            target,
             desired: &want,
             report: &report,
             last_change: last_change.as_ref(),
@@ -228,17 +225,18 @@ impl GrpcService {
         ctx.writer.latest(self).and_then(|s| s.target)
     }
 
-    /// The validated spec. A service still published under the target it had before the
-    /// current tenancy rule (a Consul name from before namespace-qualified names) keeps it
-    /// while the registry's ownership record names this service, so that an upgrade renames
-    /// nothing; its spec naming another target moves it under the rule.
+    /// The validated spec, planned by the backend. A service still published under the target
+    /// it had before the backend's current tenancy rule keeps it while the registry's ownership
+    /// record names this service, so that an upgrade renames nothing; its spec naming another
+    /// target moves it under the rule.
     async fn plan(
         &self,
         ctx: &Context,
         owner: &Owner,
-    ) -> Result<Result<Plan, SpecError>, registry::Error> {
+    ) -> Result<Result<(Plan, Arc<dyn Placement>), SpecError>, registry::Error> {
         let published = self.published_target(ctx);
-        if let Some(old) = Plan::pre_rule_target(self, &ctx.policy)
+        let planner = ctx.backend.planner();
+        if let Some(old) = planner.pre_rule_target(self, &ctx.policy)
             && published.as_deref() == Some(old.as_str())
             && ctx
                 .backend
@@ -246,16 +244,16 @@ impl GrpcService {
                 .await?
                 .is_some_and(|o| o.uid == owner.uid)
         {
-            let kept = Plan::keeping(self, &ctx.policy, old);
-            if let Ok(plan) = &kept {
+            let kept = planner.keeping(self, &ctx.policy, old);
+            if let Ok((_, placement)) = &kept {
                 debug!(
-                    kept_target = plan.target,
+                    kept_target = placement.target(),
                     "keeps the target it had before the tenancy rule; its spec must name an allowed one to move"
                 );
             }
             return Ok(kept);
         }
-        Ok(Plan::new(self, &ctx.policy))
+        Ok(planner.plan(self, &ctx.policy))
     }
 
     /// Sends an `EndpointsChanged` Event when the registered count moved since the last one
@@ -453,22 +451,22 @@ impl GrpcService {
         // (an unready pod leaves) while the spec is being fixed.
         let owner = self.owner()?;
         let last = ctx.published.last(ctx.backend.as_ref(), &owner.uid).await?;
-        if let Some((record, plan)) =
-            last.and_then(|r| r.plan(self, &ctx.policy).map(|plan| (r, plan)))
-        {
+        if let Some((record, (plan, placement))) = last.and_then(|r| {
+            r.plan(self, &ctx.policy, ctx.backend.planner())
+                .map(|planned| (r, planned))
+        }) {
             let selected = self.select(ctx, &plan);
             // Colliding endpoints are left out here too (the first of each key stays).
             let endpoints = desired(&plan, &selected).endpoints;
-            let endpoints = match plan.layout().dedupe(endpoints.clone()) {
+            let endpoints = match placement.dedupe(endpoints.clone()) {
                 Ok((kept, _)) => kept,
                 Err(_) => endpoints,
             };
             let publication = Publication {
-                layout: plan.layout(),
+                placement,
                 owner,
                 ttl: record.service(self).ttl(ctx),
                 endpoints: Arc::new(endpoints),
-                tags: plan.tags.clone(),
             };
             match ctx.backend.sync(&publication).await {
                 // The old spec cannot render the pods as they are now either: leave the keys.
@@ -514,7 +512,12 @@ impl GrpcService {
             .last(ctx.backend.as_ref(), &owner.uid)
             .await?
             .map(|record| record.target);
-        let planned = Plan::new(self, &ctx.policy).ok().map(|plan| plan.target);
+        let planned = ctx
+            .backend
+            .planner()
+            .plan(self, &ctx.policy)
+            .ok()
+            .map(|(_, placement)| placement.target().to_owned());
         for target in [planned, published].into_iter().flatten() {
             if !targets.contains(&target) {
                 targets.push(target);

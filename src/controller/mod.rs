@@ -183,6 +183,15 @@ impl Context {
         waiting.retain(|_, services| !services.is_empty());
     }
 
+    /// The leadership term this replica writes in (0 without leader election); the caches of
+    /// what the registry holds belong to one term.
+    fn term(&self) -> i64 {
+        match *self.role.borrow() {
+            Role::Leader { term } => term,
+            Role::Follower => -1,
+        }
+    }
+
     /// `target` was released: the services waiting for it are reconciled now.
     fn released(&self, target: &str) {
         let woken = self.waiting.lock().expect("lock").remove(target);

@@ -1,28 +1,37 @@
 //! The last valid publication of each service, recorded in the registry so that it outlives a
 //! process (DESIGN §5: nothing that must survive a restart lives only in memory).
 //!
-//! After every successful sync of a valid spec the registry holds a record of that spec and the
-//! target it was published under. When the spec later turns invalid, any replica (this one
-//! after a restart, or a new leader) rebuilds the plan from the record and keeps following
-//! readiness under it until the spec is fixed. The record is written only when it changes; the
-//! copy kept here is a cache of what the registry holds, filled from it after a restart.
-
+//! Once a valid spec's target is claimed, and before its endpoints are synced, the registry
+//! holds a record of that spec and its target (written ahead, so that the record never lags the
+//! keys). When the spec later turns invalid, any replica (this one after a restart, or a new
+//! leader) rebuilds the plan from the record and keeps following readiness under it until the
+//! spec is fixed.
+//!
+//! This process also remembers the last valid spec it saw of each service, which may not be
+//! recorded yet (the registry was unreachable when it was seen): of the two, the later
+//! generation is the last valid spec. Both are caches of one leadership term: another replica
+//! may have recorded a later spec while this one was not leading, so a new term starts empty
+//! and reads the registry again.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{GrpcService, GrpcServiceSpec};
-use crate::desired::{Plan, Policy};
-use crate::registry::{self, Backend, Owner, Placement, Planner};
+use crate::desired::Policy;
+use crate::registry::{self, Backend, Owner, Planned, Planner};
 
 /// What the registry records of a service's last valid publication.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// The target published under (what the spec resolved to then).
     pub target: String,
     /// The valid spec.
     pub spec: GrpcServiceSpec,
+    /// The object's `metadata.generation` with that spec (absent in records written before it
+    /// was kept), so that of two records the later spec wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 impl Record {
@@ -32,6 +41,7 @@ impl Record {
         Self {
             target: target.to_owned(),
             spec: svc.spec.clone(),
+            generation: svc.metadata.generation,
         }
     }
 
@@ -48,11 +58,11 @@ impl Record {
         svc: &GrpcService,
         policy: &Policy,
         planner: &dyn Planner,
-    ) -> Option<(Plan, Arc<dyn Placement>)> {
+    ) -> Option<Planned> {
         let mut old = svc.clone();
         old.spec = self.spec.clone();
-        let (plan, placement) = planner.keeping(&old, policy, self.target.clone()).ok()?;
-        (placement.target() == self.target).then_some((plan, placement))
+        let planned = planner.keeping(&old, policy, self.target.clone()).ok()?;
+        (planned.target() == self.target).then_some(planned)
     }
 
     /// The spec recorded, as a service with `svc`'s identity (for its TTL and the like).
@@ -64,26 +74,56 @@ impl Record {
     }
 }
 
-/// The records this process knows the registry holds, by owner uid.
+/// This leadership term's caches, by owner uid.
+#[derive(Default)]
+struct Term {
+    /// The term they belong to.
+    term: i64,
+    /// The record bytes this process knows the registry holds.
+    recorded: HashMap<String, Vec<u8>>,
+    /// The last valid spec this process saw, recorded or not.
+    seen: HashMap<String, Record>,
+}
+
+/// What this process knows of the registry's records and of the valid specs it saw, for one
+/// leadership term at a time.
 #[derive(Default)]
 pub struct Records {
-    known: Mutex<HashMap<String, Vec<u8>>>,
+    state: Mutex<Term>,
 }
 
 impl Records {
+    /// Runs `f` on the caches of `term`, emptied first when they belong to an earlier one.
+    fn with<T>(&self, term: i64, f: impl FnOnce(&mut Term) -> T) -> T {
+        let mut state = self.state.lock().expect("lock");
+        if state.term != term {
+            *state = Term {
+                term,
+                ..Term::default()
+            };
+        }
+        f(&mut state)
+    }
+
+    /// Notes `record` as the last valid spec seen of the owner `uid` in `term`.
+    pub fn saw(&self, term: i64, uid: &str, record: Record) {
+        self.with(term, |t| t.seen.insert(uid.to_owned(), record));
+    }
+
     /// Makes the registry's record of `owner` equal `record`: nothing when it already is (known
-    /// here, or read from the registry after a restart), else one guarded write.
+    /// here in this `term`, or read from the registry), else one guarded write.
     ///
     /// # Errors
     /// Registry failures; [`registry::Error::OwnershipLost`].
     pub async fn keep(
         &self,
         backend: &dyn Backend,
+        term: i64,
         owner: &Owner,
         record: &Record,
     ) -> Result<(), registry::Error> {
         let bytes = record.bytes();
-        let known = self.known.lock().expect("lock").get(&owner.uid).cloned();
+        let known = self.with(term, |t| t.recorded.get(&owner.uid).cloned());
         let stored = match known {
             Some(known) => Some(known),
             None => backend.publication_record(&owner.uid).await?,
@@ -93,23 +133,41 @@ impl Records {
                 .record_publication(&record.target, owner, &bytes)
                 .await?;
         }
-        self.known
-            .lock()
-            .expect("lock")
-            .insert(owner.uid.clone(), bytes);
+        self.with(term, |t| t.recorded.insert(owner.uid.clone(), bytes));
         Ok(())
     }
 
-    /// The last valid publication of the owner `uid`: known here, or read from the registry.
+    /// The last valid spec of the owner `uid`: of the one seen in `term` and the one the
+    /// registry records (known here, or read), the later generation.
     ///
     /// # Errors
     /// Registry failures.
     pub async fn last(
         &self,
         backend: &dyn Backend,
+        term: i64,
         uid: &str,
     ) -> Result<Option<Record>, registry::Error> {
-        let known = self.known.lock().expect("lock").get(uid).cloned();
+        let recorded = self.recorded(backend, term, uid).await?;
+        let seen = self.with(term, |t| t.seen.get(uid).cloned());
+        Ok(match (seen, recorded) {
+            (Some(seen), Some(recorded)) if recorded.generation > seen.generation => Some(recorded),
+            (Some(seen), _) => Some(seen),
+            (None, recorded) => recorded,
+        })
+    }
+
+    /// The record the registry holds for the owner `uid` (known here in `term`, or read).
+    ///
+    /// # Errors
+    /// Registry failures.
+    pub async fn recorded(
+        &self,
+        backend: &dyn Backend,
+        term: i64,
+        uid: &str,
+    ) -> Result<Option<Record>, registry::Error> {
+        let known = self.with(term, |t| t.recorded.get(uid).cloned());
         let bytes = match known {
             Some(bytes) => Some(bytes),
             None => backend.publication_record(uid).await?,
@@ -119,16 +177,25 @@ impl Records {
         };
         let record = serde_json::from_slice::<Record>(&bytes).ok();
         if record.is_some() {
-            self.known
-                .lock()
-                .expect("lock")
-                .insert(uid.to_owned(), bytes);
+            self.with(term, |t| t.recorded.insert(uid.to_owned(), bytes));
         }
         Ok(record)
     }
 
+    /// Forgets the spec seen of `uid` (the registry refused it: it was not valid after all).
+    pub fn unsee(&self, term: i64, uid: &str) {
+        self.with(term, |t| t.seen.remove(uid));
+    }
+
+    /// Forgets the record of `uid` (a release deleted it with its target); what was seen stays.
+    pub fn released(&self, term: i64, uid: &str) {
+        self.with(term, |t| t.recorded.remove(uid));
+    }
+
     /// Forgets `uid` (its service was deleted and released, which deleted the record too).
     pub fn forget(&self, uid: &str) {
-        self.known.lock().expect("lock").remove(uid);
+        let mut state = self.state.lock().expect("lock");
+        state.recorded.remove(uid);
+        state.seen.remove(uid);
     }
 }

@@ -19,9 +19,12 @@ use super::writer::Submitted;
 use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, RESYNC};
 use crate::crd::GrpcService;
 use crate::desired::{Desired, Plan, Source, SpecError, desired};
-use crate::registry::{self, Claim, Owner, Placement, Publication};
+use crate::registry::{self, Claim, Owner, Planned, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
+
+/// The candidates a plan selects and the desired state they make.
+type Evaluated = (Vec<Arc<Candidate>>, Desired);
 
 impl GrpcService {
     fn owner(&self) -> Result<Owner> {
@@ -42,8 +45,8 @@ impl GrpcService {
     /// Publishes the registrable selected candidates and reports the outcome in status.
     pub(super) async fn apply(&self, ctx: &Context) -> Result<Action> {
         let owner = self.owner()?;
-        let (plan, placement) = match self.plan(ctx, &owner).await {
-            Ok(Ok(planned)) => planned,
+        let plan = match self.plan(ctx, &owner).await {
+            Ok(Ok(plan)) => plan,
             Ok(Err(e)) => return self.invalid_spec(ctx, &e).await,
             Err(e) => {
                 let published = self.published_target(ctx);
@@ -52,42 +55,99 @@ impl GrpcService {
                     .await;
             }
         };
-        let target = placement.target();
-        tracing::Span::current().record("registry_target", target);
+        tracing::Span::current().record("registry_target", plan.target());
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
-        let selected = self.select(ctx, &plan);
-        let mut want = desired(&plan, &selected);
-        // Two endpoints on one key are a property of the endpoints: one is registered, the other
-        // reported, and the rest keep following readiness. A template that maps every endpoint
-        // to one key, or an entry too large for any write, is the spec's fault: found here,
-        // before anything is released or claimed.
-        let checked = placement
+        let (selected, want) = match self.evaluate(ctx, &plan) {
+            Ok(evaluated) => evaluated,
+            Err(invalid) => {
+                let (e, want) = *invalid;
+                // Nothing was released or claimed: status keeps naming the target still
+                // published (a changed target is shown only once it is taken), so that the next
+                // valid spec releases the right one.
+                let published = self.published_target(ctx);
+                let shown = match published.as_deref() {
+                    Some(old) if old != plan.target() => None,
+                    _ => Some(plan.target()),
+                };
+                return self.invalid_spec_for(ctx, &e, shown, Some(&want)).await;
+            }
+        };
+        // The last valid spec, as seen: published again should the spec turn invalid before it
+        // is recorded (e.g. while the registry is unreachable).
+        ctx.published.saw(
+            ctx.term(),
+            &owner.uid,
+            publication::Record::of(self, plan.target()),
+        );
+        self.publish(ctx, &owner, &plan, &selected, want, None)
+            .await
+    }
+
+    /// The candidates `plan` selects and the desired state they make. Two endpoints on one key
+    /// are a property of the endpoints: one is registered, the other reported, and the rest
+    /// keep following readiness. A template that maps every endpoint to one key, or an entry
+    /// too large for any write, is the spec's fault: found here, before anything is released or
+    /// claimed (with the counts, for status).
+    fn evaluate(
+        &self,
+        ctx: &Context,
+        plan: &Planned,
+    ) -> Result<Evaluated, Box<(SpecError, Desired)>> {
+        let selected = self.select(ctx, &plan.plan);
+        let mut want = desired(&plan.plan, &selected);
+        let checked = plan
+            .placement
             .dedupe(std::mem::take(&mut want.endpoints))
             .and_then(|(kept, collisions)| {
                 want.endpoints = kept;
                 want.collisions = collisions;
-                placement.render(&want.endpoints).map(|_| ())
+                plan.placement.render(&want.endpoints).map(|_| ())
             });
-        if let Err(e) = checked {
-            // Nothing was released or claimed: status keeps naming the target still published
-            // (a changed target is shown only once it is taken), so that the next valid spec
-            // releases the right one.
-            let published = self.published_target(ctx);
-            let shown = match published.as_deref() {
-                Some(old) if old != target => None,
-                _ => Some(target),
-            };
-            return self.invalid_spec_for(ctx, &e, shown, Some(&want)).await;
+        match checked {
+            Ok(()) => Ok((selected, want)),
+            Err(e) => Err(Box::new((e, want))),
         }
+    }
 
-        // A changed target: free the old one first, so it never holds stale endpoints.
-        if let Some(old) = self.published_target(ctx).as_deref()
-            && old != target
+    /// Publishes `want` under `plan` for `owner`: frees a previously published other target,
+    /// claims this one, records the spec as the last valid publication (before the sync, so
+    /// that the record never lags the keys), and syncs. With `invalid`, `self` carries the last
+    /// valid spec of a service whose current spec is invalid: its status already says so, and
+    /// only the registry is written.
+    async fn publish(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+        plan: &Planned,
+        selected: &[Arc<Candidate>],
+        mut want: Desired,
+        invalid: Option<&SpecError>,
+    ) -> Result<Action> {
+        let report_status = invalid.is_none();
+        // A changed target: free the old one first, so it never holds stale endpoints. The old
+        // one is what status names and what the registry recorded last (a leader acting on a
+        // stale view may have published under a target status never named).
+        let recorded = match ctx
+            .published
+            .recorded(ctx.backend.as_ref(), ctx.term(), &owner.uid)
+            .await
         {
-            let deleted = ctx.backend.release(old, &owner).await?;
+            Ok(record) => record.map(|record| record.target),
+            Err(e) if report_status => {
+                return self
+                    .backend_failed(ctx, plan.target(), Some(&want), e)
+                    .await;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut old_targets: Vec<String> = self.published_target(ctx).into_iter().collect();
+        old_targets.extend(recorded.filter(|t| !old_targets.contains(t)));
+        for old in old_targets.iter().filter(|t| **t != plan.target()) {
+            let deleted = ctx.backend.release(old, owner).await?;
             info!(old_target = old, deleted, "released previous target");
+            ctx.published.released(ctx.term(), &owner.uid);
             ctx.released(old);
         }
 
@@ -95,108 +155,109 @@ impl GrpcService {
             let error = registry::Error::Unreachable {
                 backend: ctx.backend.name(),
             };
-            return self.backend_failed(ctx, target, Some(&want), error).await;
+            if !report_status {
+                return Err(error.into());
+            }
+            return self
+                .backend_failed(ctx, plan.target(), Some(&want), error)
+                .await;
         }
         // Registered before the claim, so that a release landing between a refused claim and
         // the registration still wakes this service.
-        ctx.wait_for_release(target, ObjectRef::from_obj(self));
-        match self.claim(ctx, target, &owner).await? {
-            Ok(Claim::Owned) => ctx.stop_waiting(&ObjectRef::from_obj(self)),
+        ctx.wait_for_release(plan.target(), ObjectRef::from_obj(self));
+        match self.claim(ctx, plan.target(), owner).await? {
+            Ok(Claim::Owned) => {
+                ctx.stop_waiting(&ObjectRef::from_obj(self));
+                // Status names the target published, so that the next spec releases it.
+                if let Some(error) = invalid
+                    && self.published_target(ctx).as_deref() != Some(plan.target())
+                {
+                    let outcome = Outcome::InvalidSpec {
+                        message: error.to_string(),
+                        target: Some(plan.target()),
+                        desired: None,
+                    };
+                    self.submit_status(ctx, &outcome);
+                }
+            }
             Ok(Claim::Conflict {
                 owner: other,
                 target: held,
                 ..
             }) => {
-                self.note_transitions(ctx, &selected, false);
                 ctx.wait_for_release(&held, ObjectRef::from_obj(self));
-                let mut owner = format!("{}/{}", other.namespace, other.name);
-                if held != target {
-                    owner.push_str(&format!(
-                        " through target {held}, which overlaps it (a sync of the outer target would delete the inner one's keys)"
-                    ));
-                }
-                let outcome = Outcome::Conflict {
-                    target,
-                    owner: owner.clone(),
-                    desired: Some(&want),
-                };
-                if self.submit_status(ctx, &outcome).is_transition() {
-                    warn!(
-                        owner,
-                        "target is owned by another GrpcService; publishing nothing until it is freed"
-                    );
+                if report_status {
+                    self.conflict(ctx, selected, plan.target(), &other, &held, &want);
                 }
                 return Ok(Action::requeue(CONFLICT_RECHECK));
             }
             Err(e) => {
                 ctx.stop_waiting(&ObjectRef::from_obj(self));
-                return self.backend_failed(ctx, target, Some(&want), e).await;
-            }
-        }
-        let ttl = self.ttl(ctx);
-        let publication = Publication {
-            placement: placement.clone(),
-            owner: owner.clone(),
-            ttl,
-            endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
-        };
-        let synced = match ctx.backend.sync(&publication).await {
-            // Recorded in the registry, so that any replica can keep publishing it once the
-            // spec turns invalid.
-            Ok(report) => ctx
-                .published
-                .keep(
-                    ctx.backend.as_ref(),
-                    &owner,
-                    &publication::Record::of(self, target),
-                )
-                .await
-                .map(|()| report),
-            Err(e) => Err(e),
-        };
-        let report = match synced {
-            Ok(report) => {
-                if report.puts + report.deletes > 0 {
-                    ctx.last_changes.lock().expect("lock").insert(
-                        owner.uid.clone(),
-                        LastChange {
-                            revision: report.revision,
-                            at: Time(k8s_openapi::jiff::Timestamp::now()),
-                        },
-                    );
+                if !report_status {
+                    return Err(e.into());
                 }
-                report
-            }
-            Err(registry::Error::Spec(e)) => {
                 return self
-                    .invalid_spec_for(ctx, &e, Some(target), Some(&want))
+                    .backend_failed(ctx, plan.target(), Some(&want), e)
                     .await;
             }
-            Err(e) => {
-                return self.backend_failed(ctx, target, Some(&want), e).await;
+        }
+        let publication = Publication {
+            placement: plan.placement.clone(),
+            owner: owner.clone(),
+            ttl: self.ttl(ctx),
+            endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
+        };
+        // Recorded in the registry first, so that any replica can keep publishing it once the
+        // spec turns invalid, whatever became of the sync.
+        let record = publication::Record::of(self, plan.target());
+        let (backend, term) = (ctx.backend.as_ref(), ctx.term());
+        let previous = match invalid {
+            None => ctx.published.recorded(backend, term, &owner.uid).await?,
+            Some(_) => None,
+        };
+        let synced = match ctx.published.keep(backend, term, owner, &record).await {
+            Ok(()) => ctx.backend.sync(&publication).await,
+            Err(e) => Err(e),
+        };
+        let report = match (synced, invalid) {
+            (Ok(report), _) => report,
+            // The last valid spec cannot render the endpoints as they are now either: the keys
+            // stay.
+            (Err(registry::Error::Spec(_)), Some(_)) => return Ok(Action::await_change()),
+            // The backend refuses the spec (e.g. a name or metadata against its rules): it is
+            // not valid after all, so the previous record is the last valid one again.
+            (Err(registry::Error::Spec(e)), None) => {
+                ctx.published.unsee(term, &owner.uid);
+                if let Some(previous) = previous
+                    && let Err(restore) = ctx.published.keep(backend, term, owner, &previous).await
+                {
+                    warn!(error = %restore, "failed to restore the record of the last valid spec");
+                }
+                return self
+                    .invalid_spec_for(ctx, &e, Some(plan.target()), Some(&want))
+                    .await;
+            }
+            (Err(e), Some(_)) => return Err(e.into()),
+            (Err(e), None) => {
+                return self
+                    .backend_failed(ctx, plan.target(), Some(&want), e)
+                    .await;
             }
         };
-        self.note_transitions(ctx, &selected, report.puts + report.deletes > 0);
         if report.puts + report.deletes > 0 {
-            if let Some(lease) = report.lease {
-                info!(
-                    puts = report.puts,
-                    deletes = report.deletes,
-                    registered = report.registered,
-                    revision = report.revision,
-                    lease_id = %format!("{lease:x}"),
-                    "registry updated"
-                );
-            } else {
-                info!(
-                    puts = report.puts,
-                    deletes = report.deletes,
-                    registered = report.registered,
-                    revision = report.revision,
-                    "registry updated"
-                );
-            }
+            ctx.last_changes.lock().expect("lock").insert(
+                owner.uid.clone(),
+                LastChange {
+                    revision: report.revision,
+                    at: Time(k8s_openapi::jiff::Timestamp::now()),
+                },
+            );
+            log_sync(&report);
         }
+        if !report_status {
+            return Ok(Action::await_change());
+        }
+        self.note_transitions(ctx, selected, report.puts + report.deletes > 0);
         ctx.metrics
             .observe_service(&owner.namespace, &owner.name, &want, report.registered);
         let last_change = ctx
@@ -206,7 +267,7 @@ impl GrpcService {
             .get(&owner.uid)
             .cloned();
         let outcome = Outcome::Synced {
-            target,
+            target: plan.target(),
             desired: &want,
             report: &report,
             last_change: last_change.as_ref(),
@@ -217,6 +278,36 @@ impl GrpcService {
         let event_due = self.announce_endpoints(ctx, &owner.uid, report.registered, &want, write);
         // The count Event at most once per EVENT_INTERVAL: come back for a held-back one.
         Ok(Action::requeue(event_due.unwrap_or(RESYNC)))
+    }
+
+    /// Reports that another GrpcService owns `target` (or `held`, which overlaps it).
+    fn conflict(
+        &self,
+        ctx: &Context,
+        selected: &[Arc<Candidate>],
+        target: &str,
+        other: &Owner,
+        held: &str,
+        want: &Desired,
+    ) {
+        self.note_transitions(ctx, selected, false);
+        let mut owner = format!("{}/{}", other.namespace, other.name);
+        if held != target {
+            owner.push_str(&format!(
+                " through target {held}, which overlaps it (a sync of the outer target would delete the inner one's keys)"
+            ));
+        }
+        let outcome = Outcome::Conflict {
+            target,
+            owner: owner.clone(),
+            desired: Some(want),
+        };
+        if self.submit_status(ctx, &outcome).is_transition() {
+            warn!(
+                owner,
+                "target is owned by another GrpcService; publishing nothing until it is freed"
+            );
+        }
     }
 
     /// The target status names, as this process last wrote or queued it (a status written
@@ -233,7 +324,7 @@ impl GrpcService {
         &self,
         ctx: &Context,
         owner: &Owner,
-    ) -> Result<Result<(Plan, Arc<dyn Placement>), SpecError>, registry::Error> {
+    ) -> Result<Result<Planned, SpecError>, registry::Error> {
         let published = self.published_target(ctx);
         let planner = ctx.backend.planner();
         if let Some(old) = planner.pre_rule_target(self, &ctx.policy)
@@ -245,9 +336,9 @@ impl GrpcService {
                 .is_some_and(|o| o.uid == owner.uid)
         {
             let kept = planner.keeping(self, &ctx.policy, old);
-            if let Ok((_, placement)) = &kept {
+            if let Ok(plan) = &kept {
                 debug!(
-                    kept_target = placement.target(),
+                    kept_target = plan.target(),
                     "keeps the target it had before the tenancy rule; its spec must name an allowed one to move"
                 );
             }
@@ -446,35 +537,28 @@ impl GrpcService {
             ctx.metrics.reconcile_failed("invalid_spec");
             warn!(error = %error, "invalid spec; keeping what the last valid spec published");
         }
-        // The last valid publication, recorded in the registry (so it survives a restart or a
-        // failover), evaluated against the pods as they are now: readiness is still followed
-        // (an unready pod leaves) while the spec is being fixed.
+        // The last valid spec (recorded in the registry, so it survives a restart or a
+        // failover, or seen since), published against the pods as they are now: readiness is
+        // still followed (an unready pod leaves) while the spec is being fixed.
         let owner = self.owner()?;
-        let last = ctx.published.last(ctx.backend.as_ref(), &owner.uid).await?;
-        if let Some((record, (plan, placement))) = last.and_then(|r| {
-            r.plan(self, &ctx.policy, ctx.backend.planner())
-                .map(|planned| (r, planned))
-        }) {
-            let selected = self.select(ctx, &plan);
-            // Colliding endpoints are left out here too (the first of each key stays).
-            let endpoints = desired(&plan, &selected).endpoints;
-            let endpoints = match placement.dedupe(endpoints.clone()) {
-                Ok((kept, _)) => kept,
-                Err(_) => endpoints,
-            };
-            let publication = Publication {
-                placement,
-                owner,
-                ttl: record.service(self).ttl(ctx),
-                endpoints: Arc::new(endpoints),
-            };
-            match ctx.backend.sync(&publication).await {
-                // The old spec cannot render the pods as they are now either: leave the keys.
-                Ok(_) | Err(registry::Error::Spec(_)) => {}
-                Err(e) => return Err(e.into()),
+        let last = ctx
+            .published
+            .last(ctx.backend.as_ref(), ctx.term(), &owner.uid)
+            .await?;
+        let Some((old, plan)) = last.and_then(|record| {
+            let plan = record.plan(self, &ctx.policy, ctx.backend.planner())?;
+            Some((record.service(self), plan))
+        }) else {
+            return Ok(Action::await_change());
+        };
+        match old.evaluate(ctx, &plan) {
+            // Boxed: a valid spec's publish reaches here when the backend refuses it as a spec.
+            Ok((selected, want)) => {
+                Box::pin(old.publish(ctx, &owner, &plan, &selected, want, Some(error))).await
             }
+            // The old spec cannot render the pods as they are now either: leave the keys.
+            Err(_) => Ok(Action::await_change()),
         }
-        Ok(Action::await_change())
     }
 
     /// Reports a backend failure in status (best effort) and hands the error to the retry
@@ -509,7 +593,7 @@ impl GrpcService {
         // moved to another backend or target since), as the registry recorded it.
         let published = ctx
             .published
-            .last(ctx.backend.as_ref(), &owner.uid)
+            .recorded(ctx.backend.as_ref(), ctx.term(), &owner.uid)
             .await?
             .map(|record| record.target);
         let planned = ctx
@@ -517,7 +601,7 @@ impl GrpcService {
             .planner()
             .plan(self, &ctx.policy)
             .ok()
-            .map(|(_, placement)| placement.target().to_owned());
+            .map(|planned| planned.target().to_owned());
         for target in [planned, published].into_iter().flatten() {
             if !targets.contains(&target) {
                 targets.push(target);
@@ -563,5 +647,27 @@ impl GrpcService {
         }
         let events = transition_events(prev.as_ref(), &next);
         ctx.writer.submit(self, next, events)
+    }
+}
+
+/// Logs a sync that changed the registry.
+fn log_sync(report: &registry::SyncReport) {
+    if let Some(lease) = report.lease {
+        info!(
+            puts = report.puts,
+            deletes = report.deletes,
+            registered = report.registered,
+            revision = report.revision,
+            lease_id = %format!("{lease:x}"),
+            "registry updated"
+        );
+    } else {
+        info!(
+            puts = report.puts,
+            deletes = report.deletes,
+            registered = report.registered,
+            revision = report.revision,
+            "registry updated"
+        );
     }
 }

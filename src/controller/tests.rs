@@ -191,7 +191,11 @@ async fn an_unreachable_registry_is_reported_in_status_and_retried() {
         let down = condition(status, "BackendUnavailable");
         assert_eq!(down["status"], "True");
         assert!(
-            down["message"].as_str().unwrap().contains("claim target"),
+            // The first registry request of a publish: the record of what was published last.
+            down["message"]
+                .as_str()
+                .unwrap()
+                .contains("read publication record"),
             "{down}"
         );
         assert_eq!(condition(status, "Ready")["status"], "False");
@@ -667,4 +671,141 @@ async fn a_replica_leading_again_does_not_report_the_replica_that_led_meanwhile_
     }
     task.abort();
     assert_eq!(reported, 0, "a was reported as a live second writer");
+}
+
+/// The values published under `target`, as strings.
+fn values(backend: &MemoryBackend, target: &str) -> Vec<String> {
+    backend
+        .entries(target)
+        .into_values()
+        .map(|v| String::from_utf8(v).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_valid_edit_seen_while_the_registry_is_down_is_what_a_later_invalid_edit_publishes() {
+    // Found by the soak: a valid edit (a format change) met an unreachable registry, so it was
+    // neither synced nor recorded; the spec then turned invalid, and the controller went on
+    // publishing the spec before the edit, not the last valid one.
+    use crate::crd::ValueFormat;
+    let registry = backend();
+    let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let svc = with_finalizer(service("greeter"));
+    let mut edited = svc.clone();
+    edited.spec.format = ValueFormat::Address;
+    edited.metadata.generation = Some(2);
+    let mut invalid = edited.clone();
+    invalid.spec.key_template = Some("{target}/{nope}".into());
+    invalid.metadata.generation = Some(3);
+    let server = api.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (edited.clone(), |status| {
+            assert_eq!(condition(status, "Ready")["reason"], "BackendUnavailable");
+        }),
+        (invalid.clone(), |status| {
+            assert_eq!(condition(status, "InvalidSpec")["status"], "True");
+        }),
+    ]));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    ctx.writer.idle().await;
+    assert!(values(&registry, "services/default/greeter")[0].contains("\"Addr\""));
+
+    registry.set_unavailable(true);
+    assert!(reconcile(Arc::new(edited), ctx.clone()).await.is_err());
+    ctx.writer.idle().await;
+    registry.set_unavailable(false);
+
+    let action = reconcile(Arc::new(invalid), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(
+        values(&registry, "services/default/greeter"),
+        ["10.0.0.1:50051"],
+        "the last valid spec (Address) is published"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_leading_again_publishes_the_last_valid_spec_another_leader_recorded_meanwhile() {
+    // Found by the soak: a replica kept its cache of the registry's record across a term in
+    // which another replica led and recorded a later spec; leading again, it re-published its
+    // own older spec for a service turned invalid.
+    use crate::crd::ValueFormat;
+    use crate::leader::Role;
+    let registry = backend();
+    let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
+    let (a, api_a) = context(&registry, &pods);
+    let (role, elected) = tokio::sync::watch::channel(Role::Leader { term: 1 });
+    let a = Arc::new(
+        Arc::try_unwrap(a)
+            .unwrap_or_else(|_| panic!("the context is shared"))
+            .with_role(elected),
+    );
+    let svc = with_finalizer(service("greeter"));
+    let mut edited = svc.clone();
+    edited.spec.format = ValueFormat::Address;
+    edited.metadata.generation = Some(2);
+    let mut invalid = edited.clone();
+    invalid.spec.key_template = Some("{target}/{nope}".into());
+    invalid.metadata.generation = Some(3);
+    let server_a = api_a.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (invalid.clone(), |status| {
+            assert_eq!(condition(status, "InvalidSpec")["status"], "True");
+        }),
+    ]));
+    reconcile(Arc::new(svc), a.clone()).await.unwrap();
+    a.writer.idle().await;
+
+    // a is deposed; b leads and publishes the edit.
+    role.send_replace(Role::Follower);
+    let (b, api_b) = context(&registry, &pods);
+    let server_b = api_b.run(Scenario::StatusPatch(edited.clone(), |_| {}));
+    reconcile(Arc::new(edited), b).await.unwrap();
+    server_b.await.unwrap();
+    assert_eq!(
+        values(&registry, "services/default/greeter"),
+        ["10.0.0.1:50051"]
+    );
+
+    // a leads again and sees the spec turned invalid.
+    role.send_replace(Role::Leader { term: 3 });
+    let action = reconcile(Arc::new(invalid), a).await.unwrap();
+    server_a.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(
+        values(&registry, "services/default/greeter"),
+        ["10.0.0.1:50051"],
+        "the record b wrote is the last valid spec"
+    );
+}
+
+#[tokio::test]
+async fn a_previous_target_the_registry_recorded_is_released_even_when_status_does_not_name_it() {
+    // Found by the soak: a leader acting on a stale view published under a service's old target
+    // after the service had moved; status named the new target, so the old one was never
+    // released. The registry's record of the last publication names it.
+    let registry = backend();
+    let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |_| {}));
+    reconcile(Arc::new(svc.clone()), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
+
+    // Another process sees the service moved, with a status that names no target.
+    let (other, api) = context(&registry, &pods);
+    let mut moved = svc;
+    moved.spec.target = Some("services/default/greeter-v2".into());
+    moved.metadata.generation = Some(2);
+    moved.status = None;
+    let server = api.run(Scenario::StatusPatch(moved.clone(), |status| {
+        assert_eq!(status["target"], "services/default/greeter-v2");
+    }));
+    reconcile(Arc::new(moved), other).await.unwrap();
+    server.await.unwrap();
+    assert!(keys(&registry, "services/default/greeter").is_empty());
+    assert!(registry.owner("services/default/greeter").is_none());
+    assert_eq!(keys(&registry, "services/default/greeter-v2").len(), 1);
 }

@@ -60,6 +60,24 @@ pub trait Placement: std::fmt::Debug + Send + Sync + 'static {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// A spec validated and planned for a backend: the backend-neutral [`Plan`] and the backend's
+/// [`Placement`].
+#[derive(Clone, Debug)]
+pub struct Planned {
+    /// What is published, from where.
+    pub plan: Plan,
+    /// Where and how it is published.
+    pub placement: Arc<dyn Placement>,
+}
+
+impl Planned {
+    /// The target published under.
+    #[must_use]
+    pub fn target(&self) -> &str {
+        self.placement.target()
+    }
+}
+
 /// Plans specs for one backend: the backend-specific half of spec validation (the target and
 /// its tenancy rule, and how entries are laid out). The backend-neutral half is [`Plan::new`].
 pub trait Planner: Send + Sync {
@@ -89,14 +107,10 @@ pub trait Planner: Send + Sync {
     ///
     /// # Errors
     /// [`SpecError`] for anything the API server's schema could not catch.
-    fn plan(
-        &self,
-        svc: &GrpcService,
-        policy: &Policy,
-    ) -> std::result::Result<(Plan, Arc<dyn Placement>), SpecError> {
+    fn plan(&self, svc: &GrpcService, policy: &Policy) -> std::result::Result<Planned, SpecError> {
         let plan = Plan::new(svc, policy)?;
         let placement = self.place(svc, &plan, policy, None)?;
-        Ok((plan, placement))
+        Ok(Planned { plan, placement })
     }
 
     /// As [`Planner::plan`], publishing under `target` instead of the one the tenancy rule
@@ -109,10 +123,10 @@ pub trait Planner: Send + Sync {
         svc: &GrpcService,
         policy: &Policy,
         target: String,
-    ) -> std::result::Result<(Plan, Arc<dyn Placement>), SpecError> {
+    ) -> std::result::Result<Planned, SpecError> {
         let plan = Plan::new(svc, policy)?;
         let placement = self.place(svc, &plan, policy, Some(target))?;
-        Ok((plan, placement))
+        Ok(Planned { plan, placement })
     }
 }
 

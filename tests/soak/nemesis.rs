@@ -95,6 +95,12 @@ impl Launcher {
         ControllerProcess::builder(&self.plane, &self.etcd, &self.ns, self.ttl)
             .replica(["a", "b"][i])
             .env("KUBECONFIG", self.dir.join(format!("kubeconfig-{i}")))
+            // Info level, so that a violation's timeline can be read against the replicas' own
+            // account (`SOAK_CONTROLLER_LOG` overrides).
+            .env(
+                "RUST_LOG",
+                std::env::var("SOAK_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .args(&[
                 "--custom-target-namespaces",
                 &self.ns,

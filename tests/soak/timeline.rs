@@ -108,15 +108,25 @@ impl Timeline {
         self.with(|r| r.counts.clone())
     }
 
-    /// Every fault and violation, in order (workload events are counted, not listed: there
-    /// are thousands).
+    /// Every fault and violation, in order, with the workload events of the services a
+    /// violation names (the others are counted, not listed: there are thousands).
     pub fn render(&self, fault_kinds: &[&str]) -> String {
         self.with(|r| {
+            let implicated: Vec<String> = r
+                .violations
+                .iter()
+                .flat_map(|(_, v)| services_named(v))
+                .collect();
             let mut lines: Vec<(f64, String)> = r
                 .entries
                 .iter()
                 .filter(|(_, e)| {
-                    e.starts_with("lease expiry") || fault_kinds.iter().any(|k| e.starts_with(k))
+                    e.starts_with("lease expiry")
+                        || fault_kinds.iter().any(|k| e.starts_with(k))
+                        || implicated.iter().any(|s| {
+                            e.split(": ").nth(1).and_then(|d| d.split(' ').next())
+                                == Some(s.as_str())
+                        })
                 })
                 .cloned()
                 .chain(
@@ -132,4 +142,17 @@ impl Timeline {
                 .collect()
         })
     }
+}
+
+/// The workload's service names (`svc-NN`) in a violation's text.
+fn services_named(text: &str) -> Vec<String> {
+    text.match_indices("svc-")
+        .filter_map(|(i, _)| {
+            let digits = text.get(i + 4..i + 6)?;
+            digits
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| format!("svc-{digits}"))
+        })
+        .collect()
 }

@@ -46,6 +46,22 @@ struct Svc {
 }
 
 impl Svc {
+    /// Its name and the spec's parts an event may change, for the timeline.
+    fn describe(&self) -> String {
+        let invalid = match self.invalid {
+            Some(Invalid::Template) => ", invalid keyTemplate",
+            Some(Invalid::Target) => ", invalid target",
+            None => "",
+        };
+        format!(
+            "{} (format {}, target {}, rev {}{invalid})",
+            self.name,
+            self.format,
+            self.target.as_deref().unwrap_or("default"),
+            self.rev
+        )
+    }
+
     fn spec(&self) -> Value {
         let mut spec = if self.by_ref {
             json!({"serviceRef": {"name": self.name, "port": "grpc"}})
@@ -281,7 +297,7 @@ impl Workload {
             _ => return,
         };
         match result {
-            Ok(()) => self.tl.event(label, self.services[i].name.clone()),
+            Ok(()) => self.tl.event(label, self.services[i].describe()),
             Err(e) => self
                 .tl
                 .event("api error (step skipped)", format!("{label}: {e}")),

@@ -123,7 +123,7 @@ impl Planner for ConsulPlanner {
         let now = self
             .plan(svc, policy)
             .ok()
-            .map(|(_, placement)| placement.target().to_owned());
+            .map(|planned| planned.target().to_owned());
         (now.as_deref() != Some(old.as_str())).then_some(old)
     }
 }

@@ -99,7 +99,19 @@ impl EtcdRegistry {
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(Error::etcd("connect to etcd"))?;
-        Ok(Self::from_client(client, config, metrics))
+        let registry = Self::from_client(client, config, metrics);
+        // A restarted process keeps its predecessor's lease alive from the start, not from its
+        // first write after its caches have filled (seconds at scale).
+        registry.adopt_leases().await;
+        Ok(registry)
+    }
+
+    /// Adopts every live lease recorded for this scope (see [`LeasePool::adopt_recorded`]); a
+    /// failure is logged, and the first write adopts or replaces the lease as before.
+    async fn adopt_leases(&self) {
+        if let Err(e) = self.inner.leases.adopt_recorded().await {
+            tracing::warn!(error = %e, "failed to adopt the recorded leases; the first write will");
+        }
     }
 
     /// Wraps an existing client.
@@ -264,7 +276,11 @@ impl Backend for EtcdRegistry {
     }
 
     async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
-        EtcdRegistry::fence(self, holder, term, valid_until).await
+        let revision = EtcdRegistry::fence(self, holder, term, valid_until).await?;
+        // The lease the previous leader kept (it may have died) is kept alive from now, not
+        // from this leader's first write, which may wait for its caches to re-list.
+        self.adopt_leases().await;
+        Ok(revision)
     }
 
     fn extend_fence(&self, valid_until: Instant) {

@@ -10,8 +10,9 @@ use crate::registry::etcd::EtcdPlanner;
 
 /// The Consul service a spec plans to.
 fn planned(svc: &GrpcService, policy: &Policy) -> Result<ConsulService, SpecError> {
-    let (_, placement) = ConsulPlanner.plan(svc, policy)?;
-    Ok(placement
+    Ok(ConsulPlanner
+        .plan(svc, policy)?
+        .placement
         .as_any()
         .downcast_ref::<ConsulService>()
         .expect("a consul service")
@@ -100,7 +101,7 @@ fn a_flat_consul_name_from_before_the_rule_is_offered_only_when_the_rule_gives_a
         ConsulPlanner.pre_rule_target(&svc, &untrusted).as_deref(),
         Some("payments")
     );
-    let (_, kept) = ConsulPlanner
+    let kept = ConsulPlanner
         .keeping(&svc, &untrusted, "payments".into())
         .unwrap();
     assert_eq!(kept.target(), "payments");

@@ -44,7 +44,7 @@ impl Planned {
 
 /// Validates and plans a spec as the etcd backend does.
 fn planned(svc: &crate::crd::GrpcService, policy: &Policy) -> Result<Planned, SpecError> {
-    let (plan, placement) = EtcdPlanner.plan(svc, policy)?;
+    let crate::registry::Planned { plan, placement } = EtcdPlanner.plan(svc, policy)?;
     let layout = placement
         .as_any()
         .downcast_ref::<Layout>()

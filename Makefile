@@ -24,7 +24,7 @@ test: tools lint
 	cargo test --workspace --lib --bins --tests --examples
 	@echo "property tests: 1,000,000 cases over the value parser/renderer and the key template"
 	PROPTEST_CASES=200000 cargo test -p tonic-etcd-resolver --test format_props
-	PROPTEST_CASES=200000 cargo test --lib desired::template::tests
+	PROPTEST_CASES=200000 cargo test --lib registry::etcd::template::tests
 	@echo "demo smoke: make demo (and BACKEND=consul) must keep working"
 	cargo run -q -p demo
 	BACKEND=consul cargo run -q -p demo

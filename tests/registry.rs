@@ -141,6 +141,57 @@ async fn a_new_process_adopts_the_live_lease_and_rewrites_nothing() {
 }
 
 #[tokio::test]
+async fn a_new_process_keeps_the_live_lease_alive_from_its_start_before_any_write() {
+    // Found by the soak: a new leader adopted the lease only at its first write, which waited
+    // for its caches to re-list after a kube-apiserver restart; the dead leader's lease expired
+    // meanwhile and every key was deleted and put again.
+    let etcd = EtcdServer::start().await;
+    let target = "services/default/greeter";
+    let (first, _) = registry(&etcd).await;
+    claim_and_sync(&first, target, &owner("greeter"), 5).await;
+    let lease = first.lease_ids().await[0];
+    let before = dump(&etcd, "services/").await;
+    drop(first);
+
+    let (second, metrics) = registry(&etcd).await;
+    assert_eq!(second.lease_ids().await, [lease], "adopted at start");
+    assert_eq!(metrics.lease_adoptions.get(), 1);
+    tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+    assert_eq!(
+        dump(&etcd, "services/").await,
+        before,
+        "no write, no expiry"
+    );
+}
+
+#[tokio::test]
+async fn a_new_leader_adopts_a_lease_granted_after_it_started_once_it_is_fenced() {
+    let etcd = EtcdServer::start().await;
+    let target = "services/default/greeter";
+    let far = || Instant::now() + Duration::from_secs(600);
+    // b starts first: there is no lease to adopt yet.
+    let (b, _) = registry(&etcd).await;
+    b.enable_fencing();
+    assert!(b.lease_ids().await.is_empty());
+    let (a, _) = registry(&etcd).await;
+    a.enable_fencing();
+    a.fence("a", 1, far()).await.unwrap();
+    claim_and_sync(&a, target, &owner("greeter"), 5).await;
+    let lease = a.lease_ids().await[0];
+    let before = dump(&etcd, "services/").await;
+    // a dies; b is elected and fenced, and writes nothing yet.
+    drop(a);
+    Backend::fence(&b, "b", 2, far()).await.unwrap();
+    assert_eq!(
+        b.lease_ids().await,
+        [lease],
+        "adopted on becoming the leader"
+    );
+    tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+    assert_eq!(dump(&etcd, "services/").await, before);
+}
+
+#[tokio::test]
 async fn a_lease_that_is_gone_is_not_adopted_and_every_key_is_put_again() {
     let etcd = EtcdServer::start().await;
     let target = "services/default/greeter";

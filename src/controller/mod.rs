@@ -17,6 +17,7 @@ mod sources;
 mod state;
 pub mod status;
 pub mod sweep;
+mod vanished;
 mod watch;
 pub mod writer;
 pub mod writers;

@@ -17,7 +17,9 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::sources::{Sources, Watches};
 use super::watch::ServiceFeed;
-use super::{Context, FIELD_MANAGER, Scope, api, error_policy, reconcile, sweep, writers};
+use super::{
+    Context, FIELD_MANAGER, Scope, api, error_policy, reconcile, sweep, vanished, writers,
+};
 use crate::backoff::Backoff;
 use crate::crd::GrpcService;
 use crate::desired::Policy;
@@ -129,6 +131,7 @@ fn watch_services(
     // behind its first registry write landed) is released by the sweep.
     let (gone_tx, gone) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (ours, finalizer) = (policy.backend, policy.backend.finalizer());
+    let mut vanished = vanished::Vanished::default();
     let events = watcher(api, watcher::Config::default().streaming_lists())
         .backoff(Backoff::watch())
         .reflect(writer)
@@ -138,6 +141,12 @@ fn watch_services(
                 && !svc.finalizers().iter().any(|f| f == finalizer)
             {
                 let _ = gone_tx.send(svc.uid().unwrap_or_default());
+            }
+            // Deleted while this replica's watch was broken: only a re-list tells.
+            if let Ok(event) = event {
+                for uid in vanished.apply(event, |svc| svc.spec.backend == ours) {
+                    let _ = gone_tx.send(uid);
+                }
             }
             if let Ok(event) = event
                 && feed.apply(event)

@@ -215,7 +215,11 @@ async fn an_unreachable_registry_is_reported_in_status_and_retried() {
         let down = condition(status, "BackendUnavailable");
         assert_eq!(down["status"], "True");
         assert!(
-            down["message"].as_str().unwrap().contains("claim target"),
+            // The first registry request of a publish: the record of what was published last.
+            down["message"]
+                .as_str()
+                .unwrap()
+                .contains("read publication record"),
             "{down}"
         );
         assert_eq!(condition(status, "Ready")["status"], "False");
@@ -553,11 +557,12 @@ async fn a_service_moved_to_another_backend_is_released_here_and_loses_only_this
     server.await.unwrap();
     assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
 
-    // Now the spec names Consul: this (etcd) controller releases what it published and removes
-    // its own finalizer, and writes no status (the Consul controller owns it now).
+    // Now the spec names another backend: this controller releases what it published and
+    // removes its own finalizer, and writes no status (the other backend's controller owns it
+    // now).
     let (ctx2, api2) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let mut moved = svc;
-    moved.spec.backend = crate::crd::Backend::Consul;
+    moved.spec.backend = crate::fixtures::another_backend();
     let server = api2.run(Scenario::FinalizerRemoval(moved.clone()));
     let action = reconcile(Arc::new(moved), ctx2).await.unwrap();
     server.await.unwrap();
@@ -571,7 +576,7 @@ async fn a_service_of_another_backend_is_left_alone() {
     let registry = backend();
     let (ctx, _api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let mut svc = service("greeter");
-    svc.spec.backend = crate::crd::Backend::Consul;
+    svc.spec.backend = crate::fixtures::another_backend();
     // No API request is answered: any (a finalizer or status patch) would hang the reconcile.
     let action = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -800,4 +805,34 @@ async fn a_replica_leading_again_publishes_the_last_valid_spec_another_leader_re
         ["10.0.0.1:50051"],
         "the record b wrote is the last valid spec"
     );
+}
+
+#[tokio::test]
+async fn a_previous_target_the_registry_recorded_is_released_even_when_status_does_not_name_it() {
+    // Found by the soak: a leader acting on a stale view published under a service's old target
+    // after the service had moved; status named the new target, so the old one was never
+    // released. The registry's record of the last publication names it.
+    let registry = backend();
+    let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
+    let (ctx, api) = context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    let server = api.run(Scenario::StatusPatch(svc.clone(), |_| {}));
+    reconcile(Arc::new(svc.clone()), ctx).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
+
+    // Another process sees the service moved, with a status that names no target.
+    let (other, api) = context(&registry, &pods);
+    let mut moved = svc;
+    moved.spec.target = Some("services/default/greeter-v2".into());
+    moved.metadata.generation = Some(2);
+    moved.status = None;
+    let server = api.run(Scenario::StatusPatch(moved.clone(), |status| {
+        assert_eq!(status["target"], "services/default/greeter-v2");
+    }));
+    reconcile(Arc::new(moved), other).await.unwrap();
+    server.await.unwrap();
+    assert!(keys(&registry, "services/default/greeter").is_empty());
+    assert!(registry.owner("services/default/greeter").is_none());
+    assert_eq!(keys(&registry, "services/default/greeter-v2").len(), 1);
 }

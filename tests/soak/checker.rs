@@ -24,11 +24,16 @@ const CHECK_LAG: f64 = 3.0;
 /// After kube-apiserver is back, the time a controller may still act on what it saw before the
 /// restart (its watches re-list with backoff).
 const RELIST: f64 = 15.0;
+/// How long a leader needs, with nothing failing, to see a spec and record it (view lag and a
+/// reconcile).
+const CALM: f64 = 8.0;
 
 #[derive(Default)]
 struct State {
     /// When each key entered and left the oracle's want.
     history: HashMap<String, Vec<(f64, Option<f64>)>>,
+    /// The same for what a writer may put: the wanted keys and the alternatives.
+    allowed: HashMap<String, Vec<(f64, Option<f64>)>>,
     want: Want,
     /// The registry's scoped keys as the watch reported them.
     registry: BTreeMap<String, String>,
@@ -144,21 +149,16 @@ impl Checker {
                 svc_store.state().iter().map(|o| (**o).clone()).collect();
             let pods: Vec<Pod> = pod_store.state().iter().map(|o| (**o).clone()).collect();
             let k8s: Vec<Service> = k8s_store.state().iter().map(|o| (**o).clone()).collect();
-            let want = oracle.compute(&services, &pods, &k8s);
             let now = self.tl.now();
+            let windows = self.tl.windows();
+            let want = oracle.compute(&services, &pods, &k8s, now, |from, to| {
+                calm(&windows, from, to)
+            });
             self.with(|s| {
-                for key in want.keys.keys() {
-                    if !s.want.keys.contains_key(key) {
-                        s.history.entry(key.clone()).or_default().push((now, None));
-                    }
-                }
-                for key in s.want.keys.keys() {
-                    if !want.keys.contains_key(key)
-                        && let Some(last) = s.history.get_mut(key).and_then(|h| h.last_mut())
-                    {
-                        last.1 = Some(now);
-                    }
-                }
+                let before: BTreeSet<String> = s.want.allowed().cloned().collect();
+                let after: BTreeSet<String> = want.allowed().cloned().collect();
+                track(&mut s.history, s.want.keys.keys(), want.keys.keys(), now);
+                track(&mut s.allowed, before.iter(), after.iter(), now);
                 s.want = want;
             });
         }
@@ -257,14 +257,15 @@ impl Checker {
                 .drain(..)
                 .partition(|(t, _, _)| view_end(*t, &windows) <= until);
             s.pending = rest;
-            (due, s.history.clone())
+            (due, (s.history.clone(), s.allowed.clone()))
         });
+        let (history, allowed) = history;
         let due: Vec<(f64, String, bool)> = due;
         for (t, key, put) in due {
             let from = view_start(t, &windows);
             let to = view_end(t, &windows);
             if put {
-                let wanted = history.get(&key).is_some_and(|h| {
+                let wanted = allowed.get(&key).is_some_and(|h| {
                     h.iter()
                         .any(|(a, b)| *a <= to && b.is_none_or(|b| b >= from))
                 });
@@ -346,7 +347,20 @@ impl Checker {
             }
         }
         registry.retain(|k, _| !self.foreign.contains(k));
-        let want = self.with(|s| s.want.clone());
+        let mut want = self.with(|s| s.want.clone());
+        // An invalid service may hold its alternative (the valid spec before its last one)
+        // instead.
+        for (service, alternative) in std::mem::take(&mut want.alternatives) {
+            if alternative.keys().all(|k| registry.contains_key(k))
+                && want
+                    .keys
+                    .iter()
+                    .any(|(k, e)| e.service == service && !registry.contains_key(k))
+            {
+                want.keys.retain(|_, e| e.service != service);
+                want.keys.extend(alternative);
+            }
+        }
         for (key, expect) in &want.keys {
             match registry.get(key) {
                 None => diff.push(format!("missing {key} ({})", expect.service)),
@@ -486,4 +500,43 @@ fn expiry_window(t: f64, windows: &[Window], ttl: f64) -> Option<(f64, f64)> {
     dark_spans(windows, t)
         .into_iter()
         .find(|(a, b)| t >= a + ttl / 2.0 && t <= b + 2.0)
+}
+
+/// Opens a history span for every key that entered (`after` but not `before`) and closes it for
+/// every key that left.
+fn track<'a>(
+    history: &mut HashMap<String, Vec<(f64, Option<f64>)>>,
+    before: impl Iterator<Item = &'a String> + Clone,
+    after: impl Iterator<Item = &'a String> + Clone,
+    now: f64,
+) {
+    let was: BTreeSet<&String> = before.collect();
+    let is: BTreeSet<&String> = after.collect();
+    for key in is.difference(&was) {
+        history.entry((*key).clone()).or_default().push((now, None));
+    }
+    for key in was.difference(&is) {
+        if let Some(last) = history.get_mut(*key).and_then(|h| h.last_mut()) {
+            last.1 = Some(now);
+        }
+    }
+}
+
+/// Whether `[from, to]` held a stretch of `CALM` seconds with no fault open (no replica, etcd,
+/// kube-apiserver or cut window): long enough for a leader to see a spec and record it.
+fn calm(windows: &[Window], from: f64, to: f64) -> bool {
+    let mut faults: Vec<(f64, f64)> = windows
+        .iter()
+        .map(|w| (w.from, w.to.unwrap_or(f64::INFINITY)))
+        .filter(|(a, b)| *b >= from && *a <= to)
+        .collect();
+    faults.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut free_from = from;
+    for (a, b) in faults {
+        if a - free_from >= CALM {
+            return true;
+        }
+        free_from = free_from.max(b);
+    }
+    to - free_from >= CALM
 }

@@ -8,6 +8,11 @@
 //! `keyTemplate` (the workload only writes one that names nothing of the endpoint) and a target
 //! under another namespace's default prefix. An invalid service keeps publishing its last valid
 //! spec, evaluated against the pods as they are now.
+//!
+//! A controller can only keep a valid spec it saw, or one a replica recorded: when the last valid
+//! spec's whole life fell in faults (no calm stretch in which a leader could have seen and
+//! recorded it), the spec before it is an allowed alternative for as long as the spec stays
+//! invalid.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -32,12 +37,35 @@ pub struct Want {
     pub counts: BTreeMap<String, usize>,
     /// Services whose current spec is invalid (they publish their last valid one).
     pub invalid: std::collections::BTreeSet<String>,
+    /// For an invalid service whose last valid spec may never have been seen or recorded, the
+    /// keys of the valid spec before it: allowed instead of its `keys`.
+    pub alternatives: BTreeMap<String, BTreeMap<String, Expect>>,
+}
+
+impl Want {
+    /// Every key a writer may put now: the wanted ones and the alternatives.
+    pub fn allowed(&self) -> impl Iterator<Item = &String> {
+        self.keys
+            .keys()
+            .chain(self.alternatives.values().flat_map(BTreeMap::keys))
+    }
+}
+
+/// A valid spec and the span it was the last valid one: from when it was first seen, to when
+/// the spec turned invalid (`None`: still current or still the last valid one).
+#[derive(Clone)]
+struct Valid {
+    spec: Value,
+    since: f64,
+    until: Option<f64>,
 }
 
 pub struct Oracle {
     ns: String,
     /// The last spec of each GrpcService (by uid) that these rules call valid.
-    last_valid: HashMap<String, Value>,
+    last_valid: HashMap<String, Valid>,
+    /// The valid spec before it.
+    previous: HashMap<String, Valid>,
 }
 
 impl Oracle {
@@ -45,7 +73,32 @@ impl Oracle {
         Self {
             ns: ns.to_owned(),
             last_valid: HashMap::new(),
+            previous: HashMap::new(),
         }
+    }
+
+    /// Notes `spec` of `uid` seen at `now`.
+    fn observe(&mut self, uid: &str, spec: &Value, now: f64) -> bool {
+        if !self.valid(spec) {
+            if let Some(last) = self.last_valid.get_mut(uid) {
+                last.until.get_or_insert(now);
+            }
+            return false;
+        }
+        match self.last_valid.get_mut(uid) {
+            Some(last) if last.spec == *spec => last.until = None,
+            _ => {
+                let next = Valid {
+                    spec: spec.clone(),
+                    since: now,
+                    until: None,
+                };
+                if let Some(last) = self.last_valid.insert(uid.to_owned(), next) {
+                    self.previous.insert(uid.to_owned(), last);
+                }
+            }
+        }
+        true
     }
 
     /// Whether the soak's rules accept `spec` (see the module's doc for the two invalid kinds).
@@ -64,58 +117,90 @@ impl Oracle {
         }
     }
 
-    pub fn compute(&mut self, services: &[DynamicObject], pods: &[Pod], k8s: &[Service]) -> Want {
+    /// What the registry must hold now (`now` on the soak's clock); `calm(from, to)` says
+    /// whether a leader could have seen and recorded a spec that was current from `from` to
+    /// `to`.
+    pub fn compute(
+        &mut self,
+        services: &[DynamicObject],
+        pods: &[Pod],
+        k8s: &[Service],
+        now: f64,
+        calm: impl Fn(f64, f64) -> bool,
+    ) -> Want {
         let mut want = Want::default();
         for svc in services {
             let name = svc.metadata.name.clone().unwrap_or_default();
             let uid = svc.metadata.uid.clone().unwrap_or_default();
-            let spec = &svc.data["spec"];
-            if self.valid(spec) {
-                self.last_valid.insert(uid.clone(), spec.clone());
-            } else {
+            if !self.observe(&uid, &svc.data["spec"], now) {
                 want.invalid.insert(name.clone());
             }
             if svc.metadata.deletion_timestamp.is_some() {
                 continue; // being deleted: its keys may go
             }
-            let Some(spec) = self.last_valid.get(&uid) else {
+            let Some(last) = self.last_valid.get(&uid) else {
                 continue; // never valid: publishes nothing
             };
-            let target = spec["target"]
-                .as_str()
-                .map_or_else(|| format!("services/{}/{name}", self.ns), str::to_owned);
-            let selector = match spec["serviceRef"]["name"].as_str() {
-                Some(service) => k8s
-                    .iter()
-                    .find(|s| s.metadata.name.as_deref() == Some(service))
-                    .and_then(|s| s.spec.as_ref()?.selector.clone()),
-                None => serde_json::from_value(spec["selector"]["matchLabels"].clone()).ok(),
-            };
-            let Some(selector) = selector else { continue };
-            let format = spec["format"].as_str().unwrap_or("EtcdNaming");
-            let mut count = 0;
-            for pod in pods.iter().filter(|p| selects(&selector, p)) {
-                let Some(addr) = registrable(pod) else {
-                    continue;
-                };
-                let pod_name = pod.metadata.name.clone().unwrap_or_default();
-                let (key, value_has) = match format {
-                    "Kratos" => (format!("{target}/{pod_name}"), format!("\"grpc://{addr}\"")),
-                    "Address" => (format!("{target}/{addr}"), addr.clone()),
-                    _ => (format!("{target}/{addr}"), format!("\"Addr\":\"{addr}\"")),
-                };
-                count += 1;
-                want.keys.insert(
-                    key,
-                    Expect {
-                        service: name.clone(),
-                        value_has,
-                    },
-                );
+            if let (Some(until), Some(previous)) = (last.until, self.previous.get(&uid))
+                && !calm(last.since, until)
+            {
+                let (keys, _) = self.keys(&name, &previous.spec, pods, k8s);
+                want.alternatives.insert(name.clone(), keys);
             }
-            want.counts.insert(name, count);
+            let (keys, count) = self.keys(&name, &last.spec, pods, k8s);
+            want.keys.extend(keys);
+            if let Some(count) = count {
+                want.counts.insert(name, count);
+            }
         }
         want
+    }
+
+    /// The keys `spec` of service `name` publishes for `pods`, and how many (`None`: its source
+    /// names nothing).
+    fn keys(
+        &self,
+        name: &str,
+        spec: &Value,
+        pods: &[Pod],
+        k8s: &[Service],
+    ) -> (BTreeMap<String, Expect>, Option<usize>) {
+        let mut keys = BTreeMap::new();
+        let target = spec["target"]
+            .as_str()
+            .map_or_else(|| format!("services/{}/{name}", self.ns), str::to_owned);
+        let selector = match spec["serviceRef"]["name"].as_str() {
+            Some(service) => k8s
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(service))
+                .and_then(|s| s.spec.as_ref()?.selector.clone()),
+            None => serde_json::from_value(spec["selector"]["matchLabels"].clone()).ok(),
+        };
+        let Some(selector) = selector else {
+            return (keys, None);
+        };
+        let format = spec["format"].as_str().unwrap_or("EtcdNaming");
+        let mut count = 0;
+        for pod in pods.iter().filter(|p| selects(&selector, p)) {
+            let Some(addr) = registrable(pod) else {
+                continue;
+            };
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let (key, value_has) = match format {
+                "Kratos" => (format!("{target}/{pod_name}"), format!("\"grpc://{addr}\"")),
+                "Address" => (format!("{target}/{addr}"), addr.clone()),
+                _ => (format!("{target}/{addr}"), format!("\"Addr\":\"{addr}\"")),
+            };
+            count += 1;
+            keys.insert(
+                key,
+                Expect {
+                    service: name.to_owned(),
+                    value_has,
+                },
+            );
+        }
+        (keys, Some(count))
     }
 }
 

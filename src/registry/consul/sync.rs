@@ -5,7 +5,7 @@ use tracing::{debug, warn};
 
 use super::api::{Indexed, Instance, NodeServices, TxnOp};
 use super::instance::{batches, desired, diff};
-use super::{ConsulRegistry, Guarded};
+use super::{ConsulRegistry, ConsulService, Guarded};
 use crate::registry::{Error, Publication, Result, SyncReport};
 
 /// This node's instances of one service, as [`ConsulRegistry::list`] reads them.
@@ -78,7 +78,11 @@ impl ConsulRegistry {
             service,
             &publication.owner,
             &publication.endpoints,
-            &publication.tags,
+            publication
+                .placement
+                .as_any()
+                .downcast_ref::<ConsulService>()
+                .map_or(&[][..], |s| s.tags.as_slice()),
         )?;
         let guard_index = self.owned_index(service, &publication.owner).await?;
         self.fence_op().map_err(|_| Error::Fenced {

@@ -136,6 +136,55 @@ impl LeasePool {
             info!(lease_id = %hex(id), ttl = secs, "granted shared lease");
             id
         };
+        self.keep(&mut slots, secs, id);
+        Ok(id)
+    }
+
+    /// Adopts every live lease recorded for this scope and keeps it alive, without waiting for
+    /// a write to need it: run at start and on becoming the leader, so that the keys of a
+    /// process that died stay while this one's caches fill (a first reconcile may be seconds
+    /// away, e.g. after a re-list). A lease recorded but gone is left to the first write.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub(crate) async fn adopt_recorded(&self) -> Result<usize> {
+        let mut kv = self.client.kv_client();
+        let resp = timeout(
+            "read lease records",
+            self.op_timeout,
+            kv.get(
+                self.records.as_str(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            ),
+        )
+        .await?;
+        let ttls: Vec<u64> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&self.records)?.parse().ok())
+            .collect();
+        let mut adopted = 0;
+        for secs in ttls {
+            let mut slots = self.slots.lock().await;
+            if slots.contains_key(&secs) {
+                continue;
+            }
+            if let Some(id) = self.recorded(secs).await? {
+                self.metrics.lease_adoptions.inc();
+                info!(lease_id = %hex(id), ttl = secs, "adopted the live shared lease; its keys stay where they are");
+                self.keep(&mut slots, secs, id);
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// Starts the keeper of lease `id` for `secs` in its slot.
+    fn keep(&self, slots: &mut HashMap<u64, Slot>, secs: u64, id: i64) {
         let (tx, rx) = watch::channel(id);
         let suspect = Arc::new(Notify::new());
         let keeper = Keeper {
@@ -162,7 +211,6 @@ impl LeasePool {
                 task,
             },
         );
-        Ok(id)
     }
 
     /// Reports that a write found `id` missing, so the keeper checks it at once.

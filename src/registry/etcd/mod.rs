@@ -6,6 +6,8 @@
 //! writer that lost ownership or leadership writes nothing.
 //!
 //! - [`config`]: endpoints, TLS, auth, limits.
+//! - [`plan`]: the etcd half of spec validation (targets as key prefixes); [`layout`]: keys from
+//!   the `keyTemplate` ([`KeyTemplate`]), values through the format's codec.
 //! - `ownership`: claim, take over, release.
 //! - `sync`: list, diff ([`diff`]), guarded txn batches.
 //! - `fence`: the leader record and the compare every write carries.
@@ -14,9 +16,12 @@
 pub mod config;
 mod diff;
 mod fence;
+pub mod layout;
 mod lease;
 mod ownership;
+pub mod plan;
 mod sync;
+mod template;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,9 +34,12 @@ pub use config::{EtcdConfig, EtcdTls, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
 pub use diff::{Current, Op, batches, diff};
 use fence::Fence;
 pub use fence::{leader_record, leader_term};
+pub use layout::Layout;
 use lease::LeasePool;
+pub use plan::EtcdPlanner;
+pub use template::KeyTemplate;
 
-use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
+use super::{Backend, Claim, Error, Event, Owner, Planner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 
 /// The etcd registry: a cheap, cloneable handle over one etcd client.
@@ -91,7 +99,19 @@ impl EtcdRegistry {
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(Error::etcd("connect to etcd"))?;
-        Ok(Self::from_client(client, config, metrics))
+        let registry = Self::from_client(client, config, metrics);
+        // A restarted process keeps its predecessor's lease alive from the start, not from its
+        // first write after its caches have filled (seconds at scale).
+        registry.adopt_leases().await;
+        Ok(registry)
+    }
+
+    /// Adopts every live lease recorded for this scope (see [`LeasePool::adopt_recorded`]); a
+    /// failure is logged, and the first write adopts or replaces the lease as before.
+    async fn adopt_leases(&self) {
+        if let Err(e) = self.inner.leases.adopt_recorded().await {
+            tracing::warn!(error = %e, "failed to adopt the recorded leases; the first write will");
+        }
     }
 
     /// Wraps an existing client.
@@ -184,6 +204,14 @@ impl Backend for EtcdRegistry {
         "etcd"
     }
 
+    fn planner(&self) -> &dyn Planner {
+        &EtcdPlanner
+    }
+
+    async fn check(&self) -> Result<i64> {
+        EtcdRegistry::check(self).await
+    }
+
     fn default_ttl(&self) -> Duration {
         self.inner.config.default_ttl
     }
@@ -213,7 +241,7 @@ impl Backend for EtcdRegistry {
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
-        let entries = publication.layout.render(&publication.endpoints)?;
+        let entries = publication.placement.render(&publication.endpoints)?;
         self.sync_entries(
             publication.target(),
             &publication.owner,
@@ -248,7 +276,11 @@ impl Backend for EtcdRegistry {
     }
 
     async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
-        EtcdRegistry::fence(self, holder, term, valid_until).await
+        let revision = EtcdRegistry::fence(self, holder, term, valid_until).await?;
+        // The lease the previous leader kept (it may have died) is kept alive from now, not
+        // from this leader's first write, which may wait for its caches to re-list.
+        self.adopt_leases().await;
+        Ok(revision)
     }
 
     fn extend_fence(&self, valid_until: Instant) {

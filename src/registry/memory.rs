@@ -1,5 +1,5 @@
-//! An in-memory [`Backend`] for reconciler tests: the same claims, layout rendering, fencing and
-//! events as the etcd backend, with no external process. Failures can be switched on to test
+//! An in-memory [`Backend`] for reconciler tests: the same claims, layout rendering, fencing (the
+//! shared fence state) and events as the etcd backend, with no external process. Failures can be switched on to test
 //! how reconcile reports them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
+use super::fence::{Fence, Leader};
 use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
 
 /// One claimed target.
@@ -26,7 +27,6 @@ struct State {
     revision: i64,
     writes: usize,
     unavailable: bool,
-    fence: Option<Option<Instant>>,
     leader_term: i64,
     /// Publication records by owner uid.
     records: HashMap<String, Vec<u8>>,
@@ -38,6 +38,7 @@ struct State {
 #[derive(Debug)]
 pub struct MemoryBackend {
     state: Mutex<State>,
+    fence: Fence<i64>,
     events: broadcast::Sender<Event>,
     ttl: Duration,
     lease_id: i64,
@@ -47,6 +48,7 @@ impl Default for MemoryBackend {
     fn default() -> Self {
         Self {
             state: Mutex::default(),
+            fence: Fence::default(),
             events: broadcast::channel(16).0,
             ttl: Duration::from_secs(30),
             lease_id: 0x7e57,
@@ -113,11 +115,8 @@ impl MemoryBackend {
                 after: Duration::ZERO,
             });
         }
-        match state.fence {
-            None => Ok(state),
-            Some(Some(until)) if Instant::now() < until => Ok(state),
-            Some(_) => Err(Error::Fenced { op }),
-        }
+        self.fence.guard(op)?;
+        Ok(state)
     }
 }
 
@@ -314,18 +313,14 @@ impl Backend for MemoryBackend {
     }
 
     fn may_write(&self) -> bool {
-        match self.lock().fence {
-            None => true,
-            Some(Some(until)) => Instant::now() < until,
-            Some(None) => false,
-        }
+        self.fence.may_write()
     }
 
     fn enable_fencing(&self) {
         self.depose();
     }
 
-    async fn fence(&self, _holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
+    async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
         let mut state = self.lock();
         if state.leader_term > term {
             return Err(Error::Fenced {
@@ -333,20 +328,22 @@ impl Backend for MemoryBackend {
             });
         }
         state.leader_term = term;
-        state.fence = Some(Some(valid_until));
         state.revision += 1;
+        self.fence.lead(Leader {
+            guard: state.revision,
+            valid_until,
+            holder: holder.into(),
+            term,
+        });
         Ok(state.revision)
     }
 
     fn extend_fence(&self, valid_until: Instant) {
-        let mut state = self.lock();
-        if let Some(Some(until)) = &mut state.fence {
-            *until = valid_until;
-        }
+        self.fence.extend(valid_until);
     }
 
     fn depose(&self) {
-        self.lock().fence = Some(None);
+        self.fence.depose();
     }
 
     async fn leader_term(&self) -> Result<i64> {

@@ -4,13 +4,25 @@
 //! it equal a [`Publication`], releases it, reports lease and reachability [`Event`]s, and fences
 //! its writes so that only the elected leader's reach the registry.
 //!
+//! Written once for every backend: the fence state (`fence`), the batching rule (`batch`), the
+//! claim, take-over and publication-record flows (`ownership`), and writing batches under the
+//! ownership guard for a sync or a release (`writes`). A backend supplies its primitives: its
+//! records' guarded compare-and-swaps, one guarded write request, its limits, its listing and
+//! diff.
+//!
 //! - [`etcd`]: etcd, with one shared lease per TTL, guarded txn batches and an etcd fence.
+//! - [`consul`]: Consul's catalog, written through guarded `/v1/txn` batches, fenced on KV.
 //! - [`memory`]: an in-memory backend for reconciler tests; no external process.
 
+mod batch;
 pub mod consul;
 mod error;
 pub mod etcd;
+mod fence;
 pub mod memory;
+mod ownership;
+pub mod tls;
+mod writes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

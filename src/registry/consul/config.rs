@@ -11,22 +11,7 @@ pub const MAX_TXN_BYTES: usize = 384 * 1024;
 
 /// TLS material for Consul's HTTPS API, PEM: the CA that signed Consul's certificate, and an
 /// optional client certificate and key (for `verify_incoming`).
-#[derive(Clone, Default)]
-pub struct ConsulTls {
-    /// CA certificate(s), PEM.
-    pub ca: Option<Vec<u8>>,
-    /// Client certificate and private key, PEM.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for ConsulTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsulTls")
-            .field("ca", &self.ca.is_some())
-            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
+pub type ConsulTls = crate::registry::tls::TlsPem;
 
 /// How to reach Consul and lay out the controller's records.
 #[derive(Clone)]

@@ -30,7 +30,6 @@ mod keeper;
 mod ownership;
 mod sync;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,10 +39,11 @@ use tokio::task::JoinHandle;
 
 use api::{Api, TxnError, TxnOp, TxnOutcome, TxnResult};
 pub use config::{ConsulConfig, ConsulTls, MAX_TXN_BYTES, MAX_TXN_OPS};
-use fence::Fence;
 pub use fence::LeaderRecord;
 pub use instance::{OWNER_META, instance_id, validate_service};
 
+use super::fence::Fence;
+use super::ownership::Claims;
 use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 
@@ -64,9 +64,9 @@ struct Inner {
     /// The synthetic node's name.
     node: String,
     /// Services this process has claimed, with their ownership record's index (the guard).
-    claimed: Mutex<HashMap<String, (Owner, u64)>>,
-    /// Whether this replica may write, and the leader record guarding its writes.
-    fence: Mutex<Fence>,
+    claims: Claims,
+    /// Whether this replica may write, and the leader record's index guarding its writes.
+    fence: Fence<u64>,
     /// Failure counters and the connected gauge.
     metrics: Arc<Metrics>,
     /// Reachability and node-loss announcements.
@@ -116,8 +116,8 @@ impl ConsulRegistry {
                 api,
                 node,
                 config,
-                claimed: Mutex::default(),
-                fence: Mutex::new(Fence::Off),
+                claims: Claims::default(),
+                fence: Fence::default(),
                 metrics,
                 events: broadcast::channel(64).0,
                 reachable: AtomicBool::new(true),
@@ -299,7 +299,7 @@ impl Backend for ConsulRegistry {
     }
 
     fn may_write(&self) -> bool {
-        self.fence_op().is_ok()
+        self.inner.fence.may_write()
     }
 
     fn enable_fencing(&self) {

@@ -12,22 +12,7 @@ pub const MAX_TXN_BYTES: usize = 1024 * 1024;
 /// TLS material for etcd, PEM: the CA that signed etcd's serving certificate, and an optional
 /// client certificate and key (mTLS; under etcd's `--client-cert-auth` with auth enabled, the
 /// certificate's common name is the etcd user, so no password is needed).
-#[derive(Clone, Default)]
-pub struct EtcdTls {
-    /// CA certificate(s), PEM.
-    pub ca: Option<Vec<u8>>,
-    /// Client certificate and private key, PEM.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for EtcdTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdTls")
-            .field("ca", &self.ca.is_some())
-            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
+pub type EtcdTls = crate::registry::tls::TlsPem;
 
 /// An etcd user and password; the password never reaches a log.
 #[derive(Clone)]

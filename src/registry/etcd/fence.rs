@@ -1,5 +1,7 @@
 //! The fence: with leader election on, every write carries a compare on the leader record
 //! `<registrar-root>/leader`, so a deposed leader (paused, partitioned, slow) writes nothing.
+//! The state is the shared [`crate::registry::fence`]; this file supplies etcd's leader record
+//! and the compare on it.
 
 use std::time::Instant;
 
@@ -8,19 +10,8 @@ use tracing::{info, warn};
 
 use super::EtcdRegistry;
 use crate::registry::error::timeout;
+use crate::registry::fence::Leader;
 use crate::registry::{Error, Result};
-
-/// The write permission of this replica.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Fence {
-    /// No leader election: always write, unguarded (a single replica).
-    Off,
-    /// Not the leader: write nothing.
-    Follower,
-    /// The leader: write until `valid_until` (the local bound of the Kubernetes Lease), guarded on
-    /// the leader record still being at `revision`.
-    Leader { revision: i64, valid_until: Instant },
-}
 
 /// The leader record: `"<term, 10 digits> <holder>"`, so that byte order is term order and a
 /// record can only be replaced by a later term.
@@ -93,11 +84,13 @@ impl EtcdRegistry {
                 None => return Err(fenced()),
             }
         };
-        self.inner.claimed.lock().expect("lock").clear();
-        *self.inner.fence.lock().expect("lock") = Fence::Leader {
-            revision,
+        self.inner.claims.clear();
+        self.inner.fence.lead(Leader {
+            guard: revision,
             valid_until,
-        };
+            holder: holder.into(),
+            term,
+        });
         info!(term, revision, holder, "fenced registry writes as leader");
         Ok(revision)
     }
@@ -124,33 +117,20 @@ impl EtcdRegistry {
 
     /// Extends the leader's local write permission to `valid_until` (after a Lease renewal).
     pub fn extend_fence(&self, valid_until: Instant) {
-        if let Fence::Leader { valid_until: v, .. } = &mut *self.inner.fence.lock().expect("lock") {
-            *v = valid_until;
-        }
+        self.inner.fence.extend(valid_until);
     }
 
     /// Stops writing at once, and forgets claims (the next leader owns them).
     pub fn depose(&self) {
-        *self.inner.fence.lock().expect("lock") = Fence::Follower;
-        self.inner.claimed.lock().expect("lock").clear();
+        self.inner.fence.depose();
+        self.inner.claims.clear();
     }
 
     /// The compare that fences a write, `None` without leader election.
     pub(super) fn fence_compare(&self) -> Result<Option<Compare>> {
-        match *self.inner.fence.lock().expect("lock") {
-            Fence::Off => Ok(None),
-            Fence::Leader {
-                revision,
-                valid_until,
-            } if Instant::now() < valid_until => Ok(Some(Compare::mod_revision(
-                self.leader_key(),
-                CompareOp::Equal,
-                revision,
-            ))),
-            Fence::Leader { .. } | Fence::Follower => Err(Error::Fenced {
-                op: "write to etcd",
-            }),
-        }
+        let guard = self.inner.fence.guard("write to etcd")?;
+        Ok(guard
+            .map(|revision| Compare::mod_revision(self.leader_key(), CompareOp::Equal, revision)))
     }
 
     /// A txn under `compares` plus the leader fence. When it fails and the fence no longer
@@ -178,10 +158,10 @@ impl EtcdRegistry {
 
     /// Whether the leader record is still the one this replica wrote.
     async fn fence_holds(&self) -> Result<bool> {
-        let Fence::Leader { revision, .. } = *self.inner.fence.lock().expect("lock") else {
+        let Some(leader) = self.inner.fence.leader() else {
             return Ok(false);
         };
         let record = self.leader_record().await?;
-        Ok(record.map(|kv| kv.mod_revision()) == Some(revision))
+        Ok(record.map(|kv| kv.mod_revision()) == Some(leader.guard))
     }
 }

@@ -18,7 +18,6 @@ mod lease;
 mod ownership;
 mod sync;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,11 +25,12 @@ use etcd_client::{Client, ConnectOptions, Txn};
 use tokio::sync::broadcast;
 
 pub use config::{EtcdConfig, EtcdTls, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
-pub use diff::{Current, Op, batches, diff};
-use fence::Fence;
+pub use diff::{Current, Op, diff};
 pub use fence::{leader_record, leader_term};
 use lease::LeasePool;
 
+use super::fence::Fence;
+use super::ownership::Claims;
 use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 
@@ -48,12 +48,12 @@ struct Inner {
     /// The shared leases.
     leases: LeasePool,
     /// Targets this process has claimed, so a claim costs no round trip in steady state.
-    /// Shared with the lease keeper, which clears it when a lease is replaced.
-    claimed: Arc<Mutex<HashMap<String, Owner>>>,
+    /// Cleared by the lease keeper when a lease is replaced.
+    claims: Claims,
     /// etcd latency and lease counters.
     metrics: Arc<Metrics>,
     /// Whether this replica may write, and the fencing record guarding its writes.
-    fence: Mutex<Fence>,
+    fence: Fence<i64>,
     /// The leases this process has recorded for adoption (with a cluster name, also marked as
     /// its cluster's).
     marked: Mutex<std::collections::HashSet<i64>>,
@@ -109,17 +109,12 @@ impl EtcdRegistry {
     /// Wraps an existing client.
     #[must_use]
     pub fn from_client(client: Client, config: EtcdConfig, metrics: Arc<Metrics>) -> Self {
-        let claimed: Arc<Mutex<HashMap<String, Owner>>> = Arc::default();
-        let forget = Arc::downgrade(&claimed);
+        let claims = Claims::default();
         let leases = LeasePool::new(
             client.clone(),
             config.op_timeout,
             metrics.clone(),
-            Arc::new(move || {
-                if let Some(claimed) = forget.upgrade() {
-                    claimed.lock().expect("lock").clear();
-                }
-            }),
+            Arc::new(claims.clearer()),
             format!("{}/lease/", config.records_root()),
         );
         Self {
@@ -127,9 +122,9 @@ impl EtcdRegistry {
                 client,
                 config,
                 leases,
-                claimed,
+                claims,
                 metrics,
-                fence: Mutex::new(Fence::Off),
+                fence: Fence::default(),
                 marked: Mutex::default(),
             }),
         }
@@ -252,7 +247,7 @@ impl Backend for EtcdRegistry {
     }
 
     fn may_write(&self) -> bool {
-        self.fence_compare().is_ok()
+        self.inner.fence.may_write()
     }
 
     fn enable_fencing(&self) {

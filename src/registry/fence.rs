@@ -5,6 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tracing::info;
+
+use super::ownership::Claims;
 use super::{Error, Result};
 
 /// The write permission of this replica.
@@ -33,16 +36,20 @@ pub(super) struct Leader<G> {
     pub(super) term: i64,
 }
 
-/// The fence: one state machine (off, follower, leader until a deadline) for every backend.
+/// The fence: one state machine (off, follower, leader until a deadline) for every backend,
+/// and the claims made under the current permission (a new leader, or a deposed one, starts
+/// with none: the leader re-claims everything it reconciles).
 #[derive(Debug)]
 pub(super) struct Fence<G> {
     state: Mutex<State<G>>,
+    claims: Claims,
 }
 
 impl<G> Default for Fence<G> {
     fn default() -> Self {
         Self {
             state: Mutex::new(State::Off),
+            claims: Claims::default(),
         }
     }
 }
@@ -67,14 +74,36 @@ impl<G: Clone> Fence<G> {
         }
     }
 
+    /// The claims made under the current permission.
+    pub(super) fn claims(&self) -> &Claims {
+        &self.claims
+    }
+
     /// Whether a write would be attempted now.
     pub(super) fn may_write(&self) -> bool {
         self.guard("write").is_ok()
     }
 
-    /// Leads from now on, guarding every write on `leader`'s record version.
+    /// Leads from now on, guarding every write on `leader`'s record version, with no claim.
     pub(super) fn lead(&self, leader: Leader<G>) {
+        self.claims.clear();
         *self.lock() = State::Leader(leader);
+    }
+
+    /// Leads for `term` until `valid_until`, once the backend wrote `holder`'s leader record at
+    /// `guard` (its primitive). Returns the record's version.
+    pub(super) fn led(&self, guard: G, holder: &str, term: i64, valid_until: Instant) -> i64
+    where
+        G: TryInto<i64> + std::fmt::Display,
+    {
+        info!(term, revision = %guard, holder, "fenced registry writes as leader");
+        self.lead(Leader {
+            guard: guard.clone(),
+            valid_until,
+            holder: holder.into(),
+            term,
+        });
+        guard.try_into().unwrap_or(i64::MAX)
     }
 
     /// Extends the leader's write permission to `valid_until` (after a Lease renewal).
@@ -84,9 +113,10 @@ impl<G: Clone> Fence<G> {
         }
     }
 
-    /// Stops writing at once.
+    /// Stops writing at once, and forgets claims (the next leader owns them).
     pub(super) fn depose(&self) {
         *self.lock() = State::Follower;
+        self.claims.clear();
     }
 
     /// The leader this replica is, if it is one (whether or not its permission ran out).

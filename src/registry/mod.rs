@@ -21,6 +21,7 @@ pub mod etcd;
 mod fence;
 pub mod memory;
 mod ownership;
+mod records;
 pub mod tls;
 mod writes;
 

@@ -133,19 +133,14 @@ pub(super) trait OwnerRecords: Send + Sync {
     ///
     /// # Errors
     /// Backend failures; [`Error::Fenced`].
-    async fn create_record(&self, target: &str, owner: &Owner) -> Result<Created>;
+    async fn create(&self, target: &str, owner: &Owner) -> Result<Created>;
 
     /// Rewrites `target`'s record for `owner` only while it is at `version` (and still nothing
     /// nests in it). Returns the new version, `None` when the record moved on.
     ///
     /// # Errors
     /// Backend failures; [`Error::Fenced`].
-    async fn replace_record(
-        &self,
-        target: &str,
-        owner: &Owner,
-        version: i64,
-    ) -> Result<Option<i64>>;
+    async fn replace(&self, target: &str, owner: &Owner, version: i64) -> Result<Option<i64>>;
 
     /// Writes `owner`'s publication record, guarded on its record for `target`. Returns false,
     /// writing nothing, when that record does not name `owner`.
@@ -172,7 +167,7 @@ pub(super) async fn claim<R: OwnerRecords + ?Sized>(
         return Ok(Claim::Owned);
     }
     for _ in 0..CLAIM_ATTEMPTS {
-        let held = match records.create_record(target, owner).await? {
+        let held = match records.create(target, owner).await? {
             Created::Owned(version) => {
                 info!(registry_target = target, uid = %owner.uid, revision = version, "claimed target");
                 records.claims().remember(target, owner, version);
@@ -206,7 +201,7 @@ pub(super) fn take_over<'a, R: OwnerRecords + ?Sized>(
     version: i64,
 ) -> Pin<Box<dyn Future<Output = Result<Claim>> + Send + 'a>> {
     Box::pin(async move {
-        match records.replace_record(target, owner, version).await? {
+        match records.replace(target, owner, version).await? {
             Some(version) => {
                 info!(registry_target = target, uid = %owner.uid, revision = version, "took over target from a stale owner");
                 records.claims().remember(target, owner, version);

@@ -3,13 +3,13 @@
 //! leader fence), counted into a report; and the release of a target over the same writes.
 //!
 //! A backend supplies one primitive ([`GuardedWrites::write`]: a batch as one guarded request)
-//! and its limits. How it lists and diffs what it holds stays with it.
+//! and its limits ([`Scope`]). How it lists and diffs what it holds stays with it.
 
-use tracing::info;
+use tracing::{debug, info};
 
 use super::batch::{Limits, Write, batches};
-use super::ownership::Claims;
-use super::{Error, Result};
+use super::ownership::OwnerRecords;
+use super::{Error, Result, SyncReport};
 
 /// How a guarded request ended.
 #[derive(Debug)]
@@ -23,16 +23,13 @@ pub(super) enum Written {
     Refused(Error),
 }
 
-/// A backend's guarded writes.
+/// A backend's guarded writes (over its ownership records, whose claims a failed guard forgets).
 #[async_trait::async_trait]
-pub(super) trait GuardedWrites: Send + Sync {
+pub(super) trait GuardedWrites: OwnerRecords {
     /// One write.
     type Op: Write + Send + Sync;
     /// What proves ownership in a request.
     type Guard: Send + Sync;
-
-    /// The bounds on one request.
-    fn limits(&self) -> Limits;
 
     /// Writes `batch` in one request under `guard` and the leader fence, named `op`.
     ///
@@ -44,6 +41,17 @@ pub(super) trait GuardedWrites: Send + Sync {
         guard: &Self::Guard,
         batch: &[Self::Op],
     ) -> Result<Written>;
+}
+
+/// What every request of one sync or release carries, and what bounds it.
+#[derive(Debug)]
+pub(super) struct Scope<'a, G> {
+    /// The target written under.
+    pub(super) target: &'a str,
+    /// What proves ownership of it in a request.
+    pub(super) guard: G,
+    /// The backend's bounds on one request.
+    pub(super) limits: Limits,
 }
 
 /// What the batches written so far did.
@@ -61,30 +69,56 @@ pub(super) struct Progress {
     pub(super) unindexed: bool,
 }
 
+impl Progress {
+    /// The report of a sync of `target` that wrote these batches: `registered` entries are now
+    /// under it, on `lease` where the backend has leases. Logged when anything was written.
+    pub(super) fn report(self, target: &str, registered: usize, lease: Option<i64>) -> SyncReport {
+        if self.puts + self.deletes > 0 {
+            debug!(
+                registry_target = target,
+                puts = self.puts,
+                deletes = self.deletes,
+                txns = self.txns,
+                revision = self.revision,
+                lease_id = lease.map(|id| format!("{id:x}")),
+                "synced target"
+            );
+        }
+        SyncReport {
+            puts: self.puts,
+            deletes: self.deletes,
+            txns: self.txns,
+            registered,
+            revision: self.revision,
+            lease,
+        }
+    }
+}
+
 /// Why writing stopped before the last batch.
 #[derive(Debug)]
-pub(super) enum Stop {
+enum Stop {
     /// The ownership guard failed.
     GuardFailed,
     /// A write was refused.
     Refused(Error),
 }
 
-/// Writes `ops` in order, in batches under `guard`, counting into `progress`. Stops at the
+/// Writes `ops` in order, in batches within `scope`, counting into `progress`. Stops at the
 /// first batch that does not commit, saying why.
 ///
 /// # Errors
 /// [`super::SpecError::TooLarge`] (as [`Error::Spec`]) before anything is written, for a write
 /// over the backend's bound; backend failures; [`Error::Fenced`].
-pub(super) async fn write_batches<W: GuardedWrites + ?Sized>(
+async fn write_batches<W: GuardedWrites + ?Sized>(
     writes: &W,
     op: &'static str,
-    guard: &W::Guard,
+    scope: &Scope<'_, W::Guard>,
     ops: &[W::Op],
     progress: &mut Progress,
 ) -> Result<Option<Stop>> {
-    for batch in batches(ops, writes.limits())? {
-        match writes.write(op, guard, batch).await? {
+    for batch in batches(ops, scope.limits)? {
+        match writes.write(op, &scope.guard, batch).await? {
             Written::Committed(revision) => {
                 progress.txns += 1;
                 let deletes = batch.iter().filter(|op| op.deletes()).count();
@@ -100,55 +134,51 @@ pub(super) async fn write_batches<W: GuardedWrites + ?Sized>(
     Ok(None)
 }
 
-/// Writes `ops` for a sync of `target`: a failed ownership guard forgets the claim and is
+/// Writes `ops` for a sync: a failed ownership guard forgets the claim and is
 /// [`Error::OwnershipLost`]. Returns the refusal of a write, for the caller to retry or report.
 ///
 /// # Errors
 /// [`Error::OwnershipLost`]; as [`write_batches`].
 pub(super) async fn sync_batches<W: GuardedWrites + ?Sized>(
     writes: &W,
-    claims: &Claims,
-    target: &str,
-    guard: &W::Guard,
+    scope: &Scope<'_, W::Guard>,
     ops: &[W::Op],
     progress: &mut Progress,
 ) -> Result<Option<Error>> {
-    match write_batches(writes, "write registry batch", guard, ops, progress).await? {
+    let stop = write_batches(writes, "write registry batch", scope, ops, progress).await?;
+    match stop {
         None => Ok(None),
         Some(Stop::Refused(error)) => Ok(Some(error)),
         Some(Stop::GuardFailed) => {
-            claims.forget(target);
+            writes.claims().forget(scope.target);
             Err(Error::OwnershipLost {
-                target: target.to_owned(),
+                target: scope.target.to_owned(),
             })
         }
     }
 }
 
-/// Deletes what `owner` holds under `target`: `ops` is the deletes of its `entries` entries,
-/// then of its records (the ownership record last), in batches under `guard`. When the guard
-/// fails (the record names someone else, or is gone), stops there. Returns how many entries were
-/// deleted.
+/// Deletes what an owner holds under the scope's target: `ops` is the deletes of its `entries`
+/// entries, then of its records (the ownership record last). When the guard fails (the record
+/// names someone else, or is gone), stops there. Returns how many entries were deleted.
 ///
 /// # Errors
 /// A refused write; backend failures; [`Error::Fenced`].
 pub(super) async fn release_batches<W: GuardedWrites + ?Sized>(
     writes: &W,
-    claims: &Claims,
-    target: &str,
-    guard: &W::Guard,
+    scope: &Scope<'_, W::Guard>,
     ops: &[W::Op],
     entries: usize,
 ) -> Result<usize> {
     let mut progress = Progress::default();
-    let stop = write_batches(writes, "release target", guard, ops, &mut progress).await?;
+    let stop = write_batches(writes, "release target", scope, ops, &mut progress).await?;
     if let Some(Stop::Refused(error)) = stop {
         return Err(error);
     }
-    claims.forget(target);
+    writes.claims().forget(scope.target);
     let deleted = (progress.puts + progress.deletes).min(entries);
     if stop.is_none() {
-        info!(registry_target = target, deleted, "released target");
+        info!(registry_target = scope.target, deleted, "released target");
     }
     Ok(deleted)
 }

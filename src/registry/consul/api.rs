@@ -232,54 +232,40 @@ pub(in crate::registry) enum TxnOp {
 }
 
 impl TxnOp {
-    /// A KV `check-index`: the txn fails unless `key` is at `index`.
-    pub(super) fn check_index(key: &str, index: u64) -> Self {
+    /// A KV op: `verb` on `key`, with `value` (base64-encoded here) and `index` where the verb
+    /// takes them.
+    fn kv(verb: &'static str, key: &str, value: Option<&[u8]>, index: u64) -> Self {
         Self::Kv(KvOp {
-            verb: "check-index",
+            verb,
             key: key.to_owned(),
-            value: None,
+            value: value.map(|v| base64::engine::general_purpose::STANDARD.encode(v)),
             index,
         })
+    }
+
+    /// A KV `check-index`: the txn fails unless `key` is at `index`.
+    pub(super) fn check_index(key: &str, index: u64) -> Self {
+        Self::kv("check-index", key, None, index)
     }
 
     /// A KV `cas`: set `key` only while at `index` (0: only if absent).
     pub(super) fn kv_cas(key: &str, value: &[u8], index: u64) -> Self {
-        Self::Kv(KvOp {
-            verb: "cas",
-            key: key.to_owned(),
-            value: Some(base64::engine::general_purpose::STANDARD.encode(value)),
-            index,
-        })
+        Self::kv("cas", key, Some(value), index)
     }
 
     /// A KV `set`: `key` to `value`, unconditionally (guard it with `check-index` ops).
     pub(super) fn kv_set(key: &str, value: &[u8]) -> Self {
-        Self::Kv(KvOp {
-            verb: "set",
-            key: key.to_owned(),
-            value: Some(base64::engine::general_purpose::STANDARD.encode(value)),
-            index: 0,
-        })
+        Self::kv("set", key, Some(value), 0)
     }
 
     /// A KV `delete`: `key`, unconditionally (guard it with `check-index` ops).
     pub(super) fn kv_delete(key: &str) -> Self {
-        Self::Kv(KvOp {
-            verb: "delete",
-            key: key.to_owned(),
-            value: None,
-            index: 0,
-        })
+        Self::kv("delete", key, None, 0)
     }
 
     /// A KV `delete-cas`: delete `key` only while at `index`.
     pub(super) fn kv_delete_cas(key: &str, index: u64) -> Self {
-        Self::Kv(KvOp {
-            verb: "delete-cas",
-            key: key.to_owned(),
-            value: None,
-            index,
-        })
+        Self::kv("delete-cas", key, None, index)
     }
 
     /// Its JSON size, for byte-bounded batches.

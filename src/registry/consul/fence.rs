@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::ConsulRegistry;
 use super::api::{TxnOp, TxnOutcome};
@@ -24,9 +24,8 @@ pub struct LeaderRecord {
 
 impl ConsulRegistry {
     /// The key of the leader record that fences writes when leader election is on.
-    #[must_use]
-    pub fn leader_key(&self) -> String {
-        format!("{}/leader", self.inner.config.records_root())
+    fn leader_key(&self) -> String {
+        self.inner.records.leader()
     }
 
     /// Makes this replica the fenced leader for `term`: writes the leader record (by CAS, only
@@ -80,20 +79,7 @@ impl ConsulRegistry {
         let Some(index) = index else {
             return Err(fenced());
         };
-        self.inner.claims.clear();
-        self.inner.fence.lead(Leader {
-            guard: index,
-            valid_until,
-            holder: holder.into(),
-            term,
-        });
-        info!(
-            term,
-            revision = index,
-            holder,
-            "fenced consul writes as leader"
-        );
-        Ok(i64::try_from(index).unwrap_or(i64::MAX))
+        Ok(self.inner.fence.led(index, holder, term, valid_until))
     }
 
     /// The leader record and its index (0 when there is none).
@@ -127,7 +113,6 @@ impl ConsulRegistry {
     /// Stops writing at once, and forgets claims (the next leader owns them).
     pub fn depose(&self) {
         self.inner.fence.depose();
-        self.inner.claims.clear();
     }
 
     /// After a fenced txn failed on a leader record that no longer exists (Consul lost its

@@ -104,7 +104,7 @@ impl ConsulRegistry {
             .map_or(0, |n| n.create_index);
         let old = self.inner.incarnation.swap(new, Ordering::Relaxed);
         if old != 0 {
-            self.inner.claims.clear();
+            self.inner.fence.claims().clear();
             warn!(
                 node = %self.inner.node,
                 node_index = new,

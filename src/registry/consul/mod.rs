@@ -37,13 +37,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
 
+/// TLS material for Consul's HTTPS API (a client certificate for `verify_incoming`).
+pub use crate::registry::tls::TlsPem as ConsulTls;
 use api::{Api, TxnError, TxnOp, TxnOutcome, TxnResult};
-pub use config::{ConsulConfig, ConsulTls, MAX_TXN_BYTES, MAX_TXN_OPS};
+pub use config::{ConsulConfig, MAX_TXN_BYTES, MAX_TXN_OPS};
 pub use fence::LeaderRecord;
 pub use instance::{OWNER_META, instance_id, validate_service};
 
 use super::fence::Fence;
-use super::ownership::Claims;
+use super::ownership as shared;
+use super::records::Records;
 use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 
@@ -61,11 +64,12 @@ struct Inner {
     api: Api,
     /// Records, node name, limits.
     config: ConsulConfig,
+    /// The keys of the controller's records.
+    records: Records,
     /// The synthetic node's name.
     node: String,
-    /// Services this process has claimed, with their ownership record's index (the guard).
-    claims: Claims,
-    /// Whether this replica may write, and the leader record's index guarding its writes.
+    /// Whether this replica may write, the leader record's index guarding its writes, and the
+    /// services claimed under it with their ownership record's index (the guard).
     fence: Fence<u64>,
     /// Failure counters and the connected gauge.
     metrics: Arc<Metrics>,
@@ -115,8 +119,8 @@ impl ConsulRegistry {
             inner: Arc::new(Inner {
                 api,
                 node,
+                records: Records::new(config.records_root()),
                 config,
-                claims: Claims::default(),
                 fence: Fence::default(),
                 metrics,
                 events: broadcast::channel(64).0,
@@ -255,7 +259,7 @@ impl Backend for ConsulRegistry {
     }
 
     async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
-        ConsulRegistry::claim(self, target, owner).await
+        shared::claim(self, target, owner).await
     }
 
     async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
@@ -275,7 +279,7 @@ impl Backend for ConsulRegistry {
     }
 
     async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
-        ConsulRegistry::take_over(self, target, owner, version).await
+        shared::take_over(self, target, owner, version).await
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
@@ -283,7 +287,7 @@ impl Backend for ConsulRegistry {
     }
 
     async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
-        ConsulRegistry::record_publication(self, target, owner, record).await
+        shared::record_publication(self, target, owner, record).await
     }
 
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {

@@ -6,15 +6,15 @@
 use super::api::{KvEntry, TxnOp};
 use super::instance::Change;
 use super::{ConsulRegistry, Guarded};
-use crate::registry::ownership::{self, Claims, Created, Held, OwnerRecords};
+use crate::registry::ownership::{Claims, Created, Held, OwnerRecords};
 use crate::registry::writes::release_batches;
-use crate::registry::{Claim, Error, Owner, Result};
+use crate::registry::{Error, Owner, Result};
 
 impl ConsulRegistry {
     /// The key of a service's ownership record.
     #[must_use]
     pub fn owner_key(&self, service: &str) -> String {
-        format!("{}/owners/{service}", self.inner.config.records_root())
+        self.inner.records.owner(service)
     }
 
     /// The ownership record of `service` and its index.
@@ -26,20 +26,7 @@ impl ConsulRegistry {
     /// The KV key of an owner's publication record, `<records-root>/published/<uid>`.
     #[must_use]
     pub fn publication_key(&self, uid: &str) -> String {
-        format!("{}/published/{uid}", self.inner.config.records_root())
-    }
-
-    /// Writes `owner`'s publication record, guarded on its ownership of `service`.
-    ///
-    /// # Errors
-    /// [`Error::OwnershipLost`]; Consul failures.
-    pub async fn record_publication(
-        &self,
-        service: &str,
-        owner: &Owner,
-        record: &[u8],
-    ) -> Result<()> {
-        ownership::record_publication(self, service, owner, record).await
+        self.inner.records.publication(uid)
     }
 
     /// The publication record of the owner `uid`.
@@ -58,7 +45,7 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
-        let prefix = format!("{}/writers/", self.inner.config.records_root());
+        let prefix = self.inner.records.writer("");
         let started = std::time::Instant::now();
         let set = vec![TxnOp::kv_set(
             &format!("{prefix}{instance}"),
@@ -83,7 +70,7 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn forget_writer(&self, instance: &str) -> Result<()> {
-        let key = format!("{}/writers/{instance}", self.inner.config.records_root());
+        let key = self.inner.records.writer(instance);
         let started = std::time::Instant::now();
         let outcome = self
             .inner
@@ -99,7 +86,7 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn owners(&self) -> Result<Vec<(String, Owner)>> {
-        let prefix = format!("{}/owners/", self.inner.config.records_root());
+        let prefix = self.inner.records.owner("");
         Ok(self
             .kv_under("list ownership records", &prefix)
             .await?
@@ -148,37 +135,18 @@ impl ConsulRegistry {
             .and_then(|entry| serde_json::from_slice(&entry.bytes()).ok()))
     }
 
-    /// Claims `service` for `owner` with a create-only CAS (behind the fence). Idempotent for
-    /// the same uid; a refreshed identity of the same uid is rewritten under CAS.
-    ///
-    /// # Errors
-    /// Consul failures; [`Error::Fenced`].
-    pub async fn claim(&self, service: &str, owner: &Owner) -> Result<Claim> {
-        ownership::claim(self, service, owner).await
-    }
-
-    /// Takes over a service whose recorded owner is gone, by CAS on the record's `version`, so
-    /// two claimants cannot both win.
-    ///
-    /// # Errors
-    /// Consul failures; [`Error::Fenced`].
-    pub async fn take_over(&self, service: &str, owner: &Owner, version: i64) -> Result<Claim> {
-        ownership::take_over(self, service, owner, version).await
-    }
-
     /// The index of `owner`'s record for `service`, the guard of every write.
     ///
     /// # Errors
     /// [`Error::OwnershipLost`] when the record does not name `owner`; Consul failures.
     pub(super) async fn owned_index(&self, service: &str, owner: &Owner) -> Result<u64> {
-        if let Some(version) = self.inner.claims.version(service, owner) {
+        if let Some(version) = self.inner.fence.claims().version(service, owner) {
             return Ok(index(version));
         }
         match self.read_owner(service).await? {
             Some(entry) if entry.bytes() == owner.record() => {
-                self.inner
-                    .claims
-                    .remember(service, owner, version(entry.modify_index));
+                let claims = self.inner.fence.claims();
+                claims.remember(service, owner, version(entry.modify_index));
                 Ok(entry.modify_index)
             }
             _ => Err(Error::OwnershipLost {
@@ -209,8 +177,8 @@ impl ConsulRegistry {
         let key = self.owner_key(service);
         ops.push(TxnOp::kv_delete(&self.publication_key(&owner.uid)));
         ops.push(TxnOp::kv_delete_cas(&key, entry.modify_index));
-        let guard = TxnOp::check_index(&key, entry.modify_index);
-        release_batches(self, &self.inner.claims, service, &guard, &ops, entries).await
+        let scope = self.scope(service, entry.modify_index);
+        release_batches(self, &scope, &ops, entries).await
     }
 
     /// Ops a write batch may carry besides the fence and `guards` guards.
@@ -225,7 +193,7 @@ impl ConsulRegistry {
     }
 
     pub(super) fn forget_claim(&self, service: &str) {
-        self.inner.claims.forget(service);
+        self.inner.fence.claims().forget(service);
     }
 
     /// The index of a committed CAS: its result comes last (the fence's comes first).
@@ -252,12 +220,12 @@ fn index(version: i64) -> u64 {
 #[async_trait::async_trait]
 impl OwnerRecords for ConsulRegistry {
     fn claims(&self) -> &Claims {
-        &self.inner.claims
+        self.inner.fence.claims()
     }
 
     /// A create-only CAS; when it fails, the record is read (Consul's service names are flat:
     /// no target nests in another, so only the service's own record can be in the way).
-    async fn create_record(&self, service: &str, owner: &Owner) -> Result<Created> {
+    async fn create(&self, service: &str, owner: &Owner) -> Result<Created> {
         let write = vec![TxnOp::kv_cas(&self.owner_key(service), &owner.record(), 0)];
         if let Guarded::Committed(results) = self.guarded("claim target", vec![], write).await? {
             return Ok(Created::Owned(Self::cas_index(&results)));
@@ -270,12 +238,7 @@ impl OwnerRecords for ConsulRegistry {
         })))
     }
 
-    async fn replace_record(
-        &self,
-        service: &str,
-        owner: &Owner,
-        version: i64,
-    ) -> Result<Option<i64>> {
+    async fn replace(&self, service: &str, owner: &Owner, version: i64) -> Result<Option<i64>> {
         let key = self.owner_key(service);
         let write = vec![TxnOp::kv_cas(&key, &owner.record(), index(version))];
         match self.guarded("take over target", vec![], write).await? {

@@ -1,13 +1,13 @@
 //! Making this node's instances of a service equal the desired ones: list, diff, guarded txn
 //! batches.
 
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::api::{Indexed, Instance, NodeServices, TxnOp, TxnResult};
 use super::instance::{desired, diff};
 use super::{ConsulRegistry, Guarded};
 use crate::registry::batch::Limits;
-use crate::registry::writes::{GuardedWrites, Progress, Written, sync_batches};
+use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
 use crate::registry::{Error, Publication, Result, SyncReport};
 
 #[async_trait::async_trait]
@@ -15,17 +15,6 @@ impl GuardedWrites for ConsulRegistry {
     type Op = TxnOp;
     /// The `check-index` on the ownership record.
     type Guard = TxnOp;
-
-    /// At most [`super::MAX_TXN_OPS`] ops (the configured bound, less the fence and the
-    /// guard) and [`super::MAX_TXN_BYTES`] JSON bytes; one op over that can never be written
-    /// (Consul refuses the request), so it is refused before anything is sent.
-    fn limits(&self) -> Limits {
-        Limits {
-            ops: self.max_ops(1),
-            bytes: super::MAX_TXN_BYTES,
-            op_bytes: Some(super::MAX_TXN_BYTES),
-        }
-    }
 
     async fn write(&self, op: &'static str, guard: &TxnOp, batch: &[TxnOp]) -> Result<Written> {
         Ok(
@@ -64,6 +53,22 @@ pub struct Listing {
 }
 
 impl ConsulRegistry {
+    /// Writes for `service` guarded by its ownership record at `index`: at most
+    /// [`super::MAX_TXN_OPS`] ops (the configured bound, less the fence and the guard) and
+    /// [`super::MAX_TXN_BYTES`] JSON bytes a txn; one op over that can never be written (Consul
+    /// refuses the request), so it is refused before anything is sent.
+    pub(super) fn scope<'a>(&self, service: &'a str, index: u64) -> Scope<'a, TxnOp> {
+        Scope {
+            target: service,
+            guard: TxnOp::check_index(&self.owner_key(service), index),
+            limits: Limits {
+                ops: self.max_ops(1),
+                bytes: super::MAX_TXN_BYTES,
+                op_bytes: Some(super::MAX_TXN_BYTES),
+            },
+        }
+    }
+
     /// Lists the instances of `service` on this registry's node (and nothing else: other
     /// services on the node and other nodes are never read for a write).
     ///
@@ -133,7 +138,7 @@ impl ConsulRegistry {
         self.fence_op().map_err(|_| Error::Fenced {
             op: "write registry batch",
         })?;
-        let guard = TxnOp::check_index(&self.owner_key(service), guard_index);
+        let scope = self.scope(service, guard_index);
         let mut progress = Progress::default();
         let mut retried = false;
         loop {
@@ -150,8 +155,7 @@ impl ConsulRegistry {
                 .iter()
                 .map(|c| c.op(&self.inner.node, service))
                 .collect();
-            let claims = &self.inner.claims;
-            match sync_batches(self, claims, service, &guard, &ops, &mut progress).await? {
+            match sync_batches(self, &scope, &ops, &mut progress).await? {
                 None => break,
                 Some(e) if !retried => {
                     retried = true;
@@ -164,28 +168,10 @@ impl ConsulRegistry {
             // The last txn only deleted, and deletes return no index: ask for the current one.
             progress.revision = progress.revision.max(version(self.list_index().await?));
         }
-        let report = SyncReport {
-            puts: progress.puts,
-            deletes: progress.deletes,
-            txns: progress.txns,
-            registered: desired.len(),
-            revision: progress.revision,
-            lease: None,
-        };
         // Consul has no lease (`lease` stays None): entries live on the synthetic node, whose
         // incarnation is logged as `node_index`.
         self.start_keeper();
-        if report.puts + report.deletes > 0 {
-            debug!(
-                registry_target = service,
-                puts = report.puts,
-                deletes = report.deletes,
-                txns = report.txns,
-                revision = report.revision,
-                "synced consul service"
-            );
-        }
-        Ok(report)
+        Ok(progress.report(service, desired.len(), None))
     }
 
     /// Consul's current index for this node's services, read without listing any.

@@ -6,11 +6,10 @@
 use std::time::Instant;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::EtcdRegistry;
 use crate::registry::error::timeout;
-use crate::registry::fence::Leader;
 use crate::registry::{Error, Result};
 
 /// The leader record: `"<term, 10 digits> <holder>"`, so that byte order is term order and a
@@ -34,7 +33,7 @@ impl EtcdRegistry {
     /// The key of the leader record that fences writes when leader election is on.
     #[must_use]
     pub fn leader_key(&self) -> String {
-        format!("{}/leader", self.inner.config.records_root())
+        self.inner.records.leader()
     }
 
     /// Makes this replica the fenced leader for `term`: writes the leader record (only over an
@@ -84,15 +83,7 @@ impl EtcdRegistry {
                 None => return Err(fenced()),
             }
         };
-        self.inner.claims.clear();
-        self.inner.fence.lead(Leader {
-            guard: revision,
-            valid_until,
-            holder: holder.into(),
-            term,
-        });
-        info!(term, revision, holder, "fenced registry writes as leader");
-        Ok(revision)
+        Ok(self.inner.fence.led(revision, holder, term, valid_until))
     }
 
     /// The term of the leader record in etcd, 0 when there is none.
@@ -123,7 +114,6 @@ impl EtcdRegistry {
     /// Stops writing at once, and forgets claims (the next leader owns them).
     pub fn depose(&self) {
         self.inner.fence.depose();
-        self.inner.claims.clear();
     }
 
     /// The compare that fences a write, `None` without leader election.

@@ -292,46 +292,10 @@ impl Keeper {
         let mut outage: Option<(Instant, u32)> = None;
         loop {
             let id = *self.id.borrow();
-            let opened = timeout(
-                "open lease keep-alive stream",
-                self.op_timeout,
-                self.client.lease_client().keep_alive(id),
-            )
-            .await;
-            // Opening a stream proves little (it may succeed while etcd is still away): the
-            // outage ends with the first answered renewal.
-            let opened = match opened {
-                Ok((mut keeper, mut stream)) => self
-                    .renew(&mut keeper, &mut stream, interval)
-                    .await
-                    .map(|()| (keeper, stream)),
-                Err(Error::Etcd { cause, .. }) if is_lease_not_found(&cause) => {
-                    Err(StreamEnd::Lost)
-                }
-                Err(e) => {
-                    self.metrics.lease_keepalive_failures.inc();
-                    Err(StreamEnd::Broken(e.to_string()))
-                }
-            };
-            let end = match opened {
+            let end = match self.open(id, interval).await {
                 Ok((keeper, stream)) => {
                     last_ok = Instant::now();
-                    self.metrics.backend_result("etcd", "keepalive", true, true);
-                    if let Some((since, attempts)) = outage.take() {
-                        self.outages
-                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                        info!(
-                            lease_id = %hex(id),
-                            outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
-                            attempts,
-                            "etcd reachable again; lease kept"
-                        );
-                        let _ = self.events.send(LeaseEvent::Restored {
-                            ttl: self.ttl,
-                            lease: id,
-                        });
-                    }
-                    self.metrics.lease_keepalives.inc();
+                    self.answered(id, &mut outage);
                     self.drive(keeper, stream, interval, &mut last_ok).await
                 }
                 Err(end) => end,
@@ -345,36 +309,95 @@ impl Keeper {
                     self.replace(id).await;
                 }
                 StreamEnd::Broken(error) => {
-                    self.metrics
-                        .backend_result("etcd", "keepalive", false, false);
-                    match &mut outage {
-                        None => {
-                            let left = self.ttl.saturating_sub(last_ok.elapsed());
-                            warn!(
-                                lease_id = %hex(id),
-                                error,
-                                retry_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
-                                lease_left_s = left.as_secs(),
-                                "etcd unreachable: cannot renew the lease; retrying (registered keys stay until the lease expires, then are put again on a new lease)"
-                            );
-                            outage = Some((Instant::now(), 1));
-                            self.outages
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let _ = self.events.send(LeaseEvent::Unreachable {
-                                ttl: self.ttl,
-                                lease: id,
-                            });
-                        }
-                        Some((_, attempts)) => {
-                            *attempts += 1;
-                            debug!(lease_id = %hex(id), error, attempts = *attempts, "lease keep-alive still failing");
-                        }
-                    }
+                    self.unanswered(id, error, last_ok, retry, &mut outage);
                     tokio::select! {
                         () = tokio::time::sleep(retry) => {}
                         () = self.suspect.notified() => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// Opens a keep-alive stream for the lease `id` and renews it once. Opening a stream proves
+    /// little (it may succeed while etcd is still away): an outage ends with the first answered
+    /// renewal.
+    async fn open(
+        &self,
+        id: i64,
+        interval: Duration,
+    ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), StreamEnd> {
+        let opened = timeout(
+            "open lease keep-alive stream",
+            self.op_timeout,
+            self.client.lease_client().keep_alive(id),
+        )
+        .await;
+        match opened {
+            Ok((mut keeper, mut stream)) => self
+                .renew(&mut keeper, &mut stream, interval)
+                .await
+                .map(|()| (keeper, stream)),
+            Err(Error::Etcd { cause, .. }) if is_lease_not_found(&cause) => Err(StreamEnd::Lost),
+            Err(e) => {
+                self.metrics.lease_keepalive_failures.inc();
+                Err(StreamEnd::Broken(e.to_string()))
+            }
+        }
+    }
+
+    /// A renewal of `id` was answered: an outage ends, said once.
+    fn answered(&self, id: i64, outage: &mut Option<(Instant, u32)>) {
+        self.metrics.backend_result("etcd", "keepalive", true, true);
+        if let Some((since, attempts)) = outage.take() {
+            self.outages
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            info!(
+                lease_id = %hex(id),
+                outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                attempts,
+                "etcd reachable again; lease kept"
+            );
+            let _ = self.events.send(LeaseEvent::Restored {
+                ttl: self.ttl,
+                lease: id,
+            });
+        }
+        self.metrics.lease_keepalives.inc();
+    }
+
+    /// A renewal of `id` went unanswered (`error`): an outage starts, said once, or goes on.
+    fn unanswered(
+        &self,
+        id: i64,
+        error: String,
+        last_ok: Instant,
+        retry: Duration,
+        outage: &mut Option<(Instant, u32)>,
+    ) {
+        self.metrics
+            .backend_result("etcd", "keepalive", false, false);
+        match outage {
+            None => {
+                let left = self.ttl.saturating_sub(last_ok.elapsed());
+                warn!(
+                    lease_id = %hex(id),
+                    error,
+                    retry_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
+                    lease_left_s = left.as_secs(),
+                    "etcd unreachable: cannot renew the lease; retrying (registered keys stay until the lease expires, then are put again on a new lease)"
+                );
+                *outage = Some((Instant::now(), 1));
+                self.outages
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = self.events.send(LeaseEvent::Unreachable {
+                    ttl: self.ttl,
+                    lease: id,
+                });
+            }
+            Some((_, attempts)) => {
+                *attempts += 1;
+                debug!(lease_id = %hex(id), error, attempts = *attempts, "lease keep-alive still failing");
             }
         }
     }

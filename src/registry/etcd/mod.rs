@@ -24,13 +24,16 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, ConnectOptions, Txn};
 use tokio::sync::broadcast;
 
-pub use config::{EtcdConfig, EtcdTls, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
+/// TLS material for etcd (under etcd's `--client-cert-auth` with auth enabled, the client
+/// certificate's common name is the etcd user, so no password is needed).
+pub use crate::registry::tls::TlsPem as EtcdTls;
+pub use config::{EtcdConfig, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
 pub use diff::{Current, Op, diff};
 pub use fence::{leader_record, leader_term};
 use lease::LeasePool;
 
 use super::fence::Fence;
-use super::ownership::Claims;
+use super::records::Records;
 use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 
@@ -45,14 +48,15 @@ struct Inner {
     client: Client,
     /// Layout and limits.
     config: EtcdConfig,
+    /// The keys of the controller's records.
+    records: Records,
     /// The shared leases.
     leases: LeasePool,
-    /// Targets this process has claimed, so a claim costs no round trip in steady state.
-    /// Cleared by the lease keeper when a lease is replaced.
-    claims: Claims,
     /// etcd latency and lease counters.
     metrics: Arc<Metrics>,
-    /// Whether this replica may write, and the fencing record guarding its writes.
+    /// Whether this replica may write, the fencing record guarding its writes, and the
+    /// targets claimed under it (so a claim costs no round trip in steady state; cleared by
+    /// the lease keeper when a lease is replaced).
     fence: Fence<i64>,
     /// The leases this process has recorded for adoption (with a cluster name, also marked as
     /// its cluster's).
@@ -109,22 +113,23 @@ impl EtcdRegistry {
     /// Wraps an existing client.
     #[must_use]
     pub fn from_client(client: Client, config: EtcdConfig, metrics: Arc<Metrics>) -> Self {
-        let claims = Claims::default();
+        let fence = Fence::default();
         let leases = LeasePool::new(
             client.clone(),
             config.op_timeout,
             metrics.clone(),
-            Arc::new(claims.clearer()),
+            // A replaced lease took every key with it: claims are made again.
+            Arc::new(fence.claims().clearer()),
             format!("{}/lease/", config.records_root()),
         );
         Self {
             inner: Arc::new(Inner {
                 client,
+                records: Records::new(config.records_root()),
                 config,
                 leases,
-                claims,
                 metrics,
-                fence: Fence::default(),
+                fence,
                 marked: Mutex::default(),
             }),
         }

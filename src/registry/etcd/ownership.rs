@@ -8,7 +8,6 @@ use etcd_client::{
 use tonic_etcd_resolver::format::watch_prefix;
 use tracing::info;
 
-use super::sync::Guard;
 use super::{EtcdRegistry, Op};
 use crate::registry::ownership::{self, Claims, Created, Held, OwnerRecords};
 use crate::registry::writes::release_batches;
@@ -18,13 +17,13 @@ impl EtcdRegistry {
     /// The key of a target's ownership record.
     #[must_use]
     pub fn owner_key(&self, target: &str) -> String {
-        format!("{}/owners/{target}", self.inner.config.records_root())
+        self.inner.records.owner(target)
     }
 
     /// The key of an owner's publication record, `<records-root>/published/<uid>`.
     #[must_use]
     pub fn publication_key(&self, uid: &str) -> String {
-        format!("{}/published/{uid}", self.inner.config.records_root())
+        self.inner.records.publication(uid)
     }
 
     /// One read of `key` (with `options`), timed and counted.
@@ -60,7 +59,7 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
-        let prefix = format!("{}/writers/", self.inner.config.records_root());
+        let prefix = self.inner.records.writer("");
         let txn = etcd_client::Txn::new().and_then(vec![
             TxnOp::put(format!("{prefix}{instance}"), beat.to_string(), None),
             TxnOp::get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
@@ -87,7 +86,7 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn forget_writer(&self, instance: &str) -> Result<()> {
-        let key = format!("{}/writers/{instance}", self.inner.config.records_root());
+        let key = self.inner.records.writer(instance);
         let txn = etcd_client::Txn::new().and_then(vec![TxnOp::delete(key, None)]);
         self.txn("forget writer", txn).await.map(|_| ())
     }
@@ -97,7 +96,7 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn owners(&self) -> Result<Vec<(String, Owner)>> {
-        let prefix = format!("{}/owners/", self.inner.config.records_root());
+        let prefix = self.inner.records.owner("");
         let options = GetOptions::new().with_prefix();
         let resp = self
             .range("list ownership records", &prefix, Some(options))
@@ -240,27 +239,24 @@ impl EtcdRegistry {
         ops.push(Op::Delete {
             key: self.owner_key(target),
         });
-        let guard = Guard {
-            owner: self.owned_by(target, owner),
-            lease: 0,
-        };
-        release_batches(self, &self.inner.claims, target, &guard, &ops, entries).await
+        let scope = self.scope(target, owner, 0);
+        release_batches(self, &scope, &ops, entries).await
     }
 
     pub(super) fn forget_claim(&self, target: &str) {
-        self.inner.claims.forget(target);
+        self.inner.fence.claims().forget(target);
     }
 }
 
 #[async_trait::async_trait]
 impl OwnerRecords for EtcdRegistry {
     fn claims(&self) -> &Claims {
-        &self.inner.claims
+        self.inner.fence.claims()
     }
 
     /// One txn: the record must not exist, nor any nesting one; when it fails, the records in
     /// the way are read in the same txn (the target's own first).
-    async fn create_record(&self, target: &str, owner: &Owner) -> Result<Created> {
+    async fn create(&self, target: &str, owner: &Owner) -> Result<Created> {
         let key = self.owner_key(target);
         let mut compares = vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)];
         compares.extend(self.no_nesting(target));
@@ -302,12 +298,7 @@ impl OwnerRecords for EtcdRegistry {
         })))
     }
 
-    async fn replace_record(
-        &self,
-        target: &str,
-        owner: &Owner,
-        version: i64,
-    ) -> Result<Option<i64>> {
+    async fn replace(&self, target: &str, owner: &Owner, version: i64) -> Result<Option<i64>> {
         let key = self.owner_key(target);
         let mut compares = vec![Compare::mod_revision(
             key.clone(),

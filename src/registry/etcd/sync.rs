@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tonic_etcd_resolver::format::watch_prefix;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::lease::is_lease_not_found;
 use super::{Current, EtcdRegistry, Op, diff};
 use crate::registry::batch::Limits;
 use crate::registry::error::timeout;
-use crate::registry::writes::{GuardedWrites, Progress, Written, sync_batches};
+use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
 use crate::registry::{Error, Owner, Result, SyncReport};
 
 /// What a write txn is guarded by, and the lease its puts go on.
@@ -27,17 +27,6 @@ pub(in crate::registry) struct Guard {
 impl GuardedWrites for EtcdRegistry {
     type Op = Op;
     type Guard = Guard;
-
-    /// At most `max_txn_ops` ops and [`super::MAX_TXN_BYTES`] bytes; a single larger key is
-    /// sent alone and left to etcd's own request limit (the layout already refuses an entry
-    /// over [`crate::desired::MAX_ENTRY_BYTES`]).
-    fn limits(&self) -> Limits {
-        Limits {
-            ops: self.inner.config.max_txn_ops,
-            bytes: super::MAX_TXN_BYTES,
-            op_bytes: None,
-        }
-    }
 
     async fn write(&self, op: &'static str, guard: &Guard, batch: &[Op]) -> Result<Written> {
         let on_lease = || Some(PutOptions::new().with_lease(guard.lease));
@@ -55,6 +44,26 @@ impl GuardedWrites for EtcdRegistry {
             return Ok(Written::GuardFailed);
         }
         Ok(Written::Committed(resp.header().map(|h| h.revision())))
+    }
+}
+
+impl EtcdRegistry {
+    /// Writes under `target` guarded by `owner`'s record, their puts on `lease`: at most
+    /// `max_txn_ops` ops and [`super::MAX_TXN_BYTES`] bytes a txn; a single larger key is sent
+    /// alone and left to etcd's own request limit (the layout already refuses an entry over
+    /// [`crate::desired::MAX_ENTRY_BYTES`]).
+    pub(super) fn scope<'a>(&self, target: &'a str, owner: &Owner, lease: i64) -> Scope<'a, Guard> {
+        let limits = Limits {
+            ops: self.inner.config.max_txn_ops,
+            bytes: super::MAX_TXN_BYTES,
+            op_bytes: None,
+        };
+        let owner = self.owned_by(target, owner);
+        Scope {
+            target,
+            guard: Guard { owner, lease },
+            limits,
+        }
     }
 }
 
@@ -232,16 +241,12 @@ impl EtcdRegistry {
                 .filter(|(key, _)| desired.contains_key(key)),
         );
         let ops = diff(&current, &desired, lease_id);
-        let guard = Guard {
-            owner: self.owned_by(target, owner),
-            lease: lease_id,
-        };
+        let scope = self.scope(target, owner, lease_id);
         let mut progress = Progress {
             revision: listing.revision,
             ..Progress::default()
         };
-        let claims = &self.inner.claims;
-        match sync_batches(self, claims, target, &guard, &ops, &mut progress).await {
+        match sync_batches(self, &scope, &ops, &mut progress).await {
             Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
                 // The keeper checks at once and, when the lease is gone, grants a new one and
                 // announces it; the reconcile that follows re-puts everything.
@@ -253,25 +258,7 @@ impl EtcdRegistry {
             Err(error) | Ok(Some(error)) => return Err(error),
             Ok(None) => {}
         }
-        let report = SyncReport {
-            puts: progress.puts,
-            deletes: progress.deletes,
-            txns: progress.txns,
-            registered: desired.len(),
-            revision: progress.revision,
-            lease: Some(lease_id),
-        };
-        if report.puts + report.deletes > 0 {
-            debug!(
-                registry_target = target,
-                puts = report.puts,
-                deletes = report.deletes,
-                revision = report.revision,
-                lease_id = %format!("{lease_id:x}"),
-                "synced target"
-            );
-        }
-        Ok(report)
+        Ok(progress.report(target, desired.len(), Some(lease_id)))
     }
 }
 

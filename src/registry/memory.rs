@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use super::fence::{Fence, Leader};
+use super::ownership::{self, Claims, Created, Held, OwnerRecords};
 use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
 
 /// One claimed target.
@@ -131,41 +132,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
-        let mut state = self.writable("claim target")?;
-        state.revision += 1;
-        let revision = state.revision;
-        if let Some(current) = state.targets.get(target) {
-            return Ok(if current.owner.uid == owner.uid {
-                Claim::Owned
-            } else {
-                Claim::Conflict {
-                    owner: current.owner.clone(),
-                    version: current.version,
-                    target: target.to_owned(),
-                }
-            });
-        }
-        if let Some((other, current)) = state
-            .targets
-            .iter()
-            .find(|(other, _)| crate::registry::nested(target, other))
-        {
-            return Ok(Claim::Conflict {
-                owner: current.owner.clone(),
-                version: current.version,
-                target: other.clone(),
-            });
-        }
-        state.writes += 1;
-        state.targets.insert(
-            target.to_owned(),
-            Target {
-                owner: owner.clone(),
-                version: revision,
-                entries: BTreeMap::new(),
-            },
-        );
-        Ok(Claim::Owned)
+        ownership::claim(self, target, owner).await
     }
 
     async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
@@ -204,28 +171,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
-        {
-            let mut state = self.writable("take over target")?;
-            state.revision += 1;
-            let revision = state.revision;
-            match state.targets.get_mut(target) {
-                Some(t) if t.version == version => {
-                    t.owner = owner.clone();
-                    t.version = revision;
-                    state.writes += 1;
-                    return Ok(Claim::Owned);
-                }
-                Some(t) => {
-                    return Ok(Claim::Conflict {
-                        owner: t.owner.clone(),
-                        version: t.version,
-                        target: target.to_owned(),
-                    });
-                }
-                None => {}
-            }
-        }
-        self.claim(target, owner).await
+        ownership::take_over(self, target, owner, version).await
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
@@ -271,15 +217,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
-        let mut state = self.writable("record publication")?;
-        if state.targets.get(target).is_none_or(|t| t.owner != *owner) {
-            return Err(Error::OwnershipLost {
-                target: target.to_owned(),
-            });
-        }
-        state.records.insert(owner.uid.clone(), record.to_vec());
-        state.writes += 1;
-        Ok(())
+        ownership::record_publication(self, target, owner, record).await
     }
 
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
@@ -298,6 +236,7 @@ impl Backend for MemoryBackend {
         match state.targets.get(target) {
             Some(t) if t.owner == *owner => {
                 let deleted = t.entries.len();
+                self.fence.claims().forget(target);
                 state.targets.remove(target);
                 state.records.remove(&owner.uid);
                 state.revision += 1;
@@ -348,5 +287,72 @@ impl Backend for MemoryBackend {
 
     async fn leader_term(&self) -> Result<i64> {
         Ok(self.lock().leader_term)
+    }
+}
+
+/// The claim flows are the shared ones, over records kept in memory.
+#[async_trait::async_trait]
+impl OwnerRecords for MemoryBackend {
+    fn claims(&self) -> &Claims {
+        self.fence.claims()
+    }
+
+    async fn create(&self, target: &str, owner: &Owner) -> Result<Created> {
+        let mut guard = self.writable("claim target")?;
+        let state = &mut *guard;
+        state.revision += 1;
+        let held = state.targets.get_key_value(target).or_else(|| {
+            state
+                .targets
+                .iter()
+                .find(|(other, _)| crate::registry::nested(target, other))
+        });
+        if let Some((held, t)) = held {
+            return Ok(Created::Held(Some(Held {
+                record: t.owner.record(),
+                version: t.version,
+                target: held.clone(),
+            })));
+        }
+        state.writes += 1;
+        let record = Target {
+            owner: owner.clone(),
+            version: state.revision,
+            entries: BTreeMap::new(),
+        };
+        state.targets.insert(target.to_owned(), record);
+        Ok(Created::Owned(state.revision))
+    }
+
+    async fn replace(&self, target: &str, owner: &Owner, version: i64) -> Result<Option<i64>> {
+        let mut guard = self.writable("take over target")?;
+        let state = &mut *guard;
+        state.revision += 1;
+        match state.targets.get_mut(target) {
+            Some(t) if t.version == version => {
+                t.owner = owner.clone();
+                t.version = state.revision;
+                state.writes += 1;
+                Ok(Some(state.revision))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn write_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<bool> {
+        let mut state = self.writable("record publication")?;
+        if state.targets.get(target).is_none_or(|t| t.owner != *owner) {
+            return Ok(false);
+        }
+        state.records.insert(owner.uid.clone(), record.to_vec());
+        state.writes += 1;
+        Ok(true)
+    }
+
+    /// Unreachable: the records are read and written under one lock.
+    fn kept_changing(&self, target: &str) -> Error {
+        Error::OwnershipLost {
+            target: target.to_owned(),
+        }
     }
 }

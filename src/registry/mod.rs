@@ -4,11 +4,13 @@
 //! it equal a [`Publication`], releases it, reports lease and reachability [`Event`]s, and fences
 //! its writes so that only the elected leader's reach the registry.
 //!
-//! Written once for every backend: the fence state (`fence`), the batching rule (`batch`), the
-//! claim, take-over and publication-record flows (`ownership`), and writing batches under the
-//! ownership guard for a sync or a release (`writes`). A backend supplies its primitives: its
-//! records' guarded compare-and-swaps, one guarded write request, its limits, its listing and
-//! diff.
+//! Written once for every backend (external-dns's Registry over Provider): the fence state
+//! (`fence`), the batching rule (`batch`), the claim, take-over and publication-record flows and
+//! the claim cache (`ownership`), writing batches under the ownership guard for a sync or a
+//! release (`writes`), where the controller's records live (`records`) and TLS material
+//! ([`tls`]). A backend supplies its primitives: its leader record's write and the guard on it,
+//! its ownership records' guarded compare-and-swaps (`ownership::OwnerRecords`), one guarded
+//! write request (`writes::GuardedWrites`) and its limits, its listing and its diff.
 //!
 //! - [`etcd`]: etcd, with one shared lease per TTL, guarded txn batches and an etcd fence.
 //! - [`consul`]: Consul's catalog, written through guarded `/v1/txn` batches, fenced on KV.

@@ -19,8 +19,9 @@
 //!
 //! - [`config`]: address, token, datacenter, TLS, records.
 //! - `api`: the HTTP calls and txn types.
-//! - `instance`: endpoints to instances, validation, the pure diff, batching.
-//! - `ownership`, `fence`, `sync`, `keeper`.
+//! - `instance`: endpoints to instances, validation, the pure diff.
+//! - `ownership`, `fence`, `sync`: Consul's guarded KV and catalog txns under the shared claim
+//!   flows, fence state and batching; `keeper`.
 
 mod api;
 pub mod config;
@@ -95,6 +96,16 @@ impl Drop for Inner {
             task.abort();
         }
     }
+}
+
+/// A Consul index as a version or revision (the neutral `i64` of claims and reports).
+fn version(index: u64) -> i64 {
+    i64::try_from(index).unwrap_or(i64::MAX)
+}
+
+/// A version as a Consul index.
+fn index(version: i64) -> u64 {
+    u64::try_from(version).unwrap_or(0)
 }
 
 /// How a guarded txn ended.

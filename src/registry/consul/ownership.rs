@@ -5,7 +5,7 @@
 
 use super::api::{KvEntry, TxnOp};
 use super::instance::Change;
-use super::{ConsulRegistry, Guarded};
+use super::{ConsulRegistry, Guarded, index, version};
 use crate::registry::ownership::{Claims, Created, Held, OwnerRecords};
 use crate::registry::writes::release_batches;
 use crate::registry::{Error, Owner, Result};
@@ -205,16 +205,6 @@ impl ConsulRegistry {
                 .map_or(0, |kv| kv.modify_index),
         )
     }
-}
-
-/// A Consul index as a record version.
-fn version(index: u64) -> i64 {
-    i64::try_from(index).unwrap_or(i64::MAX)
-}
-
-/// A record version as a Consul index.
-fn index(version: i64) -> u64 {
-    u64::try_from(version).unwrap_or(0)
 }
 
 #[async_trait::async_trait]

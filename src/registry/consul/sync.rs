@@ -5,7 +5,7 @@ use tracing::warn;
 
 use super::api::{Indexed, Instance, NodeServices, TxnOp, TxnResult};
 use super::instance::{desired, diff};
-use super::{ConsulRegistry, Guarded};
+use super::{ConsulRegistry, Guarded, version};
 use crate::registry::batch::Limits;
 use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
 use crate::registry::{Error, Publication, Result, SyncReport};
@@ -37,7 +37,7 @@ fn written_index(results: &[TxnResult]) -> Option<i64> {
         .iter()
         .filter(|r| r.service.is_some())
         .filter_map(TxnResult::entry)
-        .map(|e| i64::try_from(e.modify_index).unwrap_or(i64::MAX))
+        .map(|e| version(e.modify_index))
         .max()
 }
 
@@ -178,9 +178,4 @@ impl ConsulRegistry {
     async fn list_index(&self) -> Result<u64> {
         Ok(self.node_services("ID == \"\"").await?.index)
     }
-}
-
-/// A Consul index as a revision.
-fn version(index: u64) -> i64 {
-    i64::try_from(index).unwrap_or(i64::MAX)
 }

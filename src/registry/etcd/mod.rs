@@ -6,9 +6,9 @@
 //! writer that lost ownership or leadership writes nothing.
 //!
 //! - [`config`]: endpoints, TLS, auth, limits.
-//! - `ownership`: claim, take over, release.
-//! - `sync`: list, diff ([`diff`]), guarded txn batches.
-//! - `fence`: the leader record and the compare every write carries.
+//! - `ownership`: the guarded txns of the shared claim and take-over flows; release.
+//! - `sync`: list, diff ([`diff`]), the guarded txn each shared batch is written as.
+//! - `fence`: the leader record and the compare every write carries (the state is shared).
 //! - `lease`: one shared lease per TTL, kept alive, replaced when lost.
 
 pub mod config;

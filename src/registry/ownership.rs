@@ -233,6 +233,8 @@ pub(super) async fn record_publication<R: OwnerRecords + ?Sized>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     fn owner(uid: &str, name: &str) -> Owner {
@@ -295,5 +297,88 @@ mod tests {
         assert_eq!(claims.version("t", &owner("v", "b")), None);
         claims.clearer()();
         assert_eq!(claims.version("t", &me), None);
+    }
+
+    /// Records whose create always finds `held` in the way; a replace always succeeds.
+    struct Fake {
+        claims: Claims,
+        held: Option<Vec<u8>>,
+        creates: Mutex<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl OwnerRecords for Fake {
+        fn claims(&self) -> &Claims {
+            &self.claims
+        }
+        async fn create(&self, target: &str, _: &Owner) -> Result<Created> {
+            *self.creates.lock().expect("lock") += 1;
+            Ok(Created::Held(self.held.clone().map(|record| Held {
+                record,
+                version: 4,
+                target: target.to_owned(),
+            })))
+        }
+        async fn replace(&self, _: &str, _: &Owner, version: i64) -> Result<Option<i64>> {
+            Ok(Some(version + 1))
+        }
+        async fn write_publication(&self, _: &str, _: &Owner, _: &[u8]) -> Result<bool> {
+            Ok(false)
+        }
+        fn kept_changing(&self, _: &str) -> Error {
+            Error::Fenced {
+                op: "kept changing",
+            }
+        }
+    }
+
+    fn fake(held: Option<Vec<u8>>) -> Fake {
+        Fake {
+            claims: Claims::default(),
+            held,
+            creates: Mutex::new(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_record_keeps_vanishing_gives_up_after_three_attempts() {
+        let records = fake(None);
+        let err = claim(&records, "t", &owner("u", "a")).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Fenced {
+                    op: "kept changing"
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(*records.creates.lock().unwrap(), CLAIM_ATTEMPTS);
+    }
+
+    #[tokio::test]
+    async fn a_refreshed_identity_is_taken_over_at_its_version_and_then_claimed_from_the_cache() {
+        let records = fake(Some(owner("u", "old").record()));
+        let me = owner("u", "new");
+        assert_eq!(claim(&records, "t", &me).await.unwrap(), Claim::Owned);
+        assert_eq!(records.claims.version("t", &me), Some(5));
+        assert_eq!(claim(&records, "t", &me).await.unwrap(), Claim::Owned);
+        assert_eq!(
+            *records.creates.lock().unwrap(),
+            1,
+            "the second claim is cached"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_publication_record_refused_by_the_guard_forgets_the_claim_and_is_ownership_lost() {
+        let records = fake(None);
+        let me = owner("u", "a");
+        records.claims.remember("t", &me, 1);
+        let err = record_publication(&records, "t", &me, b"x")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::OwnershipLost { .. }), "{err}");
+        assert_eq!(records.claims.version("t", &me), None);
     }
 }

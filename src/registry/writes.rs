@@ -182,3 +182,151 @@ pub(super) async fn release_batches<W: GuardedWrites + ?Sized>(
     }
     Ok(deleted)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::registry::Owner;
+    use crate::registry::ownership::{Claims, Created};
+
+    /// A put (`false`) or a delete (`true`) of one byte.
+    #[derive(Clone, Debug)]
+    struct Op(bool);
+
+    impl Write for Op {
+        fn bytes(&self) -> usize {
+            1
+        }
+        fn key(&self) -> String {
+            "k".to_owned()
+        }
+        fn deletes(&self) -> bool {
+            self.0
+        }
+    }
+
+    /// Commits batches until `fail_at` (by batch number), then answers `failure`.
+    struct Fake {
+        claims: Claims,
+        batches: Mutex<usize>,
+        fail_at: usize,
+        refuse: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl OwnerRecords for Fake {
+        fn claims(&self) -> &Claims {
+            &self.claims
+        }
+        async fn create(&self, _: &str, _: &Owner) -> Result<Created> {
+            unreachable!("no claim here")
+        }
+        async fn replace(&self, _: &str, _: &Owner, _: i64) -> Result<Option<i64>> {
+            unreachable!("no claim here")
+        }
+        async fn write_publication(&self, _: &str, _: &Owner, _: &[u8]) -> Result<bool> {
+            unreachable!("no claim here")
+        }
+        fn kept_changing(&self, target: &str) -> Error {
+            Error::OwnershipLost {
+                target: target.to_owned(),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl GuardedWrites for Fake {
+        type Op = Op;
+        type Guard = ();
+
+        async fn write(&self, _: &'static str, (): &(), _: &[Op]) -> Result<Written> {
+            let mut batches = self.batches.lock().expect("lock");
+            *batches += 1;
+            Ok(match *batches {
+                n if n < self.fail_at => Written::Committed(i64::try_from(n).ok()),
+                _ if self.refuse => Written::Refused(Error::Fenced { op: "refused" }),
+                _ => Written::GuardFailed,
+            })
+        }
+    }
+
+    fn fake(fail_at: usize, refuse: bool) -> Fake {
+        let claims = Claims::default();
+        claims.remember("t", &owner(), 1);
+        Fake {
+            claims,
+            batches: Mutex::new(0),
+            fail_at,
+            refuse,
+        }
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: "n".into(),
+        }
+    }
+
+    fn scope() -> Scope<'static, ()> {
+        Scope {
+            target: "t",
+            guard: (),
+            limits: Limits {
+                ops: 2,
+                bytes: 100,
+                op_bytes: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sync_counts_what_each_committed_batch_wrote() {
+        let writes = fake(usize::MAX, false);
+        let ops = [Op(false), Op(false), Op(true)];
+        let mut progress = Progress::default();
+        let refused = sync_batches(&writes, &scope(), &ops, &mut progress).await;
+        assert!(refused.unwrap().is_none());
+        let report = progress.report("t", 2, None);
+        assert_eq!((report.puts, report.deletes, report.txns), (2, 1, 2));
+        assert_eq!(report.revision, 2, "the highest revision a batch said");
+    }
+
+    #[tokio::test]
+    async fn a_failed_ownership_guard_stops_a_sync_forgets_the_claim_and_is_ownership_lost() {
+        let writes = fake(2, false);
+        let ops = [Op(false), Op(false), Op(false)];
+        let mut progress = Progress::default();
+        let lost = sync_batches(&writes, &scope(), &ops, &mut progress).await;
+        assert!(matches!(lost, Err(Error::OwnershipLost { target }) if target == "t"));
+        assert_eq!(progress.puts, 2, "the first batch stands");
+        assert_eq!(writes.claims.version("t", &owner()), None);
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_is_handed_back_to_the_sync_and_the_claim_kept() {
+        let writes = fake(1, true);
+        let mut progress = Progress::default();
+        let refused = sync_batches(&writes, &scope(), &[Op(false)], &mut progress).await;
+        assert!(matches!(refused, Ok(Some(Error::Fenced { .. }))));
+        assert_eq!(writes.claims.version("t", &owner()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_release_counts_entries_not_records_and_stops_where_the_guard_fails() {
+        let ops = [Op(true), Op(true), Op(true), Op(true)];
+        let all = release_batches(&fake(usize::MAX, false), &scope(), &ops, 2).await;
+        assert_eq!(all.unwrap(), 2, "two entries, then two records");
+        let writes = fake(2, false);
+        let partial = release_batches(&writes, &scope(), &ops, 3).await;
+        assert_eq!(
+            partial.unwrap(),
+            2,
+            "one batch of two entries, then the guard failed"
+        );
+        assert_eq!(writes.claims.version("t", &owner()), None);
+    }
+}

@@ -5,7 +5,7 @@
 //! its writes so that only the elected leader's reach the registry.
 //!
 //! Written once for every backend (external-dns's Registry over Provider): the fence state
-//! (`fence`), the batching rule (`batch`), the claim, take-over and publication-record flows and
+//! (`fence`), the batching rule (`batch`), the minimal diff (`diff`), the claim, take-over and publication-record flows and
 //! the claim cache (`ownership`), writing batches under the ownership guard for a sync or a
 //! release (`writes`), where the controller's records live (`records`) and TLS material
 //! ([`tls`]). A backend supplies its primitives: its leader record's write and the guard on it,
@@ -18,6 +18,7 @@
 
 mod batch;
 pub mod consul;
+mod diff;
 mod error;
 pub mod etcd;
 mod fence;

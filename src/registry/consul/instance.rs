@@ -165,23 +165,20 @@ pub(super) enum Change {
 /// left alone. Puts come first, so a client never sees the set emptied in passing.
 #[must_use]
 pub(super) fn diff(current: &[Instance], desired: &BTreeMap<String, ServiceDef>) -> Vec<Change> {
-    let by_id: BTreeMap<&str, &Instance> = current.iter().map(|i| (i.id.as_str(), i)).collect();
-    let puts = desired.iter().filter_map(|(id, want)| {
-        let mut want = want.clone();
-        match by_id.get(id.as_str()) {
-            Some(have) if have.matches(&want) => None,
-            Some(have) => {
-                want.modify_index = have.modify_index;
-                Some(Change::Put(Box::new(want)))
-            }
-            None => Some(Change::Put(Box::new(want))),
-        }
-    });
-    let deletes = current
-        .iter()
-        .filter(|i| !desired.contains_key(&i.id))
-        .map(|i| Change::Delete(i.id.clone()));
-    puts.chain(deletes).collect()
+    let current = current.iter().map(|i| (i.id.as_str(), i));
+    crate::registry::diff::diff(
+        current,
+        desired,
+        |_, want, have| match have {
+            Some(have) if have.matches(want) => None,
+            Some(have) => Some(Change::Put(Box::new(ServiceDef {
+                modify_index: have.modify_index,
+                ..want.clone()
+            }))),
+            None => Some(Change::Put(Box::new(want.clone()))),
+        },
+        |id| Change::Delete(id.to_owned()),
+    )
 }
 
 impl Change {

@@ -1,4 +1,5 @@
-//! The pure diff between what is in etcd under a target and what should be.
+//! The pure diff between what is in etcd under a target and what should be (the shared rule,
+//! [`crate::registry::diff`], over etcd keys on the live lease).
 
 use std::collections::BTreeMap;
 
@@ -39,20 +40,21 @@ pub fn diff(
     desired: &BTreeMap<String, Vec<u8>>,
     lease: i64,
 ) -> Vec<Op> {
-    let puts = desired.iter().filter_map(|(key, value)| {
-        let unchanged = current
-            .get(key)
-            .is_some_and(|c| &c.value == value && c.lease == lease);
-        (!unchanged).then(|| Op::Put {
-            key: key.clone(),
-            value: value.clone(),
-        })
-    });
-    let deletes = current
-        .keys()
-        .filter(|key| !desired.contains_key(*key))
-        .map(|key| Op::Delete { key: key.clone() });
-    puts.chain(deletes).collect()
+    let current = current.iter().map(|(key, c)| (key.as_str(), c));
+    crate::registry::diff::diff(
+        current,
+        desired,
+        |key, value, current| {
+            let unchanged = current.is_some_and(|c| &c.value == value && c.lease == lease);
+            (!unchanged).then(|| Op::Put {
+                key: key.to_owned(),
+                value: value.clone(),
+            })
+        },
+        |key| Op::Delete {
+            key: key.to_owned(),
+        },
+    )
 }
 
 impl Op {

@@ -157,7 +157,11 @@ async fn a_new_process_keeps_the_live_lease_alive_from_its_start_before_any_writ
     assert_eq!(second.lease_ids().await, [lease], "adopted at start");
     assert_eq!(metrics.lease_adoptions.get(), 1);
     tokio::time::sleep(TTL + Duration::from_secs(2)).await;
-    assert_eq!(dump(&etcd, "services/").await, before, "no write, no expiry");
+    assert_eq!(
+        dump(&etcd, "services/").await,
+        before,
+        "no write, no expiry"
+    );
 }
 
 #[tokio::test]
@@ -178,7 +182,11 @@ async fn a_new_leader_adopts_a_lease_granted_after_it_started_once_it_is_fenced(
     // a dies; b is elected and fenced, and writes nothing yet.
     drop(a);
     Backend::fence(&b, "b", 2, far()).await.unwrap();
-    assert_eq!(b.lease_ids().await, [lease], "adopted on becoming the leader");
+    assert_eq!(
+        b.lease_ids().await,
+        [lease],
+        "adopted on becoming the leader"
+    );
     tokio::time::sleep(TTL + Duration::from_secs(2)).await;
     assert_eq!(dump(&etcd, "services/").await, before);
 }

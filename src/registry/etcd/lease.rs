@@ -154,7 +154,11 @@ impl LeasePool {
             self.op_timeout,
             kv.get(
                 self.records.as_str(),
-                Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
             ),
         )
         .await?;

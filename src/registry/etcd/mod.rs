@@ -9,11 +9,13 @@
 //! - `ownership`: the guarded txns of the shared claim and take-over flows; release.
 //! - `sync`: list, diff ([`diff`]), the guarded txn each shared batch is written as.
 //! - `fence`: the leader record and the compare every write carries (the state is shared).
-//! - `lease`: one shared lease per TTL, kept alive, replaced when lost.
+//! - `lease`: one shared lease per TTL, adopted when recorded; `keepalive`: its keeper, which
+//!   renews it and replaces it when lost.
 
 pub mod config;
 mod diff;
 mod fence;
+mod keepalive;
 mod lease;
 mod ownership;
 mod sync;

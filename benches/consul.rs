@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use etcd_client::{EventType, WatchOptions};
 use grpc_registrar::controller::{self, Scope};
 use grpc_registrar::crd::Backend as BackendKind;
-use grpc_registrar::desired::{KeyTemplate, Layout, LogicalEndpoint, Policy};
+use grpc_registrar::desired::{LogicalEndpoint, Policy};
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::consul::{ConsulConfig, ConsulRegistry};
+use grpc_registrar::registry::consul::{ConsulConfig, ConsulRegistry, ConsulService};
 use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
 use grpc_registrar::registry::{Backend, Claim, Owner, Publication};
 use k8s_openapi::api::core::v1::Pod;
@@ -26,7 +26,6 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use test_support::EtcdServer;
 use test_support::consul::Consul;
-use tonic_etcd_resolver::ValueFormat;
 
 mod common;
 
@@ -59,17 +58,11 @@ fn publication(target: &str) -> Publication {
         })
         .collect();
     Publication {
-        layout: Layout {
-            target: target.into(),
-            format: ValueFormat::EtcdNaming,
-            template: KeyTemplate::parse("{target}/{addr}").unwrap(),
-            namespace: "default".into(),
-            name: "big".into(),
-        },
+        // A Consul service with its tags; etcd writes it as the default key layout.
+        placement: Arc::new(ConsulService::new(target, vec!["grpc".into()])),
         owner: owner(),
         ttl: Duration::from_secs(30),
         endpoints: Arc::new(endpoints),
-        tags: vec!["grpc".into()],
     }
 }
 

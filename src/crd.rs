@@ -50,6 +50,9 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every backend.
+    pub const ALL: [Self; 2] = [Self::Etcd, Self::Consul];
+
     /// The finalizer of this backend's controller: each releases only what it published, so a
     /// service moved to another backend is cleaned up by the one it leaves.
     #[must_use]

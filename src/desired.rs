@@ -1,11 +1,9 @@
 //! The decision logic, pure: a validated spec and its candidates in, logical endpoints out.
 //!
-//! Nothing here does I/O, so every rule of DESIGN §1–§2 is unit tested below. What an endpoint
-//! looks like on the wire (keys, value bytes) is [`layout`]'s business, used by the etcd backend.
-
-pub mod consul_name;
-pub mod layout;
-mod template;
+//! Nothing here does I/O, so every rule of DESIGN §1–§2 is unit tested. This is the
+//! backend-neutral half of spec validation (sources, selectors, ports, tenancy policy); where an
+//! endpoint is published and what it looks like on the wire is the backend's business (its
+//! [`crate::registry::Planner`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,12 +12,25 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::core::Selector;
-use tonic_etcd_resolver::format::{self, ValueFormat};
+use tonic_etcd_resolver::format;
 
 use crate::crd::GrpcService;
 use crate::source::Candidate;
-pub use layout::{Collision, Layout};
-pub use template::KeyTemplate;
+
+/// The most bytes one entry (key and value) may take: one entry alone always fits in one
+/// registry write (each backend bounds its write batches by at least this much).
+pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
+/// Two endpoints that map to one registry entry: the first is registered, the other left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collision {
+    /// The shared key.
+    pub key: String,
+    /// The endpoint registered under it (the first in candidate order).
+    pub kept: String,
+    /// The endpoint left out.
+    pub left_out: String,
+}
 
 /// Which namespaces may publish under a target outside their own default prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,7 +63,9 @@ impl CustomTargets {
         }
     }
 
-    fn allows(&self, namespace: &str) -> bool {
+    /// Whether `namespace` may publish outside its own default target.
+    #[must_use]
+    pub fn allows(&self, namespace: &str) -> bool {
         match self {
             Self::None => false,
             Self::Namespaces(names) => names.iter().any(|n| n == namespace),
@@ -73,8 +86,8 @@ pub struct Policy {
     /// This cluster's name when several publish into one registry; endpoint metadata carries
     /// it as `cluster`.
     pub cluster: Option<String>,
-    /// The backend this controller publishes into: the target is an etcd prefix, or a Consul
-    /// service name.
+    /// The backend this controller publishes into (the GrpcServices it serves name it); what a
+    /// target is depends on it.
     pub backend: crate::crd::Backend,
 }
 
@@ -85,7 +98,7 @@ impl Default for Policy {
             registrar_root: "grpc-registrar".into(),
             custom_targets: CustomTargets::None,
             cluster: None,
-            backend: crate::crd::Backend::Etcd,
+            backend: crate::crd::Backend::default(),
         }
     }
 }
@@ -96,7 +109,7 @@ pub enum SpecError {
     /// The label selector does not parse.
     #[error("failed to parse selector: {0}")]
     Selector(String),
-    /// Metadata the backend would refuse (Consul's rules for keys and values), naming what.
+    /// Metadata the backend would refuse (its rules for keys and values), naming what.
     #[error("failed to publish metadata {what}: {reason}")]
     Metadata {
         /// The key, or the count, at fault.
@@ -130,9 +143,11 @@ pub enum SpecError {
         /// The prefix it may use.
         allowed: String,
     },
-    /// A Consul service name the namespace may not publish (see [`consul_name`]).
-    #[error("failed to authorize consul service {service:?} for namespace {namespace:?}: {reason}")]
-    ConsulName {
+    /// A registry name the namespace may not publish, by the backend's tenancy rule for names.
+    #[error("failed to authorize {kind} {service:?} for namespace {namespace:?}: {reason}")]
+    NameNotAllowed {
+        /// What kind of name, as the message says it.
+        kind: &'static str,
         /// The name asked for, or the one it would become.
         service: String,
         /// The GrpcService's namespace.
@@ -149,7 +164,7 @@ pub enum SpecError {
     /// An entry too large for any registry write.
     #[error(
         "failed to render key {key:?}: {bytes} bytes, over the {max} a registry write can carry; shrink metadata",
-        max = layout::MAX_ENTRY_BYTES
+        max = MAX_ENTRY_BYTES
     )]
     TooLarge {
         /// The key.
@@ -196,12 +211,6 @@ pub struct Plan {
     pub namespace: String,
     /// The service's name, for `{name}` in templates and for logs.
     pub name: String,
-    /// Where keys are published.
-    pub target: String,
-    /// How values are encoded.
-    pub format: ValueFormat,
-    /// Compiled `keyTemplate`.
-    pub template: KeyTemplate,
     /// The port, resolved per candidate.
     pub port: IntOrString,
     /// Where candidates come from.
@@ -216,54 +225,17 @@ pub struct Plan {
     pub ttl_seconds: Option<i64>,
     /// The controller's cluster name, for metadata.
     pub cluster: Option<String>,
-    /// Instance tags, where the backend has tags (Consul).
-    pub tags: Vec<String>,
     /// `spec.weight`, written as `metadata.weight` unless a pod's annotation overrides it.
     pub weight: Option<u32>,
 }
 
 impl Plan {
-    /// Validates a spec against the controller's policy.
+    /// Validates the backend-neutral half of a spec (its source, selector and port) against the
+    /// controller's policy; the backend's [`crate::registry::Planner`] plans the rest.
     ///
     /// # Errors
     /// [`SpecError`] for anything the API server's schema could not catch.
     pub fn new(svc: &GrpcService, policy: &Policy) -> Result<Self, SpecError> {
-        Self::build(svc, policy, None)
-    }
-
-    /// The target this service was published under before the current tenancy rule, when the
-    /// rule now gives it another (a Consul name from before namespace-qualified names): a
-    /// service whose ownership record still holds it keeps publishing there (see
-    /// [`Plan::keeping`]) until its spec names another.
-    #[must_use]
-    pub fn pre_rule_target(svc: &GrpcService, policy: &Policy) -> Option<String> {
-        if policy.backend != crate::crd::Backend::Consul {
-            return None;
-        }
-        let consul = svc.spec.consul.as_ref();
-        let old = consul_name::pre_rule(
-            consul.and_then(|c| c.service.as_deref()),
-            &svc.name_any(),
-            &policy.registrar_root,
-        )?;
-        let now = Self::new(svc, policy).ok().map(|plan| plan.target);
-        (now.as_deref() != Some(old.as_str())).then_some(old)
-    }
-
-    /// As [`Plan::new`], publishing under `target` (from [`Plan::pre_rule_target`]) instead of
-    /// the one the tenancy rule gives; every other rule still applies.
-    ///
-    /// # Errors
-    /// As [`Plan::new`], but for the name rule.
-    pub fn keeping(svc: &GrpcService, policy: &Policy, target: String) -> Result<Self, SpecError> {
-        Self::build(svc, policy, Some(target))
-    }
-
-    fn build(
-        svc: &GrpcService,
-        policy: &Policy,
-        keep_target: Option<String>,
-    ) -> Result<Self, SpecError> {
         let namespace = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         let spec = &svc.spec;
@@ -301,26 +273,9 @@ impl Plan {
         {
             return Err(SpecError::PortName(name.clone()));
         }
-        let (target, tags) = match policy.backend {
-            crate::crd::Backend::Etcd => (
-                resolve_target(spec.target.as_deref(), &namespace, &name, policy)?,
-                Vec::new(),
-            ),
-            crate::crd::Backend::Consul => {
-                consul_service(spec, &namespace, &name, policy, keep_target)?
-            }
-        };
-        let template = KeyTemplate::parse(
-            spec.key_template
-                .as_deref()
-                .unwrap_or_else(|| template::default_for(spec.format)),
-        )?;
         Ok(Self {
             namespace,
             name,
-            target,
-            format: spec.format,
-            template,
             port: port.clone(),
             source,
             static_metadata: spec.metadata.clone(),
@@ -328,128 +283,7 @@ impl Plan {
             publish_not_ready: spec.publish_not_ready_addresses,
             ttl_seconds: spec.ttl_seconds,
             cluster: policy.cluster.clone(),
-            tags,
             weight: spec.weight,
-        })
-    }
-
-    /// How this service's endpoints are written as etcd keys and values.
-    #[must_use]
-    pub fn layout(&self) -> Layout {
-        Layout::new(self)
-    }
-}
-
-/// The Consul service name and tags a spec asks for: `consul.service`, or the GrpcService's
-/// name, under the namespace rule of [`consul_name`] (unless `keep` names a pre-rule name the
-/// service still holds). Checked as the schema does, so that an object stored before the rule
-/// still gets a clear error.
-fn consul_service(
-    spec: &crate::crd::GrpcServiceSpec,
-    namespace: &str,
-    name: &str,
-    policy: &Policy,
-    keep: Option<String>,
-) -> Result<(String, Vec<String>), SpecError> {
-    let consul = spec.consul.clone().unwrap_or_default();
-    if spec.target.is_some() || spec.key_template.is_some() || spec.ttl_seconds.is_some() {
-        return Err(SpecError::Backend(
-            "target, keyTemplate and ttlSeconds are etcd settings: with backend Consul, name the service in consul.service",
-        ));
-    }
-    let service = match keep {
-        Some(kept) => kept,
-        None => consul_name::resolve(
-            consul.service.as_deref(),
-            namespace,
-            name,
-            &policy.custom_targets,
-            &policy.registrar_root,
-        )?,
-    };
-    Ok((service, consul.tags))
-}
-
-/// The default target of a service, `<key-prefix>/<namespace>/<name>`.
-#[must_use]
-pub fn default_target(key_prefix: &str, namespace: &str, name: &str) -> String {
-    format!("{}/{namespace}/{name}", key_prefix.trim_end_matches('/'))
-}
-
-/// The target a spec asks for, checked against the tenancy rules (DESIGN §4):
-///
-/// - normalised: `/`-separated segments of letters, digits, `.`, `_` and `-`, none empty, `.`
-///   or `..`, no trailing `/` (a leading `/` is kept: it is part of the key clients watch);
-/// - never the registrar root, inside it, or above it;
-/// - never another namespace's default prefix, inside it, or above every namespace's (the key
-///   prefix itself or a parent of it), whatever the custom-target policy: a sync of a target
-///   deletes what it does not publish under it, so a target above another's would delete its
-///   keys, and one inside another namespace's prefix would take its clients' traffic;
-/// - inside the namespace's own prefix (`<key-prefix>/<namespace>/…`, strictly below it), or,
-///   in namespaces the policy allows, anywhere else.
-fn resolve_target(
-    requested: Option<&str>,
-    namespace: &str,
-    name: &str,
-    policy: &Policy,
-) -> Result<String, SpecError> {
-    let Some(target) = requested else {
-        return Ok(default_target(&policy.key_prefix, namespace, name));
-    };
-    let path = target.strip_prefix('/').unwrap_or(target);
-    let malformed = path.is_empty()
-        || path.split('/').any(|s| {
-            s.is_empty()
-                || s == "."
-                || s == ".."
-                || !s
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        });
-    if malformed {
-        return Err(SpecError::Target(
-            target.into(),
-            "malformed: empty, '.' or '..' segments are not allowed",
-        ));
-    }
-    let nests = |prefix: &str| {
-        let prefix = prefix.trim_matches('/');
-        path == prefix
-            || path.starts_with(&format!("{prefix}/"))
-            || prefix.starts_with(&format!("{path}/"))
-    };
-    if nests(&policy.registrar_root) {
-        return Err(SpecError::Target(
-            target.into(),
-            "inside or above the controller's own records",
-        ));
-    }
-    let key_prefix = policy.key_prefix.trim_matches('/');
-    let own = format!("{key_prefix}/{namespace}");
-    if path.starts_with(&format!("{own}/")) {
-        return Ok(target.to_owned());
-    }
-    if nests(key_prefix) {
-        // The key prefix itself, a parent of it, or another namespace's default prefix (or its
-        // own, without a name): no policy allows these.
-        let allowed = if policy.custom_targets.allows(namespace) {
-            format!("{own}/, or outside {key_prefix}/")
-        } else {
-            format!("{own}/")
-        };
-        return Err(SpecError::TargetNotAllowed {
-            target: target.into(),
-            namespace: namespace.into(),
-            allowed,
-        });
-    }
-    if policy.custom_targets.allows(namespace) {
-        Ok(target.to_owned())
-    } else {
-        Err(SpecError::TargetNotAllowed {
-            target: target.into(),
-            namespace: namespace.into(),
-            allowed: format!("{own}/"),
         })
     }
 }
@@ -648,6 +482,3 @@ fn offer_ports(out: &mut Desired, candidate: &Candidate) {
     out.ports_offered
         .extend(candidate.ports.iter().take(room).cloned());
 }
-
-#[cfg(test)]
-mod tests;

@@ -6,9 +6,11 @@
 //!   (candidates by namespace and label, selectors by requirement) that keep each event's cost to
 //!   what it touches.
 //! - [`desired`]: the pure decision logic, a validated spec plus candidates in, logical endpoints
-//!   out; [`desired::layout`] renders them as etcd keys and values.
-//! - [`registry`]: the backend seam ([`registry::Backend`]) and its implementations: etcd
-//!   (ownership, the shared lease, txn-batched diffs, the fence) and in-memory (for tests).
+//!   out (the backend-neutral half of spec validation).
+//! - [`registry`]: the backend seam ([`registry::Backend`], and its [`registry::Planner`] for
+//!   what is backend-specific in a spec) and its implementations, each in its own module, and
+//!   an in-memory one (for tests). Nothing outside it names a backend but the flags and the
+//!   wiring that picks one (a test checks it).
 //! - [`controller`]: the kube-runtime reconciler that joins them, and the watches feeding the
 //!   indexes.
 //! - [`leader`]: leader election on a Kubernetes Lease, fenced in the registry.

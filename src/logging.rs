@@ -330,7 +330,7 @@ mod tests {
             after: std::time::Duration::from_secs(5),
         };
         let lines = lines(|| {
-            warn!(error = %error, registry_address = %"http://a:2379,http://b:2379", "etcd unreachable");
+            warn!(error = %error, registry_address = %"http://a:2379,http://b:2379", "registry unreachable");
             warn!(
                 error = &error as &(dyn std::error::Error + 'static),
                 "as an error value"

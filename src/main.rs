@@ -344,6 +344,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run_cli(cli: Cli) -> anyhow::Result<()> {
+    // Listening before anything else, so that a SIGTERM during start-up is a graceful shutdown,
+    // not the default exit by signal.
+    let mut signals = Signals::listen()?;
     let Cli {
         backend,
         etcd,
@@ -385,7 +388,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         election: election.into_config(),
     };
     run::run(config, async move {
-        shutdown_signal().await;
+        signals.next().await;
         info!(
             timeout_ms = u64::try_from(shutdown_timeout.as_millis()).unwrap_or(u64::MAX),
             "shutdown signal received; finishing in-flight work (registrations are kept)"
@@ -397,7 +400,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 () = tokio::time::sleep(shutdown_timeout) => {
                     error!("in-flight work did not finish within the shutdown timeout; exiting");
                 }
-                () = shutdown_signal() => warn!("second signal; exiting now"),
+                () = signals.next() => warn!("second signal; exiting now"),
             }
             std::process::exit(1);
         });
@@ -433,70 +436,36 @@ fn hostname() -> String {
         .map_or_else(|| "grpc-registrar".to_owned(), |h| h.trim().to_owned())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT, listened for from the start.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("failed to install SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_and_without_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("2h").is_err());
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
-
-    #[test]
-    fn leader_elect_works_as_a_bare_flag_and_with_a_value() {
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from(std::iter::once("grpc-registrar").chain(args.iter().copied()))
-                .unwrap()
-                .election
-                .leader_elect
-        };
-        assert!(parse(&["--leader-elect"]));
-        assert!(parse(&["--leader-elect", "true"]));
-        assert!(!parse(&["--leader-elect=false"]));
-    }
-
-    #[test]
-    fn the_backend_is_accepted_as_spec_backend_spells_it() {
-        let parse = |value: &str| {
-            Cli::try_parse_from(["grpc-registrar", "--backend", value])
-                .map(|cli| format!("{:?}", cli.backend))
-        };
-        assert_eq!(parse("consul").unwrap(), "Consul");
-        assert_eq!(parse("Consul").unwrap(), "Consul");
-        assert_eq!(parse("Etcd").unwrap(), "Etcd");
-        assert!(parse("zookeeper").is_err());
-    }
-
-    #[test]
-    fn every_flag_has_an_env_var() {
-        use clap::CommandFactory;
-        for arg in Cli::command().get_arguments() {
-            let id = arg.get_id().as_str();
-            if id == "help" || id == "version" {
-                continue;
-            }
-            assert!(arg.get_env().is_some(), "--{id} has no env var");
+impl Signals {
+    fn listen() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

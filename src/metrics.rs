@@ -13,10 +13,10 @@ use prometheus_client::registry::Registry;
 use crate::crd::CONDITIONS;
 
 /// Every root-cause label a reconcile failure can carry (`metric_label()` of the controller's
-/// and the registry's errors), initialised to 0 so that rates and alerts see the series at once.
-pub const FAILURE_LABELS: [&str; 9] = [
-    "etcd",
-    "consul",
+/// and the registry's errors) besides the backends' own (a backend's failures carry its name):
+/// with those, see [`failure_labels`], initialised to 0 so that rates and alerts see the series
+/// at once.
+pub const FAILURE_LABELS: [&str; 7] = [
     "timeout",
     "unreachable",
     "ownership_lost",
@@ -25,6 +25,15 @@ pub const FAILURE_LABELS: [&str; 9] = [
     "kube",
     "missing_field",
 ];
+
+/// Every root-cause label a reconcile failure can carry: each backend's name, then
+/// [`FAILURE_LABELS`].
+pub fn failure_labels() -> impl Iterator<Item = &'static str> {
+    crate::crd::Backend::ALL
+        .into_iter()
+        .map(crate::crd::Backend::name)
+        .chain(FAILURE_LABELS)
+}
 
 /// Labels of the reconcile failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,7 +45,7 @@ pub struct ErrorLabels {
 /// Labels of the backend error counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendOpLabels {
-    /// The backend, e.g. `etcd`.
+    /// The backend's name.
     pub backend: &'static str,
     /// The failed operation, e.g. `txn`, `range`, `keepalive`, `grant`.
     pub op: &'static str,
@@ -45,7 +54,7 @@ pub struct BackendOpLabels {
 /// Labels of the reachability gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
-    /// The backend, e.g. `etcd`.
+    /// The backend's name.
     pub backend: &'static str,
 }
 
@@ -73,7 +82,7 @@ pub const BACKEND_OPS: [&str; 8] = [
 /// Labels of the registry request latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
-    /// The backend, e.g. `etcd`.
+    /// The backend's name.
     pub backend: &'static str,
     /// The request: `range`, `txn` or `read`.
     pub op: &'static str,
@@ -165,14 +174,14 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
-    /// The metrics of an etcd-backed controller.
+    /// The metrics of a controller of the default backend.
     fn default() -> Self {
-        Self::for_backend("etcd")
+        Self::for_backend(crate::crd::Backend::default().name())
     }
 }
 
 impl Metrics {
-    /// The metrics of a controller publishing into `backend` (`etcd` or `consul`): its
+    /// The metrics of a controller publishing into `backend` (its name): its
     /// backend series start at 0, and no other backend's series exist (an alert on
     /// `backend_connected == 0` must not fire for a backend not in use).
     #[must_use]
@@ -191,7 +200,7 @@ impl Metrics {
         registry.register("build_info", "The running build (always 1)", build_info);
         let reconciliations = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
-        for error in FAILURE_LABELS {
+        for error in failure_labels() {
             drop(failures.get_or_create(&ErrorLabels { error }));
         }
         let reconcile_duration = latency_histogram();
@@ -610,27 +619,37 @@ mod tests {
     #[test]
     fn the_page_has_build_info_process_metrics_and_zeroed_backend_series() {
         let page = Metrics::default().encode();
+        let backend = crate::crd::Backend::default().name();
         for needle in [
-            "grpc_registrar_build_info{version=\"",
-            "process_cpu_seconds_total ",
-            "process_resident_memory_bytes ",
-            "process_open_fds ",
-            "process_start_time_seconds ",
-            "grpc_registrar_backend_connected{backend=\"etcd\"} 0",
-            "grpc_registrar_backend_errors_total{backend=\"etcd\",op=\"txn\"} 0",
+            "grpc_registrar_build_info{version=\"".to_owned(),
+            "process_cpu_seconds_total ".to_owned(),
+            "process_resident_memory_bytes ".to_owned(),
+            "process_open_fds ".to_owned(),
+            "process_start_time_seconds ".to_owned(),
+            format!("grpc_registrar_backend_connected{{backend=\"{backend}\"}} 0"),
+            format!("grpc_registrar_backend_errors_total{{backend=\"{backend}\",op=\"txn\"}} 0"),
         ] {
-            assert!(page.contains(needle), "{needle} missing:\n{page}");
+            assert!(page.contains(&needle), "{needle} missing:\n{page}");
         }
     }
 
     #[test]
-    fn a_consul_controller_has_only_consul_backend_series_so_no_etcd_alert_fires() {
-        let page = Metrics::for_backend("consul").encode();
-        assert!(
-            page.contains("grpc_registrar_backend_connected{backend=\"consul\"} 0"),
-            "{page}"
-        );
-        assert!(!page.contains("backend=\"etcd\""), "{page}");
+    fn each_backends_controller_has_only_its_backend_series_so_no_other_alert_fires() {
+        for backend in crate::crd::Backend::ALL.map(crate::crd::Backend::name) {
+            let page = Metrics::for_backend(backend).encode();
+            assert!(
+                page.contains(&format!(
+                    "grpc_registrar_backend_connected{{backend=\"{backend}\"}} 0"
+                )),
+                "{page}"
+            );
+            for other in crate::crd::Backend::ALL.map(crate::crd::Backend::name) {
+                assert!(
+                    other == backend || !page.contains(&format!("backend=\"{other}\"")),
+                    "{page}"
+                );
+            }
+        }
     }
 
     fn condition(type_: &str, status: &str) -> Condition {

@@ -45,6 +45,22 @@ impl RegistryConfig {
             Self::Consul(consul) => consul.default_ttl,
         }
     }
+
+    /// Where the registry is, for logs.
+    fn address(&self) -> String {
+        match self {
+            Self::Etcd(etcd) => etcd.endpoints.join(","),
+            Self::Consul(consul) => consul.address.clone(),
+        }
+    }
+
+    /// The settings to check when the registry does not answer at start-up.
+    fn settings(&self) -> &'static str {
+        match self {
+            Self::Etcd(_) => "--etcd-endpoints, TLS and credentials",
+            Self::Consul(_) => "--consul-addr, TLS and the ACL token",
+        }
+    }
 }
 
 /// Everything the process is configured with.
@@ -150,34 +166,20 @@ pub async fn run(
         () = stopped() => return Ok(()),
     };
     let default_ttl = registry.default_ttl();
+    let (address, settings) = (registry.address(), registry.settings());
     let backend: Arc<dyn Backend> = match registry {
         RegistryConfig::Etcd(etcd) => {
-            let Some(registry) = connect_etcd(etcd, &metrics, stopped(), stopped()).await? else {
+            let Some(registry) = connect_etcd(etcd, &metrics, stopped()).await? else {
                 return Ok(());
             };
             Arc::new(registry)
         }
         RegistryConfig::Consul(consul) => {
-            let registry = ConsulRegistry::connect(consul, metrics.clone())?;
-            let address = registry.config().address.clone();
-            let check = {
-                let registry = registry.clone();
-                move || {
-                    let registry = registry.clone();
-                    async move { registry.check().await.map(|()| 0) }
-                }
-            };
-            let up = first_check(
-                &check,
-                "consul",
-                &address,
-                "--consul-addr, TLS and the ACL token",
-            )
-            .await;
-            tokio::spawn(probe(check, "consul", address, up, stopped()));
-            Arc::new(registry)
+            Arc::new(ConsulRegistry::connect(consul, metrics.clone())?)
         }
     };
+    let up = first_check(backend.as_ref(), &address, settings).await;
+    tokio::spawn(probe(backend.clone(), address, up, stopped()));
     info!(
         %metrics_addr,
         watch_namespace = scope.namespace.as_deref().unwrap_or("(all)"),
@@ -222,13 +224,11 @@ pub async fn run(
     }
 }
 
-/// Connects to etcd (retrying: with auth, connecting needs etcd up) and checks it once, saying
-/// clearly at start-up what is wrong; `None` when stopped first.
+/// Connects to etcd (retrying: with auth, connecting needs etcd up); `None` when stopped first.
 async fn connect_etcd(
     etcd: EtcdConfig,
     metrics: &Arc<Metrics>,
     stopped: impl Future<Output = ()>,
-    probe_stopped: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Option<EtcdRegistry>, Error> {
     info!(
         registry_address = %etcd.endpoints.join(","),
@@ -242,37 +242,17 @@ async fn connect_etcd(
             Duration::from_secs(10),
         ))
         .notify(|e, delay| warn!(error = %e, retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "failed to connect to etcd; retrying"));
-    let registry = tokio::select! {
-        registry = connect => registry?,
-        () = stopped => return Ok(None),
-    };
-    let address = etcd.endpoints.join(",");
-    let check = {
-        let registry = registry.clone();
-        move || {
-            let registry = registry.clone();
-            async move { registry.check().await }
-        }
-    };
-    let up = first_check(
-        &check,
-        "etcd",
-        &address,
-        "--etcd-endpoints, TLS and credentials",
-    )
-    .await;
-    tokio::spawn(probe(check, "etcd", address, up, probe_stopped));
-    Ok(Some(registry))
+    Ok(tokio::select! {
+        registry = connect => Some(registry?),
+        () = stopped => None,
+    })
 }
 
 /// The start-up check: a wrong address, a firewall or bad credentials are said once, clearly;
 /// the probe keeps checking (and `/readyz` says not ready) until the backend answers.
-async fn first_check<F, Fut>(check: &F, backend: &str, address: &str, what: &str) -> bool
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = crate::registry::Result<i64>>,
-{
-    match check().await {
+async fn first_check(registry: &dyn Backend, address: &str, what: &str) -> bool {
+    let backend = registry.name();
+    match registry.check().await {
         Ok(revision) => {
             info!(
                 backend,
@@ -297,16 +277,13 @@ where
 /// Checks that the backend answers: every 2 s while it does not (logging when it comes back),
 /// every 10 s while it does, so that `/readyz` and `backend_connected` are current even with no
 /// service (and so no lease or node check) to renew.
-async fn probe<F, Fut>(
-    check: F,
-    backend: &'static str,
+async fn probe(
+    registry: Arc<dyn Backend>,
     address: String,
     mut up: bool,
     stopped: impl Future<Output = ()>,
-) where
-    F: Fn() -> Fut,
-    Fut: Future<Output = crate::registry::Result<i64>>,
-{
+) {
+    let backend = registry.name();
     let run = async {
         loop {
             tokio::time::sleep(if up {
@@ -315,7 +292,7 @@ async fn probe<F, Fut>(
                 Duration::from_secs(2)
             })
             .await;
-            match check().await {
+            match registry.check().await {
                 Ok(revision) if !up => {
                     info!(backend, registry_address = %address, revision, "registry reachable");
                     up = true;

@@ -11,10 +11,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpc_registrar::desired::{KeyTemplate, Layout, LogicalEndpoint};
+use grpc_registrar::desired::LogicalEndpoint;
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::consul::{ConsulConfig, ConsulRegistry};
-use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry, Layout};
 use grpc_registrar::registry::memory::MemoryBackend;
 use grpc_registrar::registry::{Backend, Claim, Error, Owner, Publication};
 use test_support::EtcdServer;
@@ -139,17 +139,11 @@ fn endpoint(i: usize, version: &str) -> LogicalEndpoint {
 
 fn publication(target: &str, who: &Owner, endpoints: Vec<LogicalEndpoint>) -> Publication {
     Publication {
-        layout: Layout {
-            target: target.into(),
-            format: ValueFormat::EtcdNaming,
-            template: KeyTemplate::parse("{target}/{addr}").unwrap(),
-            namespace: who.namespace.clone(),
-            name: who.name.clone(),
-        },
+        // The default key layout: every backend here takes any placement's target and entries.
+        placement: Arc::new(Layout::default_for(target, ValueFormat::EtcdNaming)),
         owner: who.clone(),
         ttl: TTL,
         endpoints: Arc::new(endpoints),
-        tags: vec!["grpc".into()],
     }
 }
 

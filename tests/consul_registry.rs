@@ -6,16 +6,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpc_registrar::desired::{KeyTemplate, Layout, LogicalEndpoint};
+use grpc_registrar::desired::LogicalEndpoint;
 use grpc_registrar::metrics::Metrics;
 use grpc_registrar::registry::consul::{
-    ALIVE_CHECK, ConsulConfig, ConsulRegistry, OWNER_META, instance_id,
+    ALIVE_CHECK, ConsulConfig, ConsulRegistry, ConsulService, OWNER_META, instance_id,
 };
 use grpc_registrar::registry::{Backend, Claim, Error, Event, Owner, Publication};
 use serde_json::Value;
 use test_support::consul::Consul;
 use test_support::eventually;
-use tonic_etcd_resolver::format::ValueFormat;
 
 const TTL: Duration = Duration::from_secs(3);
 
@@ -55,17 +54,13 @@ fn endpoint(i: usize) -> LogicalEndpoint {
 
 fn publication(service: &str, who: &Owner, endpoints: Vec<LogicalEndpoint>) -> Publication {
     Publication {
-        layout: Layout {
-            target: service.into(),
-            format: ValueFormat::EtcdNaming,
-            template: KeyTemplate::parse("{target}/{addr}").unwrap(),
-            namespace: who.namespace.clone(),
-            name: who.name.clone(),
-        },
+        placement: Arc::new(ConsulService::new(
+            service,
+            vec!["grpc".into(), "v1".into()],
+        )),
         owner: who.clone(),
         ttl: TTL,
         endpoints: Arc::new(endpoints),
-        tags: vec!["grpc".into(), "v1".into()],
     }
 }
 

@@ -10,6 +10,7 @@ pub mod publication;
 mod service;
 pub mod status;
 pub mod sweep;
+mod vanished;
 mod watch;
 pub mod writer;
 pub mod writers;
@@ -337,6 +338,7 @@ pub async fn run(
     // behind its first registry write landed) is released by the sweep.
     let (gone_tx, gone_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (ours, finalizer) = (policy.backend, policy.backend.finalizer());
+    let mut vanished = vanished::Vanished::default();
     let svc_events = watcher(services, watcher::Config::default().streaming_lists())
         .backoff(Backoff::watch())
         .reflect(svc_writer)
@@ -346,6 +348,12 @@ pub async fn run(
                 && !svc.finalizers().iter().any(|f| f == finalizer)
             {
                 let _ = gone_tx.send(svc.uid().unwrap_or_default());
+            }
+            // Deleted while this replica's watch was broken: only a re-list tells.
+            if let Ok(event) = event {
+                for uid in vanished.apply(event, |svc| svc.spec.backend == ours) {
+                    let _ = gone_tx.send(uid);
+                }
             }
             if let Ok(event) = event
                 && svc_feed.apply(event)

@@ -18,8 +18,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{GrpcService, GrpcServiceSpec};
-use crate::desired::{Plan, Policy};
-use crate::registry::{self, Backend, Owner};
+use crate::desired::Policy;
+use crate::registry::{self, Backend, Owner, Planned, Planner};
 
 /// What the registry records of a service's last valid publication.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,13 +50,19 @@ impl Record {
     }
 
     /// The plan this record publishes for `svc` (its identity, the recorded spec), under the
-    /// recorded target; `None` when the controller's policy no longer allows it.
+    /// recorded target, as `planner` plans it; `None` when the controller's policy no longer
+    /// allows it.
     #[must_use]
-    pub fn plan(&self, svc: &GrpcService, policy: &Policy) -> Option<Plan> {
+    pub fn plan(
+        &self,
+        svc: &GrpcService,
+        policy: &Policy,
+        planner: &dyn Planner,
+    ) -> Option<Planned> {
         let mut old = svc.clone();
         old.spec = self.spec.clone();
-        let plan = Plan::keeping(&old, policy, self.target.clone()).ok()?;
-        (plan.target == self.target).then_some(plan)
+        let planned = planner.keeping(&old, policy, self.target.clone()).ok()?;
+        (planned.target() == self.target).then_some(planned)
     }
 
     /// The spec recorded, as a service with `svc`'s identity (for its TTL and the like).

@@ -19,7 +19,7 @@ use super::writer::Submitted;
 use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, RESYNC};
 use crate::crd::GrpcService;
 use crate::desired::{Desired, Plan, Source, SpecError, desired};
-use crate::registry::{self, Claim, Owner, Publication};
+use crate::registry::{self, Claim, Owner, Planned, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
 
@@ -55,7 +55,7 @@ impl GrpcService {
                     .await;
             }
         };
-        tracing::Span::current().record("registry_target", plan.target.as_str());
+        tracing::Span::current().record("registry_target", plan.target());
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
@@ -68,8 +68,8 @@ impl GrpcService {
                 // valid spec releases the right one.
                 let published = self.published_target(ctx);
                 let shown = match published.as_deref() {
-                    Some(old) if old != plan.target => None,
-                    _ => Some(plan.target.as_str()),
+                    Some(old) if old != plan.target() => None,
+                    _ => Some(plan.target()),
                 };
                 return self.invalid_spec_for(ctx, &e, shown, Some(&want)).await;
             }
@@ -79,7 +79,7 @@ impl GrpcService {
         ctx.published.saw(
             ctx.term(),
             &owner.uid,
-            publication::Record::of(self, &plan.target),
+            publication::Record::of(self, plan.target()),
         );
         self.publish(ctx, &owner, &plan, &selected, want, None)
             .await
@@ -90,16 +90,20 @@ impl GrpcService {
     /// keep following readiness. A template that maps every endpoint to one key, or an entry
     /// too large for any write, is the spec's fault: found here, before anything is released or
     /// claimed (with the counts, for status).
-    fn evaluate(&self, ctx: &Context, plan: &Plan) -> Result<Evaluated, Box<(SpecError, Desired)>> {
-        let selected = self.select(ctx, plan);
-        let mut want = desired(plan, &selected);
+    fn evaluate(
+        &self,
+        ctx: &Context,
+        plan: &Planned,
+    ) -> Result<Evaluated, Box<(SpecError, Desired)>> {
+        let selected = self.select(ctx, &plan.plan);
+        let mut want = desired(&plan.plan, &selected);
         let checked = plan
-            .layout()
+            .placement
             .dedupe(std::mem::take(&mut want.endpoints))
             .and_then(|(kept, collisions)| {
                 want.endpoints = kept;
                 want.collisions = collisions;
-                plan.layout().render(&want.endpoints).map(|_| ())
+                plan.placement.render(&want.endpoints).map(|_| ())
             });
         match checked {
             Ok(()) => Ok((selected, want)),
@@ -116,7 +120,7 @@ impl GrpcService {
         &self,
         ctx: &Context,
         owner: &Owner,
-        plan: &Plan,
+        plan: &Planned,
         selected: &[Arc<Candidate>],
         mut want: Desired,
         invalid: Option<&SpecError>,
@@ -132,13 +136,15 @@ impl GrpcService {
         {
             Ok(record) => record.map(|record| record.target),
             Err(e) if report_status => {
-                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+                return self
+                    .backend_failed(ctx, plan.target(), Some(&want), e)
+                    .await;
             }
             Err(e) => return Err(e.into()),
         };
         let mut old_targets: Vec<String> = self.published_target(ctx).into_iter().collect();
         old_targets.extend(recorded.filter(|t| !old_targets.contains(t)));
-        for old in old_targets.iter().filter(|t| **t != plan.target) {
+        for old in old_targets.iter().filter(|t| **t != plan.target()) {
             let deleted = ctx.backend.release(old, owner).await?;
             info!(old_target = old, deleted, "released previous target");
             ctx.published.released(ctx.term(), &owner.uid);
@@ -153,22 +159,22 @@ impl GrpcService {
                 return Err(error.into());
             }
             return self
-                .backend_failed(ctx, &plan.target, Some(&want), error)
+                .backend_failed(ctx, plan.target(), Some(&want), error)
                 .await;
         }
         // Registered before the claim, so that a release landing between a refused claim and
         // the registration still wakes this service.
-        ctx.wait_for_release(&plan.target, ObjectRef::from_obj(self));
-        match self.claim(ctx, &plan.target, owner).await? {
+        ctx.wait_for_release(plan.target(), ObjectRef::from_obj(self));
+        match self.claim(ctx, plan.target(), owner).await? {
             Ok(Claim::Owned) => {
                 ctx.stop_waiting(&ObjectRef::from_obj(self));
                 // Status names the target published, so that the next spec releases it.
                 if let Some(error) = invalid
-                    && self.published_target(ctx).as_deref() != Some(plan.target.as_str())
+                    && self.published_target(ctx).as_deref() != Some(plan.target())
                 {
                     let outcome = Outcome::InvalidSpec {
                         message: error.to_string(),
-                        target: Some(&plan.target),
+                        target: Some(plan.target()),
                         desired: None,
                     };
                     self.submit_status(ctx, &outcome);
@@ -181,7 +187,7 @@ impl GrpcService {
             }) => {
                 ctx.wait_for_release(&held, ObjectRef::from_obj(self));
                 if report_status {
-                    self.conflict(ctx, selected, &plan.target, &other, &held, &want);
+                    self.conflict(ctx, selected, plan.target(), &other, &held, &want);
                 }
                 return Ok(Action::requeue(CONFLICT_RECHECK));
             }
@@ -190,19 +196,20 @@ impl GrpcService {
                 if !report_status {
                     return Err(e.into());
                 }
-                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+                return self
+                    .backend_failed(ctx, plan.target(), Some(&want), e)
+                    .await;
             }
         }
         let publication = Publication {
-            layout: plan.layout(),
+            placement: plan.placement.clone(),
             owner: owner.clone(),
             ttl: self.ttl(ctx),
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
-            tags: plan.tags.clone(),
         };
         // Recorded in the registry first, so that any replica can keep publishing it once the
         // spec turns invalid, whatever became of the sync.
-        let record = publication::Record::of(self, &plan.target);
+        let record = publication::Record::of(self, plan.target());
         let (backend, term) = (ctx.backend.as_ref(), ctx.term());
         let previous = match invalid {
             None => ctx.published.recorded(backend, term, &owner.uid).await?,
@@ -227,12 +234,14 @@ impl GrpcService {
                     warn!(error = %restore, "failed to restore the record of the last valid spec");
                 }
                 return self
-                    .invalid_spec_for(ctx, &e, Some(&plan.target), Some(&want))
+                    .invalid_spec_for(ctx, &e, Some(plan.target()), Some(&want))
                     .await;
             }
             (Err(e), Some(_)) => return Err(e.into()),
             (Err(e), None) => {
-                return self.backend_failed(ctx, &plan.target, Some(&want), e).await;
+                return self
+                    .backend_failed(ctx, plan.target(), Some(&want), e)
+                    .await;
             }
         };
         if report.puts + report.deletes > 0 {
@@ -258,7 +267,7 @@ impl GrpcService {
             .get(&owner.uid)
             .cloned();
         let outcome = Outcome::Synced {
-            target: &plan.target,
+            target: plan.target(),
             desired: &want,
             report: &report,
             last_change: last_change.as_ref(),
@@ -307,17 +316,18 @@ impl GrpcService {
         ctx.writer.latest(self).and_then(|s| s.target)
     }
 
-    /// The validated spec. A service still published under the target it had before the
-    /// current tenancy rule (a Consul name from before namespace-qualified names) keeps it
-    /// while the registry's ownership record names this service, so that an upgrade renames
-    /// nothing; its spec naming another target moves it under the rule.
+    /// The validated spec, planned by the backend. A service still published under the target
+    /// it had before the backend's current tenancy rule keeps it while the registry's ownership
+    /// record names this service, so that an upgrade renames nothing; its spec naming another
+    /// target moves it under the rule.
     async fn plan(
         &self,
         ctx: &Context,
         owner: &Owner,
-    ) -> Result<Result<Plan, SpecError>, registry::Error> {
+    ) -> Result<Result<Planned, SpecError>, registry::Error> {
         let published = self.published_target(ctx);
-        if let Some(old) = Plan::pre_rule_target(self, &ctx.policy)
+        let planner = ctx.backend.planner();
+        if let Some(old) = planner.pre_rule_target(self, &ctx.policy)
             && published.as_deref() == Some(old.as_str())
             && ctx
                 .backend
@@ -325,16 +335,16 @@ impl GrpcService {
                 .await?
                 .is_some_and(|o| o.uid == owner.uid)
         {
-            let kept = Plan::keeping(self, &ctx.policy, old);
+            let kept = planner.keeping(self, &ctx.policy, old);
             if let Ok(plan) = &kept {
                 debug!(
-                    kept_target = plan.target,
+                    kept_target = plan.target(),
                     "keeps the target it had before the tenancy rule; its spec must name an allowed one to move"
                 );
             }
             return Ok(kept);
         }
-        Ok(Plan::new(self, &ctx.policy))
+        Ok(planner.plan(self, &ctx.policy))
     }
 
     /// Sends an `EndpointsChanged` Event when the registered count moved since the last one
@@ -536,7 +546,7 @@ impl GrpcService {
             .last(ctx.backend.as_ref(), ctx.term(), &owner.uid)
             .await?;
         let Some((old, plan)) = last.and_then(|record| {
-            let plan = record.plan(self, &ctx.policy)?;
+            let plan = record.plan(self, &ctx.policy, ctx.backend.planner())?;
             Some((record.service(self), plan))
         }) else {
             return Ok(Action::await_change());
@@ -586,7 +596,12 @@ impl GrpcService {
             .recorded(ctx.backend.as_ref(), ctx.term(), &owner.uid)
             .await?
             .map(|record| record.target);
-        let planned = Plan::new(self, &ctx.policy).ok().map(|plan| plan.target);
+        let planned = ctx
+            .backend
+            .planner()
+            .plan(self, &ctx.policy)
+            .ok()
+            .map(|planned| planned.target().to_owned());
         for target in [planned, published].into_iter().flatten() {
             if !targets.contains(&target) {
                 targets.push(target);

@@ -93,7 +93,7 @@ pub enum Outcome<'a> {
     BackendUnavailable {
         /// The target the write was for.
         target: &'a str,
-        /// The backend's name, e.g. `etcd`.
+        /// The backend's name.
         backend: &'a str,
         /// The error, as a sentence.
         message: String,
@@ -451,7 +451,7 @@ pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceSta
             EventType::Warning,
             reason::LEASE_REPLACED,
             format!(
-                "etcd lease {old} was lost (expired or revoked, e.g. after a long etcd outage); {} registered again under lease {new}",
+                "registry lease {old} was lost (expired or revoked, e.g. after a long registry outage); {} registered again under lease {new}",
                 endpoints(usize::try_from(next.registered_endpoints).unwrap_or(0))
             ),
         ));
@@ -751,7 +751,7 @@ mod tests {
             Some(1),
             &Outcome::BackendUnavailable {
                 target: "services/default/greeter",
-                backend: "etcd",
+                backend: "memory",
                 message: "connection refused".into(),
                 desired: None,
             },
@@ -765,7 +765,7 @@ mod tests {
         assert_eq!(c.status, "True");
         assert!(
             c.message
-                .starts_with("etcd unavailable: connection refused; retrying")
+                .starts_with("memory unavailable: connection refused; retrying")
         );
         let events = transition_events(Some(&first), &down);
         assert_eq!(events[0].reason, "BackendUnavailable");

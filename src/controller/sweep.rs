@@ -94,7 +94,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::desired::{KeyTemplate, Layout, LogicalEndpoint};
+    use crate::desired::LogicalEndpoint;
     use crate::registry::Publication;
     use crate::registry::memory::MemoryBackend;
 
@@ -117,17 +117,10 @@ mod tests {
         };
         backend
             .sync(&Publication {
-                layout: Layout {
-                    target: target.into(),
-                    template: KeyTemplate::parse("{target}/{addr}").unwrap(),
-                    format: tonic_etcd_resolver::format::ValueFormat::EtcdNaming,
-                    namespace: "a".into(),
-                    name: "s".into(),
-                },
+                placement: MemoryBackend::placement(target),
                 owner: owner.clone(),
                 ttl: Duration::from_secs(30),
                 endpoints: Arc::new(vec![endpoint]),
-                tags: vec![],
             })
             .await
             .unwrap();

@@ -530,11 +530,12 @@ async fn a_service_moved_to_another_backend_is_released_here_and_loses_only_this
     server.await.unwrap();
     assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
 
-    // Now the spec names Consul: this (etcd) controller releases what it published and removes
-    // its own finalizer, and writes no status (the Consul controller owns it now).
+    // Now the spec names another backend: this controller releases what it published and
+    // removes its own finalizer, and writes no status (the other backend's controller owns it
+    // now).
     let (ctx2, api2) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let mut moved = svc;
-    moved.spec.backend = crate::crd::Backend::Consul;
+    moved.spec.backend = crate::fixtures::another_backend();
     let server = api2.run(Scenario::FinalizerRemoval(moved.clone()));
     let action = reconcile(Arc::new(moved), ctx2).await.unwrap();
     server.await.unwrap();
@@ -548,7 +549,7 @@ async fn a_service_of_another_backend_is_left_alone() {
     let registry = backend();
     let (ctx, _api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
     let mut svc = service("greeter");
-    svc.spec.backend = crate::crd::Backend::Consul;
+    svc.spec.backend = crate::fixtures::another_backend();
     // No API request is answered: any (a finalizer or status patch) would hang the reconcile.
     let action = tokio::time::timeout(
         std::time::Duration::from_secs(5),

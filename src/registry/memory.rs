@@ -1,5 +1,6 @@
-//! An in-memory [`Backend`] for reconciler tests: the same claims, layout rendering, fencing (the
-//! shared fence state) and events as the etcd backend, with no external process. Failures can be switched on to test
+//! An in-memory [`Backend`] for reconciler tests: the same claims, planning and entry rendering
+//! (the etcd layout's), fencing (the shared fence state) and events as the etcd backend, with no
+//! external process. Failures can be switched on to test
 //! how reconcile reports them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -8,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
+use super::etcd::EtcdPlanner;
 use super::fence::{Fence, Leader};
 use super::ownership::{self, Claims, Created, Held, OwnerRecords};
-use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
+use super::{Backend, Claim, Error, Event, Owner, Planner, Publication, Result, SyncReport};
 
 /// One claimed target.
 #[derive(Clone, Debug)]
@@ -58,7 +60,17 @@ impl Default for MemoryBackend {
 }
 
 impl MemoryBackend {
-    /// The keys and values under `target`, as the etcd layout renders them.
+    /// A placement under `target` with the default key layout and value format, for tests
+    /// that publish without a spec.
+    #[must_use]
+    pub fn placement(target: &str) -> std::sync::Arc<dyn super::Placement> {
+        std::sync::Arc::new(super::etcd::Layout::default_for(
+            target,
+            tonic_etcd_resolver::ValueFormat::default(),
+        ))
+    }
+
+    /// The keys and values under `target`, as the publications' placements render them.
     #[must_use]
     pub fn entries(&self, target: &str) -> BTreeMap<String, Vec<u8>> {
         self.lock()
@@ -127,6 +139,21 @@ impl Backend for MemoryBackend {
         "memory"
     }
 
+    fn planner(&self) -> &dyn Planner {
+        &EtcdPlanner
+    }
+
+    async fn check(&self) -> Result<i64> {
+        let state = self.lock();
+        if state.unavailable {
+            return Err(Error::Timeout {
+                op: "read registry",
+                after: Duration::ZERO,
+            });
+        }
+        Ok(state.revision)
+    }
+
     fn default_ttl(&self) -> Duration {
         self.ttl
     }
@@ -175,7 +202,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
-        let entries = publication.layout.render(&publication.endpoints)?;
+        let entries = publication.placement.render(&publication.endpoints)?;
         let mut state = self.writable("write registry batch")?;
         let target = publication.target();
         let Some(current) = state.targets.get(target) else {

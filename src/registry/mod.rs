@@ -5,15 +5,21 @@
 //! its writes so that only the elected leader's reach the registry.
 //!
 //! Written once for every backend (external-dns's Registry over Provider): the fence state
-//! (`fence`), the batching rule (`batch`), the minimal diff (`diff`), the claim, take-over and publication-record flows and
-//! the claim cache (`ownership`), writing batches under the ownership guard for a sync or a
-//! release (`writes`), where the controller's records live (`records`) and TLS material
-//! ([`tls`]). A backend supplies its primitives: its leader record's write and the guard on it,
-//! its ownership records' guarded compare-and-swaps (`ownership::OwnerRecords`), one guarded
-//! write request (`writes::GuardedWrites`) and its limits, its listing and its diff.
+//! (`fence`), the batching rule (`batch`), the minimal diff (`diff`), the claim, take-over and
+//! publication-record flows and the claim cache (`ownership`), writing batches under the
+//! ownership guard for a sync or a release (`writes`), where the controller's records live
+//! (`records`) and TLS material ([`tls`]). A backend supplies its primitives: its leader
+//! record's write and the guard on it, its ownership records' guarded compare-and-swaps
+//! (`ownership::OwnerRecords`), one guarded write request (`writes::GuardedWrites`) and its
+//! limits, its listing and its diff.
 //!
-//! - [`etcd`]: etcd, with one shared lease per TTL, guarded txn batches and an etcd fence.
-//! - [`consul`]: Consul's catalog, written through guarded `/v1/txn` batches, fenced on KV.
+//! A backend also owns what is backend-specific in a spec: its [`Planner`] turns a validated
+//! [`Plan`] into a [`Placement`] (the target, and how endpoints become its entries), checked by
+//! the backend's own rules.
+//!
+//! - [`etcd`]: etcd, with one shared lease per TTL, guarded txn batches and an etcd fence; its
+//!   key layout, key template and value formats.
+//! - [`consul`]: Consul's catalog and KV through guarded txns; its service names and tags.
 //! - [`memory`]: an in-memory backend for reconciler tests; no external process.
 
 mod batch;
@@ -28,14 +34,117 @@ mod records;
 pub mod tls;
 mod writes;
 
+use std::any::Any;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::desired::{Layout, LogicalEndpoint};
+use crate::crd::GrpcService;
+use crate::desired::{Collision, LogicalEndpoint, Plan, Policy, SpecError};
 pub use error::{Error, Result};
+
+/// Where and how one backend publishes a service, planned from its spec by that backend's
+/// [`Planner`]; opaque to the controller, which only reads the target and asks for the checks.
+pub trait Placement: std::fmt::Debug + Send + Sync + 'static {
+    /// The target: what is claimed and owned, and what status names.
+    fn target(&self) -> &str;
+
+    /// Keeps one endpoint per registry entry: a later endpoint mapping to an entry an earlier
+    /// one (in candidate order) already has is left out and returned as a [`Collision`].
+    ///
+    /// # Errors
+    /// [`SpecError`] when the spec maps every endpoint to one entry, whatever the endpoints.
+    fn dedupe(
+        &self,
+        endpoints: Vec<LogicalEndpoint>,
+    ) -> std::result::Result<(Vec<LogicalEndpoint>, Vec<Collision>), SpecError>;
+
+    /// Every entry, by key, checking that no two endpoints share one and that each fits in one
+    /// registry write.
+    ///
+    /// # Errors
+    /// [`SpecError`] naming the entry at fault.
+    fn render(
+        &self,
+        endpoints: &[LogicalEndpoint],
+    ) -> std::result::Result<BTreeMap<String, Vec<u8>>, SpecError>;
+
+    /// For the backend that planned it, to read its own details back.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A spec validated and planned for a backend: the backend-neutral [`Plan`] and the backend's
+/// [`Placement`].
+#[derive(Clone, Debug)]
+pub struct Planned {
+    /// What is published, from where.
+    pub plan: Plan,
+    /// Where and how it is published.
+    pub placement: Arc<dyn Placement>,
+}
+
+impl Planned {
+    /// The target published under.
+    #[must_use]
+    pub fn target(&self) -> &str {
+        self.placement.target()
+    }
+}
+
+/// Plans specs for one backend: the backend-specific half of spec validation (the target and
+/// its tenancy rule, and how entries are laid out). The backend-neutral half is [`Plan::new`].
+pub trait Planner: Send + Sync {
+    /// Where and how `svc`, validated as `plan`, is published: under the target the backend's
+    /// rules give it, or under `keep` (from [`Planner::pre_rule_target`], or a recorded
+    /// publication) when given.
+    ///
+    /// # Errors
+    /// [`SpecError`] for a setting the backend refuses.
+    fn place(
+        &self,
+        svc: &GrpcService,
+        plan: &Plan,
+        policy: &Policy,
+        keep: Option<String>,
+    ) -> std::result::Result<Arc<dyn Placement>, SpecError>;
+
+    /// The target this service was published under before the backend's current tenancy rule,
+    /// when the rule now gives it another: a service whose ownership record still holds it
+    /// keeps publishing there (see [`Planner::keeping`]) until its spec names another. `None`
+    /// for a backend whose rule never changed.
+    fn pre_rule_target(&self, _svc: &GrpcService, _policy: &Policy) -> Option<String> {
+        None
+    }
+
+    /// Validates a spec against the controller's policy and plans it for this backend.
+    ///
+    /// # Errors
+    /// [`SpecError`] for anything the API server's schema could not catch.
+    fn plan(&self, svc: &GrpcService, policy: &Policy) -> std::result::Result<Planned, SpecError> {
+        let plan = Plan::new(svc, policy)?;
+        let placement = self.place(svc, &plan, policy, None)?;
+        Ok(Planned { plan, placement })
+    }
+
+    /// As [`Planner::plan`], publishing under `target` instead of the one the tenancy rule
+    /// gives; every other rule still applies.
+    ///
+    /// # Errors
+    /// As [`Planner::plan`], but for the name rule.
+    fn keeping(
+        &self,
+        svc: &GrpcService,
+        policy: &Policy,
+        target: String,
+    ) -> std::result::Result<Planned, SpecError> {
+        let plan = Plan::new(svc, policy)?;
+        let placement = self.place(svc, &plan, policy, Some(target))?;
+        Ok(Planned { plan, placement })
+    }
+}
 
 /// Who owns a target: the GrpcService's identity, stored as the ownership record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,26 +200,25 @@ pub enum Claim {
     },
 }
 
-/// What one service publishes: where and how ([`Layout`]), for whom, for how long, and what.
+/// What one service publishes: where and how (its [`Placement`]), for whom, for how long, and
+/// what.
 #[derive(Clone, Debug)]
 pub struct Publication {
-    /// The target, key template and value format.
-    pub layout: Layout,
+    /// The target and how endpoints become its entries, as the backend planned them.
+    pub placement: Arc<dyn Placement>,
     /// The GrpcService that owns the target.
     pub owner: Owner,
     /// The lease TTL the entries live by.
     pub ttl: Duration,
     /// The endpoints.
     pub endpoints: Arc<Vec<LogicalEndpoint>>,
-    /// Tags for every instance, where the backend has tags (Consul); etcd has none.
-    pub tags: Vec<String>,
 }
 
 impl Publication {
     /// The target published under.
     #[must_use]
     pub fn target(&self) -> &str {
-        &self.layout.target
+        self.placement.target()
     }
 }
 
@@ -169,8 +277,19 @@ pub trait Backend: Send + Sync + 'static {
         true
     }
 
-    /// A short name for logs and metrics, e.g. `etcd`.
+    /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
+
+    /// How this backend plans specs.
+    fn planner(&self) -> &dyn Planner;
+
+    /// Asks the registry for something cheap that proves it answers and that the credentials
+    /// may read: the start-up check and the reachability probe behind `/readyz`. Returns the
+    /// registry's current revision (or index).
+    ///
+    /// # Errors
+    /// The registry unreachable, or the read refused.
+    async fn check(&self) -> Result<i64>;
 
     /// The TTL used when a service sets none.
     fn default_ttl(&self) -> Duration;

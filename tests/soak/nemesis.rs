@@ -52,7 +52,12 @@ pub struct Launcher {
     pub dir: PathBuf,
     /// Each replica's way to kube-apiserver.
     api: [TcpProxy; 2],
+    /// When each replica was last started.
+    started: std::sync::Mutex<[Option<std::time::Instant>; 2]>,
 }
+
+/// How long a replica is given to start before the nemesis may SIGTERM it.
+const STARTING: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Launcher {
     pub async fn new(
@@ -84,7 +89,17 @@ impl Launcher {
             ttl,
             dir,
             api,
+            started: std::sync::Mutex::new([None, None]),
         })
+    }
+
+    /// Waits until replica `i` has had `STARTING` to start (a SIGTERM before the binary has
+    /// even been loaded ends it by signal, as it would any process, and proves nothing).
+    pub async fn started(&self, i: usize) {
+        let since = self.started.lock().expect("lock")[i].map(|t: std::time::Instant| t.elapsed());
+        if let Some(left) = since.and_then(|s| STARTING.checked_sub(s)) {
+            tokio::time::sleep(left).await;
+        }
     }
 
     pub fn log(&self, i: usize) -> PathBuf {
@@ -92,6 +107,7 @@ impl Launcher {
     }
 
     pub fn start(&self, i: usize) -> ControllerProcess {
+        self.started.lock().expect("lock")[i] = Some(std::time::Instant::now());
         ControllerProcess::builder(&self.plane, &self.etcd, &self.ns, self.ttl)
             .replica(["a", "b"][i])
             .env("KUBECONFIG", self.dir.join(format!("kubeconfig-{i}")))
@@ -322,6 +338,7 @@ async fn replica_fault(
     match kind {
         0 => process.kill(),
         1 => {
+            launcher.started(i).await;
             process.sigterm();
             let deadline = tl.now() + 15.0;
             let status = loop {

@@ -18,6 +18,8 @@
 //!   when the controller is gone (see `keeper`).
 //!
 //! - [`config`]: address, token, datacenter, TLS, records.
+//! - [`plan`]: the Consul half of spec validation (service name and tags); [`name`]: who may
+//!   publish which service name.
 //! - `api`: the HTTP calls and txn types.
 //! - `instance`: endpoints to instances, validation, the pure diff.
 //! - `ownership`, `fence`, `sync`: Consul's guarded KV and catalog txns under the shared claim
@@ -28,7 +30,9 @@ pub mod config;
 mod fence;
 mod instance;
 mod keeper;
+pub mod name;
 mod ownership;
+pub mod plan;
 mod sync;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,8 +52,9 @@ pub use instance::{OWNER_META, instance_id, validate_service};
 use super::fence::Fence;
 use super::ownership as shared;
 use super::records::Records;
-use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
+use super::{Backend, Claim, Error, Event, Owner, Planner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
+pub use plan::{ConsulPlanner, ConsulService};
 
 /// The id of the node-level check that the keeper keeps passing.
 pub const ALIVE_CHECK: &str = "grpc-registrar:alive";
@@ -263,6 +268,14 @@ impl Backend for ConsulRegistry {
 
     fn name(&self) -> &'static str {
         "consul"
+    }
+
+    fn planner(&self) -> &dyn Planner {
+        &ConsulPlanner
+    }
+
+    async fn check(&self) -> Result<i64> {
+        ConsulRegistry::check(self).await.map(|()| 0)
     }
 
     fn default_ttl(&self) -> Duration {

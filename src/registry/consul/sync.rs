@@ -5,7 +5,7 @@ use tracing::warn;
 
 use super::api::{Indexed, Instance, NodeServices, TxnOp, TxnResult};
 use super::instance::{desired, diff};
-use super::{ConsulRegistry, Guarded, version};
+use super::{ConsulRegistry, ConsulService, Guarded, version};
 use crate::registry::batch::Limits;
 use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
 use crate::registry::{Error, Publication, Result, SyncReport};
@@ -132,7 +132,11 @@ impl ConsulRegistry {
             service,
             &publication.owner,
             &publication.endpoints,
-            &publication.tags,
+            publication
+                .placement
+                .as_any()
+                .downcast_ref::<ConsulService>()
+                .map_or(&[][..], |s| s.tags.as_slice()),
         )?;
         let guard_index = self.owned_index(service, &publication.owner).await?;
         self.fence_op().map_err(|_| Error::Fenced {

@@ -6,6 +6,8 @@
 //! writer that lost ownership or leadership writes nothing.
 //!
 //! - [`config`]: endpoints, TLS, auth, limits.
+//! - [`plan`]: the etcd half of spec validation (targets as key prefixes); [`layout`]: keys from
+//!   the `keyTemplate` ([`KeyTemplate`]), values through the format's codec.
 //! - `ownership`: the guarded txns of the shared claim and take-over flows; release.
 //! - `sync`: list, diff ([`diff`]), the guarded txn each shared batch is written as.
 //! - `fence`: the leader record and the compare every write carries (the state is shared).
@@ -16,9 +18,12 @@ pub mod config;
 mod diff;
 mod fence;
 mod keepalive;
+pub mod layout;
 mod lease;
 mod ownership;
+pub mod plan;
 mod sync;
+mod template;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,11 +37,14 @@ pub use crate::registry::tls::TlsPem as EtcdTls;
 pub use config::{EtcdConfig, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
 pub use diff::{Current, Op, diff};
 pub use fence::{leader_record, leader_term};
+pub use layout::Layout;
 use lease::LeasePool;
+pub use plan::EtcdPlanner;
+pub use template::KeyTemplate;
 
 use super::fence::Fence;
 use super::records::Records;
-use super::{Backend, Claim, Error, Event, Owner, Publication, Result, SyncReport};
+use super::{Backend, Claim, Error, Event, Owner, Planner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 
 /// The etcd registry: a cheap, cloneable handle over one etcd client.
@@ -198,6 +206,14 @@ impl Backend for EtcdRegistry {
         "etcd"
     }
 
+    fn planner(&self) -> &dyn Planner {
+        &EtcdPlanner
+    }
+
+    async fn check(&self) -> Result<i64> {
+        EtcdRegistry::check(self).await
+    }
+
     fn default_ttl(&self) -> Duration {
         self.inner.config.default_ttl
     }
@@ -227,7 +243,7 @@ impl Backend for EtcdRegistry {
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
-        let entries = publication.layout.render(&publication.endpoints)?;
+        let entries = publication.placement.render(&publication.endpoints)?;
         self.sync_entries(
             publication.target(),
             &publication.owner,

@@ -1,12 +1,64 @@
-use super::*;
+//! The spec rules through the etcd wire format: a spec and its pods in, keys and values out
+//! (the backend-neutral rules of [`crate::desired`] and the etcd planning and layout together).
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use super::super::layout::Layout;
+use super::super::template::KeyTemplate;
+use super::EtcdPlanner;
+use crate::desired::*;
 use crate::fixtures::{PodBuilder, endpoint_slice, service, service_ref};
+use crate::registry::Planner;
+use crate::source::Candidate;
 use crate::source::index::CandidateIndex;
 use crate::source::pod::{ZONE_LABEL, candidate};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
 use serde_json::json;
+use tonic_etcd_resolver::ValueFormat;
 
-fn plan() -> Plan {
-    Plan::new(&service("greeter"), &Policy::default()).unwrap()
+/// A spec planned for etcd: the neutral plan, its target and its key layout.
+#[derive(Debug)]
+struct Planned {
+    plan: Plan,
+    target: String,
+    layout: Layout,
+}
+
+impl Deref for Planned {
+    type Target = Plan;
+
+    fn deref(&self) -> &Plan {
+        &self.plan
+    }
+}
+
+impl Planned {
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+}
+
+/// Validates and plans a spec as the etcd backend does.
+fn planned(svc: &crate::crd::GrpcService, policy: &Policy) -> Result<Planned, SpecError> {
+    let crate::registry::Planned { plan, placement } = EtcdPlanner.plan(svc, policy)?;
+    let layout = placement
+        .as_any()
+        .downcast_ref::<Layout>()
+        .expect("an etcd layout")
+        .clone();
+    Ok(Planned {
+        plan,
+        target: layout.target.clone(),
+        layout,
+    })
+}
+
+fn plan() -> Planned {
+    planned(&service("greeter"), &Policy::default()).unwrap()
 }
 
 /// What a service's pods become on the wire: the pod source, `desired`, then the etcd layout.
@@ -18,9 +70,9 @@ struct Rendered {
     skipped: BTreeMap<String, Skip>,
 }
 
-fn desired(plan: &Plan, pods: &[Pod]) -> Result<Rendered, SpecError> {
+fn desired(plan: &Planned, pods: &[Pod]) -> Result<Rendered, SpecError> {
     let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
-    let d = super::desired(plan, &candidates);
+    let d = crate::desired::desired(plan, &candidates);
     Ok(Rendered {
         entries: plan.layout().render(&d.endpoints)?,
         selected: d.selected,
@@ -30,9 +82,9 @@ fn desired(plan: &Plan, pods: &[Pod]) -> Result<Rendered, SpecError> {
 }
 
 /// The logical endpoints `pods` give under `plan`, before any key is rendered.
-fn desired_endpoints(plan: &Plan, pods: &[Pod]) -> Vec<LogicalEndpoint> {
+fn desired_endpoints(plan: &Planned, pods: &[Pod]) -> Vec<LogicalEndpoint> {
     let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
-    super::desired(plan, &candidates).endpoints
+    crate::desired::desired(plan, &candidates).endpoints
 }
 
 fn keys(d: &Rendered) -> Vec<&str> {
@@ -64,7 +116,7 @@ fn static_metadata_and_selected_labels_are_merged_but_cannot_override_reserved_k
     let mut svc = service("greeter");
     svc.spec.metadata = BTreeMap::from([("version".into(), "v2".into())]);
     svc.spec.metadata_from_labels = vec!["track".into(), "absent".into(), "pod".into()];
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let pod = PodBuilder::ready("p1", "10.0.0.7")
         .label("track", "canary")
         .label("pod", "spoofed")
@@ -81,7 +133,7 @@ fn static_metadata_and_selected_labels_are_merged_but_cannot_override_reserved_k
 fn address_format_value_is_the_bare_address() {
     let mut svc = service("greeter");
     svc.spec.format = ValueFormat::Address;
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
     assert_eq!(d.entries.values().next().unwrap(), b"10.0.0.7:50051");
 }
@@ -102,7 +154,7 @@ fn unready_pod_is_not_registered_but_counted_as_selected() {
 fn publish_not_ready_addresses_registers_running_unready_pods() {
     let mut svc = service("greeter");
     svc.spec.publish_not_ready_addresses = true;
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let d = desired(
         &plan,
         &[PodBuilder::ready("p1", "10.0.0.7").not_ready().build()],
@@ -116,7 +168,7 @@ fn publish_not_ready_addresses_registers_running_unready_pods() {
 fn publish_not_ready_addresses_still_requires_running() {
     let mut svc = service("greeter");
     svc.spec.publish_not_ready_addresses = true;
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let pod = PodBuilder::ready("p1", "10.0.0.7")
         .not_ready()
         .phase("Pending")
@@ -208,7 +260,7 @@ fn pod_without_the_named_port_is_skipped() {
 fn numeric_port_is_used_as_is() {
     let mut svc = service("greeter");
     svc.spec.port = Some(IntOrString::Int(7000));
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
     assert_eq!(keys(&d), ["services/default/greeter/10.0.0.7:7000"]);
 }
@@ -217,7 +269,7 @@ fn numeric_port_is_used_as_is() {
 fn a_numeric_port_no_container_declares_is_registered_and_reported() {
     let mut svc = service("greeter");
     svc.spec.port = Some(IntOrString::Int(50051));
-    let numeric = Plan::new(&svc, &Policy::default()).unwrap();
+    let numeric = planned(&svc, &Policy::default()).unwrap();
     let pods = [
         PodBuilder::ready("declares", "10.0.0.1")
             .port("grpc", 50051)
@@ -227,7 +279,7 @@ fn a_numeric_port_no_container_declares_is_registered_and_reported() {
             .build(),
     ];
     let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
-    let d = super::desired(&numeric, &candidates);
+    let d = crate::desired::desired(&numeric, &candidates);
     assert_eq!(
         d.endpoints.len(),
         2,
@@ -236,9 +288,9 @@ fn a_numeric_port_no_container_declares_is_registered_and_reported() {
     assert_eq!(d.undeclared_port, Some((50051, 1)));
     assert!(d.ports_offered.contains(&("grpc".to_owned(), 50061)));
     // A named port, or a number every pod declares, raises nothing.
-    let d = super::desired(&numeric, &candidates[..1]);
+    let d = crate::desired::desired(&numeric, &candidates[..1]);
     assert_eq!(d.undeclared_port, None);
-    let d = super::desired(&plan(), &candidates);
+    let d = crate::desired::desired(&plan(), &candidates);
     assert_eq!(d.undeclared_port, None);
 }
 
@@ -283,7 +335,7 @@ fn kratos_format_writes_service_instances_under_kratos_key_layout() {
         custom_targets: CustomTargets::All,
         ..Policy::default()
     };
-    let plan = Plan::new(&svc, &policy).unwrap();
+    let plan = planned(&svc, &policy).unwrap();
     let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
     assert_eq!(keys(&d), ["/microservices/greeter/p1"]);
     assert_eq!(
@@ -297,7 +349,7 @@ fn key_template_reproduces_seed_layouts() {
     let mut svc = service("greeter");
     svc.spec.target = Some("services/default/greeter".into());
     svc.spec.key_template = Some("{target}/{pod}.{namespace}/{ip}-{port}".into());
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let d = desired(&plan, &[PodBuilder::ready("p1", "10.0.0.7").build()]).unwrap();
     assert_eq!(
         keys(&d),
@@ -309,7 +361,7 @@ fn key_template_reproduces_seed_layouts() {
 fn key_template_that_collides_is_an_error_naming_both_pods() {
     let mut svc = service("greeter");
     svc.spec.key_template = Some("{target}/{namespace}".into());
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let pods = [
         PodBuilder::ready("p1", "10.0.0.1").build(),
         PodBuilder::ready("p2", "10.0.0.2").build(),
@@ -338,7 +390,7 @@ fn custom_target_under_own_namespace_prefix_is_allowed() {
     let mut svc = service("greeter");
     svc.spec.target = Some("services/default/greeter-v2".into());
     assert_eq!(
-        Plan::new(&svc, &Policy::default()).unwrap().target,
+        planned(&svc, &Policy::default()).unwrap().target,
         "services/default/greeter-v2"
     );
 }
@@ -347,13 +399,13 @@ fn custom_target_under_own_namespace_prefix_is_allowed() {
 fn custom_target_in_another_namespace_prefix_is_refused_even_where_custom_targets_are_allowed() {
     let mut svc = service("greeter");
     svc.spec.target = Some("services/payments/greeter".into());
-    let err = Plan::new(&svc, &Policy::default()).unwrap_err();
+    let err = planned(&svc, &Policy::default()).unwrap_err();
     assert!(matches!(err, SpecError::TargetNotAllowed { .. }), "{err}");
     let policy = Policy {
         custom_targets: CustomTargets::All,
         ..Policy::default()
     };
-    let err = Plan::new(&svc, &policy).unwrap_err();
+    let err = planned(&svc, &policy).unwrap_err();
     assert!(matches!(err, SpecError::TargetNotAllowed { .. }), "{err}");
     assert!(
         err.to_string()
@@ -408,7 +460,7 @@ fn the_tenancy_rules_hold_for_every_target_shape_with_and_without_custom_targets
             custom_targets: custom.clone(),
             ..Policy::default()
         };
-        let got = Plan::new(&svc, &policy).map(|p| p.target);
+        let got = planned(&svc, &policy).map(|p| p.target);
         let kind = match &got {
             Ok(t) => Ok(t.as_str()),
             Err(SpecError::TargetNotAllowed { .. }) => Err("not allowed"),
@@ -428,10 +480,7 @@ fn target_inside_the_registrar_records_is_refused_even_when_custom_targets_are_a
         custom_targets: CustomTargets::All,
         ..Policy::default()
     };
-    assert!(matches!(
-        Plan::new(&svc, &policy),
-        Err(SpecError::Target(..))
-    ));
+    assert!(matches!(planned(&svc, &policy), Err(SpecError::Target(..))));
 }
 
 #[test]
@@ -444,7 +493,7 @@ fn malformed_targets_are_refused() {
             ..Policy::default()
         };
         assert!(
-            matches!(Plan::new(&svc, &policy), Err(SpecError::Target(..))),
+            matches!(planned(&svc, &policy), Err(SpecError::Target(..))),
             "{bad:?}"
         );
     }
@@ -455,7 +504,7 @@ fn empty_selector_is_an_invalid_spec() {
     let mut svc = service("greeter");
     svc.spec.selector = Some(Default::default());
     assert!(matches!(
-        Plan::new(&svc, &Policy::default()),
+        planned(&svc, &Policy::default()),
         Err(SpecError::Selector(_))
     ));
 }
@@ -465,7 +514,7 @@ fn out_of_range_numeric_port_is_an_invalid_spec() {
     let mut svc = service("greeter");
     svc.spec.port = Some(IntOrString::Int(0));
     assert_eq!(
-        Plan::new(&svc, &Policy::default()).unwrap_err(),
+        planned(&svc, &Policy::default()).unwrap_err(),
         SpecError::PortRange(0)
     );
 }
@@ -485,14 +534,14 @@ fn digit_only_port_name_is_an_invalid_spec() {
     let mut svc = service("greeter");
     svc.spec.port = Some(IntOrString::String("1234".into()));
     assert!(matches!(
-        Plan::new(&svc, &Policy::default()),
+        planned(&svc, &Policy::default()),
         Err(SpecError::PortName(_))
     ));
 }
 
 #[test]
 fn a_spec_needs_exactly_one_source_and_the_port_where_that_source_takes_it() {
-    let plan = Plan::new(
+    let plan = planned(
         &service_ref("greeter", "greeter-svc", IntOrString::String("grpc".into())),
         &Policy::default(),
     )
@@ -513,20 +562,20 @@ fn a_spec_needs_exactly_one_source_and_the_port_where_that_source_takes_it() {
         (no_port, "port is required"),
         (port_twice, "set serviceRef.port"),
     ] {
-        let err = Plan::new(&svc, &Policy::default()).unwrap_err();
+        let err = planned(&svc, &Policy::default()).unwrap_err();
         assert!(matches!(err, SpecError::Source(_)), "{err}");
         assert!(err.to_string().contains(needle), "{err}");
     }
     let bad_port = service_ref("greeter", "greeter-svc", IntOrString::Int(0));
     assert_eq!(
-        Plan::new(&bad_port, &Policy::default()).unwrap_err(),
+        planned(&bad_port, &Policy::default()).unwrap_err(),
         SpecError::PortRange(0)
     );
 }
 
 #[test]
 fn a_services_endpoints_publish_with_pod_node_and_zone_and_hand_made_ones_without_a_pod() {
-    let plan = Plan::new(
+    let plan = planned(
         &service_ref("greeter", "greeter-svc", IntOrString::String("grpc".into())),
         &Policy::default(),
     )
@@ -544,7 +593,7 @@ fn a_services_endpoints_publish_with_pod_node_and_zone_and_hand_made_ones_withou
         .into_iter()
         .map(Arc::new)
         .collect();
-    let d = super::desired(&plan, &candidates);
+    let d = crate::desired::desired(&plan, &candidates);
     assert_eq!((d.selected, d.ready), (3, 2));
     assert_eq!(d.service.as_deref(), Some("greeter-svc"));
     assert_eq!(d.skipped.get("greeter-1"), Some(&Skip::NotReady));
@@ -568,18 +617,23 @@ fn a_numeric_service_port_must_be_listed_and_fqdn_endpoints_are_skipped_with_a_r
         .into_iter()
         .map(Arc::new)
         .collect();
-    let listed = Plan::new(
+    let listed = planned(
         &service_ref("g", "svc", IntOrString::Int(50051)),
         &Policy::default(),
     )
     .unwrap();
-    assert_eq!(super::desired(&listed, &candidates).endpoints.len(), 1);
-    let unlisted = Plan::new(
+    assert_eq!(
+        crate::desired::desired(&listed, &candidates)
+            .endpoints
+            .len(),
+        1
+    );
+    let unlisted = planned(
         &service_ref("g", "svc", IntOrString::Int(80)),
         &Policy::default(),
     )
     .unwrap();
-    let d = super::desired(&unlisted, &candidates);
+    let d = crate::desired::desired(&unlisted, &candidates);
     assert!(d.endpoints.is_empty());
     assert_eq!(d.skipped.get("10.0.0.1"), Some(&Skip::PortNotFound));
     let fqdn = Candidate {
@@ -591,7 +645,7 @@ fn a_numeric_service_port_must_be_listed_and_fqdn_endpoints_are_skipped_with_a_r
         serving: true,
         ..Candidate::default()
     };
-    let d = super::desired(&listed, &[Arc::new(fqdn)]);
+    let d = crate::desired::desired(&listed, &[Arc::new(fqdn)]);
     assert_eq!(d.skipped.get("grpc.example.com"), Some(&Skip::Fqdn));
 }
 
@@ -601,17 +655,17 @@ fn with_a_cluster_name_every_endpoint_says_which_cluster_it_is_in() {
         cluster: Some("east".into()),
         ..Policy::default()
     };
-    let plan = Plan::new(&service("greeter"), &policy).unwrap();
+    let plan = planned(&service("greeter"), &policy).unwrap();
     let pods = [Arc::new(candidate(
         &PodBuilder::ready("p1", "10.0.0.1").build(),
     ))];
-    let d = super::desired(&plan, &pods);
+    let d = crate::desired::desired(&plan, &pods);
     assert_eq!(
         d.endpoints[0].metadata.get("cluster").map(String::as_str),
         Some("east")
     );
-    let plain = super::desired(
-        &Plan::new(&service("greeter"), &Policy::default()).unwrap(),
+    let plain = crate::desired::desired(
+        &planned(&service("greeter"), &Policy::default()).unwrap(),
         &pods,
     );
     assert!(!plain.endpoints[0].metadata.contains_key("cluster"));
@@ -621,9 +675,9 @@ fn with_a_cluster_name_every_endpoint_says_which_cluster_it_is_in() {
 fn an_entry_too_large_for_any_registry_write_is_an_invalid_spec_not_a_backend_error() {
     // The CRD bounds metadata far below this; a controller fed an unbounded spec still refuses.
     let mut svc = service("greeter");
-    svc.spec.metadata = BTreeMap::from([("blob".to_owned(), "x".repeat(layout::MAX_ENTRY_BYTES))]);
+    svc.spec.metadata = BTreeMap::from([("blob".to_owned(), "x".repeat(MAX_ENTRY_BYTES))]);
     let err = desired(
-        &Plan::new(&svc, &Policy::default()).unwrap(),
+        &planned(&svc, &Policy::default()).unwrap(),
         &[PodBuilder::ready("p1", "10.0.0.1").build()],
     )
     .unwrap_err();
@@ -631,9 +685,9 @@ fn an_entry_too_large_for_any_registry_write_is_an_invalid_spec_not_a_backend_er
     assert!(err.to_string().contains("shrink metadata"), "{err}");
 }
 
-fn weights(plan: &Plan, pods: &[Pod]) -> (Vec<Option<String>>, Vec<String>) {
+fn weights(plan: &Planned, pods: &[Pod]) -> (Vec<Option<String>>, Vec<String>) {
     let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
-    let d = super::desired(plan, &candidates);
+    let d = crate::desired::desired(plan, &candidates);
     (
         d.endpoints
             .iter()
@@ -647,7 +701,7 @@ fn weights(plan: &Plan, pods: &[Pod]) -> (Vec<Option<String>>, Vec<String>) {
 fn spec_weight_is_written_as_metadata_weight_and_a_pod_annotation_overrides_it() {
     let mut svc = service("greeter");
     svc.spec.weight = Some(20);
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let pods = [
         PodBuilder::ready("p1", "10.0.0.1").build(),
         PodBuilder::ready("p2", "10.0.0.2")
@@ -681,7 +735,7 @@ fn no_weight_is_written_unless_the_spec_or_the_pod_asks() {
 fn an_annotation_that_is_not_a_weight_falls_back_to_the_service_weight_and_is_reported() {
     let mut svc = service("greeter");
     svc.spec.weight = Some(3);
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let pods: Vec<Pod> = ["0", "10001", "-1", "heavy", "1.5", ""]
         .iter()
         .enumerate()
@@ -696,101 +750,11 @@ fn an_annotation_that_is_not_a_weight_falls_back_to_the_service_weight_and_is_re
     assert_eq!(invalid, ["p0", "p1", "p2", "p3", "p4", "p5"]);
 }
 
-/// A Consul controller trusting `default` with flat names.
-fn consul_policy() -> Policy {
-    Policy {
-        backend: crate::crd::Backend::Consul,
-        custom_targets: CustomTargets::Namespaces(vec!["default".into()]),
-        ..Policy::default()
-    }
-}
-
-#[test]
-fn with_the_consul_backend_the_target_is_the_consul_service_name_with_its_tags() {
-    let mut svc = service("greeter");
-    svc.spec.backend = crate::crd::Backend::Consul;
-    let plan = Plan::new(&svc, &consul_policy()).unwrap();
-    assert_eq!((plan.target.as_str(), plan.tags.len()), ("greeter", 0));
-    // Untrusted, the same service is qualified with its namespace.
-    let untrusted = Policy {
-        custom_targets: CustomTargets::None,
-        ..consul_policy()
-    };
-    assert_eq!(
-        Plan::new(&svc, &untrusted).unwrap().target,
-        "greeter--default"
-    );
-
-    svc.spec.consul = Some(crate::crd::ConsulService {
-        service: Some("greeter-v2".into()),
-        tags: vec!["grpc".into()],
-    });
-    let plan = Plan::new(&svc, &consul_policy()).unwrap();
-    assert_eq!(plan.target, "greeter-v2");
-    assert_eq!(plan.tags, ["grpc"]);
-}
-
-#[test]
-fn with_the_consul_backend_etcd_settings_and_non_dns_names_are_invalid_specs() {
-    let mut svc = service("greeter");
-    svc.spec.backend = crate::crd::Backend::Consul;
-    svc.spec.ttl_seconds = Some(30);
-    assert!(matches!(
-        Plan::new(&svc, &consul_policy()),
-        Err(SpecError::Backend(_))
-    ));
-    svc.spec.ttl_seconds = None;
-    for bad in ["-greeter", "greeter.v2", "grüße", "", "Greeter"] {
-        svc.spec.consul = Some(crate::crd::ConsulService {
-            service: Some(bad.into()),
-            tags: vec![],
-        });
-        let err = Plan::new(&svc, &consul_policy()).unwrap_err();
-        assert!(
-            err.to_string().contains("not a Consul service name"),
-            "{bad}: {err}"
-        );
-    }
-}
-
-#[test]
-fn a_flat_consul_name_from_before_the_rule_is_offered_only_when_the_rule_gives_another() {
-    let mut svc = service("greeter");
-    svc.spec.backend = crate::crd::Backend::Consul;
-    let untrusted = Policy {
-        custom_targets: CustomTargets::None,
-        ..consul_policy()
-    };
-    assert_eq!(
-        Plan::pre_rule_target(&svc, &untrusted).as_deref(),
-        Some("greeter")
-    );
-    assert_eq!(Plan::pre_rule_target(&svc, &consul_policy()), None);
-    svc.spec.consul = Some(crate::crd::ConsulService {
-        service: Some("payments".into()),
-        tags: vec![],
-    });
-    assert!(matches!(
-        Plan::new(&svc, &untrusted),
-        Err(SpecError::ConsulName { .. })
-    ));
-    assert_eq!(
-        Plan::pre_rule_target(&svc, &untrusted).as_deref(),
-        Some("payments")
-    );
-    let kept = Plan::keeping(&svc, &untrusted, "payments".into()).unwrap();
-    assert_eq!(kept.target, "payments");
-    // The etcd backend has no such rule.
-    svc.spec.backend = crate::crd::Backend::Etcd;
-    svc.spec.consul = None;
-    assert_eq!(Plan::pre_rule_target(&svc, &Policy::default()), None);
-}
-
 #[test]
 fn a_key_template_naming_nothing_of_the_endpoint_is_invalid_whatever_the_endpoints() {
     let mut svc = service("greeter");
     svc.spec.key_template = Some("{target}/fixed".into());
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let pods = [
         PodBuilder::ready("p1", "10.0.0.1").build(),
         PodBuilder::ready("p2", "10.0.0.2").build(),
@@ -809,7 +773,7 @@ fn a_key_template_naming_nothing_of_the_endpoint_is_invalid_whatever_the_endpoin
 #[test]
 fn two_endpoints_on_one_key_register_the_first_and_report_the_other() {
     let svc = service("greeter");
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     let pods = [
         PodBuilder::ready("p1", "10.0.0.1").build(),
         PodBuilder::ready("p2", "10.0.0.2").build(),
@@ -833,7 +797,7 @@ fn two_endpoints_on_one_key_register_the_first_and_report_the_other() {
     // A template that maps every endpoint to one key is the spec's fault.
     let mut svc = service("greeter");
     svc.spec.key_template = Some("{target}/fixed".into());
-    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let plan = planned(&svc, &Policy::default()).unwrap();
     assert!(matches!(
         plan.layout().dedupe(desired_endpoints(&plan, &pods[..2])),
         Err(SpecError::KeyCollision { .. })

@@ -4,8 +4,8 @@ use std::net::IpAddr;
 
 use tonic_etcd_resolver::ValueFormat;
 
-use super::SpecError;
 use crate::crd::TEMPLATE_PLACEHOLDERS;
+use crate::desired::SpecError;
 
 /// The layout used when a spec sets no `keyTemplate`: `<target>/<ip>:<port>`.
 pub const DEFAULT: &str = "{target}/{addr}";

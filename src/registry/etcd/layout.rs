@@ -1,28 +1,19 @@
 //! How a service's logical endpoints are written to etcd: a key from the `keyTemplate`, a value
-//! from the format's [`Codec`](tonic_etcd_resolver::Codec). Pure; used by the etcd backend.
+//! from the format's [`Codec`](tonic_etcd_resolver::Codec). Pure; the etcd backend's
+//! [`Placement`].
 
+use std::any::Any;
 use std::collections::BTreeMap;
 
 use tonic_etcd_resolver::format::{Endpoint, ValueFormat};
 
-use super::{LogicalEndpoint, Plan, SpecError, template};
-use crate::desired::KeyTemplate;
+use super::template::{self, KeyTemplate};
+pub use crate::desired::MAX_ENTRY_BYTES;
+use crate::desired::{Collision, LogicalEndpoint, SpecError};
+use crate::registry::Placement;
 
-/// The most bytes one entry (key and value) may take: one entry alone always fits in one
-/// registry write (etcd refuses requests over 1.5 MiB; its txn batches are bounded by
-/// [`crate::registry::etcd::MAX_TXN_BYTES`], this much).
-pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
-
-/// Two endpoints that render to one key: the first is registered, the other left out.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Collision {
-    /// The shared key.
-    pub key: String,
-    /// The endpoint registered under it (the first in candidate order).
-    pub kept: String,
-    /// The endpoint left out.
-    pub left_out: String,
-}
+// etcd refuses requests over 1.5 MiB; its txn batches are bounded by
+// [`super::MAX_TXN_BYTES`], at least [`MAX_ENTRY_BYTES`].
 
 /// The wire layout of one service: where its keys go and how values are encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,16 +30,44 @@ pub struct Layout {
     pub name: String,
 }
 
+impl Placement for Layout {
+    fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn dedupe(
+        &self,
+        endpoints: Vec<LogicalEndpoint>,
+    ) -> Result<(Vec<LogicalEndpoint>, Vec<Collision>), SpecError> {
+        Layout::dedupe(self, endpoints)
+    }
+
+    fn render(
+        &self,
+        endpoints: &[LogicalEndpoint],
+    ) -> Result<BTreeMap<String, Vec<u8>>, SpecError> {
+        Layout::render(self, endpoints)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 impl Layout {
-    /// The layout a validated spec asks for.
+    /// A layout with the default key template of `format`, under `target`.
+    ///
+    /// # Panics
+    /// Never: the default templates parse.
     #[must_use]
-    pub fn new(plan: &Plan) -> Self {
+    pub fn default_for(target: &str, format: ValueFormat) -> Self {
         Self {
-            target: plan.target.clone(),
-            format: plan.format,
-            template: plan.template.clone(),
-            namespace: plan.namespace.clone(),
-            name: plan.name.clone(),
+            target: target.to_owned(),
+            format,
+            template: KeyTemplate::parse(template::default_for(format))
+                .expect("the default templates parse"),
+            namespace: String::new(),
+            name: String::new(),
         }
     }
 

@@ -15,7 +15,7 @@
 //!   own service), `grpc-registrar` and `grpc-registrar-*` (the controller's nodes), and the
 //!   first segment of the registrar root (its KV records).
 
-use super::{CustomTargets, SpecError};
+use crate::desired::{CustomTargets, SpecError};
 
 /// What separates a namespace-qualified name's base from its namespace.
 pub const SEPARATOR: &str = "--";
@@ -66,7 +66,7 @@ fn reserved(name: &str, registrar_root: &str) -> bool {
 /// `requested` (`consul.service`, `None` for the default).
 ///
 /// # Errors
-/// [`SpecError::Target`] for a name that is not a DNS label; [`SpecError::ConsulName`] for one
+/// [`SpecError::Target`] for a name that is not a DNS label; [`SpecError::NameNotAllowed`] for one
 /// the namespace may not publish, naming the rule and the flag.
 pub fn resolve(
     requested: Option<&str>,
@@ -82,7 +82,8 @@ pub fn resolve(
             "not a Consul service name: lowercase letters, digits and '-', at most 63, not starting or ending with '-' (Consul matches names case-insensitively)",
         ));
     }
-    let refuse = |service: String, reason: String| SpecError::ConsulName {
+    let refuse = |service: String, reason: String| SpecError::NameNotAllowed {
+        kind: "consul service",
         service,
         namespace: namespace.to_owned(),
         reason,
@@ -180,7 +181,7 @@ mod tests {
     fn no_namespace_can_publish_another_namespaces_qualified_name() {
         for trusted in [false, true] {
             let err = resolve_in(Some("payments--team-b"), "team-a", trusted).unwrap_err();
-            assert!(matches!(err, SpecError::ConsulName { .. }), "{err}");
+            assert!(matches!(err, SpecError::NameNotAllowed { .. }), "{err}");
             assert!(err.to_string().contains("team-b"), "{err}");
         }
     }
@@ -205,7 +206,10 @@ mod tests {
             let err = resolve_in(Some(name), "team-a", true).unwrap_err();
             assert!(err.to_string().contains("reserved"), "{name}: {err}");
             let err = resolve_in(Some(name), "team-a", false).unwrap_err();
-            assert!(matches!(err, SpecError::ConsulName { .. }), "{name}: {err}");
+            assert!(
+                matches!(err, SpecError::NameNotAllowed { .. }),
+                "{name}: {err}"
+            );
         }
         let err = resolve(
             Some("acme"),

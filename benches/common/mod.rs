@@ -154,16 +154,7 @@ impl Controller {
     ) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
-        // `BENCH_CONTROLLER_WRAPPER` runs the controller under a profiler, e.g.
-        // `heaptrack -o /tmp/registrar` (its figures are then the profiler's, not the bench's).
-        let wrapper = std::env::var("BENCH_CONTROLLER_WRAPPER").unwrap_or_default();
-        let mut words = wrapper.split_whitespace();
-        let bin = env!("CARGO_BIN_EXE_grpc-registrar");
-        let mut command = Command::new(words.next().unwrap_or(bin));
-        if !wrapper.is_empty() {
-            command.args(words).arg(bin);
-        }
-        let child = command
+        let child = Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
             .envs(env.iter().copied())
             .env("KUBECONFIG", plane.kubeconfig())
             .env(

@@ -1,5 +1,6 @@
 //! An in-memory [`Backend`] for reconciler tests: the same claims, planning and entry rendering
-//! (the etcd layout's), fencing and events as the etcd backend, with no external process. Failures can be switched on to test
+//! (the etcd layout's), fencing (the shared fence state) and events as the etcd backend, with no
+//! external process. Failures can be switched on to test
 //! how reconcile reports them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,6 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use super::etcd::EtcdPlanner;
+use super::fence::{Fence, Leader};
+use super::ownership::{self, Claims, Created, Held, OwnerRecords};
 use super::{Backend, Claim, Error, Event, Owner, Planner, Publication, Result, SyncReport};
 
 /// One claimed target.
@@ -27,7 +30,6 @@ struct State {
     revision: i64,
     writes: usize,
     unavailable: bool,
-    fence: Option<Option<Instant>>,
     leader_term: i64,
     /// Publication records by owner uid.
     records: HashMap<String, Vec<u8>>,
@@ -39,6 +41,7 @@ struct State {
 #[derive(Debug)]
 pub struct MemoryBackend {
     state: Mutex<State>,
+    fence: Fence<i64>,
     events: broadcast::Sender<Event>,
     ttl: Duration,
     lease_id: i64,
@@ -48,6 +51,7 @@ impl Default for MemoryBackend {
     fn default() -> Self {
         Self {
             state: Mutex::default(),
+            fence: Fence::default(),
             events: broadcast::channel(16).0,
             ttl: Duration::from_secs(30),
             lease_id: 0x7e57,
@@ -124,11 +128,8 @@ impl MemoryBackend {
                 after: Duration::ZERO,
             });
         }
-        match state.fence {
-            None => Ok(state),
-            Some(Some(until)) if Instant::now() < until => Ok(state),
-            Some(_) => Err(Error::Fenced { op }),
-        }
+        self.fence.guard(op)?;
+        Ok(state)
     }
 }
 
@@ -158,41 +159,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
-        let mut state = self.writable("claim target")?;
-        state.revision += 1;
-        let revision = state.revision;
-        if let Some(current) = state.targets.get(target) {
-            return Ok(if current.owner.uid == owner.uid {
-                Claim::Owned
-            } else {
-                Claim::Conflict {
-                    owner: current.owner.clone(),
-                    version: current.version,
-                    target: target.to_owned(),
-                }
-            });
-        }
-        if let Some((other, current)) = state
-            .targets
-            .iter()
-            .find(|(other, _)| crate::registry::nested(target, other))
-        {
-            return Ok(Claim::Conflict {
-                owner: current.owner.clone(),
-                version: current.version,
-                target: other.clone(),
-            });
-        }
-        state.writes += 1;
-        state.targets.insert(
-            target.to_owned(),
-            Target {
-                owner: owner.clone(),
-                version: revision,
-                entries: BTreeMap::new(),
-            },
-        );
-        Ok(Claim::Owned)
+        ownership::claim(self, target, owner).await
     }
 
     async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
@@ -231,28 +198,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
-        {
-            let mut state = self.writable("take over target")?;
-            state.revision += 1;
-            let revision = state.revision;
-            match state.targets.get_mut(target) {
-                Some(t) if t.version == version => {
-                    t.owner = owner.clone();
-                    t.version = revision;
-                    state.writes += 1;
-                    return Ok(Claim::Owned);
-                }
-                Some(t) => {
-                    return Ok(Claim::Conflict {
-                        owner: t.owner.clone(),
-                        version: t.version,
-                        target: target.to_owned(),
-                    });
-                }
-                None => {}
-            }
-        }
-        self.claim(target, owner).await
+        ownership::take_over(self, target, owner, version).await
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
@@ -298,15 +244,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
-        let mut state = self.writable("record publication")?;
-        if state.targets.get(target).is_none_or(|t| t.owner != *owner) {
-            return Err(Error::OwnershipLost {
-                target: target.to_owned(),
-            });
-        }
-        state.records.insert(owner.uid.clone(), record.to_vec());
-        state.writes += 1;
-        Ok(())
+        ownership::record_publication(self, target, owner, record).await
     }
 
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
@@ -325,6 +263,7 @@ impl Backend for MemoryBackend {
         match state.targets.get(target) {
             Some(t) if t.owner == *owner => {
                 let deleted = t.entries.len();
+                self.fence.claims().forget(target);
                 state.targets.remove(target);
                 state.records.remove(&owner.uid);
                 state.revision += 1;
@@ -340,18 +279,14 @@ impl Backend for MemoryBackend {
     }
 
     fn may_write(&self) -> bool {
-        match self.lock().fence {
-            None => true,
-            Some(Some(until)) => Instant::now() < until,
-            Some(None) => false,
-        }
+        self.fence.may_write()
     }
 
     fn enable_fencing(&self) {
         self.depose();
     }
 
-    async fn fence(&self, _holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
+    async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
         let mut state = self.lock();
         if state.leader_term > term {
             return Err(Error::Fenced {
@@ -359,23 +294,92 @@ impl Backend for MemoryBackend {
             });
         }
         state.leader_term = term;
-        state.fence = Some(Some(valid_until));
         state.revision += 1;
+        self.fence.lead(Leader {
+            guard: state.revision,
+            valid_until,
+            holder: holder.into(),
+            term,
+        });
         Ok(state.revision)
     }
 
     fn extend_fence(&self, valid_until: Instant) {
-        let mut state = self.lock();
-        if let Some(Some(until)) = &mut state.fence {
-            *until = valid_until;
-        }
+        self.fence.extend(valid_until);
     }
 
     fn depose(&self) {
-        self.lock().fence = Some(None);
+        self.fence.depose();
     }
 
     async fn leader_term(&self) -> Result<i64> {
         Ok(self.lock().leader_term)
+    }
+}
+
+/// The claim flows are the shared ones, over records kept in memory.
+#[async_trait::async_trait]
+impl OwnerRecords for MemoryBackend {
+    fn claims(&self) -> &Claims {
+        self.fence.claims()
+    }
+
+    async fn create(&self, target: &str, owner: &Owner) -> Result<Created> {
+        let mut guard = self.writable("claim target")?;
+        let state = &mut *guard;
+        state.revision += 1;
+        let held = state.targets.get_key_value(target).or_else(|| {
+            state
+                .targets
+                .iter()
+                .find(|(other, _)| crate::registry::nested(target, other))
+        });
+        if let Some((held, t)) = held {
+            return Ok(Created::Held(Some(Held {
+                record: t.owner.record(),
+                version: t.version,
+                target: held.clone(),
+            })));
+        }
+        state.writes += 1;
+        let record = Target {
+            owner: owner.clone(),
+            version: state.revision,
+            entries: BTreeMap::new(),
+        };
+        state.targets.insert(target.to_owned(), record);
+        Ok(Created::Owned(state.revision))
+    }
+
+    async fn replace(&self, target: &str, owner: &Owner, version: i64) -> Result<Option<i64>> {
+        let mut guard = self.writable("take over target")?;
+        let state = &mut *guard;
+        state.revision += 1;
+        match state.targets.get_mut(target) {
+            Some(t) if t.version == version => {
+                t.owner = owner.clone();
+                t.version = state.revision;
+                state.writes += 1;
+                Ok(Some(state.revision))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn write_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<bool> {
+        let mut state = self.writable("record publication")?;
+        if state.targets.get(target).is_none_or(|t| t.owner != *owner) {
+            return Ok(false);
+        }
+        state.records.insert(owner.uid.clone(), record.to_vec());
+        state.writes += 1;
+        Ok(true)
+    }
+
+    /// Unreachable: the records are read and written under one lock.
+    fn kept_changing(&self, target: &str) -> Error {
+        Error::OwnershipLost {
+            target: target.to_owned(),
+        }
     }
 }

@@ -4,6 +4,15 @@
 //! it equal a [`Publication`], releases it, reports lease and reachability [`Event`]s, and fences
 //! its writes so that only the elected leader's reach the registry.
 //!
+//! Written once for every backend (external-dns's Registry over Provider): the fence state
+//! (`fence`), the batching rule (`batch`), the minimal diff (`diff`), the claim, take-over and
+//! publication-record flows and the claim cache (`ownership`), writing batches under the
+//! ownership guard for a sync or a release (`writes`), where the controller's records live
+//! (`records`) and TLS material ([`tls`]). A backend supplies its primitives: its leader
+//! record's write and the guard on it, its ownership records' guarded compare-and-swaps
+//! (`ownership::OwnerRecords`), one guarded write request (`writes::GuardedWrites`) and its
+//! limits, its listing and its diff.
+//!
 //! A backend also owns what is backend-specific in a spec: its [`Planner`] turns a validated
 //! [`Plan`] into a [`Placement`] (the target, and how endpoints become its entries), checked by
 //! the backend's own rules.
@@ -13,10 +22,17 @@
 //! - [`consul`]: Consul's catalog and KV through guarded txns; its service names and tags.
 //! - [`memory`]: an in-memory backend for reconciler tests; no external process.
 
+mod batch;
 pub mod consul;
+mod diff;
 mod error;
 pub mod etcd;
+mod fence;
 pub mod memory;
+mod ownership;
+mod records;
+pub mod tls;
+mod writes;
 
 use std::any::Any;
 use std::collections::BTreeMap;

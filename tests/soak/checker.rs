@@ -13,7 +13,7 @@ use kube::api::Api;
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 
-use crate::oracle::{Oracle, Want};
+use crate::oracle::{Oracle, Want, member};
 use crate::timeline::{Outage, Timeline, Window};
 
 /// How long the controller may act on a view of the API older than the oracle's (watch and
@@ -34,6 +34,8 @@ struct State {
     history: HashMap<String, Vec<(f64, Option<f64>)>>,
     /// The same for what a writer may put: the wanted keys and the alternatives.
     allowed: HashMap<String, Vec<(f64, Option<f64>)>>,
+    /// The same for the parts keys are made of (see [`Want::parts`]).
+    parts: HashMap<String, Vec<(f64, Option<f64>)>>,
     want: Want,
     /// The registry's scoped keys as the watch reported them.
     registry: BTreeMap<String, String>,
@@ -159,6 +161,7 @@ impl Checker {
                 let after: BTreeSet<String> = want.allowed().cloned().collect();
                 track(&mut s.history, s.want.keys.keys(), want.keys.keys(), now);
                 track(&mut s.allowed, before.iter(), after.iter(), now);
+                track(&mut s.parts, s.want.parts.iter(), want.parts.iter(), now);
                 s.want = want;
             });
         }
@@ -257,18 +260,20 @@ impl Checker {
                 .drain(..)
                 .partition(|(t, _, _)| view_end(*t, &windows) <= until);
             s.pending = rest;
-            (due, (s.history.clone(), s.allowed.clone()))
+            (due, (s.history.clone(), s.allowed.clone(), s.parts.clone()))
         });
-        let (history, allowed) = history;
+        let (history, allowed, parts) = history;
         let due: Vec<(f64, String, bool)> = due;
         for (t, key, put) in due {
             let from = view_start(t, &windows);
             let to = view_end(t, &windows);
             if put {
-                let wanted = allowed.get(&key).is_some_and(|h| {
+                let during = |h: &Vec<(f64, Option<f64>)>| {
                     h.iter()
                         .any(|(a, b)| *a <= to && b.is_none_or(|b| b >= from))
-                });
+                };
+                let wanted =
+                    allowed.get(&key).is_some_and(during) || made_of_parts(&key, &parts, during);
                 if !wanted {
                     self.tl.violation(
                         t,
@@ -539,4 +544,26 @@ fn calm(windows: &[Window], from: f64, to: f64) -> bool {
         free_from = free_from.max(b);
     }
     to - free_from >= CALM
+}
+
+/// Whether `key` is a placement of some service and one of its members, each true at some time
+/// `during` the view window (one view per resource, each up to the lag old).
+fn made_of_parts(
+    key: &str,
+    parts: &HashMap<String, Vec<(f64, Option<f64>)>>,
+    during: impl Fn(&Vec<(f64, Option<f64>)>) -> bool,
+) -> bool {
+    parts.iter().any(|(part, history)| {
+        let mut fields = part.split('\t');
+        let (Some("P"), Some(service), Some(target)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return false;
+        };
+        key.strip_prefix(target)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|suffix| {
+                during(history) && parts.get(&member(service, suffix)).is_some_and(&during)
+            })
+    })
 }

@@ -14,7 +14,7 @@
 //! recorded it), the spec before it is an allowed alternative for as long as the spec stays
 //! invalid.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::core::DynamicObject;
@@ -36,10 +36,26 @@ pub struct Want {
     pub keys: BTreeMap<String, Expect>,
     pub counts: BTreeMap<String, usize>,
     /// Services whose current spec is invalid (they publish their last valid one).
-    pub invalid: std::collections::BTreeSet<String>,
+    pub invalid: BTreeSet<String>,
     /// For an invalid service whose last valid spec may never have been seen or recorded, the
     /// keys of the valid spec before it: allowed instead of its `keys`.
     pub alternatives: BTreeMap<String, BTreeMap<String, Expect>>,
+    /// The parts keys are made of, each true now: a service's placement (`P`, service, target)
+    /// and its registrable members (`M`, service, address or pod name). A controller's view
+    /// is one view per resource, each up to some lag old: a key whose parts were each true at
+    /// some time in that lag may be written even if the whole key never was wanted (a pod
+    /// that turned unready, then the service moved).
+    pub parts: BTreeSet<String>,
+}
+
+/// The part naming `service`'s placement under `target`.
+pub fn placement(service: &str, target: &str) -> String {
+    format!("P\t{service}\t{target}")
+}
+
+/// The part naming `suffix` (an address or a pod name) a registrable member of `service`.
+pub fn member(service: &str, suffix: &str) -> String {
+    format!("M\t{service}\t{suffix}")
 }
 
 impl Want {
@@ -144,10 +160,10 @@ impl Oracle {
             if let (Some(until), Some(previous)) = (last.until, self.previous.get(&uid))
                 && !calm(last.since, until)
             {
-                let (keys, _) = self.keys(&name, &previous.spec, pods, k8s);
+                let (keys, _) = self.keys(&name, &previous.spec, pods, k8s, &mut want.parts);
                 want.alternatives.insert(name.clone(), keys);
             }
-            let (keys, count) = self.keys(&name, &last.spec, pods, k8s);
+            let (keys, count) = self.keys(&name, &last.spec, pods, k8s, &mut want.parts);
             want.keys.extend(keys);
             if let Some(count) = count {
                 want.counts.insert(name, count);
@@ -157,18 +173,20 @@ impl Oracle {
     }
 
     /// The keys `spec` of service `name` publishes for `pods`, and how many (`None`: its source
-    /// names nothing).
+    /// names nothing); adds their `parts`.
     fn keys(
         &self,
         name: &str,
         spec: &Value,
         pods: &[Pod],
         k8s: &[Service],
+        parts: &mut BTreeSet<String>,
     ) -> (BTreeMap<String, Expect>, Option<usize>) {
         let mut keys = BTreeMap::new();
         let target = spec["target"]
             .as_str()
             .map_or_else(|| format!("services/{}/{name}", self.ns), str::to_owned);
+        parts.insert(placement(name, &target));
         let selector = match spec["serviceRef"]["name"].as_str() {
             Some(service) => k8s
                 .iter()
@@ -186,6 +204,8 @@ impl Oracle {
                 continue;
             };
             let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            parts.insert(member(name, &addr));
+            parts.insert(member(name, &pod_name));
             let (key, value_has) = match format {
                 "Kratos" => (format!("{target}/{pod_name}"), format!("\"grpc://{addr}\"")),
                 "Address" => (format!("{target}/{addr}"), addr.clone()),

@@ -13,7 +13,7 @@ use crate::registry::{Error, Result};
 
 /// A Consul HTTP client bound to one address, token and datacenter.
 #[derive(Clone, Debug)]
-pub(super) struct Api {
+pub(in crate::registry) struct Api {
     http: reqwest::Client,
     /// The address without a trailing slash.
     base: String,
@@ -23,14 +23,14 @@ pub(super) struct Api {
 }
 
 /// A read's body (`None` on 404) and Consul's `X-Consul-Index`.
-pub(super) struct Read<T> {
+pub(in crate::registry) struct Read<T> {
     pub(super) body: Option<T>,
     pub(super) index: u64,
 }
 
 /// What a write txn did.
 #[derive(Debug)]
-pub(super) enum TxnOutcome {
+pub(in crate::registry) enum TxnOutcome {
     /// Every op applied, with the results Consul returned.
     Committed(Vec<TxnResult>),
     /// Nothing applied: the ops that failed, by index.
@@ -219,7 +219,7 @@ fn answered(status: StatusCode, text: &str) -> String {
 
 /// One operation of a `/v1/txn` body, in Consul's API format.
 #[derive(Clone, Debug, Serialize)]
-pub(super) enum TxnOp {
+pub(in crate::registry) enum TxnOp {
     /// A KV operation.
     #[serde(rename = "KV")]
     Kv(KvOp),
@@ -232,54 +232,40 @@ pub(super) enum TxnOp {
 }
 
 impl TxnOp {
-    /// A KV `check-index`: the txn fails unless `key` is at `index`.
-    pub(super) fn check_index(key: &str, index: u64) -> Self {
+    /// A KV op: `verb` on `key`, with `value` (base64-encoded here) and `index` where the verb
+    /// takes them.
+    fn kv(verb: &'static str, key: &str, value: Option<&[u8]>, index: u64) -> Self {
         Self::Kv(KvOp {
-            verb: "check-index",
+            verb,
             key: key.to_owned(),
-            value: None,
+            value: value.map(|v| base64::engine::general_purpose::STANDARD.encode(v)),
             index,
         })
+    }
+
+    /// A KV `check-index`: the txn fails unless `key` is at `index`.
+    pub(super) fn check_index(key: &str, index: u64) -> Self {
+        Self::kv("check-index", key, None, index)
     }
 
     /// A KV `cas`: set `key` only while at `index` (0: only if absent).
     pub(super) fn kv_cas(key: &str, value: &[u8], index: u64) -> Self {
-        Self::Kv(KvOp {
-            verb: "cas",
-            key: key.to_owned(),
-            value: Some(base64::engine::general_purpose::STANDARD.encode(value)),
-            index,
-        })
+        Self::kv("cas", key, Some(value), index)
     }
 
     /// A KV `set`: `key` to `value`, unconditionally (guard it with `check-index` ops).
     pub(super) fn kv_set(key: &str, value: &[u8]) -> Self {
-        Self::Kv(KvOp {
-            verb: "set",
-            key: key.to_owned(),
-            value: Some(base64::engine::general_purpose::STANDARD.encode(value)),
-            index: 0,
-        })
+        Self::kv("set", key, Some(value), 0)
     }
 
     /// A KV `delete`: `key`, unconditionally (guard it with `check-index` ops).
     pub(super) fn kv_delete(key: &str) -> Self {
-        Self::Kv(KvOp {
-            verb: "delete",
-            key: key.to_owned(),
-            value: None,
-            index: 0,
-        })
+        Self::kv("delete", key, None, 0)
     }
 
     /// A KV `delete-cas`: delete `key` only while at `index`.
     pub(super) fn kv_delete_cas(key: &str, index: u64) -> Self {
-        Self::Kv(KvOp {
-            verb: "delete-cas",
-            key: key.to_owned(),
-            value: None,
-            index,
-        })
+        Self::kv("delete-cas", key, None, index)
     }
 
     /// Its JSON size, for byte-bounded batches.
@@ -291,7 +277,7 @@ impl TxnOp {
 /// A KV operation.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct KvOp {
+pub(in crate::registry) struct KvOp {
     pub(super) verb: &'static str,
     pub(super) key: String,
     /// Base64, as Consul's API wants it.
@@ -303,7 +289,7 @@ pub(super) struct KvOp {
 /// A node operation.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct NodeOp {
+pub(in crate::registry) struct NodeOp {
     pub(super) verb: &'static str,
     pub(super) node: NodeDef,
 }
@@ -311,7 +297,7 @@ pub(super) struct NodeOp {
 /// A catalog node.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct NodeDef {
+pub(in crate::registry) struct NodeDef {
     pub(super) node: String,
     pub(super) address: String,
     pub(super) meta: BTreeMap<String, String>,
@@ -320,7 +306,7 @@ pub(super) struct NodeDef {
 /// A service operation on one node.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct ServiceOp {
+pub(in crate::registry) struct ServiceOp {
     pub(super) verb: &'static str,
     pub(super) node: String,
     pub(super) service: ServiceDef,
@@ -329,7 +315,7 @@ pub(super) struct ServiceOp {
 /// A service instance, as written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct ServiceDef {
+pub(in crate::registry) struct ServiceDef {
     #[serde(rename = "ID")]
     pub(super) id: String,
     pub(super) service: String,
@@ -345,7 +331,7 @@ pub(super) struct ServiceDef {
 /// DNS SRV weights of an instance, by health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct Weights {
+pub(in crate::registry) struct Weights {
     pub(super) passing: u32,
     pub(super) warning: u32,
 }
@@ -362,7 +348,7 @@ impl Default for Weights {
 /// A check operation.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct CheckOp {
+pub(in crate::registry) struct CheckOp {
     pub(super) verb: &'static str,
     pub(super) check: CheckDef,
 }
@@ -370,7 +356,7 @@ pub(super) struct CheckOp {
 /// A health check, as written.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct CheckDef {
+pub(in crate::registry) struct CheckDef {
     pub(super) node: String,
     #[serde(rename = "CheckID")]
     pub(super) check_id: String,
@@ -390,7 +376,7 @@ struct TxnResponse {
 /// One result of a committed txn; the kind of the op it answers is set.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct TxnResult {
+pub(in crate::registry) struct TxnResult {
     #[serde(rename = "KV")]
     pub(super) kv: Option<Indexed>,
     pub(super) node: Option<Indexed>,
@@ -412,7 +398,7 @@ impl TxnResult {
 /// The raft indexes of an entry.
 #[derive(Clone, Copy, Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct Indexed {
+pub(in crate::registry) struct Indexed {
     #[serde(default)]
     pub(super) create_index: u64,
     #[serde(default)]
@@ -422,7 +408,7 @@ pub(super) struct Indexed {
 /// Why a txn op failed.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct TxnError {
+pub(in crate::registry) struct TxnError {
     pub(super) op_index: usize,
     pub(super) what: String,
 }
@@ -430,7 +416,7 @@ pub(super) struct TxnError {
 /// A KV entry as `/v1/kv/<key>` returns it.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct KvEntry {
+pub(in crate::registry) struct KvEntry {
     /// The key.
     #[serde(default)]
     pub(super) key: String,
@@ -452,7 +438,7 @@ impl KvEntry {
 /// `/v1/catalog/node-services/<node>`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct NodeServices {
+pub(in crate::registry) struct NodeServices {
     pub(super) node: Option<Indexed>,
     #[serde(default)]
     pub(super) services: Option<Vec<Instance>>,
@@ -461,7 +447,7 @@ pub(super) struct NodeServices {
 /// An instance as the catalog returns it.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub(super) struct Instance {
+pub(in crate::registry) struct Instance {
     #[serde(rename = "ID")]
     pub(super) id: String,
     pub(super) service: String,

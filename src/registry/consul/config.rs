@@ -2,31 +2,14 @@
 
 use std::time::Duration;
 
+use super::ConsulTls;
+
 /// Consul's limit on operations in one `/v1/txn` (`maxTxnOps` in `agent/txn_endpoint.go`).
 pub const MAX_TXN_OPS: usize = 128;
 
 /// The most JSON bytes in one `/v1/txn` body: well under Consul's default `txn_max_req_len`
 /// (raft's suggested 512 KiB), with room for framing.
 pub const MAX_TXN_BYTES: usize = 384 * 1024;
-
-/// TLS material for Consul's HTTPS API, PEM: the CA that signed Consul's certificate, and an
-/// optional client certificate and key (for `verify_incoming`).
-#[derive(Clone, Default)]
-pub struct ConsulTls {
-    /// CA certificate(s), PEM.
-    pub ca: Option<Vec<u8>>,
-    /// Client certificate and private key, PEM.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for ConsulTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsulTls")
-            .field("ca", &self.ca.is_some())
-            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
 
 /// How to reach Consul and lay out the controller's records.
 #[derive(Clone)]
@@ -89,10 +72,7 @@ impl ConsulConfig {
     /// Where this controller's records live: the KV root, or this cluster's part of it.
     #[must_use]
     pub fn records_root(&self) -> String {
-        match &self.cluster {
-            Some(cluster) => format!("{}/clusters/{cluster}", self.kv_root),
-            None => self.kv_root.clone(),
-        }
+        crate::registry::records::root(&self.kv_root, self.cluster.as_deref())
     }
 
     /// The synthetic node every instance of this controller (or cluster) is registered on.

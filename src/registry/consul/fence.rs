@@ -1,33 +1,17 @@
 //! The fence: with leader election on, every write carries a KV `check-index` on the leader
 //! record `<kv_root>/[clusters/<c>/]leader`, so a deposed leader (paused, partitioned, slow)
-//! writes nothing.
+//! writes nothing. The state is the shared [`crate::registry::fence`]; this file supplies
+//! Consul's leader record and the check on it.
 
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::ConsulRegistry;
-use super::api::{KvEntry, TxnOp, TxnOutcome};
+use super::api::{TxnOp, TxnOutcome};
+use crate::registry::fence::Leader;
 use crate::registry::{Error, Result};
-
-/// The write permission of this replica.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Fence {
-    /// No leader election: always write, unguarded (a single replica).
-    Off,
-    /// Not the leader: write nothing.
-    Follower,
-    /// The leader: write until `valid_until` (the local bound of the Kubernetes Lease), guarded
-    /// on the leader record still being at `index`. The record's holder and term are kept to
-    /// write it again when Consul lost it with its data.
-    Leader {
-        index: u64,
-        valid_until: Instant,
-        holder: std::sync::Arc<str>,
-        term: i64,
-    },
-}
 
 /// The leader record's value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,9 +24,8 @@ pub struct LeaderRecord {
 
 impl ConsulRegistry {
     /// The key of the leader record that fences writes when leader election is on.
-    #[must_use]
-    pub fn leader_key(&self) -> String {
-        format!("{}/leader", self.inner.config.records_root())
+    fn leader_key(&self) -> String {
+        self.inner.records.leader()
     }
 
     /// Makes this replica the fenced leader for `term`: writes the leader record (by CAS, only
@@ -96,36 +79,14 @@ impl ConsulRegistry {
         let Some(index) = index else {
             return Err(fenced());
         };
-        self.inner.claimed.lock().expect("lock").clear();
-        *self.inner.fence.lock().expect("lock") = Fence::Leader {
-            index,
-            valid_until,
-            holder: holder.into(),
-            term,
-        };
-        info!(
-            term,
-            revision = index,
-            holder,
-            "fenced consul writes as leader"
-        );
-        Ok(i64::try_from(index).unwrap_or(i64::MAX))
+        Ok(self.inner.fence.led(index, holder, term, valid_until))
     }
 
     /// The leader record and its index (0 when there is none).
     async fn read_leader(&self) -> Result<(Option<LeaderRecord>, u64)> {
-        let started = std::time::Instant::now();
-        let read = self
-            .inner
-            .api
-            .get::<Vec<KvEntry>>(
-                "read leader record",
-                &format!("/v1/kv/{}", self.leader_key()),
-                &[],
-            )
-            .await;
-        self.record("read", started, read.as_ref().err());
-        let entry = read?.body.and_then(|e| e.into_iter().next());
+        let entry = self
+            .read_kv("read leader record", &self.leader_key())
+            .await?;
         Ok(entry.map_or((None, 0), |e| {
             // An unreadable record is term 0: any leader may replace it.
             let record = serde_json::from_slice(&e.bytes()).unwrap_or(LeaderRecord {
@@ -146,28 +107,28 @@ impl ConsulRegistry {
 
     /// Extends the leader's local write permission to `valid_until` (after a Lease renewal).
     pub fn extend_fence(&self, valid_until: Instant) {
-        if let Fence::Leader { valid_until: v, .. } = &mut *self.inner.fence.lock().expect("lock") {
-            *v = valid_until;
-        }
+        self.inner.fence.extend(valid_until);
     }
 
     /// Stops writing at once, and forgets claims (the next leader owns them).
     pub fn depose(&self) {
-        *self.inner.fence.lock().expect("lock") = Fence::Follower;
-        self.inner.claimed.lock().expect("lock").clear();
+        self.inner.fence.depose();
     }
 
     /// After a fenced txn failed on a leader record that no longer exists (Consul lost its
     /// data, or it was deleted: no later leader wrote one), writes it again for this replica's
     /// term; when another of this replica's writers already did, guards on that record's index.
     /// Returns whether the write may be retried; a later leader's record still wins by term.
+    ///
+    /// etcd has no such step (a write on a lost etcd leader record fails its fence and deposes
+    /// the replica), which is why this stays with Consul rather than in the shared fence.
     pub(super) async fn refence_lost_record(&self) -> Result<bool> {
-        let Fence::Leader {
+        let Some(Leader {
             valid_until,
             holder,
             term,
             ..
-        } = self.inner.fence.lock().expect("lock").clone()
+        }) = self.inner.fence.leader()
         else {
             return Ok(false);
         };
@@ -176,14 +137,7 @@ impl ConsulRegistry {
             (Some(record), at) if *record.holder == *holder && record.term == term => {
                 // Our own record, rewritten by another of this replica's writers after the
                 // loss (the keeper or another reconcile): guard on its new index and go on.
-                if let Fence::Leader { index, term: t, .. } =
-                    &mut *self.inner.fence.lock().expect("lock")
-                    && *t == term
-                {
-                    *index = at;
-                    return Ok(true);
-                }
-                return Ok(false);
+                return Ok(self.inner.fence.reguard(term, at));
             }
             (Some(_), _) => return Ok(false),
         }
@@ -197,16 +151,7 @@ impl ConsulRegistry {
 
     /// The `check-index` op that fences a write, `None` without leader election.
     pub(super) fn fence_op(&self) -> Result<Option<TxnOp>> {
-        match &*self.inner.fence.lock().expect("lock") {
-            Fence::Off => Ok(None),
-            Fence::Leader {
-                index, valid_until, ..
-            } if Instant::now() < *valid_until => {
-                Ok(Some(TxnOp::check_index(&self.leader_key(), *index)))
-            }
-            Fence::Leader { .. } | Fence::Follower => Err(Error::Fenced {
-                op: "write to consul",
-            }),
-        }
+        let guard = self.inner.fence.guard("write to consul")?;
+        Ok(guard.map(|index| TxnOp::check_index(&self.leader_key(), index)))
     }
 }

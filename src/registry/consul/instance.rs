@@ -165,23 +165,20 @@ pub(super) enum Change {
 /// left alone. Puts come first, so a client never sees the set emptied in passing.
 #[must_use]
 pub(super) fn diff(current: &[Instance], desired: &BTreeMap<String, ServiceDef>) -> Vec<Change> {
-    let by_id: BTreeMap<&str, &Instance> = current.iter().map(|i| (i.id.as_str(), i)).collect();
-    let puts = desired.iter().filter_map(|(id, want)| {
-        let mut want = want.clone();
-        match by_id.get(id.as_str()) {
-            Some(have) if have.matches(&want) => None,
-            Some(have) => {
-                want.modify_index = have.modify_index;
-                Some(Change::Put(Box::new(want)))
-            }
-            None => Some(Change::Put(Box::new(want))),
-        }
-    });
-    let deletes = current
-        .iter()
-        .filter(|i| !desired.contains_key(&i.id))
-        .map(|i| Change::Delete(i.id.clone()));
-    puts.chain(deletes).collect()
+    let current = current.iter().map(|i| (i.id.as_str(), i));
+    crate::registry::diff::diff(
+        current,
+        desired,
+        |_, want, have| match have {
+            Some(have) if have.matches(want) => None,
+            Some(have) => Some(Change::Put(Box::new(ServiceDef {
+                modify_index: have.modify_index,
+                ..want.clone()
+            }))),
+            None => Some(Change::Put(Box::new(want.clone()))),
+        },
+        |id| Change::Delete(id.to_owned()),
+    )
 }
 
 impl Change {
@@ -212,40 +209,28 @@ impl Change {
     }
 }
 
-/// Splits `ops` into consecutive batches of at most `max_ops` ops and `max_bytes` JSON bytes,
-/// in order.
-///
-/// # Errors
-/// [`SpecError::TooLarge`] naming an op that alone is over `max_bytes`.
-pub(super) fn batches(
-    ops: Vec<TxnOp>,
-    max_ops: usize,
-    max_bytes: usize,
-) -> Result<Vec<Vec<TxnOp>>, SpecError> {
-    let mut out: Vec<Vec<TxnOp>> = Vec::new();
-    let (mut batch, mut bytes) = (Vec::new(), 0);
-    for op in ops {
-        let size = op.bytes();
-        if size > max_bytes {
-            let key = match &op {
-                TxnOp::Service(s) => s.service.id.clone(),
-                TxnOp::Kv(kv) => kv.key.clone(),
-                TxnOp::Node(n) => n.node.node.clone(),
-                TxnOp::Check(c) => c.check.check_id.clone(),
-            };
-            return Err(SpecError::TooLarge { key, bytes: size });
-        }
-        if !batch.is_empty() && (batch.len() >= max_ops.max(1) || bytes + size > max_bytes) {
-            out.push(std::mem::take(&mut batch));
-            bytes = 0;
-        }
-        bytes += size;
-        batch.push(op);
+impl crate::registry::batch::Write for TxnOp {
+    fn bytes(&self) -> usize {
+        TxnOp::bytes(self)
     }
-    if !batch.is_empty() {
-        out.push(batch);
+
+    fn key(&self) -> String {
+        match self {
+            Self::Service(s) => s.service.id.clone(),
+            Self::Kv(kv) => kv.key.clone(),
+            Self::Node(n) => n.node.node.clone(),
+            Self::Check(c) => c.check.check_id.clone(),
+        }
     }
-    Ok(out)
+
+    fn deletes(&self) -> bool {
+        match self {
+            Self::Service(s) => s.verb == "delete",
+            Self::Kv(kv) => kv.verb.starts_with("delete"),
+            Self::Node(n) => n.verb == "delete",
+            Self::Check(c) => c.verb == "delete",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -389,15 +374,24 @@ mod tests {
 
     #[test]
     fn batches_are_bounded_by_ops_and_bytes_and_an_oversized_op_is_a_spec_error() {
+        use crate::registry::batch::{Limits, batches};
         let op = |n: usize| TxnOp::kv_cas("k", &vec![b'x'; n], 0);
-        let sizes = |b: Vec<Vec<TxnOp>>| b.iter().map(Vec::len).collect::<Vec<_>>();
+        let limits = |ops, bytes| Limits {
+            ops,
+            bytes,
+            op_bytes: Some(bytes),
+        };
+        let sizes = |b: Vec<&[TxnOp]>| b.iter().map(|b| b.len()).collect::<Vec<_>>();
         let ops: Vec<TxnOp> = (0..5).map(|_| op(10)).collect();
-        assert_eq!(sizes(batches(ops.clone(), 2, 100_000).unwrap()), [2, 2, 1]);
+        assert_eq!(sizes(batches(&ops, limits(2, 100_000)).unwrap()), [2, 2, 1]);
         let one = op(10).bytes();
-        assert_eq!(sizes(batches(ops, 128, one * 2).unwrap()), [2, 2, 1]);
+        assert_eq!(
+            sizes(batches(&ops, limits(128, one * 2)).unwrap()),
+            [2, 2, 1]
+        );
         assert!(matches!(
-            batches(vec![op(10_000)], 128, 1000),
-            Err(SpecError::TooLarge { .. })
+            batches(&[op(10_000)], limits(128, 1000)),
+            Err(SpecError::TooLarge { key, .. }) if key == "k"
         ));
     }
 }

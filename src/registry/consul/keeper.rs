@@ -104,7 +104,7 @@ impl ConsulRegistry {
             .map_or(0, |n| n.create_index);
         let old = self.inner.incarnation.swap(new, Ordering::Relaxed);
         if old != 0 {
-            self.inner.claimed.lock().expect("lock").clear();
+            self.inner.fence.claims().clear();
             warn!(
                 node = %self.inner.node,
                 node_index = new,
@@ -113,8 +113,8 @@ impl ConsulRegistry {
             );
             let _ = self.inner.events.send(Event::Replaced {
                 ttl: self.inner.config.default_ttl,
-                old: i64::try_from(old).unwrap_or(i64::MAX),
-                new: i64::try_from(new).unwrap_or(i64::MAX),
+                old: super::version(old),
+                new: super::version(new),
             });
         } else {
             info!(node = %self.inner.node, node_index = new, "registered consul node");
@@ -186,7 +186,7 @@ async fn keep(inner: Weak<Inner>, ttl: Duration) {
                     );
                     let _ = registry.inner.events.send(Event::Restored {
                         ttl,
-                        lease: i64::try_from(registry.incarnation()).unwrap_or(i64::MAX),
+                        lease: super::version(registry.incarnation()),
                     });
                 }
                 interval
@@ -201,7 +201,7 @@ async fn keep(inner: Weak<Inner>, ttl: Duration) {
                         registry.inner.reachable.store(false, Ordering::Relaxed);
                         let _ = registry.inner.events.send(Event::Unreachable {
                             ttl,
-                            lease: i64::try_from(registry.incarnation()).unwrap_or(i64::MAX),
+                            lease: super::version(registry.incarnation()),
                         });
                     }
                     Some((_, attempts)) => {

@@ -21,8 +21,9 @@
 //! - [`plan`]: the Consul half of spec validation (service name and tags); [`name`]: who may
 //!   publish which service name.
 //! - `api`: the HTTP calls and txn types.
-//! - `instance`: endpoints to instances, validation, the pure diff, batching.
-//! - `ownership`, `fence`, `sync`, `keeper`.
+//! - `instance`: endpoints to instances, validation, the pure diff.
+//! - `ownership`, `fence`, `sync`: Consul's guarded KV and catalog txns under the shared claim
+//!   flows, fence state and batching; `keeper`.
 
 mod api;
 pub mod config;
@@ -34,7 +35,6 @@ mod ownership;
 pub mod plan;
 mod sync;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,12 +42,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
 
+/// TLS material for Consul's HTTPS API (a client certificate for `verify_incoming`).
+pub use crate::registry::tls::TlsPem as ConsulTls;
 use api::{Api, TxnError, TxnOp, TxnOutcome, TxnResult};
-pub use config::{ConsulConfig, ConsulTls, MAX_TXN_BYTES, MAX_TXN_OPS};
-use fence::Fence;
+pub use config::{ConsulConfig, MAX_TXN_BYTES, MAX_TXN_OPS};
 pub use fence::LeaderRecord;
 pub use instance::{OWNER_META, instance_id, validate_service};
 
+use super::fence::Fence;
+use super::ownership as shared;
+use super::records::Records;
 use super::{Backend, Claim, Error, Event, Owner, Planner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 pub use plan::{ConsulPlanner, ConsulService};
@@ -66,12 +70,13 @@ struct Inner {
     api: Api,
     /// Records, node name, limits.
     config: ConsulConfig,
+    /// The keys of the controller's records.
+    records: Records,
     /// The synthetic node's name.
     node: String,
-    /// Services this process has claimed, with their ownership record's index (the guard).
-    claimed: Mutex<HashMap<String, (Owner, u64)>>,
-    /// Whether this replica may write, and the leader record guarding its writes.
-    fence: Mutex<Fence>,
+    /// Whether this replica may write, the leader record's index guarding its writes, and the
+    /// services claimed under it with their ownership record's index (the guard).
+    fence: Fence<u64>,
     /// Failure counters and the connected gauge.
     metrics: Arc<Metrics>,
     /// Reachability and node-loss announcements.
@@ -98,6 +103,16 @@ impl Drop for Inner {
     }
 }
 
+/// A Consul index as a version or revision (the neutral `i64` of claims and reports).
+fn version(index: u64) -> i64 {
+    i64::try_from(index).unwrap_or(i64::MAX)
+}
+
+/// A version as a Consul index.
+fn index(version: i64) -> u64 {
+    u64::try_from(version).unwrap_or(0)
+}
+
 /// How a guarded txn ended.
 enum Guarded {
     /// Every op applied.
@@ -120,9 +135,9 @@ impl ConsulRegistry {
             inner: Arc::new(Inner {
                 api,
                 node,
+                records: Records::new(config.records_root()),
                 config,
-                claimed: Mutex::default(),
-                fence: Mutex::new(Fence::Off),
+                fence: Fence::default(),
                 metrics,
                 events: broadcast::channel(64).0,
                 reachable: AtomicBool::new(true),
@@ -268,7 +283,7 @@ impl Backend for ConsulRegistry {
     }
 
     async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
-        ConsulRegistry::claim(self, target, owner).await
+        shared::claim(self, target, owner).await
     }
 
     async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
@@ -288,7 +303,7 @@ impl Backend for ConsulRegistry {
     }
 
     async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
-        ConsulRegistry::take_over(self, target, owner, version).await
+        shared::take_over(self, target, owner, version).await
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
@@ -296,7 +311,7 @@ impl Backend for ConsulRegistry {
     }
 
     async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
-        ConsulRegistry::record_publication(self, target, owner, record).await
+        shared::record_publication(self, target, owner, record).await
     }
 
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
@@ -312,7 +327,7 @@ impl Backend for ConsulRegistry {
     }
 
     fn may_write(&self) -> bool {
-        self.fence_op().is_ok()
+        self.inner.fence.may_write()
     }
 
     fn enable_fencing(&self) {

@@ -1,73 +1,32 @@
 //! Service ownership: `<kv_root>/[clusters/<c>/]owners/<service>` names the GrpcService that
-//! may write the service's instances on our node, claimed with a create-only KV CAS.
-
-use tracing::info;
+//! may write the service's instances on our node, claimed with a create-only KV CAS. The flows
+//! are the shared ones ([`crate::registry::ownership`]); this file supplies Consul's guarded KV
+//! writes for them.
 
 use super::api::{KvEntry, TxnOp};
-use super::instance::batches;
-use super::{ConsulRegistry, Guarded};
-use crate::registry::{Claim, Error, Owner, Result};
+use super::instance::Change;
+use super::{ConsulRegistry, Guarded, index, version};
+use crate::registry::ownership::{Claims, Created, Held, OwnerRecords};
+use crate::registry::writes::release_batches;
+use crate::registry::{Error, Owner, Result};
 
 impl ConsulRegistry {
     /// The key of a service's ownership record.
     #[must_use]
     pub fn owner_key(&self, service: &str) -> String {
-        format!("{}/owners/{service}", self.inner.config.records_root())
+        self.inner.records.owner(service)
     }
 
     /// The ownership record of `service` and its index.
     pub(super) async fn read_owner(&self, service: &str) -> Result<Option<KvEntry>> {
-        let started = std::time::Instant::now();
-        let read = self
-            .inner
-            .api
-            .get::<Vec<KvEntry>>(
-                "read ownership record",
-                &format!("/v1/kv/{}", self.owner_key(service)),
-                &[],
-            )
-            .await;
-        self.record("read", started, read.as_ref().err());
-        Ok(read?.body.and_then(|e| e.into_iter().next()))
+        self.read_kv("read ownership record", &self.owner_key(service))
+            .await
     }
 
     /// The KV key of an owner's publication record, `<records-root>/published/<uid>`.
     #[must_use]
     pub fn publication_key(&self, uid: &str) -> String {
-        format!("{}/published/{uid}", self.inner.config.records_root())
-    }
-
-    /// Writes `owner`'s publication record, guarded on its ownership of `service`.
-    ///
-    /// # Errors
-    /// [`Error::OwnershipLost`]; Consul failures.
-    pub async fn record_publication(
-        &self,
-        service: &str,
-        owner: &Owner,
-        record: &[u8],
-    ) -> Result<()> {
-        let lost = || Error::OwnershipLost {
-            target: service.to_owned(),
-        };
-        let entry = self.read_owner(service).await?.ok_or_else(lost)?;
-        if entry.bytes() != owner.record() {
-            self.forget_claim(service);
-            return Err(lost());
-        }
-        let guard = vec![TxnOp::check_index(
-            &self.owner_key(service),
-            entry.modify_index,
-        )];
-        let set = vec![TxnOp::kv_set(&self.publication_key(&owner.uid), record)];
-        match self.guarded("record publication", guard, set).await? {
-            Guarded::Committed(_) => Ok(()),
-            Guarded::GuardFailed => {
-                self.forget_claim(service);
-                Err(lost())
-            }
-            Guarded::OpFailed(e) => Err(self.refused("record publication", &e)),
-        }
+        self.inner.records.publication(uid)
     }
 
     /// The publication record of the owner `uid`.
@@ -75,21 +34,10 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
-        let started = std::time::Instant::now();
-        let read = self
-            .inner
-            .api
-            .get::<Vec<KvEntry>>(
-                "read publication record",
-                &format!("/v1/kv/{}", self.publication_key(uid)),
-                &[],
-            )
-            .await;
-        self.record("read", started, read.as_ref().err());
-        Ok(read?
-            .body
-            .and_then(|e| e.into_iter().next())
-            .map(|entry| entry.bytes()))
+        let entry = self
+            .read_kv("read publication record", &self.publication_key(uid))
+            .await?;
+        Ok(entry.map(|entry| entry.bytes()))
     }
 
     /// See [`crate::registry::Backend::heartbeat`]: KV `<records-root>/writers/<instance>`.
@@ -97,7 +45,7 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
-        let prefix = format!("{}/writers/", self.inner.config.records_root());
+        let prefix = self.inner.records.writer("");
         let started = std::time::Instant::now();
         let set = vec![TxnOp::kv_set(
             &format!("{prefix}{instance}"),
@@ -122,7 +70,7 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn forget_writer(&self, instance: &str) -> Result<()> {
-        let key = format!("{}/writers/{instance}", self.inner.config.records_root());
+        let key = self.inner.records.writer(instance);
         let started = std::time::Instant::now();
         let outcome = self
             .inner
@@ -138,13 +86,25 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures.
     pub async fn owners(&self) -> Result<Vec<(String, Owner)>> {
-        let prefix = format!("{}/owners/", self.inner.config.records_root());
+        let prefix = self.inner.records.owner("");
         Ok(self
             .kv_under("list ownership records", &prefix)
             .await?
             .into_iter()
             .filter_map(|(service, value)| Some((service, serde_json::from_slice(&value).ok()?)))
             .collect())
+    }
+
+    /// The KV entry at `key`, with its index.
+    pub(super) async fn read_kv(&self, op: &'static str, key: &str) -> Result<Option<KvEntry>> {
+        let started = std::time::Instant::now();
+        let read = self
+            .inner
+            .api
+            .get::<Vec<KvEntry>>(op, &format!("/v1/kv/{key}"), &[])
+            .await;
+        self.record("read", started, read.as_ref().err());
+        Ok(read?.body.and_then(|e| e.into_iter().next()))
     }
 
     /// Every KV entry under `prefix`: the rest of its key, and its value.
@@ -175,113 +135,18 @@ impl ConsulRegistry {
             .and_then(|entry| serde_json::from_slice(&entry.bytes()).ok()))
     }
 
-    /// Claims `service` for `owner` with a create-only CAS (behind the fence). Idempotent for
-    /// the same uid; a refreshed identity of the same uid is rewritten under CAS.
-    ///
-    /// # Errors
-    /// Consul failures; [`Error::Fenced`].
-    pub async fn claim(&self, service: &str, owner: &Owner) -> Result<Claim> {
-        if self
-            .inner
-            .claimed
-            .lock()
-            .expect("lock")
-            .get(service)
-            .is_some_and(|(o, _)| o == owner)
-        {
-            return Ok(Claim::Owned);
-        }
-        let key = self.owner_key(service);
-        for _ in 0..3 {
-            let write = vec![TxnOp::kv_cas(&key, &owner.record(), 0)];
-            if let Guarded::Committed(results) = self.guarded("claim target", vec![], write).await?
-            {
-                // The last result answers the CAS (the fence's comes first).
-                let index = results
-                    .last()
-                    .and_then(|r| r.kv)
-                    .map_or(0, |kv| kv.modify_index);
-                info!(registry_target = service, uid = %owner.uid, revision = index, "claimed consul service");
-                self.remember_claim(service, owner, index);
-                return Ok(Claim::Owned);
-            }
-            let Some(entry) = self.read_owner(service).await? else {
-                // Released between the CAS and the read: try again.
-                continue;
-            };
-            let version = i64::try_from(entry.modify_index).unwrap_or(i64::MAX);
-            let bytes = entry.bytes();
-            return match serde_json::from_slice::<Owner>(&bytes).ok() {
-                Some(current) if current.uid == owner.uid => {
-                    if current != *owner {
-                        return self.take_over(service, owner, version).await;
-                    }
-                    self.remember_claim(service, owner, entry.modify_index);
-                    Ok(Claim::Owned)
-                }
-                Some(current) => Ok(Claim::Conflict {
-                    owner: current,
-                    version,
-                    target: service.to_owned(),
-                }),
-                None => Ok(Claim::Conflict {
-                    owner: Owner {
-                        uid: String::from_utf8_lossy(&bytes).into_owned(),
-                        namespace: String::new(),
-                        name: String::new(),
-                    },
-                    version,
-                    target: service.to_owned(),
-                }),
-            };
-        }
-        Err(Error::Consul {
-            op: "claim target",
-            addr: self.inner.api.addr().to_owned(),
-            status: None,
-            cause: format!("the ownership record of {service} kept changing"),
-        })
-    }
-
-    /// Takes over a service whose recorded owner is gone, by CAS on the record's `version`, so
-    /// two claimants cannot both win.
-    ///
-    /// # Errors
-    /// Consul failures; [`Error::Fenced`].
-    pub async fn take_over(&self, service: &str, owner: &Owner, version: i64) -> Result<Claim> {
-        let key = self.owner_key(service);
-        let index = u64::try_from(version).unwrap_or(0);
-        let write = vec![TxnOp::kv_cas(&key, &owner.record(), index)];
-        match self.guarded("take over target", vec![], write).await? {
-            Guarded::Committed(results) => {
-                // The last result answers the CAS (the fence's comes first).
-                let index = results
-                    .last()
-                    .and_then(|r| r.kv)
-                    .map_or(0, |kv| kv.modify_index);
-                info!(registry_target = service, uid = %owner.uid, revision = index, "took over consul service from a stale owner");
-                self.remember_claim(service, owner, index);
-                Ok(Claim::Owned)
-            }
-            Guarded::GuardFailed | Guarded::OpFailed(_) => {
-                Box::pin(self.claim(service, owner)).await
-            }
-        }
-    }
-
     /// The index of `owner`'s record for `service`, the guard of every write.
     ///
     /// # Errors
     /// [`Error::OwnershipLost`] when the record does not name `owner`; Consul failures.
     pub(super) async fn owned_index(&self, service: &str, owner: &Owner) -> Result<u64> {
-        if let Some((o, index)) = self.inner.claimed.lock().expect("lock").get(service)
-            && o == owner
-        {
-            return Ok(*index);
+        if let Some(version) = self.inner.fence.claims().version(service, owner) {
+            return Ok(index(version));
         }
         match self.read_owner(service).await? {
             Some(entry) if entry.bytes() == owner.record() => {
-                self.remember_claim(service, owner, entry.modify_index);
+                let claims = self.inner.fence.claims();
+                claims.remember(service, owner, version(entry.modify_index));
                 Ok(entry.modify_index)
             }
             _ => Err(Error::OwnershipLost {
@@ -297,46 +162,23 @@ impl ConsulRegistry {
     /// # Errors
     /// Consul failures; [`Error::Fenced`].
     pub async fn release(&self, service: &str, owner: &Owner) -> Result<usize> {
-        let key = self.owner_key(service);
-        let Some(entry) = self.read_owner(service).await? else {
+        let entry = self.read_owner(service).await?;
+        let Some(entry) = entry.filter(|e| e.bytes() == owner.record()) else {
             self.forget_claim(service);
             return Ok(0);
         };
-        if entry.bytes() != owner.record() {
-            self.forget_claim(service);
-            return Ok(0);
-        }
-        let index = entry.modify_index;
         let listing = self.list(service).await?;
+        let entries = listing.instances.len();
         let mut ops: Vec<TxnOp> = listing
             .instances
-            .iter()
-            .map(|i| super::instance::Change::Delete(i.id.clone()).op(&self.inner.node, service))
+            .into_iter()
+            .map(|i| Change::Delete(i.id).op(&self.inner.node, service))
             .collect();
+        let key = self.owner_key(service);
         ops.push(TxnOp::kv_delete(&self.publication_key(&owner.uid)));
-        ops.push(TxnOp::kv_delete_cas(&key, index));
-        let mut deleted = 0;
-        for batch in batches(ops, self.max_ops(1), super::MAX_TXN_BYTES)? {
-            let instances = batch
-                .iter()
-                .filter(|op| matches!(op, TxnOp::Service(_)))
-                .count();
-            let guard = vec![TxnOp::check_index(&key, index)];
-            match self.guarded("release target", guard, batch).await? {
-                Guarded::Committed(_) => deleted += instances,
-                Guarded::GuardFailed => {
-                    self.forget_claim(service);
-                    return Ok(deleted);
-                }
-                Guarded::OpFailed(e) => return Err(self.refused("release target", &e)),
-            }
-        }
-        self.forget_claim(service);
-        info!(
-            registry_target = service,
-            deleted, "released consul service"
-        );
-        Ok(deleted)
+        ops.push(TxnOp::kv_delete_cas(&key, entry.modify_index));
+        let scope = self.scope(service, entry.modify_index);
+        release_batches(self, &scope, &ops, entries).await
     }
 
     /// Ops a write batch may carry besides the fence and `guards` guards.
@@ -350,15 +192,75 @@ impl ConsulRegistry {
             .max(1)
     }
 
-    fn remember_claim(&self, service: &str, owner: &Owner, index: u64) {
-        self.inner
-            .claimed
-            .lock()
-            .expect("lock")
-            .insert(service.to_owned(), (owner.clone(), index));
+    pub(super) fn forget_claim(&self, service: &str) {
+        self.inner.fence.claims().forget(service);
     }
 
-    pub(super) fn forget_claim(&self, service: &str) {
-        self.inner.claimed.lock().expect("lock").remove(service);
+    /// The index of a committed CAS: its result comes last (the fence's comes first).
+    fn cas_index(results: &[super::api::TxnResult]) -> i64 {
+        version(
+            results
+                .last()
+                .and_then(|r| r.kv)
+                .map_or(0, |kv| kv.modify_index),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl OwnerRecords for ConsulRegistry {
+    fn claims(&self) -> &Claims {
+        self.inner.fence.claims()
+    }
+
+    /// A create-only CAS; when it fails, the record is read (Consul's service names are flat:
+    /// no target nests in another, so only the service's own record can be in the way).
+    async fn create(&self, service: &str, owner: &Owner) -> Result<Created> {
+        let write = vec![TxnOp::kv_cas(&self.owner_key(service), &owner.record(), 0)];
+        if let Guarded::Committed(results) = self.guarded("claim target", vec![], write).await? {
+            return Ok(Created::Owned(Self::cas_index(&results)));
+        }
+        let entry = self.read_owner(service).await?;
+        Ok(Created::Held(entry.map(|entry| Held {
+            record: entry.bytes(),
+            version: version(entry.modify_index),
+            target: service.to_owned(),
+        })))
+    }
+
+    async fn replace(&self, service: &str, owner: &Owner, version: i64) -> Result<Option<i64>> {
+        let key = self.owner_key(service);
+        let write = vec![TxnOp::kv_cas(&key, &owner.record(), index(version))];
+        match self.guarded("take over target", vec![], write).await? {
+            Guarded::Committed(results) => Ok(Some(Self::cas_index(&results))),
+            Guarded::GuardFailed | Guarded::OpFailed(_) => Ok(None),
+        }
+    }
+
+    /// Reads the ownership record first: its index guards the write.
+    async fn write_publication(&self, service: &str, owner: &Owner, record: &[u8]) -> Result<bool> {
+        let entry = self.read_owner(service).await?;
+        let Some(entry) = entry.filter(|e| e.bytes() == owner.record()) else {
+            return Ok(false);
+        };
+        let guard = vec![TxnOp::check_index(
+            &self.owner_key(service),
+            entry.modify_index,
+        )];
+        let set = vec![TxnOp::kv_set(&self.publication_key(&owner.uid), record)];
+        match self.guarded("record publication", guard, set).await? {
+            Guarded::Committed(_) => Ok(true),
+            Guarded::GuardFailed => Ok(false),
+            Guarded::OpFailed(e) => Err(self.refused("record publication", &e)),
+        }
+    }
+
+    fn kept_changing(&self, service: &str) -> Error {
+        Error::Consul {
+            op: "claim target",
+            addr: self.inner.api.addr().to_owned(),
+            status: None,
+            cause: format!("the ownership record of {service} kept changing"),
+        }
     }
 }

@@ -1,12 +1,45 @@
 //! Making this node's instances of a service equal the desired ones: list, diff, guarded txn
 //! batches.
 
-use tracing::{debug, warn};
+use tracing::warn;
 
-use super::api::{Indexed, Instance, NodeServices, TxnOp};
-use super::instance::{batches, desired, diff};
-use super::{ConsulRegistry, ConsulService, Guarded};
+use super::api::{Indexed, Instance, NodeServices, TxnOp, TxnResult};
+use super::instance::{desired, diff};
+use super::{ConsulRegistry, ConsulService, Guarded, version};
+use crate::registry::batch::Limits;
+use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
 use crate::registry::{Error, Publication, Result, SyncReport};
+
+#[async_trait::async_trait]
+impl GuardedWrites for ConsulRegistry {
+    type Op = TxnOp;
+    /// The `check-index` on the ownership record.
+    type Guard = TxnOp;
+
+    async fn write(&self, op: &'static str, guard: &TxnOp, batch: &[TxnOp]) -> Result<Written> {
+        Ok(
+            match self
+                .guarded(op, vec![guard.clone()], batch.to_vec())
+                .await?
+            {
+                Guarded::Committed(results) => Written::Committed(written_index(&results)),
+                Guarded::GuardFailed => Written::GuardFailed,
+                Guarded::OpFailed(e) => Written::Refused(self.refused(op, &e)),
+            },
+        )
+    }
+}
+
+/// The highest index of the instances a txn wrote; `None` when it only deleted (deletes return
+/// no index).
+fn written_index(results: &[TxnResult]) -> Option<i64> {
+    results
+        .iter()
+        .filter(|r| r.service.is_some())
+        .filter_map(TxnResult::entry)
+        .map(|e| version(e.modify_index))
+        .max()
+}
 
 /// This node's instances of one service, as [`ConsulRegistry::list`] reads them.
 #[derive(Debug, Default)]
@@ -20,6 +53,22 @@ pub struct Listing {
 }
 
 impl ConsulRegistry {
+    /// Writes for `service` guarded by its ownership record at `index`: at most
+    /// [`super::MAX_TXN_OPS`] ops (the configured bound, less the fence and the guard) and
+    /// [`super::MAX_TXN_BYTES`] JSON bytes a txn; one op over that can never be written (Consul
+    /// refuses the request), so it is refused before anything is sent.
+    pub(super) fn scope<'a>(&self, service: &'a str, index: u64) -> Scope<'a, TxnOp> {
+        Scope {
+            target: service,
+            guard: TxnOp::check_index(&self.owner_key(service), index),
+            limits: Limits {
+                ops: self.max_ops(1),
+                bytes: super::MAX_TXN_BYTES,
+                op_bytes: Some(super::MAX_TXN_BYTES),
+            },
+        }
+    }
+
     /// Lists the instances of `service` on this registry's node (and nothing else: other
     /// services on the node and other nodes are never read for a write).
     ///
@@ -27,6 +76,17 @@ impl ConsulRegistry {
     /// Consul failures.
     pub(super) async fn list(&self, service: &str) -> Result<Listing> {
         let filter = format!("Service == \"{service}\"");
+        let read = self.node_services(&filter).await?;
+        let body = read.body.unwrap_or_default();
+        Ok(Listing {
+            node: body.node,
+            instances: body.services.unwrap_or_default(),
+            index: read.index,
+        })
+    }
+
+    /// This node's services matching `filter`, and Consul's index.
+    async fn node_services(&self, filter: &str) -> Result<super::api::Read<NodeServices>> {
         let started = std::time::Instant::now();
         let read = self
             .inner
@@ -34,17 +94,11 @@ impl ConsulRegistry {
             .get::<NodeServices>(
                 "list consul instances",
                 &format!("/v1/catalog/node-services/{}", self.inner.node),
-                &[("filter", filter.as_str())],
+                &[("filter", filter)],
             )
             .await;
         self.record("read", started, read.as_ref().err());
-        let read = read?;
-        let body = read.body.unwrap_or_default();
-        Ok(Listing {
-            node: body.node,
-            instances: body.services.unwrap_or_default(),
-            index: read.index,
-        })
+        read
     }
 
     /// The ids of this node's instances of `service`, for tests and status.
@@ -88,18 +142,13 @@ impl ConsulRegistry {
         self.fence_op().map_err(|_| Error::Fenced {
             op: "write registry batch",
         })?;
-        let key = self.owner_key(service);
-        let mut report = SyncReport {
-            registered: desired.len(),
-            ..SyncReport::default()
-        };
+        let scope = self.scope(service, guard_index);
+        let mut progress = Progress::default();
         let mut retried = false;
-        let mut revision;
-        let mut unindexed = false;
-        'sync: loop {
+        loop {
             let seen = self.incarnation();
             let listing = self.list(service).await?;
-            revision = listing.index;
+            progress.revision = progress.revision.max(version(listing.index));
             match listing.node {
                 Some(node) => self.saw_node(node.create_index),
                 None => {
@@ -110,77 +159,27 @@ impl ConsulRegistry {
                 .iter()
                 .map(|c| c.op(&self.inner.node, service))
                 .collect();
-            for batch in batches(ops, self.max_ops(1), super::MAX_TXN_BYTES)? {
-                let puts = batch
-                    .iter()
-                    .filter(|op| matches!(op, TxnOp::Service(s) if s.verb != "delete"))
-                    .count();
-                let deletes = batch.len() - puts;
-                let guard = vec![TxnOp::check_index(&key, guard_index)];
-                match self.guarded("write registry batch", guard, batch).await? {
-                    Guarded::Committed(results) => {
-                        report.txns += 1;
-                        report.puts += puts;
-                        report.deletes += deletes;
-                        let written = results
-                            .iter()
-                            .filter(|r| r.service.is_some())
-                            .filter_map(super::api::TxnResult::entry)
-                            .map(|e| e.modify_index)
-                            .max();
-                        unindexed = written.is_none();
-                        revision = revision.max(written.unwrap_or(0));
-                    }
-                    Guarded::GuardFailed => {
-                        self.forget_claim(service);
-                        return Err(Error::OwnershipLost {
-                            target: service.to_owned(),
-                        });
-                    }
-                    Guarded::OpFailed(e) if !retried => {
-                        retried = true;
-                        warn!(registry_target = service, error = %e.what, "an instance changed under the sync; listing again");
-                        continue 'sync;
-                    }
-                    Guarded::OpFailed(e) => return Err(self.refused("write registry batch", &e)),
+            match sync_batches(self, &scope, &ops, &mut progress).await? {
+                None => break,
+                Some(e) if !retried => {
+                    retried = true;
+                    warn!(registry_target = service, error = %e, "an instance changed under the sync; listing again");
                 }
+                Some(e) => return Err(e),
             }
-            break;
         }
-        if unindexed {
+        if progress.unindexed {
             // The last txn only deleted, and deletes return no index: ask for the current one.
-            revision = revision.max(self.list_index().await?);
+            progress.revision = progress.revision.max(version(self.list_index().await?));
         }
-        report.revision = i64::try_from(revision).unwrap_or(i64::MAX);
         // Consul has no lease (`lease` stays None): entries live on the synthetic node, whose
         // incarnation is logged as `node_index`.
         self.start_keeper();
-        if report.puts + report.deletes > 0 {
-            debug!(
-                registry_target = service,
-                puts = report.puts,
-                deletes = report.deletes,
-                txns = report.txns,
-                revision = report.revision,
-                "synced consul service"
-            );
-        }
-        Ok(report)
+        Ok(progress.report(service, desired.len(), None))
     }
 
     /// Consul's current index for this node's services, read without listing any.
     async fn list_index(&self) -> Result<u64> {
-        let started = std::time::Instant::now();
-        let read = self
-            .inner
-            .api
-            .get::<NodeServices>(
-                "list consul instances",
-                &format!("/v1/catalog/node-services/{}", self.inner.node),
-                &[("filter", "ID == \"\"")],
-            )
-            .await;
-        self.record("read", started, read.as_ref().err());
-        Ok(read?.index)
+        Ok(self.node_services("ID == \"\"").await?.index)
     }
 }

@@ -2,32 +2,14 @@
 
 use std::time::Duration;
 
+use super::EtcdTls;
+
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
 
 /// The most key and value bytes in one write txn: well under etcd's default 1.5 MiB request
 /// limit (`--max-request-bytes`), with room for the guards and framing.
 pub const MAX_TXN_BYTES: usize = 1024 * 1024;
-
-/// TLS material for etcd, PEM: the CA that signed etcd's serving certificate, and an optional
-/// client certificate and key (mTLS; under etcd's `--client-cert-auth` with auth enabled, the
-/// certificate's common name is the etcd user, so no password is needed).
-#[derive(Clone, Default)]
-pub struct EtcdTls {
-    /// CA certificate(s), PEM.
-    pub ca: Option<Vec<u8>>,
-    /// Client certificate and private key, PEM.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for EtcdTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdTls")
-            .field("ca", &self.ca.is_some())
-            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
 
 /// An etcd user and password; the password never reaches a log.
 #[derive(Clone)]
@@ -75,10 +57,7 @@ impl EtcdConfig {
     /// Where this controller's records live: the registrar root, or this cluster's part of it.
     #[must_use]
     pub fn records_root(&self) -> String {
-        match &self.cluster {
-            Some(cluster) => format!("{}/clusters/{cluster}", self.registrar_root),
-            None => self.registrar_root.clone(),
-        }
+        crate::registry::records::root(&self.registrar_root, self.cluster.as_deref())
     }
 
     /// A config with the defaults for everything but the endpoints.

@@ -1,4 +1,5 @@
-//! The pure diff between what is in etcd under a target and what should be.
+//! The pure diff between what is in etcd under a target and what should be (the shared rule,
+//! [`crate::registry::diff`], over etcd keys on the live lease).
 
 use std::collections::BTreeMap;
 
@@ -39,20 +40,21 @@ pub fn diff(
     desired: &BTreeMap<String, Vec<u8>>,
     lease: i64,
 ) -> Vec<Op> {
-    let puts = desired.iter().filter_map(|(key, value)| {
-        let unchanged = current
-            .get(key)
-            .is_some_and(|c| &c.value == value && c.lease == lease);
-        (!unchanged).then(|| Op::Put {
-            key: key.clone(),
-            value: value.clone(),
-        })
-    });
-    let deletes = current
-        .keys()
-        .filter(|key| !desired.contains_key(*key))
-        .map(|key| Op::Delete { key: key.clone() });
-    puts.chain(deletes).collect()
+    let current = current.iter().map(|(key, c)| (key.as_str(), c));
+    crate::registry::diff::diff(
+        current,
+        desired,
+        |key, value, current| {
+            let unchanged = current.is_some_and(|c| &c.value == value && c.lease == lease);
+            (!unchanged).then(|| Op::Put {
+                key: key.to_owned(),
+                value: value.clone(),
+            })
+        },
+        |key| Op::Delete {
+            key: key.to_owned(),
+        },
+    )
 }
 
 impl Op {
@@ -66,50 +68,25 @@ impl Op {
     }
 }
 
-/// Splits `ops` into consecutive batches of at most `max_ops` operations and `max_bytes` bytes
-/// (an op larger than `max_bytes` alone is a batch of its own), keeping their order.
-#[must_use]
-pub fn batches(ops: &[Op], max_ops: usize, max_bytes: usize) -> Vec<&[Op]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, op) in ops.iter().enumerate() {
-        let full = i - start >= max_ops.max(1) || (i > start && bytes + op.bytes() > max_bytes);
-        if full {
-            out.push(&ops[start..i]);
-            (start, bytes) = (i, 0);
+impl crate::registry::batch::Write for Op {
+    fn bytes(&self) -> usize {
+        Op::bytes(self)
+    }
+
+    fn key(&self) -> String {
+        match self {
+            Self::Put { key, .. } | Self::Delete { key } => key.clone(),
         }
-        bytes += op.bytes();
     }
-    if start < ops.len() {
-        out.push(&ops[start..]);
+
+    fn deletes(&self) -> bool {
+        matches!(self, Self::Delete { .. })
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn batches_are_bounded_by_ops_and_by_bytes_in_order() {
-        let put = |k: &str, n: usize| Op::Put {
-            key: k.into(),
-            value: vec![b'x'; n],
-        };
-        let ops: Vec<Op> = (0..5).map(|i| put(&i.to_string(), 399)).collect();
-        let sizes = |b: Vec<&[Op]>| b.iter().map(|b| b.len()).collect::<Vec<_>>();
-        assert_eq!(sizes(batches(&ops, 2, 10_000)), [2, 2, 1]);
-        assert_eq!(sizes(batches(&ops, 128, 1000)), [2, 2, 1], "400 bytes each");
-        let big = vec![put("a", 10), put("b", 5000), put("c", 10)];
-        assert_eq!(
-            sizes(batches(&big, 128, 1000)),
-            [1, 1, 1],
-            "an oversized op alone"
-        );
-        assert!(batches(&[], 128, 1000).is_empty());
-        let flat: Vec<&Op> = batches(&ops, 2, 1000).into_iter().flatten().collect();
-        assert_eq!(flat, ops.iter().collect::<Vec<_>>());
-    }
 
     fn cur(value: &str, lease: i64) -> Current {
         Current {

@@ -1,26 +1,16 @@
 //! The fence: with leader election on, every write carries a compare on the leader record
 //! `<registrar-root>/leader`, so a deposed leader (paused, partitioned, slow) writes nothing.
+//! The state is the shared [`crate::registry::fence`]; this file supplies etcd's leader record
+//! and the compare on it.
 
 use std::time::Instant;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::EtcdRegistry;
 use crate::registry::error::timeout;
 use crate::registry::{Error, Result};
-
-/// The write permission of this replica.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Fence {
-    /// No leader election: always write, unguarded (a single replica).
-    Off,
-    /// Not the leader: write nothing.
-    Follower,
-    /// The leader: write until `valid_until` (the local bound of the Kubernetes Lease), guarded on
-    /// the leader record still being at `revision`.
-    Leader { revision: i64, valid_until: Instant },
-}
 
 /// The leader record: `"<term, 10 digits> <holder>"`, so that byte order is term order and a
 /// record can only be replaced by a later term.
@@ -43,7 +33,7 @@ impl EtcdRegistry {
     /// The key of the leader record that fences writes when leader election is on.
     #[must_use]
     pub fn leader_key(&self) -> String {
-        format!("{}/leader", self.inner.config.records_root())
+        self.inner.records.leader()
     }
 
     /// Makes this replica the fenced leader for `term`: writes the leader record (only over an
@@ -93,13 +83,7 @@ impl EtcdRegistry {
                 None => return Err(fenced()),
             }
         };
-        self.inner.claimed.lock().expect("lock").clear();
-        *self.inner.fence.lock().expect("lock") = Fence::Leader {
-            revision,
-            valid_until,
-        };
-        info!(term, revision, holder, "fenced registry writes as leader");
-        Ok(revision)
+        Ok(self.inner.fence.led(revision, holder, term, valid_until))
     }
 
     /// The term of the leader record in etcd, 0 when there is none.
@@ -124,33 +108,19 @@ impl EtcdRegistry {
 
     /// Extends the leader's local write permission to `valid_until` (after a Lease renewal).
     pub fn extend_fence(&self, valid_until: Instant) {
-        if let Fence::Leader { valid_until: v, .. } = &mut *self.inner.fence.lock().expect("lock") {
-            *v = valid_until;
-        }
+        self.inner.fence.extend(valid_until);
     }
 
     /// Stops writing at once, and forgets claims (the next leader owns them).
     pub fn depose(&self) {
-        *self.inner.fence.lock().expect("lock") = Fence::Follower;
-        self.inner.claimed.lock().expect("lock").clear();
+        self.inner.fence.depose();
     }
 
     /// The compare that fences a write, `None` without leader election.
     pub(super) fn fence_compare(&self) -> Result<Option<Compare>> {
-        match *self.inner.fence.lock().expect("lock") {
-            Fence::Off => Ok(None),
-            Fence::Leader {
-                revision,
-                valid_until,
-            } if Instant::now() < valid_until => Ok(Some(Compare::mod_revision(
-                self.leader_key(),
-                CompareOp::Equal,
-                revision,
-            ))),
-            Fence::Leader { .. } | Fence::Follower => Err(Error::Fenced {
-                op: "write to etcd",
-            }),
-        }
+        let guard = self.inner.fence.guard("write to etcd")?;
+        Ok(guard
+            .map(|revision| Compare::mod_revision(self.leader_key(), CompareOp::Equal, revision)))
     }
 
     /// A txn under `compares` plus the leader fence. When it fails and the fence no longer
@@ -178,10 +148,10 @@ impl EtcdRegistry {
 
     /// Whether the leader record is still the one this replica wrote.
     async fn fence_holds(&self) -> Result<bool> {
-        let Fence::Leader { revision, .. } = *self.inner.fence.lock().expect("lock") else {
+        let Some(leader) = self.inner.fence.leader() else {
             return Ok(false);
         };
         let record = self.leader_record().await?;
-        Ok(record.map(|kv| kv.mod_revision()) == Some(revision))
+        Ok(record.map(|kv| kv.mod_revision()) == Some(leader.guard))
     }
 }

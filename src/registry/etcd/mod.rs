@@ -8,14 +8,16 @@
 //! - [`config`]: endpoints, TLS, auth, limits.
 //! - [`plan`]: the etcd half of spec validation (targets as key prefixes); [`layout`]: keys from
 //!   the `keyTemplate` ([`KeyTemplate`]), values through the format's codec.
-//! - `ownership`: claim, take over, release.
-//! - `sync`: list, diff ([`diff`]), guarded txn batches.
-//! - `fence`: the leader record and the compare every write carries.
-//! - `lease`: one shared lease per TTL, kept alive, replaced when lost.
+//! - `ownership`: the guarded txns of the shared claim and take-over flows; release.
+//! - `sync`: list, diff ([`diff`]), the guarded txn each shared batch is written as.
+//! - `fence`: the leader record and the compare every write carries (the state is shared).
+//! - `lease`: one shared lease per TTL, adopted when recorded; `keepalive`: its keeper, which
+//!   renews it and replaces it when lost.
 
 pub mod config;
 mod diff;
 mod fence;
+mod keepalive;
 pub mod layout;
 mod lease;
 mod ownership;
@@ -23,22 +25,25 @@ pub mod plan;
 mod sync;
 mod template;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, Txn};
 use tokio::sync::broadcast;
 
-pub use config::{EtcdConfig, EtcdTls, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
-pub use diff::{Current, Op, batches, diff};
-use fence::Fence;
+/// TLS material for etcd (under etcd's `--client-cert-auth` with auth enabled, the client
+/// certificate's common name is the etcd user, so no password is needed).
+pub use crate::registry::tls::TlsPem as EtcdTls;
+pub use config::{EtcdConfig, EtcdUser, MAX_TXN_BYTES, MAX_TXN_OPS};
+pub use diff::{Current, Op, diff};
 pub use fence::{leader_record, leader_term};
 pub use layout::Layout;
 use lease::LeasePool;
 pub use plan::EtcdPlanner;
 pub use template::KeyTemplate;
 
+use super::fence::Fence;
+use super::records::Records;
 use super::{Backend, Claim, Error, Event, Owner, Planner, Publication, Result, SyncReport};
 use crate::metrics::Metrics;
 
@@ -53,15 +58,16 @@ struct Inner {
     client: Client,
     /// Layout and limits.
     config: EtcdConfig,
+    /// The keys of the controller's records.
+    records: Records,
     /// The shared leases.
     leases: LeasePool,
-    /// Targets this process has claimed, so a claim costs no round trip in steady state.
-    /// Shared with the lease keeper, which clears it when a lease is replaced.
-    claimed: Arc<Mutex<HashMap<String, Owner>>>,
     /// etcd latency and lease counters.
     metrics: Arc<Metrics>,
-    /// Whether this replica may write, and the fencing record guarding its writes.
-    fence: Mutex<Fence>,
+    /// Whether this replica may write, the fencing record guarding its writes, and the
+    /// targets claimed under it (so a claim costs no round trip in steady state; cleared by
+    /// the lease keeper when a lease is replaced).
+    fence: Fence<i64>,
     /// The leases this process has recorded for adoption (with a cluster name, also marked as
     /// its cluster's).
     marked: Mutex<std::collections::HashSet<i64>>,
@@ -117,27 +123,23 @@ impl EtcdRegistry {
     /// Wraps an existing client.
     #[must_use]
     pub fn from_client(client: Client, config: EtcdConfig, metrics: Arc<Metrics>) -> Self {
-        let claimed: Arc<Mutex<HashMap<String, Owner>>> = Arc::default();
-        let forget = Arc::downgrade(&claimed);
+        let fence = Fence::default();
         let leases = LeasePool::new(
             client.clone(),
             config.op_timeout,
             metrics.clone(),
-            Arc::new(move || {
-                if let Some(claimed) = forget.upgrade() {
-                    claimed.lock().expect("lock").clear();
-                }
-            }),
+            // A replaced lease took every key with it: claims are made again.
+            Arc::new(fence.claims().clearer()),
             format!("{}/lease/", config.records_root()),
         );
         Self {
             inner: Arc::new(Inner {
                 client,
+                records: Records::new(config.records_root()),
                 config,
                 leases,
-                claimed,
                 metrics,
-                fence: Mutex::new(Fence::Off),
+                fence,
                 marked: Mutex::default(),
             }),
         }
@@ -268,7 +270,7 @@ impl Backend for EtcdRegistry {
     }
 
     fn may_write(&self) -> bool {
-        self.fence_compare().is_ok()
+        self.inner.fence.may_write()
     }
 
     fn enable_fencing(&self) {

@@ -1,48 +1,46 @@
 //! Target ownership: `<registrar-root>/owners/<target>` names the GrpcService that may write
-//! under the target, claimed with a compare-and-swap txn.
+//! under the target, claimed with a compare-and-swap txn. The flows are the shared ones
+//! ([`crate::registry::ownership`]); this file supplies etcd's guarded txns for them.
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, KeyValue, TxnOp, TxnOpResponse,
+};
 use tonic_etcd_resolver::format::watch_prefix;
 use tracing::info;
 
-use super::{EtcdRegistry, Op, batches};
-use crate::registry::{Claim, Owner, Result, ancestors};
+use super::{EtcdRegistry, Op};
+use crate::registry::ownership::{self, Claims, Created, Held, OwnerRecords};
+use crate::registry::writes::release_batches;
+use crate::registry::{Claim, Error, Owner, Result, ancestors};
 
 impl EtcdRegistry {
     /// The key of a target's ownership record.
     #[must_use]
     pub fn owner_key(&self, target: &str) -> String {
-        format!("{}/owners/{target}", self.inner.config.records_root())
+        self.inner.records.owner(target)
     }
 
     /// The key of an owner's publication record, `<records-root>/published/<uid>`.
     #[must_use]
     pub fn publication_key(&self, uid: &str) -> String {
-        format!("{}/published/{uid}", self.inner.config.records_root())
+        self.inner.records.publication(uid)
     }
 
-    /// Writes `owner`'s publication record, guarded on its ownership of `target`.
-    ///
-    /// # Errors
-    /// [`crate::registry::Error::OwnershipLost`]; etcd failures.
-    pub async fn record_publication(
+    /// One read of `key` (with `options`), timed and counted.
+    async fn range(
         &self,
-        target: &str,
-        owner: &Owner,
-        record: &[u8],
-    ) -> Result<()> {
-        let guard = Compare::value(self.owner_key(target), CompareOp::Equal, owner.record());
-        let put = TxnOp::put(self.publication_key(&owner.uid), record.to_vec(), None);
-        let resp = self
-            .guarded("record publication", vec![guard], vec![put], vec![])
-            .await?;
-        if !resp.succeeded() {
-            self.forget_claim(target);
-            return Err(crate::registry::Error::OwnershipLost {
-                target: target.to_owned(),
-            });
-        }
-        Ok(())
+        op: &'static str,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse> {
+        let started = std::time::Instant::now();
+        let mut kv = self.inner.client.kv_client();
+        let resp =
+            crate::registry::error::timeout(op, self.inner.config.op_timeout, kv.get(key, options))
+                .await;
+        self.inner.metrics.observe_request("etcd", "range", started);
+        self.record("range", resp.as_ref().err());
+        resp
     }
 
     /// The publication record of the owner `uid`.
@@ -50,17 +48,10 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
-        let started = std::time::Instant::now();
-        let mut kv = self.inner.client.kv_client();
-        let resp = crate::registry::error::timeout(
-            "read publication record",
-            self.inner.config.op_timeout,
-            kv.get(self.publication_key(uid), None),
-        )
-        .await;
-        self.inner.metrics.observe_request("etcd", "range", started);
-        self.record("range", resp.as_ref().err());
-        Ok(resp?.kvs().first().map(|kv| kv.value().to_vec()))
+        let resp = self
+            .range("read publication record", &self.publication_key(uid), None)
+            .await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
     /// See [`crate::registry::Backend::heartbeat`]: `<records-root>/writers/<instance>`.
@@ -68,7 +59,7 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
-        let prefix = format!("{}/writers/", self.inner.config.records_root());
+        let prefix = self.inner.records.writer("");
         let txn = etcd_client::Txn::new().and_then(vec![
             TxnOp::put(format!("{prefix}{instance}"), beat.to_string(), None),
             TxnOp::get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
@@ -95,7 +86,7 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn forget_writer(&self, instance: &str) -> Result<()> {
-        let key = format!("{}/writers/{instance}", self.inner.config.records_root());
+        let key = self.inner.records.writer(instance);
         let txn = etcd_client::Txn::new().and_then(vec![TxnOp::delete(key, None)]);
         self.txn("forget writer", txn).await.map(|_| ())
     }
@@ -105,18 +96,12 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn owners(&self) -> Result<Vec<(String, Owner)>> {
-        let started = std::time::Instant::now();
-        let prefix = format!("{}/owners/", self.inner.config.records_root());
-        let mut kv = self.inner.client.kv_client();
-        let resp = crate::registry::error::timeout(
-            "list ownership records",
-            self.inner.config.op_timeout,
-            kv.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-        )
-        .await;
-        self.inner.metrics.observe_request("etcd", "range", started);
-        self.record("range", resp.as_ref().err());
-        Ok(resp?
+        let prefix = self.inner.records.owner("");
+        let options = GetOptions::new().with_prefix();
+        let resp = self
+            .range("list ownership records", &prefix, Some(options))
+            .await?;
+        Ok(resp
             .kvs()
             .iter()
             .filter_map(|kv| {
@@ -132,17 +117,10 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
-        let started = std::time::Instant::now();
-        let mut kv = self.inner.client.kv_client();
-        let resp = crate::registry::error::timeout(
-            "read ownership record",
-            self.inner.config.op_timeout,
-            kv.get(self.owner_key(target), None),
-        )
-        .await;
-        self.inner.metrics.observe_request("etcd", "range", started);
-        self.record("range", resp.as_ref().err());
-        Ok(resp?
+        let resp = self
+            .range("read ownership record", &self.owner_key(target), None)
+            .await?;
+        Ok(resp
             .kvs()
             .first()
             .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
@@ -155,96 +133,7 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim> {
-        if self.inner.claimed.lock().expect("lock").get(target) == Some(owner) {
-            return Ok(Claim::Owned);
-        }
-        let key = self.owner_key(target);
-        // The record must not exist, nor any record of a target nested in this one (under
-        // `<key>/`) or containing it (an ancestor's key): a sync of the outer target would
-        // delete the inner one's keys. All in the one compare-and-swap.
-        let children = format!("{key}/");
-        let ancestors: Vec<String> = ancestors(target)
-            .into_iter()
-            .map(|a| self.owner_key(a))
-            .collect();
-        let mut compares = vec![
-            Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-            Compare::create_revision(children.clone(), CompareOp::Equal, 0).with_prefix(),
-        ];
-        compares.extend(
-            ancestors
-                .iter()
-                .map(|a| Compare::create_revision(a.clone(), CompareOp::Equal, 0)),
-        );
-        let mut on_failure = vec![
-            TxnOp::get(key.clone(), None),
-            TxnOp::get(
-                children,
-                Some(GetOptions::new().with_prefix().with_limit(1)),
-            ),
-        ];
-        on_failure.extend(ancestors.iter().map(|a| TxnOp::get(a.clone(), None)));
-        let resp = self
-            .guarded(
-                "claim target",
-                compares,
-                vec![TxnOp::put(key.clone(), owner.record(), None)],
-                on_failure,
-            )
-            .await?;
-        let claim = if resp.succeeded() {
-            info!(registry_target = target, uid = %owner.uid, "claimed target");
-            Claim::Owned
-        } else {
-            // The first record found: the target's own, else a nested or containing one.
-            let found = resp
-                .op_responses()
-                .into_iter()
-                .filter_map(|r| match r {
-                    TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-                    _ => None,
-                })
-                .next();
-            let Some(kv) = found else {
-                // Deleted between compare and get: try again.
-                return Box::pin(self.claim(target, owner)).await;
-            };
-            let records = self.owner_key("");
-            let held = kv
-                .key_str()
-                .ok()
-                .and_then(|k| k.strip_prefix(&records))
-                .unwrap_or(target)
-                .to_owned();
-            let version = kv.mod_revision();
-            match serde_json::from_slice::<Owner>(kv.value()).ok() {
-                Some(current) if current.uid == owner.uid && held == target => {
-                    if current != *owner {
-                        // Same object, refreshed identity: rewrite under CAS.
-                        return self.take_over(target, owner, version).await;
-                    }
-                    Claim::Owned
-                }
-                Some(current) => Claim::Conflict {
-                    owner: current,
-                    version,
-                    target: held,
-                },
-                None => Claim::Conflict {
-                    owner: Owner {
-                        uid: String::from_utf8_lossy(kv.value()).into_owned(),
-                        namespace: String::new(),
-                        name: String::new(),
-                    },
-                    version,
-                    target: held,
-                },
-            }
-        };
-        if claim == Claim::Owned {
-            self.remember_claim(target, owner);
-        }
-        Ok(claim)
+        ownership::claim(self, target, owner).await
     }
 
     /// Takes over a target whose recorded owner is gone, guarded on the record's mod revision so
@@ -253,31 +142,40 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
-        let key = self.owner_key(target);
-        let mut compares = vec![
-            Compare::mod_revision(key.clone(), CompareOp::Equal, version),
-            Compare::create_revision(format!("{key}/"), CompareOp::Equal, 0).with_prefix(),
-        ];
+        ownership::take_over(self, target, owner, version).await
+    }
+
+    /// Writes `owner`'s publication record, guarded on its ownership of `target`.
+    ///
+    /// # Errors
+    /// [`crate::registry::Error::OwnershipLost`]; etcd failures.
+    pub async fn record_publication(
+        &self,
+        target: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<()> {
+        ownership::record_publication(self, target, owner, record).await
+    }
+
+    /// The compares that keep `target` free of nesting: no record of a target nested in it
+    /// (under `<key>/`) nor containing it (an ancestor's key), whose sync would delete the
+    /// other's keys.
+    fn no_nesting(&self, target: &str) -> Vec<Compare> {
+        let children = format!("{}/", self.owner_key(target));
+        let mut compares =
+            vec![Compare::create_revision(children, CompareOp::Equal, 0).with_prefix()];
         compares.extend(
             ancestors(target)
                 .into_iter()
                 .map(|a| Compare::create_revision(self.owner_key(a), CompareOp::Equal, 0)),
         );
-        let resp = self
-            .guarded(
-                "take over target",
-                compares,
-                vec![TxnOp::put(key, owner.record(), None)],
-                vec![],
-            )
-            .await?;
-        if resp.succeeded() {
-            info!(registry_target = target, uid = %owner.uid, "took over target from a stale owner");
-            self.remember_claim(target, owner);
-            Ok(Claim::Owned)
-        } else {
-            Box::pin(self.claim(target, owner)).await
-        }
+        compares
+    }
+
+    /// The ownership record of `target` as the guard of a write.
+    pub(super) fn owned_by(&self, target: &str, owner: &Owner) -> Compare {
+        Compare::value(self.owner_key(target), CompareOp::Equal, owner.record())
     }
 
     /// Deletes every key under an owned `target` and its ownership record, in one guarded txn.
@@ -290,15 +188,14 @@ impl EtcdRegistry {
         if self.inner.config.cluster.is_some() {
             return self.release_own_keys(target, owner).await;
         }
+        // Without a cluster name every key under the target is this controller's: one txn
+        // deletes them by prefix with the records, atomically, with no listing and no batches
+        // (which is why this is not the shared `release_batches`).
         let key = self.owner_key(target);
         let resp = self
             .guarded(
                 "release target",
-                vec![Compare::value(
-                    key.clone(),
-                    CompareOp::Equal,
-                    owner.record(),
-                )],
+                vec![self.owned_by(target, owner)],
                 vec![
                     TxnOp::delete(
                         watch_prefix(target),
@@ -329,56 +226,109 @@ impl EtcdRegistry {
     /// With a cluster name: deletes only this cluster's keys under `target` (other clusters
     /// publish there too), then the ownership record, in txns guarded by that record.
     async fn release_own_keys(&self, target: &str, owner: &Owner) -> Result<usize> {
-        let key = self.owner_key(target);
-        let guard = Compare::value(key.clone(), CompareOp::Equal, owner.record());
         let listing = self.list(target).await?;
+        let entries = listing.current.len();
         let mut ops: Vec<Op> = listing
             .current
             .into_keys()
             .map(|key| Op::Delete { key })
             .collect();
-        let record = self.publication_key(&owner.uid);
         ops.push(Op::Delete {
-            key: record.clone(),
+            key: self.publication_key(&owner.uid),
         });
-        ops.push(Op::Delete { key: key.clone() });
-        let mut deleted = 0;
-        for batch in batches(&ops, self.inner.config.max_txn_ops, super::MAX_TXN_BYTES) {
-            let txn_ops: Vec<TxnOp> = batch
-                .iter()
-                .map(|op| match op {
-                    Op::Delete { key } | Op::Put { key, .. } => TxnOp::delete(key.as_str(), None),
-                })
-                .collect();
-            let resp = self
-                .guarded("release target", vec![guard.clone()], txn_ops, vec![])
-                .await?;
-            if !resp.succeeded() {
-                self.forget_claim(target);
-                return Ok(deleted);
-            }
-            deleted += batch
-                .iter()
-                .filter(|op| !matches!(op, Op::Delete { key: k } if *k == key || *k == record))
-                .count();
-        }
-        self.forget_claim(target);
-        info!(
-            registry_target = target,
-            deleted, "released this cluster's keys under target"
-        );
-        Ok(deleted)
-    }
-
-    fn remember_claim(&self, target: &str, owner: &Owner) {
-        self.inner
-            .claimed
-            .lock()
-            .expect("lock")
-            .insert(target.to_owned(), owner.clone());
+        ops.push(Op::Delete {
+            key: self.owner_key(target),
+        });
+        let scope = self.scope(target, owner, 0);
+        release_batches(self, &scope, &ops, entries).await
     }
 
     pub(super) fn forget_claim(&self, target: &str) {
-        self.inner.claimed.lock().expect("lock").remove(target);
+        self.inner.fence.claims().forget(target);
+    }
+}
+
+#[async_trait::async_trait]
+impl OwnerRecords for EtcdRegistry {
+    fn claims(&self) -> &Claims {
+        self.inner.fence.claims()
+    }
+
+    /// One txn: the record must not exist, nor any nesting one; when it fails, the records in
+    /// the way are read in the same txn (the target's own first).
+    async fn create(&self, target: &str, owner: &Owner) -> Result<Created> {
+        let key = self.owner_key(target);
+        let mut compares = vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)];
+        compares.extend(self.no_nesting(target));
+        let mut on_failure = vec![
+            TxnOp::get(key.clone(), None),
+            TxnOp::get(
+                format!("{key}/"),
+                Some(GetOptions::new().with_prefix().with_limit(1)),
+            ),
+        ];
+        on_failure.extend(
+            ancestors(target)
+                .into_iter()
+                .map(|a| TxnOp::get(self.owner_key(a), None)),
+        );
+        let put = vec![TxnOp::put(key, owner.record(), None)];
+        let resp = self
+            .guarded("claim target", compares, put, on_failure)
+            .await?;
+        if resp.succeeded() {
+            return Ok(Created::Owned(resp.header().map_or(0, |h| h.revision())));
+        }
+        let found: Option<KeyValue> = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+            _ => None,
+        });
+        let records = self.owner_key("");
+        Ok(Created::Held(found.map(|kv| {
+            Held {
+                target: kv
+                    .key_str()
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&records))
+                    .unwrap_or(target)
+                    .to_owned(),
+                record: kv.value().to_vec(),
+                version: kv.mod_revision(),
+            }
+        })))
+    }
+
+    async fn replace(&self, target: &str, owner: &Owner, version: i64) -> Result<Option<i64>> {
+        let key = self.owner_key(target);
+        let mut compares = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            version,
+        )];
+        compares.extend(self.no_nesting(target));
+        let put = vec![TxnOp::put(key, owner.record(), None)];
+        let resp = self
+            .guarded("take over target", compares, put, vec![])
+            .await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
+    }
+
+    async fn write_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<bool> {
+        let put = TxnOp::put(self.publication_key(&owner.uid), record.to_vec(), None);
+        let guard = vec![self.owned_by(target, owner)];
+        let resp = self
+            .guarded("record publication", guard, vec![put], vec![])
+            .await?;
+        Ok(resp.succeeded())
+    }
+
+    /// Unreachable in practice: the failed compare and the reads of the records in the way
+    /// are one txn at one revision, so a record is always found.
+    fn kept_changing(&self, target: &str) -> Error {
+        Error::OwnershipLost {
+            target: target.to_owned(),
+        }
     }
 }

@@ -1,19 +1,71 @@
 //! Making the keys under a target equal the desired ones: list, diff, guarded txn batches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::collections::{BTreeSet, HashMap};
-
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tonic_etcd_resolver::format::watch_prefix;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::lease::is_lease_not_found;
-use super::{Current, EtcdRegistry, Op, batches, diff};
+use super::{Current, EtcdRegistry, Op, diff};
+use crate::registry::batch::Limits;
 use crate::registry::error::timeout;
+use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
 use crate::registry::{Error, Owner, Result, SyncReport};
+
+/// What a write txn is guarded by, and the lease its puts go on.
+pub(in crate::registry) struct Guard {
+    /// The compare on the target's ownership record.
+    pub(super) owner: Compare,
+    /// The shared lease (unused by deletes).
+    pub(super) lease: i64,
+}
+
+#[async_trait::async_trait]
+impl GuardedWrites for EtcdRegistry {
+    type Op = Op;
+    type Guard = Guard;
+
+    async fn write(&self, op: &'static str, guard: &Guard, batch: &[Op]) -> Result<Written> {
+        let on_lease = || Some(PutOptions::new().with_lease(guard.lease));
+        let txn_ops: Vec<TxnOp> = batch
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value } => TxnOp::put(key.as_str(), value.clone(), on_lease()),
+                Op::Delete { key } => TxnOp::delete(key.as_str(), None),
+            })
+            .collect();
+        let resp = self
+            .guarded(op, vec![guard.owner.clone()], txn_ops, vec![])
+            .await?;
+        if !resp.succeeded() {
+            return Ok(Written::GuardFailed);
+        }
+        Ok(Written::Committed(resp.header().map(|h| h.revision())))
+    }
+}
+
+impl EtcdRegistry {
+    /// Writes under `target` guarded by `owner`'s record, their puts on `lease`: at most
+    /// `max_txn_ops` ops and [`super::MAX_TXN_BYTES`] bytes a txn; a single larger key is sent
+    /// alone and left to etcd's own request limit (the layout already refuses an entry over
+    /// [`crate::desired::MAX_ENTRY_BYTES`]).
+    pub(super) fn scope<'a>(&self, target: &'a str, owner: &Owner, lease: i64) -> Scope<'a, Guard> {
+        let limits = Limits {
+            ops: self.inner.config.max_txn_ops,
+            bytes: super::MAX_TXN_BYTES,
+            op_bytes: None,
+        };
+        let owner = self.owned_by(target, owner);
+        Scope {
+            target,
+            guard: Guard { owner, lease },
+            limits,
+        }
+    }
+}
 
 /// The keys under a target, as [`EtcdRegistry::list`] reads them.
 #[derive(Debug, Default)]
@@ -180,24 +232,7 @@ impl EtcdRegistry {
         let lease_id = self.inner.leases.lease(ttl).await?;
         self.mark(lease_id, ttl).await?;
         let listing = self.list(target).await?;
-        let mut revision = listing.revision;
-        // Another cluster's key is never overwritten: a desired key it already holds (the same
-        // address in two clusters) is left to it, and said.
-        let desired: Arc<BTreeMap<String, Vec<u8>>> =
-            if listing.foreign.is_empty() || !desired.keys().any(|k| listing.foreign.contains(k)) {
-                desired
-            } else {
-                let (kept, taken): (BTreeMap<_, _>, BTreeMap<_, _>) = desired
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .partition(|(k, _)| !listing.foreign.contains(k));
-                warn!(
-                    registry_target = target,
-                    keys = ?taken.keys().collect::<Vec<_>>(),
-                    "keys held by another cluster's controller are left to it"
-                );
-                Arc::new(kept)
-            };
+        let desired = left_to_others(target, desired, &listing.foreign);
         let mut current = listing.current;
         current.extend(
             listing
@@ -206,60 +241,46 @@ impl EtcdRegistry {
                 .filter(|(key, _)| desired.contains_key(key)),
         );
         let ops = diff(&current, &desired, lease_id);
-        let mut report = SyncReport {
-            registered: desired.len(),
-            lease: Some(lease_id),
-            ..SyncReport::default()
+        let scope = self.scope(target, owner, lease_id);
+        let mut progress = Progress {
+            revision: listing.revision,
+            ..Progress::default()
         };
-        let guard = Compare::value(self.owner_key(target), CompareOp::Equal, owner.record());
-        for batch in batches(&ops, self.inner.config.max_txn_ops, super::MAX_TXN_BYTES) {
-            let txn_ops: Vec<TxnOp> = batch
-                .iter()
-                .map(|op| match op {
-                    Op::Put { key, value } => TxnOp::put(
-                        key.as_str(),
-                        value.clone(),
-                        Some(PutOptions::new().with_lease(lease_id)),
-                    ),
-                    Op::Delete { key } => TxnOp::delete(key.as_str(), None),
-                })
-                .collect();
-            let write = self.guarded("write registry batch", vec![guard.clone()], txn_ops, vec![]);
-            let resp = match write.await {
-                Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
-                    // The keeper checks at once and, when the lease is gone, grants a new one
-                    // and announces it; the reconcile that follows re-puts everything.
-                    self.inner.leases.suspect(ttl).await;
-                    return Err(Error::Etcd { op, cause });
-                }
-                other => other?,
-            };
-            if !resp.succeeded() {
-                self.forget_claim(target);
-                return Err(Error::OwnershipLost {
-                    target: target.to_owned(),
-                });
+        match sync_batches(self, &scope, &ops, &mut progress).await {
+            Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
+                // The keeper checks at once and, when the lease is gone, grants a new one and
+                // announces it; the reconcile that follows re-puts everything.
+                self.inner.leases.suspect(ttl).await;
+                return Err(Error::Etcd { op, cause });
             }
-            report.txns += 1;
-            revision = resp.header().map_or(revision, |h| h.revision());
-            for op in batch {
-                match op {
-                    Op::Put { .. } => report.puts += 1,
-                    Op::Delete { .. } => report.deletes += 1,
-                }
-            }
+            // etcd refuses no write of a batch on its own: its puts and deletes are
+            // unconditional under the guard.
+            Err(error) | Ok(Some(error)) => return Err(error),
+            Ok(None) => {}
         }
-        report.revision = revision;
-        if report.puts + report.deletes > 0 {
-            debug!(
-                registry_target = target,
-                puts = report.puts,
-                deletes = report.deletes,
-                revision,
-                lease_id = %format!("{lease_id:x}"),
-                "synced target"
-            );
-        }
-        Ok(report)
+        Ok(progress.report(target, desired.len(), Some(lease_id)))
     }
+}
+
+/// `desired` without the keys another cluster's controller holds: another cluster's key is
+/// never overwritten, so a desired key it already holds (the same address in two clusters) is
+/// left to it, and said.
+fn left_to_others(
+    target: &str,
+    desired: Arc<BTreeMap<String, Vec<u8>>>,
+    foreign: &BTreeSet<String>,
+) -> Arc<BTreeMap<String, Vec<u8>>> {
+    if foreign.is_empty() || !desired.keys().any(|k| foreign.contains(k)) {
+        return desired;
+    }
+    let (kept, taken): (BTreeMap<_, _>, BTreeMap<_, _>) = desired
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .partition(|(k, _)| !foreign.contains(k));
+    warn!(
+        registry_target = target,
+        keys = ?taken.keys().collect::<Vec<_>>(),
+        "keys held by another cluster's controller are left to it"
+    );
+    Arc::new(kept)
 }

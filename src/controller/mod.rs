@@ -11,6 +11,7 @@
 
 pub mod publication;
 mod release;
+mod report;
 mod runner;
 mod service;
 mod sources;

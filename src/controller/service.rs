@@ -1,7 +1,6 @@
 //! What a reconcile does for one `GrpcService`: apply (publish) and cleanup (deregister), with
 //! the outcome written to status.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +12,8 @@ use kube::runtime::reflector::ObjectRef;
 use tracing::{debug, info, warn};
 
 use super::publication;
-use super::status::{LastChange, Outcome, endpoints_event, next_status, transition_events};
-use super::writer::Submitted;
-use super::{CONFLICT_RECHECK, Context, EVENT_INTERVAL, RESYNC};
+use super::status::{LastChange, Outcome};
+use super::{CONFLICT_RECHECK, Context};
 use crate::crd::GrpcService;
 use crate::desired::{Desired, Plan, SpecError, desired};
 use crate::registry::{self, Claim, Owner, Planned, Publication};
@@ -124,23 +122,49 @@ impl GrpcService {
         mut want: Desired,
         invalid: Option<&SpecError>,
     ) -> Result<Action> {
-        let report_status = invalid.is_none();
-        // A changed target: free the old one first, so it never holds stale endpoints. The old
-        // one is what status names and what the registry recorded last (a leader acting on a
-        // stale view may have published under a target status never named).
-        let recorded = match ctx
+        if let Err(e) = self.free_previous(ctx, owner, plan).await {
+            return self.failed(ctx, plan, &want, e, invalid).await;
+        }
+        if let Some(stop) = self
+            .take(ctx, owner, plan, selected, &want, invalid)
+            .await?
+        {
+            return Ok(stop);
+        }
+        let report = match self.write(ctx, owner, plan, &mut want, invalid).await? {
+            Ok(report) => report,
+            Err(stop) => return Ok(stop),
+        };
+        if report.puts + report.deletes > 0 {
+            ctx.states.with(&owner.uid, |state| {
+                state.last_change = Some(LastChange {
+                    revision: report.revision,
+                    at: Time(k8s_openapi::jiff::Timestamp::now()),
+                });
+            });
+            log_sync(&report);
+        }
+        if invalid.is_some() {
+            return Ok(Action::await_change());
+        }
+        Ok(self.report_synced(ctx, owner, plan, selected, &want, &report))
+    }
+
+    /// Frees the targets this service published before under another name than `plan`'s:
+    /// what status names and what the registry recorded last (a leader acting on a stale view
+    /// may have published under a target status never named), so that none holds stale
+    /// endpoints.
+    async fn free_previous(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+        plan: &Planned,
+    ) -> Result<(), registry::Error> {
+        let recorded = ctx
             .published
             .recorded(ctx.backend.as_ref(), ctx.term(), &owner.uid)
-            .await
-        {
-            Ok(record) => record.map(|record| record.target),
-            Err(e) if report_status => {
-                return self
-                    .backend_failed(ctx, plan.target(), Some(&want), e)
-                    .await;
-            }
-            Err(e) => return Err(e.into()),
-        };
+            .await?
+            .map(|record| record.target);
         let mut old_targets: Vec<String> = self.published_target(ctx).into_iter().collect();
         old_targets.extend(recorded.filter(|t| !old_targets.contains(t)));
         for old in old_targets.iter().filter(|t| **t != plan.target()) {
@@ -149,17 +173,25 @@ impl GrpcService {
             ctx.published.released(ctx.term(), &owner.uid);
             ctx.waiting.released(old);
         }
+        Ok(())
+    }
 
+    /// Claims `plan`'s target; `Some` with what to return when the reconcile stops here (a
+    /// conflict, or a registry failure).
+    async fn take(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+        plan: &Planned,
+        selected: &[Arc<Candidate>],
+        want: &Desired,
+        invalid: Option<&SpecError>,
+    ) -> Result<Option<Action>> {
         if !ctx.backend.reachable() {
             let error = registry::Error::Unreachable {
                 backend: ctx.backend.name(),
             };
-            if !report_status {
-                return Err(error.into());
-            }
-            return self
-                .backend_failed(ctx, plan.target(), Some(&want), error)
-                .await;
+            return self.failed(ctx, plan, want, error, invalid).await.map(Some);
         }
         // Registered before the claim, so that a release landing between a refused claim and
         // the registration still wakes this service.
@@ -179,6 +211,7 @@ impl GrpcService {
                     };
                     self.submit_status(ctx, &outcome);
                 }
+                Ok(None)
             }
             Ok(Claim::Conflict {
                 owner: other,
@@ -187,21 +220,28 @@ impl GrpcService {
             }) => {
                 ctx.waiting
                     .wait_for_release(&held, ObjectRef::from_obj(self));
-                if report_status {
-                    self.conflict(ctx, selected, plan.target(), &other, &held, &want);
+                if invalid.is_none() {
+                    self.conflict(ctx, selected, plan.target(), &other, &held, want);
                 }
-                return Ok(Action::requeue(CONFLICT_RECHECK));
+                Ok(Some(Action::requeue(CONFLICT_RECHECK)))
             }
             Err(e) => {
                 ctx.waiting.stop_waiting(&ObjectRef::from_obj(self));
-                if !report_status {
-                    return Err(e.into());
-                }
-                return self
-                    .backend_failed(ctx, plan.target(), Some(&want), e)
-                    .await;
+                self.failed(ctx, plan, want, e, invalid).await.map(Some)
             }
         }
+    }
+
+    /// Records the spec as the last valid publication, then syncs `want`; `Err` with what to
+    /// return when the reconcile stops here.
+    async fn write(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+        plan: &Planned,
+        want: &mut Desired,
+        invalid: Option<&SpecError>,
+    ) -> Result<Result<registry::SyncReport, Action>> {
         let publication = Publication {
             placement: plan.placement.clone(),
             owner: owner.clone(),
@@ -220,11 +260,11 @@ impl GrpcService {
             Ok(()) => ctx.backend.sync(&publication).await,
             Err(e) => Err(e),
         };
-        let report = match (synced, invalid) {
-            (Ok(report), _) => report,
+        let stop = match (synced, invalid) {
+            (Ok(report), _) => return Ok(Ok(report)),
             // The last valid spec cannot render the endpoints as they are now either: the keys
             // stay.
-            (Err(registry::Error::Spec(_)), Some(_)) => return Ok(Action::await_change()),
+            (Err(registry::Error::Spec(_)), Some(_)) => Action::await_change(),
             // The backend refuses the spec (e.g. a name or metadata against its rules): it is
             // not valid after all, so the previous record is the last valid one again.
             (Err(registry::Error::Spec(e)), None) => {
@@ -234,76 +274,30 @@ impl GrpcService {
                 {
                     warn!(error = %restore, "failed to restore the record of the last valid spec");
                 }
-                return self
-                    .invalid_spec_for(ctx, &e, Some(plan.target()), Some(&want))
-                    .await;
+                self.invalid_spec_for(ctx, &e, Some(plan.target()), Some(want))
+                    .await?
             }
-            (Err(e), Some(_)) => return Err(e.into()),
-            (Err(e), None) => {
-                return self
-                    .backend_failed(ctx, plan.target(), Some(&want), e)
-                    .await;
-            }
+            (Err(e), invalid) => self.failed(ctx, plan, want, e, invalid).await?,
         };
-        if report.puts + report.deletes > 0 {
-            ctx.states.with(&owner.uid, |state| {
-                state.last_change = Some(LastChange {
-                    revision: report.revision,
-                    at: Time(k8s_openapi::jiff::Timestamp::now()),
-                });
-            });
-            log_sync(&report);
-        }
-        if !report_status {
-            return Ok(Action::await_change());
-        }
-        self.note_transitions(ctx, selected, report.puts + report.deletes > 0);
-        ctx.metrics
-            .observe_service(&owner.namespace, &owner.name, &want, report.registered);
-        let last_change = ctx
-            .states
-            .with(&owner.uid, |state| state.last_change.clone());
-        let outcome = Outcome::Synced {
-            target: plan.target(),
-            desired: &want,
-            report: &report,
-            last_change: last_change.as_ref(),
-        };
-        // Written behind (coalesced, at most once per STATUS_INTERVAL for counts alone; the
-        // last of a burst is never lost), so this reconcile's slot is free at once.
-        let write = self.submit_status(ctx, &outcome);
-        let event_due = self.announce_endpoints(ctx, &owner.uid, report.registered, &want, write);
-        // The count Event at most once per EVENT_INTERVAL: come back for a held-back one.
-        Ok(Action::requeue(event_due.unwrap_or(RESYNC)))
+        Ok(Err(stop))
     }
 
-    /// Reports that another GrpcService owns `target` (or `held`, which overlaps it).
-    fn conflict(
+    /// A registry failure: reported in status for a valid spec (an invalid one's status says
+    /// so already), and handed to the retry policy.
+    async fn failed(
         &self,
         ctx: &Context,
-        selected: &[Arc<Candidate>],
-        target: &str,
-        other: &Owner,
-        held: &str,
+        plan: &Planned,
         want: &Desired,
-    ) {
-        self.note_transitions(ctx, selected, false);
-        let mut owner = format!("{}/{}", other.namespace, other.name);
-        if held != target {
-            owner.push_str(&format!(
-                " through target {held}, which overlaps it (a sync of the outer target would delete the inner one's keys)"
-            ));
-        }
-        let outcome = Outcome::Conflict {
-            target,
-            owner: owner.clone(),
-            desired: Some(want),
-        };
-        if self.submit_status(ctx, &outcome).is_transition() {
-            warn!(
-                owner,
-                "target is owned by another GrpcService; publishing nothing until it is freed"
-            );
+        error: registry::Error,
+        invalid: Option<&SpecError>,
+    ) -> Result<Action> {
+        match invalid {
+            None => {
+                self.backend_failed(ctx, plan.target(), Some(want), error)
+                    .await
+            }
+            Some(_) => Err(error.into()),
         }
     }
 
@@ -344,115 +338,11 @@ impl GrpcService {
         Ok(planner.plan(self, &ctx.policy))
     }
 
-    /// Sends an `EndpointsChanged` Event when the registered count moved since the last one
-    /// this process announced, at most once per [`EVENT_INTERVAL`]; returns when to come back
-    /// when one is held back. A status transition (its own Event) resets the baseline.
-    fn announce_endpoints(
-        &self,
-        ctx: &Context,
-        uid: &str,
-        registered: usize,
-        want: &Desired,
-        write: Submitted,
-    ) -> Option<Duration> {
-        let now = std::time::Instant::now();
-        let event = ctx.states.with(uid, |state| {
-            let entry = state.announced.get_or_insert((registered, now));
-            if write == (Submitted::Queued { transition: true }) {
-                *entry = (registered, now);
-            }
-            let (before, at) = *entry;
-            if before == registered {
-                return Err(None);
-            }
-            let since = now.duration_since(at);
-            if since < EVENT_INTERVAL {
-                return Err(Some(EVENT_INTERVAL - since));
-            }
-            *entry = (registered, now);
-            Ok(endpoints_event(before, registered, want))
-        });
-        let event = match event {
-            Ok(event) => event,
-            Err(due) => return due,
-        };
-        ctx.writer.event(self, event);
-        None
-    }
-
     /// The candidates `plan`'s source yields now, recording which objects were read so that
     /// their later events (even once they no longer match) wake this service.
     fn select(&self, ctx: &Context, plan: &Plan) -> Vec<Arc<Candidate>> {
         ctx.sources
             .select(&ObjectRef::from_obj(self), &plan.namespace, &plan.selection)
-    }
-
-    /// Notes the selected candidates' last seen changes and, when `wrote` (the sync changed the
-    /// registry), observes for each change not noted before the time from seeing it to now
-    /// (`propagation_seconds`), and from the pod's own transition time as Kubernetes recorded it
-    /// (`transition_to_registry_seconds`, whole-second resolution, from this process's start
-    /// on). Changes seen before the service was created are not samples (a pod ready long
-    /// before its GrpcService existed), nor are those noted while the service could not
-    /// publish (a conflict notes them without measuring).
-    fn note_transitions(&self, ctx: &Context, selected: &[Arc<Candidate>], wrote: bool) {
-        let uid = self.uid().unwrap_or_default();
-        ctx.states.with(&uid, |state| {
-            let (born, seen) = state
-                .transitions
-                .get_or_insert_with(|| (self.created_at(), HashMap::new()));
-            self.note_seen(ctx, selected, wrote, *born, seen);
-        });
-    }
-
-    /// [`Self::note_transitions`] on the state of one service: created at `born`, its
-    /// candidates last seen changed at `seen`.
-    fn note_seen(
-        &self,
-        ctx: &Context,
-        selected: &[Arc<Candidate>],
-        wrote: bool,
-        born: std::time::Instant,
-        seen: &mut HashMap<String, std::time::Instant>,
-    ) {
-        let now = std::time::Instant::now();
-        let wall = k8s_openapi::jiff::Timestamp::now();
-        let mut current = HashMap::with_capacity(selected.len());
-        for candidate in selected {
-            let Some(observed) = candidate.observed else {
-                continue;
-            };
-            if wrote && observed >= born && seen.get(&candidate.id) != Some(&observed) {
-                ctx.metrics
-                    .propagation
-                    .observe(now.duration_since(observed).as_secs_f64());
-                if let Some(changed) = candidate.changed.filter(|c| *c >= ctx.started) {
-                    let seconds = wall.duration_since(changed).as_secs_f64().max(0.0);
-                    // A slice's trigger time has sub-second precision; a pod's condition time
-                    // whole seconds.
-                    if self.spec.service_ref.is_some() {
-                        ctx.metrics.trigger_to_registry.observe(seconds);
-                    } else {
-                        ctx.metrics.transition_to_registry.observe(seconds);
-                    }
-                }
-            }
-            current.insert(candidate.id.clone(), observed);
-        }
-        *seen = current;
-    }
-
-    /// When the object was created, on this process's monotonic clock (Kubernetes keeps whole
-    /// seconds, so up to a second early).
-    fn created_at(&self) -> std::time::Instant {
-        let now = std::time::Instant::now();
-        self.metadata
-            .creation_timestamp
-            .as_ref()
-            .and_then(|t| {
-                let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
-                now.checked_sub(std::time::Duration::try_from(age).ok()?)
-            })
-            .unwrap_or(now)
     }
 
     /// Claims the target; takes it over when the recorded owner no longer exists. The inner
@@ -545,30 +435,6 @@ impl GrpcService {
         }
     }
 
-    /// Reports a backend failure in status (best effort) and hands the error to the retry
-    /// policy.
-    async fn backend_failed(
-        &self,
-        ctx: &Context,
-        target: &str,
-        want: Option<&Desired>,
-        error: registry::Error,
-    ) -> Result<Action> {
-        if let registry::Error::Fenced { .. } = error {
-            // Deposed mid-reconcile: the new leader owns status now.
-            info!(error = %error, "not the leader; leaving this service to the leader");
-            return Ok(Action::requeue(Duration::from_secs(1)));
-        }
-        let outcome = Outcome::BackendUnavailable {
-            target,
-            backend: ctx.backend.name(),
-            message: error.to_string(),
-            desired: want,
-        };
-        self.submit_status(ctx, &outcome);
-        Err(error.into())
-    }
-
     /// Deletes this service's keys and ownership record; the finalizer is released after.
     pub(super) async fn cleanup(&self, ctx: &Context) -> Result<Action> {
         let owner = self.owner()?;
@@ -599,28 +465,6 @@ impl GrpcService {
         ctx.forget_service(&owner.uid, Some(&ObjectRef::from_obj(self)));
         ctx.metrics.forget_service(&owner.namespace, &owner.name);
         Ok(Action::await_change())
-    }
-
-    /// Hands the status `outcome` implies to the writer (see [`super::writer`]), with its
-    /// transition Events; nothing when it equals the latest this process knows. A replica
-    /// deposed mid-reconcile leaves status to the new leader.
-    fn submit_status(&self, ctx: &Context, outcome: &Outcome<'_>) -> Submitted {
-        if !ctx.backend.may_write() {
-            return Submitted::Unchanged;
-        }
-        let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let prev = ctx.writer.latest(self);
-        let next = next_status(prev.as_ref(), self.metadata.generation, outcome, &now);
-        ctx.metrics.observe_conditions(
-            self.metadata.namespace.as_deref().unwrap_or_default(),
-            &self.name_any(),
-            &next.conditions,
-        );
-        if prev.as_ref() == Some(&next) {
-            return Submitted::Unchanged;
-        }
-        let events = transition_events(prev.as_ref(), &next);
-        ctx.writer.submit(self, next, events)
     }
 }
 

@@ -173,6 +173,11 @@ pub async fn two_clusters_publish_one_target_and_neither_ever_deletes_the_others
         .await
         .unwrap();
     expect(west_keys.clone(), "only west's keys are left").await;
+    // The keys go before the finalizer does: re-created only once the old object is gone.
+    eventually("east's GrpcService is gone", || async {
+        east.services().get_opt("greeter").await.unwrap().is_none()
+    })
+    .await;
     east.services()
         .create(
             &PostParams::default(),

@@ -126,17 +126,7 @@ pub async fn run(
             .validate(registry.default_ttl())
             .map_err(Error::Election)?;
     }
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    let stopped = stopper(shutdown);
 
     let metrics = Arc::new(Metrics::for_backend(registry.name()));
     let ready = Arc::new(AtomicBool::new(false));
@@ -145,41 +135,22 @@ pub async fn run(
     } else {
         Role::Leader { term: 0 }
     });
-    let listener = http::bind(metrics_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: metrics_addr,
-            source,
-        })?;
-    // The address actually bound (a configured port 0 picks one).
-    let metrics_addr = listener.local_addr().unwrap_or(metrics_addr);
     let health = Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
         role: role.clone(),
         backend: registry.name(),
     };
-    let server = tokio::spawn(http::serve(listener, health, stopped()));
+    let (metrics_addr, server) = serve(metrics_addr, health, stopped()).await?;
 
     let client = tokio::select! {
         client = kube::Client::try_default() => client.map_err(Error::Kube)?,
         () = stopped() => return Ok(()),
     };
     let default_ttl = registry.default_ttl();
-    let (address, settings) = (registry.address(), registry.settings());
-    let backend: Arc<dyn Backend> = match registry {
-        RegistryConfig::Etcd(etcd) => {
-            let Some(registry) = connect_etcd(etcd, &metrics, stopped()).await? else {
-                return Ok(());
-            };
-            Arc::new(registry)
-        }
-        RegistryConfig::Consul(consul) => {
-            Arc::new(ConsulRegistry::connect(consul, metrics.clone())?)
-        }
+    let Some(backend) = connect(registry, &metrics, &stopped).await? else {
+        return Ok(());
     };
-    let up = first_check(backend.as_ref(), &address, settings).await;
-    tokio::spawn(probe(backend.clone(), address, up, stopped()));
     info!(
         %metrics_addr,
         watch_namespace = scope.namespace.as_deref().unwrap_or("(all)"),
@@ -222,6 +193,71 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `stopped`; the address bound (a
+/// configured port 0 picks one) and the server's task.
+async fn serve(
+    addr: std::net::SocketAddr,
+    health: Health,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> Result<
+    (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ),
+    Error,
+> {
+    let listener = http::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    Ok((bound, tokio::spawn(http::serve(listener, health, stopped))))
+}
+
+/// A factory of futures that resolve once `shutdown` has (each caller gets its own).
+fn stopper(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>> + Clone {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    move || {
+        let mut rx = stop_rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        })
+    }
+}
+
+/// Connects the configured backend, checks it once (logged) and keeps probing it for
+/// `/readyz`; `None` when stopped first.
+async fn connect<S, F>(
+    registry: RegistryConfig,
+    metrics: &Arc<Metrics>,
+    stopped: &S,
+) -> Result<Option<Arc<dyn Backend>>, Error>
+where
+    S: Fn() -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (address, settings) = (registry.address(), registry.settings());
+    let backend: Arc<dyn Backend> = match registry {
+        RegistryConfig::Etcd(etcd) => {
+            let Some(registry) = connect_etcd(etcd, metrics, stopped()).await? else {
+                return Ok(None);
+            };
+            Arc::new(registry)
+        }
+        RegistryConfig::Consul(consul) => {
+            Arc::new(ConsulRegistry::connect(consul, metrics.clone())?)
+        }
+    };
+    let up = first_check(backend.as_ref(), &address, settings).await;
+    tokio::spawn(probe(backend.clone(), address, up, stopped()));
+    Ok(Some(backend))
 }
 
 /// Connects to etcd (retrying: with auth, connecting needs etcd up); `None` when stopped first.

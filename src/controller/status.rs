@@ -120,50 +120,12 @@ pub fn next_status(
             desired,
             report,
             last_change,
-        } => {
-            status.target = Some((*target).to_owned());
-            counts(&mut status, Some(desired));
-            status.registered_endpoints = clamp(report.registered);
-            status.lease_id = report.lease.map(|lease| format!("{lease:x}"));
-            // A status written before the rename has only the old name.
-            let known = status.registry_revision.or(status.etcd_revision);
-            let revision = match last_change {
-                Some(change) => {
-                    status.last_sync_time = Some(change.at.clone());
-                    Some(change.revision)
-                }
-                None if known.is_none() => {
-                    status.last_sync_time = Some(now.clone());
-                    Some(report.revision)
-                }
-                None => known,
-            };
-            status.registry_revision = revision;
-            status.etcd_revision = revision;
-            let reason = synced_reason(report.registered, desired);
-            (None, reason, synced_message(report.registered, desired))
-        }
+        } => synced(&mut status, target, desired, report, *last_change, now),
         Outcome::InvalidSpec {
             message,
             target,
             desired,
-        } => {
-            if let Some(target) = target {
-                status.target = Some((*target).to_owned());
-            }
-            counts(&mut status, *desired);
-            let kept = match status.registered_endpoints {
-                0 => String::new(),
-                n => format!(
-                    "; the {n} endpoints published for the last valid spec stay until it is fixed"
-                ),
-            };
-            (
-                Some(condition::INVALID_SPEC),
-                reason::INVALID_SPEC,
-                format!("{message}{kept}"),
-            )
-        }
+        } => invalid_spec(&mut status, message, *target, *desired),
         Outcome::Conflict {
             target,
             owner,
@@ -203,13 +165,88 @@ pub fn next_status(
     let ready = on.is_none()
         && ![reason::NO_PODS_SELECTED, reason::NO_ENDPOINTS].contains(&ready_reason)
         && status.registered_endpoints > 0;
-    status.conditions = CONDITIONS
+    status.conditions = conditions(prev, generation, (on, ready), ready_reason, &message, now);
+    status
+}
+
+/// What one outcome makes of a status: the condition it turns on (none: Ready's own), Ready's
+/// reason, and the message.
+type Verdict = (Option<&'static str>, &'static str, String);
+
+/// A sync: target, counts, lease and the revision of the last change.
+fn synced(
+    status: &mut GrpcServiceStatus,
+    target: &str,
+    desired: &Desired,
+    report: &SyncReport,
+    last_change: Option<&LastChange>,
+    now: &Time,
+) -> Verdict {
+    status.target = Some(target.to_owned());
+    counts(status, Some(desired));
+    status.registered_endpoints = clamp(report.registered);
+    status.lease_id = report.lease.map(|lease| format!("{lease:x}"));
+    // A status written before the rename has only the old name.
+    let known = status.registry_revision.or(status.etcd_revision);
+    let revision = match last_change {
+        Some(change) => {
+            status.last_sync_time = Some(change.at.clone());
+            Some(change.revision)
+        }
+        None if known.is_none() => {
+            status.last_sync_time = Some(now.clone());
+            Some(report.revision)
+        }
+        None => known,
+    };
+    status.registry_revision = revision;
+    status.etcd_revision = revision;
+    let reason = synced_reason(report.registered, desired);
+    (None, reason, synced_message(report.registered, desired))
+}
+
+/// An invalid spec: the counts when the pods were evaluated, and what stays published.
+fn invalid_spec(
+    status: &mut GrpcServiceStatus,
+    message: &str,
+    target: Option<&str>,
+    desired: Option<&Desired>,
+) -> Verdict {
+    if let Some(target) = target {
+        status.target = Some(target.to_owned());
+    }
+    counts(status, desired);
+    let kept = match status.registered_endpoints {
+        0 => String::new(),
+        n => {
+            format!("; the {n} endpoints published for the last valid spec stay until it is fixed")
+        }
+    };
+    (
+        Some(condition::INVALID_SPEC),
+        reason::INVALID_SPEC,
+        format!("{message}{kept}"),
+    )
+}
+
+/// Every condition: Ready (`ready`), the one turned on (`on`) with Ready's reason and the
+/// message, the others False as expected; `lastTransitionTime` kept where the value did not
+/// change.
+fn conditions(
+    prev: Option<&GrpcServiceStatus>,
+    generation: Option<i64>,
+    (on, ready): (Option<&str>, bool),
+    ready_reason: &str,
+    message: &str,
+    now: &Time,
+) -> Vec<Condition> {
+    CONDITIONS
         .iter()
         .map(|type_| {
             let (value, reason, message) = if *type_ == condition::READY {
-                (ready, ready_reason, message.as_str())
+                (ready, ready_reason, message)
             } else if on == Some(*type_) {
-                (true, ready_reason, message.as_str())
+                (true, ready_reason, message)
             } else {
                 (false, reason::AS_EXPECTED, "")
             };
@@ -226,8 +263,7 @@ pub fn next_status(
                     .map_or_else(|| now.clone(), |o| o.last_transition_time.clone()),
             }
         })
-        .collect();
-    status
+        .collect()
 }
 
 fn clamp(n: usize) -> i32 {
@@ -279,6 +315,21 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
         });
         return message;
     }
+    message.push_str(&not_registered(desired, service));
+    message.push_str(&collisions(desired));
+    message.push_str(&invalid_weights(desired));
+    if let Some((port, n)) = desired.undeclared_port {
+        message.push_str(&format!(
+            "; port {port} is declared by no container of {} registered (registered anyway, as a Service's targetPort would be: check spec.port if that is a typo)",
+            pods(n)
+        ));
+    }
+    message.push_str(&ports_offered(desired, service));
+    message
+}
+
+/// "; not registered: 1 not ready, 2 terminating", or nothing.
+fn not_registered(desired: &Desired, service: Option<&str>) -> String {
     let mut reasons: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for skip in desired.skipped.values() {
         let reason = match (skip, service) {
@@ -296,70 +347,79 @@ fn synced_message(registered: usize, desired: &Desired) -> String {
         };
         *reasons.entry(reason).or_insert(0) += 1;
     }
-    if !reasons.is_empty() {
-        let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-        message.push_str("; not registered: ");
-        message.push_str(&parts.join(", "));
+    if reasons.is_empty() {
+        return String::new();
     }
-    if !desired.collisions.is_empty() {
-        let n = desired.collisions.len();
-        let some: Vec<String> = desired
-            .collisions
-            .iter()
-            .take(3)
-            .map(|c| {
-                format!(
-                    "{} left out: it renders to {}, which {} holds",
-                    c.left_out, c.key, c.kept
-                )
-            })
-            .collect();
-        message.push_str(&format!(
-            "; {n} colliding with another endpoint ({}{}): two endpoints report one address (IP reuse, hostNetwork, a copied pod status)",
-            some.join("; "),
-            if n > 3 { "; …" } else { "" }
-        ));
+    let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    format!("; not registered: {}", parts.join(", "))
+}
+
+/// The endpoints left out for colliding with another on one key (the first three named), or
+/// nothing.
+fn collisions(desired: &Desired) -> String {
+    if desired.collisions.is_empty() {
+        return String::new();
     }
-    if !desired.invalid_weights.is_empty() {
-        let n = desired.invalid_weights.len();
-        let some: Vec<&str> = desired
-            .invalid_weights
-            .iter()
-            .take(3)
-            .map(String::as_str)
-            .collect();
-        message.push_str(&format!(
-            "; {n} with a {} annotation that is not an integer from 1 to 10000, published with the service's weight ({}{})",
-            crate::desired::WEIGHT_ANNOTATION,
-            some.join(", "),
-            if n > 3 { ", …" } else { "" }
-        ));
+    let n = desired.collisions.len();
+    let some: Vec<String> = desired
+        .collisions
+        .iter()
+        .take(3)
+        .map(|c| {
+            format!(
+                "{} left out: it renders to {}, which {} holds",
+                c.left_out, c.key, c.kept
+            )
+        })
+        .collect();
+    format!(
+        "; {n} colliding with another endpoint ({}{}): two endpoints report one address (IP reuse, hostNetwork, a copied pod status)",
+        some.join("; "),
+        if n > 3 { "; …" } else { "" }
+    )
+}
+
+/// The endpoints whose weight annotation is not a weight (the first three named), or nothing.
+fn invalid_weights(desired: &Desired) -> String {
+    if desired.invalid_weights.is_empty() {
+        return String::new();
     }
-    if let Some((port, n)) = desired.undeclared_port {
-        message.push_str(&format!(
-            "; port {port} is declared by no container of {} registered (registered anyway, as a Service's targetPort would be: check spec.port if that is a typo)",
-            pods(n)
-        ));
+    let n = desired.invalid_weights.len();
+    let some: Vec<&str> = desired
+        .invalid_weights
+        .iter()
+        .take(3)
+        .map(String::as_str)
+        .collect();
+    format!(
+        "; {n} with a {} annotation that is not an integer from 1 to 10000, published with the service's weight ({}{})",
+        crate::desired::WEIGHT_ANNOTATION,
+        some.join(", "),
+        if n > 3 { ", …" } else { "" }
+    )
+}
+
+/// " (ports offered: grpc=50051, 8080)" when the requested port was found nowhere, or nothing.
+fn ports_offered(desired: &Desired, service: Option<&str>) -> String {
+    if desired.ports_offered.is_empty() {
+        return String::new();
     }
-    if !desired.ports_offered.is_empty() {
-        let offered: Vec<String> = desired
-            .ports_offered
-            .iter()
-            .map(|(name, number)| {
-                if name.is_empty() {
-                    number.to_string()
-                } else {
-                    format!("{name}={number}")
-                }
-            })
-            .collect();
-        message.push_str(&format!(" (ports offered: {}", offered.join(", ")));
-        message.push_str(match service {
-            None => ")",
-            Some(_) => "; a number names the endpoints' port, not the Service's own)",
-        });
-    }
-    message
+    let offered: Vec<String> = desired
+        .ports_offered
+        .iter()
+        .map(|(name, number)| {
+            if name.is_empty() {
+                number.to_string()
+            } else {
+                format!("{name}={number}")
+            }
+        })
+        .collect();
+    let end = match service {
+        None => ")",
+        Some(_) => "; a number names the endpoints' port, not the Service's own)",
+    };
+    format!(" (ports offered: {}{end}", offered.join(", "))
 }
 
 fn counts(status: &mut GrpcServiceStatus, desired: Option<&Desired>) {

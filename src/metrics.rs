@@ -652,6 +652,61 @@ mod tests {
         }
     }
 
+    /// Every `grpc_registrar_*` name in the files under `dir` (recursively).
+    fn names_used_in(dir: &std::path::Path, names: &mut std::collections::BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                names_used_in(&path, names);
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            for (at, _) in text.match_indices("grpc_registrar_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !name.ends_with('_') {
+                    names.insert(name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_page_lists_every_family_the_chart_and_the_docs_use() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut names = std::collections::BTreeSet::new();
+        names_used_in(&root.join("charts"), &mut names);
+        names_used_in(&root.join("docs"), &mut names);
+        assert!(names.len() > 10, "found only {names:?}");
+        let page = Metrics::default().encode();
+        for name in names {
+            let family = ["_bucket", "_count", "_sum", "_total"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                page.contains(&format!("# TYPE {family} ")),
+                "{name} is used by the chart or the docs but {family} is not on the page:\n{page}"
+            );
+        }
+    }
+
+    /// Prints the page without the process metrics' values (they change), to compare two
+    /// builds: `cargo test --lib print_the_page -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a tool, not a check"]
+    fn print_the_page() {
+        for line in Metrics::default().encode().lines() {
+            if !line.starts_with("process_") {
+                println!("PAGE {line}");
+            }
+        }
+    }
+
     fn condition(type_: &str, status: &str) -> Condition {
         Condition {
             type_: type_.to_owned(),

@@ -286,7 +286,7 @@ mod tests {
         let metrics = Metrics::default();
         metrics.observe_service("ns", "svc", &crate::desired::Desired::default(), 1);
         metrics.observe_conditions("ns", "svc", &[]);
-        metrics.observe_request("etcd", "txn", Instant::now());
+        metrics.observe_request(crate::crd::Backend::default().name(), "txn", Instant::now());
         let page = metrics.encode();
         for name in names {
             let family = ["_bucket", "_count", "_sum", "_total"]

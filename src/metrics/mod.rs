@@ -300,16 +300,30 @@ mod tests {
         }
     }
 
-    /// Prints the page without the process metrics' values (they change), to compare two
-    /// builds: `cargo test --lib print_the_page -- --ignored --nocapture`.
+    /// Prints the page without the process metrics' values (they change) and with each
+    /// family's series sorted (a family keeps its series in a hash map, so their order changes
+    /// from run to run), to compare two builds byte for byte:
+    /// `cargo test --lib print_the_page -- --ignored --nocapture`.
     #[test]
     #[ignore = "a tool, not a check"]
     fn print_the_page() {
-        for line in Metrics::default().encode().lines() {
-            if !line.starts_with("process_") {
+        let page = Metrics::default().encode();
+        let mut series: Vec<&str> = Vec::new();
+        let mut flush = |series: &mut Vec<&str>| {
+            series.sort_unstable();
+            for line in series.drain(..) {
                 println!("PAGE {line}");
             }
+        };
+        for line in page.lines().filter(|l| !l.starts_with("process_")) {
+            if line.starts_with('#') {
+                flush(&mut series);
+                println!("PAGE {line}");
+            } else {
+                series.push(line);
+            }
         }
+        flush(&mut series);
     }
 
     fn condition(type_: &str, status: &str) -> Condition {

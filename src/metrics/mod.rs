@@ -309,7 +309,7 @@ mod tests {
     fn print_the_page() {
         let page = Metrics::default().encode();
         let mut series: Vec<&str> = Vec::new();
-        let mut flush = |series: &mut Vec<&str>| {
+        let flush = |series: &mut Vec<&str>| {
             series.sort_unstable();
             for line in series.drain(..) {
                 println!("PAGE {line}");

@@ -79,7 +79,7 @@ fn readiness(health: &Health) -> (StatusCode, String) {
     let backend = health.metrics.backend_up(health.backend);
     // Said, not failed: a rolling update without leader election has two writers for a while,
     // and a 503 there would stall it for good.
-    let writers = match health.metrics.other_writers.get() {
+    let writers = match health.metrics.writers.other_writers.get() {
         0 => String::new(),
         n => format!(
             "writers: {n} other live controller(s) write this registry scope (see the log)\n"
@@ -161,7 +161,7 @@ mod tests {
         health
             .metrics
             .backend_result("memory", "connect", true, true);
-        health.metrics.other_writers.set(1);
+        health.metrics.writers.other_writers.set(1);
         let (code, body) = readiness(&health);
         assert_eq!(code, StatusCode::OK);
         assert!(

@@ -133,8 +133,8 @@ async fn a_new_process_adopts_the_live_lease_and_rewrites_nothing() {
         .unwrap();
     assert_eq!((report.puts, report.deletes, report.txns), (0, 0, 0));
     assert_eq!(report.lease, Some(lease), "the live lease was adopted");
-    assert_eq!(metrics.lease_adoptions.get(), 1);
-    assert_eq!(metrics.lease_grants.get(), 0);
+    assert_eq!(metrics.lease.adoptions.get(), 1);
+    assert_eq!(metrics.lease.grants.get(), 0);
     // Past the TTL: the adopted lease is kept alive and every key is where it was.
     tokio::time::sleep(TTL + Duration::from_secs(2)).await;
     assert_eq!(dump(&etcd, "services/").await, before);
@@ -155,7 +155,7 @@ async fn a_new_process_keeps_the_live_lease_alive_from_its_start_before_any_writ
 
     let (second, metrics) = registry(&etcd).await;
     assert_eq!(second.lease_ids().await, [lease], "adopted at start");
-    assert_eq!(metrics.lease_adoptions.get(), 1);
+    assert_eq!(metrics.lease.adoptions.get(), 1);
     tokio::time::sleep(TTL + Duration::from_secs(2)).await;
     assert_eq!(
         dump(&etcd, "services/").await,
@@ -206,7 +206,7 @@ async fn a_lease_that_is_gone_is_not_adopted_and_every_key_is_put_again() {
     let new = second.lease_ids().await[0];
     assert_ne!(new, lease);
     assert_eq!(
-        (metrics.lease_adoptions.get(), metrics.lease_grants.get()),
+        (metrics.lease.adoptions.get(), metrics.lease.grants.get()),
         (0, 1)
     );
     let keys = dump(&etcd, "services/").await;
@@ -240,7 +240,7 @@ async fn lease_loss_is_announced_with_a_new_lease_and_the_next_sync_re_puts_ever
         "all on the new lease"
     );
     assert_eq!(reg.lease_ids().await, [new.1]);
-    assert_eq!(metrics.lease_losses.get(), 1);
+    assert_eq!(metrics.lease.losses.get(), 1);
 }
 
 /// Waits for the registry to announce a replaced lease; (old, new).
@@ -419,13 +419,13 @@ async fn keep_alive_rebuilds_its_stream_across_an_etcd_restart_and_the_lease_sur
 
     etcd.restart().await;
     let restarted = Instant::now();
-    let renewed = metrics.lease_keepalives.get();
+    let renewed = metrics.lease.keepalives.get();
     // Past a full TTL after the restart, renewals must have resumed on the same lease.
     eventually(
         "keep-alives resumed for longer than the ttl",
         TTL * 4,
         || async {
-            metrics.lease_keepalives.get() >= renewed + 2
+            metrics.lease.keepalives.get() >= renewed + 2
                 && restarted.elapsed() > TTL + Duration::from_secs(1)
         },
     )
@@ -436,7 +436,7 @@ async fn keep_alive_rebuilds_its_stream_across_an_etcd_restart_and_the_lease_sur
         keys.values().all(|(_, l)| *l == lease),
         "same lease, never lost"
     );
-    assert_eq!(metrics.lease_losses.get(), 0);
+    assert_eq!(metrics.lease.losses.get(), 0);
 }
 
 #[tokio::test]

@@ -153,16 +153,17 @@ impl GrpcService {
             };
             if wrote && observed >= born && seen.get(&candidate.id) != Some(&observed) {
                 ctx.metrics
-                    .propagation
+                    .to_registry
+                    .from_watch
                     .observe(now.duration_since(observed).as_secs_f64());
                 if let Some(changed) = candidate.changed.filter(|c| *c >= ctx.started) {
                     let seconds = wall.duration_since(changed).as_secs_f64().max(0.0);
                     // A slice's trigger time has sub-second precision; a pod's condition time
                     // whole seconds.
                     if self.spec.service_ref.is_some() {
-                        ctx.metrics.trigger_to_registry.observe(seconds);
+                        ctx.metrics.to_registry.from_trigger.observe(seconds);
                     } else {
-                        ctx.metrics.transition_to_registry.observe(seconds);
+                        ctx.metrics.to_registry.from_transition.observe(seconds);
                     }
                 }
             }

@@ -196,7 +196,7 @@ fn reconcile_all(
                     Ok(event) => {
                         if matches!(event, crate::registry::Event::Replaced { .. }) {
                             // Every service is reconciled, which re-puts its keys on the new lease.
-                            replays.lease_replays.inc();
+                            replays.lease.replays.inc();
                         }
                         return Some(((), rx));
                     }

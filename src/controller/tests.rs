@@ -693,7 +693,7 @@ async fn a_replica_leading_again_does_not_report_the_replica_that_led_meanwhile_
     // gauge is read every 10 ms.
     let mut reported = 0;
     while beat_of_b().await < before + 2 {
-        reported = reported.max(ctx.metrics.other_writers.get());
+        reported = reported.max(ctx.metrics.writers.other_writers.get());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     task.abort();

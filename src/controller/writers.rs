@@ -124,7 +124,7 @@ pub async fn run(
         let live = round.live;
         let count = i64::try_from(live.len()).unwrap_or(i64::MAX);
         if !live.is_empty() && live != reported {
-            ctx.metrics.other_writers.set(count);
+            ctx.metrics.writers.other_writers.set(count);
             let others = live.join(", ");
             warn!(
                 instance,
@@ -148,7 +148,7 @@ pub async fn run(
             }
             reported = live;
         } else if live.is_empty() && !reported.is_empty() {
-            ctx.metrics.other_writers.set(0);
+            ctx.metrics.writers.other_writers.set(0);
             info!(
                 instance,
                 "no other live writer of this registry scope any more"

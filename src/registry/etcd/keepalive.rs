@@ -103,7 +103,7 @@ impl Keeper {
                 .map(|()| (keeper, stream)),
             Err(Error::Etcd { cause, .. }) if is_lease_not_found(&cause) => Err(StreamEnd::Lost),
             Err(e) => {
-                self.metrics.lease_keepalive_failures.inc();
+                self.metrics.lease.keepalive_failures.inc();
                 Err(StreamEnd::Broken(e.to_string()))
             }
         }
@@ -126,7 +126,7 @@ impl Keeper {
                 lease: id,
             });
         }
-        self.metrics.lease_keepalives.inc();
+        self.metrics.lease.keepalives.inc();
     }
 
     /// A renewal of `id` went unanswered (`error`): an outage starts, said once, or goes on.
@@ -187,11 +187,11 @@ impl Keeper {
                     Ok(Some(_)) => return StreamEnd::Lost,
                     Err(e) if is_lease_not_found(&e) => return StreamEnd::Lost,
                     Ok(None) => {
-                        self.metrics.lease_keepalive_failures.inc();
+                        self.metrics.lease.keepalive_failures.inc();
                         return StreamEnd::Broken("the keep-alive stream ended".to_owned());
                     }
                     Err(e) => {
-                        self.metrics.lease_keepalive_failures.inc();
+                        self.metrics.lease.keepalive_failures.inc();
                         return StreamEnd::Broken(crate::registry::error::describe(&e));
                     }
                 },
@@ -200,7 +200,7 @@ impl Keeper {
                 return end;
             }
             *last_ok = Instant::now();
-            self.metrics.lease_keepalives.inc();
+            self.metrics.lease.keepalives.inc();
         }
     }
 
@@ -212,7 +212,7 @@ impl Keeper {
         interval: Duration,
     ) -> Result<(), StreamEnd> {
         let broken = |reason: String| {
-            self.metrics.lease_keepalive_failures.inc();
+            self.metrics.lease.keepalive_failures.inc();
             StreamEnd::Broken(reason)
         };
         if let Err(e) = keeper.keep_alive().await {
@@ -233,7 +233,7 @@ impl Keeper {
 
     /// Grants a replacement for a lost lease, retrying with backoff, and announces it.
     async fn replace(&self, old: i64) {
-        self.metrics.lease_losses.inc();
+        self.metrics.lease.losses.inc();
         warn!(
             lease_id = %hex(old),
             "lease lost; granting a new one and re-putting its keys"
@@ -258,7 +258,7 @@ impl Keeper {
                 }
             }
         };
-        self.metrics.lease_grants.inc();
+        self.metrics.lease.grants.inc();
         info!(
             lease_id = %hex(new),
             old_lease_id = %hex(old),

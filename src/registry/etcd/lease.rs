@@ -127,12 +127,12 @@ impl LeasePool {
             return Ok(*slot.id.borrow());
         }
         let id = if let Some(id) = self.recorded(secs).await? {
-            self.metrics.lease_adoptions.inc();
+            self.metrics.lease.adoptions.inc();
             info!(lease_id = %hex(id), ttl = secs, "adopted the live shared lease; its keys stay where they are");
             id
         } else {
             let id = grant(&self.client, secs, self.op_timeout).await?;
-            self.metrics.lease_grants.inc();
+            self.metrics.lease.grants.inc();
             info!(lease_id = %hex(id), ttl = secs, "granted shared lease");
             id
         };
@@ -174,7 +174,7 @@ impl LeasePool {
                 continue;
             }
             if let Some(id) = self.recorded(secs).await? {
-                self.metrics.lease_adoptions.inc();
+                self.metrics.lease.adoptions.inc();
                 info!(lease_id = %hex(id), ttl = secs, "adopted the live shared lease; its keys stay where they are");
                 self.keep(&mut slots, secs, id);
                 adopted += 1;

@@ -1,0 +1,273 @@
+//! Status, finalizers and Events, written behind the registry (DESIGN §5: the registry first).
+//!
+//! A reconcile does its registry work, computes the next status and its Events (purely), hands
+//! them here and returns: its slot is free again at once, whatever the API server's write rate.
+//! Per service, this writer keeps only the latest status (coalesced), writes one carrying a
+//! transition (an Event) at once and a counts-only change at most once per
+//! [`STATUS_INTERVAL`](super::STATUS_INTERVAL), never writes a status equal to the one last
+//! written, retries failures with backoff, and flushes what is pending on shutdown: the final
+//! state of a burst is never lost. The finalizer a new service needs is added here too, after
+//! its first registry write; a service deleted before it lands is released by the owner-record
+//! sweep (see [`super::sweep`]).
+//!
+//! `queue` holds what is pending per service and decides what is due (no I/O); `api` performs
+//! the writes; this file is the handle reconciles submit to and the loop that writes.
+
+mod api;
+mod queue;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use kube::runtime::events::{Event, Reporter};
+use kube::{Client, ResourceExt};
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::crd::{GrpcService, GrpcServiceStatus};
+use crate::metrics::Metrics;
+use crate::registry::Backend;
+use queue::{Done, Entry, Job, Queue};
+
+/// Writes in flight at once: enough to keep up with thousands of services, bounded so that a
+/// cold start does not open a connection per service.
+const IN_FLIGHT: usize = 32;
+
+/// How long a graceful shutdown waits for pending writes.
+const FLUSH: Duration = Duration::from_secs(5);
+
+struct Shared {
+    client: Client,
+    reporter: Option<Reporter>,
+    backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+/// The writer's handle: reconciles submit here; [`ApiWriter::run`] writes.
+#[derive(Clone)]
+pub struct ApiWriter {
+    shared: Arc<Shared>,
+}
+
+/// What [`ApiWriter::submit`] did with a status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// Equal to the latest written or pending: nothing to write.
+    Unchanged,
+    /// Queued; `transition` when it carries a transition Event.
+    Queued {
+        /// Whether it carries a transition Event (Ready, lease, target).
+        transition: bool,
+    },
+}
+
+impl Submitted {
+    /// Whether the status carries a transition Event.
+    #[must_use]
+    pub fn is_transition(self) -> bool {
+        self == Self::Queued { transition: true }
+    }
+}
+
+impl ApiWriter {
+    /// A writer over `client`, publishing Events as `reporter` when set; it writes only while
+    /// `backend` says this replica may write (a deposed leader leaves status to the new one).
+    #[must_use]
+    pub fn new(
+        client: Client,
+        reporter: Option<Reporter>,
+        backend: Arc<dyn Backend>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                client,
+                reporter,
+                backend,
+                metrics,
+                queue: Mutex::default(),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.shared.queue.lock().expect("lock")
+    }
+
+    /// The latest status of `svc` as this process knows it: pending, or last written, or the
+    /// object's own (a reconcile computes the next status from it, so that a status written
+    /// behind and not yet seen by the watch is not reverted, nor its transition announced
+    /// twice).
+    #[must_use]
+    pub fn latest(&self, svc: &GrpcService) -> Option<GrpcServiceStatus> {
+        let uid = svc.uid().unwrap_or_default();
+        self.queue()
+            .entries
+            .get(&uid)
+            .and_then(|e| e.status.clone().or_else(|| e.written.clone()))
+            .or_else(|| svc.status.clone())
+    }
+
+    /// Queues `status` for `svc` (replacing any pending one) with its transition `events`.
+    pub fn submit(
+        &self,
+        svc: &GrpcService,
+        status: GrpcServiceStatus,
+        events: Vec<Event>,
+    ) -> Submitted {
+        if Some(&status) == self.latest(svc).as_ref() && events.is_empty() {
+            return Submitted::Unchanged;
+        }
+        let transition = !events.is_empty();
+        self.entry(svc, |entry| {
+            entry.status = Some(status);
+            entry.events.extend(events);
+        });
+        Submitted::Queued { transition }
+    }
+
+    /// Queues an Event on `svc`.
+    pub fn event(&self, svc: &GrpcService, event: Event) {
+        self.entry(svc, |entry| entry.events.push(event));
+    }
+
+    /// Queues the addition of `finalizer` to `svc`, which lacks it.
+    pub fn add_finalizer(&self, svc: &GrpcService, finalizer: &'static str) {
+        self.entry(svc, |entry| entry.finalizer = Some(finalizer));
+    }
+
+    /// Whether the finalizer of `svc` is queued and not yet written.
+    #[must_use]
+    pub fn finalizer_pending(&self, svc: &GrpcService) -> bool {
+        let uid = svc.uid().unwrap_or_default();
+        self.queue()
+            .entries
+            .get(&uid)
+            .is_some_and(|e| e.finalizer.is_some())
+    }
+
+    /// Waits until nothing is pending or under way (tests: a reconcile's status is written
+    /// before the next one).
+    #[cfg(test)]
+    pub(crate) async fn idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let busy = {
+                let now = Instant::now();
+                self.queue()
+                    .entries
+                    .values()
+                    .any(|e| e.in_flight || e.due(now).is_some())
+            };
+            if !busy {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the writer never went idle");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Forgets every status this process wrote or queued, on a change of leadership: another
+    /// leader may have written since, so the objects' own statuses are the truth again.
+    pub fn clear(&self) {
+        self.queue().entries.retain(|_, e| e.in_flight);
+    }
+
+    /// Drops everything pending for the service `uid` (it is deleted).
+    pub fn forget(&self, uid: &str) {
+        self.queue().entries.remove(uid);
+    }
+
+    fn entry(&self, svc: &GrpcService, update: impl FnOnce(&mut Entry)) {
+        let uid = svc.uid().unwrap_or_default();
+        self.queue().update(uid, Arc::new(svc.clone()), update);
+        self.shared.wake.notify_one();
+    }
+
+    /// Jobs due now, taken out of their entries (at most `room`), and when the next one is due.
+    fn take_due(&self, room: usize) -> (Vec<Job>, Option<Instant>) {
+        let may_write = self.shared.backend.may_write();
+        self.queue().take_due(Instant::now(), may_write, room)
+    }
+
+    /// Records how `job` ended; a failure is counted and logged, and retried with backoff.
+    fn finish(&self, job: Job, done: Done) {
+        let svc = job.svc.clone();
+        let Some(retry) = self.queue().finish(job, done) else {
+            return;
+        };
+        self.shared.metrics.writers.status_write_failures.inc();
+        let (namespace, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+        let retry_ms = u64::try_from(retry.delay.as_millis()).unwrap_or(u64::MAX);
+        let (op, error) = (retry.op, retry.error);
+        // The first failure of a streak (or a different one) at warn level, repeats at
+        // debug: an API server outage is one line per service, not one per retry.
+        if retry.repeated {
+            debug!(
+                namespace,
+                name, op, error, retry_ms, "failed again; retrying"
+            );
+        } else {
+            warn!(
+                namespace,
+                name,
+                op,
+                error,
+                retry_ms,
+                "failed to write to the API server; retrying (the registry is not affected)"
+            );
+        }
+    }
+
+    /// Writes until `shutdown` resolves, then flushes what is pending (bounded).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut running = FuturesUnordered::new();
+        loop {
+            let (jobs, next) = self.take_due(IN_FLIGHT.saturating_sub(running.len()));
+            for job in jobs {
+                let shared = self.shared.clone();
+                running.push(async move {
+                    let done = api::write(&shared, &job).await;
+                    (job, done)
+                });
+            }
+            let sleep = next.map_or(Duration::from_secs(3600), |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                Some((job, done)) = running.next(), if !running.is_empty() => self.finish(job, done),
+                () = self.shared.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+                () = &mut shutdown => break,
+            }
+        }
+        // Flush: finish what is under way and write what is pending, once, without waiting out
+        // the rate limit.
+        let flush = async {
+            while let Some((job, done)) = running.next().await {
+                self.finish(job, done);
+            }
+            let jobs = self.queue().take_pending();
+            if self.shared.backend.may_write() {
+                futures::stream::iter(jobs)
+                    .for_each_concurrent(IN_FLIGHT, |job| {
+                        let shared = self.shared.clone();
+                        async move {
+                            let _ = api::write(&shared, &job).await;
+                        }
+                    })
+                    .await;
+            }
+        };
+        if tokio::time::timeout(FLUSH, flush).await.is_err() {
+            debug!("status writes still pending at shutdown were dropped");
+        }
+    }
+}

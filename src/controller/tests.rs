@@ -709,21 +709,27 @@ fn values(backend: &MemoryBackend, target: &str) -> Vec<String> {
         .collect()
 }
 
+/// A service (generation 1), a valid edit of it (its format, generation 2), and an invalid
+/// edit of that (a key template naming an unknown placeholder, generation 3).
+fn edited_then_invalid() -> (GrpcService, GrpcService, GrpcService) {
+    let svc = with_finalizer(service("greeter"));
+    let mut edited = svc.clone();
+    edited.spec.format = crate::crd::ValueFormat::Address;
+    edited.metadata.generation = Some(2);
+    let mut invalid = edited.clone();
+    invalid.spec.key_template = Some("{target}/{nope}".into());
+    invalid.metadata.generation = Some(3);
+    (svc, edited, invalid)
+}
+
 #[tokio::test]
 async fn a_valid_edit_seen_while_the_registry_is_down_is_what_a_later_invalid_edit_publishes() {
     // Found by the soak: a valid edit (a format change) met an unreachable registry, so it was
     // neither synced nor recorded; the spec then turned invalid, and the controller went on
     // publishing the spec before the edit, not the last valid one.
-    use crate::crd::ValueFormat;
     let registry = backend();
     let (ctx, api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
-    let svc = with_finalizer(service("greeter"));
-    let mut edited = svc.clone();
-    edited.spec.format = ValueFormat::Address;
-    edited.metadata.generation = Some(2);
-    let mut invalid = edited.clone();
-    invalid.spec.key_template = Some("{target}/{nope}".into());
-    invalid.metadata.generation = Some(3);
+    let (svc, edited, invalid) = edited_then_invalid();
     let server = api.run(Scenario::StatusPatches(vec![
         (svc.clone(), |_| {}),
         (edited.clone(), |status| {
@@ -757,7 +763,6 @@ async fn a_replica_leading_again_publishes_the_last_valid_spec_another_leader_re
     // Found by the soak: a replica kept its cache of the registry's record across a term in
     // which another replica led and recorded a later spec; leading again, it re-published its
     // own older spec for a service turned invalid.
-    use crate::crd::ValueFormat;
     use crate::leader::Role;
     let registry = backend();
     let pods = [PodBuilder::ready("p1", "10.0.0.1").build()];
@@ -768,13 +773,7 @@ async fn a_replica_leading_again_publishes_the_last_valid_spec_another_leader_re
             .unwrap_or_else(|_| panic!("the context is shared"))
             .with_role(elected),
     );
-    let svc = with_finalizer(service("greeter"));
-    let mut edited = svc.clone();
-    edited.spec.format = ValueFormat::Address;
-    edited.metadata.generation = Some(2);
-    let mut invalid = edited.clone();
-    invalid.spec.key_template = Some("{target}/{nope}".into());
-    invalid.metadata.generation = Some(3);
+    let (svc, edited, invalid) = edited_then_invalid();
     let server_a = api_a.run(Scenario::StatusPatches(vec![
         (svc.clone(), |_| {}),
         (invalid.clone(), |status| {

@@ -70,6 +70,10 @@ struct Cli {
     /// long, e.g. `20s`; keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
+    /// Most GrpcServices reconciled at once. More in flight at a cold start only queue longer
+    /// at the registry and the API server, and pass their request timeouts.
+    #[arg(long, env = "RECONCILE_CONCURRENCY", default_value_t = grpc_registrar::controller::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    reconcile_concurrency: u16,
 }
 
 /// How to reach etcd.
@@ -357,6 +361,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         metrics_addr,
         log_format,
         shutdown_timeout,
+        reconcile_concurrency,
     } = cli;
     logging::init(match log_format {
         LogFormat::Plain => logging::Format::Plain,
@@ -386,6 +391,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         },
         metrics_addr,
         election: election.into_config(),
+        reconcile_concurrency,
     };
     run::run(config, async move {
         signals.next().await;

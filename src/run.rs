@@ -76,6 +76,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Leader election, for more than one replica; `None` runs as the only writer.
     pub election: Option<ElectionConfig>,
+    /// Most services reconciled at once.
+    pub reconcile_concurrency: u16,
 }
 
 /// Why the process could not run.
@@ -120,6 +122,7 @@ pub async fn run(
         scope,
         metrics_addr,
         election,
+        reconcile_concurrency,
     } = config;
     if let Some(election) = &election {
         election
@@ -178,6 +181,7 @@ pub async fn run(
         metrics,
         ready,
         role,
+        reconcile_concurrency,
         stopped(),
     )
     .await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt, future};
 use kube::api::Api;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{Config, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -42,6 +42,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     role: tokio::sync::watch::Receiver<Role>,
+    concurrency: u16,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     // A re-list of any source after a watch gap reconciles every service.
@@ -87,8 +88,9 @@ pub async fn run(
     let freed = futures::stream::unfold(freed_rx, |mut rx| async move {
         rx.recv().await.map(|service| (service, rx))
     });
-    let controller =
-        Controller::for_stream(services.events, store.clone()).trigger_backoff(Backoff::watch());
+    let controller = Controller::for_stream(services.events, store.clone())
+        .with_config(Config::default().concurrency(concurrency))
+        .trigger_backoff(Backoff::watch());
     let run = watches
         .attach(controller)
         .reconcile_all_on(reconcile_all)

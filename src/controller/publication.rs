@@ -79,8 +79,9 @@ impl Record {
 struct Term {
     /// The term they belong to.
     term: i64,
-    /// The record bytes this process knows the registry holds.
-    recorded: HashMap<String, Vec<u8>>,
+    /// The record bytes this process knows the registry holds (`None`: known to hold none, so
+    /// that a new service's reconcile reads the registry for it once, not at every step).
+    recorded: HashMap<String, Option<Vec<u8>>>,
     /// The last valid spec this process saw, recorded or not.
     seen: HashMap<String, Record>,
 }
@@ -125,7 +126,7 @@ impl Records {
         let bytes = record.bytes();
         let known = self.with(term, |t| t.recorded.get(&owner.uid).cloned());
         let stored = match known {
-            Some(known) => Some(known),
+            Some(known) => known,
             None => backend.publication_record(&owner.uid).await?,
         };
         if stored.as_deref() != Some(bytes.as_slice()) {
@@ -133,7 +134,7 @@ impl Records {
                 .record_publication(&record.target, owner, &bytes)
                 .await?;
         }
-        self.with(term, |t| t.recorded.insert(owner.uid.clone(), bytes));
+        self.with(term, |t| t.recorded.insert(owner.uid.clone(), Some(bytes)));
         Ok(())
     }
 
@@ -169,15 +170,16 @@ impl Records {
     ) -> Result<Option<Record>, registry::Error> {
         let known = self.with(term, |t| t.recorded.get(uid).cloned());
         let bytes = match known {
-            Some(bytes) => Some(bytes),
+            Some(bytes) => bytes,
             None => backend.publication_record(uid).await?,
         };
         let Some(bytes) = bytes else {
+            self.with(term, |t| t.recorded.insert(uid.to_owned(), None));
             return Ok(None);
         };
         let record = serde_json::from_slice::<Record>(&bytes).ok();
         if record.is_some() {
-            self.with(term, |t| t.recorded.insert(uid.to_owned(), bytes));
+            self.with(term, |t| t.recorded.insert(uid.to_owned(), Some(bytes)));
         }
         Ok(record)
     }
@@ -187,7 +189,8 @@ impl Records {
         self.with(term, |t| t.seen.remove(uid));
     }
 
-    /// Forgets the record of `uid` (a release deleted it with its target); what was seen stays.
+    /// Forgets the record of `uid` (a release deleted it with its target, unless another
+    /// owner held the target: read again); what was seen stays.
     pub fn released(&self, term: i64, uid: &str) {
         self.with(term, |t| t.recorded.remove(uid));
     }
@@ -197,5 +200,51 @@ impl Records {
         let mut state = self.state.lock().expect("lock");
         state.recorded.remove(uid);
         state.seen.remove(uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::memory::MemoryBackend;
+    use crate::registry::{Backend, Claim};
+
+    fn owner() -> Owner {
+        Owner {
+            uid: "uid-1".into(),
+            namespace: "default".into(),
+            name: "greeter".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_services_missing_record_is_read_from_the_registry_once_per_term() {
+        let backend = MemoryBackend::default();
+        let records = Records::default();
+        let owner = owner();
+        let svc = crate::fixtures::service("greeter");
+        assert!(matches!(
+            backend.claim("services/default/greeter", &owner).await,
+            Ok(Claim::Owned)
+        ));
+        // A first reconcile asks three times (the previous target, the record before the
+        // write, the write itself): the registry is read once.
+        for _ in 0..2 {
+            assert_eq!(
+                records.recorded(&backend, 1, &owner.uid).await.unwrap(),
+                None
+            );
+        }
+        let record = Record::of(&svc, "services/default/greeter");
+        records.keep(&backend, 1, &owner, &record).await.unwrap();
+        assert_eq!(backend.record_reads(), 1);
+        assert_eq!(
+            records.recorded(&backend, 1, &owner.uid).await.unwrap(),
+            Some(record)
+        );
+        assert_eq!(backend.record_reads(), 1);
+        // A new term trusts nothing it knew: another leader may have written meanwhile.
+        records.recorded(&backend, 2, &owner.uid).await.unwrap();
+        assert_eq!(backend.record_reads(), 2);
     }
 }

@@ -58,8 +58,11 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// sums up the counts instead of one per pod.
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How long a reconcile waits for the source indexes' initial lists before it requeues.
-const SOURCES_SYNC_WAIT: Duration = Duration::from_secs(2);
+/// How long a reconcile waits for the source indexes' initial lists before it requeues. Long
+/// enough for a cold start's list (about 15 s for 100,000 pods), so that a service is
+/// reconciled once when its source has listed instead of requeued every few seconds meanwhile;
+/// a source that never lists holds a reconcile slot this long at a time.
+const SOURCES_SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// How often a service in conflict re-checks whether the target was freed.
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);

@@ -512,7 +512,8 @@ async fn a_new_target_with_keys_that_cannot_be_written_releases_nothing_and_stat
     assert_eq!(registry.owner("services/default/greeter-v2"), None);
 }
 
-#[tokio::test]
+// Paused time: the service ref's reconcile waits out the sources' sync wait.
+#[tokio::test(start_paused = true)]
 async fn a_selector_service_does_not_wait_for_the_endpointslice_watch_and_a_service_ref_does() {
     let registry = backend();
     let pods = PodSource::default();

@@ -699,3 +699,53 @@ async fn a_publication_record_is_written_only_by_the_owner_and_released_with_its
     assert_eq!(again.release(target, &who).await.unwrap(), 2);
     assert_eq!(again.publication_record(&who.uid).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn every_publication_record_of_this_cluster_is_listed_across_pages_and_no_other_clusters() {
+    use futures::StreamExt;
+    let etcd = EtcdServer::start().await;
+    let east = cluster_registry(&etcd, "east").await;
+    let west = cluster_registry(&etcd, "west").await;
+    // More than one page of records (a page is 1,000).
+    let n = 1_100;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let east = &east;
+            async move {
+                let (target, who) = (format!("services/default/s{i}"), owner(&format!("s{i}")));
+                assert_eq!(east.claim(&target, &who).await.unwrap(), Claim::Owned);
+                east.record_publication(&target, &who, format!("spec {i}").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<()>()
+        .await;
+    let west_owner = owner("w");
+    assert_eq!(
+        west.claim("services/default/w", &west_owner).await.unwrap(),
+        Claim::Owned
+    );
+    west.record_publication("services/default/w", &west_owner, b"west")
+        .await
+        .unwrap();
+
+    let listed: BTreeMap<String, Vec<u8>> = east
+        .publication_records()
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(listed.len(), n);
+    assert_eq!(listed[&owner("s7").uid], b"spec 7");
+    assert!(
+        !listed.contains_key(&west_owner.uid),
+        "west's record is not east's"
+    );
+    let west_listed = west.publication_records().await.unwrap();
+    assert_eq!(
+        west_listed,
+        vec![(west_owner.uid.clone(), b"west".to_vec())]
+    );
+}

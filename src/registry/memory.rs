@@ -267,6 +267,22 @@ impl Backend for MemoryBackend {
         Ok(state.records.get(uid).cloned())
     }
 
+    async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut state = self.lock();
+        state.record_reads += 1;
+        if state.unavailable {
+            return Err(Error::Timeout {
+                op: "list publication records",
+                after: Duration::ZERO,
+            });
+        }
+        Ok(state
+            .records
+            .iter()
+            .map(|(uid, record)| (uid.clone(), record.clone()))
+            .collect())
+    }
+
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
         let mut state = self.writable("release target")?;
         match state.targets.get(target) {

@@ -261,6 +261,10 @@ impl Backend for EtcdRegistry {
         EtcdRegistry::publication_record(self, uid).await
     }
 
+    async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        EtcdRegistry::publication_records(self).await
+    }
+
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
         EtcdRegistry::release(self, target, owner).await
     }

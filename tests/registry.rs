@@ -749,3 +749,40 @@ async fn every_publication_record_of_this_cluster_is_listed_across_pages_and_no_
         vec![(west_owner.uid.clone(), b"west".to_vec())]
     );
 }
+
+#[tokio::test]
+async fn concurrent_first_syncs_record_the_lease_once() {
+    use futures::StreamExt;
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let n: u32 = 64;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let reg = &reg;
+            async move {
+                claim_and_sync(
+                    reg,
+                    &format!("services/default/s{i}"),
+                    &owner(&format!("s{i}")),
+                    1,
+                )
+                .await;
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<()>()
+        .await;
+    let txns = metrics
+        .encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"txn\"} ",
+            )?
+            .parse::<f64>()
+            .ok()
+        })
+        .unwrap();
+    // A claim and a sync per target, and one txn recording the lease.
+    assert_eq!(txns, f64::from(2 * n + 1));
+}

@@ -71,6 +71,9 @@ struct Inner {
     /// The leases this process has recorded for adoption (with a cluster name, also marked as
     /// its cluster's).
     marked: Mutex<std::collections::HashSet<i64>>,
+    /// Held while a lease is being recorded, so that the syncs of a cold start (a thousand at
+    /// once) record it once, not each their own time.
+    marking: tokio::sync::Mutex<()>,
 }
 
 impl EtcdRegistry {
@@ -141,6 +144,7 @@ impl EtcdRegistry {
                 metrics,
                 fence,
                 marked: Mutex::default(),
+                marking: tokio::sync::Mutex::default(),
             }),
         }
     }

@@ -101,6 +101,9 @@ pub struct Context {
     published: publication::Records,
     /// The services waiting in `Conflict` for a target, woken when it is released.
     waiting: release::Waiting,
+    /// The uids of services seen deleted without our finalizer (or left out of a re-list),
+    /// with when: never published again, whatever a stale view still holds.
+    gone: sweep::Gone,
 }
 
 impl Context {
@@ -130,6 +133,7 @@ impl Context {
             states: state::ServiceStates::default(),
             published: publication::Records::default(),
             waiting: release::Waiting::new(tokio::sync::mpsc::unbounded_channel().0),
+            gone: sweep::Gone::default(),
         }
     }
 
@@ -231,6 +235,11 @@ pub async fn reconcile(svc: Arc<GrpcService>, ctx: Arc<Context>) -> Result<Actio
     }
     let api: Api<GrpcService> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = svc.uid().unwrap_or_default();
+    // Seen deleted: a view that still holds it (a leader's store behind its watch) must not
+    // publish it again after the sweep released it.
+    if ctx.gone.contains(&uid) {
+        return Ok(Action::await_change());
+    }
     let finalizer = ctx.policy.backend.finalizer();
     // A service published into another backend is that backend's controller's; one that moved
     // there is released here first (our finalizer says we published it).

@@ -11,9 +11,9 @@
 //! registry root or cluster, and the namespace it watches), and only while this replica may
 //! write.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 use kube::runtime::reflector;
@@ -23,6 +23,40 @@ use super::{Context, RESYNC, Scope};
 use crate::crd::GrpcService;
 use crate::leader::Role;
 use crate::registry::{Backend, Owner};
+
+/// How long a service seen deleted is remembered (and its records swept again).
+const GONE_FOR: Duration = Duration::from_secs(3600);
+
+/// When a gone service's records are swept a second time: after any reconcile of it that was
+/// under way when it went (one that read the object before the deletion) has ended.
+const SWEEP_AGAIN: Duration = Duration::from_secs(10);
+
+/// The uids of services seen deleted without our finalizer, with when they were seen gone.
+#[derive(Debug, Default)]
+pub struct Gone(Mutex<HashMap<String, Instant>>);
+
+impl Gone {
+    /// Notes `uid` as gone.
+    pub fn insert(&self, uid: &str) {
+        self.0
+            .lock()
+            .expect("lock")
+            .insert(uid.to_owned(), Instant::now());
+    }
+
+    /// Whether `uid` was seen gone.
+    #[must_use]
+    pub fn contains(&self, uid: &str) -> bool {
+        self.0.lock().expect("lock").contains_key(uid)
+    }
+
+    /// Forgets what went longer than [`GONE_FOR`] ago, and returns the rest.
+    fn recent(&self) -> HashMap<String, Instant> {
+        let mut gone = self.0.lock().expect("lock");
+        gone.retain(|_, at| at.elapsed() < GONE_FOR);
+        gone.clone()
+    }
+}
 
 /// Whether a record's `owner` is an orphan: a GrpcService seen `deleted`, or one whose namespace
 /// and name now belong to another uid in `live` (namespace and name → uid). An owner this
@@ -110,15 +144,24 @@ pub(super) async fn sweeper(
     // Without leader election the role never changes (its sender is gone).
     let mut elected = true;
     let mut every = tokio::time::interval(RESYNC);
-    // Services seen deleted without our finalizer, retried by the periodic sweep for an hour.
-    let mut deleted: HashMap<String, std::time::Instant> = HashMap::new();
+    // Services seen deleted without our finalizer are swept at once, again after SWEEP_AGAIN
+    // (a reconcile that read the object before it went may have published it meanwhile), and
+    // by the periodic sweep for GONE_FOR.
+    let mut again: VecDeque<(tokio::time::Instant, String)> = VecDeque::new();
     loop {
+        let next_again = again.front().map(|(at, _)| *at);
         tokio::select! {
             uid = gone.recv() => {
                 let Some(uid) = uid else { return };
+                ctx.gone.insert(&uid);
                 ctx.forget_service(&uid, None);
                 sweep(ctx.backend.as_ref(), &scope, |_| false, Some(&uid)).await;
-                deleted.insert(uid, std::time::Instant::now());
+                again.push_back((tokio::time::Instant::now() + SWEEP_AGAIN, uid));
+            }
+            () = tokio::time::sleep_until(next_again.unwrap_or_else(tokio::time::Instant::now)), if next_again.is_some() => {
+                if let Some((_, uid)) = again.pop_front() {
+                    sweep(ctx.backend.as_ref(), &scope, |_| false, Some(&uid)).await;
+                }
             }
             changed = role.changed(), if elected => {
                 if changed.is_err() {
@@ -129,12 +172,11 @@ pub(super) async fn sweeper(
                 // are the truth again.
                 ctx.writer.clear();
                 if matches!(*role.borrow_and_update(), Role::Leader { .. }) {
-                    sweep_all(&ctx, &store, &scope, &deleted).await;
+                    sweep_all(&ctx, &store, &scope, &ctx.gone.recent()).await;
                 }
             }
             _ = every.tick() => {
-                deleted.retain(|_, at| at.elapsed() < Duration::from_secs(3600));
-                sweep_all(&ctx, &store, &scope, &deleted).await;
+                sweep_all(&ctx, &store, &scope, &ctx.gone.recent()).await;
             }
         }
     }
@@ -146,7 +188,7 @@ async fn sweep_all(
     ctx: &Context,
     store: &reflector::Store<GrpcService>,
     scope: &Scope,
-    deleted: &HashMap<String, std::time::Instant>,
+    deleted: &HashMap<String, Instant>,
 ) {
     // The records first, then the live set: a record written for a service the store did not
     // yet hold cannot exist (reconciles are driven from the store).

@@ -836,3 +836,53 @@ async fn a_previous_target_the_registry_recorded_is_released_even_when_status_do
     assert!(registry.owner("services/default/greeter").is_none());
     assert_eq!(keys(&registry, "services/default/greeter-v2").len(), 1);
 }
+
+#[tokio::test]
+async fn a_service_seen_deleted_is_not_published_again_from_a_view_that_still_holds_it() {
+    let registry = backend();
+    let (ctx, _api) = context(&registry, &[PodBuilder::ready("p1", "10.0.0.1").build()]);
+    let svc = with_finalizer(service("greeter"));
+    // Its deletion reached the sweep (released there); this replica's store still holds it.
+    ctx.gone.insert(&svc.metadata.uid.clone().unwrap());
+    let action = reconcile(Arc::new(svc), ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(
+        registry.owner("services/default/greeter"),
+        None,
+        "nothing claimed"
+    );
+    assert!(keys(&registry, "services/default/greeter").is_empty());
+}
+
+// Paused time: the second sweep comes SWEEP_AGAIN after the first, long before the periodic one.
+#[tokio::test(start_paused = true)]
+async fn a_gone_service_published_again_by_a_reconcile_under_way_is_swept_again_shortly_after() {
+    use crate::registry::{Backend, Claim, Owner};
+    let registry = backend();
+    let (ctx, _api) = context(&registry, &[]);
+    let (store, _writer) = kube::runtime::reflector::store::<GrpcService>();
+    let (_synced_tx, synced) = tokio::sync::watch::channel(true);
+    let (gone_tx, gone) = tokio::sync::mpsc::unbounded_channel();
+    let target = "services/default/greeter";
+    let who = Owner {
+        uid: "u1".into(),
+        namespace: "default".into(),
+        name: "greeter".into(),
+    };
+    assert_eq!(registry.claim(target, &who).await.unwrap(), Claim::Owned);
+    tokio::spawn(super::sweep::sweeper(
+        ctx.clone(),
+        store,
+        super::Scope::default(),
+        synced,
+        gone,
+    ));
+    gone_tx.send("u1".to_owned()).unwrap();
+    while registry.owner(target).is_some() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // A reconcile that read the object before it went claims its target again.
+    assert_eq!(registry.claim(target, &who).await.unwrap(), Claim::Owned);
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    assert_eq!(registry.owner(target), None, "swept again");
+}

@@ -26,6 +26,10 @@ struct Registered {
     selections: Selections,
     /// True once its index has completed its initial list.
     synced: tokio::sync::watch::Receiver<bool>,
+    /// True while its index holds a completed list and no re-list is under way: after a watch
+    /// gap the index is the view from before the gap until the re-list completes, and a
+    /// reconcile must not publish from it (a pod turned unready in the gap would be put back).
+    current: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The sources a reconcile reads, each with its selections and its list state.
@@ -43,22 +47,24 @@ impl Sources {
         self.0.push(Registered {
             source: Arc::new(source),
             selections: Selections::default(),
+            current: synced.clone(),
             synced,
         });
         self
     }
 
     /// Waits, at most `wait` each, for the lists of the sources `spec` reads (all of them when
-    /// it names none), so that desired state is never computed from a half-filled index; false
-    /// when one is not complete in time.
+    /// it names none), so that desired state is never computed from a half-filled index nor
+    /// from the view before a watch gap while its re-list is under way; false when one is not
+    /// complete in time.
     pub async fn wait_synced(&self, spec: &GrpcServiceSpec, wait: Duration) -> bool {
         let read = self.0.iter().filter(|r| r.source.read_by(spec)).count();
         for registered in &self.0 {
             if read > 0 && !registered.source.read_by(spec) {
                 continue;
             }
-            let mut synced = registered.synced.clone();
-            match tokio::time::timeout(wait, synced.wait_for(|synced| *synced)).await {
+            let mut current = registered.current.clone();
+            match tokio::time::timeout(wait, current.wait_for(|current| *current)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) | Err(_) => return false,
             }
@@ -166,6 +172,7 @@ impl Watches {
         &self,
         source: S,
         synced: tokio::sync::watch::Sender<bool>,
+        current: tokio::sync::watch::Sender<bool>,
     ) -> impl Stream<Item = Result<S::Object, watcher::Error>> + Send + 'static {
         let mut feed = Feed::new(source);
         let relists = self.relists.clone();
@@ -177,11 +184,8 @@ impl Watches {
         )
         .backoff(Backoff::watch())
         .inspect(move |event| {
-            if let Ok(event) = event
-                && feed.apply(event)
-                && synced.send_replace(true)
-            {
-                relists.send_modify(|n| *n += 1);
+            if let Ok(event) = event {
+                track(event, &mut feed, &synced, &current, &relists);
             }
         })
         .touched_objects()
@@ -200,12 +204,34 @@ impl Watches {
     }
 }
 
+/// Applies one watch event of a source to its index, and says when the index is listed
+/// (`synced`, from the first list on), current (`current`: listed, no re-list under way) and
+/// re-listed (`relists` bumped after every list but the first).
+fn track<S: Source>(
+    event: &watcher::Event<S::Object>,
+    feed: &mut Feed<S>,
+    synced: &tokio::sync::watch::Sender<bool>,
+    current: &tokio::sync::watch::Sender<bool>,
+    relists: &tokio::sync::watch::Sender<u64>,
+) {
+    if let watcher::Event::Init = event {
+        current.send_replace(false);
+    }
+    if feed.apply(event) {
+        current.send_replace(true);
+        if synced.send_replace(true) {
+            relists.send_modify(|n| *n += 1);
+        }
+    }
+}
+
 impl Register for Watches {
     /// Registers a source: its watch feeds its index, and its events wake the services they
     /// concern.
     fn add<S: Source>(&mut self) {
         let source = S::default();
-        let (synced, selections) = (
+        let (synced, current, selections) = (
+            tokio::sync::watch::Sender::new(false),
             tokio::sync::watch::Sender::new(false),
             Selections::default(),
         );
@@ -213,11 +239,43 @@ impl Register for Watches {
             source: Arc::new(source.clone()),
             selections: selections.clone(),
             synced: synced.subscribe(),
+            current: current.subscribe(),
         });
-        let events = self.events(source.clone(), synced);
+        let events = self.events(source.clone(), synced, current);
         let mapper = Mapper::new(source, selections);
         self.attach.push(Box::new(move |controller| {
             controller.watches_stream(events, move |object| mapper.map(&object))
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::PodBuilder;
+    use crate::source::pod::PodSource;
+    use tokio::sync::watch::Sender;
+
+    #[test]
+    fn an_index_being_relisted_after_a_watch_gap_is_not_current_until_the_relist_completes() {
+        let mut feed = Feed::new(PodSource::default());
+        let (synced, current, relists) = (Sender::new(false), Sender::new(false), Sender::new(0));
+        let mut apply = |event: watcher::Event<_>| {
+            track(&event, &mut feed, &synced, &current, &relists);
+            (*synced.borrow(), *current.borrow(), *relists.borrow())
+        };
+        assert_eq!(apply(watcher::Event::Init), (false, false, 0));
+        let pod = || PodBuilder::ready("p1", "10.0.0.1").object();
+        assert_eq!(apply(watcher::Event::InitApply(pod())), (false, false, 0));
+        assert_eq!(apply(watcher::Event::InitDone), (true, true, 0), "listed");
+        assert_eq!(apply(watcher::Event::Apply(pod())), (true, true, 0));
+        // A watch gap: the index is the old view until the re-list is swapped in.
+        assert_eq!(apply(watcher::Event::Init), (true, false, 0), "re-listing");
+        assert_eq!(apply(watcher::Event::InitApply(pod())), (true, false, 0));
+        assert_eq!(
+            apply(watcher::Event::InitDone),
+            (true, true, 1),
+            "re-listed"
+        );
     }
 }

@@ -272,6 +272,7 @@ async fn main() -> anyhow::Result<()> {
         metrics,
         Arc::new(AtomicBool::new(false)),
         grpc_registrar::leader::always_leader(),
+        grpc_registrar::controller::CONCURRENCY,
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         },

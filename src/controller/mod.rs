@@ -68,10 +68,11 @@ const SOURCES_SYNC_WAIT: Duration = Duration::from_secs(30);
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
 
 /// Reconciles run at once by default (`--reconcile-concurrency`). Unbounded, a cold start of
-/// 10,000 services put every reconcile in flight at once: etcd requests queued past their
+/// 10,000 services put every reconcile in flight at once: registry requests queued past their
 /// timeout and were retried, and each held its memory at once (796 MiB at 100k pods, 438 MiB
-/// bounded). Bounded low (64), a cold start waits on etcd's latency instead of its throughput:
-/// etcd commits concurrent writes together, so more in flight is faster up to its limit.
+/// bounded). Bounded low (64), a cold start waits on the registry's latency instead of its
+/// throughput: it commits concurrent writes together, so more in flight is faster up to its
+/// limit.
 pub const CONCURRENCY: u16 = 1024;
 
 /// Everything a reconcile needs.

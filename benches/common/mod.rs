@@ -154,7 +154,10 @@ impl Controller {
     ) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_grpc-registrar"))
+        // BENCH_CONTROLLER_BIN runs another build of the controller (a baseline, side by side).
+        let binary = std::env::var("BENCH_CONTROLLER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_grpc-registrar").to_owned());
+        let child = Command::new(binary)
             .envs(env.iter().copied())
             .env("KUBECONFIG", plane.kubeconfig())
             .env(

@@ -340,22 +340,17 @@ mod tests {
     async fn a_record_released_in_the_term_is_read_again_not_taken_from_the_listing() {
         let backend = recorded_by_another(&["a"]).await;
         let records = Records::default();
-        assert!(
+        let has_record = || async {
             records
                 .recorded(&backend, 1, "uid-a")
                 .await
                 .unwrap()
                 .is_some()
-        );
+        };
+        assert!(has_record().await);
         records.released(1, "uid-a");
         // The release was refused (another owner held the target): the record is still there.
-        assert!(
-            records
-                .recorded(&backend, 1, "uid-a")
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(has_record().await);
         assert_eq!(backend.record_reads(), 2, "the listing, then one read");
     }
 

@@ -94,6 +94,20 @@ impl MemoryBackend {
         self.lock().writes
     }
 
+    /// The state for a read of publication records (`op`), counted; a timeout while
+    /// unavailable.
+    fn read_records(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, State>> {
+        let mut state = self.lock();
+        state.record_reads += 1;
+        if state.unavailable {
+            return Err(Error::Timeout {
+                op,
+                after: Duration::ZERO,
+            });
+        }
+        Ok(state)
+    }
+
     /// Reads of publication records made so far.
     #[must_use]
     pub fn record_reads(&self) -> usize {
@@ -256,26 +270,12 @@ impl Backend for MemoryBackend {
     }
 
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
-        let mut state = self.lock();
-        state.record_reads += 1;
-        if state.unavailable {
-            return Err(Error::Timeout {
-                op: "read publication record",
-                after: Duration::ZERO,
-            });
-        }
+        let state = self.read_records("read publication record")?;
         Ok(state.records.get(uid).cloned())
     }
 
     async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut state = self.lock();
-        state.record_reads += 1;
-        if state.unavailable {
-            return Err(Error::Timeout {
-                op: "list publication records",
-                after: Duration::ZERO,
-            });
-        }
+        let state = self.read_records("list publication records")?;
         Ok(state
             .records
             .iter()

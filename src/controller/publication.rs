@@ -91,8 +91,9 @@ struct Term {
     list_failed: Option<Instant>,
     /// Uids whose record is unknown even after the listing (a release that may have left it).
     unsure: HashSet<String>,
-    /// Uids whose record changed here while a listing was under way: the listing may predate it.
-    touched: HashSet<String>,
+    /// While a listing is under way, the uids whose record changed here since it started: the
+    /// listing may predate them.
+    touched: Option<HashSet<String>>,
     /// The last valid spec this process saw, recorded or not.
     seen: HashMap<String, Record>,
 }
@@ -111,7 +112,14 @@ impl Term {
     fn learn(&mut self, uid: &str, bytes: Option<Vec<u8>>) {
         self.recorded.insert(uid.to_owned(), bytes);
         self.unsure.remove(uid);
-        self.touched.insert(uid.to_owned());
+        self.touch(uid);
+    }
+
+    /// Notes that `uid`'s record changed here, for a listing under way.
+    fn touch(&mut self, uid: &str) {
+        if let Some(touched) = &mut self.touched {
+            touched.insert(uid.to_owned());
+        }
     }
 }
 
@@ -149,7 +157,7 @@ impl Records {
         let due = self.with(term, |t| {
             let due = !t.listed && t.list_failed.is_none_or(|at| at.elapsed() >= LIST_RETRY);
             if due {
-                t.touched.clear();
+                t.touched = Some(HashSet::new());
             }
             due
         });
@@ -157,9 +165,13 @@ impl Records {
             return;
         }
         match backend.publication_records().await {
+            // A term that started over meanwhile has no listing under way: nothing is applied.
             Ok(all) => self.with(term, |t| {
+                let Some(touched) = t.touched.take() else {
+                    return;
+                };
                 for (uid, bytes) in all {
-                    if !t.touched.contains(&uid) {
+                    if !touched.contains(&uid) {
                         t.recorded.entry(uid).or_insert(Some(bytes));
                     }
                 }
@@ -167,7 +179,10 @@ impl Records {
             }),
             Err(e) => {
                 debug!(error = %e, "failed to list publication records; reading them one by one");
-                self.with(term, |t| t.list_failed = Some(Instant::now()));
+                self.with(term, |t| {
+                    t.touched = None;
+                    t.list_failed = Some(Instant::now());
+                });
             }
         }
     }
@@ -269,7 +284,7 @@ impl Records {
         self.with(term, |t| {
             t.recorded.remove(uid);
             t.unsure.insert(uid.to_owned());
-            t.touched.insert(uid.to_owned());
+            t.touch(uid);
         });
     }
 
@@ -278,7 +293,7 @@ impl Records {
         let mut state = self.state.lock().expect("lock");
         state.recorded.remove(uid);
         state.seen.remove(uid);
-        state.touched.insert(uid.to_owned());
+        state.touch(uid);
     }
 }
 

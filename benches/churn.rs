@@ -93,6 +93,7 @@ async fn main() {
         let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let cpu_before = common::cpu_seconds(controller.pid());
+        let ops_before = operations(&controller).await;
         let started = Instant::now();
         let mut tasks = Vec::new();
         while started.elapsed() < Duration::from_secs(secs) {
@@ -128,6 +129,12 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The controller's CPU over the run and the settling after it, per flip sent.
         let cpu = common::cpu_seconds(controller.pid()) - cpu_before;
+        let ops: Vec<f64> = operations(&controller)
+            .await
+            .iter()
+            .zip(&ops_before)
+            .map(|(after, before)| after - before)
+            .collect();
 
         // Match each flip to the first change of its key to that state after the ack.
         let seen = seen.lock().unwrap().clone();
@@ -196,6 +203,16 @@ async fn main() {
                 flips.len()
             ),
         ));
+        let per_flip = |n: f64| n / flips.len().max(1) as f64;
+        rows.push((
+            format!("{rate} flips/s: per flip: reconciles, registry ranges, txns"),
+            format!(
+                "{:.2}, {:.2}, {:.2}",
+                per_flip(ops[0]),
+                per_flip(ops[1]),
+                per_flip(ops[2])
+            ),
+        ));
         rows.push((
             format!("{rate} flips/s: superseded flips / final registry ≠ desired keys"),
             format!("{unmatched} / {mismatched}"),
@@ -204,4 +221,19 @@ async fn main() {
     }
     drop(controller);
     test_support::bench::report("churn", &rows);
+}
+
+/// The controller's reconciles, registry ranges and registry txns so far.
+async fn operations(controller: &Controller) -> [f64; 3] {
+    [
+        controller
+            .metric("grpc_registrar_reconciliations_total")
+            .await,
+        controller
+            .metric("grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"range\"")
+            .await,
+        controller
+            .metric("grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"txn\"")
+            .await,
+    ]
 }

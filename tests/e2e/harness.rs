@@ -188,6 +188,7 @@ impl Env {
             metrics.clone(),
             ready.clone(),
             grpc_registrar::leader::always_leader(),
+            grpc_registrar::controller::CONCURRENCY,
             async move {
                 let _ = stopped.wait_for(|s| *s).await;
             },

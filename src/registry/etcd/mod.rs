@@ -243,12 +243,12 @@ impl Backend for EtcdRegistry {
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
-        let entries = publication.placement.render(&publication.endpoints)?;
+        // The entries as the reconcile rendered them when it checked the spec: not again.
         self.sync_entries(
             publication.target(),
             &publication.owner,
             publication.ttl,
-            Arc::new(entries),
+            publication.entries.clone(),
         )
         .await
     }

@@ -119,6 +119,7 @@ async fn main() {
         let (leader, standby) = leader_first(
             Controller::replica(&plane, &etcd.endpoint(), &ns, TTL, "a"),
             Controller::replica(&plane, &etcd.endpoint(), &ns, TTL, "b"),
+            services,
         )
         .await;
         let failover = handover(
@@ -320,15 +321,34 @@ async fn handover(
     }
 }
 
-/// The pair, the leader first (once one leads).
-async fn leader_first(a: Controller, b: Controller) -> (Controller, Controller) {
+/// The pair, the leader first, once one leads and has reconciled every service (with a Lease
+/// of 2 s on a loaded machine, the first replica to lead may lose the Lease to the other
+/// before it reconciled anything).
+async fn leader_first(a: Controller, b: Controller, services: usize) -> (Controller, Controller) {
+    let settled = |c: &Controller| {
+        let port = c.port;
+        async move {
+            let page = common::http_get(port, "/metrics")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            common::metric(&page, "grpc_registrar_leader ") == 1.0
+                && common::metric(&page, "grpc_registrar_reconcile_duration_seconds_count")
+                    >= services as f64
+        }
+    };
+    let started = Instant::now();
     loop {
-        if a.metric("grpc_registrar_leader ").await == 1.0 {
+        if settled(&a).await {
             return (a, b);
         }
-        if b.metric("grpc_registrar_leader ").await == 1.0 {
+        if settled(&b).await {
             return (b, a);
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "no replica led and reconciled every service in 15 min"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

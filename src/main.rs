@@ -70,8 +70,8 @@ struct Cli {
     /// long, e.g. `20s`; keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
-    /// Most GrpcServices reconciled at once. More in flight at a cold start only queue longer
-    /// at the registry and the API server, and pass their request timeouts.
+    /// Most GrpcServices reconciled at once. A cold start of many services goes at the
+    /// registry's write throughput when enough are in flight; each in flight holds its memory.
     #[arg(long, env = "RECONCILE_CONCURRENCY", default_value_t = grpc_registrar::controller::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     reconcile_concurrency: u16,
 }

@@ -823,6 +823,12 @@ async fn a_publication_record_is_written_only_by_the_owner_and_released_with_its
             .await,
         Err(grpc_registrar::registry::Error::OwnershipLost { .. })
     ));
+    assert_eq!(
+        again.publication_records().await.unwrap(),
+        vec![(who.uid.clone(), b"spec v1".to_vec())],
+        "listed with every record"
+    );
     assert_eq!(again.release("greeter", &who).await.unwrap(), 2);
     assert_eq!(again.publication_record(&who.uid).await.unwrap(), None);
+    assert!(again.publication_records().await.unwrap().is_empty());
 }

@@ -853,4 +853,89 @@ async fn a_new_term_a_replaced_lease_or_a_release_lists_the_target_again() {
     claim_and_sync(&reg, target, &who, 3).await;
     assert_eq!(ranges(&metrics), 4, "a released target lists");
     assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 3);
+#[tokio::test]
+async fn every_publication_record_of_this_cluster_is_listed_across_pages_and_no_other_clusters() {
+    use futures::StreamExt;
+    let etcd = EtcdServer::start().await;
+    let east = cluster_registry(&etcd, "east").await;
+    let west = cluster_registry(&etcd, "west").await;
+    // More than one page of records (a page is 1,000).
+    let n = 1_100;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let east = &east;
+            async move {
+                let (target, who) = (format!("services/default/s{i}"), owner(&format!("s{i}")));
+                assert_eq!(east.claim(&target, &who).await.unwrap(), Claim::Owned);
+                east.record_publication(&target, &who, format!("spec {i}").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<()>()
+        .await;
+    let west_owner = owner("w");
+    assert_eq!(
+        west.claim("services/default/w", &west_owner).await.unwrap(),
+        Claim::Owned
+    );
+    west.record_publication("services/default/w", &west_owner, b"west")
+        .await
+        .unwrap();
+
+    let listed: BTreeMap<String, Vec<u8>> = east
+        .publication_records()
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(listed.len(), n);
+    assert_eq!(listed[&owner("s7").uid], b"spec 7");
+    assert!(
+        !listed.contains_key(&west_owner.uid),
+        "west's record is not east's"
+    );
+    let west_listed = west.publication_records().await.unwrap();
+    assert_eq!(
+        west_listed,
+        vec![(west_owner.uid.clone(), b"west".to_vec())]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_syncs_record_the_lease_once() {
+    use futures::StreamExt;
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let n: u32 = 64;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let reg = &reg;
+            async move {
+                claim_and_sync(
+                    reg,
+                    &format!("services/default/s{i}"),
+                    &owner(&format!("s{i}")),
+                    1,
+                )
+                .await;
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<()>()
+        .await;
+    let txns = metrics
+        .encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"txn\"} ",
+            )?
+            .parse::<f64>()
+            .ok()
+        })
+        .unwrap();
+    // A claim and a sync per target, and one txn recording the lease.
+    assert_eq!(txns, f64::from(2 * n + 1));
 }

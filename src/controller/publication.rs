@@ -12,10 +12,12 @@
 //! generation is the last valid spec. Both are caches of one leadership term: another replica
 //! may have recorded a later spec while this one was not leading, so a new term starts empty
 //! and reads the registry again.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tracing::debug;
 
 use crate::crd::{GrpcService, GrpcServiceSpec};
 use crate::desired::Policy;
@@ -79,17 +81,52 @@ impl Record {
 struct Term {
     /// The term they belong to.
     term: i64,
-    /// The record bytes this process knows the registry holds.
-    recorded: HashMap<String, Vec<u8>>,
+    /// The record bytes this process knows the registry holds (`None`: known to hold none, so
+    /// that a new service's reconcile reads the registry for it once, not at every step).
+    recorded: HashMap<String, Option<Vec<u8>>>,
+    /// Every record was listed in this term: a uid neither in `recorded` nor in `unsure` has
+    /// no record.
+    listed: bool,
+    /// When listing every record last failed in this term (reads go one by one meanwhile).
+    list_failed: Option<Instant>,
+    /// Uids whose record is unknown even after the listing (a release that may have left it).
+    unsure: HashSet<String>,
+    /// Uids whose record changed here while a listing was under way: the listing may predate it.
+    touched: HashSet<String>,
     /// The last valid spec this process saw, recorded or not.
     seen: HashMap<String, Record>,
 }
 
+impl Term {
+    /// What is known of `uid`'s record: `Some(None)` when it is known to have none.
+    fn known(&self, uid: &str) -> Option<Option<Vec<u8>>> {
+        match self.recorded.get(uid) {
+            Some(known) => Some(known.clone()),
+            None if self.listed && !self.unsure.contains(uid) => Some(None),
+            None => None,
+        }
+    }
+
+    /// Notes what the registry holds for `uid` now.
+    fn learn(&mut self, uid: &str, bytes: Option<Vec<u8>>) {
+        self.recorded.insert(uid.to_owned(), bytes);
+        self.unsure.remove(uid);
+        self.touched.insert(uid.to_owned());
+    }
+}
+
+/// How long after a failed listing of every record a term tries again.
+const LIST_RETRY: Duration = Duration::from_secs(30);
+
 /// What this process knows of the registry's records and of the valid specs it saw, for one
-/// leadership term at a time.
+/// leadership term at a time. The first record asked for in a term lists them all, once:
+/// a cold start or a takeover of 10,000 services then reads the records in a few ranges
+/// instead of one per service.
 #[derive(Default)]
 pub struct Records {
     state: Mutex<Term>,
+    /// Held while every record is being listed, so that one listing serves every reconcile.
+    listing: tokio::sync::Mutex<()>,
 }
 
 impl Records {
@@ -103,6 +140,53 @@ impl Records {
             };
         }
         f(&mut state)
+    }
+
+    /// Lists every record once in `term` (unless a listing failed less than [`LIST_RETRY`]
+    /// ago); what this term learnt meanwhile is kept over the listing.
+    async fn list_once(&self, backend: &dyn Backend, term: i64) {
+        let _listing = self.listing.lock().await;
+        let due = self.with(term, |t| {
+            let due = !t.listed && t.list_failed.is_none_or(|at| at.elapsed() >= LIST_RETRY);
+            if due {
+                t.touched.clear();
+            }
+            due
+        });
+        if !due {
+            return;
+        }
+        match backend.publication_records().await {
+            Ok(all) => self.with(term, |t| {
+                for (uid, bytes) in all {
+                    if !t.touched.contains(&uid) {
+                        t.recorded.entry(uid).or_insert(Some(bytes));
+                    }
+                }
+                t.listed = true;
+            }),
+            Err(e) => {
+                debug!(error = %e, "failed to list publication records; reading them one by one");
+                self.with(term, |t| t.list_failed = Some(Instant::now()));
+            }
+        }
+    }
+
+    /// What the registry holds for `uid` (known in `term`, listed, or read).
+    async fn stored(
+        &self,
+        backend: &dyn Backend,
+        term: i64,
+        uid: &str,
+    ) -> Result<Option<Vec<u8>>, registry::Error> {
+        if let Some(known) = self.with(term, |t| t.known(uid)) {
+            return Ok(known);
+        }
+        self.list_once(backend, term).await;
+        if let Some(known) = self.with(term, |t| t.known(uid)) {
+            return Ok(known);
+        }
+        backend.publication_record(uid).await
     }
 
     /// Notes `record` as the last valid spec seen of the owner `uid` in `term`.
@@ -123,17 +207,13 @@ impl Records {
         record: &Record,
     ) -> Result<(), registry::Error> {
         let bytes = record.bytes();
-        let known = self.with(term, |t| t.recorded.get(&owner.uid).cloned());
-        let stored = match known {
-            Some(known) => Some(known),
-            None => backend.publication_record(&owner.uid).await?,
-        };
+        let stored = self.stored(backend, term, &owner.uid).await?;
         if stored.as_deref() != Some(bytes.as_slice()) {
             backend
                 .record_publication(&record.target, owner, &bytes)
                 .await?;
         }
-        self.with(term, |t| t.recorded.insert(owner.uid.clone(), bytes));
+        self.with(term, |t| t.learn(&owner.uid, Some(bytes)));
         Ok(())
     }
 
@@ -167,17 +247,13 @@ impl Records {
         term: i64,
         uid: &str,
     ) -> Result<Option<Record>, registry::Error> {
-        let known = self.with(term, |t| t.recorded.get(uid).cloned());
-        let bytes = match known {
-            Some(bytes) => Some(bytes),
-            None => backend.publication_record(uid).await?,
-        };
-        let Some(bytes) = bytes else {
+        let Some(bytes) = self.stored(backend, term, uid).await? else {
+            self.with(term, |t| t.learn(uid, None));
             return Ok(None);
         };
         let record = serde_json::from_slice::<Record>(&bytes).ok();
         if record.is_some() {
-            self.with(term, |t| t.recorded.insert(uid.to_owned(), bytes));
+            self.with(term, |t| t.learn(uid, Some(bytes)));
         }
         Ok(record)
     }
@@ -187,9 +263,14 @@ impl Records {
         self.with(term, |t| t.seen.remove(uid));
     }
 
-    /// Forgets the record of `uid` (a release deleted it with its target); what was seen stays.
+    /// Forgets the record of `uid` (a release deleted it with its target, unless another
+    /// owner held the target: read again); what was seen stays.
     pub fn released(&self, term: i64, uid: &str) {
-        self.with(term, |t| t.recorded.remove(uid));
+        self.with(term, |t| {
+            t.recorded.remove(uid);
+            t.unsure.insert(uid.to_owned());
+            t.touched.insert(uid.to_owned());
+        });
     }
 
     /// Forgets `uid` (its service was deleted and released, which deleted the record too).
@@ -197,5 +278,134 @@ impl Records {
         let mut state = self.state.lock().expect("lock");
         state.recorded.remove(uid);
         state.seen.remove(uid);
+        state.touched.insert(uid.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::memory::MemoryBackend;
+    use crate::registry::{Backend, Claim};
+
+    fn owner() -> Owner {
+        Owner {
+            uid: "uid-1".into(),
+            namespace: "default".into(),
+            name: "greeter".into(),
+        }
+    }
+
+    /// A registry holding a record for each of `names` (uid `uid-<name>`), written by another
+    /// process.
+    async fn recorded_by_another(names: &[&str]) -> MemoryBackend {
+        let backend = MemoryBackend::default();
+        for name in names {
+            let owner = Owner {
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                name: (*name).into(),
+            };
+            let target = format!("services/default/{name}");
+            backend.claim(&target, &owner).await.unwrap();
+            let record = Record::of(&crate::fixtures::service(name), &target);
+            backend
+                .record_publication(&target, &owner, &record.bytes())
+                .await
+                .unwrap();
+        }
+        backend
+    }
+
+    #[tokio::test]
+    async fn a_term_lists_every_record_once_instead_of_reading_one_per_service() {
+        let backend = recorded_by_another(&["a", "b", "c"]).await;
+        let records = Records::default();
+        for name in ["a", "b", "c"] {
+            let record = records.recorded(&backend, 1, &format!("uid-{name}")).await;
+            assert_eq!(
+                record.unwrap().unwrap().target,
+                format!("services/default/{name}")
+            );
+        }
+        assert_eq!(
+            records.recorded(&backend, 1, "uid-new").await.unwrap(),
+            None,
+            "a uid the listing did not name has no record"
+        );
+        assert_eq!(backend.record_reads(), 1, "one listing");
+    }
+
+    #[tokio::test]
+    async fn a_record_released_in_the_term_is_read_again_not_taken_from_the_listing() {
+        let backend = recorded_by_another(&["a"]).await;
+        let records = Records::default();
+        assert!(
+            records
+                .recorded(&backend, 1, "uid-a")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        records.released(1, "uid-a");
+        // The release was refused (another owner held the target): the record is still there.
+        assert!(
+            records
+                .recorded(&backend, 1, "uid-a")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(backend.record_reads(), 2, "the listing, then one read");
+    }
+
+    #[tokio::test]
+    async fn a_failed_listing_falls_back_to_reading_records_one_by_one() {
+        let backend = recorded_by_another(&["a"]).await;
+        let records = Records::default();
+        backend.set_unavailable(true);
+        assert!(records.recorded(&backend, 1, "uid-a").await.is_err());
+        backend.set_unavailable(false);
+        assert!(
+            records
+                .recorded(&backend, 1, "uid-a")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // The failed listing, the read that failed after it, and one read: no second listing
+        // within the retry interval.
+        assert_eq!(backend.record_reads(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_new_services_missing_record_is_read_from_the_registry_once_per_term() {
+        let backend = MemoryBackend::default();
+        let records = Records::default();
+        let owner = owner();
+        let svc = crate::fixtures::service("greeter");
+        assert!(matches!(
+            backend.claim("services/default/greeter", &owner).await,
+            Ok(Claim::Owned)
+        ));
+        // A first reconcile asks three times (the previous target, the record before the
+        // write, the write itself): the registry is read once (listed).
+        for _ in 0..2 {
+            assert_eq!(
+                records.recorded(&backend, 1, &owner.uid).await.unwrap(),
+                None
+            );
+        }
+        let record = Record::of(&svc, "services/default/greeter");
+        records.keep(&backend, 1, &owner, &record).await.unwrap();
+        assert_eq!(backend.record_reads(), 1);
+        assert_eq!(
+            records.recorded(&backend, 1, &owner.uid).await.unwrap(),
+            Some(record)
+        );
+        assert_eq!(backend.record_reads(), 1);
+        // A new term trusts nothing it knew: another leader may have written meanwhile.
+        records.recorded(&backend, 2, &owner.uid).await.unwrap();
+        assert_eq!(backend.record_reads(), 2);
     }
 }

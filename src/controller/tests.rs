@@ -397,7 +397,7 @@ async fn a_spec_turned_invalid_still_deregisters_a_pod_that_turns_unready() {
     // on the next reconcile.
     source.candidates.apply(
         "default",
-        crate::source::pod::candidate(&PodBuilder::ready("p2", "10.0.0.2").not_ready().build()),
+        crate::source::pod::candidate(&PodBuilder::ready("p2", "10.0.0.2").not_ready().object()),
     );
     reconcile(Arc::new(invalid), ctx).await.unwrap();
     server.await.unwrap();
@@ -512,13 +512,14 @@ async fn a_new_target_with_keys_that_cannot_be_written_releases_nothing_and_stat
     assert_eq!(registry.owner("services/default/greeter-v2"), None);
 }
 
-#[tokio::test]
+// Paused time: the service ref's reconcile waits out the sources' sync wait.
+#[tokio::test(start_paused = true)]
 async fn a_selector_service_does_not_wait_for_the_endpointslice_watch_and_a_service_ref_does() {
     let registry = backend();
     let pods = PodSource::default();
     pods.candidates.apply(
         "default",
-        candidate(&PodBuilder::ready("p1", "10.0.0.1").build()),
+        candidate(&PodBuilder::ready("p1", "10.0.0.1").object()),
     );
     // The slice watch never lists (e.g. EndpointSlices not readable); the pods are listed.
     let (_slices_tx, slices_rx) = tokio::sync::watch::channel(false);
@@ -608,7 +609,7 @@ async fn a_burst_of_count_changes_is_one_status_write_with_the_final_counts() {
     for (name, ip) in [("p2", "10.0.0.2"), ("p3", "10.0.0.3")] {
         source.candidates.apply(
             "default",
-            crate::source::pod::candidate(&PodBuilder::ready(name, ip).build()),
+            crate::source::pod::candidate(&PodBuilder::ready(name, ip).object()),
         );
         // The reconcile returns at once: its status is written behind.
         let started = std::time::Instant::now();

@@ -180,9 +180,9 @@ mod tests {
     use super::*;
     use crate::fixtures::{PodBuilder, service};
     use crate::source::feed::Feed;
+    use crate::source::pod::PodObject;
     use crate::source::pod::PodSource;
     use crate::source::slice::SliceSource;
-    use k8s_openapi::api::core::v1::Pod;
 
     fn feed_services<S: Source>(source: &S, services: &[GrpcService]) {
         let mut svc_feed = ServiceFeed::new(vec![Arc::new(source.clone())]);
@@ -193,7 +193,7 @@ mod tests {
 
     fn mapper(
         services: &[GrpcService],
-        pods: &[Pod],
+        pods: &[PodObject],
     ) -> (Mapper<PodSource>, Selections, Feed<PodSource>) {
         let source = PodSource::default();
         feed_services(&source, services);
@@ -214,7 +214,7 @@ mod tests {
         let mut other = service("other");
         other.spec.selector.as_mut().unwrap().match_labels =
             Some([("app".to_owned(), "other".to_owned())].into());
-        let pod = PodBuilder::ready("p1", "10.0.0.1").build();
+        let pod = PodBuilder::ready("p1", "10.0.0.1").object();
         let (mapper, _, _) = mapper(&[service("greeter"), other], std::slice::from_ref(&pod));
         assert_eq!(
             mapper.map(&pod),
@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn pod_relabelled_out_of_a_selector_wakes_the_service_that_selected_it() {
-        let pod = PodBuilder::ready("p1", "10.0.0.1").build();
+        let pod = PodBuilder::ready("p1", "10.0.0.1").object();
         let (mapper, selections, mut feed) =
             mapper(&[service("greeter")], std::slice::from_ref(&pod));
         let greeter = ObjectRef::new("greeter").within("default");
@@ -232,7 +232,7 @@ mod tests {
         selections.record(greeter.clone(), "default", [pod.name_any()]);
         let moved = PodBuilder::ready("p1", "10.0.0.1")
             .label("app", "elsewhere")
-            .build();
+            .object();
         feed.apply(&Event::Apply(moved.clone()));
         assert_eq!(mapper.map(&moved), std::slice::from_ref(&greeter));
         // Its next reconcile no longer selects the pod: later events wake nobody.
@@ -243,7 +243,7 @@ mod tests {
 
     #[test]
     fn deleted_pod_wakes_the_services_that_selected_it() {
-        let pod = PodBuilder::ready("p1", "10.0.0.1").build();
+        let pod = PodBuilder::ready("p1", "10.0.0.1").object();
         let (mapper, selections, mut feed) =
             mapper(&[service("greeter")], std::slice::from_ref(&pod));
         selections.record(
@@ -259,7 +259,7 @@ mod tests {
     fn pod_in_another_namespace_wakes_nothing() {
         let pod = PodBuilder::ready("p1", "10.0.0.1")
             .namespace("prod")
-            .build();
+            .object();
         let (mapper, _, _) = mapper(&[service("greeter")], std::slice::from_ref(&pod));
         assert!(mapper.map(&pod).is_empty());
     }
@@ -312,7 +312,10 @@ mod tests {
         )));
         feed.apply(&Event::Init);
         assert!(feed.apply(&Event::InitDone));
-        let labels = PodBuilder::ready("p1", "10.0.0.1").build().labels().clone();
+        let labels = PodBuilder::ready("p1", "10.0.0.1")
+            .object()
+            .labels()
+            .clone();
         assert!(pods.selectors.matching("default", &labels).is_empty());
         assert!(slices.refs.referencing("default", "greeter").is_empty());
     }

@@ -33,6 +33,8 @@ struct State {
     leader_term: i64,
     /// Publication records by owner uid.
     records: HashMap<String, Vec<u8>>,
+    /// Reads of publication records so far.
+    record_reads: usize,
     /// Writers' announcements, by instance.
     writers: HashMap<String, u64>,
 }
@@ -90,6 +92,12 @@ impl MemoryBackend {
     #[must_use]
     pub fn writes(&self) -> usize {
         self.lock().writes
+    }
+
+    /// Reads of publication records made so far.
+    #[must_use]
+    pub fn record_reads(&self) -> usize {
+        self.lock().record_reads
     }
 
     /// Makes every request fail as an unreachable registry would, or work again.
@@ -248,7 +256,8 @@ impl Backend for MemoryBackend {
     }
 
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.record_reads += 1;
         if state.unavailable {
             return Err(Error::Timeout {
                 op: "read publication record",
@@ -256,6 +265,22 @@ impl Backend for MemoryBackend {
             });
         }
         Ok(state.records.get(uid).cloned())
+    }
+
+    async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut state = self.lock();
+        state.record_reads += 1;
+        if state.unavailable {
+            return Err(Error::Timeout {
+                op: "list publication records",
+                after: Duration::ZERO,
+            });
+        }
+        Ok(state
+            .records
+            .iter()
+            .map(|(uid, record)| (uid.clone(), record.clone()))
+            .collect())
     }
 
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {

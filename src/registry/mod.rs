@@ -396,6 +396,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Backend failures.
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>>;
 
+    /// Every record [`Backend::record_publication`] wrote in this controller's scope: the
+    /// owner uid and the record (read once per leadership term, so that a cold start or a
+    /// takeover does not read them one service at a time).
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>>;
+
     /// Deletes everything under an owned target and its ownership record (and the owner's
     /// publication record). Returns how many entries were deleted; 0, touching nothing, when
     /// `owner` does not own it.

@@ -62,10 +62,12 @@ mod tests {
     fn a_pod_relist_swaps_the_candidates_in_whole_at_init_done() {
         let source = PodSource::default();
         let mut feed = Feed::new(source.clone());
-        feed.apply(&Event::Apply(PodBuilder::ready("gone", "10.0.0.1").build()));
+        feed.apply(&Event::Apply(
+            PodBuilder::ready("gone", "10.0.0.1").object(),
+        ));
         feed.apply(&Event::Init);
         feed.apply(&Event::InitApply(
-            PodBuilder::ready("new", "10.0.0.2").build(),
+            PodBuilder::ready("new", "10.0.0.2").object(),
         ));
         assert!(
             source.candidates.get("default", "gone").is_some(),

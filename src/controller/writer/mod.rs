@@ -158,13 +158,7 @@ impl ApiWriter {
     pub(crate) async fn idle(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let busy = {
-                let now = Instant::now();
-                self.queue()
-                    .entries
-                    .values()
-                    .any(|e| e.in_flight || e.due(now).is_some())
-            };
+            let busy = self.queue().busy();
             if !busy {
                 return;
             }
@@ -176,12 +170,12 @@ impl ApiWriter {
     /// Forgets every status this process wrote or queued, on a change of leadership: another
     /// leader may have written since, so the objects' own statuses are the truth again.
     pub fn clear(&self) {
-        self.queue().entries.retain(|_, e| e.in_flight);
+        self.queue().keep_in_flight();
     }
 
     /// Drops everything pending for the service `uid` (it is deleted).
     pub fn forget(&self, uid: &str) {
-        self.queue().entries.remove(uid);
+        self.queue().remove(uid);
     }
 
     fn entry(&self, svc: &GrpcService, update: impl FnOnce(&mut Entry)) {

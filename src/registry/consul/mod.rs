@@ -318,6 +318,10 @@ impl Backend for ConsulRegistry {
         ConsulRegistry::publication_record(self, uid).await
     }
 
+    async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        ConsulRegistry::publication_records(self).await
+    }
+
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
         ConsulRegistry::release(self, target, owner).await
     }

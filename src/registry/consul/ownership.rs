@@ -40,6 +40,15 @@ impl ConsulRegistry {
         Ok(entry.map(|entry| entry.bytes()))
     }
 
+    /// Every publication record of this controller: the owner uid and the record.
+    ///
+    /// # Errors
+    /// Consul failures.
+    pub async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = self.publication_key("");
+        self.kv_under("list publication records", &prefix).await
+    }
+
     /// See [`crate::registry::Backend::heartbeat`]: KV `<records-root>/writers/<instance>`.
     ///
     /// # Errors

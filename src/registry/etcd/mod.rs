@@ -78,6 +78,9 @@ struct Inner {
     /// What this process last listed or wrote under each target, trusted while it is certain
     /// to be the only writer there (an optimisation within one term, never a record).
     listings: listed::Listings,
+    /// Held while a lease is being recorded, so that the syncs of a cold start (a thousand at
+    /// once) record it once, not each their own time.
+    marking: tokio::sync::Mutex<()>,
 }
 
 impl EtcdRegistry {
@@ -150,6 +153,7 @@ impl EtcdRegistry {
                 metrics,
                 fence,
                 marked: Mutex::default(),
+                marking: tokio::sync::Mutex::default(),
             }),
         }
     }
@@ -276,6 +280,10 @@ impl Backend for EtcdRegistry {
 
     async fn publication_record(&self, uid: &str) -> Result<Option<Vec<u8>>> {
         EtcdRegistry::publication_record(self, uid).await
+    }
+
+    async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        EtcdRegistry::publication_records(self).await
     }
 
     async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {

@@ -9,6 +9,9 @@ use tonic_etcd_resolver::format::watch_prefix;
 use tracing::info;
 
 use super::{EtcdRegistry, Op};
+
+/// Publication records read per range when listing them all (each is a spec, about 0.5 KB).
+const RECORDS_PAGE: i64 = 1000;
 use crate::registry::ownership::{self, Claims, Created, Held, OwnerRecords};
 use crate::registry::writes::release_batches;
 use crate::registry::{Claim, Error, Owner, Result, ancestors};
@@ -52,6 +55,43 @@ impl EtcdRegistry {
             .range("read publication record", &self.publication_key(uid), None)
             .await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Every publication record of this controller (its cluster's, with a cluster name): the
+    /// owner uid and the record, read in pages of [`RECORDS_PAGE`] keys.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn publication_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = self.publication_key("");
+        // The end of the prefix's range: its last byte (the '/') plus one.
+        let mut end = prefix.clone().into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let mut from = prefix.clone().into_bytes();
+        let mut records = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(RECORDS_PAGE);
+            let key = String::from_utf8_lossy(&from).into_owned();
+            let resp = self
+                .range("list publication records", &key, Some(options))
+                .await?;
+            for kv in resp.kvs() {
+                if let Some(uid) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) {
+                    records.push((uid.to_owned(), kv.value().to_vec()));
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(records),
+            }
+        }
     }
 
     /// See [`crate::registry::Backend::heartbeat`]: `<records-root>/writers/<instance>`.

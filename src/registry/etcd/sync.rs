@@ -185,7 +185,12 @@ impl EtcdRegistry {
     /// marks it as this cluster's. Once per lease and process, behind the leader fence (a
     /// deposed leader must not point the record at its own lease).
     async fn mark(&self, lease: i64, ttl: Duration) -> Result<()> {
-        if self.inner.marked.lock().expect("lock").contains(&lease) {
+        let marked = || self.inner.marked.lock().expect("lock").contains(&lease);
+        if marked() {
+            return Ok(());
+        }
+        let _marking = self.inner.marking.lock().await;
+        if marked() {
             return Ok(());
         }
         let on_lease = || Some(PutOptions::new().with_lease(lease));

@@ -14,7 +14,7 @@ use crate::registry::Planner;
 use crate::source::Candidate;
 use crate::source::Selection;
 use crate::source::index::CandidateIndex;
-use crate::source::pod::{ZONE_LABEL, candidate};
+use crate::source::pod::{PodObject, ZONE_LABEL, candidate};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -72,7 +72,10 @@ struct Rendered {
 }
 
 fn desired(plan: &Planned, pods: &[Pod]) -> Result<Rendered, SpecError> {
-    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    let candidates: Vec<Arc<Candidate>> = pods
+        .iter()
+        .map(|p| Arc::new(candidate(&PodObject::from(p))))
+        .collect();
     let d = crate::desired::desired(plan, &candidates);
     Ok(Rendered {
         entries: plan.layout().render(&d.endpoints)?,
@@ -84,7 +87,10 @@ fn desired(plan: &Planned, pods: &[Pod]) -> Result<Rendered, SpecError> {
 
 /// The logical endpoints `pods` give under `plan`, before any key is rendered.
 fn desired_endpoints(plan: &Planned, pods: &[Pod]) -> Vec<LogicalEndpoint> {
-    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    let candidates: Vec<Arc<Candidate>> = pods
+        .iter()
+        .map(|p| Arc::new(candidate(&PodObject::from(p))))
+        .collect();
     crate::desired::desired(plan, &candidates).endpoints
 }
 
@@ -279,7 +285,10 @@ fn a_numeric_port_no_container_declares_is_registered_and_reported() {
             .port("grpc", 50061)
             .build(),
     ];
-    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    let candidates: Vec<Arc<Candidate>> = pods
+        .iter()
+        .map(|p| Arc::new(candidate(&PodObject::from(p))))
+        .collect();
     let d = crate::desired::desired(&numeric, &candidates);
     assert_eq!(
         d.endpoints.len(),
@@ -316,7 +325,7 @@ fn selector_selects_only_matching_pods_in_the_same_namespace() {
             .namespace("other")
             .build(),
     ] {
-        index.apply(&pod.namespace().unwrap(), candidate(&pod));
+        index.apply(&pod.namespace().unwrap(), candidate(&PodObject::from(&pod)));
     }
     let Selection::Pods(selector) = &plan.selection else {
         panic!("a selector spec reads pods")
@@ -658,7 +667,7 @@ fn with_a_cluster_name_every_endpoint_says_which_cluster_it_is_in() {
     };
     let plan = planned(&service("greeter"), &policy).unwrap();
     let pods = [Arc::new(candidate(
-        &PodBuilder::ready("p1", "10.0.0.1").build(),
+        &PodBuilder::ready("p1", "10.0.0.1").object(),
     ))];
     let d = crate::desired::desired(&plan, &pods);
     assert_eq!(
@@ -687,7 +696,10 @@ fn an_entry_too_large_for_any_registry_write_is_an_invalid_spec_not_a_backend_er
 }
 
 fn weights(plan: &Planned, pods: &[Pod]) -> (Vec<Option<String>>, Vec<String>) {
-    let candidates: Vec<Arc<Candidate>> = pods.iter().map(|p| Arc::new(candidate(p))).collect();
+    let candidates: Vec<Arc<Candidate>> = pods
+        .iter()
+        .map(|p| Arc::new(candidate(&PodObject::from(p))))
+        .collect();
     let d = crate::desired::desired(plan, &candidates);
     (
         d.endpoints

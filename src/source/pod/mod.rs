@@ -1,9 +1,12 @@
 //! The pod source: a Pod becomes a [`Candidate`], with readiness decoded once, here.
 
+mod object;
+
+pub use object::PodObject;
+
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::core::Selector;
@@ -23,10 +26,10 @@ pub struct PodSource {
 }
 
 impl Source for PodSource {
-    type Object = Pod;
+    type Object = PodObject;
     type Decoded = Candidate;
 
-    fn decode(pod: &Pod) -> Candidate {
+    fn decode(pod: &PodObject) -> Candidate {
         candidate(pod)
     }
 
@@ -68,7 +71,7 @@ impl Source for PodSource {
     }
 
     /// A pod still listed wakes the services whose selector matches its labels.
-    fn selecting(&self, namespace: &str, pod: &Pod) -> Vec<String> {
+    fn selecting(&self, namespace: &str, pod: &PodObject) -> Vec<String> {
         if self.candidates.get(namespace, &pod.name_any()).is_none() {
             return Vec::new();
         }
@@ -134,7 +137,7 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// - ports: named container ports whose protocol is TCP (the default);
 /// - changed: the Ready condition's `lastTransitionTime`, or the deletionTimestamp.
 #[must_use]
-pub fn candidate(pod: &Pod) -> Candidate {
+pub fn candidate(pod: &PodObject) -> Candidate {
     let status = pod.status.as_ref();
     let ready_condition = status
         .and_then(|s| s.conditions.as_ref())
@@ -183,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_running_ready_pod_is_a_ready_serving_candidate_with_its_named_ports() {
-        let c = candidate(&PodBuilder::ready("p1", "10.0.0.7").build());
+        let c = candidate(&PodBuilder::ready("p1", "10.0.0.7").object());
         assert_eq!(c.id, "p1");
         assert_eq!(c.ip, Some("10.0.0.7".parse().unwrap()));
         assert!(c.ready && c.serving && !c.terminating);
@@ -194,19 +197,19 @@ mod tests {
 
     #[test]
     fn readiness_phase_deletion_and_ip_are_decoded_once_here() {
-        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").not_ready().build());
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").not_ready().object());
         assert!(!c.ready && c.serving);
-        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").phase("Pending").build());
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").phase("Pending").object());
         assert!(c.ready && !c.serving);
-        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").terminating().build());
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").terminating().object());
         assert!(c.terminating && c.changed.is_some());
-        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").no_ip().build());
+        let c = candidate(&PodBuilder::ready("p", "10.0.0.1").no_ip().object());
         assert_eq!(c.ip, None);
     }
 
     #[test]
     fn udp_ports_do_not_resolve_a_port_name() {
-        let mut pod = PodBuilder::ready("p", "10.0.0.1").build();
+        let mut pod = PodBuilder::ready("p", "10.0.0.1").object();
         pod.spec.as_mut().unwrap().containers[0]
             .ports
             .as_mut()
@@ -222,7 +225,7 @@ mod tests {
     fn the_zone_label_is_the_candidates_zone() {
         let pod = PodBuilder::ready("p", "10.0.0.1")
             .label(ZONE_LABEL, "zone-a")
-            .build();
+            .object();
         assert_eq!(candidate(&pod).zone.as_deref(), Some("zone-a"));
     }
 }

@@ -57,13 +57,14 @@ fn publication(target: &str) -> Publication {
             ]),
         })
         .collect();
-    Publication {
-        // A Consul service with its tags; etcd writes it as the default key layout.
-        placement: Arc::new(ConsulService::new(target, vec!["grpc".into()])),
-        owner: owner(),
-        ttl: Duration::from_secs(30),
-        endpoints: Arc::new(endpoints),
-    }
+    // A Consul service with its tags; etcd writes it as the default key layout.
+    Publication::new(
+        Arc::new(ConsulService::new(target, vec!["grpc".into()])),
+        owner(),
+        Duration::from_secs(30),
+        endpoints,
+    )
+    .expect("the default layout renders the endpoints")
 }
 
 /// One cold registration: claim, then one sync of every endpoint. Returns (ms, write requests).
@@ -154,7 +155,7 @@ fn start_controller(client: &kube::Client, ns: &str, backend: Arc<dyn Backend>, 
         Arc::new(Metrics::default()),
         Arc::new(AtomicBool::new(false)),
         grpc_registrar::leader::always_leader(),
-        grpc_registrar::controller::CONCURRENCY,
+        controller::CONCURRENCY,
         std::future::pending(),
     ));
 }

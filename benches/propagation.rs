@@ -54,7 +54,7 @@ async fn main() {
         Arc::new(Metrics::default()),
         Arc::new(AtomicBool::new(false)),
         grpc_registrar::leader::always_leader(),
-        grpc_registrar::controller::CONCURRENCY,
+        controller::CONCURRENCY,
         std::future::pending(),
     ));
 

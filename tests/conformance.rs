@@ -138,13 +138,14 @@ fn endpoint(i: usize, version: &str) -> LogicalEndpoint {
 }
 
 fn publication(target: &str, who: &Owner, endpoints: Vec<LogicalEndpoint>) -> Publication {
-    Publication {
-        // The default key layout: every backend here takes any placement's target and entries.
-        placement: Arc::new(Layout::default_for(target, ValueFormat::EtcdNaming)),
-        owner: who.clone(),
-        ttl: TTL,
-        endpoints: Arc::new(endpoints),
-    }
+    // The default key layout: every backend here takes any placement's target and entries.
+    Publication::new(
+        Arc::new(Layout::default_for(target, ValueFormat::EtcdNaming)),
+        who.clone(),
+        TTL,
+        endpoints,
+    )
+    .expect("the default layout renders the endpoints")
 }
 
 fn endpoints(n: usize, version: &str) -> Vec<LogicalEndpoint> {

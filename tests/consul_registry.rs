@@ -53,15 +53,16 @@ fn endpoint(i: usize) -> LogicalEndpoint {
 }
 
 fn publication(service: &str, who: &Owner, endpoints: Vec<LogicalEndpoint>) -> Publication {
-    Publication {
-        placement: Arc::new(ConsulService::new(
+    Publication::new(
+        Arc::new(ConsulService::new(
             service,
             vec!["grpc".into(), "v1".into()],
         )),
-        owner: who.clone(),
-        ttl: TTL,
-        endpoints: Arc::new(endpoints),
-    }
+        who.clone(),
+        TTL,
+        endpoints,
+    )
+    .expect("the service's layout renders the endpoints")
 }
 
 fn first(n: usize) -> Vec<LogicalEndpoint> {

@@ -700,6 +700,161 @@ async fn a_publication_record_is_written_only_by_the_owner_and_released_with_its
     assert_eq!(again.publication_record(&who.uid).await.unwrap(), None);
 }
 
+// --- What this process knows is under a target: no range while it is the only writer.
+
+/// How many ranges of target keys the registry has sent, as its request metric counts them.
+fn ranges(metrics: &Metrics) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .find(|line| {
+            line.starts_with("grpc_registrar_registry_request_duration_seconds_count{")
+                && line.contains(r#"backend="etcd""#)
+                && line.contains(r#"op="range""#)
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn sync(reg: &EtcdRegistry, target: &str, who: &Owner, n: usize) -> (usize, usize) {
+    let report = reg
+        .sync_entries(target, who, TTL, entries(target, n))
+        .await
+        .unwrap();
+    (report.puts, report.deletes)
+}
+
+#[tokio::test]
+async fn a_second_sync_of_an_unchanged_target_sends_no_range_and_a_change_is_diffed_against_what_was_written()
+ {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    claim_and_sync(&reg, target, &who, 50).await;
+    let listed = ranges(&metrics);
+    assert_eq!(listed, 1, "the first sync lists the target");
+
+    assert_eq!(sync(&reg, target, &who, 50).await, (0, 0));
+    assert_eq!(ranges(&metrics), listed, "nothing changed: no range");
+    assert_eq!(sync(&reg, target, &who, 49).await, (0, 1));
+    assert_eq!(sync(&reg, target, &who, 51).await, (2, 0));
+    assert_eq!(ranges(&metrics), listed, "the writes are known: no range");
+    assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 51);
+}
+
+#[tokio::test]
+async fn a_key_deleted_by_hand_is_put_back_by_the_first_sync_once_the_known_listing_expired() {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    claim_and_sync(&reg, target, &who, 3).await;
+    let gone = entries(target, 3).keys().next().unwrap().clone();
+    etcd.client()
+        .await
+        .delete(gone.as_str(), None)
+        .await
+        .unwrap();
+
+    // Within the bound, the listing this process wrote is trusted.
+    assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
+    // Past it (here: a bound of zero), the next sync lists and heals.
+    reg.trust_listings_for(Duration::ZERO);
+    assert_eq!(sync(&reg, target, &who, 3).await, (1, 0));
+    assert_eq!(ranges(&metrics), 2);
+    assert!(dump(&etcd, &format!("{target}/")).await.contains_key(&gone));
+}
+
+#[tokio::test]
+async fn with_a_cluster_name_every_sync_lists_the_target() {
+    let etcd = EtcdServer::start().await;
+    let metrics = Arc::new(Metrics::default());
+    let config = EtcdConfig {
+        default_ttl: TTL,
+        op_timeout: Duration::from_secs(2),
+        cluster: Some("east".into()),
+        ..EtcdConfig::new(vec![etcd.endpoint()])
+    };
+    let reg = EtcdRegistry::connect(config, metrics.clone())
+        .await
+        .unwrap();
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    claim_and_sync(&reg, target, &who, 3).await;
+    assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
+    assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
+    assert_eq!(ranges(&metrics), 3, "other clusters write there too");
+}
+
+#[tokio::test]
+async fn a_failed_ownership_guard_drops_the_known_listing_and_the_next_sync_lists_again() {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    claim_and_sync(&reg, target, &who, 3).await;
+    let mut client = etcd.client().await;
+    client
+        .put(reg.owner_key(target), owner("intruder").record(), None)
+        .await
+        .unwrap();
+    let err = reg
+        .sync_entries(target, &who, TTL, entries(target, 2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, grpc_registrar::registry::Error::OwnershipLost { .. }),
+        "{err}"
+    );
+    // The intruder writes under the target, then hands it back.
+    let intruded = format!("{target}/10.9.9.9:50051");
+    client.put(intruded.as_str(), "x", None).await.unwrap();
+    client
+        .put(reg.owner_key(target), who.record(), None)
+        .await
+        .unwrap();
+    let before = ranges(&metrics);
+    claim_and_sync(&reg, target, &who, 3).await;
+    assert_eq!(ranges(&metrics), before + 1, "listed again");
+    let keys = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(keys.len(), 3);
+    assert!(
+        !keys.contains_key(&intruded),
+        "what it did not know is seen"
+    );
+}
+
+#[tokio::test]
+async fn a_new_term_a_replaced_lease_or_a_release_lists_the_target_again() {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    reg.enable_fencing();
+    reg.fence("me", 1, far()).await.unwrap();
+    claim_and_sync(&reg, target, &who, 3).await;
+    assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
+    assert_eq!(ranges(&metrics), 1);
+
+    // A later term (another leader may have written in between).
+    reg.fence("me", 2, far()).await.unwrap();
+    claim_and_sync(&reg, target, &who, 3).await;
+    assert_eq!(ranges(&metrics), 2, "a new term lists");
+    assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
+    assert_eq!(ranges(&metrics), 2);
+
+    // The lease is lost, with every key on it.
+    let mut events = reg.events();
+    let old = reg.lease_ids().await[0];
+    etcd.client().await.lease_revoke(old).await.unwrap();
+    replaced(&mut events).await;
+    claim_and_sync(&reg, target, &who, 3).await;
+    assert_eq!(ranges(&metrics), 3, "a replaced lease lists");
+    assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 3);
+
+    // Released, then published again.
+    reg.release(target, &who).await.unwrap();
+    claim_and_sync(&reg, target, &who, 3).await;
+    assert_eq!(ranges(&metrics), 4, "a released target lists");
+    assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 3);
+}
+
 #[tokio::test]
 async fn every_publication_record_of_this_cluster_is_listed_across_pages_and_no_other_clusters() {
     use futures::StreamExt;

@@ -1,7 +1,7 @@
 //! What a reconcile reports for one `GrpcService`: its status and Events (written behind, see
 //! [`super::writer`]), its metrics, and the propagation of the changes it published.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,12 +146,21 @@ impl GrpcService {
     ) {
         let now = std::time::Instant::now();
         let wall = k8s_openapi::jiff::Timestamp::now();
-        let mut current = HashMap::with_capacity(selected.len());
+        // Updated in place (a reconcile of an unchanged service allocates nothing here).
+        let mut noted = 0;
         for candidate in selected {
             let Some(observed) = candidate.observed else {
                 continue;
             };
-            if wrote && observed >= born && seen.get(&candidate.id) != Some(&observed) {
+            noted += 1;
+            let before = match seen.get_mut(&candidate.id) {
+                Some(at) => Some(std::mem::replace(at, observed)),
+                None => {
+                    seen.insert(candidate.id.clone(), observed);
+                    None
+                }
+            };
+            if wrote && observed >= born && before != Some(observed) {
                 ctx.metrics
                     .to_registry
                     .from_watch
@@ -167,9 +176,16 @@ impl GrpcService {
                     }
                 }
             }
-            current.insert(candidate.id.clone(), observed);
         }
-        *seen = current;
+        // `seen` now holds every id noted: exactly those unless some left (or one came twice).
+        if seen.len() != noted {
+            let current: HashSet<&str> = selected
+                .iter()
+                .filter(|c| c.observed.is_some())
+                .map(|c| c.id.as_str())
+                .collect();
+            seen.retain(|id, _| current.contains(id.as_str()));
+        }
     }
 
     /// When the object was created, on this process's monotonic clock (Kubernetes keeps whole

@@ -1,6 +1,7 @@
 //! What a reconcile does for one `GrpcService`: apply (publish) and cleanup (deregister), with
 //! the outcome written to status.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +21,12 @@ use crate::registry::{self, Claim, Owner, Planned, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
 
-/// The candidates a plan selects and the desired state they make.
-type Evaluated = (Vec<Arc<Candidate>>, Desired);
+/// The candidates a plan selects, the desired state they make, and its entries as the
+/// placement rendered them (handed to the sync, so that a reconcile renders each key once).
+type Evaluated = (Vec<Arc<Candidate>>, Desired, Entries);
+
+/// Entries by key, as a placement rendered them.
+type Entries = Arc<BTreeMap<String, Vec<u8>>>;
 
 impl GrpcService {
     fn owner(&self) -> Result<Owner> {
@@ -56,7 +61,7 @@ impl GrpcService {
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
-        let (selected, want) = match self.evaluate(ctx, &plan) {
+        let (selected, want, entries) = match self.evaluate(ctx, &plan) {
             Ok(evaluated) => evaluated,
             Err(invalid) => {
                 let (e, want) = *invalid;
@@ -78,7 +83,7 @@ impl GrpcService {
             &owner.uid,
             publication::Record::of(self, plan.target()),
         );
-        self.publish(ctx, &owner, &plan, &selected, want, None)
+        self.publish(ctx, &owner, &plan, &selected, (want, entries), None)
             .await
     }
 
@@ -86,7 +91,7 @@ impl GrpcService {
     /// are a property of the endpoints: one is registered, the other reported, and the rest
     /// keep following readiness. A template that maps every endpoint to one key, or an entry
     /// too large for any write, is the spec's fault: found here, before anything is released or
-    /// claimed (with the counts, for status).
+    /// claimed (with the counts, for status). Each key and value is rendered once, here.
     fn evaluate(
         &self,
         ctx: &Context,
@@ -94,21 +99,16 @@ impl GrpcService {
     ) -> Result<Evaluated, Box<(SpecError, Desired)>> {
         let selected = self.select(ctx, &plan.plan);
         let mut want = desired(&plan.plan, &selected);
-        let checked = plan
-            .placement
-            .dedupe(std::mem::take(&mut want.endpoints))
-            .and_then(|(kept, collisions)| {
-                want.endpoints = kept;
-                want.collisions = collisions;
-                plan.placement.render(&want.endpoints).map(|_| ())
-            });
-        match checked {
-            Ok(()) => Ok((selected, want)),
+        let rendering = plan.placement.render(std::mem::take(&mut want.endpoints));
+        want.endpoints = rendering.endpoints;
+        want.collisions = rendering.collisions;
+        match rendering.entries {
+            Ok(entries) => Ok((selected, want, Arc::new(entries))),
             Err(e) => Err(Box::new((e, want))),
         }
     }
 
-    /// Publishes `want` under `plan` for `owner`: frees a previously published other target,
+    /// Publishes `want` (rendered as `entries`) under `plan` for `owner`: frees a previously published other target,
     /// claims this one, records the spec as the last valid publication (before the sync, so
     /// that the record never lags the keys), and syncs. With `invalid`, `self` carries the last
     /// valid spec of a service whose current spec is invalid: its status already says so, and
@@ -119,7 +119,7 @@ impl GrpcService {
         owner: &Owner,
         plan: &Planned,
         selected: &[Arc<Candidate>],
-        mut want: Desired,
+        (mut want, entries): (Desired, Entries),
         invalid: Option<&SpecError>,
     ) -> Result<Action> {
         if let Err(e) = self.free_previous(ctx, owner, plan).await {
@@ -131,7 +131,10 @@ impl GrpcService {
         {
             return Ok(stop);
         }
-        let report = match self.write(ctx, owner, plan, &mut want, invalid).await? {
+        let report = match self
+            .write(ctx, owner, plan, &mut want, entries, invalid)
+            .await?
+        {
             Ok(report) => report,
             Err(stop) => return Ok(stop),
         };
@@ -232,14 +235,15 @@ impl GrpcService {
         }
     }
 
-    /// Records the spec as the last valid publication, then syncs `want`; `Err` with what to
-    /// return when the reconcile stops here.
+    /// Records the spec as the last valid publication, then syncs `want` as `entries`; `Err`
+    /// with what to return when the reconcile stops here.
     async fn write(
         &self,
         ctx: &Context,
         owner: &Owner,
         plan: &Planned,
         want: &mut Desired,
+        entries: Entries,
         invalid: Option<&SpecError>,
     ) -> Result<Result<registry::SyncReport, Action>> {
         let publication = Publication {
@@ -247,6 +251,7 @@ impl GrpcService {
             owner: owner.clone(),
             ttl: self.ttl(ctx),
             endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
+            entries,
         };
         // Recorded in the registry first, so that any replica can keep publishing it once the
         // spec turns invalid, whatever became of the sync.
@@ -427,7 +432,8 @@ impl GrpcService {
         };
         match old.evaluate(ctx, &plan) {
             // Boxed: a valid spec's publish reaches here when the backend refuses it as a spec.
-            Ok((selected, want)) => {
+            Ok((selected, want, entries)) => {
+                let want = (want, entries);
                 Box::pin(old.publish(ctx, &owner, &plan, &selected, want, Some(error))).await
             }
             // The old spec cannot render the pods as they are now either: leave the keys.

@@ -215,7 +215,6 @@ async fn sweep_all(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
@@ -241,12 +240,15 @@ mod tests {
             metadata: BTreeMap::new(),
         };
         backend
-            .sync(&Publication {
-                placement: MemoryBackend::placement(target),
-                owner: owner.clone(),
-                ttl: Duration::from_secs(30),
-                endpoints: Arc::new(vec![endpoint]),
-            })
+            .sync(
+                &Publication::new(
+                    MemoryBackend::placement(target),
+                    owner.clone(),
+                    Duration::from_secs(30),
+                    vec![endpoint],
+                )
+                .unwrap(),
+            )
             .await
             .unwrap();
     }

@@ -224,7 +224,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
-        let entries = publication.placement.render(&publication.endpoints)?;
+        let entries = publication.entries.as_ref().clone();
         let mut state = self.writable("write registry batch")?;
         let target = publication.target();
         let Some(current) = state.targets.get(target) else {

@@ -52,28 +52,29 @@ pub trait Placement: std::fmt::Debug + Send + Sync + 'static {
     /// The target: what is claimed and owned, and what status names.
     fn target(&self) -> &str;
 
-    /// Keeps one endpoint per registry entry: a later endpoint mapping to an entry an earlier
-    /// one (in candidate order) already has is left out and returned as a [`Collision`].
-    ///
-    /// # Errors
-    /// [`SpecError`] when the spec maps every endpoint to one entry, whatever the endpoints.
-    fn dedupe(
-        &self,
-        endpoints: Vec<LogicalEndpoint>,
-    ) -> std::result::Result<(Vec<LogicalEndpoint>, Vec<Collision>), SpecError>;
-
-    /// Every entry, by key, checking that no two endpoints share one and that each fits in one
-    /// registry write.
-    ///
-    /// # Errors
-    /// [`SpecError`] naming the entry at fault.
-    fn render(
-        &self,
-        endpoints: &[LogicalEndpoint],
-    ) -> std::result::Result<BTreeMap<String, Vec<u8>>, SpecError>;
+    /// Lays `endpoints` out as entries, rendering each key and value once: one endpoint per
+    /// entry (a later endpoint mapping to an entry an earlier one, in candidate order, already
+    /// has is left out and returned as a [`Collision`]), and every entry by key, each checked
+    /// to fit in one registry write. The entries are what a reconcile hands the sync in its
+    /// [`Publication`], so that nothing is rendered twice.
+    fn render(&self, endpoints: Vec<LogicalEndpoint>) -> Rendering;
 
     /// For the backend that planned it, to read its own details back.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Endpoints laid out by a [`Placement`]: the ones kept (one per entry), the ones left out, and
+/// the entries, or why the spec cannot publish them.
+#[derive(Debug)]
+pub struct Rendering {
+    /// One endpoint per entry, in candidate order (none when the spec maps every endpoint to
+    /// one entry).
+    pub endpoints: Vec<LogicalEndpoint>,
+    /// The endpoints left out, each on an entry an earlier one has.
+    pub collisions: Vec<Collision>,
+    /// Every entry's key and value, or the [`SpecError`] naming the entry at fault: the spec
+    /// maps every endpoint to one entry, or an entry is too large for any write.
+    pub entries: std::result::Result<BTreeMap<String, Vec<u8>>, SpecError>,
 }
 
 /// A spec validated and planned for a backend: the backend-neutral [`Plan`] and the backend's
@@ -210,11 +211,46 @@ pub struct Publication {
     pub owner: Owner,
     /// The lease TTL the entries live by.
     pub ttl: Duration,
-    /// The endpoints.
+    /// The endpoints, one per entry.
     pub endpoints: Arc<Vec<LogicalEndpoint>>,
+    /// The entries `placement` renders of `endpoints`, by key: rendered once, where the spec
+    /// was checked, and written as they are (a backend that names entries its own way, like
+    /// Consul, builds its own from `endpoints`).
+    pub entries: Arc<BTreeMap<String, Vec<u8>>>,
 }
 
 impl Publication {
+    /// Publishes `endpoints` under `placement`, rendering the entries.
+    ///
+    /// # Errors
+    /// [`SpecError::KeyCollision`] naming both endpoints when two map to one entry;
+    /// [`SpecError`] as [`Placement::render`] finds it.
+    pub fn new(
+        placement: Arc<dyn Placement>,
+        owner: Owner,
+        ttl: Duration,
+        endpoints: Vec<LogicalEndpoint>,
+    ) -> std::result::Result<Self, SpecError> {
+        let given = endpoints.len();
+        let rendering = placement.render(endpoints);
+        let entries = rendering.entries?;
+        if let Some(collision) = rendering.collisions.first() {
+            return Err(SpecError::KeyCollision {
+                key: collision.key.clone(),
+                first: collision.kept.clone(),
+                second: collision.left_out.clone(),
+            });
+        }
+        debug_assert_eq!(given, rendering.endpoints.len());
+        Ok(Self {
+            placement,
+            owner,
+            ttl,
+            endpoints: Arc::new(rendering.endpoints),
+            entries: Arc::new(entries),
+        })
+    }
+
     /// The target published under.
     #[must_use]
     pub fn target(&self) -> &str {

@@ -2,16 +2,15 @@
 //! rule of [`super::name`], with the spec's `consul.tags`; the etcd-only settings are refused.
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kube::ResourceExt;
 
 use super::name;
 use crate::crd::GrpcService;
-use crate::desired::{Collision, LogicalEndpoint, Plan, Policy, SpecError};
+use crate::desired::{LogicalEndpoint, Plan, Policy, SpecError};
 use crate::registry::etcd::Layout;
-use crate::registry::{Placement, Planner};
+use crate::registry::{Placement, Planner, Rendering};
 
 /// Plans specs as Consul services.
 #[derive(Clone, Copy, Debug, Default)]
@@ -57,18 +56,8 @@ impl Placement for ConsulService {
         &self.service
     }
 
-    fn dedupe(
-        &self,
-        endpoints: Vec<LogicalEndpoint>,
-    ) -> Result<(Vec<LogicalEndpoint>, Vec<Collision>), SpecError> {
-        self.checks.dedupe(endpoints)
-    }
-
-    fn render(
-        &self,
-        endpoints: &[LogicalEndpoint],
-    ) -> Result<BTreeMap<String, Vec<u8>>, SpecError> {
-        self.checks.render(endpoints)
+    fn render(&self, endpoints: Vec<LogicalEndpoint>) -> Rendering {
+        self.checks.lay_out(endpoints)
     }
 
     fn as_any(&self) -> &dyn Any {

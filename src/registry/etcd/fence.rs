@@ -43,6 +43,8 @@ impl EtcdRegistry {
     /// # Errors
     /// [`Error::Fenced`] when etcd already holds a later leader record; etcd failures.
     pub async fn fence(&self, holder: &str, term: i64, valid_until: Instant) -> Result<i64> {
+        // A new term: what this process knew was under any target is another term's.
+        self.inner.listings.forget_all();
         let key = self.leader_key();
         let record = leader_record(term, holder);
         let fenced = || Error::Fenced {
@@ -111,9 +113,11 @@ impl EtcdRegistry {
         self.inner.fence.extend(valid_until);
     }
 
-    /// Stops writing at once, and forgets claims (the next leader owns them).
+    /// Stops writing at once, and forgets claims (the next leader owns them) and what this
+    /// process knew was under each target.
     pub fn depose(&self) {
         self.inner.fence.depose();
+        self.inner.listings.forget_all();
     }
 
     /// The compare that fences a write, `None` without leader election.

@@ -3,14 +3,14 @@
 //! [`Placement`].
 
 use std::any::Any;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tonic_etcd_resolver::format::{Endpoint, ValueFormat};
 
 use super::template::{self, KeyTemplate};
 pub use crate::desired::MAX_ENTRY_BYTES;
 use crate::desired::{Collision, LogicalEndpoint, SpecError};
-use crate::registry::Placement;
+use crate::registry::{Placement, Rendering};
 
 // etcd refuses requests over 1.5 MiB; its txn batches are bounded by
 // [`super::MAX_TXN_BYTES`], at least [`MAX_ENTRY_BYTES`].
@@ -35,18 +35,8 @@ impl Placement for Layout {
         &self.target
     }
 
-    fn dedupe(
-        &self,
-        endpoints: Vec<LogicalEndpoint>,
-    ) -> Result<(Vec<LogicalEndpoint>, Vec<Collision>), SpecError> {
-        Layout::dedupe(self, endpoints)
-    }
-
-    fn render(
-        &self,
-        endpoints: &[LogicalEndpoint],
-    ) -> Result<BTreeMap<String, Vec<u8>>, SpecError> {
-        Layout::render(self, endpoints)
+    fn render(&self, endpoints: Vec<LogicalEndpoint>) -> Rendering {
+        self.lay_out(endpoints)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -113,13 +103,61 @@ impl Layout {
         self.format.codec().render(&wire)
     }
 
-    /// Every key and value, checking that no two endpoints share a key and that each entry fits
-    /// in one registry write.
-    ///
-    /// # Errors
-    /// [`SpecError::KeyCollision`] naming both endpoints, when the key template maps two to one
-    /// key (one would silently hide the other); [`SpecError::TooLarge`] for an entry over
-    /// [`MAX_ENTRY_BYTES`].
+    /// [`Layout::dedupe`] and [`Layout::render`] in one pass, each key and value rendered once:
+    /// the endpoints kept, the collisions, and the entries of the kept ones (or the first error
+    /// either would return; the counts stay as `dedupe` leaves them).
+    #[must_use]
+    pub fn lay_out(&self, endpoints: Vec<LogicalEndpoint>) -> Rendering {
+        if !self.template.names_the_endpoint() {
+            // Invalid whatever the endpoints: dedupe says why, and keeps nothing.
+            let error = self
+                .dedupe(endpoints)
+                .err()
+                .unwrap_or_else(|| SpecError::Template("it names nothing of the endpoint".into()));
+            return Rendering {
+                endpoints: Vec::new(),
+                collisions: Vec::new(),
+                entries: Err(error),
+            };
+        }
+        let mut kept: Vec<LogicalEndpoint> = Vec::with_capacity(endpoints.len());
+        let mut entries: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        // The kept endpoint of each key, by its index in `kept`.
+        let mut first: HashMap<String, usize> = HashMap::with_capacity(endpoints.len());
+        let mut collisions = Vec::new();
+        let mut too_large: Option<SpecError> = None;
+        for endpoint in endpoints {
+            let key = self.key(&endpoint);
+            if let Some(&index) = first.get(&key) {
+                collisions.push(Collision {
+                    key,
+                    kept: kept[index].id.clone(),
+                    left_out: endpoint.id.clone(),
+                });
+                continue;
+            }
+            if too_large.is_none() {
+                let value = self.value(&endpoint);
+                let bytes = key.len() + value.len();
+                if bytes > MAX_ENTRY_BYTES {
+                    too_large = Some(SpecError::TooLarge {
+                        key: key.clone(),
+                        bytes,
+                    });
+                } else {
+                    entries.insert(key.clone(), value);
+                }
+            }
+            first.insert(key, kept.len());
+            kept.push(endpoint);
+        }
+        Rendering {
+            endpoints: kept,
+            collisions,
+            entries: too_large.map_or(Ok(entries), Err),
+        }
+    }
+
     /// Keeps one endpoint per key: a later endpoint rendering to a key an earlier one (in
     /// candidate order) already has is left out and returned as a [`Collision`], so that two
     /// pods reporting one IP (IP reuse, hostNetwork) do not take the whole service down: the key
@@ -170,6 +208,13 @@ impl Layout {
         Ok((kept, collisions))
     }
 
+    /// Every key and value, checking that no two endpoints share a key and that each entry fits
+    /// in one registry write.
+    ///
+    /// # Errors
+    /// [`SpecError::KeyCollision`] naming both endpoints, when the key template maps two to one
+    /// key (one would silently hide the other); [`SpecError::TooLarge`] for an entry over
+    /// [`MAX_ENTRY_BYTES`].
     pub fn render(
         &self,
         endpoints: &[LogicalEndpoint],
@@ -193,5 +238,70 @@ impl Layout {
             out.insert(key, value);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tonic_etcd_resolver::format::ValueFormat;
+
+    use super::*;
+
+    fn endpoint(id: &str, ip: &str) -> LogicalEndpoint {
+        LogicalEndpoint {
+            id: id.into(),
+            ip: ip.parse().unwrap(),
+            port: 50051,
+            node: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn laying_out_keeps_the_first_endpoint_of_each_key_and_renders_what_dedupe_then_render_would() {
+        let layout = Layout::default_for("services/ns/greeter", ValueFormat::EtcdNaming);
+        let endpoints = vec![
+            endpoint("a", "10.0.0.1"),
+            endpoint("b", "10.0.0.2"),
+            endpoint("c", "10.0.0.1"),
+        ];
+        let (kept, collisions) = layout.dedupe(endpoints.clone()).unwrap();
+        let rendering = layout.lay_out(endpoints);
+        assert_eq!(rendering.endpoints, kept);
+        assert_eq!(rendering.collisions, collisions);
+        assert_eq!(rendering.collisions[0].kept, "a");
+        assert_eq!(rendering.entries.unwrap(), layout.render(&kept).unwrap());
+    }
+
+    #[test]
+    fn laying_out_an_entry_too_large_keeps_the_counts_and_names_the_entry() {
+        let layout = Layout::default_for("services/ns/greeter", ValueFormat::EtcdNaming);
+        let mut big = endpoint("big", "10.0.0.2");
+        big.metadata
+            .insert("note".into(), "x".repeat(MAX_ENTRY_BYTES));
+        let rendering = layout.lay_out(vec![
+            endpoint("a", "10.0.0.1"),
+            big,
+            endpoint("c", "10.0.0.1"),
+        ]);
+        assert_eq!(
+            (rendering.endpoints.len(), rendering.collisions.len()),
+            (2, 1)
+        );
+        assert!(matches!(
+            rendering.entries,
+            Err(SpecError::TooLarge { key, .. }) if key.ends_with("10.0.0.2:50051")
+        ));
+    }
+
+    #[test]
+    fn laying_out_with_a_template_that_names_no_endpoint_keeps_nothing() {
+        let mut layout = Layout::default_for("services/ns/greeter", ValueFormat::EtcdNaming);
+        layout.template = KeyTemplate::parse("{target}/{name}").unwrap();
+        let rendering = layout.lay_out(vec![endpoint("a", "10.0.0.1")]);
+        assert!(rendering.endpoints.is_empty());
+        assert!(matches!(rendering.entries, Err(SpecError::Template(_))));
     }
 }

@@ -10,6 +10,9 @@
 //!   the `keyTemplate` ([`KeyTemplate`]), values through the format's codec.
 //! - `ownership`: the guarded txns of the shared claim and take-over flows; release.
 //! - `sync`: list, diff ([`diff`]), the guarded txn each shared batch is written as.
+//! - `listed`: what this process last listed or wrote under each target, trusted instead of a
+//!   range while it is certain to be the only writer there (an optimisation within one term:
+//!   any replica reconstructs from the registry).
 //! - `fence`: the leader record and the compare every write carries (the state is shared).
 //! - `lease`: one shared lease per TTL, adopted when recorded; `keepalive`: its keeper, which
 //!   renews it and replaces it when lost.
@@ -20,6 +23,7 @@ mod fence;
 mod keepalive;
 pub mod layout;
 mod lease;
+mod listed;
 mod ownership;
 pub mod plan;
 mod sync;
@@ -71,6 +75,9 @@ struct Inner {
     /// The leases this process has recorded for adoption (with a cluster name, also marked as
     /// its cluster's).
     marked: Mutex<std::collections::HashSet<i64>>,
+    /// What this process last listed or wrote under each target, trusted while it is certain
+    /// to be the only writer there (an optimisation within one term, never a record).
+    listings: listed::Listings,
     /// Held while a lease is being recorded, so that the syncs of a cold start (a thousand at
     /// once) record it once, not each their own time.
     marking: tokio::sync::Mutex<()>,
@@ -135,8 +142,10 @@ impl EtcdRegistry {
             Arc::new(fence.claims().clearer()),
             format!("{}/lease/", config.records_root()),
         );
+        let listings = listed::Listings::new(leases.subscribe());
         Self {
             inner: Arc::new(Inner {
+                listings,
                 client,
                 records: Records::new(config.records_root()),
                 config,
@@ -173,6 +182,14 @@ impl EtcdRegistry {
         .await;
         self.record("connect", resp.as_ref().err());
         Ok(resp?.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Trusts what this process last listed or wrote under a target for `age` from the range
+    /// that read it ([`listed::MAX_AGE`] by default): a sync within it reads nothing from etcd
+    /// while this process is certain to be the target's only writer; a key deleted by hand is
+    /// put back by the first sync after it. Zero lists on every sync.
+    pub fn trust_listings_for(&self, age: Duration) {
+        self.inner.listings.set_max_age(age);
     }
 
     /// The ids of the live shared leases.
@@ -247,12 +264,12 @@ impl Backend for EtcdRegistry {
     }
 
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
-        let entries = publication.placement.render(&publication.endpoints)?;
+        // The entries as the reconcile rendered them when it checked the spec: not again.
         self.sync_entries(
             publication.target(),
             &publication.owner,
             publication.ttl,
-            Arc::new(entries),
+            publication.entries.clone(),
         )
         .await
     }

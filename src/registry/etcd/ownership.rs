@@ -182,6 +182,8 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn take_over(&self, target: &str, owner: &Owner, version: i64) -> Result<Claim> {
+        // Another owner wrote there: what this process knew of it is not to be trusted.
+        self.inner.listings.forget(target);
         ownership::take_over(self, target, owner, version).await
     }
 
@@ -225,6 +227,8 @@ impl EtcdRegistry {
     /// # Errors
     /// etcd failures.
     pub async fn release(&self, target: &str, owner: &Owner) -> Result<usize> {
+        // Whatever becomes of the release, what this process knew was under it is stale.
+        self.inner.listings.forget(target);
         if self.inner.config.cluster.is_some() {
             return self.release_own_keys(target, owner).await;
         }
@@ -283,8 +287,10 @@ impl EtcdRegistry {
         release_batches(self, &scope, &ops, entries).await
     }
 
+    /// Forgets the claim of a released `target`, and what this process knew was under it.
     pub(super) fn forget_claim(&self, target: &str) {
         self.inner.fence.claims().forget(target);
+        self.inner.listings.forget(target);
     }
 }
 

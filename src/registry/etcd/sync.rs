@@ -9,6 +9,7 @@ use tonic_etcd_resolver::format::watch_prefix;
 use tracing::warn;
 
 use super::lease::is_lease_not_found;
+use super::listed::{Basis, Listed};
 use super::{Current, EtcdRegistry, Op, diff};
 use crate::registry::batch::Limits;
 use crate::registry::error::timeout;
@@ -221,6 +222,10 @@ impl EtcdRegistry {
 
     /// Makes the keys under an owned `target` equal `desired`, all on the shared lease for `ttl`.
     ///
+    /// What is under the target is listed, or, while this process is certain to be its only
+    /// writer, taken from what it last listed or wrote there (see [`super::listed`]): a sync of
+    /// an unchanged service then reads nothing from etcd. Any error drops that listing.
+    ///
     /// Writes go in txns of at most `max_txn_ops` operations and [`super::MAX_TXN_BYTES`]
     /// bytes, each guarded by the ownership
     /// record (and the leader fence), so nothing is written once ownership is lost.
@@ -234,23 +239,95 @@ impl EtcdRegistry {
         ttl: Duration,
         desired: Arc<BTreeMap<String, Vec<u8>>>,
     ) -> Result<SyncReport> {
+        let synced = self.sync_listed(target, owner, ttl, desired).await;
+        if synced.is_err() {
+            self.inner.listings.forget(target);
+        }
+        synced
+    }
+
+    /// What a listing of `target` may be trusted under now, for `owner` on `lease`: `None`
+    /// with a cluster name (other clusters write there), when this replica may not write, or
+    /// when it holds no claim of the target.
+    fn listing_basis(&self, target: &str, owner: &Owner, lease: i64) -> Option<Basis> {
+        if self.inner.config.cluster.is_some() {
+            return None;
+        }
+        let fence = self.inner.fence.guard("sync").ok()?;
+        let claim = self.inner.fence.claims().version(target, owner)?;
+        Some(Basis {
+            lease,
+            fence,
+            claim,
+        })
+    }
+
+    /// Sends `scope`'s guards (the ownership record and the leader fence) in a txn that writes
+    /// nothing.
+    ///
+    /// # Errors
+    /// [`Error::Fenced`] (and this replica deposed) when a later leader fenced it;
+    /// [`Error::OwnershipLost`] (and the claim forgotten) when the record names another owner;
+    /// etcd failures.
+    async fn check_guards(&self, scope: &Scope<'_, Guard>, progress: &mut Progress) -> Result<()> {
+        match self
+            .write("check registry guards", &scope.guard, &[])
+            .await?
+        {
+            Written::Committed(revision) => {
+                progress.revision = progress.revision.max(revision.unwrap_or(0));
+                Ok(())
+            }
+            Written::GuardFailed => {
+                self.forget_claim(scope.target);
+                Err(Error::OwnershipLost {
+                    target: scope.target.to_owned(),
+                })
+            }
+            Written::Refused(error) => Err(error),
+        }
+    }
+
+    /// [`Self::sync_entries`], leaving the listing to forget on an error to the caller.
+    async fn sync_listed(
+        &self,
+        target: &str,
+        owner: &Owner,
+        ttl: Duration,
+        desired: Arc<BTreeMap<String, Vec<u8>>>,
+    ) -> Result<SyncReport> {
         let lease_id = self.inner.leases.lease(ttl).await?;
         self.mark(lease_id, ttl).await?;
-        let listing = self.list(target).await?;
-        let desired = left_to_others(target, desired, &listing.foreign);
-        let mut current = listing.current;
-        current.extend(
-            listing
-                .unmarked
-                .into_iter()
-                .filter(|(key, _)| desired.contains_key(key)),
-        );
+        let basis = self.listing_basis(target, owner, lease_id);
+        let (known, ticket) = self.inner.listings.take(target, basis, Instant::now());
+        let trusted = known.is_some();
+        let (mut current, desired, revision, read_at) = match known {
+            Some(listed) => (listed.keys, desired, listed.revision, listed.read_at),
+            None => {
+                let read_at = Instant::now();
+                let listing = self.list(target).await?;
+                let desired = left_to_others(target, desired, &listing.foreign);
+                let mut current = listing.current;
+                current.extend(
+                    listing
+                        .unmarked
+                        .into_iter()
+                        .filter(|(key, _)| desired.contains_key(key)),
+                );
+                (current, desired, listing.revision, read_at)
+            }
+        };
         let ops = diff(&current, &desired, lease_id);
         let scope = self.scope(target, owner, lease_id);
         let mut progress = Progress {
-            revision: listing.revision,
+            revision,
             ..Progress::default()
         };
+        if trusted && ops.is_empty() && basis.is_some_and(|b| b.fence.is_some()) {
+            // Nothing to write, and no listing that would show another leader's writes: a
+            // leader checks its guards in an empty txn, so that a deposed one still finds out.
+            self.check_guards(&scope, &mut progress).await?;
+        }
         match sync_batches(self, &scope, &ops, &mut progress).await {
             Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
                 // The keeper checks at once and, when the lease is gone, grants a new one and
@@ -262,6 +339,31 @@ impl EtcdRegistry {
             // unconditional under the guard.
             Err(error) | Ok(Some(error)) => return Err(error),
             Ok(None) => {}
+        }
+        if let Some(basis) = basis {
+            // Every write committed: the keys are now `desired`, on the lease.
+            for op in ops {
+                match op {
+                    Op::Put { key, value } => {
+                        current.insert(
+                            key,
+                            Current {
+                                value,
+                                lease: lease_id,
+                            },
+                        );
+                    }
+                    Op::Delete { key } => {
+                        current.remove(&key);
+                    }
+                }
+            }
+            let listed = Listed {
+                keys: current,
+                revision: progress.revision,
+                read_at,
+            };
+            self.inner.listings.keep(target, basis, listed, ticket);
         }
         Ok(progress.report(target, desired.len(), Some(lease_id)))
     }

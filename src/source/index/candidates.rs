@@ -1,18 +1,60 @@
 //! Candidates by namespace, id and label.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use kube::core::{Selector, SelectorExt};
 
 use super::{Postings, anchors};
 use crate::source::Candidate;
 
+/// How many selectors' matches a namespace keeps up to date (a new one evicts an arbitrary one
+/// when full): each costs one label match per candidate event in the namespace.
+const KEPT_SELECTIONS: usize = 16;
+
 /// The candidates of one namespace.
 #[derive(Debug, Default)]
 struct NamespaceCandidates {
     by_id: HashMap<String, Arc<Candidate>>,
     labels: Postings,
+    /// What selectors used before match, by the selector's text, kept up to date by every
+    /// apply and delete: a reconcile of the same service matches no label again.
+    selections: Mutex<HashMap<String, Selection>>,
+}
+
+/// The candidates one selector matches, sorted by id.
+#[derive(Debug)]
+struct Selection {
+    selector: Selector,
+    matches: Vec<Arc<Candidate>>,
+}
+
+impl Selection {
+    /// Follows the candidate `id` (its new state, or `None`: deleted) in the matches.
+    fn follow(&mut self, id: &str, candidate: Option<&Arc<Candidate>>) {
+        let found = self.matches.binary_search_by(|c| c.id.as_str().cmp(id));
+        match (
+            found,
+            candidate.filter(|c| self.selector.matches(&c.labels)),
+        ) {
+            (Ok(at), Some(c)) => self.matches[at] = c.clone(),
+            (Ok(at), None) => {
+                self.matches.remove(at);
+            }
+            (Err(at), Some(c)) => self.matches.insert(at, c.clone()),
+            (Err(_), None) => {}
+        }
+    }
+}
+
+impl NamespaceCandidates {
+    /// Brings every kept selection up to date with the candidate `id`.
+    fn follow(&mut self, id: &str) {
+        let candidate = self.by_id.get(id);
+        for selection in self.selections.get_mut().expect("lock").values_mut() {
+            selection.follow(id, candidate);
+        }
+    }
 }
 
 /// Candidates by namespace, id and label.
@@ -29,7 +71,9 @@ impl CandidateIndex {
             Some(old) if old.same_registrable_state(&candidate) => old.observed,
             _ => Some(std::time::Instant::now()),
         };
+        let id = candidate.id.clone();
         insert(ns, candidate);
+        ns.follow(&id);
     }
 
     /// Removes a candidate.
@@ -38,6 +82,7 @@ impl CandidateIndex {
         if let Some(ns) = by_ns.get_mut(namespace) {
             if let Some(old) = ns.by_id.remove(id) {
                 ns.labels.remove(&old.labels, id);
+                ns.follow(id);
             }
             if ns.by_id.is_empty() {
                 by_ns.remove(namespace);
@@ -80,37 +125,46 @@ impl CandidateIndex {
             .cloned()
     }
 
-    /// The candidates in `namespace` that `selector` matches, read through the smallest
-    /// posting list among its requirements (the whole namespace only when it has none an index
-    /// can use, e.g. only `NotIn`). Sorted by id, so results are stable.
+    /// The candidates in `namespace` that `selector` matches. Sorted by id, so results are
+    /// stable. What up to [`KEPT_SELECTIONS`] selectors used before match is kept up to date as
+    /// candidates change, so that selecting again matches no label; else it is read through the smallest
+    /// posting list among the selector's requirements (the whole namespace only when it has
+    /// none an index can use, e.g. only `NotIn`).
     #[must_use]
     pub fn select(&self, namespace: &str, selector: &Selector) -> Vec<Arc<Candidate>> {
         let by_ns = self.0.read().expect("lock");
         let Some(ns) = by_ns.get(namespace) else {
             return Vec::new();
         };
-        let best = anchors(selector)
-            .iter()
-            .map(|a| ns.labels.lookup(a))
-            .min_by_key(|(n, _)| *n);
-        let mut out: Vec<Arc<Candidate>> = match best {
-            Some((_, sets)) => sets
-                .into_iter()
-                .flatten()
-                .filter_map(|id| ns.by_id.get(id))
-                .filter(|c| selector.matches(&c.labels))
-                .cloned()
-                .collect(),
-            None => ns
-                .by_id
-                .values()
-                .filter(|c| selector.matches(&c.labels))
-                .cloned()
-                .collect(),
-        };
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        out.dedup_by(|a, b| a.id == b.id);
-        out
+        let text = selector.to_string();
+        let mut selections = ns.selections.lock().expect("lock");
+        if let Some(kept) = selections.get(&text) {
+            return kept.matches.clone();
+        }
+        let matches = matching(ns, selector);
+        if selections.len() >= KEPT_SELECTIONS
+            && let Some(evicted) = selections.keys().next().cloned()
+        {
+            selections.remove(&evicted);
+        }
+        selections.insert(
+            text,
+            Selection {
+                selector: selector.clone(),
+                matches: matches.clone(),
+            },
+        );
+        matches
+    }
+
+    /// How many selections `namespace` keeps up to date (for tests).
+    #[cfg(test)]
+    fn kept_selections(&self, namespace: &str) -> usize {
+        self.0
+            .read()
+            .expect("lock")
+            .get(namespace)
+            .map_or(0, |ns| ns.selections.lock().expect("lock").len())
     }
 
     /// How many candidates there are in all namespaces.
@@ -129,6 +183,33 @@ impl CandidateIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The candidates of `ns` that `selector` matches, read through the smallest posting list among
+/// its requirements (every candidate only when it has none an index can use). Sorted by id.
+fn matching(ns: &NamespaceCandidates, selector: &Selector) -> Vec<Arc<Candidate>> {
+    let best = anchors(selector)
+        .iter()
+        .map(|a| ns.labels.lookup(a))
+        .min_by_key(|(n, _)| *n);
+    let mut out: Vec<Arc<Candidate>> = match best {
+        Some((_, sets)) => sets
+            .into_iter()
+            .flatten()
+            .filter_map(|id| ns.by_id.get(id))
+            .filter(|c| selector.matches(&c.labels))
+            .cloned()
+            .collect(),
+        None => ns
+            .by_id
+            .values()
+            .filter(|c| selector.matches(&c.labels))
+            .cloned()
+            .collect(),
+    };
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.dedup_by(|a, b| a.id == b.id);
+    out
 }
 
 fn insert(ns: &mut NamespaceCandidates, candidate: Candidate) {
@@ -226,5 +307,46 @@ mod tests {
             ["new"]
         );
         assert!(index.get("a", "gone").is_none());
+    }
+
+    #[test]
+    fn a_kept_selection_follows_applies_relabels_and_deletes_as_a_fresh_one_would() {
+        let index = CandidateIndex::default();
+        let sel = selector(&[("app", "greeter")], &[]);
+        index.apply("a", candidate("p2", &[("app", "greeter")]));
+        assert_eq!(ids(&index.select("a", &sel)), ["p2"]);
+        assert_eq!(index.kept_selections("a"), 1);
+        index.apply("a", candidate("p1", &[("app", "greeter")]));
+        index.apply("a", candidate("p3", &[("app", "other")]));
+        assert_eq!(ids(&index.select("a", &sel)), ["p1", "p2"]);
+        let mut ready = candidate("p2", &[("app", "greeter")]);
+        ready.ready = true;
+        index.apply("a", ready);
+        assert!(
+            index.select("a", &sel)[1].ready,
+            "the new state, not the kept one"
+        );
+        index.apply("a", candidate("p3", &[("app", "greeter")]));
+        index.apply("a", candidate("p1", &[("app", "other")]));
+        assert_eq!(ids(&index.select("a", &sel)), ["p2", "p3"]);
+        index.delete("a", "p2");
+        assert_eq!(ids(&index.select("a", &sel)), ["p3"]);
+        index.reset([("a".to_owned(), candidate("p4", &[("app", "greeter")]))]);
+        assert_eq!(ids(&index.select("a", &sel)), ["p4"]);
+    }
+
+    #[test]
+    fn a_bounded_number_of_selections_is_kept_up_to_date_and_an_evicted_one_is_selected_afresh() {
+        let index = CandidateIndex::default();
+        index.apply("a", candidate("p1", &[("app", "x0")]));
+        for i in 0..KEPT_SELECTIONS + 4 {
+            let app = format!("x{i}");
+            let _ = index.select("a", &selector(&[("app", app.as_str())], &[]));
+        }
+        assert_eq!(index.kept_selections("a"), KEPT_SELECTIONS);
+        assert_eq!(
+            ids(&index.select("a", &selector(&[("app", "x0")], &[]))),
+            ["p1"]
+        );
     }
 }

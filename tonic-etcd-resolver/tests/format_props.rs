@@ -42,6 +42,20 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
+    fn a_socket_address_is_written_as_the_standard_library_writes_it(
+        ip in prop_oneof![
+            any::<std::net::Ipv4Addr>().prop_map(std::net::IpAddr::from),
+            any::<std::net::Ipv6Addr>().prop_map(std::net::IpAddr::from),
+        ],
+        port in any::<u16>(),
+    ) {
+        prop_assert_eq!(
+            format::socket_addr(ip, port),
+            std::net::SocketAddr::new(ip, port).to_string()
+        );
+    }
+
+    #[test]
     fn arbitrary_bytes_never_make_the_parser_panic(bytes in prop::collection::vec(any::<u8>(), 0..96)) {
         let _ = format::parse(&bytes);
     }

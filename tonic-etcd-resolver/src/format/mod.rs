@@ -266,7 +266,39 @@ pub fn validate_addr(addr: &str) -> Result<(), FormatError> {
 /// Formats an IP and port as an address, bracketing IPv6 (`[fd00::7]:50051`).
 #[must_use]
 pub fn socket_addr(ip: IpAddr, port: u16) -> String {
-    std::net::SocketAddr::new(ip, port).to_string()
+    match ip {
+        // Written digit by digit: `SocketAddr`'s `Display` goes through the formatting
+        // machinery (padding support, a buffer), and a reconcile renders one per endpoint.
+        IpAddr::V4(v4) => {
+            let mut out = String::with_capacity(21);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(&mut out, u32::from(octet));
+            }
+            out.push(':');
+            push_decimal(&mut out, u32::from(port));
+            out
+        }
+        IpAddr::V6(_) => std::net::SocketAddr::new(ip, port).to_string(),
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        // `n % 10` is below 10.
+        digits[start] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[start..].iter().map(|&d| char::from(d)));
 }
 
 /// The key of one endpoint: `<target>/<addr>`.

@@ -9,18 +9,31 @@ use super::{Codec, Endpoint, FormatError, ValueFormat, go_html_escape, utf8, val
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EtcdNaming;
 
-/// The JSON record written by Go's `endpoints.Manager` (`internal.Update`).
-///
-/// Field order matters: Go's `encoding/json` writes struct fields in declaration order.
-#[derive(Serialize, Deserialize)]
+/// The JSON record written by Go's `endpoints.Manager` (`internal.Update`), as read.
+#[derive(Deserialize)]
 struct NamingRecord<'a> {
-    /// `0` is Add. Go's resolver ignores it on read, and so do we.
+    /// `0` is Add. Go's resolver ignores it on read, and so do we; it is still decoded, so
+    /// that a value Go would refuse (an `Op` that is not a small number) is refused here too.
     #[serde(rename = "Op", default)]
+    #[expect(dead_code, reason = "decoded for its type check only")]
     op: u8,
     #[serde(rename = "Addr", default, borrow)]
     addr: std::borrow::Cow<'a, str>,
     #[serde(rename = "Metadata", default)]
     metadata: Option<serde_json::Value>,
+}
+
+/// [`NamingRecord`] as written, borrowed (an endpoint's metadata is not copied to be rendered).
+///
+/// Field order matters: Go's `encoding/json` writes struct fields in declaration order.
+#[derive(Serialize)]
+struct NamingOut<'a> {
+    #[serde(rename = "Op")]
+    op: u8,
+    #[serde(rename = "Addr")]
+    addr: &'a str,
+    #[serde(rename = "Metadata")]
+    metadata: Option<&'a serde_json::Value>,
 }
 
 impl Codec for EtcdNaming {
@@ -29,10 +42,10 @@ impl Codec for EtcdNaming {
     }
 
     fn render(&self, endpoint: &Endpoint) -> Vec<u8> {
-        let record = NamingRecord {
+        let record = NamingOut {
             op: 0,
-            addr: std::borrow::Cow::Borrowed(&endpoint.addr),
-            metadata: endpoint.metadata.clone(),
+            addr: &endpoint.addr,
+            metadata: endpoint.metadata.as_ref(),
         };
         // Serializing a struct of strings and JSON values cannot fail.
         go_html_escape(serde_json::to_string(&record).unwrap_or_default()).into_bytes()

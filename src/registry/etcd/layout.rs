@@ -70,10 +70,14 @@ impl Layout {
     /// The key of one endpoint.
     #[must_use]
     pub fn key(&self, endpoint: &LogicalEndpoint) -> String {
-        let addr = endpoint.addr();
+        self.key_at(endpoint, &endpoint.addr())
+    }
+
+    /// The key of one endpoint whose address is `addr`.
+    fn key_at(&self, endpoint: &LogicalEndpoint, addr: &str) -> String {
         self.template.render(&template::Vars {
             target: &self.target,
-            addr: &addr,
+            addr,
             ip: endpoint.ip,
             port: endpoint.port,
             pod: &endpoint.id,
@@ -87,7 +91,12 @@ impl Layout {
     /// The value bytes of one endpoint.
     #[must_use]
     pub fn value(&self, endpoint: &LogicalEndpoint) -> Vec<u8> {
-        let mut wire = Endpoint::new(endpoint.addr());
+        self.value_at(endpoint, endpoint.addr())
+    }
+
+    /// The value bytes of one endpoint whose address is `addr`.
+    fn value_at(&self, endpoint: &LogicalEndpoint, addr: String) -> Vec<u8> {
+        let mut wire = Endpoint::new(addr);
         if self.format != ValueFormat::Address {
             wire = wire
                 .with_id(endpoint.id.clone())
@@ -127,7 +136,9 @@ impl Layout {
         let mut collisions = Vec::new();
         let mut too_large: Option<SpecError> = None;
         for endpoint in endpoints {
-            let key = self.key(&endpoint);
+            // The address once, for the key and the value.
+            let addr = endpoint.addr();
+            let key = self.key_at(&endpoint, &addr);
             if let Some(&index) = first.get(&key) {
                 collisions.push(Collision {
                     key,
@@ -137,7 +148,7 @@ impl Layout {
                 continue;
             }
             if too_large.is_none() {
-                let value = self.value(&endpoint);
+                let value = self.value_at(&endpoint, addr);
                 let bytes = key.len() + value.len();
                 if bytes > MAX_ENTRY_BYTES {
                     too_large = Some(SpecError::TooLarge {

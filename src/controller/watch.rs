@@ -26,7 +26,14 @@ pub struct Selections(Arc<Mutex<SelectionIndex>>);
 #[derive(Default)]
 struct SelectionIndex {
     by_object: HashMap<ObjectKey, HashSet<ObjectRef<GrpcService>>>,
-    by_service: HashMap<ObjectRef<GrpcService>, HashSet<ObjectKey>>,
+    by_service: HashMap<ObjectRef<GrpcService>, Read>,
+}
+
+/// The objects one service read: all in one namespace.
+#[derive(Default)]
+struct Read {
+    namespace: String,
+    names: HashSet<String>,
 }
 
 impl Selections {
@@ -38,29 +45,47 @@ impl Selections {
         namespace: &str,
         objects: impl IntoIterator<Item = String>,
     ) {
-        let objects: HashSet<ObjectKey> = objects
-            .into_iter()
-            .map(|name| (namespace.to_owned(), name))
-            .collect();
+        let names: Vec<String> = objects.into_iter().collect();
         let mut index = self.0.lock().expect("lock");
+        // The same objects as last time (a readiness flip): nothing to change, nothing copied.
+        if let Some(read) = index.by_service.get(&service)
+            && read.namespace == namespace
+            && read.names.len() == names.len()
+            && names.iter().all(|name| read.names.contains(name))
+        {
+            return;
+        }
+        let names: HashSet<String> = names.into_iter().collect();
         let previous = index.by_service.remove(&service).unwrap_or_default();
-        for object in previous.difference(&objects) {
-            if let Some(services) = index.by_object.get_mut(object) {
+        let same_namespace = previous.namespace == namespace;
+        for name in &previous.names {
+            if same_namespace && names.contains(name) {
+                continue;
+            }
+            let object = (previous.namespace.clone(), name.clone());
+            if let Some(services) = index.by_object.get_mut(&object) {
                 services.remove(&service);
                 if services.is_empty() {
-                    index.by_object.remove(object);
+                    index.by_object.remove(&object);
                 }
             }
         }
-        for object in objects.difference(&previous) {
+        for name in &names {
+            if same_namespace && previous.names.contains(name) {
+                continue;
+            }
             index
                 .by_object
-                .entry(object.clone())
+                .entry((namespace.to_owned(), name.clone()))
                 .or_default()
                 .insert(service.clone());
         }
-        if !objects.is_empty() {
-            index.by_service.insert(service, objects);
+        if !names.is_empty() {
+            let read = Read {
+                namespace: namespace.to_owned(),
+                names,
+            };
+            index.by_service.insert(service, read);
         }
     }
 
@@ -207,6 +232,29 @@ mod tests {
             selections,
             pod_feed,
         )
+    }
+
+    #[test]
+    fn a_services_record_follows_what_it_read_last_in_any_namespace() {
+        let selections = Selections::default();
+        let svc = ObjectRef::<GrpcService>::new("greeter").within("a");
+        let names = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let reads = |ns: &str, name: &str| selections.services_of(ns, name).len();
+        selections.record(svc.clone(), "a", names(&["p1", "p2"]));
+        selections.record(svc.clone(), "a", names(&["p2", "p1"]));
+        assert_eq!((reads("a", "p1"), reads("a", "p2")), (1, 1), "a repeat");
+        selections.record(svc.clone(), "a", names(&["p2", "p3"]));
+        assert_eq!(
+            (reads("a", "p1"), reads("a", "p2"), reads("a", "p3")),
+            (0, 1, 1)
+        );
+        selections.record(svc.clone(), "b", names(&["p2"]));
+        assert_eq!(
+            (reads("a", "p2"), reads("a", "p3"), reads("b", "p2")),
+            (0, 0, 1)
+        );
+        selections.forget(svc);
+        assert!(selections.is_empty());
     }
 
     #[test]

@@ -333,12 +333,6 @@ impl ElectionArgs {
     }
 }
 
-/// mimalloc rather than the system allocator: a reconcile allocates per endpoint, and glibc's
-/// malloc and free were a fifth of the controller's CPU under steady readiness churn
-/// (docs/performance.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exits with status 1 and one line on stderr when the controller cannot start or fails: a
 /// configuration error is a sentence to act on, never a backtrace (`RUST_BACKTRACE=1` is common
 /// in containers, and anyhow's `Debug` output, which `main` returning `Err` prints, would add one).

@@ -477,8 +477,14 @@ async fn a_deposed_leader_writes_nothing_and_the_new_leaders_entries_stay() {
         new.sync(&publication(&target, &a, endpoints(2, "v1")))
             .await
             .unwrap();
-        // The old leader still believes its local bound; only the registry can stop it.
-        assert!(s.backend.may_write(), "{}", s.name);
+        // The old leader's local bound has not run out; only the registry can stop it. For
+        // Consul, the check keeper's renewal is itself a fenced write, so on a slow machine it
+        // may be the write that finds out first: either way the registry deposed it.
+        assert!(
+            s.backend.may_write() || s.name == "consul",
+            "{}: deposed without the registry saying so",
+            s.name
+        );
         let err = s
             .backend
             .sync(&publication(&target, &a, endpoints(3, "v2")))

@@ -112,23 +112,30 @@ impl Layout {
         self.format.codec().render(&wire)
     }
 
-    /// [`Layout::dedupe`] and [`Layout::render`] in one pass, each key and value rendered once:
-    /// the endpoints kept, the collisions, and the entries of the kept ones (or the first error
-    /// either would return; the counts stay as `dedupe` leaves them).
+    /// The endpoints kept (one per key, see [`Layout::keep`]), the collisions, and the entries
+    /// of the kept ones, each key and value rendered once; the entries are an error when the
+    /// template names nothing of the endpoint (invalid whatever the endpoints: nothing is kept)
+    /// or an entry does not fit in one registry write.
     #[must_use]
     pub fn lay_out(&self, endpoints: Vec<LogicalEndpoint>) -> Rendering {
         if !self.template.names_the_endpoint() {
-            // Invalid whatever the endpoints: dedupe says why, and keeps nothing.
-            let error = self
-                .dedupe(endpoints)
-                .err()
-                .unwrap_or_else(|| SpecError::Template("it names nothing of the endpoint".into()));
+            let keys = self.keep(endpoints, false);
             return Rendering {
                 endpoints: Vec::new(),
                 collisions: Vec::new(),
-                entries: Err(error),
+                entries: Err(unnamed(&keys.collisions)),
             };
         }
+        self.keep(endpoints, true)
+    }
+
+    /// Keeps one endpoint per key: a later endpoint rendering to a key an earlier one (in
+    /// candidate order) already has is left out and returned as a [`Collision`], so that two
+    /// pods reporting one IP (IP reuse, hostNetwork) do not take the whole service down: the key
+    /// is registered once and the rest keep following readiness. With `values`, also the
+    /// entries of the kept endpoints ([`SpecError::TooLarge`] for the first over
+    /// [`MAX_ENTRY_BYTES`]); without, an empty map.
+    fn keep(&self, endpoints: Vec<LogicalEndpoint>, values: bool) -> Rendering {
         let mut kept: Vec<LogicalEndpoint> = Vec::with_capacity(endpoints.len());
         let mut entries: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         // The kept endpoint of each key, by its index in `kept`.
@@ -147,7 +154,7 @@ impl Layout {
                 });
                 continue;
             }
-            if too_large.is_none() {
+            if values && too_large.is_none() {
                 let value = self.value_at(&endpoint, addr);
                 let bytes = key.len() + value.len();
                 if bytes > MAX_ENTRY_BYTES {
@@ -169,63 +176,29 @@ impl Layout {
         }
     }
 
-    /// Keeps one endpoint per key: a later endpoint rendering to a key an earlier one (in
-    /// candidate order) already has is left out and returned as a [`Collision`], so that two
-    /// pods reporting one IP (IP reuse, hostNetwork) do not take the whole service down: the key
-    /// is registered once and the rest keep following readiness.
+    /// [`Layout::keep`] without the entries, for tests.
     ///
     /// # Errors
-    /// [`SpecError::KeyCollision`] when the key template names nothing of the endpoint, so
-    /// that it maps every endpoint (two or more) to one key: that is the spec's fault, not the
-    /// endpoints'; [`SpecError::Template`] for such a template with fewer than two endpoints, so
-    /// that the spec is invalid whatever the pods' readiness.
+    /// As [`Layout::lay_out`]'s for a template naming nothing of the endpoint.
+    #[cfg(test)]
     pub fn dedupe(
         &self,
         endpoints: Vec<LogicalEndpoint>,
     ) -> Result<(Vec<LogicalEndpoint>, Vec<Collision>), SpecError> {
-        let mut kept: Vec<LogicalEndpoint> = Vec::with_capacity(endpoints.len());
-        let mut first: BTreeMap<String, String> = BTreeMap::new();
-        let mut collisions = Vec::new();
-        for endpoint in endpoints {
-            let key = self.key(&endpoint);
-            match first.get(&key) {
-                Some(kept_id) => collisions.push(Collision {
-                    key,
-                    kept: kept_id.clone(),
-                    left_out: endpoint.id.clone(),
-                }),
-                None => {
-                    first.insert(key, endpoint.id.clone());
-                    kept.push(endpoint);
-                }
-            }
-        }
+        let keys = self.keep(endpoints, false);
         if !self.template.names_the_endpoint() {
-            // Invalid whatever the endpoints: with fewer than two it would publish (and record as
-            // the last valid publication) one key standing for the whole service.
-            return Err(collisions.first().map_or_else(
-                || {
-                    SpecError::Template(
-                        "it names nothing of the endpoint ({addr}, {ip}, {pod} or {id}), so every endpoint would map to one key".into(),
-                    )
-                },
-                |collision| SpecError::KeyCollision {
-                    key: collision.key.clone(),
-                    first: collision.kept.clone(),
-                    second: collision.left_out.clone(),
-                },
-            ));
+            return Err(unnamed(&keys.collisions));
         }
-        Ok((kept, collisions))
+        Ok((keys.endpoints, keys.collisions))
     }
 
-    /// Every key and value, checking that no two endpoints share a key and that each entry fits
-    /// in one registry write.
+    /// The oracle [`Layout::lay_out`] is checked against: every key and value, written
+    /// independently of it, refusing two endpoints on one key and an entry over
+    /// [`MAX_ENTRY_BYTES`].
     ///
     /// # Errors
-    /// [`SpecError::KeyCollision`] naming both endpoints, when the key template maps two to one
-    /// key (one would silently hide the other); [`SpecError::TooLarge`] for an entry over
-    /// [`MAX_ENTRY_BYTES`].
+    /// [`SpecError::KeyCollision`] naming both endpoints; [`SpecError::TooLarge`].
+    #[cfg(test)]
     pub fn render(
         &self,
         endpoints: &[LogicalEndpoint],
@@ -250,6 +223,25 @@ impl Layout {
         }
         Ok(out)
     }
+}
+
+/// Why a key template naming nothing of the endpoint is invalid whatever the endpoints: it maps
+/// every endpoint (two or more: [`SpecError::KeyCollision`], the first `collisions` names) to
+/// one key; with fewer than two it would publish, and record as the last valid publication,
+/// one key standing for the whole service ([`SpecError::Template`]).
+fn unnamed(collisions: &[Collision]) -> SpecError {
+    collisions.first().map_or_else(
+        || {
+            SpecError::Template(
+                "it names nothing of the endpoint ({addr}, {ip}, {pod} or {id}), so every endpoint would map to one key".into(),
+            )
+        },
+        |collision| SpecError::KeyCollision {
+            key: collision.key.clone(),
+            first: collision.kept.clone(),
+            second: collision.left_out.clone(),
+        },
+    )
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use kube::core::{Selector, SelectorExt};
 use super::{Postings, anchors};
 use crate::source::Candidate;
 
-/// How many selectors' matches a namespace keeps up to date (a new one evicts an arbitrary one
-/// when full): each costs one label match per candidate event in the namespace.
+/// How many selectors' matches a namespace keeps up to date (a new one evicts the oldest when
+/// full): each costs one label match per candidate event in the namespace.
 const KEPT_SELECTIONS: usize = 16;
 
 /// The candidates of one namespace.
@@ -17,9 +17,9 @@ const KEPT_SELECTIONS: usize = 16;
 struct NamespaceCandidates {
     by_id: HashMap<String, Arc<Candidate>>,
     labels: Postings,
-    /// What selectors used before match, by the selector's text, kept up to date by every
-    /// apply and delete: a reconcile of the same service matches no label again.
-    selections: Mutex<HashMap<String, Selection>>,
+    /// What selectors used before match, oldest first, kept up to date by every apply and
+    /// delete: a reconcile of the same service matches no label again.
+    selections: Mutex<Vec<Selection>>,
 }
 
 /// The candidates one selector matches, sorted by id.
@@ -51,7 +51,7 @@ impl NamespaceCandidates {
     /// Brings every kept selection up to date with the candidate `id`.
     fn follow(&mut self, id: &str) {
         let candidate = self.by_id.get(id);
-        for selection in self.selections.get_mut().expect("lock").values_mut() {
+        for selection in self.selections.get_mut().expect("lock") {
             selection.follow(id, candidate);
         }
     }
@@ -136,24 +136,28 @@ impl CandidateIndex {
         let Some(ns) = by_ns.get(namespace) else {
             return Vec::new();
         };
-        let text = selector.to_string();
-        let mut selections = ns.selections.lock().expect("lock");
-        if let Some(kept) = selections.get(&text) {
-            return kept.matches.clone();
+        let kept = |selections: &[Selection]| {
+            selections
+                .iter()
+                .find(|kept| kept.selector == *selector)
+                .map(|kept| kept.matches.clone())
+        };
+        if let Some(matches) = kept(&ns.selections.lock().expect("lock")) {
+            return matches;
         }
+        // Matched outside the selections' lock: the candidates cannot change while the
+        // namespaces are read-locked, so another select of the same selector finds the same.
         let matches = matching(ns, selector);
-        if selections.len() >= KEPT_SELECTIONS
-            && let Some(evicted) = selections.keys().next().cloned()
-        {
-            selections.remove(&evicted);
-        }
-        selections.insert(
-            text,
-            Selection {
+        let mut selections = ns.selections.lock().expect("lock");
+        if kept(&selections).is_none() {
+            if selections.len() >= KEPT_SELECTIONS {
+                selections.remove(0);
+            }
+            selections.push(Selection {
                 selector: selector.clone(),
                 matches: matches.clone(),
-            },
-        );
+            });
+        }
         matches
     }
 

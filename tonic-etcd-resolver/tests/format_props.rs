@@ -56,6 +56,27 @@ proptest! {
     }
 
     #[test]
+    fn rendering_borrowed_parts_writes_the_bytes_rendering_the_endpoint_writes(
+        addr in addr(),
+        id in ".{0,16}",
+        service in ".{0,12}",
+        md in prop::collection::btree_map(
+            prop_oneof![Just("version".to_owned()), Just("weight".to_owned()), ".{0,8}"],
+            ".{0,12}",
+            0..5,
+        ),
+    ) {
+        let parts = format::EndpointParts { addr: &addr, id: &id, service: &service, metadata: &md };
+        for f in ValueFormat::ALL {
+            prop_assert_eq!(
+                f.codec().render_parts(&parts),
+                f.codec().render(&parts.to_endpoint()),
+                "{}", f
+            );
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_make_the_parser_panic(bytes in prop::collection::vec(any::<u8>(), 0..96)) {
         let _ = format::parse(&bytes);
     }

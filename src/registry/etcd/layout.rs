@@ -5,7 +5,7 @@
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 
-use tonic_etcd_resolver::format::{Endpoint, ValueFormat};
+use tonic_etcd_resolver::format::{EndpointParts, ValueFormat};
 
 use super::template::{self, KeyTemplate};
 pub use crate::desired::MAX_ENTRY_BYTES;
@@ -91,25 +91,17 @@ impl Layout {
     /// The value bytes of one endpoint.
     #[must_use]
     pub fn value(&self, endpoint: &LogicalEndpoint) -> Vec<u8> {
-        self.value_at(endpoint, endpoint.addr())
+        self.value_at(endpoint, &endpoint.addr())
     }
 
     /// The value bytes of one endpoint whose address is `addr`.
-    fn value_at(&self, endpoint: &LogicalEndpoint, addr: String) -> Vec<u8> {
-        let mut wire = Endpoint::new(addr);
-        if self.format != ValueFormat::Address {
-            wire = wire
-                .with_id(endpoint.id.clone())
-                .with_service(self.service_name())
-                .with_metadata(serde_json::Value::Object(
-                    endpoint
-                        .metadata
-                        .iter()
-                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                        .collect(),
-                ));
-        }
-        self.format.codec().render(&wire)
+    fn value_at(&self, endpoint: &LogicalEndpoint, addr: &str) -> Vec<u8> {
+        self.format.codec().render_parts(&EndpointParts {
+            addr,
+            id: &endpoint.id,
+            service: self.service_name(),
+            metadata: &endpoint.metadata,
+        })
     }
 
     /// The endpoints kept (one per key, see [`Layout::keep`]), the collisions, and the entries
@@ -155,7 +147,7 @@ impl Layout {
                 continue;
             }
             if values && too_large.is_none() {
-                let value = self.value_at(&endpoint, addr);
+                let value = self.value_at(&endpoint, &addr);
                 let bytes = key.len() + value.len();
                 if bytes > MAX_ENTRY_BYTES {
                     too_large = Some(SpecError::TooLarge {

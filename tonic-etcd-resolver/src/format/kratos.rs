@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Codec, Endpoint, FormatError, ValueFormat, go_html_escape, utf8, validate_addr};
+use super::{
+    Codec, Endpoint, EndpointParts, FormatError, ValueFormat, go_html_escape, utf8, validate_addr,
+};
 
 /// `{"id":..,"name":..,"version":..,"metadata":{..},"endpoints":["grpc://ip:port"]}`, as
 /// `github.com/go-kratos/kratos/contrib/registry/etcd` writes and reads it.
@@ -29,6 +31,16 @@ struct ServiceInstance {
     metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     endpoints: Vec<String>,
+}
+
+/// [`ServiceInstance`] as written from [`EndpointParts`], borrowed.
+#[derive(Serialize)]
+struct InstanceOut<'a> {
+    id: &'a str,
+    name: &'a str,
+    version: &'a str,
+    metadata: Option<&'a BTreeMap<String, String>>,
+    endpoints: [String; 1],
 }
 
 /// The scheme kratos' gRPC transport registers (`grpcs` with TLS).
@@ -70,6 +82,17 @@ impl Codec for Kratos {
                 .to_owned(),
             metadata,
             endpoints: vec![format!("{GRPC_SCHEME}{}", endpoint.addr)],
+        };
+        go_html_escape(serde_json::to_string(&instance).unwrap_or_default()).into_bytes()
+    }
+
+    fn render_parts(&self, parts: &EndpointParts<'_>) -> Vec<u8> {
+        let instance = InstanceOut {
+            id: parts.id,
+            name: parts.service,
+            version: parts.metadata.get("version").map_or("", String::as_str),
+            metadata: Some(parts.metadata),
+            endpoints: [format!("{GRPC_SCHEME}{}", parts.addr)],
         };
         go_html_escape(serde_json::to_string(&instance).unwrap_or_default()).into_bytes()
     }

@@ -19,6 +19,7 @@
 mod kratos;
 mod naming;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -122,6 +123,37 @@ impl Endpoint {
     }
 }
 
+/// An endpoint as a writer holds it, borrowed, with metadata of strings:
+/// [`Codec::render_parts`] writes it without building an [`Endpoint`] (no copy of its metadata).
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointParts<'a> {
+    /// The address clients dial, `host:port`.
+    pub addr: &'a str,
+    /// The instance id.
+    pub id: &'a str,
+    /// The service name.
+    pub service: &'a str,
+    /// The metadata.
+    pub metadata: &'a BTreeMap<String, String>,
+}
+
+impl EndpointParts<'_> {
+    /// The same endpoint, owned: the one [`Codec::render_parts`] renders as [`Codec::render`]
+    /// would.
+    #[must_use]
+    pub fn to_endpoint(&self) -> Endpoint {
+        Endpoint::new(self.addr)
+            .with_id(self.id)
+            .with_service(self.service)
+            .with_metadata(serde_json::Value::Object(
+                self.metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+            ))
+    }
+}
+
 /// Why a registry value could not be read as an endpoint.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
@@ -152,6 +184,13 @@ pub trait Codec: fmt::Debug + Send + Sync {
     /// Renders an endpoint as value bytes.
     fn render(&self, endpoint: &Endpoint) -> Vec<u8>;
 
+    /// Renders borrowed parts as value bytes: the same bytes as [`Codec::render`] of
+    /// [`EndpointParts::to_endpoint`], without building it (a writer renders every endpoint of a
+    /// service on each change).
+    fn render_parts(&self, parts: &EndpointParts<'_>) -> Vec<u8> {
+        self.render(&parts.to_endpoint())
+    }
+
     /// Parses value bytes written in this format.
     ///
     /// # Errors
@@ -170,6 +209,10 @@ impl Codec for Address {
 
     fn render(&self, endpoint: &Endpoint) -> Vec<u8> {
         endpoint.addr.clone().into_bytes()
+    }
+
+    fn render_parts(&self, parts: &EndpointParts<'_>) -> Vec<u8> {
+        parts.addr.as_bytes().to_vec()
     }
 
     fn parse(&self, value: &[u8]) -> Result<Endpoint, FormatError> {

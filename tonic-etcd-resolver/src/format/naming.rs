@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Codec, Endpoint, FormatError, ValueFormat, go_html_escape, utf8, validate_addr};
+use super::{
+    Codec, Endpoint, EndpointParts, FormatError, ValueFormat, go_html_escape, utf8, validate_addr,
+};
 
 /// `{"Op":0,"Addr":"10.0.0.7:50051","Metadata":{...}}`, byte-compatible with
 /// `go.etcd.io/etcd/client/v3/naming/endpoints`.
@@ -27,13 +29,20 @@ struct NamingRecord<'a> {
 ///
 /// Field order matters: Go's `encoding/json` writes struct fields in declaration order.
 #[derive(Serialize)]
-struct NamingOut<'a> {
+struct NamingOut<'a, M> {
     #[serde(rename = "Op")]
     op: u8,
     #[serde(rename = "Addr")]
     addr: &'a str,
     #[serde(rename = "Metadata")]
-    metadata: Option<&'a serde_json::Value>,
+    metadata: Option<&'a M>,
+}
+
+impl<M: Serialize> NamingOut<'_, M> {
+    fn render(&self) -> Vec<u8> {
+        // Serializing a struct of strings and JSON values cannot fail.
+        go_html_escape(serde_json::to_string(self).unwrap_or_default()).into_bytes()
+    }
 }
 
 impl Codec for EtcdNaming {
@@ -42,13 +51,21 @@ impl Codec for EtcdNaming {
     }
 
     fn render(&self, endpoint: &Endpoint) -> Vec<u8> {
-        let record = NamingOut {
+        NamingOut {
             op: 0,
             addr: &endpoint.addr,
             metadata: endpoint.metadata.as_ref(),
-        };
-        // Serializing a struct of strings and JSON values cannot fail.
-        go_html_escape(serde_json::to_string(&record).unwrap_or_default()).into_bytes()
+        }
+        .render()
+    }
+
+    fn render_parts(&self, parts: &EndpointParts<'_>) -> Vec<u8> {
+        NamingOut {
+            op: 0,
+            addr: parts.addr,
+            metadata: Some(parts.metadata),
+        }
+        .render()
     }
 
     fn parse(&self, value: &[u8]) -> Result<Endpoint, FormatError> {

@@ -15,7 +15,7 @@ use super::{Scope, api};
 use crate::backoff::Backoff;
 use crate::crd::{GrpcService, GrpcServiceSpec};
 use crate::source::feed::Feed;
-use crate::source::{Candidate, Register, Selection, Selects, Source};
+use crate::source::{Candidate, Objects, Register, Selection, Selects, Source};
 
 /// One registered source, as a reconcile sees it.
 #[derive(Clone)]
@@ -85,9 +85,17 @@ impl Sources {
         for registered in &self.0 {
             match registered.source.select(namespace, selection) {
                 Some(selected) => {
-                    registered
-                        .selections
-                        .record(service.clone(), namespace, selected.objects);
+                    let selections = &registered.selections;
+                    match &selected.objects {
+                        Objects::Candidates => {
+                            let ids: Vec<&str> =
+                                selected.candidates.iter().map(|c| c.id.as_str()).collect();
+                            selections.record(service.clone(), namespace, &ids);
+                        }
+                        Objects::Named(names) => {
+                            selections.record(service.clone(), namespace, names);
+                        }
+                    }
                     candidates = selected.candidates;
                 }
                 None => registered.selections.forget(service.clone()),

@@ -39,23 +39,27 @@ struct Read {
 impl Selections {
     /// Records the objects (by name, in `namespace`) `service` read in its latest reconcile
     /// (none when it is gone).
-    pub fn record(
+    pub fn record<S: AsRef<str>>(
         &self,
         service: ObjectRef<GrpcService>,
         namespace: &str,
-        objects: impl IntoIterator<Item = String>,
+        objects: &[S],
     ) {
-        let names: Vec<String> = objects.into_iter().collect();
         let mut index = self.0.lock().expect("lock");
         // The same objects as last time (a readiness flip): nothing to change, nothing copied.
         if let Some(read) = index.by_service.get(&service)
             && read.namespace == namespace
-            && read.names.len() == names.len()
-            && names.iter().all(|name| read.names.contains(name))
+            && read.names.len() == objects.len()
+            && objects
+                .iter()
+                .all(|name| read.names.contains(name.as_ref()))
         {
             return;
         }
-        let names: HashSet<String> = names.into_iter().collect();
+        let names: HashSet<String> = objects
+            .iter()
+            .map(|name| name.as_ref().to_owned())
+            .collect();
         let previous = index.by_service.remove(&service).unwrap_or_default();
         let same_namespace = previous.namespace == namespace;
         for name in &previous.names {
@@ -91,7 +95,7 @@ impl Selections {
 
     /// Forgets what `service` read.
     pub fn forget(&self, service: ObjectRef<GrpcService>) {
-        self.record(service, "", []);
+        self.record::<&str>(service, "", &[]);
     }
 
     /// The services whose last reconcile read the object `name` in `namespace`.
@@ -240,15 +244,15 @@ mod tests {
         let svc = ObjectRef::<GrpcService>::new("greeter").within("a");
         let names = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
         let reads = |ns: &str, name: &str| selections.services_of(ns, name).len();
-        selections.record(svc.clone(), "a", names(&["p1", "p2"]));
-        selections.record(svc.clone(), "a", names(&["p2", "p1"]));
+        selections.record(svc.clone(), "a", &names(&["p1", "p2"]));
+        selections.record(svc.clone(), "a", &names(&["p2", "p1"]));
         assert_eq!((reads("a", "p1"), reads("a", "p2")), (1, 1), "a repeat");
-        selections.record(svc.clone(), "a", names(&["p2", "p3"]));
+        selections.record(svc.clone(), "a", &names(&["p2", "p3"]));
         assert_eq!(
             (reads("a", "p1"), reads("a", "p2"), reads("a", "p3")),
             (0, 1, 1)
         );
-        selections.record(svc.clone(), "b", names(&["p2"]));
+        selections.record(svc.clone(), "b", &names(&["p2"]));
         assert_eq!(
             (reads("a", "p2"), reads("a", "p3"), reads("b", "p2")),
             (0, 0, 1)
@@ -277,14 +281,14 @@ mod tests {
             mapper(&[service("greeter")], std::slice::from_ref(&pod));
         let greeter = ObjectRef::new("greeter").within("default");
         // The reconciler selected the pod before any pod event was mapped.
-        selections.record(greeter.clone(), "default", [pod.name_any()]);
+        selections.record(greeter.clone(), "default", &[pod.name_any()]);
         let moved = PodBuilder::ready("p1", "10.0.0.1")
             .label("app", "elsewhere")
             .object();
         feed.apply(&Event::Apply(moved.clone()));
         assert_eq!(mapper.map(&moved), std::slice::from_ref(&greeter));
         // Its next reconcile no longer selects the pod: later events wake nobody.
-        selections.record(greeter, "default", []);
+        selections.record::<&str>(greeter, "default", &[]);
         assert!(mapper.map(&moved).is_empty());
         assert!(selections.is_empty(), "nothing retained");
     }
@@ -297,7 +301,7 @@ mod tests {
         selections.record(
             ObjectRef::new("greeter").within("default"),
             "default",
-            [pod.name_any()],
+            &[pod.name_any()],
         );
         feed.apply(&Event::Delete(pod.clone()));
         assert_eq!(mapper.map(&pod).len(), 1);
@@ -341,10 +345,10 @@ mod tests {
         let port = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(50051);
         let (mapper, selections) = slice_mapper(&[service_ref("greeter-grpc", "greeter", port)]);
         let greeter = ObjectRef::new("greeter-grpc").within("default");
-        selections.record(greeter.clone(), "default", ["hand-made".to_owned()]);
+        selections.record(greeter.clone(), "default", &["hand-made"]);
         let moved = endpoint_slice("hand-made", "elsewhere", &[("10.0.0.1", true, None)]);
         assert_eq!(mapper.map(&moved), std::slice::from_ref(&greeter));
-        selections.record(greeter, "default", []);
+        selections.record::<&str>(greeter, "default", &[]);
         assert!(mapper.map(&moved).is_empty());
         assert!(selections.is_empty());
     }

@@ -189,9 +189,19 @@ impl Selection {
 pub struct Selected {
     /// One candidate per endpoint, sorted by id.
     pub candidates: Vec<Arc<Candidate>>,
-    /// The names of the objects read (in the namespace), so that their later events wake the
-    /// service even once they no longer match.
-    pub objects: Vec<String>,
+    /// The objects read (in the namespace), so that their later events wake the service even
+    /// once they no longer match.
+    pub objects: Objects,
+}
+
+/// Which objects a selection read.
+#[derive(Debug, Default)]
+pub enum Objects {
+    /// The candidates' own: each candidate's id names the object it came from (a pod).
+    #[default]
+    Candidates,
+    /// These, by name (the EndpointSlices read).
+    Named(Vec<String>),
 }
 
 /// One endpoint candidate, whatever its source.

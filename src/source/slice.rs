@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::index::{ServicesByRef, SliceIndex};
-use super::{Candidate, Listed, Selected, Selection, SelectionError, Selects, Source};
+use super::{Candidate, Listed, Objects, Selected, Selection, SelectionError, Selects, Source};
 use crate::crd::{GrpcService, GrpcServiceSpec};
 
 /// A Service's EndpointSlices (`spec.serviceRef`): endpoints by Service, merged over its
@@ -89,7 +89,7 @@ impl Selects for SliceSource {
         let found = self.slices.select(namespace, service);
         Some(Selected {
             candidates: found.candidates,
-            objects: found.slices,
+            objects: Objects::Named(found.slices),
         })
     }
 

@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use kube::core::Selector;
 
 use super::index::{CandidateIndex, ServicesBySelector};
-use super::{Candidate, Listed, Selected, Selection, SelectionError, Selects, Source};
+use super::{Candidate, Listed, Objects, Selected, Selection, SelectionError, Selects, Source};
 use crate::crd::{GrpcService, GrpcServiceSpec};
 
 /// Pods selected by label (`spec.selector`): the candidates by namespace and label, and the
@@ -92,11 +92,9 @@ impl Selects for PodSource {
         let Selection::Pods(selector) = selection else {
             return None;
         };
-        let candidates = self.candidates.select(namespace, selector);
-        let objects = candidates.iter().map(|c| c.id.clone()).collect();
         Some(Selected {
-            candidates,
-            objects,
+            candidates: self.candidates.select(namespace, selector),
+            objects: Objects::Candidates,
         })
     }
 

@@ -1,7 +1,6 @@
 //! What a reconcile reports for one `GrpcService`: its status and Events (written behind, see
 //! [`super::writer`]), its metrics, and the propagation of the changes it published.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,62 +128,46 @@ impl GrpcService {
         ctx.states.with(&uid, |state| {
             let (born, seen) = state
                 .transitions
-                .get_or_insert_with(|| (self.created_at(), HashMap::new()));
+                .get_or_insert_with(|| (self.created_at(), Vec::new()));
             self.note_seen(ctx, selected, wrote, *born, seen);
         });
     }
 
     /// [`Self::note_transitions`] on the state of one service: created at `born`, its
-    /// candidates last seen changed at `seen`.
+    /// candidates as last noted in `noted`.
     pub(super) fn note_seen(
         &self,
         ctx: &Context,
         selected: &[Arc<Candidate>],
         wrote: bool,
         born: std::time::Instant,
-        seen: &mut HashMap<String, std::time::Instant>,
+        noted: &mut Vec<Arc<Candidate>>,
     ) {
+        let (changed, now_noted) = unnoted(noted, selected);
+        *noted = now_noted;
+        if !wrote {
+            return;
+        }
         let now = std::time::Instant::now();
         let wall = k8s_openapi::jiff::Timestamp::now();
-        // Updated in place (a reconcile of an unchanged service allocates nothing here).
-        let mut noted = 0;
-        for candidate in selected {
-            let Some(observed) = candidate.observed else {
+        for candidate in changed {
+            let Some(observed) = candidate.observed.filter(|o| *o >= born) else {
                 continue;
             };
-            noted += 1;
-            let before = match seen.get_mut(&candidate.id) {
-                Some(at) => Some(std::mem::replace(at, observed)),
-                None => {
-                    seen.insert(candidate.id.clone(), observed);
-                    None
-                }
-            };
-            if wrote && observed >= born && before != Some(observed) {
-                ctx.metrics
-                    .to_registry
-                    .from_watch
-                    .observe(now.duration_since(observed).as_secs_f64());
-                if let Some(changed) = candidate.changed.filter(|c| *c >= ctx.started) {
-                    let seconds = wall.duration_since(changed).as_secs_f64().max(0.0);
-                    // A slice's trigger time has sub-second precision; a pod's condition time
-                    // whole seconds.
-                    if self.spec.service_ref.is_some() {
-                        ctx.metrics.to_registry.from_trigger.observe(seconds);
-                    } else {
-                        ctx.metrics.to_registry.from_transition.observe(seconds);
-                    }
+            ctx.metrics
+                .to_registry
+                .from_watch
+                .observe(now.duration_since(observed).as_secs_f64());
+            if let Some(changed) = candidate.changed.filter(|c| *c >= ctx.started) {
+                let seconds = wall.duration_since(changed).as_secs_f64().max(0.0);
+                // A slice's trigger time has sub-second precision; a pod's condition time
+                // whole seconds.
+                if self.spec.service_ref.is_some() {
+                    ctx.metrics.to_registry.from_trigger.observe(seconds);
+                } else {
+                    ctx.metrics.to_registry.from_transition.observe(seconds);
                 }
             }
-        }
-        // `seen` now holds every id noted: exactly those unless some left (or one came twice).
-        if seen.len() != noted {
-            let current: HashSet<&str> = selected
-                .iter()
-                .filter(|c| c.observed.is_some())
-                .map(|c| c.id.as_str())
-                .collect();
-            seen.retain(|id, _| current.contains(id.as_str()));
         }
     }
 
@@ -246,5 +229,86 @@ impl GrpcService {
         }
         let events = transition_events(prev.as_ref(), &next);
         ctx.writer.submit(self, next, events)
+    }
+}
+
+/// Of `selected` (sorted by id), the candidates with a change seen that `noted` (the candidates
+/// noted last time, sorted by id) does not hold for them (new, or seen changing since), and
+/// what to note now: every candidate of `selected` with a change seen, once per id. A merge of
+/// the two sorted lists: a reconcile of a 400-pod service compares 400 ids and hashes none.
+fn unnoted<'a>(
+    noted: &[Arc<Candidate>],
+    selected: &'a [Arc<Candidate>],
+) -> (Vec<&'a Arc<Candidate>>, Vec<Arc<Candidate>>) {
+    let mut changed = Vec::new();
+    let mut now_noted: Vec<Arc<Candidate>> = Vec::with_capacity(selected.len());
+    let mut before = noted.iter().peekable();
+    for candidate in selected {
+        if candidate.observed.is_none() || now_noted.last().is_some_and(|l| l.id == candidate.id) {
+            continue;
+        }
+        while before.next_if(|b| b.id < candidate.id).is_some() {}
+        let was = before
+            .peek()
+            .filter(|b| b.id == candidate.id)
+            .and_then(|b| b.observed);
+        if was != candidate.observed {
+            changed.push(candidate);
+        }
+        now_noted.push(candidate.clone());
+    }
+    (changed, now_noted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn seen(id: &str, at: Option<Instant>) -> Arc<Candidate> {
+        Arc::new(Candidate {
+            id: id.into(),
+            observed: at,
+            ..Candidate::default()
+        })
+    }
+
+    fn ids(candidates: &[&Arc<Candidate>]) -> Vec<String> {
+        candidates.iter().map(|c| c.id.clone()).collect()
+    }
+
+    #[test]
+    fn a_candidate_is_a_change_to_measure_when_it_is_new_or_seen_changing_since_it_was_noted() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(5);
+        let noted = vec![
+            seen("a", Some(t0)),
+            seen("b", Some(t0)),
+            seen("gone", Some(t0)),
+        ];
+        let selected = vec![
+            seen("a", Some(t0)),
+            seen("b", Some(t1)),
+            seen("c", Some(t1)),
+            seen("never-seen-changing", None),
+        ];
+        let (changed, now) = unnoted(&noted, &selected);
+        assert_eq!(ids(&changed), ["b", "c"]);
+        assert_eq!(
+            now.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"],
+            "what left is forgotten, and a candidate never seen changing is not noted"
+        );
+        let (again, _) = unnoted(&now, &selected);
+        assert!(again.is_empty(), "a change is measured once");
+    }
+
+    #[test]
+    fn an_id_selected_twice_is_noted_and_measured_once() {
+        let t0 = Instant::now();
+        let selected = vec![seen("a", Some(t0)), seen("a", Some(t0))];
+        let (changed, now) = unnoted(&[], &selected);
+        assert_eq!((changed.len(), now.len()), (1, 1));
     }
 }

@@ -2,11 +2,12 @@
 //! lifecycle: created on first use, dropped when the service is cleaned up or seen gone.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::status::LastChange;
 use crate::backoff::Backoff;
+use crate::source::Candidate;
 
 /// One service's state: a cache, never the record (that lives in the registry and the API
 /// server), so losing it costs at most a metric sample or an Event held back.
@@ -23,9 +24,9 @@ pub(super) struct ServiceState {
     pub failure: Option<(Backoff, String)>,
 }
 
-/// When a service was created (on the monotonic clock), and the last change seen of each of
-/// its candidates, by id.
-pub(super) type Transitions = (Instant, HashMap<String, Instant>);
+/// When a service was created (on the monotonic clock), and the candidates it selected with a
+/// change seen, as last noted (sorted by id; shared with the index, so about a pointer each).
+pub(super) type Transitions = (Instant, Vec<Arc<Candidate>>);
 
 /// Every service's state, by uid.
 #[derive(Debug, Default)]

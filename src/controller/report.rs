@@ -9,45 +9,97 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use tracing::{info, warn};
 
-use super::status::{Outcome, endpoints_event, next_status, transition_events};
+use super::status::{Kept, LastChange, Outcome, endpoints_event, next_status, transition_events};
 use super::writer::Submitted;
 use super::{Context, EVENT_INTERVAL, RESYNC};
 use crate::Result;
 use crate::crd::GrpcService;
-use crate::desired::Desired;
+use crate::desired::{Desired, SpecError};
 use crate::registry::{self, Owner, Planned};
 use crate::source::Candidate;
+
+/// What a reconcile published: for whom, under which plan, from which candidates, and what its
+/// sync did.
+pub(super) struct Synced<'a> {
+    pub owner: &'a Owner,
+    pub plan: &'a Planned,
+    pub selected: &'a [Arc<Candidate>],
+    pub want: &'a Desired,
+    pub report: &'a registry::SyncReport,
+}
 
 impl GrpcService {
     /// Reports a sync of a valid spec: metrics, status (written behind) and the count Event;
     /// when to come back.
-    pub(super) fn report_synced(
-        &self,
-        ctx: &Context,
-        owner: &Owner,
-        plan: &Planned,
-        selected: &[Arc<Candidate>],
-        want: &Desired,
-        report: &registry::SyncReport,
-    ) -> Action {
-        self.note_transitions(ctx, selected, report.puts + report.deletes > 0);
-        ctx.metrics
-            .observe_service(&owner.namespace, &owner.name, want, report.registered);
-        let last_change = ctx
-            .states
-            .with(&owner.uid, |state| state.last_change.clone());
+    pub(super) fn report_synced(&self, ctx: &Context, synced: &Synced<'_>) -> Action {
+        let last_change = self.note_sync(ctx, synced);
         let outcome = Outcome::Synced {
-            target: plan.target(),
-            desired: want,
-            report,
+            target: synced.plan.target(),
+            desired: synced.want,
+            report: synced.report,
             last_change: last_change.as_ref(),
         };
         // Written behind (coalesced, at most once per STATUS_INTERVAL for counts alone; the
         // last of a burst is never lost), so this reconcile's slot is free at once.
         let write = self.submit_status(ctx, &outcome);
-        let event_due = self.announce_endpoints(ctx, &owner.uid, report.registered, want, write);
+        let event_due = self.announce(ctx, synced, write);
         // The count Event at most once per EVENT_INTERVAL: come back for a held-back one.
         Action::requeue(event_due.unwrap_or(RESYNC))
+    }
+
+    /// Reports a sync of the last valid publication of a service whose spec is `invalid`
+    /// (`self` carries that publication's spec): the same metrics and count Event as a valid
+    /// spec's, and a status that stays InvalidSpec but follows what is still published.
+    /// The next spec change is reconciled afresh; a count Event held back comes back.
+    pub(super) fn report_kept(
+        &self,
+        ctx: &Context,
+        synced: &Synced<'_>,
+        invalid: &SpecError,
+    ) -> Action {
+        let last_change = self.note_sync(ctx, synced);
+        let outcome = Outcome::InvalidSpec {
+            message: invalid.to_string(),
+            target: Some(synced.plan.target()),
+            desired: None,
+            kept: Some(Kept {
+                target: synced.plan.target(),
+                desired: synced.want,
+                report: synced.report,
+                last_change: last_change.as_ref(),
+            }),
+        };
+        let write = self.submit_status(ctx, &outcome);
+        self.announce(ctx, synced, write)
+            .map_or_else(Action::await_change, Action::requeue)
+    }
+
+    /// The propagation and service metrics of a sync; the last change it or an earlier sync of
+    /// this service made.
+    fn note_sync(&self, ctx: &Context, synced: &Synced<'_>) -> Option<LastChange> {
+        let Synced {
+            owner,
+            selected,
+            want,
+            report,
+            ..
+        } = synced;
+        self.note_transitions(ctx, selected, report.puts + report.deletes > 0);
+        ctx.metrics
+            .observe_service(&owner.namespace, &owner.name, want, report.registered);
+        ctx.states
+            .with(&owner.uid, |state| state.last_change.clone())
+    }
+
+    /// [`Self::announce_endpoints`] of a sync.
+    fn announce(&self, ctx: &Context, synced: &Synced<'_>, write: Submitted) -> Option<Duration> {
+        self.announce_endpoints(
+            ctx,
+            &synced.owner.uid,
+            synced.report.registered,
+            synced.want,
+            write,
+        )
     }
 
     /// Reports that another GrpcService owns `target` (or `held`, which overlaps it).

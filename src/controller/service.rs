@@ -13,6 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use tracing::{debug, info, warn};
 
 use super::publication;
+use super::report::Synced;
 use super::status::{LastChange, Outcome};
 use super::{CONFLICT_RECHECK, Context};
 use crate::crd::GrpcService;
@@ -147,10 +148,17 @@ impl GrpcService {
             });
             log_sync(&report);
         }
-        if invalid.is_some() {
-            return Ok(Action::await_change());
-        }
-        Ok(self.report_synced(ctx, owner, plan, selected, &want, &report))
+        let synced = Synced {
+            owner,
+            plan,
+            selected,
+            want: &want,
+            report: &report,
+        };
+        Ok(match invalid {
+            Some(error) => self.report_kept(ctx, &synced, error),
+            None => self.report_synced(ctx, &synced),
+        })
     }
 
     /// Frees the targets this service published before under another name than `plan`'s:
@@ -211,6 +219,7 @@ impl GrpcService {
                         message: error.to_string(),
                         target: Some(plan.target()),
                         desired: None,
+                        kept: None,
                     };
                     self.submit_status(ctx, &outcome);
                 }
@@ -408,6 +417,7 @@ impl GrpcService {
             message: error.to_string(),
             target,
             desired: counts,
+            kept: None,
         };
         // Logged when it becomes the condition, not on every re-reconcile of the same spec.
         if self.submit_status(ctx, &outcome).is_transition() {

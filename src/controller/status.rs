@@ -79,6 +79,10 @@ pub enum Outcome<'a> {
         target: Option<&'a str>,
         /// Counts, when the pods were evaluated.
         desired: Option<&'a Desired>,
+        /// The last valid publication, as this reconcile synced it against the pods as they
+        /// are now: status follows it (counts, registered endpoints, lease, revision) as it
+        /// follows a valid spec's.
+        kept: Option<Kept<'a>>,
     },
     /// Another GrpcService owns the target.
     Conflict {
@@ -100,6 +104,19 @@ pub enum Outcome<'a> {
         /// Counts, when the pods were evaluated before the failure.
         desired: Option<&'a Desired>,
     },
+}
+
+/// A sync of the last valid publication of a service whose spec is invalid.
+#[derive(Clone, Copy, Debug)]
+pub struct Kept<'a> {
+    /// Its target.
+    pub target: &'a str,
+    /// Its desired state (the last valid spec against the pods as they are now).
+    pub desired: &'a Desired,
+    /// What the sync did.
+    pub report: &'a SyncReport,
+    /// The last sync of this service that changed the registry, if this process made one.
+    pub last_change: Option<&'a LastChange>,
 }
 
 /// The next status, keeping `lastTransitionTime` of conditions whose status did not change and
@@ -125,7 +142,21 @@ pub fn next_status(
             message,
             target,
             desired,
-        } => invalid_spec(&mut status, message, *target, *desired),
+            kept,
+        } => {
+            if let Some(kept) = kept {
+                synced(
+                    &mut status,
+                    kept.target,
+                    kept.desired,
+                    kept.report,
+                    kept.last_change,
+                    now,
+                );
+            }
+            let desired = if kept.is_some() { None } else { *desired };
+            invalid_spec(&mut status, message, *target, desired)
+        }
         Outcome::Conflict {
             target,
             owner,
@@ -218,9 +249,10 @@ fn invalid_spec(
     counts(status, desired);
     let kept = match status.registered_endpoints {
         0 => String::new(),
-        n => {
-            format!("; the {n} endpoints published for the last valid spec stay until it is fixed")
-        }
+        n => format!(
+            "; the last valid spec stays published ({} registered, still following readiness) until it is fixed",
+            endpoints(usize::try_from(n).unwrap_or(0))
+        ),
     };
     (
         Some(condition::INVALID_SPEC),
@@ -790,16 +822,71 @@ mod tests {
                 message: "port \"grpc\" is not a valid port name".into(),
                 target: None,
                 desired: None,
+                kept: None,
             },
             &t(20),
         );
         assert_eq!(ready(&s).reason, "InvalidSpec");
         assert!(
             ready(&s).message.ends_with(
-                "the 2 endpoints published for the last valid spec stay until it is fixed"
+                "the last valid spec stays published (2 endpoints registered, still following readiness) until it is fixed"
             ),
             "{}",
             ready(&s).message
+        );
+    }
+
+    #[test]
+    fn while_a_spec_is_invalid_status_follows_what_the_last_valid_spec_still_publishes() {
+        let first = synced(2);
+        let invalid = |kept: Option<Kept<'_>>| {
+            next_status(
+                Some(&first),
+                Some(2),
+                &Outcome::InvalidSpec {
+                    message: "target is outside the namespace's prefix".into(),
+                    target: Some("services/default/greeter"),
+                    desired: None,
+                    kept,
+                },
+                &t(20),
+            )
+        };
+        let before = invalid(None);
+        // A pod turns unready: the last valid spec's sync deletes its key.
+        let change = LastChange {
+            revision: 57,
+            at: t(25),
+        };
+        let now = desired(3, 1, &[("b", Skip::NotReady), ("c", Skip::NotReady)]);
+        let after = invalid(Some(Kept {
+            target: "services/default/greeter",
+            desired: &now,
+            report: &SyncReport {
+                registered: 1,
+                revision: 57,
+                lease: Some(255),
+                deletes: 1,
+                ..SyncReport::default()
+            },
+            last_change: Some(&change),
+        }));
+        assert_eq!(
+            (after.registered_endpoints, after.ready_endpoints),
+            (1, 1),
+            "the counts follow the registry"
+        );
+        assert_eq!(after.registry_revision, Some(57));
+        assert_eq!(after.last_sync_time, Some(t(25)));
+        assert_eq!(ready(&after).reason, "InvalidSpec");
+        assert!(
+            ready(&after).message.contains("(1 endpoint registered"),
+            "{}",
+            ready(&after).message
+        );
+        assert!(
+            transition_events(Some(&before), &after).is_empty(),
+            "a count change while invalid is no transition"
         );
     }
 

@@ -256,6 +256,7 @@ pub async fn an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_a
     env.set_ready("g-3", "10.43.0.3", false).await;
     env.expect_keys("the new leader deregisters an unready pod", &keys[..2])
         .await;
+    registered_in_status(&env, 2).await;
 
     // SIGKILL and restart past the TTL: the same.
     b.kill();
@@ -273,12 +274,30 @@ pub async fn an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_a
         &keys[..1],
     )
     .await;
+    registered_in_status(&env, 1).await;
     assert_eq!(
         deletes_seen(&mut watch).await,
         2,
         "only the two unready pods' keys were deleted"
     );
     assert!(env.condition_is("greeter", "InvalidSpec", "True").await);
+}
+
+/// Status says what the registry holds while the spec is invalid: `n` registered and ready,
+/// and the Ready message counts them, still InvalidSpec.
+async fn registered_in_status(env: &Env, n: i64) {
+    eventually("status follows the registry while the spec is invalid", || async {
+        let status = env.status("greeter").await;
+        let message = env.condition("greeter", "Ready").await["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        status["registeredEndpoints"] == n
+            && status["readyEndpoints"] == n
+            && message.contains(&format!("({n} endpoint"))
+            && env.condition_is("greeter", "InvalidSpec", "True").await
+    })
+    .await;
 }
 
 /// Two controllers of one registry scope without leader election (the same cluster name, here

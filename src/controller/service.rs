@@ -492,7 +492,7 @@ fn log_sync(report: &registry::SyncReport) {
             deletes = report.deletes,
             registered = report.registered,
             revision = report.revision,
-            lease_id = %format!("{lease:x}"),
+            lease_id = %registry::lease_text(lease),
             "registry updated"
         );
     } else {

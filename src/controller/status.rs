@@ -216,7 +216,7 @@ fn synced(
     status.target = Some(target.to_owned());
     counts(status, Some(desired));
     status.registered_endpoints = clamp(report.registered);
-    status.lease_id = report.lease.map(|lease| format!("{lease:x}"));
+    status.lease_id = report.lease.map(crate::registry::lease_text);
     // A status written before the rename has only the old name.
     let known = status.registry_revision.or(status.etcd_revision);
     let revision = match last_change {
@@ -536,7 +536,7 @@ pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceSta
     }
     // Only where something was put again: a service with nothing registered lost nothing.
     if let (Some(old), Some(new)) = (prev.lease_id.as_deref(), next.lease_id.as_deref())
-        && old != new
+        && !same_lease(old, new)
         && next.registered_endpoints > 0
     {
         events.push(event(
@@ -549,6 +549,15 @@ pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceSta
         ));
     }
     events
+}
+
+/// Whether two printed lease ids name one lease (a status written before ids were zero-padded
+/// to etcdctl's 16 digits names the same lease without its leading zeros).
+fn same_lease(a: &str, b: &str) -> bool {
+    match (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// The Event for registered endpoints moving from `before` to `after` while Ready stayed as it
@@ -649,7 +658,7 @@ mod tests {
             ),
             (3, 2, 2)
         );
-        assert_eq!(s.lease_id.as_deref(), Some("ff"));
+        assert_eq!(s.lease_id.as_deref(), Some("00000000000000ff"));
         assert_eq!(s.registry_revision, Some(42));
         assert_eq!(s.etcd_revision, Some(42), "the deprecated name mirrors it");
         assert_eq!(s.last_sync_time, Some(t(10)));
@@ -945,6 +954,17 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_id_printed_before_it_was_zero_padded_is_the_same_lease() {
+        let first = synced(2);
+        let mut before = first.clone();
+        before.lease_id = Some("ff".into());
+        assert!(transition_events(Some(&before), &first).is_empty());
+        let mut other = first.clone();
+        other.lease_id = Some("fe".into());
+        assert_eq!(transition_events(Some(&other), &first).len(), 1);
+    }
+
+    #[test]
     fn a_replaced_lease_and_a_changed_target_are_events() {
         let first = synced(2);
         let mut replaced = first.clone();
@@ -958,7 +978,7 @@ mod tests {
                 .note
                 .as_deref()
                 .unwrap()
-                .contains("lease ff was lost")
+                .contains("lease 00000000000000ff was lost")
         );
         assert_eq!(events[1].type_, EventType::Warning);
     }

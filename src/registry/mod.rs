@@ -166,6 +166,13 @@ impl Owner {
     }
 }
 
+/// A registry lease id as status and logs print it: 16 hex digits, zero-padded, as etcdctl
+/// prints it (`etcdctl lease list`), so that one greps for the other.
+#[must_use]
+pub fn lease_text(id: i64) -> String {
+    format!("{id:016x}")
+}
+
 /// Whether two different targets nest, one inside the other (`a/b` and `a/b/c`, not `a/b` and
 /// `a/bc`): a sync of the outer one would delete the inner one's keys.
 #[must_use]
@@ -445,6 +452,12 @@ pub trait Backend: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_id_is_printed_as_etcdctl_prints_it() {
+        assert_eq!(lease_text(0x0365_a24d_0113_e90d), "0365a24d0113e90d");
+        assert_eq!(lease_text(0x309d_a24c_ffad_430c), "309da24cffad430c");
+    }
 
     #[test]
     fn targets_nest_by_whole_segments_only() {

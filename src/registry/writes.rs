@@ -80,7 +80,7 @@ impl Progress {
                 deletes = self.deletes,
                 txns = self.txns,
                 revision = self.revision,
-                lease_id = lease.map(|id| format!("{id:x}")),
+                lease_id = lease.map(super::lease_text),
                 "synced target"
             );
         }

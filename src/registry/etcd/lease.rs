@@ -252,7 +252,7 @@ pub(super) async fn grant(client: &Client, ttl_secs: u64, op_timeout: Duration) 
 
 /// A lease id as etcdctl and status print it.
 pub(crate) fn hex(id: i64) -> String {
-    format!("{id:x}")
+    crate::registry::lease_text(id)
 }
 
 /// Whether an etcd error says the lease no longer exists.

@@ -205,7 +205,11 @@ impl ControlPlane {
         if controller_manager {
             // Started once the API server is ready: it gives the API server only 10s to be
             // healthy.
-            let (child, port) = controller_manager::spawn(plane.dir.path(), &plane.kubeconfig);
+            let (child, port) = controller_manager::spawn(
+                plane.dir.path(),
+                &plane.kubeconfig,
+                (&pki.serving_cert, &pki.serving_key),
+            );
             plane.controller_manager = Some(child);
             plane.wait_controller_manager(port).await;
         }
@@ -338,7 +342,7 @@ impl ControlPlane {
     /// Waits until the controller manager on `port` runs its endpointslice controller.
     async fn wait_controller_manager(&mut self, port: u16) {
         let deadline = Instant::now() + CONTROLLER_MANAGER_DEADLINE;
-        let client = controller_manager::health_client(port);
+        let client = controller_manager::health_client(port, &self.kubeconfig).await;
         loop {
             let exited = self
                 .controller_manager

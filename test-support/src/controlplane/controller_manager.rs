@@ -20,7 +20,7 @@ pub(super) const LOG: &str = "kube-controller-manager.log";
 ///
 /// # Panics
 /// When the binary is missing or cannot be spawned.
-pub(super) fn spawn(dir: &Path, kubeconfig: &Path) -> (Child, u16) {
+pub(super) fn spawn(dir: &Path, kubeconfig: &Path, serving: (&Path, &Path)) -> (Child, u16) {
     let port = free_port();
     let log = || {
         File::options()
@@ -40,11 +40,14 @@ pub(super) fn spawn(dir: &Path, kubeconfig: &Path) -> (Child, u16) {
     // The admin client for the controller, rather than a service-account token it would
     // need the (disabled) token controller and a signing key for.
     .arg("--use-service-account-credentials=false")
-    // Port 0 turns secure serving (and so /healthz) off, hence a free port. The serving
-    // certificate is self-signed in memory. /healthz is on the default always-allow paths,
-    // so no delegated authentication or authorization is configured.
+    // Port 0 turns secure serving (and so /healthz) off, hence a free port. It serves the API
+    // server's certificate (issued for 127.0.0.1 by the plane's CA), so that its health is
+    // checked with verification on. /healthz is on the default always-allow paths, so no
+    // delegated authentication or authorization is configured.
     .arg("--bind-address=127.0.0.1")
     .arg(format!("--secure-port={port}"))
+    .arg(format!("--tls-cert-file={}", serving.0.display()))
+    .arg(format!("--tls-private-key-file={}", serving.1.display()))
     // A pod change is synced at once rather than batched (0 is also the default).
     .arg("--endpointslice-updates-batch-period=0s")
     .arg("--v=1")
@@ -60,16 +63,23 @@ pub(super) fn spawn(dir: &Path, kubeconfig: &Path) -> (Child, u16) {
     (child, port)
 }
 
-/// A client for its secure port (self-signed, anonymous).
+/// A client for its secure port: the plane's admin kubeconfig (its CA verifies the serving
+/// certificate), pointed at `port`.
 ///
 /// # Panics
-/// When the client cannot be built.
-pub(super) fn health_client(port: u16) -> kube::Client {
-    let url = format!("https://127.0.0.1:{port}")
+/// When the kubeconfig cannot be read or the client built.
+pub(super) async fn health_client(port: u16, kubeconfig: &Path) -> kube::Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(kubeconfig).expect("failed to read kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("failed to load kubeconfig");
+    config.cluster_url = format!("https://127.0.0.1:{port}")
         .parse()
         .expect("controller manager url");
-    let mut config = kube::Config::new(url);
-    config.accept_invalid_certs = true;
     kube::Client::try_from(config).expect("failed to build the controller manager client")
 }
 

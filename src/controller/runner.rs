@@ -71,7 +71,7 @@ pub async fn run(
     let store = services.store.clone();
     report_ready(&ready, &ctx.sources, &store, services_synced.subscribe());
     let (writer_stop, writer) = spawn_writer(&ctx);
-    spawn_beside(
+    let beside = spawn_beside(
         &ctx,
         &store,
         &scope,
@@ -105,6 +105,12 @@ pub async fn run(
     }
     let _ = writer_stop.send(());
     let _ = writer.await;
+    // Nothing of this controller outlives it: an embedder that drops the registry after
+    // `run` returns stops its lease keeper, and no announcement or sweep writes after.
+    for task in beside {
+        task.abort();
+        let _ = task.await;
+    }
     info!("controller stopped");
 }
 
@@ -269,15 +275,15 @@ fn spawn_writer(
 }
 
 /// Spawns the tasks beside the reconciler: the owner-record sweep, and the one-writer-per-scope
-/// announcements (every third of the default TTL, 1 to 10 s).
+/// announcements (every third of the default TTL, 1 to 10 s). They run until aborted.
 fn spawn_beside(
     ctx: &Arc<Context>,
     store: &reflector::Store<GrpcService>,
     scope: &Scope,
     services_synced: tokio::sync::watch::Receiver<bool>,
     gone: tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
-    tokio::spawn(
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let sweep = tokio::spawn(
         sweep::sweeper(
             ctx.clone(),
             store.clone(),
@@ -287,7 +293,7 @@ fn spawn_beside(
         )
         .instrument(info_span!("sweep")),
     );
-    tokio::spawn(
+    let writers = tokio::spawn(
         writers::run(
             ctx.clone(),
             store.clone(),
@@ -296,6 +302,7 @@ fn spawn_beside(
         )
         .instrument(info_span!("writers")),
     );
+    [sweep, writers]
 }
 
 /// Resolves on `shutdown` while the caches are not synced yet (see [`run`]); never once they

@@ -286,17 +286,20 @@ pub async fn an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_a
 /// Status says what the registry holds while the spec is invalid: `n` registered and ready,
 /// and the Ready message counts them, still InvalidSpec.
 async fn registered_in_status(env: &Env, n: i64) {
-    eventually("status follows the registry while the spec is invalid", || async {
-        let status = env.status("greeter").await;
-        let message = env.condition("greeter", "Ready").await["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        status["registeredEndpoints"] == n
-            && status["readyEndpoints"] == n
-            && message.contains(&format!("({n} endpoint"))
-            && env.condition_is("greeter", "InvalidSpec", "True").await
-    })
+    eventually(
+        "status follows the registry while the spec is invalid",
+        || async {
+            let status = env.status("greeter").await;
+            let message = env.condition("greeter", "Ready").await["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            status["registeredEndpoints"] == n
+                && status["readyEndpoints"] == n
+                && message.contains(&format!("({n} endpoint"))
+                && env.condition_is("greeter", "InvalidSpec", "True").await
+        },
+    )
     .await;
 }
 

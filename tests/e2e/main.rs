@@ -21,6 +21,7 @@ mod weights;
 use std::future::Future;
 use std::sync::Arc;
 
+use grpc_registrar::desired::Policy;
 use harness::{Env, eventually};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
@@ -88,6 +89,7 @@ fn main() {
     let trials = trials!(runtime, plane;
         ready_pods_are_published_with_etcd_naming_values,
         a_pod_that_turns_unready_is_deregistered,
+        once_the_controller_has_stopped_nothing_of_it_holds_the_registry,
         a_terminating_pod_is_deregistered_before_it_is_gone,
         a_pod_relabelled_out_of_the_selector_is_deregistered,
         deleting_the_grpcservice_removes_every_key_and_releases_the_finalizer,
@@ -285,6 +287,32 @@ async fn a_pod_that_turns_unready_is_deregistered(plane: Plane, ns: String) {
     )
     .await;
     env.shutdown().await;
+}
+
+/// An embedder (the demo, these tests) drops the registry once `run` returns: nothing of the
+/// controller may still hold it, or its lease keeper, writer announcements and sweep would go
+/// on writing (and warning about a registry that is gone) after the controller stopped.
+async fn once_the_controller_has_stopped_nothing_of_it_holds_the_registry(
+    plane: Plane,
+    ns: String,
+) {
+    let registry: Arc<dyn grpc_registrar::registry::Backend> =
+        Arc::new(grpc_registrar::registry::memory::MemoryBackend::default());
+    let held = registry.clone();
+    let env = Env::with_backend(plane, &ns, Policy::default(), registry).await;
+    env.service("greeter", greeter_spec()).await;
+    env.pod("g-0", json!({"app": "greeter"}), 50051).await;
+    env.set_ready("g-0", "10.2.9.1", true).await;
+    eventually("registered", || async {
+        env.condition_is("greeter", "Ready", "True").await
+    })
+    .await;
+    env.shutdown().await;
+    assert_eq!(
+        Arc::strong_count(&held),
+        1,
+        "a task of the stopped controller still holds the registry"
+    );
 }
 
 async fn a_terminating_pod_is_deregistered_before_it_is_gone(plane: Plane, ns: String) {

@@ -71,9 +71,14 @@ pub(crate) async fn set_ready(
     ready: bool,
 ) -> anyhow::Result<()> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    // As a kubelet reports it, the container's readiness too (`kubectl get pods` reads it).
     let status = json!({"status": {
         "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now}]
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "lastTransitionTime": now}],
+        "containerStatuses": [{
+            "name": "server", "image": "greeter:demo", "imageID": "", "ready": ready,
+            "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}}
+        }]
     }});
     pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
         .await

@@ -552,7 +552,7 @@ pub fn transition_events(prev: Option<&GrpcServiceStatus>, next: &GrpcServiceSta
 }
 
 /// Whether two printed lease ids name one lease (a status written before ids were zero-padded
-/// to etcdctl's 16 digits names the same lease without its leading zeros).
+/// to 16 hex digits names the same lease without its leading zeros).
 fn same_lease(a: &str, b: &str) -> bool {
     match (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
         (Ok(a), Ok(b)) => a == b,

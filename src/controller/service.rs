@@ -413,10 +413,26 @@ impl GrpcService {
         target: Option<&str>,
         counts: Option<&Desired>,
     ) -> Result<Action> {
+        // The last valid spec (recorded in the registry, so it survives a restart or a
+        // failover, or seen since), published against the pods as they are now: readiness is
+        // still followed (an unready pod leaves) while the spec is being fixed.
+        let owner = self.owner()?;
+        let last = ctx
+            .published
+            .last(ctx.backend.as_ref(), ctx.term(), &owner.uid)
+            .await;
+        let kept = match &last {
+            Ok(Some(record)) => record
+                .plan(self, &ctx.policy, ctx.backend.planner())
+                .map(|plan| (record.service(self), plan)),
+            _ => None,
+        };
+        // While a publication is kept, status names its target and counts (its sync reports
+        // them), not the invalid spec's: the two would alternate, reconcile after reconcile.
         let outcome = Outcome::InvalidSpec {
             message: error.to_string(),
-            target,
-            desired: counts,
+            target: target.filter(|_| kept.is_none()),
+            desired: counts.filter(|_| kept.is_none()),
             kept: None,
         };
         // Logged when it becomes the condition, not on every re-reconcile of the same spec.
@@ -426,18 +442,8 @@ impl GrpcService {
             ctx.metrics.reconcile_failed("invalid_spec");
             warn!(error = %error, "invalid spec; keeping what the last valid spec published");
         }
-        // The last valid spec (recorded in the registry, so it survives a restart or a
-        // failover, or seen since), published against the pods as they are now: readiness is
-        // still followed (an unready pod leaves) while the spec is being fixed.
-        let owner = self.owner()?;
-        let last = ctx
-            .published
-            .last(ctx.backend.as_ref(), ctx.term(), &owner.uid)
-            .await?;
-        let Some((old, plan)) = last.and_then(|record| {
-            let plan = record.plan(self, &ctx.policy, ctx.backend.planner())?;
-            Some((record.service(self), plan))
-        }) else {
+        last?;
+        let Some((old, plan)) = kept else {
             return Ok(Action::await_change());
         };
         match old.evaluate(ctx, &plan) {

@@ -16,6 +16,7 @@ use crate::fixtures::{PodBuilder, endpoint_slice, service, service_ref};
 use crate::registry::memory::MemoryBackend;
 use crate::source::pod::{PodSource, candidate};
 use crate::source::slice::SliceSource;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::runtime::controller::Action;
 
 fn with_finalizer(mut svc: GrpcService) -> GrpcService {
@@ -404,6 +405,65 @@ async fn a_spec_turned_invalid_still_deregisters_a_pod_that_turns_unready() {
     assert_eq!(
         keys(&registry, "services/default/greeter"),
         ["services/default/greeter/10.0.0.1:50051"]
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_reconciled_again_with_nothing_changed_queues_no_status() {
+    let registry = backend();
+    let other = |name: &str, ip: &str| PodBuilder::ready(name, ip).label("app", "other").build();
+    let pods = [
+        PodBuilder::ready("p1", "10.0.0.1").build(),
+        PodBuilder::ready("p2", "10.0.0.2").build(),
+        other("o1", "10.0.1.1"),
+        other("o2", "10.0.1.2"),
+        other("o3", "10.0.1.3"),
+    ];
+    let (ctx, api, _source) = pod_context(&registry, &pods);
+    let svc = with_finalizer(service("greeter"));
+    // Another selector, target and a key template that maps its three pods to one key:
+    // invalid once the pods are rendered, so the spec got as far as its own target and counts
+    // (3 selected, where the publication kept selects 2).
+    let mut invalid = svc.clone();
+    invalid.spec.selector = Some(LabelSelector {
+        match_labels: Some(std::collections::BTreeMap::from([(
+            "app".into(),
+            "other".into(),
+        )])),
+        ..LabelSelector::default()
+    });
+    invalid.spec.target = Some("services/default/other".into());
+    invalid.spec.key_template = Some("{target}/fixed".into());
+    invalid.metadata.generation = Some(2);
+    let server = api.run(Scenario::StatusPatches(vec![
+        (svc.clone(), |_| {}),
+        (invalid.clone(), |status| {
+            assert_eq!(condition(status, "InvalidSpec")["status"], "True");
+            assert_eq!(
+                status["target"], "services/default/greeter",
+                "status names the target still published"
+            );
+            assert_eq!(
+                status["selectedEndpoints"], 2,
+                "and the counts of what is published"
+            );
+        }),
+    ]));
+    reconcile(Arc::new(svc), ctx.clone()).await.unwrap();
+    ctx.writer.idle().await;
+    reconcile(Arc::new(invalid.clone()), ctx.clone())
+        .await
+        .unwrap();
+    ctx.writer.idle().await;
+    server.await.unwrap();
+    assert_eq!(keys(&registry, "services/default/greeter").len(), 2);
+    reconcile(Arc::new(invalid.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        ctx.writer.pending(&invalid),
+        None,
+        "nothing changed: nothing to write"
     );
 }
 

@@ -114,6 +114,16 @@ impl ApiWriter {
             .or_else(|| svc.status.clone())
     }
 
+    /// The status queued for `svc` and not yet written (tests).
+    #[cfg(test)]
+    pub(crate) fn pending(&self, svc: &GrpcService) -> Option<GrpcServiceStatus> {
+        let uid = svc.uid().unwrap_or_default();
+        self.queue()
+            .entries
+            .get(&uid)
+            .and_then(|e| e.status.clone())
+    }
+
     /// Queues `status` for `svc` (replacing any pending one) with its transition `events`.
     pub fn submit(
         &self,

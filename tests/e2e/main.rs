@@ -379,11 +379,18 @@ async fn deleting_the_grpcservice_removes_every_key_and_releases_the_finalizer(
     env.set_ready("g-0", "10.5.0.1", true).await;
     env.expect_keys("registered", &["greeter/10.5.0.1:50051"])
         .await;
-    let svc = env.services().get("greeter").await.unwrap();
-    assert_eq!(
-        svc.metadata.finalizers,
-        Some(vec![grpc_registrar::crd::FINALIZER.to_owned()])
-    );
+    // The finalizer is written behind the registry (the registry never waits on the API
+    // server), so it may land a moment after the keys.
+    eventually("the finalizer added", || async {
+        env.services()
+            .get("greeter")
+            .await
+            .unwrap()
+            .metadata
+            .finalizers
+            == Some(vec![grpc_registrar::crd::FINALIZER.to_owned()])
+    })
+    .await;
     env.services()
         .delete("greeter", &DeleteParams::default())
         .await

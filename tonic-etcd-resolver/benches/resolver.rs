@@ -364,10 +364,7 @@ async fn zones(etcd: &EtcdServer) -> Vec<(String, String)> {
     servers[0].kill();
     servers[1].kill();
     let killed = Instant::now();
-    // With calls going, as a client has them. A killed server can answer the reachability
-    // probe if its listener outlives its connections for a moment, and then counts as
-    // connected until a call to it fails: waiting without calls timed out in about 1 run in
-    // 10 on a loaded machine.
+    // With calls going, as a client has them.
     let deadline = killed + Duration::from_secs(10);
     let mut client = GreeterClient::new(resolver.channel());
     while resolver.ready_endpoints().len() != 4 {

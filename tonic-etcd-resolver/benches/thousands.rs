@@ -5,9 +5,10 @@
 //!
 //! Every endpoint is one real tonic server, reached on a different loopback address
 //! (127.0.x.y, all of 127/8 is loopback on Linux), so each is a distinct endpoint that answers
-//! probes and calls without thousands of processes. Channels are lazy: an endpoint costs a
-//! socket only once an RPC goes to it, so the memory figure is the resolver's own bookkeeping
-//! per endpoint (its member task, probe, channel and entries), not an HTTP/2 connection's.
+//! connections and calls without thousands of processes. Every endpoint is connected at once,
+//! called or not, and the server runs in this process: the memory figure holds the resolver's
+//! bookkeeping per endpoint (its member task, channel and entries) and both ends of an HTTP/2
+//! connection.
 
 use std::time::{Duration, Instant};
 

@@ -22,7 +22,7 @@ use crate::resolver::Guard;
 /// it is still registered. With no endpoint up, an RPC fails at once with `Unavailable`, unless
 /// [`crate::Options::wait_for_endpoints`] was set.
 ///
-/// A transport error on an RPC marks its endpoint down until it answers a probe; a deadline
+/// A transport error on an RPC marks its endpoint down until it connects again; a deadline
 /// (`Options::timeout` or a request's `grpc-timeout`) does not, since the connection is fine,
 /// but counts as a failure for [`crate::OutlierDetection`].
 ///

@@ -38,7 +38,7 @@ type Configure = Arc<dyn Fn(TonicEndpoint) -> TonicEndpoint + Send + Sync>;
 /// ```
 #[derive(Clone)]
 pub struct Options {
-    /// Bound on establishing one backend connection, and on each reachability probe.
+    /// Bound on establishing one backend connection (each endpoint is connected eagerly).
     pub(crate) connect_timeout: Duration,
     /// Per-request deadline, if any.
     pub(crate) timeout: Option<Duration>,

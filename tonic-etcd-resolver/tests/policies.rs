@@ -430,6 +430,22 @@ async fn calls_spill_over_to_other_zones_when_local_servers_die() {
 }
 
 #[tokio::test]
+async fn a_server_that_dies_before_any_call_reaches_it_is_no_longer_ready() {
+    let etcd = EtcdServer::start().await;
+    let mut s = zoned(&etcd, &["a", "b"]).await;
+    let resolver = resolver(&etcd, options().prefer_zone(ZonePreference::new("a"))).await;
+    all_ready(&resolver, 2).await;
+    // Calls stay in zone a: zone b's server is connected but never called.
+    let (by_server, failed) = calls(&resolver.channel(), 10).await;
+    assert_eq!((by_server.len(), failed), (1, 0), "{by_server:?}");
+    s[1].kill();
+    eventually("the uncalled dead server is no longer ready", || async {
+        resolver.ready_endpoints() == [s[0].addr()]
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_zone_preference_composes_with_weights() {
     let etcd = EtcdServer::start().await;
     let s = servers(3).await;

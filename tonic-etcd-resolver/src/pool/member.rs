@@ -1,19 +1,18 @@
-//! One endpoint's member task: probe until reachable, serve until the connection fails, repeat.
+//! One endpoint's member task: connect until reachable, serve until the connection ends, repeat.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use super::{Health, Meta, Pool, Ready, Shared, lock};
 use crate::connector::WatchedConnector;
 
-/// First reachability probes in flight at once. Started all together, 5,000 probes delay the
+/// First connections in flight at once. Started all together, 5,000 connections delay the
 /// first answer (and the first RPC) by the time it takes to start them all (~200 ms); a bound
-/// lets the first endpoints come up at once. Later probes (after a failure) are not bounded, so
-/// endpoints that time out cannot hold up the others' recovery.
+/// lets the first endpoints come up at once. Later connections (after a failure) are not
+/// bounded, so endpoints that time out cannot hold up the others' recovery.
 pub(super) const FIRST_PROBES: usize = 128;
 
 /// Aborts a task when dropped, so a member's helpers end with it.
@@ -25,7 +24,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Keeps one endpoint's connection: probe until reachable, serve until it fails, repeat.
+/// Keeps one endpoint's connection: connect until reachable, serve until it ends, repeat.
 pub(super) async fn member(
     pool: Weak<Pool>,
     addr: String,
@@ -48,35 +47,13 @@ pub(super) async fn member(
             return;
         }
     };
-    let health = Arc::new(Health::default());
     let shared = Arc::new(Shared::new());
-    let connector = WatchedConnector {
-        health: Arc::downgrade(&health),
-        nodelay: options.tcp_nodelay,
-    };
-    let channel = endpoint.connect_with_connector_lazy(connector);
     let name: Arc<str> = addr.as_str().into();
-    let _checker = options.health_check.clone().map(|config| {
-        let pool = pool.clone();
-        AbortOnDrop(tokio::spawn(crate::policy::health::run(
-            config,
-            name.clone(),
-            channel.clone(),
-            shared.serving.clone(),
-            move || {
-                if let Some(pool) = pool.upgrade() {
-                    pool.invalidate();
-                    pool.changed.notify_waiters();
-                    pool.resubset();
-                }
-            },
-        )))
-    });
     loop {
         let mut delays = options.backoff();
-        loop {
-            // A first probe waits for a permit: with thousands of endpoints registered at once,
-            // a few probes finish (and the first RPC goes) before all are started.
+        let (channel, health) = loop {
+            // A first connection waits for a permit: with thousands of endpoints registered at
+            // once, a few connect (and the first RPC goes) before all are started.
             // The pool is not held while waiting, so dropping it ends this task.
             let first_probes = match pool.upgrade() {
                 Some(pool) => (!probed.load(Ordering::Acquire)).then(|| pool.first_probes.clone()),
@@ -86,12 +63,23 @@ pub(super) async fn member(
                 Some(semaphore) => semaphore.acquire_owned().await.ok(),
                 None => None,
             };
-            let probe =
-                tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr.as_str()))
-                    .await;
+            // The connection is the probe: an endpoint is up only while this channel's own
+            // connection is open, so its end is seen whether or not an RPC was sent (a server
+            // shutting down still accepts until its listener closes). Each attempt has its own
+            // health, so a connection of an earlier attempt cannot mark a later one down.
+            let health = Arc::new(Health::default());
+            let connector = WatchedConnector {
+                health: Arc::downgrade(&health),
+                nodelay: options.tcp_nodelay,
+            };
+            let connected = tokio::time::timeout(
+                options.connect_timeout,
+                endpoint.connect_with_connector(connector),
+            )
+            .await;
             drop(permit);
-            if matches!(probe, Ok(Ok(_))) {
-                break;
+            if let Ok(Ok(channel)) = connected {
+                break (channel, health);
             }
             if let Some(pool) = pool.upgrade()
                 && pool.probed(&probed)
@@ -102,8 +90,24 @@ pub(super) async fn member(
             let delay = delays.next().unwrap_or(options.retry_max);
             debug!(addr, ?delay, "endpoint unreachable; probing again");
             tokio::time::sleep(delay).await;
-        }
-        health.down.store(false, Ordering::Release);
+        };
+        // Health is checked on this connection, and the checker ends with it.
+        let _checker = options.health_check.clone().map(|config| {
+            let pool = pool.clone();
+            AbortOnDrop(tokio::spawn(crate::policy::health::run(
+                config,
+                name.clone(),
+                channel.clone(),
+                shared.serving.clone(),
+                move || {
+                    if let Some(pool) = pool.upgrade() {
+                        pool.invalidate();
+                        pool.changed.notify_waiters();
+                        pool.resubset();
+                    }
+                },
+            )))
+        });
         let Some(strong) = pool.upgrade() else { return };
         strong.update_ready(|set| {
             if removed.load(Ordering::Acquire) {

@@ -1,10 +1,11 @@
 //! Backend connections with health, and the pick: an endpoint whose connection fails is not
-//! picked again until it answers a reachability probe; among the rest, the policies choose.
+//! picked again until it connects again; among the rest, the policies choose.
 //!
-//! Each connection's socket is watched ([`crate::connector`]): end-of-stream or a read error
-//! (the backend died) marks the endpoint down at once, before any RPC has to fail on it. A
-//! transport error on an RPC does the same. A per-endpoint task then probes with backoff and
-//! puts it back when it answers.
+//! Each endpoint is connected as soon as it is a member, called or not, and is up only while
+//! that connection is open. Its socket is watched ([`crate::connector`]): end-of-stream or a
+//! read error (the backend died) marks the endpoint down at once, before any RPC has to fail on
+//! it. A transport error on an RPC does the same. A per-endpoint task then reconnects with
+//! backoff and puts it back when it connects.
 //!
 //! With subsetting ([`crate::Options::subset`]) only the members of this client's subset are
 //! connected: the highest-ranked registered endpoints until enough are usable.
@@ -12,7 +13,7 @@
 //! # Layout
 //! - this module: the per-endpoint state, and the members (every registered endpoint, or the
 //!   subset) kept equal to the registry with a task each;
-//! - `member`: one endpoint's task (probe, serve, mark down, probe again);
+//! - `member`: one endpoint's task (connect, serve, mark down, connect again);
 //! - `pick`: the pick, its cached candidates, and outlier ejection;
 //! - `ranked`: subsetting's rendezvous order of the registered endpoints.
 

@@ -20,7 +20,7 @@ use test_support::ControlPlane;
 use test_support::consul::Consul;
 use tokio::sync::watch;
 
-use crate::{PODS, delete_grpcsvc, install_crd, kubectl, set_ready, step};
+use crate::{PODS, delete_grpcsvc, install_crd, kubectl, set_ready, show, step};
 
 /// Passing instances of `service` by blocking query from `index`: (addresses, next index).
 async fn passing(consul: &str, service: &str, index: u64) -> (Vec<String>, u64) {
@@ -129,14 +129,10 @@ pub async fn run() -> anyhow::Result<()> {
 
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     step("kubectl apply -f demo/greeter-consul.yaml   (backend: Consul, three pods)");
-    print!(
-        "    {}",
-        kubectl(
-            &plane,
-            &["apply", "-f", &format!("{root}/demo/greeter-consul.yaml")]
-        )?
-        .replace('\n', "\n    ")
-    );
+    show(&kubectl(
+        &plane,
+        &["apply", "-f", &format!("{root}/demo/greeter-consul.yaml")],
+    )?);
 
     step("Starting three real tonic Greeter servers, one per pod IP, and marking the pods Ready");
     let mut servers = Vec::new();
@@ -170,10 +166,7 @@ pub async fn run() -> anyhow::Result<()> {
             "--timeout=10s",
         ],
     )?;
-    print!(
-        "    {}",
-        kubectl(&plane, &["get", "grpcsvc", "-n", "default"])?.replace('\n', "\n    ")
-    );
+    show(&kubectl(&plane, &["get", "grpcsvc", "-n", "default"])?);
 
     step("greeter-1 fails its readiness probe (Ready=False): it leaves the passing set");
     let flipped = Instant::now();
@@ -188,7 +181,10 @@ pub async fn run() -> anyhow::Result<()> {
     step("kubectl delete grpcsvc greeter: the finalizer deregisters every instance");
     delete_grpcsvc(&plane, "greeter")?;
     let (left, _) = passing(&addr, "greeter", 0).await;
-    println!("    instances left in Consul: {}", left.len());
+    println!(
+        "    passing instances of greeter left in Consul: {}",
+        left.len()
+    );
 
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;

@@ -41,6 +41,11 @@ pub(crate) fn step(text: &str) {
     println!("\n==> {text}");
 }
 
+/// A command's output, indented under its step.
+pub(crate) fn show(output: &str) {
+    println!("    {}", output.trim_end().replace('\n', "\n    "));
+}
+
 pub(crate) fn kubectl(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     let (ok, out, err) = plane.kubectl(args);
     ensure!(ok, "kubectl {} failed: {err}", args.join(" "));
@@ -97,6 +102,21 @@ async fn wait_ready(resolver: &Resolver, n: usize) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// How many keys the registry holds under `target/`, read from the registry itself (not from a
+/// client's view of it).
+async fn keys_under(registry: &EtcdServer, target: &str) -> anyhow::Result<i64> {
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    let response = registry
+        .client()
+        .await
+        .get(format!("{target}/"), Some(options))
+        .await
+        .context("reading the registry")?;
+    Ok(response.count())
+}
+
 async fn calls(channel: &LbChannel, n: usize) -> anyhow::Result<()> {
     calls_to(channel, n, &PODS).await
 }
@@ -128,13 +148,10 @@ async fn calls_to(channel: &LbChannel, n: usize, pods: &[(&str, &str)]) -> anyho
 pub(crate) fn install_crd(plane: &ControlPlane) -> anyhow::Result<()> {
     step("kubectl apply -f crds/grpcservice.yaml");
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    print!(
-        "    {}",
-        kubectl(
-            plane,
-            &["apply", "-f", &format!("{root}/crds/grpcservice.yaml")]
-        )?
-    );
+    show(&kubectl(
+        plane,
+        &["apply", "-f", &format!("{root}/crds/grpcservice.yaml")],
+    )?);
     kubectl(
         plane,
         &[
@@ -152,11 +169,10 @@ pub(crate) fn install_crd(plane: &ControlPlane) -> anyhow::Result<()> {
 async fn hello(plane: &ControlPlane, pods: &Api<Pod>, registry: &EtcdServer) -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     step("kubectl apply -f demo/hello.yaml   (a Service, a GrpcService with serviceRef, two pods)");
-    print!(
-        "    {}",
-        kubectl(plane, &["apply", "-f", &format!("{root}/demo/hello.yaml")])?
-            .replace('\n', "\n    ")
-    );
+    show(&kubectl(
+        plane,
+        &["apply", "-f", &format!("{root}/demo/hello.yaml")],
+    )?);
     // EndpointSlice addresses cannot be loopback: the servers listen on this host's address.
     let host = test_support::host_ip().to_string();
     let addrs = [format!("{host}:50061"), format!("{host}:50062")];
@@ -184,22 +200,18 @@ async fn hello(plane: &ControlPlane, pods: &Api<Pod>, registry: &EtcdServer) -> 
     step(
         "kubectl get endpointslices -l kubernetes.io/service-name=hello   (two ports, two slices)",
     );
-    println!(
-        "    {}",
-        kubectl(
-            plane,
-            &[
-                "get",
-                "endpointslices",
-                "-n",
-                "default",
-                "-l",
-                "kubernetes.io/service-name=hello"
-            ]
-        )?
-        .trim_end()
-        .replace('\n', "\n    ")
-    );
+    show(&kubectl(
+        plane,
+        &[
+            "get",
+            "endpointslices",
+            "-n",
+            "default",
+            "-l",
+            "kubernetes.io/service-name=hello",
+        ],
+    )?);
+    step("kubectl get grpcsvc -o wide   (hello registered from its EndpointSlices)");
     kubectl(
         plane,
         &[
@@ -211,10 +223,10 @@ async fn hello(plane: &ControlPlane, pods: &Api<Pod>, registry: &EtcdServer) -> 
             "--timeout=10s",
         ],
     )?;
-    print!(
-        "    {}",
-        kubectl(plane, &["get", "grpcsvc", "-n", "default", "-o", "wide"])?.replace('\n', "\n    ")
-    );
+    show(&kubectl(
+        plane,
+        &["get", "grpcsvc", "-n", "default", "-o", "wide"],
+    )?);
 
     step("hello-1 turns unready: pod → its EndpointSlice → the registry");
     let flipped = Instant::now();
@@ -225,8 +237,14 @@ async fn hello(plane: &ControlPlane, pods: &Api<Pod>, registry: &EtcdServer) -> 
         flipped.elapsed().as_millis()
     );
     calls_to(&resolver.channel(), 2, &names).await?;
+
+    step("kubectl delete grpcsvc hello: the finalizer removes its keys");
     delete_grpcsvc(plane, "hello")?;
     wait_ready(&resolver, 0).await?;
+    println!(
+        "    keys left under {HELLO_TARGET}/: {}; the client has no endpoints",
+        keys_under(registry, HELLO_TARGET).await?
+    );
     drop(servers);
     Ok(())
 }
@@ -284,14 +302,10 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     step("kubectl apply -f demo/greeter.yaml   (a GrpcService and three pods)");
-    print!(
-        "    {}",
-        kubectl(
-            &plane,
-            &["apply", "-f", &format!("{root}/demo/greeter.yaml")]
-        )?
-        .replace('\n', "\n    ")
-    );
+    show(&kubectl(
+        &plane,
+        &["apply", "-f", &format!("{root}/demo/greeter.yaml")],
+    )?);
 
     step("Starting three real tonic Greeter servers, one per pod IP, and marking the pods Ready");
     let mut servers = Vec::new();
@@ -325,10 +339,7 @@ async fn main() -> anyhow::Result<()> {
             "--timeout=10s",
         ],
     )?;
-    print!(
-        "    {}",
-        kubectl(&plane, &["get", "grpcsvc", "-n", "default"])?.replace('\n', "\n    ")
-    );
+    show(&kubectl(&plane, &["get", "grpcsvc", "-n", "default"])?);
 
     step("greeter-1 fails its readiness probe (Ready=False): traffic leaves it");
     let flipped = Instant::now();
@@ -355,7 +366,10 @@ async fn main() -> anyhow::Result<()> {
     step("kubectl delete grpcsvc greeter: the finalizer removes every key");
     delete_grpcsvc(&plane, "greeter")?;
     wait_ready(&resolver, 0).await?;
-    println!("    registry empty; the client has no endpoints");
+    println!(
+        "    keys left under {TARGET}/: {}; the client has no endpoints",
+        keys_under(&registry_etcd, TARGET).await?
+    );
 
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;

@@ -81,10 +81,13 @@ case ${1:-} in
     mkdir -p "$dir"
     rm -f "$dir/env"
     if [[ -z ${DEV_SKIP_BUILD:-} ]]; then
+      echo "==> Fetching or building the tools it runs (cached after the first run, which takes minutes)"
       "$root/scripts/protoc.sh" >/dev/null
       "$root/scripts/controlplane.sh" >/dev/null
+      echo "==> Building the controller and the dev loop (the first build takes a few minutes)"
       (cd "$root" && cargo build -q --bin grpc-registrar && cargo build -q -p demo --bin devloop)
     fi
+    echo "==> Starting kube-apiserver (+ its etcd), a registry etcd and the controller"
     devloop=${DEVLOOP_BIN:-$root/target/debug/devloop}
     controller=${GRPC_REGISTRAR_BIN:-$root/target/debug/grpc-registrar}
     setsid "$devloop" "$dir" "$controller" >"$dir/devloop.log" 2>&1 < /dev/null &

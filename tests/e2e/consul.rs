@@ -268,3 +268,124 @@ pub async fn sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leavi
         "a passing-only client saw instances leave across the failover"
     );
 }
+
+/// The README's promise for an invalid edit, on Consul: the last valid spec stays published
+/// (still following readiness) until it is fixed, across a leader failover and a SIGKILL and
+/// restart, each past the TTL. A passing-only client sees only the pods made unready leave, and
+/// status counts what Consul holds while it says InvalidSpec.
+pub async fn an_invalid_consul_specs_last_valid_instances_survive_a_failover_and_a_restart_and_follow_readiness(
+    plane: Plane,
+    ns: String,
+) {
+    use crate::harness::{ControllerProcess, leader};
+    const TTL: u64 = 10;
+
+    let consul = Consul::start().await;
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    // No namespace is trusted with flat Consul names: the service is `greeter--<namespace>`.
+    let service = format!("greeter--{ns}");
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc",
+               "backend": "Consul"}),
+    )
+    .await;
+    for i in 1..=3u8 {
+        let name = format!("g-{i}");
+        env.pod(&name, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(&name, &format!("10.45.0.{i}"), true).await;
+    }
+    let replica = |name: &str| {
+        ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
+            .env("BACKEND", "consul")
+            .env("CONSUL_HTTP_ADDR", consul.http_addr())
+            .replica(name)
+            .start()
+    };
+    let leads = |name: &'static str| {
+        let env = &env;
+        let ns = &ns;
+        async move {
+            eventually(&format!("{name} leads"), || async {
+                leader(&env.client, ns).await.as_deref() == Some(name)
+            })
+            .await;
+        }
+    };
+    let mut a = replica("a");
+    leads("a").await;
+    let mut b = replica("b");
+    eventually("three passing instances", || async {
+        passing(&consul, &service).await.len() == 3
+    })
+    .await;
+
+    // An invalid edit (a flat name this namespace is not trusted with): the instances stay.
+    env.services()
+        .patch(
+            "greeter",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"consul": {"service": "refunds"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("InvalidSpec", || async {
+        env.condition_is("greeter", "InvalidSpec", "True").await
+    })
+    .await;
+    let watch = ConsulWatch::start(&consul, &service);
+    eventually("the Go client sees three instances", || async {
+        watch.seen().last() == Some(&3)
+    })
+    .await;
+
+    // Failover past the TTL: the new leader keeps the instances and follows readiness.
+    a.kill();
+    let killed = std::time::Instant::now();
+    leads("b").await;
+    tokio::time::sleep(Duration::from_secs(TTL + 2).saturating_sub(killed.elapsed())).await;
+    assert_eq!(
+        passing(&consul, &service).await.len(),
+        3,
+        "kept across the failover"
+    );
+    env.set_ready("g-3", "10.45.0.3", false).await;
+    eventually("the new leader deregisters an unready pod", || async {
+        passing(&consul, &service).await.len() == 2
+    })
+    .await;
+    crate::failover::registered_in_status(&env, 2).await;
+
+    // SIGKILL and restart past the TTL: the same.
+    b.kill();
+    let killed = std::time::Instant::now();
+    let _c = replica("c");
+    leads("c").await;
+    tokio::time::sleep(Duration::from_secs(TTL + 2).saturating_sub(killed.elapsed())).await;
+    assert_eq!(
+        passing(&consul, &service).await.len(),
+        2,
+        "kept across the restart"
+    );
+    env.set_ready("g-2", "10.45.0.2", false).await;
+    eventually(
+        "the restarted process deregisters an unready pod",
+        || async { passing(&consul, &service).await.len() == 1 },
+    )
+    .await;
+    crate::failover::registered_in_status(&env, 1).await;
+    eventually("the client saw the last change", || async {
+        watch.seen().last() == Some(&1)
+    })
+    .await;
+    assert_eq!(
+        watch.seen(),
+        [3, 2, 1],
+        "a passing-only client saw more than the two unready pods leave"
+    );
+    assert!(
+        passing(&consul, "refunds").await.is_empty(),
+        "the invalid name was published"
+    );
+    assert!(env.condition_is("greeter", "InvalidSpec", "True").await);
+}

@@ -284,8 +284,8 @@ pub async fn an_invalid_specs_last_valid_keys_survive_a_failover_and_a_restart_a
 }
 
 /// Status says what the registry holds while the spec is invalid: `n` registered and ready,
-/// and the Ready message counts them, still InvalidSpec.
-async fn registered_in_status(env: &Env, n: i64) {
+/// and the Ready message counts them, still InvalidSpec (for the GrpcService `greeter`).
+pub(crate) async fn registered_in_status(env: &Env, n: i64) {
     eventually(
         "status follows the registry while the spec is invalid",
         || async {

@@ -97,6 +97,7 @@ fn main() {
         status_and_printer_columns_show_target_ready_and_registered,
         consul::a_go_consul_client_calls_every_ready_server_and_follows_readiness_and_deletion,
         consul::sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leaving,
+        consul::an_invalid_consul_specs_last_valid_instances_survive_a_failover_and_a_restart_and_follow_readiness,
         weights::a_weighted_tonic_client_follows_the_weights_the_controller_publishes,
         weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported,
         operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event,

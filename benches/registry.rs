@@ -2,7 +2,9 @@
 //!
 //! - cold registration of 10,000 endpoints: one target (txn batches of 128), and 1,000 targets
 //!   of 10 (claim + sync each, 32 in flight);
-//! - bytes per cached pod: a candidate in the index, against the whole pod in a reflector store.
+//! - bytes per cached pod: a candidate in the index, against the whole pod in a reflector store;
+//! - what a reconcile computes for one 400-pod service, whatever changed (the desired endpoints,
+//!   then every key and value rendered): time and heap allocations.
 //!
 //! Run with `make bench` (or `cargo bench --bench registry`). Medians and p99/max over runs.
 
@@ -291,5 +293,73 @@ async fn main() {
         ),
     ));
 
+    // A readiness flip re-evaluates the whole service: its cost per pod, and per flip.
+    let (mut eval_us, mut eval_allocs) = (vec![], 0.0);
+    for _ in 0..5 {
+        let (us, allocs) = evaluate_cost(400, 200);
+        eval_us.push(us);
+        eval_allocs = allocs;
+    }
+    rows.push((
+        "evaluate a 400-pod service (desired endpoints, then keys and values)".into(),
+        format!(
+            "{:.0} µs, {eval_allocs:.0} allocations ({:.1} per pod)",
+            median(eval_us),
+            eval_allocs / 400.0
+        ),
+    ));
+
     test_support::bench::report("registry", &rows);
+}
+
+/// Evaluating one service of `pods` ready pods as a reconcile does (`desired`, then the etcd
+/// layout's keys and values), `n` times: microseconds and heap allocations per evaluation.
+fn evaluate_cost(pods: usize, n: usize) -> (f64, f64) {
+    use grpc_registrar::crd::GrpcService;
+    use grpc_registrar::desired::{Plan, Policy, desired};
+    use grpc_registrar::registry::etcd::Layout;
+    use grpc_registrar::source::Candidate;
+
+    let svc: GrpcService = serde_json::from_value(serde_json::json!({
+        "apiVersion": "grpc-registrar.io/v1alpha1", "kind": "GrpcService",
+        "metadata": {"name": "greeter", "namespace": "default", "uid": "u"},
+        "spec": {"selector": {"matchLabels": {"app": "greeter"}}, "port": 50051,
+                 "metadataFromLabels": ["version"]}
+    }))
+    .unwrap();
+    let plan = Plan::new(&svc, &Policy::default()).unwrap();
+    let layout = Layout {
+        namespace: "default".into(),
+        name: "greeter".into(),
+        ..Layout::default_for("services/default/greeter", ValueFormat::EtcdNaming)
+    };
+    let candidates: Vec<Arc<Candidate>> = (0..pods)
+        .map(|i| {
+            let name = format!("greeter-{i}");
+            Arc::new(Candidate {
+                id: name.clone(),
+                pod: Some(name),
+                ip: Some(format!("10.1.{}.{}", i / 250, 1 + i % 250).parse().unwrap()),
+                ready: true,
+                serving: true,
+                node: Some(format!("node-{}", i % 20)),
+                zone: Some(format!("zone-{}", i % 3)),
+                labels: [("app", "greeter"), ("version", "v1")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+                ..Candidate::default()
+            })
+        })
+        .collect();
+    let region = Region::new(GLOBAL);
+    let started = Instant::now();
+    for _ in 0..n {
+        let want = desired(&plan, &candidates);
+        let rendering = layout.lay_out(want.endpoints);
+        assert_eq!(rendering.entries.map(|e| e.len()).unwrap_or(0), pods);
+    }
+    let took = started.elapsed();
+    let allocations = region.change().allocations as f64;
+    (took.as_secs_f64() * 1e6 / n as f64, allocations / n as f64)
 }

@@ -190,30 +190,10 @@ pub async fn sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leavi
     plane: Plane,
     ns: String,
 ) {
-    use crate::harness::{ControllerProcess, leader};
+    use crate::harness::leader;
 
-    let consul = Consul::start().await;
-    let env = Env::without_controller(plane.clone(), &ns).await;
-    // No namespace is trusted with flat names: the service is `greeter--<namespace>`.
-    let service = format!("greeter--{ns}");
-    env.service(
-        "greeter",
-        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc",
-               "backend": "Consul"}),
-    )
-    .await;
-    for i in 1..=3u8 {
-        let name = format!("g-{i}");
-        env.pod(&name, json!({"app": "greeter"}), 50051).await;
-        env.set_ready(&name, &format!("10.44.0.{i}"), true).await;
-    }
-    let replica = |name: &str| {
-        ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
-            .env("BACKEND", "consul")
-            .env("CONSUL_HTTP_ADDR", consul.http_addr())
-            .replica(name)
-            .start()
-    };
+    let (consul, env, service) = greeters_on_consul(&plane, &ns, 44).await;
+    let replica = |name: &str| consul_replica(&plane, &env, &consul, name);
     let mut a = replica("a");
     eventually("a leads", || async {
         leader(&env.client, &ns).await.as_deref() == Some("a")
@@ -277,31 +257,11 @@ pub async fn an_invalid_consul_specs_last_valid_instances_survive_a_failover_and
     plane: Plane,
     ns: String,
 ) {
-    use crate::harness::{ControllerProcess, leader};
+    use crate::harness::leader;
     const TTL: u64 = 10;
 
-    let consul = Consul::start().await;
-    let env = Env::without_controller(plane.clone(), &ns).await;
-    // No namespace is trusted with flat Consul names: the service is `greeter--<namespace>`.
-    let service = format!("greeter--{ns}");
-    env.service(
-        "greeter",
-        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc",
-               "backend": "Consul"}),
-    )
-    .await;
-    for i in 1..=3u8 {
-        let name = format!("g-{i}");
-        env.pod(&name, json!({"app": "greeter"}), 50051).await;
-        env.set_ready(&name, &format!("10.45.0.{i}"), true).await;
-    }
-    let replica = |name: &str| {
-        ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
-            .env("BACKEND", "consul")
-            .env("CONSUL_HTTP_ADDR", consul.http_addr())
-            .replica(name)
-            .start()
-    };
+    let (consul, env, service) = greeters_on_consul(&plane, &ns, 45).await;
+    let replica = |name: &str| consul_replica(&plane, &env, &consul, name);
     let leads = |name: &'static str| {
         let env = &env;
         let ns = &ns;
@@ -388,4 +348,39 @@ pub async fn an_invalid_consul_specs_last_valid_instances_survive_a_failover_and
         "the invalid name was published"
     );
     assert!(env.condition_is("greeter", "InvalidSpec", "True").await);
+}
+
+/// A Consul server and a namespace with no controller, where the GrpcService `greeter` selects
+/// three ready pods (`10.<subnet>.0.1-3`); no namespace is trusted with flat names, so its
+/// Consul service is `greeter--<namespace>` (returned).
+async fn greeters_on_consul(plane: &Plane, ns: &str, subnet: u8) -> (Consul, Env, String) {
+    let consul = Consul::start().await;
+    let env = Env::without_controller(plane.clone(), ns).await;
+    env.service(
+        "greeter",
+        json!({"selector": {"matchLabels": {"app": "greeter"}}, "port": "grpc",
+               "backend": "Consul"}),
+    )
+    .await;
+    for i in 1..=3u8 {
+        let name = format!("g-{i}");
+        env.pod(&name, json!({"app": "greeter"}), 50051).await;
+        env.set_ready(&name, &format!("10.{subnet}.0.{i}"), true)
+            .await;
+    }
+    (consul, env, format!("greeter--{ns}"))
+}
+
+/// A controller process of `env`'s namespace publishing into `consul` (TTL 10 s), replica `name`.
+fn consul_replica(
+    plane: &Plane,
+    env: &Env,
+    consul: &Consul,
+    name: &str,
+) -> crate::harness::ControllerProcess {
+    crate::harness::ControllerProcess::builder(plane, &env.etcd.endpoint(), &env.ns, 10)
+        .env("BACKEND", "consul")
+        .env("CONSUL_HTTP_ADDR", consul.http_addr())
+        .replica(name)
+        .start()
 }

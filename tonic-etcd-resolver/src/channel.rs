@@ -18,7 +18,7 @@ use crate::resolver::Guard;
 /// [`crate::Options`] (round-robin by default).
 ///
 /// Pass it to a generated client (`GreeterClient::new(channel)`); clone it freely, clones share
-/// connections. An endpoint whose connection fails is skipped until it answers again, even while
+/// connections. An endpoint whose connection fails is skipped until it connects again, even while
 /// it is still registered. With no endpoint up, an RPC fails at once with `Unavailable`, unless
 /// [`crate::Options::wait_for_endpoints`] was set.
 ///

@@ -1,5 +1,6 @@
-//! The backend connector: TCP sockets that report their end (EOF or a read/write error) to the
-//! endpoint's health, so a dead backend is noticed before an RPC has to fail on it.
+//! The backend connector: TCP sockets that report their end (EOF, a read/write error, or the
+//! connection closing the socket) to the endpoint's health, so a dead backend is noticed before
+//! an RPC has to fail on it.
 
 use std::future::Future;
 use std::io;
@@ -55,10 +56,20 @@ impl tower::Service<http::Uri> for WatchedConnector {
     }
 }
 
-/// A TCP stream that reports its end (EOF or error) to the endpoint's health.
+/// A TCP stream that reports its end (EOF, an error, or being dropped) to the endpoint's health.
 pub(crate) struct WatchedStream {
     inner: TcpStream,
     health: Weak<Health>,
+}
+
+/// The HTTP/2 connection drops its socket when it ends without reading EOF or an error: a
+/// keep-alive ping unanswered in time, or a `GOAWAY` with no stream open. The endpoint is down
+/// then too (each connection attempt has its own health, so a socket of an earlier attempt,
+/// dropped late, marks only that attempt's).
+impl Drop for WatchedStream {
+    fn drop(&mut self) {
+        self.ended();
+    }
 }
 
 impl WatchedStream {

@@ -27,8 +27,9 @@
 //!   diff and a new watch, with backoff. While etcd is unreachable the last known endpoints stay.
 //! - **Applies changes while idle.** The endpoint set is updated by a background task, not when
 //!   the next RPC happens to poll a discovery stream.
-//! - **Skips dead backends.** An endpoint whose connection fails is not picked until it answers
-//!   again, even while its key is still registered.
+//! - **Skips dead backends.** Every endpoint holds a connection, called or not; one whose
+//!   connection ends is not picked until it connects again, even while its key is still
+//!   registered.
 //! - **Fails fast when empty.** With no endpoint up an RPC fails with `Unavailable` at once, as
 //!   grpc-go does; [`Options::wait_for_endpoints`] waits instead. The message says whether no
 //!   endpoint is registered, none is reachable, or none is serving.

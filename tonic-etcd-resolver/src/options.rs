@@ -248,8 +248,8 @@ impl Options {
     ///
     /// An endpoint that is down (its connection failed), reports `NOT_SERVING` or is ejected
     /// does not count: the subset refills from the next-ranked endpoints until `n` are usable,
-    /// while the ones out keep being probed and take their place back when they recover. (So
-    /// with most endpoints down, a client probes every registered one until `n` answer.)
+    /// while the ones out keep being reconnected and take their place back when they recover. (So
+    /// with most endpoints down, a client tries every registered one until `n` connect.)
     ///
     /// Clients choose independently (none knows the others), so the connections per endpoint
     /// vary as a binomial does: with 300 clients, 1,000 endpoints and `n = 20` (6 per endpoint

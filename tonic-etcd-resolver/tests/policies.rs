@@ -446,6 +446,35 @@ async fn a_server_that_dies_before_any_call_reaches_it_is_no_longer_ready() {
 }
 
 #[tokio::test]
+async fn a_backend_that_accepts_but_never_answers_keep_alive_pings_is_reconnected_in_the_background()
+ {
+    let etcd = EtcdServer::start().await;
+    // Accepts connections and holds them, never speaking HTTP/2 (a hung process).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let hung = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            held.push(socket);
+        }
+    });
+    register(&etcd, TARGET, &addr, json!({})).await;
+    let ping = Duration::from_millis(100);
+    let _resolver = resolver(&etcd, options().keep_alive(Some((ping, ping)))).await;
+    // Each unanswered ping ends the connection; the endpoint is down and connects again, with
+    // no RPC sent.
+    eventually(
+        "three connections, each ended by its keep-alive",
+        || async { accepted.load(std::sync::atomic::Ordering::Relaxed) >= 3 },
+    )
+    .await;
+    hung.abort();
+}
+
+#[tokio::test]
 async fn the_zone_preference_composes_with_weights() {
     let etcd = EtcdServer::start().await;
     let s = servers(3).await;

@@ -88,10 +88,14 @@ pub(super) async fn member(
                 pool.resubset();
             }
             let delay = delays.next().unwrap_or(options.retry_max);
-            debug!(addr, ?delay, "endpoint unreachable; probing again");
+            debug!(addr, ?delay, "endpoint unreachable; connecting again");
             tokio::time::sleep(delay).await;
         };
-        // Health is checked on this connection, and the checker ends with it.
+        // Health is checked on this connection, and the checker ends with it. A new connection
+        // starts out serving, as the first one did: a NOT_SERVING of the last one (a server
+        // draining before it stopped) says nothing of the process answering now.
+        // (The endpoint is not in the ready set now; putting it back below invalidates picks.)
+        shared.serving.store(true, Ordering::Release);
         let _checker = options.health_check.clone().map(|config| {
             let pool = pool.clone();
             AbortOnDrop(tokio::spawn(crate::policy::health::run(
@@ -144,7 +148,7 @@ pub(super) async fn member(
         drop(strong);
         warn!(
             addr,
-            "endpoint connection failed; not picked until it answers again"
+            "endpoint connection ended; not picked until it connects again"
         );
     }
 }

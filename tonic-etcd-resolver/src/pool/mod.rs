@@ -111,7 +111,7 @@ struct Member {
     /// be running when aborted, then never touches the ready set again (a re-added address
     /// gets a new member).
     removed: Arc<AtomicBool>,
-    /// Set once the first reachability probe has finished, either way.
+    /// Set once the first connection attempt has finished, either way.
     probed: Arc<AtomicBool>,
     /// The registry's latest word on it; the task reads it when the endpoint comes up.
     meta: Arc<Mutex<Meta>>,
@@ -127,11 +127,11 @@ pub(crate) struct Pool {
     ranked: Option<Mutex<Ranked>>,
     /// The endpoints up, sorted by address. Picks read it under the lock, without copying.
     ready: RwLock<Vec<Arc<Ready>>>,
-    /// Signalled whenever the ready set changes, a first probe finishes or a health status
+    /// Signalled whenever the ready set changes, a first connection attempt finishes or a health status
     /// changes.
     pub(crate) changed: Notify,
     next: AtomicUsize,
-    /// Members whose first probe has not finished: an RPC waits for them rather than failing.
+    /// Members whose first connection attempt has not finished: an RPC waits for them rather than failing.
     unprobed: AtomicUsize,
     /// Bounds the first probes in flight at once ([`FIRST_PROBES`]).
     first_probes: Arc<Semaphore>,
@@ -256,7 +256,7 @@ impl Pool {
     }
 
     /// The subset: registered endpoints in rank order until `size` of them are usable. A
-    /// member is usable while its first probe is pending, or when it is up, serving and not
+    /// member is usable while its first connection attempt is pending, or when it is up, serving and not
     /// ejected; an endpoint not yet a member counts as usable (it is about to be tried). The
     /// unusable ones ranked above keep their place (and their probing), so each takes its
     /// place back when it recovers.
@@ -395,7 +395,7 @@ impl Pool {
         self.unprobed.load(Ordering::Acquire) > 0
     }
 
-    /// Records a member's first probe as finished; true the first time.
+    /// Records a member's first connection attempt as finished; true the first time.
     fn probed(&self, flag: &AtomicBool) -> bool {
         let first = !flag.swap(true, Ordering::AcqRel);
         if first {

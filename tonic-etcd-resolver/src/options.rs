@@ -42,8 +42,10 @@ pub struct Options {
     pub(crate) connect_timeout: Duration,
     /// Per-request deadline, if any.
     pub(crate) timeout: Option<Duration>,
-    /// HTTP/2 keep-alive ping interval, so a silently dead backend is noticed.
+    /// HTTP/2 keep-alive ping interval and timeout, so a silently dead backend is noticed.
     pub(crate) keep_alive: Option<(Duration, Duration)>,
+    /// Keep-alive pings on a connection with no RPC open too.
+    pub(crate) keep_alive_while_idle: bool,
     /// Disable Nagle on backend sockets.
     pub(crate) tcp_nodelay: bool,
     /// TLS to backends.
@@ -78,7 +80,8 @@ impl Default for Options {
         Self {
             connect_timeout: Duration::from_secs(5),
             timeout: None,
-            keep_alive: Some((Duration::from_secs(30), Duration::from_secs(10))),
+            keep_alive: Some((Duration::from_secs(300), Duration::from_secs(20))),
+            keep_alive_while_idle: false,
             tcp_nodelay: true,
             #[cfg(feature = "tls")]
             tls: None,
@@ -103,6 +106,7 @@ impl fmt::Debug for Options {
             .field("connect_timeout", &self.connect_timeout)
             .field("timeout", &self.timeout)
             .field("keep_alive", &self.keep_alive)
+            .field("keep_alive_while_idle", &self.keep_alive_while_idle)
             .field("tcp_nodelay", &self.tcp_nodelay)
             .field("configure", &self.configure.is_some())
             .field("wait_for_endpoints", &self.wait_for_endpoints)
@@ -134,11 +138,25 @@ impl Options {
         self
     }
 
-    /// HTTP/2 keep-alive: ping every `interval`, drop the connection after `timeout` without an
-    /// answer (default 30 s / 10 s). `None` disables it.
+    /// HTTP/2 keep-alive: ping every `interval` while an RPC is open, drop the connection after
+    /// `timeout` without an answer (default 300 s / 20 s). `None` disables it.
+    ///
+    /// The default keeps to what a grpc-go server accepts by default (its
+    /// `keepalive.EnforcementPolicy`: at most one ping per 5 minutes, none while no RPC is open;
+    /// more earns `GOAWAY too_many_pings` and a dropped connection, see gRPC's A8 proposal). A
+    /// backend that vanishes without closing its connections leaves the registry as its pod
+    /// does; set a shorter interval only for servers that permit it.
     #[must_use]
     pub fn keep_alive(mut self, keep_alive: Option<(Duration, Duration)>) -> Self {
         self.keep_alive = keep_alive;
+        self
+    }
+
+    /// Keep-alive pings on connections with no RPC open too (default false: grpc-go servers
+    /// refuse them unless their enforcement policy sets `PermitWithoutStream`).
+    #[must_use]
+    pub fn keep_alive_while_idle(mut self, while_idle: bool) -> Self {
+        self.keep_alive_while_idle = while_idle;
         self
     }
 
@@ -330,7 +348,7 @@ impl Options {
             endpoint = endpoint
                 .http2_keep_alive_interval(interval)
                 .keep_alive_timeout(timeout)
-                .keep_alive_while_idle(true);
+                .keep_alive_while_idle(self.keep_alive_while_idle);
         }
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {

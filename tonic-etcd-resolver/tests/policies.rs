@@ -463,7 +463,10 @@ async fn a_backend_that_accepts_but_never_answers_keep_alive_pings_is_reconnecte
     });
     register(&etcd, TARGET, &addr, json!({})).await;
     let ping = Duration::from_millis(100);
-    let _resolver = resolver(&etcd, options().keep_alive(Some((ping, ping)))).await;
+    let options = options()
+        .keep_alive(Some((ping, ping)))
+        .keep_alive_while_idle(true);
+    let _resolver = resolver(&etcd, options).await;
     // Each unanswered ping ends the connection; the endpoint is down and connects again, with
     // no RPC sent.
     eventually(

@@ -201,3 +201,121 @@ async fn kratos_codec_writes_the_bytes_kratos_registers_and_the_resolver_calls_t
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
 }
+
+/// A grpc-go server (`interop serve`), its stdout lines collected: "ready ADDR", then
+/// "accepted N" per connection. Stopped when dropped.
+struct GoServer {
+    child: std::process::Child,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl GoServer {
+    /// Enforcing one keep-alive ping per `min_time` and none with no RPC open (grpc-go's default
+    /// policy, with its 5 minutes scaled down).
+    async fn start(min_time: &str) -> (Self, String) {
+        use std::io::BufRead;
+        let mut child = Command::new(interop_bin())
+            .args(["serve", "-min-time", min_time])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("failed to start the Go server");
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let server = Self { child, lines };
+        let addr = loop {
+            if let Some(addr) = server
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| l.strip_prefix("ready ").map(str::to_owned))
+            {
+                break addr;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        (server, addr)
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("accepted "))
+            .count()
+    }
+}
+
+impl Drop for GoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The resolver's default keep-alive (one ping per 300 s, only while an RPC is open) keeps to
+/// what a grpc-go server accepts by default (one per 5 minutes, none while idle): here both
+/// scaled down 100x (3 s against 2 s), an idle client keeps its one connection, where pinging
+/// while idle gets it cut off with `GOAWAY too_many_pings` and reconnected.
+#[tokio::test]
+async fn an_idle_connection_to_a_grpc_go_server_is_kept_under_its_default_keep_alive_policy() {
+    let etcd = EtcdServer::start().await;
+    let (go_default, default_addr) = GoServer::start("2s").await;
+    let (go_idle, idle_addr) = GoServer::start("2s").await;
+    let mut kv = etcd.client().await;
+    for (target, addr) in [("ka/default", &default_addr), ("ka/idle", &idle_addr)] {
+        let value = format::render(ValueFormat::EtcdNaming, &Endpoint::new(addr.as_str()));
+        kv.put(format::endpoint_key(target, addr), value, None)
+            .await
+            .unwrap();
+    }
+    let ping = Some((Duration::from_secs(3), Duration::from_secs(1)));
+    let default = Resolver::connect(
+        [etcd.endpoint()],
+        "ka/default",
+        Options::default().keep_alive(ping),
+    )
+    .await
+    .unwrap();
+    let idle = Resolver::connect(
+        [etcd.endpoint()],
+        "ka/idle",
+        Options::default()
+            .keep_alive(ping)
+            .keep_alive_while_idle(true),
+    )
+    .await
+    .unwrap();
+    for resolver in [&default, &idle] {
+        let reply = GreeterClient::new(resolver.channel())
+            .say_hello(HelloRequest::default())
+            .await
+            .unwrap();
+        assert!(!reply.into_inner().server.is_empty());
+    }
+    // Idle for four strikes' worth of pings (grpc-go cuts off at the third).
+    test_support::eventually(
+        "the idle-pinging client cut off and reconnected",
+        Duration::from_secs(30),
+        || async { go_idle.accepted() >= 2 },
+    )
+    .await;
+    assert_eq!(
+        go_default.accepted(),
+        1,
+        "the default keep-alive got its idle connection cut off"
+    );
+    assert_eq!(default.ready_endpoints(), [default_addr]);
+}

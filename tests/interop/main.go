@@ -23,6 +23,10 @@
 //	interop consul-watch -consul ADDR -name NAME [-tag T] [-passing=false]   print each change
 //	                                            of the instance set as a JSON line until stdin
 //	                                            closes
+//	interop serve    -listen A -min-time D      a grpc-go Greeter server whose keep-alive
+//	                                            enforcement allows one ping per D (default policy
+//	                                            otherwise); prints "ready ADDR" and "accepted N"
+//	                                            per connection until stdin closes
 //
 // It needs no generated code: SayHello is invoked with a raw-bytes codec and the protobuf
 // wire format is read with protowire.
@@ -94,7 +98,7 @@ func replyServer(b []byte) string {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: interop call|register|seed|kratos|kratos-register|dump|consul|consul-watch [flags]")
+		fmt.Fprintln(os.Stderr, "usage: interop call|register|seed|kratos|kratos-register|dump|consul|consul-watch|serve [flags]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -110,9 +114,14 @@ func main() {
 	prefix := fs.String("prefix", "/", "key prefix (dump)")
 	consul := fs.String("consul", "127.0.0.1:8500", "Consul HTTP address (consul, consul-watch)")
 	tag := fs.String("tag", "", "only instances with this tag (consul, consul-watch)")
+	listen := fs.String("listen", "127.0.0.1:0", "address to serve on (serve)")
+	minTime := fs.Duration("min-time", 5*time.Minute, "keep-alive enforcement MinTime (serve)")
 	passing := fs.Bool("passing", true, "only passing instances, Health().Service; false lists the catalog (consul, consul-watch)")
 	_ = fs.Parse(os.Args[2:])
 	switch os.Args[1] {
+	case "serve":
+		serve(*listen, *minTime)
+		return
 	case "consul":
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()

@@ -190,15 +190,12 @@ pub async fn sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leavi
     plane: Plane,
     ns: String,
 ) {
-    use crate::harness::leader;
+    use crate::failover::until_leader;
 
     let (consul, env, service) = greeters_on_consul(&plane, &ns, 44).await;
     let replica = |name: &str| consul_replica(&plane, &env, &consul, name);
     let mut a = replica("a");
-    eventually("a leads", || async {
-        leader(&env.client, &ns).await.as_deref() == Some("a")
-    })
-    .await;
+    until_leader(&env, "a").await;
     let _b = replica("b");
     eventually("three passing instances", || async {
         passing(&consul, &service).await.len() == 3
@@ -218,10 +215,7 @@ pub async fn sigkill_of_the_consul_leader_fails_over_with_no_instance_ever_leavi
     let renewed_by_a = alive().await;
 
     a.kill();
-    eventually("b leads", || async {
-        leader(&env.client, &ns).await.as_deref() == Some("b")
-    })
-    .await;
+    until_leader(&env, "b").await;
     // b renews the node's check (its output changes) and serves changes.
     eventually("b renews the node's check", || async {
         alive().await != renewed_by_a
@@ -257,23 +251,13 @@ pub async fn an_invalid_consul_specs_last_valid_instances_survive_a_failover_and
     plane: Plane,
     ns: String,
 ) {
-    use crate::harness::leader;
+    use crate::failover::until_leader;
     const TTL: u64 = 10;
 
     let (consul, env, service) = greeters_on_consul(&plane, &ns, 45).await;
     let replica = |name: &str| consul_replica(&plane, &env, &consul, name);
-    let leads = |name: &'static str| {
-        let env = &env;
-        let ns = &ns;
-        async move {
-            eventually(&format!("{name} leads"), || async {
-                leader(&env.client, ns).await.as_deref() == Some(name)
-            })
-            .await;
-        }
-    };
     let mut a = replica("a");
-    leads("a").await;
+    until_leader(&env, "a").await;
     let mut b = replica("b");
     eventually("three passing instances", || async {
         passing(&consul, &service).await.len() == 3
@@ -302,7 +286,7 @@ pub async fn an_invalid_consul_specs_last_valid_instances_survive_a_failover_and
     // Failover past the TTL: the new leader keeps the instances and follows readiness.
     a.kill();
     let killed = std::time::Instant::now();
-    leads("b").await;
+    until_leader(&env, "b").await;
     tokio::time::sleep(Duration::from_secs(TTL + 2).saturating_sub(killed.elapsed())).await;
     assert_eq!(
         passing(&consul, &service).await.len(),
@@ -320,7 +304,7 @@ pub async fn an_invalid_consul_specs_last_valid_instances_survive_a_failover_and
     b.kill();
     let killed = std::time::Instant::now();
     let _c = replica("c");
-    leads("c").await;
+    until_leader(&env, "c").await;
     tokio::time::sleep(Duration::from_secs(TTL + 2).saturating_sub(killed.elapsed())).await;
     assert_eq!(
         passing(&consul, &service).await.len(),

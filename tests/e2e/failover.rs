@@ -35,7 +35,7 @@ fn start_b(plane: &Plane, env: &Env) -> ControllerProcess {
 }
 
 /// Waits until `who` holds the Lease; returns how long that took.
-async fn until_leader(env: &Env, who: &str) -> Duration {
+pub(crate) async fn until_leader(env: &Env, who: &str) -> Duration {
     let started = Instant::now();
     eventually(&format!("{who} leads"), || async {
         leader(&env.client, &env.ns).await.as_deref() == Some(who)

@@ -547,14 +547,7 @@ pub async fn a_grpcservice_deleted_before_its_finalizer_lands_leaves_no_keys_and
         .await;
     assert_eq!(env.owner_records().await, 1);
     assert!(
-        env.services()
-            .get("greeter")
-            .await
-            .unwrap()
-            .metadata
-            .finalizers
-            .unwrap_or_default()
-            .is_empty(),
+        env.finalizers("greeter").await.is_empty(),
         "the finalizer could not be written"
     );
 

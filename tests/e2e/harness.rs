@@ -384,6 +384,12 @@ impl Env {
         serde_json::to_value(svc.status).unwrap()
     }
 
+    /// The finalizers of a GrpcService (none: empty).
+    pub async fn finalizers(&self, name: &str) -> Vec<String> {
+        let svc = self.services().get(name).await.unwrap();
+        svc.metadata.finalizers.unwrap_or_default()
+    }
+
     /// Condition `type_` of a GrpcService (null when absent).
     pub async fn condition(&self, name: &str, type_: &str) -> serde_json::Value {
         self.status(name).await["conditions"]

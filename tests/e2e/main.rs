@@ -383,13 +383,7 @@ async fn deleting_the_grpcservice_removes_every_key_and_releases_the_finalizer(
     // The finalizer is written behind the registry (the registry never waits on the API
     // server), so it may land a moment after the keys.
     eventually("the finalizer added", || async {
-        env.services()
-            .get("greeter")
-            .await
-            .unwrap()
-            .metadata
-            .finalizers
-            == Some(vec![grpc_registrar::crd::FINALIZER.to_owned()])
+        env.finalizers("greeter").await == [grpc_registrar::crd::FINALIZER]
     })
     .await;
     env.services()

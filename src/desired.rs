@@ -184,7 +184,7 @@ pub enum SpecError {
 }
 
 /// A validated `GrpcService` spec, ready to be evaluated against pods.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     /// The service's namespace; only pods in it are selected.
     pub namespace: String,
@@ -395,42 +395,49 @@ pub fn desired(plan: &Plan, candidates: &[Arc<Candidate>]) -> Desired {
         ..Desired::default()
     };
     for candidate in candidates {
-        if candidate.ready {
-            out.ready += 1;
-        }
-        match registrable(plan, candidate) {
-            Ok((ip, port)) => {
-                if undeclared(plan, candidate, port) {
-                    out.undeclared_port.get_or_insert((port, 0)).1 += 1;
-                    offer_ports(&mut out, candidate);
-                }
-                let weight = weight(plan, candidate).unwrap_or_else(|fallback| {
-                    out.invalid_weights.insert(candidate.id.clone());
-                    fallback
-                });
-                out.endpoints.push(LogicalEndpoint {
-                    id: candidate.id.clone(),
-                    ip,
-                    port,
-                    node: candidate.node.clone(),
-                    metadata: metadata(plan, candidate, weight),
-                });
-            }
-            Err(skip) => {
-                if skip == Skip::PortNotFound {
-                    offer_ports(&mut out, candidate);
-                }
-                out.skipped.insert(candidate.id.clone(), skip);
-            }
-        }
+        add(plan, candidate, &mut out);
     }
     out
+}
+
+/// Adds one selected candidate to `out` (all but its `selected` count): its endpoint, or why it
+/// is left out, and what it counts towards.
+pub fn add(plan: &Plan, candidate: &Candidate, out: &mut Desired) {
+    if candidate.ready {
+        out.ready += 1;
+    }
+    match registrable(plan, candidate) {
+        Ok((ip, port)) => {
+            if undeclared(plan, candidate, port) {
+                out.undeclared_port.get_or_insert((port, 0)).1 += 1;
+                offer_ports(out, candidate);
+            }
+            let weight = weight(plan, candidate).unwrap_or_else(|fallback| {
+                out.invalid_weights.insert(candidate.id.clone());
+                fallback
+            });
+            out.endpoints.push(LogicalEndpoint {
+                id: candidate.id.clone(),
+                ip,
+                port,
+                node: candidate.node.clone(),
+                metadata: metadata(plan, candidate, weight),
+            });
+        }
+        Err(skip) => {
+            if skip == Skip::PortNotFound {
+                offer_ports(out, candidate);
+            }
+            out.skipped.insert(candidate.id.clone(), skip);
+        }
+    }
 }
 
 /// Whether `port`, the spec's number, is one that `candidate` lists no port for, though it may
 /// list some (a pod: its containers' ports; an EndpointSlice lists every port, so a number
 /// missing there is `PortNotFound` instead).
-fn undeclared(plan: &Plan, candidate: &Candidate, port: u16) -> bool {
+#[must_use]
+pub fn undeclared(plan: &Plan, candidate: &Candidate, port: u16) -> bool {
     matches!(plan.port, IntOrString::Int(_))
         && !candidate.ports_complete
         && !candidate.ports.iter().any(|(_, p)| *p == port)

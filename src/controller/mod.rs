@@ -9,6 +9,7 @@
 //!   `Conflict` for a target.
 //! - [`status`]: the next status and its Event, purely.
 
+mod evaluation;
 pub mod publication;
 mod release;
 mod report;
@@ -96,6 +97,9 @@ pub struct Context {
     started: k8s_openapi::jiff::Timestamp,
     /// What this process keeps per service between reconciles (see [`state`]).
     states: state::ServiceStates,
+    /// The last evaluation of each large service, to evaluate only what changed since (see
+    /// [`evaluation`]).
+    evaluations: evaluation::Evaluations,
     /// The last valid publication of each service, as recorded in the registry (this is a
     /// cache of the registry's records): a spec turned invalid keeps publishing under it,
     /// following readiness, across a lease replacement, a restart and a failover.
@@ -132,6 +136,7 @@ impl Context {
             )
             .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
             states: state::ServiceStates::default(),
+            evaluations: evaluation::Evaluations::default(),
             published: publication::Records::default(),
             waiting: release::Waiting::new(tokio::sync::mpsc::unbounded_channel().0),
             gone: sweep::Gone::default(),
@@ -181,6 +186,7 @@ impl Context {
     /// also forgotten by the sources and the conflict waits): it is gone.
     fn forget_service(&self, uid: &str, service: Option<&ObjectRef<GrpcService>>) {
         self.states.forget(uid);
+        self.evaluations.forget(uid);
         self.published.forget(uid);
         self.writer.forget(uid);
         if let Some(service) = service {

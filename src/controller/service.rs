@@ -1,7 +1,6 @@
 //! What a reconcile does for one `GrpcService`: apply (publish) and cleanup (deregister), with
 //! the outcome written to status.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,22 +11,16 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use tracing::{debug, info, warn};
 
+use super::evaluation::{self, Evaluation, Invalid};
 use super::publication;
 use super::report::Synced;
 use super::status::{LastChange, Outcome};
 use super::{CONFLICT_RECHECK, Context};
 use crate::crd::GrpcService;
-use crate::desired::{Desired, Plan, SpecError, desired};
+use crate::desired::{Desired, Plan, SpecError};
 use crate::registry::{self, Claim, Owner, Planned, Publication};
 use crate::source::Candidate;
 use crate::{Error, Result};
-
-/// The candidates a plan selects, the desired state they make, and its entries as the
-/// placement rendered them (handed to the sync, so that a reconcile renders each key once).
-type Evaluated = (Vec<Arc<Candidate>>, Desired, Entries);
-
-/// Entries by key, as a placement rendered them.
-type Entries = Arc<BTreeMap<String, Vec<u8>>>;
 
 impl GrpcService {
     fn owner(&self) -> Result<Owner> {
@@ -62,8 +55,8 @@ impl GrpcService {
 
         // What the spec asks for, computed before the claim so that status counts are true in
         // every outcome (a conflict too), and the spec is known valid before anything is claimed.
-        let (selected, want, entries) = match self.evaluate(ctx, &plan) {
-            Ok(evaluated) => evaluated,
+        let evaluation = match self.evaluate(ctx, &owner, &plan) {
+            Ok(evaluation) => evaluation,
             Err(invalid) => {
                 let (e, want) = *invalid;
                 // Nothing was released or claimed: status keeps naming the target still
@@ -84,58 +77,50 @@ impl GrpcService {
             &owner.uid,
             publication::Record::of(self, plan.target()),
         );
-        self.publish(ctx, &owner, &plan, &selected, (want, entries), None)
-            .await
+        self.publish(ctx, &owner, &plan, &evaluation, None).await
     }
 
     /// The candidates `plan` selects and the desired state they make. Two endpoints on one key
     /// are a property of the endpoints: one is registered, the other reported, and the rest
     /// keep following readiness. A template that maps every endpoint to one key, or an entry
     /// too large for any write, is the spec's fault: found here, before anything is released or
-    /// claimed (with the counts, for status). Each key and value is rendered once, here.
+    /// claimed (with the counts, for status). Each key and value is rendered once, here, and
+    /// only where a candidate changed since this service's last evaluation (see
+    /// [`evaluation`]).
     fn evaluate(
         &self,
         ctx: &Context,
+        owner: &Owner,
         plan: &Planned,
-    ) -> Result<Evaluated, Box<(SpecError, Desired)>> {
+    ) -> Result<Evaluation, Invalid> {
         let selected = self.select(ctx, &plan.plan);
-        let mut want = desired(&plan.plan, &selected);
-        let rendering = plan.placement.render(std::mem::take(&mut want.endpoints));
-        want.endpoints = rendering.endpoints;
-        want.collisions = rendering.collisions;
-        match rendering.entries {
-            Ok(entries) => Ok((selected, want, Arc::new(entries))),
-            Err(e) => Err(Box::new((e, want))),
-        }
+        let last = ctx.evaluations.take(&owner.uid);
+        let evaluation = evaluation::reevaluate(plan, selected, last)?;
+        ctx.evaluations.keep(&owner.uid, &evaluation);
+        Ok(evaluation)
     }
 
-    /// Publishes `want` (rendered as `entries`) under `plan` for `owner`: frees a previously published other target,
-    /// claims this one, records the spec as the last valid publication (before the sync, so
-    /// that the record never lags the keys), and syncs. With `invalid`, `self` carries the last
-    /// valid spec of a service whose current spec is invalid: its status already says so, and
-    /// only the registry is written.
+    /// Publishes `evaluation` under `plan` for `owner`: frees a previously published other
+    /// target, claims this one, records the spec as the last valid publication (before the
+    /// sync, so that the record never lags the keys), and syncs. With `invalid`, `self` carries
+    /// the last valid spec of a service whose current spec is invalid: its status already says
+    /// so, and only the registry is written.
     async fn publish(
         &self,
         ctx: &Context,
         owner: &Owner,
         plan: &Planned,
-        selected: &[Arc<Candidate>],
-        (mut want, entries): (Desired, Entries),
+        evaluation: &Evaluation,
         invalid: Option<&SpecError>,
     ) -> Result<Action> {
+        let (selected, want) = (&evaluation.selected[..], evaluation.want.as_ref());
         if let Err(e) = self.free_previous(ctx, owner, plan).await {
-            return self.failed(ctx, plan, &want, e, invalid).await;
+            return self.failed(ctx, plan, want, e, invalid).await;
         }
-        if let Some(stop) = self
-            .take(ctx, owner, plan, selected, &want, invalid)
-            .await?
-        {
+        if let Some(stop) = self.take(ctx, owner, plan, selected, want, invalid).await? {
             return Ok(stop);
         }
-        let report = match self
-            .write(ctx, owner, plan, &mut want, entries, invalid)
-            .await?
-        {
+        let report = match self.write(ctx, owner, plan, evaluation, invalid).await? {
             Ok(report) => report,
             Err(stop) => return Ok(stop),
         };
@@ -152,7 +137,7 @@ impl GrpcService {
             owner,
             plan,
             selected,
-            want: &want,
+            want,
             report: &report,
         };
         Ok(match invalid {
@@ -251,16 +236,16 @@ impl GrpcService {
         ctx: &Context,
         owner: &Owner,
         plan: &Planned,
-        want: &mut Desired,
-        entries: Entries,
+        evaluation: &Evaluation,
         invalid: Option<&SpecError>,
     ) -> Result<Result<registry::SyncReport, Action>> {
+        let want = evaluation.want.as_ref();
         let publication = Publication {
             placement: plan.placement.clone(),
             owner: owner.clone(),
             ttl: self.ttl(ctx),
-            endpoints: Arc::new(std::mem::take(&mut want.endpoints)),
-            entries,
+            endpoints: evaluation.endpoints.clone(),
+            entries: evaluation.entries.clone(),
         };
         // Recorded in the registry first, so that any replica can keep publishing it once the
         // spec turns invalid, whatever became of the sync.
@@ -446,11 +431,10 @@ impl GrpcService {
         let Some((old, plan)) = kept else {
             return Ok(Action::await_change());
         };
-        match old.evaluate(ctx, &plan) {
+        match old.evaluate(ctx, &owner, &plan) {
             // Boxed: a valid spec's publish reaches here when the backend refuses it as a spec.
-            Ok((selected, want, entries)) => {
-                let want = (want, entries);
-                Box::pin(old.publish(ctx, &owner, &plan, &selected, want, Some(error))).await
+            Ok(evaluation) => {
+                Box::pin(old.publish(ctx, &owner, &plan, &evaluation, Some(error))).await
             }
             // The old spec cannot render the pods as they are now either: leave the keys.
             Err(_) => Ok(Action::await_change()),

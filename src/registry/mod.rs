@@ -59,6 +59,24 @@ pub trait Placement: std::fmt::Debug + Send + Sync + 'static {
     /// [`Publication`], so that nothing is rendered twice.
     fn render(&self, endpoints: Vec<LogicalEndpoint>) -> Rendering;
 
+    /// The entry of one endpoint, its key and value, exactly as [`Placement::render`] renders
+    /// it and checked to fit in one registry write (else [`SpecError::TooLarge`]): for a
+    /// reconcile that renders only the endpoints that changed since its last rendering.
+    ///
+    /// # Errors
+    /// [`SpecError::TooLarge`].
+    fn entry(
+        &self,
+        endpoint: &LogicalEndpoint,
+    ) -> std::result::Result<(String, Vec<u8>), SpecError>;
+
+    /// The key of one endpoint's entry, as [`Placement::entry`] renders it.
+    fn key(&self, endpoint: &LogicalEndpoint) -> String;
+
+    /// Whether `other` is the same placement: the same target, and every endpoint rendered
+    /// alike.
+    fn same_as(&self, other: &dyn Placement) -> bool;
+
     /// For the backend that planned it, to read its own details back.
     fn as_any(&self) -> &dyn Any;
 }

@@ -165,7 +165,7 @@ pub trait Selects: Send + Sync {
 }
 
 /// What a GrpcService selects, from its spec: the source and what to ask of it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Selection {
     /// The pods of the namespace that the (parsed, non-empty) selector matches.
     Pods(Selector),
@@ -245,6 +245,51 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// Whether `other` is the same endpoint in everything an evaluation reads: all but when it
+    /// last changed.
+    #[must_use]
+    pub fn evaluates_as(&self, other: &Self) -> bool {
+        let Self {
+            id,
+            pod,
+            ip,
+            fqdn,
+            ports,
+            ports_complete,
+            ready,
+            serving,
+            terminating,
+            node,
+            zone,
+            labels,
+            weight,
+            changed: _,
+            observed: _,
+        } = self;
+        (
+            id,
+            pod,
+            ip,
+            fqdn,
+            ports,
+            ports_complete,
+            ready,
+            serving,
+            terminating,
+        ) == (
+            &other.id,
+            &other.pod,
+            &other.ip,
+            &other.fqdn,
+            &other.ports,
+            &other.ports_complete,
+            &other.ready,
+            &other.serving,
+            &other.terminating,
+        ) && (node, zone, labels, weight)
+            == (&other.node, &other.zone, &other.labels, &other.weight)
+    }
+
     /// Whether `other` differs in anything that decides registration.
     #[must_use]
     pub fn same_registrable_state(&self, other: &Self) -> bool {

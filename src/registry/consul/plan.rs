@@ -60,6 +60,18 @@ impl Placement for ConsulService {
         self.checks.lay_out(endpoints)
     }
 
+    fn entry(&self, endpoint: &LogicalEndpoint) -> Result<(String, Vec<u8>), SpecError> {
+        self.checks.entry(endpoint)
+    }
+
+    fn key(&self, endpoint: &LogicalEndpoint) -> String {
+        self.checks.key(endpoint)
+    }
+
+    fn same_as(&self, other: &dyn Placement) -> bool {
+        other.as_any().downcast_ref::<Self>() == Some(self)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -39,6 +39,24 @@ impl Placement for Layout {
         self.lay_out(endpoints)
     }
 
+    fn entry(&self, endpoint: &LogicalEndpoint) -> Result<(String, Vec<u8>), SpecError> {
+        let addr = endpoint.addr();
+        let key = self.key_at(endpoint, &addr);
+        let value = self.value_at(endpoint, &addr);
+        match too_large(&key, &value) {
+            Some(error) => Err(error),
+            None => Ok((key, value)),
+        }
+    }
+
+    fn key(&self, endpoint: &LogicalEndpoint) -> String {
+        Layout::key(self, endpoint)
+    }
+
+    fn same_as(&self, other: &dyn Placement) -> bool {
+        other.as_any().downcast_ref::<Self>() == Some(self)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -133,7 +151,7 @@ impl Layout {
         // The kept endpoint of each key, by its index in `kept`.
         let mut first: HashMap<String, usize> = HashMap::with_capacity(endpoints.len());
         let mut collisions = Vec::new();
-        let mut too_large: Option<SpecError> = None;
+        let mut first_too_large: Option<SpecError> = None;
         for endpoint in endpoints {
             // The address once, for the key and the value.
             let addr = endpoint.addr();
@@ -146,15 +164,10 @@ impl Layout {
                 });
                 continue;
             }
-            if values && too_large.is_none() {
+            if values && first_too_large.is_none() {
                 let value = self.value_at(&endpoint, &addr);
-                let bytes = key.len() + value.len();
-                if bytes > MAX_ENTRY_BYTES {
-                    too_large = Some(SpecError::TooLarge {
-                        key: key.clone(),
-                        bytes,
-                    });
-                } else {
+                first_too_large = too_large(&key, &value);
+                if first_too_large.is_none() {
                     entries.insert(key.clone(), value);
                 }
             }
@@ -164,7 +177,7 @@ impl Layout {
         Rendering {
             endpoints: kept,
             collisions,
-            entries: too_large.map_or(Ok(entries), Err),
+            entries: first_too_large.map_or(Ok(entries), Err),
         }
     }
 
@@ -215,6 +228,15 @@ impl Layout {
         }
         Ok(out)
     }
+}
+
+/// [`SpecError::TooLarge`] for an entry over [`MAX_ENTRY_BYTES`].
+fn too_large(key: &str, value: &[u8]) -> Option<SpecError> {
+    let bytes = key.len() + value.len();
+    (bytes > MAX_ENTRY_BYTES).then(|| SpecError::TooLarge {
+        key: key.to_owned(),
+        bytes,
+    })
 }
 
 /// Why a key template naming nothing of the endpoint is invalid whatever the endpoints: it maps

@@ -190,8 +190,25 @@ impl ApiWriter {
 
     fn entry(&self, svc: &GrpcService, update: impl FnOnce(&mut Entry)) {
         let uid = svc.uid().unwrap_or_default();
-        self.queue().update(uid, Arc::new(svc.clone()), update);
-        self.shared.wake.notify_one();
+        let mut queue = self.queue();
+        // The object queued already when it is this version of it: copied only once changed.
+        let version = svc.metadata.resource_version.as_ref();
+        let queued = queue
+            .entries
+            .get(&uid)
+            .map(|entry| entry.svc.clone())
+            .filter(|queued| {
+                version.is_some() && queued.metadata.resource_version.as_ref() == version
+            });
+        let svc = queued.unwrap_or_else(|| Arc::new(svc.clone()));
+        queue.update(uid, svc, update);
+        // Woken only for work due before it wakes anyway (a status held back by the rate
+        // limit is not: a readiness flip costs no hand-off to the writer).
+        let wake = queue.due_before_planned();
+        drop(queue);
+        if wake {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Jobs due now, taken out of their entries (at most `room`), and when the next one is due.

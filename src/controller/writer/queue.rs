@@ -139,6 +139,9 @@ pub(super) struct Queue {
     pub(super) entries: HashMap<String, Entry>,
     /// The entries with work to write, by when it is due.
     schedule: BTreeSet<(Instant, String)>,
+    /// When the writer wakes next on its own, as it last planned (`None`: only when woken), so
+    /// that new work due later than that does not wake it.
+    planned: Option<Instant>,
 }
 
 impl Queue {
@@ -201,6 +204,7 @@ impl Queue {
                 }
                 self.reschedule(&uid);
             }
+            self.planned = None;
             return (Vec::new(), None);
         }
         let mut jobs = Vec::new();
@@ -219,7 +223,15 @@ impl Queue {
             }
         }
         let next = self.schedule.first().map(|(at, _)| (*at).max(now));
+        self.planned = next;
         (jobs, next)
+    }
+
+    /// Whether work is due before the writer wakes on its own.
+    pub(super) fn due_before_planned(&self) -> bool {
+        self.schedule
+            .first()
+            .is_some_and(|(at, _)| self.planned.is_none_or(|planned| *at < planned))
     }
 
     /// Every entry's pending status and Events, taken out (the flush on shutdown).
@@ -364,6 +376,25 @@ mod tests {
             uids(&queue.take_due(now + STATUS_INTERVAL, true, 8).0),
             ["a"]
         );
+    }
+
+    #[test]
+    fn only_work_due_before_the_writer_wakes_on_its_own_wakes_it() {
+        let mut queue = Queue::default();
+        queue.update("a".into(), svc("a"), |e| e.status = Some(status(1)));
+        assert!(queue.due_before_planned(), "the writer planned nothing yet");
+        let (mut jobs, _) = queue.take_due(Instant::now(), true, 8);
+        queue.finish(jobs.remove(0), Done::Written);
+        queue.update("a".into(), svc("a"), |e| e.status = Some(status(2)));
+        let (_, planned) = queue.take_due(Instant::now(), true, 8);
+        assert!(planned.is_some(), "the coalesced status is planned for");
+        queue.update("a".into(), svc("a"), |e| e.status = Some(status(3)));
+        assert!(
+            !queue.due_before_planned(),
+            "a newer status held back by the rate limit does not wake the writer"
+        );
+        queue.update("b".into(), svc("b"), |e| e.finalizer = Some("f"));
+        assert!(queue.due_before_planned(), "a finalizer is due at once");
     }
 
     #[test]

@@ -32,9 +32,57 @@ where
     puts.chain(deletes).collect()
 }
 
+/// [`diff`] of a `current` sorted by key, as a map holds it: one merge of the two maps, where
+/// [`diff`] looks every key up (the same writes, in the same order).
+pub(super) fn diff_sorted<'a, C, D, W>(
+    current: &'a BTreeMap<String, C>,
+    desired: &'a BTreeMap<String, D>,
+    put: impl Fn(&'a str, &'a D, Option<&'a C>) -> Option<W>,
+    delete: impl Fn(&'a str) -> W,
+) -> Vec<W> {
+    let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+    let mut have = current.iter().peekable();
+    for (key, want) in desired {
+        let mut found = None;
+        while let Some((k, c)) = have.peek() {
+            match k.as_str().cmp(key) {
+                std::cmp::Ordering::Less => deletes.push(delete(k)),
+                std::cmp::Ordering::Equal => found = Some(*c),
+                std::cmp::Ordering::Greater => break,
+            }
+            have.next();
+            if found.is_some() {
+                break;
+            }
+        }
+        puts.extend(put(key, want, found));
+    }
+    deletes.extend(have.map(|(k, _)| delete(k)));
+    puts.append(&mut deletes);
+    puts
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// The merge and the lookups write alike, whatever the two maps hold.
+        #[test]
+        fn a_merge_of_sorted_maps_writes_what_the_lookups_write(
+            current in prop::collection::btree_map("[a-e]{1,3}", 0..4_u8, 0..24),
+            desired in prop::collection::btree_map("[a-e]{1,3}", 0..4_u8, 0..24),
+        ) {
+            let put = |k: &str, want: &u8, have: Option<&u8>| {
+                (have != Some(want)).then(|| format!("put {k}"))
+            };
+            let delete = |k: &str| format!("delete {k}");
+            let looked_up = diff(current.iter().map(|(k, c)| (k.as_str(), c)), &desired, put, delete);
+            prop_assert_eq!(diff_sorted(&current, &desired, put, delete), looked_up);
+        }
+    }
 
     #[derive(Debug, PartialEq, Eq)]
     enum W {

@@ -40,8 +40,7 @@ pub fn diff(
     desired: &BTreeMap<String, Vec<u8>>,
     lease: i64,
 ) -> Vec<Op> {
-    let current = current.iter().map(|(key, c)| (key.as_str(), c));
-    crate::registry::diff::diff(
+    crate::registry::diff::diff_sorted(
         current,
         desired,
         |key, value, current| {

@@ -157,7 +157,12 @@ impl Controller {
         // BENCH_CONTROLLER_BIN runs another build of the controller (a baseline, side by side).
         let binary = std::env::var("BENCH_CONTROLLER_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_grpc-registrar").to_owned());
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        // As the image runs it (Dockerfile), unless the bench's own environment says otherwise.
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            command.env("MALLOC_ARENA_MAX", "2");
+        }
+        let child = command
             .envs(env.iter().copied())
             .env("KUBECONFIG", plane.kubeconfig())
             .env(

@@ -165,6 +165,23 @@ pub trait Planner: Send + Sync {
     }
 }
 
+/// Every backend's planner, for tests that must hold whatever the backend (without naming one
+/// outside the registry).
+#[cfg(test)]
+pub(crate) fn planners() -> Vec<(crate::crd::Backend, &'static dyn Planner)> {
+    use crate::crd::Backend;
+    Backend::ALL
+        .into_iter()
+        .map(|backend| {
+            let planner: &'static dyn Planner = match backend {
+                Backend::Etcd => &etcd::EtcdPlanner,
+                Backend::Consul => &consul::ConsulPlanner,
+            };
+            (backend, planner)
+        })
+        .collect()
+}
+
 /// Who owns a target: the GrpcService's identity, stored as the ownership record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {

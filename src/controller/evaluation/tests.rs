@@ -5,32 +5,29 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
 
 use super::*;
-use crate::crd::Backend;
 use crate::desired::Policy;
 use crate::fixtures::service;
-use crate::registry::Planner;
-use crate::registry::consul::ConsulPlanner;
-use crate::registry::etcd::EtcdPlanner;
 
-/// `greeter`'s plan on `backend`, copying label `version`, with a key template naming `{pod}`
-/// when `by_pod` (so that two pods on one address are two keys, not a collision).
-fn planned(backend: Backend, by_pod: bool) -> Planned {
+/// `greeter`'s plan by the `nth` backend's planner (wrapping around), copying label `version`;
+/// with `by_pod`, under a key template naming `{pod}` where the backend has key templates (so
+/// that two pods on one address are two keys, not a collision).
+fn planned(nth: usize, by_pod: bool) -> Planned {
+    let planners = crate::registry::planners();
+    let (backend, planner) = planners[nth % planners.len()];
     let mut svc = service("greeter");
     svc.spec.port = Some(IntOrString::Int(50051));
     svc.spec.metadata_from_labels = vec!["version".into()];
     svc.spec.backend = backend;
-    if by_pod && backend == Backend::Etcd {
-        svc.spec.key_template = Some("{target}/{pod}".into());
-    }
     let policy = Policy {
         backend,
         ..Policy::default()
     };
-    match backend {
-        Backend::Etcd => EtcdPlanner.plan(&svc, &policy),
-        Backend::Consul => ConsulPlanner.plan(&svc, &policy),
+    let plain = planner.plan(&svc, &policy).expect("a valid spec");
+    svc.spec.key_template = Some("{target}/{pod}".into());
+    match planner.plan(&svc, &policy) {
+        Ok(templated) if by_pod => templated,
+        _ => plain,
     }
-    .expect("a valid spec")
 }
 
 /// A ready, running candidate `pod-<i>` at `10.0.0.<i>`.
@@ -66,7 +63,7 @@ fn outcome(evaluated: Result<Evaluation, Invalid>) -> Outcome {
 
 #[test]
 fn a_readiness_flip_is_evaluated_from_the_last_evaluation_with_the_rest_shared() {
-    let planned = planned(Backend::Etcd, false);
+    let planned = planned(0, false);
     let mut now = candidates(100);
     let last = evaluate(&planned, now.clone()).unwrap();
     let entries_at = Arc::as_ptr(&last.entries);
@@ -90,7 +87,7 @@ fn a_readiness_flip_is_evaluated_from_the_last_evaluation_with_the_rest_shared()
 
 #[test]
 fn a_changed_plan_is_evaluated_in_full() {
-    let (by_addr, by_pod) = (planned(Backend::Etcd, false), planned(Backend::Etcd, true));
+    let (by_addr, by_pod) = (planned(0, false), planned(0, true));
     let now = candidates(40);
     let last = evaluate(&by_addr, now.clone()).unwrap();
     let entries_at = Arc::as_ptr(&last.entries);
@@ -103,7 +100,7 @@ fn a_changed_plan_is_evaluated_in_full() {
 
 #[test]
 fn a_candidate_moving_onto_anothers_address_collides_as_in_a_full_evaluation() {
-    let planned = planned(Backend::Etcd, false);
+    let planned = planned(0, false);
     let mut now = candidates(50);
     let last = evaluate(&planned, now.clone()).unwrap();
     let mut moved = candidate(9);
@@ -118,7 +115,7 @@ fn a_candidate_moving_onto_anothers_address_collides_as_in_a_full_evaluation() {
 
 #[test]
 fn only_large_services_are_kept_and_the_least_recently_evaluated_go_first_past_the_budget() {
-    let planned = planned(Backend::Etcd, false);
+    let planned = planned(0, false);
     let small = evaluate(&planned, candidates(MIN_KEPT as u8 - 1)).unwrap();
     let large = evaluate(&planned, candidates(200)).unwrap();
     let kept = Evaluations::default();
@@ -221,7 +218,7 @@ proptest! {
     #[test]
     fn an_evaluation_from_the_last_one_equals_a_full_evaluation(
         steps in prop::collection::vec(prop::collection::vec(change(), 1..4), 1..30),
-        backend in prop_oneof![Just(Backend::Etcd), Just(Backend::Consul)],
+        backend in 0..crate::registry::planners().len(),
         by_pod in any::<bool>(),
     ) {
         let planned = planned(backend, by_pod);

@@ -5,8 +5,10 @@
 //! A readiness flip changes one candidate of a service, and a full evaluation costs what the
 //! whole service costs (each endpoint's metadata, key and value). So a service keeps its last
 //! evaluation, and the next one under the same plan takes back out the candidates that changed
-//! or left and adds the ones that changed or came: O(changes), with the unchanged endpoints and
-//! entries shared rather than rebuilt. Anything the shortcut does not model (two endpoints on
+//! or left and adds the ones that changed or came: the unchanged endpoints and entries are
+//! shared rather than rebuilt, and only the changed ones are rendered (what stays O(service
+//! size) is a merge of the two selections by id, a pointer comparison per unchanged
+//! candidate). Anything the shortcut does not model (two endpoints on
 //! one key, a port offered, an entry too large, many changes) is evaluated in
 //! full, and a property test holds the shortcut equal to the full evaluation.
 //!
@@ -252,10 +254,16 @@ pub(super) const MIN_KEPT: usize = 32;
 pub(super) const BUDGET: usize = 50_000;
 
 impl Evaluations {
-    /// Takes the last evaluation of the service `uid`, if kept.
-    pub(super) fn take(&self, uid: &str) -> Option<Evaluation> {
+    /// Takes the last evaluation of the service `uid` when it was under `planned` (the next
+    /// evaluation starts from it); one under another plan stays kept (a spec turned invalid
+    /// evaluates its new plan, then the last valid one, which starts from it).
+    pub(super) fn take(&self, uid: &str, planned: &Planned) -> Option<Evaluation> {
         let mut kept = self.0.lock().expect("lock");
-        kept.remove(uid)
+        let continues = kept
+            .by_uid
+            .get(uid)
+            .is_some_and(|(last, _)| last.continues(planned));
+        if continues { kept.remove(uid) } else { None }
     }
 
     /// Keeps `evaluation` as the service `uid`'s last, when it is large enough and fits the

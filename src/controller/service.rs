@@ -94,7 +94,7 @@ impl GrpcService {
         plan: &Planned,
     ) -> Result<Evaluation, Invalid> {
         let selected = self.select(ctx, &plan.plan);
-        let last = ctx.evaluations.take(&owner.uid);
+        let last = ctx.evaluations.take(&owner.uid, plan);
         let evaluation = evaluation::reevaluate(plan, selected, last)?;
         ctx.evaluations.keep(&owner.uid, &evaluation);
         Ok(evaluation)

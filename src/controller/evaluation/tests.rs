@@ -121,7 +121,7 @@ fn only_large_services_are_kept_and_the_least_recently_evaluated_go_first_past_t
     let kept = Evaluations::default();
     kept.keep("small", &small);
     assert!(
-        kept.take("small").is_none(),
+        kept.take("small", &planned).is_none(),
         "a small service is evaluated in full"
     );
 
@@ -130,10 +130,29 @@ fn only_large_services_are_kept_and_the_least_recently_evaluated_go_first_past_t
         kept.keep(&format!("svc-{i}"), &large);
     }
     assert_eq!(kept.held(), (per * 200, per));
-    assert!(kept.take("svc-0").is_none(), "the oldest went first");
-    assert!(kept.take(&format!("svc-{per}")).is_some());
+    assert!(
+        kept.take("svc-0", &planned).is_none(),
+        "the oldest went first"
+    );
+    assert!(kept.take(&format!("svc-{per}"), &planned).is_some());
     kept.forget("svc-1");
     assert_eq!(kept.held(), ((per - 2) * 200, per - 2));
+}
+
+#[test]
+fn an_evaluation_under_another_plan_leaves_the_kept_one_for_the_next_under_its_plan() {
+    let (valid, other) = (planned(0, false), planned(0, true));
+    let kept = Evaluations::default();
+    kept.keep("svc", &evaluate(&valid, candidates(64)).unwrap());
+
+    assert!(
+        kept.take("svc", &other).is_none(),
+        "another plan starts afresh"
+    );
+    assert!(
+        kept.take("svc", &valid).is_some(),
+        "the last valid spec's evaluation is still there"
+    );
 }
 
 /// One change to a service's candidates.

@@ -259,9 +259,13 @@ impl ApiWriter {
                     (job, done)
                 });
             }
-            let sleep = next.map_or(Duration::from_secs(3600), |at| {
-                at.saturating_duration_since(Instant::now())
-            });
+            // With every slot busy, due work waits for a write to finish, not for its time
+            // (which may be now: the loop would spin at the timer's resolution).
+            let sleep = next
+                .filter(|_| running.len() < IN_FLIGHT)
+                .map_or(Duration::from_secs(3600), |at| {
+                    at.saturating_duration_since(Instant::now())
+                });
             tokio::select! {
                 Some((job, done)) = running.next(), if !running.is_empty() => self.finish(job, done),
                 () = self.shared.wake.notified() => {}

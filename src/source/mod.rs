@@ -249,6 +249,12 @@ impl Candidate {
     /// last changed.
     #[must_use]
     pub fn evaluates_as(&self, other: &Self) -> bool {
+        self.evaluated() == other.evaluated()
+    }
+
+    /// Everything an evaluation reads (every field but when it last changed; a new field must
+    /// be placed here or left out on purpose).
+    fn evaluated(&self) -> impl PartialEq + '_ {
         let Self {
             id,
             pod,
@@ -266,28 +272,8 @@ impl Candidate {
             changed: _,
             observed: _,
         } = self;
-        (
-            id,
-            pod,
-            ip,
-            fqdn,
-            ports,
-            ports_complete,
-            ready,
-            serving,
-            terminating,
-        ) == (
-            &other.id,
-            &other.pod,
-            &other.ip,
-            &other.fqdn,
-            &other.ports,
-            &other.ports_complete,
-            &other.ready,
-            &other.serving,
-            &other.terminating,
-        ) && (node, zone, labels, weight)
-            == (&other.node, &other.zone, &other.labels, &other.weight)
+        let states = (ports_complete, ready, serving, terminating);
+        (id, pod, ip, fqdn, ports, states, node, zone, labels, weight)
     }
 
     /// Whether `other` differs in anything that decides registration.

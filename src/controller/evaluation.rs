@@ -99,17 +99,18 @@ pub(super) fn reevaluate(
     selected: Vec<Arc<Candidate>>,
     last: Option<Evaluation>,
 ) -> Result<Evaluation, Invalid> {
-    match last.filter(|last| last.continues(planned)) {
-        Some(mut last) => match changes(&std::mem::take(&mut last.selected), &selected) {
-            Some((gone, came)) => match apply(last, &selected, &gone, &came) {
-                Some(mut evaluation) => {
-                    evaluation.selected = selected;
-                    Ok(evaluation)
-                }
-                None => evaluate(planned, selected),
-            },
-            None => evaluate(planned, selected),
-        },
+    let patched = last
+        .filter(|last| last.continues(planned))
+        .and_then(|mut last| {
+            let kept = std::mem::take(&mut last.selected);
+            let (gone, came) = changes(&kept, &selected)?;
+            apply(last, &selected, &gone, &came)
+        });
+    match patched {
+        Some(mut evaluation) => {
+            evaluation.selected = selected;
+            Ok(evaluation)
+        }
         None => evaluate(planned, selected),
     }
 }

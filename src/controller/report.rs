@@ -295,7 +295,20 @@ fn unnoted<'a>(
     let mut changed = Vec::new();
     let mut now_noted: Vec<Arc<Candidate>> = Vec::with_capacity(selected.len());
     let mut before = noted.iter().peekable();
+    // Whether the last one noted was the one noted before in its place: then the next one
+    // that is too has another id (noted ids are unique), and neither is read at all.
+    let mut in_step = false;
     for candidate in selected {
+        if let Some(b) = before.peek()
+            && Arc::ptr_eq(b, candidate)
+            && (in_step || now_noted.is_empty())
+        {
+            before.next();
+            now_noted.push(candidate.clone());
+            in_step = true;
+            continue;
+        }
+        in_step = false;
         if candidate.observed.is_none() || now_noted.last().is_some_and(|l| l.id == candidate.id) {
             continue;
         }
@@ -354,6 +367,60 @@ mod tests {
         );
         let (again, _) = unnoted(&now, &selected);
         assert!(again.is_empty(), "a change is measured once");
+    }
+
+    /// [`unnoted`] without the pointer shortcut: every id compared.
+    fn unnoted_by_id<'a>(
+        noted: &[Arc<Candidate>],
+        selected: &'a [Arc<Candidate>],
+    ) -> (Vec<&'a Arc<Candidate>>, Vec<Arc<Candidate>>) {
+        let mut changed = Vec::new();
+        let mut now_noted: Vec<Arc<Candidate>> = Vec::new();
+        for candidate in selected {
+            if candidate.observed.is_none() || now_noted.iter().any(|l| l.id == candidate.id) {
+                continue;
+            }
+            let was = noted
+                .iter()
+                .find(|b| b.id == candidate.id)
+                .and_then(|b| b.observed);
+            if was != candidate.observed {
+                changed.push(candidate);
+            }
+            now_noted.push(candidate.clone());
+        }
+        (changed, now_noted)
+    }
+
+    proptest::proptest! {
+        /// Selections made of the very candidates noted before (a flip elsewhere), of new ones
+        /// under the same ids, of repeated ids and of ids never seen changing.
+        #[test]
+        fn the_pointer_shortcut_notes_and_measures_exactly_what_comparing_ids_does(
+            picks in proptest::collection::vec((0_u8..12, 0_u8..4), 0..24),
+        ) {
+            let t0 = Instant::now();
+            let at = |k: u8| (k > 0).then(|| t0 + Duration::from_millis(u64::from(k)));
+            let pool: Vec<Arc<Candidate>> =
+                (0..12_u8).map(|i| seen(&format!("c{i:02}"), at(i % 3))).collect();
+            let (_, noted) = unnoted(&[], &pool);
+            let mut selected: Vec<Arc<Candidate>> = picks
+                .iter()
+                .map(|&(i, how)| match how {
+                    0 | 1 => pool[usize::from(i)].clone(),
+                    2 => seen(&format!("c{i:02}"), at(i % 3)),
+                    _ => seen(&format!("c{i:02}"), at(i % 3 + 1)),
+                })
+                .collect();
+            selected.sort_by(|a, b| a.id.cmp(&b.id));
+            let (changed, now) = unnoted(&noted, &selected);
+            let (want_changed, want_now) = unnoted_by_id(&noted, &selected);
+            let ptrs = |v: &[&Arc<Candidate>]| v.iter().map(|c| Arc::as_ptr(c)).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(ptrs(&changed), ptrs(&want_changed));
+            let now: Vec<&Arc<Candidate>> = now.iter().collect();
+            let want_now: Vec<&Arc<Candidate>> = want_now.iter().collect();
+            proptest::prop_assert_eq!(ptrs(&now), ptrs(&want_now));
+        }
     }
 
     #[test]

@@ -87,11 +87,18 @@ impl Sources {
                 Some(selected) => {
                     let selections = &registered.selections;
                     match &selected.objects {
-                        Objects::Candidates => {
-                            let ids: Vec<&str> =
-                                selected.candidates.iter().map(|c| c.id.as_str()).collect();
-                            selections.record(service.clone(), namespace, &ids);
-                        }
+                        Objects::Candidates => selections.record_selected(
+                            service.clone(),
+                            namespace,
+                            selected.membership,
+                            || {
+                                selected
+                                    .candidates
+                                    .iter()
+                                    .map(|c| c.id.as_str())
+                                    .collect::<Vec<_>>()
+                            },
+                        ),
                         Objects::Named(names) => {
                             selections.record(service.clone(), namespace, names);
                         }

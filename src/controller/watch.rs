@@ -9,7 +9,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::Event;
 
 use crate::crd::GrpcService;
-use crate::source::{Selects, Source};
+use crate::source::{Membership, Selects, Source};
 
 /// An object of one source: its namespace and name.
 type ObjectKey = (String, String);
@@ -34,6 +34,8 @@ struct SelectionIndex {
 struct Read {
     namespace: String,
     names: HashSet<String>,
+    /// The token of the selection they were read from, when the source gave one.
+    membership: Option<Membership>,
 }
 
 impl Selections {
@@ -45,15 +47,38 @@ impl Selections {
         namespace: &str,
         objects: &[S],
     ) {
+        self.record_selected(service, namespace, None, || objects);
+    }
+
+    /// [`Self::record`] of the objects of a selection whose token is `membership`: the same
+    /// token as last time (a readiness flip) reads no object name at all; else `objects` is
+    /// called for them.
+    pub fn record_selected<S: AsRef<str>, O: AsRef<[S]>>(
+        &self,
+        service: ObjectRef<GrpcService>,
+        namespace: &str,
+        membership: Option<Membership>,
+        objects: impl FnOnce() -> O,
+    ) {
         let mut index = self.0.lock().expect("lock");
-        // The same objects as last time (a readiness flip): nothing to change, nothing copied.
-        if let Some(read) = index.by_service.get(&service)
+        if membership.is_some()
+            && let Some(read) = index.by_service.get(&service)
+            && read.membership == membership
+            && read.namespace == namespace
+        {
+            return;
+        }
+        let objects = objects();
+        let objects = objects.as_ref();
+        // The same objects as last time: nothing to change, nothing copied.
+        if let Some(read) = index.by_service.get_mut(&service)
             && read.namespace == namespace
             && read.names.len() == objects.len()
             && objects
                 .iter()
                 .all(|name| read.names.contains(name.as_ref()))
         {
+            read.membership = membership;
             return;
         }
         let names: HashSet<String> = objects
@@ -88,6 +113,7 @@ impl Selections {
             let read = Read {
                 namespace: namespace.to_owned(),
                 names,
+                membership,
             };
             index.by_service.insert(service, read);
         }
@@ -236,6 +262,45 @@ mod tests {
             selections,
             pod_feed,
         )
+    }
+
+    #[test]
+    fn a_selection_with_the_same_token_reads_no_object_and_another_token_reads_them_all() {
+        let selections = Selections::default();
+        let svc = ObjectRef::<GrpcService>::new("greeter").within("a");
+        let token = |version| {
+            Some(Membership {
+                selection: 7,
+                version,
+            })
+        };
+        let read = std::cell::Cell::new(0);
+        let record = |ns: &str, membership, names: &[&str]| {
+            selections.record_selected(svc.clone(), ns, membership, || {
+                read.set(read.get() + 1);
+                names.to_vec()
+            });
+        };
+        record("a", token(0), &["p1", "p2"]);
+        record("a", token(0), &["p1", "p2"]);
+        assert_eq!(read.get(), 1, "the same token: no name read");
+        record("a", token(1), &["p1", "p3"]);
+        assert_eq!(read.get(), 2);
+        assert_eq!(selections.services_of("a", "p2").len(), 0);
+        assert_eq!(selections.services_of("a", "p3").len(), 1);
+        record("b", token(1), &["p1"]);
+        assert_eq!(
+            read.get(),
+            3,
+            "another namespace under the same token is read"
+        );
+        assert_eq!(selections.services_of("b", "p1").len(), 1);
+        selections.forget(svc.clone());
+        record("b", token(1), &["p1"]);
+        assert_eq!(read.get(), 4, "a forgotten service is read afresh");
+        record("b", None, &["p1"]);
+        record("b", None, &["p1"]);
+        assert_eq!(read.get(), 6, "no token: always read");
     }
 
     #[test]

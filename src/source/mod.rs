@@ -192,6 +192,19 @@ pub struct Selected {
     /// The objects read (in the namespace), so that their later events wake the service even
     /// once they no longer match.
     pub objects: Objects,
+    /// Which objects these are, as a token equal between two selections only when both hold
+    /// the same objects (`None`: not known, compare the objects).
+    pub membership: Option<Membership>,
+}
+
+/// Names one kept selection's set of objects: equal tokens, equal sets. A readiness flip
+/// changes a candidate, not the set, so the token stays and the objects need no comparing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Membership {
+    /// The kept selection (unique in the process).
+    pub selection: u64,
+    /// Bumped whenever an object joins or leaves it.
+    pub version: u64,
 }
 
 /// Which objects a selection read.

@@ -90,6 +90,7 @@ impl Selects for SliceSource {
         Some(Selected {
             candidates: found.candidates,
             objects: Objects::Named(found.slices),
+            membership: None,
         })
     }
 

@@ -1,12 +1,13 @@
 //! Candidates by namespace, id and label.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use kube::core::{Selector, SelectorExt};
 
 use super::{Postings, anchors};
-use crate::source::Candidate;
+use crate::source::{Candidate, Membership};
 
 /// How many selectors' matches a namespace keeps up to date (a new one evicts the oldest when
 /// full): each costs one label match per candidate event in the namespace.
@@ -27,7 +28,12 @@ struct NamespaceCandidates {
 struct Selection {
     selector: Selector,
     matches: Vec<Arc<Candidate>>,
+    /// This selection among all kept ones, and how often a candidate joined or left it.
+    membership: Membership,
 }
+
+/// Numbers the kept selections of the process: a token never names two.
+static SELECTIONS: AtomicU64 = AtomicU64::new(0);
 
 impl Selection {
     /// Follows the candidate `id` (its new state, or `None`: deleted) in the matches.
@@ -40,8 +46,12 @@ impl Selection {
             (Ok(at), Some(c)) => self.matches[at] = c.clone(),
             (Ok(at), None) => {
                 self.matches.remove(at);
+                self.membership.version += 1;
             }
-            (Err(at), Some(c)) => self.matches.insert(at, c.clone()),
+            (Err(at), Some(c)) => {
+                self.matches.insert(at, c.clone());
+                self.membership.version += 1;
+            }
             (Err(_), None) => {}
         }
     }
@@ -132,33 +142,49 @@ impl CandidateIndex {
     /// none an index can use, e.g. only `NotIn`).
     #[must_use]
     pub fn select(&self, namespace: &str, selector: &Selector) -> Vec<Arc<Candidate>> {
+        self.select_kept(namespace, selector).0
+    }
+
+    /// [`Self::select`], with the kept selection's [`Membership`] (`None` when it was not kept).
+    #[must_use]
+    pub fn select_kept(
+        &self,
+        namespace: &str,
+        selector: &Selector,
+    ) -> (Vec<Arc<Candidate>>, Option<Membership>) {
         let by_ns = self.0.read().expect("lock");
         let Some(ns) = by_ns.get(namespace) else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let kept = |selections: &[Selection]| {
             selections
                 .iter()
                 .find(|kept| kept.selector == *selector)
-                .map(|kept| kept.matches.clone())
+                .map(|kept| (kept.matches.clone(), Some(kept.membership)))
         };
-        if let Some(matches) = kept(&ns.selections.lock().expect("lock")) {
-            return matches;
+        if let Some(found) = kept(&ns.selections.lock().expect("lock")) {
+            return found;
         }
         // Matched outside the selections' lock: the candidates cannot change while the
         // namespaces are read-locked, so another select of the same selector finds the same.
         let matches = matching(ns, selector);
         let mut selections = ns.selections.lock().expect("lock");
-        if kept(&selections).is_none() {
-            if selections.len() >= KEPT_SELECTIONS {
-                selections.remove(0);
-            }
-            selections.push(Selection {
-                selector: selector.clone(),
-                matches: matches.clone(),
-            });
+        if kept(&selections).is_some() {
+            return (matches, None);
         }
-        matches
+        if selections.len() >= KEPT_SELECTIONS {
+            selections.remove(0);
+        }
+        let membership = Membership {
+            selection: SELECTIONS.fetch_add(1, Ordering::Relaxed),
+            version: 0,
+        };
+        selections.push(Selection {
+            selector: selector.clone(),
+            matches: matches.clone(),
+            membership,
+        });
+        (matches, Some(membership))
     }
 
     /// How many selections `namespace` keeps up to date (for tests).
@@ -337,6 +363,40 @@ mod tests {
         assert_eq!(ids(&index.select("a", &sel)), ["p3"]);
         index.reset([("a".to_owned(), candidate("p4", &[("app", "greeter")]))]);
         assert_eq!(ids(&index.select("a", &sel)), ["p4"]);
+    }
+
+    #[test]
+    fn a_kept_selections_token_changes_exactly_when_a_candidate_joins_or_leaves_it() {
+        let index = CandidateIndex::default();
+        let sel = selector(&[("app", "greeter")], &[]);
+        index.apply("a", candidate("p1", &[("app", "greeter")]));
+        let token = |index: &CandidateIndex| index.select_kept("a", &sel).1.expect("kept");
+        let first = token(&index);
+        let mut ready = candidate("p1", &[("app", "greeter")]);
+        ready.ready = true;
+        index.apply("a", ready);
+        index.apply("a", candidate("elsewhere", &[("app", "other")]));
+        assert_eq!(token(&index), first, "a flip and a non-member keep the set");
+        let mut steps = vec![first];
+        index.apply("a", candidate("p2", &[("app", "greeter")]));
+        steps.push(token(&index));
+        index.apply("a", candidate("p2", &[("app", "other")]));
+        steps.push(token(&index));
+        index.apply("a", candidate("elsewhere", &[("app", "greeter")]));
+        steps.push(token(&index));
+        index.delete("a", "p1");
+        steps.push(token(&index));
+        index.reset([(
+            "a".to_owned(),
+            candidate("elsewhere", &[("app", "greeter")]),
+        )]);
+        steps.push(token(&index));
+        let distinct: std::collections::HashSet<_> = steps.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            steps.len(),
+            "a join, a relabel out, a relabel in, a delete and a re-list each change it: {steps:?}"
+        );
     }
 
     #[test]

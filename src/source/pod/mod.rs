@@ -92,9 +92,11 @@ impl Selects for PodSource {
         let Selection::Pods(selector) = selection else {
             return None;
         };
+        let (candidates, membership) = self.candidates.select_kept(namespace, selector);
         Some(Selected {
-            candidates: self.candidates.select(namespace, selector),
+            candidates,
             objects: Objects::Candidates,
+            membership,
         })
     }
 

@@ -80,9 +80,10 @@ pub async fn two_clusters_publish_one_target_and_neither_ever_deletes_the_others
     assert_eq!(metadata(&key(&servers[3]))["cluster"], "west");
 
     // Clients see the union with no change: Go's etcd naming resolver and tonic's.
-    let result =
-        crate::interop::go_client(&["call", "-etcd", &registry, "-target", &target, "-n", "80"])
-            .await;
+    let result = crate::interop::go_client(&[
+        "call", "-etcd", &registry, "-target", &target, "-n", "80", "-expect", "4",
+    ])
+    .await;
     crate::interop::every_server_answered(&result, &servers);
     let resolver = Resolver::connect([registry.clone()], &target, Options::default())
         .await

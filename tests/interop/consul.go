@@ -144,7 +144,7 @@ func consulCall(ctx context.Context, addr, name, tag string, passingOnly bool, n
 		fail(err)
 	}
 	defer conn.Close()
-	callN(ctx, conn, n)
+	callN(ctx, conn, n, 0)
 }
 
 // consulWatch prints {"addrs":[...],"index":N,"at_ms":T} each time the instance set changes,

@@ -1,13 +1,15 @@
 // Command interop exercises the registry from Go, exactly as Go services do today.
 //
-//	interop call     -etcd URL -target T -n N   dial etcd:///T with round_robin, make N SayHello
-//	                                            calls, print {"servers":{addr:count},"failed":n}
+//	interop call     -etcd URL -target T -n N [-expect K]   dial etcd:///T with round_robin, make
+//	                                            N SayHello calls (then more, up to 10s, until K
+//	                                            servers answered), print
+//	                                            {"servers":{addr:count},"failed":n}
 //	interop register -etcd URL -target T -addr A   add A under T with endpoints.Manager
 //	interop seed     -etcd URL -target T -n N -ttl S   simulate N servers that each register
 //	                                            themselves as the Go seeds do: own client, own
 //	                                            lease, KeepAlive, AddEndpoint; prints "ready"
 //	                                            and runs until stdin closes
-//	interop kratos   -etcd URL -name NAME -n N [-wait D]   go-kratos client: kratos' etcd
+//	interop kratos   -etcd URL -name NAME -n N [-wait D] [-expect K]   go-kratos client: kratos' etcd
 //	                                            registry + grpc.DialInsecure("discovery:///NAME"),
 //	                                            N SayHello calls, prints the same JSON as call;
 //	                                            -wait D first waits up to D for an instance
@@ -111,6 +113,7 @@ func main() {
 	id := fs.String("id", "", "kratos instance id (kratos-register)")
 	version := fs.String("version", "", "kratos instance version (kratos-register)")
 	wait := fs.Duration("wait", 0, "wait up to this long for an instance to be discovered (kratos)")
+	expect := fs.Int("expect", 0, "after the n calls, keep calling (one every 20ms, up to 10s) until this many servers answered: a balancer picks only connections already up, and on a loaded machine the last may come up after the first n calls (call, kratos)")
 	prefix := fs.String("prefix", "/", "key prefix (dump)")
 	consul := fs.String("consul", "127.0.0.1:8500", "Consul HTTP address (consul, consul-watch)")
 	tag := fs.String("tag", "", "only instances with this tag (consul, consul-watch)")
@@ -171,9 +174,9 @@ func main() {
 			fail(err)
 		}
 		defer conn.Close()
-		callN(ctx, conn, *n)
+		callN(ctx, conn, *n, *expect)
 	case "kratos":
-		kratosCall(ctx, cli, *name, *n, *wait)
+		kratosCall(ctx, cli, *name, *n, *expect, *wait)
 	case "kratos-register":
 		kratosRegister(ctx, cli, *name, *id, *version, *addr)
 	case "dump":
@@ -189,11 +192,12 @@ func main() {
 	}
 }
 
-// callN makes n SayHello calls on conn and prints {"servers":{addr:count},"failed":n}.
-func callN(ctx context.Context, conn *grpc.ClientConn, n int, opts ...grpc.CallOption) {
+// callN makes n SayHello calls on conn, then more (one every 20ms, for up to 10s) until expect
+// servers answered, and prints {"servers":{addr:count},"failed":n}.
+func callN(ctx context.Context, conn *grpc.ClientConn, n, expect int, opts ...grpc.CallOption) {
 	counts := map[string]int{}
 	failed := 0
-	for i := 0; i < n; i++ {
+	call := func() {
 		req := helloRequest("go")
 		var resp []byte
 		callCtx, done := context.WithTimeout(ctx, 10*time.Second)
@@ -204,16 +208,23 @@ func callN(ctx context.Context, conn *grpc.ClientConn, n int, opts ...grpc.CallO
 				fmt.Fprintln(os.Stderr, "interop: first failed call:", err)
 			}
 			failed++
-			continue
+			return
 		}
 		counts[replyServer(resp)]++
+	}
+	for i := 0; i < n; i++ {
+		call()
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(counts) < expect && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		call()
 	}
 	_ = json.NewEncoder(os.Stdout).Encode(map[string]any{"servers": counts, "failed": failed})
 }
 
 // kratosCall dials discovery:///name exactly as a go-kratos client does (kratos' etcd registry,
 // kratos' gRPC transport with its discovery resolver and selector balancer) and makes n calls.
-func kratosCall(ctx context.Context, cli *clientv3.Client, name string, n int, wait time.Duration) {
+func kratosCall(ctx context.Context, cli *clientv3.Client, name string, n, expect int, wait time.Duration) {
 	reg := kratosetcd.New(cli)
 	if wait > 0 {
 		deadline := time.Now().Add(wait)
@@ -235,7 +246,7 @@ func kratosCall(ctx context.Context, cli *clientv3.Client, name string, n int, w
 		fail(err)
 	}
 	defer conn.Close()
-	callN(ctx, conn, n, grpc.ForceCodec(rawCodec{}))
+	callN(ctx, conn, n, expect, grpc.ForceCodec(rawCodec{}))
 }
 
 // kratosRegister registers one instance with kratos' own etcd Registry, as kratos.App does on

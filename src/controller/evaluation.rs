@@ -38,6 +38,9 @@ pub(super) struct Evaluation {
     pub endpoints: Arc<Vec<LogicalEndpoint>>,
     /// Their entries by key.
     pub entries: Entries,
+    /// Whether no id repeats in `selected`: only then does the next evaluation start from
+    /// this one (its merge reads no id of a candidate selected again unchanged).
+    unique: bool,
 }
 
 /// Why an evaluation cannot be published: the spec's error, with the counts for status.
@@ -48,7 +51,8 @@ impl Evaluation {
     /// the shortcut does not model.
     fn continues(&self, planned: &Planned) -> bool {
         let want = &self.want;
-        want.collisions.is_empty()
+        self.unique
+            && want.collisions.is_empty()
             && want.ports_offered.is_empty()
             && self.planned.plan == planned.plan
             && self.planned.placement.same_as(planned.placement.as_ref())
@@ -68,6 +72,7 @@ pub(super) fn evaluate(
     planned: &Planned,
     selected: Vec<Arc<Candidate>>,
 ) -> Result<Evaluation, Invalid> {
+    let unique = selected.windows(2).all(|pair| pair[0].id != pair[1].id);
     let mut want = desired::desired(&planned.plan, &selected);
     let rendering = planned
         .placement
@@ -80,6 +85,7 @@ pub(super) fn evaluate(
             want: Arc::new(want),
             endpoints: Arc::new(rendering.endpoints),
             entries: Arc::new(entries),
+            unique,
         }),
         Err(e) => {
             want.endpoints = rendering.endpoints;
@@ -108,7 +114,9 @@ pub(super) fn reevaluate(
         });
     match patched {
         Some(mut evaluation) => {
+            // `changes` found no id repeated.
             evaluation.selected = selected;
+            evaluation.unique = true;
             Ok(evaluation)
         }
         None => evaluate(planned, selected),
@@ -119,8 +127,9 @@ pub(super) fn reevaluate(
 /// service), rebuilding costs about what patching does.
 const MAX_CHANGES: usize = 16;
 
-/// Of two selections sorted by id, the candidates of `last` that changed or left, and those of
-/// `now` that changed or came; `None` when they are too many to patch, or an id repeats.
+/// Of two selections sorted by id (`last` with no id repeated), the candidates of `last` that
+/// changed or left, and those of `now` that changed or came; `None` when they are too many to
+/// patch, or an id repeats in `now`.
 fn changes<'a>(
     last: &'a [Arc<Candidate>],
     now: &'a [Arc<Candidate>],
@@ -130,6 +139,16 @@ fn changes<'a>(
     let (mut i, mut j) = (0, 0);
     while i < last.len() || j < now.len() {
         let (old, new) = (last.get(i), now.get(j));
+        // The very candidate selected last time (most of them, on a readiness flip): one id
+        // on both sides, read from neither. `last` repeats no id, and the merge has passed
+        // every id below this one on both sides, so `now` does not repeat it either.
+        if let (Some(old), Some(new)) = (old, new)
+            && Arc::ptr_eq(old, new)
+        {
+            i += 1;
+            j += 1;
+            continue;
+        }
         let repeats = |list: &[Arc<Candidate>], k: usize| {
             k > 0 && list.get(k).is_some_and(|c| c.id == list[k - 1].id)
         };

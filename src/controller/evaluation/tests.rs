@@ -171,6 +171,8 @@ enum Change {
     Declare(u8, u16),
     /// The same candidate again, as a new object (a re-list).
     Renew(u8),
+    /// A second candidate with the same id beside it (an endpoint in two EndpointSlices).
+    Repeat(u8),
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -185,6 +187,7 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(i, w)| Change::Weigh(i % 60, w)),
         1 => any::<u8>().prop_map(|i| Change::NoAddress(i % 60)),
         1 => any::<u8>().prop_map(|i| Change::Renew(i % 60)),
+        1 => any::<u8>().prop_map(|i| Change::Repeat(i % 60)),
         1 => (any::<u8>(), prop_oneof![Just(50051_u16), Just(9090)])
             .prop_map(|(i, port)| Change::Declare(i % 60, port)),
     ]
@@ -224,6 +227,15 @@ fn changed(now: &[Arc<Candidate>], change: &Change) -> Vec<Arc<Candidate>> {
         Change::Renew(i) => edit(&mut by_id, *i, &|_| {}),
         Change::Declare(i, port) => {
             edit(&mut by_id, *i, &|c| c.ports = vec![("grpc".into(), *port)])
+        }
+        Change::Repeat(i) => {
+            let mut list: Vec<Arc<Candidate>> = by_id.into_values().collect();
+            if let Some(at) = list.iter().position(|c| c.id == candidate(*i).id) {
+                let twin = Arc::new(list[at].as_ref().clone());
+                list.insert(at + 1, twin);
+            }
+            // (The next change collapses the twins again: the later one stays.)
+            return list;
         }
     }
     by_id.into_values().collect()

@@ -336,11 +336,20 @@ impl ElectionArgs {
 /// Exits with status 1 and one line on stderr when the controller cannot start or fails: a
 /// configuration error is a sentence to act on, never a backtrace (`RUST_BACKTRACE=1` is common
 /// in containers, and anyhow's `Debug` output, which `main` returning `Err` prints, would add one).
+///
+/// The controller runs as a task on the runtime's workers, not on the main thread that blocks
+/// on it: a watch event then wakes the controller on the worker that read it, where driving it
+/// from the main thread cost a cross-thread wake-up (a futex) per event.
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run_cli(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
+    match tokio::spawn(run_cli(Cli::parse())).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        // A panic (its message already printed by the panic hook).
         Err(e) => {
+            eprintln!("grpc-registrar: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
             eprintln!("grpc-registrar: {e:#}");
             ExitCode::FAILURE
         }

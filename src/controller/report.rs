@@ -295,27 +295,21 @@ fn unnoted<'a>(
     let mut changed = Vec::new();
     let mut now_noted: Vec<Arc<Candidate>> = Vec::with_capacity(selected.len());
     let mut before = noted.iter().peekable();
-    // Whether the last one noted was the one noted before in its place: then the next one
-    // that is too has another id (noted ids are unique), and neither is read at all.
-    let mut in_step = false;
+    // Every step consumes what it reads of `noted`, so the next one noted before always has a
+    // greater id than the last one noted now (noted ids are unique and sorted): a candidate that
+    // is that very one is noted again without reading either id. A flip elsewhere in a 400-pod
+    // service compares the ids of the flipped pod only.
     for candidate in selected {
-        if let Some(b) = before.peek()
-            && Arc::ptr_eq(b, candidate)
-            && (in_step || now_noted.is_empty())
-        {
-            before.next();
+        if before.next_if(|b| Arc::ptr_eq(b, candidate)).is_some() {
             now_noted.push(candidate.clone());
-            in_step = true;
             continue;
         }
-        in_step = false;
         if candidate.observed.is_none() || now_noted.last().is_some_and(|l| l.id == candidate.id) {
             continue;
         }
         while before.next_if(|b| b.id < candidate.id).is_some() {}
         let was = before
-            .peek()
-            .filter(|b| b.id == candidate.id)
+            .next_if(|b| b.id == candidate.id)
             .and_then(|b| b.observed);
         if was != candidate.observed {
             changed.push(candidate);

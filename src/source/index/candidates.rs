@@ -169,7 +169,7 @@ impl CandidateIndex {
         // namespaces are read-locked, so another select of the same selector finds the same.
         let matches = matching(ns, selector);
         let mut selections = ns.selections.lock().expect("lock");
-        if kept(&selections).is_some() {
+        if selections.iter().any(|kept| kept.selector == *selector) {
             return (matches, None);
         }
         if selections.len() >= KEPT_SELECTIONS {

@@ -202,6 +202,27 @@ mod tests {
     }
 
     #[test]
+    fn a_reconcile_counts_as_running_until_its_timer_drops_however_it_ends() {
+        let metrics = Metrics::default();
+        let first = metrics.reconcile_started();
+        let second = metrics.reconcile_started();
+        assert_eq!(metrics.reconcile.running(), 2);
+        assert!(
+            metrics
+                .encode()
+                .contains("grpc_registrar_reconciles_in_flight 2")
+        );
+        drop(first);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _third = metrics.reconcile_started();
+            panic!("a reconcile that panics");
+        }));
+        assert!(unwound.is_err());
+        drop(second);
+        assert_eq!(metrics.reconcile.running(), 0);
+    }
+
+    #[test]
     fn each_backends_controller_has_only_its_backend_series_so_no_other_alert_fires() {
         for backend in crate::crd::Backend::ALL.map(crate::crd::Backend::name) {
             let page = Metrics::for_backend(backend).encode();

@@ -1,10 +1,11 @@
-//! Reconcile metrics: how many ran, why they failed, how long they took.
+//! Reconcile metrics: how many ran, how many are running, why they failed, how long they took.
 
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -40,10 +41,13 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
-/// `reconciliations`, `reconcile_failures` and `reconcile_duration_seconds`.
+/// `reconciliations`, `reconciles_in_flight`, `reconcile_failures` and
+/// `reconcile_duration_seconds`.
 pub struct Reconcile {
     /// Reconciles run.
     pub reconciliations: Counter,
+    /// Reconciles running now.
+    pub in_flight: Gauge,
     /// Reconciles failed, by error kind, every known kind starting at 0.
     pub failures: Family<ErrorLabels, Counter>,
     /// Reconcile duration in seconds.
@@ -55,6 +59,7 @@ impl Reconcile {
     pub fn register(registry: &mut Registry) -> Self {
         let group = Self {
             reconciliations: Counter::default(),
+            in_flight: Gauge::default(),
             failures: Family::default(),
             duration: latency_histogram(),
         };
@@ -65,6 +70,11 @@ impl Reconcile {
             "reconciliations",
             "Reconciles run",
             group.reconciliations.clone(),
+        );
+        registry.register(
+            "reconciles_in_flight",
+            "Reconciles running now",
+            group.in_flight.clone(),
         );
         registry.register(
             "reconcile_failures",
@@ -79,14 +89,23 @@ impl Reconcile {
         group
     }
 
-    /// Starts a reconcile: counts it and returns a timer that records its duration on drop.
+    /// Starts a reconcile: counts it and returns a timer that records its duration and ends
+    /// it on drop.
     #[must_use]
     pub fn started(&self) -> ReconcileTimer<'_> {
         self.reconciliations.inc();
+        self.in_flight.inc();
         ReconcileTimer {
             started: Instant::now(),
             histogram: &self.duration,
+            in_flight: &self.in_flight,
         }
+    }
+
+    /// How many reconciles are running now.
+    #[must_use]
+    pub fn running(&self) -> usize {
+        usize::try_from(self.in_flight.get()).unwrap_or(0)
     }
 
     /// Counts a failed reconcile by its root cause's label.
@@ -95,14 +114,16 @@ impl Reconcile {
     }
 }
 
-/// Records a reconcile's duration when dropped, whichever way the reconcile ends.
+/// Records a reconcile's duration and ends it when dropped, whichever way the reconcile ends.
 pub struct ReconcileTimer<'a> {
     started: Instant,
     histogram: &'a Histogram,
+    in_flight: &'a Gauge,
 }
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         self.histogram.observe(self.started.elapsed().as_secs_f64());
+        self.in_flight.dec();
     }
 }

@@ -832,3 +832,39 @@ async fn a_publication_record_is_written_only_by_the_owner_and_released_with_its
     assert_eq!(again.publication_record(&who.uid).await.unwrap(), None);
     assert!(again.publication_records().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_claim_that_creates_the_ownership_record_writes_the_publication_record_with_it() {
+    let consul = Consul::start().await;
+    let reg = registry(&consul, None);
+    let who = owner("greeter");
+    assert_eq!(
+        reg.claim_recording("greeter", &who, b"spec").await.unwrap(),
+        (Claim::Owned, true)
+    );
+    // A new process claims what it already owns: the record is left to the reconcile.
+    let again = registry(&consul, None);
+    assert_eq!(
+        again
+            .claim_recording("greeter", &who, b"other")
+            .await
+            .unwrap(),
+        (Claim::Owned, false)
+    );
+    assert_eq!(
+        again.publication_record(&who.uid).await.unwrap().as_deref(),
+        Some(&b"spec"[..])
+    );
+    // Anyone else's claim is a conflict and records nothing.
+    let intruder = owner("intruder");
+    let (claim, recorded) = again
+        .claim_recording("greeter", &intruder, b"x")
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Conflict { .. }), "{claim:?}");
+    assert!(!recorded);
+    assert_eq!(again.publication_record(&intruder.uid).await.unwrap(), None);
+    // Released: the publication record goes with it.
+    assert_eq!(reg.release("greeter", &who).await.unwrap(), 0);
+    assert_eq!(again.publication_record(&who.uid).await.unwrap(), None);
+}

@@ -716,6 +716,21 @@ fn ranges(metrics: &Metrics) -> u64 {
         .unwrap_or(0)
 }
 
+/// How many txns the registry has sent, as its request metric counts them.
+fn txns(metrics: &Metrics) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"txn\"} ",
+            )?
+            .parse()
+            .ok()
+        })
+        .unwrap_or(0)
+}
+
 async fn sync(reg: &EtcdRegistry, target: &str, who: &Owner, n: usize) -> (usize, usize) {
     let report = reg
         .sync_entries(target, who, TTL, entries(target, n))
@@ -732,7 +747,10 @@ async fn a_second_sync_of_an_unchanged_target_sends_no_range_and_a_change_is_dif
     let (target, who) = ("services/default/greeter", owner("greeter"));
     claim_and_sync(&reg, target, &who, 50).await;
     let listed = ranges(&metrics);
-    assert_eq!(listed, 1, "the first sync lists the target");
+    assert_eq!(
+        listed, 0,
+        "a target its own claim created is written without a range"
+    );
 
     assert_eq!(sync(&reg, target, &who, 50).await, (0, 0));
     assert_eq!(ranges(&metrics), listed, "nothing changed: no range");
@@ -760,7 +778,7 @@ async fn a_key_deleted_by_hand_is_put_back_by_the_first_sync_once_the_known_list
     // Past it (here: a bound of zero), the next sync lists and heals.
     reg.trust_listings_for(Duration::ZERO);
     assert_eq!(sync(&reg, target, &who, 3).await, (1, 0));
-    assert_eq!(ranges(&metrics), 2);
+    assert_eq!(ranges(&metrics), 1, "only the sync past the bound lists");
     assert!(dump(&etcd, &format!("{target}/")).await.contains_key(&gone));
 }
 
@@ -781,7 +799,11 @@ async fn with_a_cluster_name_every_sync_lists_the_target() {
     claim_and_sync(&reg, target, &who, 3).await;
     assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
     assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
-    assert_eq!(ranges(&metrics), 3, "other clusters write there too");
+    assert_eq!(
+        ranges(&metrics),
+        2,
+        "other clusters write there too: every sync after the first (written in one txn) lists"
+    );
 }
 
 #[tokio::test]
@@ -822,7 +844,8 @@ async fn a_failed_ownership_guard_drops_the_known_listing_and_the_next_sync_list
 }
 
 #[tokio::test]
-async fn a_new_term_a_replaced_lease_or_a_release_lists_the_target_again() {
+async fn a_new_term_or_a_replaced_lease_lists_the_target_again_and_a_released_one_is_checked_empty()
+{
     let etcd = EtcdServer::start().await;
     let (reg, metrics) = registry(&etcd).await;
     let (target, who) = ("services/default/greeter", owner("greeter"));
@@ -830,14 +853,18 @@ async fn a_new_term_a_replaced_lease_or_a_release_lists_the_target_again() {
     reg.fence("me", 1, far()).await.unwrap();
     claim_and_sync(&reg, target, &who, 3).await;
     assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
-    assert_eq!(ranges(&metrics), 1);
+    assert_eq!(
+        ranges(&metrics),
+        0,
+        "a claim it created: written in one txn"
+    );
 
     // A later term (another leader may have written in between).
     reg.fence("me", 2, far()).await.unwrap();
     claim_and_sync(&reg, target, &who, 3).await;
-    assert_eq!(ranges(&metrics), 2, "a new term lists");
+    assert_eq!(ranges(&metrics), 1, "a new term lists");
     assert_eq!(sync(&reg, target, &who, 3).await, (0, 0));
-    assert_eq!(ranges(&metrics), 2);
+    assert_eq!(ranges(&metrics), 1);
 
     // The lease is lost, with every key on it.
     let mut events = reg.events();
@@ -845,14 +872,29 @@ async fn a_new_term_a_replaced_lease_or_a_release_lists_the_target_again() {
     etcd.client().await.lease_revoke(old).await.unwrap();
     replaced(&mut events).await;
     claim_and_sync(&reg, target, &who, 3).await;
-    assert_eq!(ranges(&metrics), 3, "a replaced lease lists");
+    assert_eq!(ranges(&metrics), 2, "a replaced lease lists");
     assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 3);
 
-    // Released, then published again.
+    // Released; a server then registers itself there; then the target is published again.
     reg.release(target, &who).await.unwrap();
+    let registered = format!("{target}/10.9.9.9:50051");
+    etcd.client()
+        .await
+        .put(registered.as_str(), "self", None)
+        .await
+        .unwrap();
     claim_and_sync(&reg, target, &who, 3).await;
-    assert_eq!(ranges(&metrics), 4, "a released target lists");
-    assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 3);
+    assert_eq!(
+        ranges(&metrics),
+        2,
+        "the first write's own txn found the key, and read the target"
+    );
+    let keys = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(
+        !keys.contains_key(&registered),
+        "nothing it knew is trusted"
+    );
 }
 
 #[tokio::test]
@@ -927,17 +969,124 @@ async fn concurrent_first_syncs_record_the_lease_once() {
         .buffer_unordered(64)
         .collect::<()>()
         .await;
-    let txns = metrics
-        .encode()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                "grpc_registrar_registry_request_duration_seconds_count{backend=\"etcd\",op=\"txn\"} ",
-            )?
-            .parse::<f64>()
-            .ok()
-        })
-        .unwrap();
     // A claim and a sync per target, and one txn recording the lease.
-    assert_eq!(txns, f64::from(2 * n + 1));
+    assert_eq!(txns(&metrics), u64::from(2 * n + 1));
+}
+
+// --- A first start: one txn claims and records, one writes the keys.
+
+#[tokio::test]
+async fn a_claim_that_creates_the_ownership_record_writes_the_publication_record_in_the_same_txn() {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    let before = txns(&metrics);
+    assert_eq!(
+        reg.claim_recording(target, &who, b"spec").await.unwrap(),
+        (Claim::Owned, true)
+    );
+    assert_eq!(txns(&metrics), before + 1, "one txn for both records");
+    assert_eq!(
+        reg.publication_record(&who.uid).await.unwrap(),
+        Some(b"spec".to_vec())
+    );
+
+    // A new process claims what it already owns: the record is left to the reconcile.
+    let (again, _) = registry(&etcd).await;
+    assert_eq!(
+        again.claim_recording(target, &who, b"other").await.unwrap(),
+        (Claim::Owned, false)
+    );
+    assert_eq!(
+        again.publication_record(&who.uid).await.unwrap(),
+        Some(b"spec".to_vec())
+    );
+
+    // Anyone else's claim is a conflict and records nothing.
+    let intruder = owner("intruder");
+    let (claim, recorded) = again
+        .claim_recording(target, &intruder, b"x")
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Conflict { .. }), "{claim:?}");
+    assert!(!recorded);
+    assert_eq!(again.publication_record(&intruder.uid).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_first_sync_of_a_target_its_claim_created_puts_every_key_in_one_txn_and_reads_nothing()
+{
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    assert_eq!(reg.claim(target, &who).await.unwrap(), Claim::Owned);
+    let report = reg
+        .sync_entries(target, &who, TTL, entries(target, 50))
+        .await
+        .unwrap();
+    assert_eq!((report.puts, report.deletes, report.txns), (50, 0, 1));
+    assert_eq!(ranges(&metrics), 0);
+    let keys = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(keys.len(), 50);
+    let leases: std::collections::BTreeSet<i64> = keys.values().map(|(_, l)| *l).collect();
+    assert_eq!(leases.len(), 1, "every key on the shared lease");
+
+    // Known from then on: a change is diffed against what was written.
+    assert_eq!(sync(&reg, target, &who, 49).await, (0, 1));
+    assert_eq!(ranges(&metrics), 0);
+}
+
+#[tokio::test]
+async fn a_first_sync_that_finds_keys_under_a_target_it_just_claimed_syncs_from_what_it_read() {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    // Servers registered themselves there before the controller took the target over: one
+    // at an address the controller also publishes, one at an address it does not.
+    let wanted = entries(target, 3);
+    let kept = wanted.keys().next().unwrap().clone();
+    let stray = format!("{target}/10.9.9.9:50051");
+    let mut client = etcd.client().await;
+    client.put(kept.as_str(), "self", None).await.unwrap();
+    client.put(stray.as_str(), "self", None).await.unwrap();
+
+    assert_eq!(reg.claim(target, &who).await.unwrap(), Claim::Owned);
+    let report = reg
+        .sync_entries(target, &who, TTL, wanted.clone())
+        .await
+        .unwrap();
+    assert_eq!((report.puts, report.deletes), (3, 1), "{report:?}");
+    assert_eq!(
+        ranges(&metrics),
+        0,
+        "the listing came back with the refused write"
+    );
+    let keys = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(
+        keys.keys().collect::<Vec<_>>(),
+        wanted.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(keys[&kept].0, wanted[&kept], "rewritten on the lease");
+}
+
+#[tokio::test]
+async fn a_first_sync_whose_ownership_record_was_taken_meanwhile_writes_nothing() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    assert_eq!(reg.claim(target, &who).await.unwrap(), Claim::Owned);
+    etcd.client()
+        .await
+        .put(reg.owner_key(target), owner("intruder").record(), None)
+        .await
+        .unwrap();
+    let err = reg
+        .sync_entries(target, &who, TTL, entries(target, 3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, grpc_registrar::registry::Error::OwnershipLost { .. }),
+        "{err}"
+    );
+    assert!(dump(&etcd, &format!("{target}/")).await.is_empty());
 }

@@ -209,6 +209,32 @@ impl Records {
         self.with(term, |t| t.seen.insert(uid.to_owned(), record));
     }
 
+    /// Claims `target` for `owner`. When the registry holds no record of `owner` (known here
+    /// in this `term`, or read) and the claim creates the target's ownership record, `record`
+    /// is written with it in one request: a first start records each service's spec without a
+    /// write of its own, and [`Self::keep`] then finds it recorded.
+    ///
+    /// # Errors
+    /// Registry failures.
+    pub async fn claim(
+        &self,
+        backend: &dyn Backend,
+        term: i64,
+        target: &str,
+        owner: &Owner,
+        record: &Record,
+    ) -> Result<registry::Claim, registry::Error> {
+        if self.stored(backend, term, &owner.uid).await?.is_some() {
+            return backend.claim(target, owner).await;
+        }
+        let bytes = record.bytes();
+        let (claim, recorded) = backend.claim_recording(target, owner, &bytes).await?;
+        if recorded {
+            self.with(term, |t| t.learn(&owner.uid, Some(bytes)));
+        }
+        Ok(claim)
+    }
+
     /// Makes the registry's record of `owner` equal `record`: nothing when it already is (known
     /// here in this `term`, or read from the registry), else one guarded write.
     ///
@@ -330,6 +356,67 @@ mod tests {
                 .unwrap();
         }
         backend
+    }
+
+    #[tokio::test]
+    async fn a_first_claim_records_the_spec_in_its_own_write_and_keeping_it_then_writes_nothing() {
+        let backend = MemoryBackend::default();
+        let records = Records::default();
+        let (owner, target) = (owner(), "services/default/greeter");
+        let record = Record::of(&crate::fixtures::service("greeter"), target);
+        let claim = records.claim(&backend, 1, target, &owner, &record).await;
+        assert_eq!(claim.unwrap(), Claim::Owned);
+        assert_eq!(
+            backend.writes(),
+            1,
+            "the ownership and publication records, together"
+        );
+        assert_eq!(
+            backend.publication_record(&owner.uid).await.unwrap(),
+            Some(record.bytes())
+        );
+        records.keep(&backend, 1, &owner, &record).await.unwrap();
+        assert_eq!(backend.writes(), 1, "known recorded: nothing to write");
+
+        // A later spec is recorded by keeping it; the claim (already held) writes nothing.
+        let mut later = record.clone();
+        later.generation = Some(2);
+        let claim = records.claim(&backend, 1, target, &owner, &later).await;
+        assert_eq!(claim.unwrap(), Claim::Owned);
+        records.keep(&backend, 1, &owner, &later).await.unwrap();
+        assert_eq!(backend.writes(), 2);
+        assert_eq!(
+            backend.publication_record(&owner.uid).await.unwrap(),
+            Some(later.bytes())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_a_service_the_registry_holds_a_record_of_leaves_that_record_to_keep() {
+        let backend = MemoryBackend::default();
+        let records = Records::default();
+        let owner = Owner {
+            uid: "uid-b".into(),
+            namespace: "default".into(),
+            name: "b".into(),
+        };
+        let old = Record::of(&crate::fixtures::service("b"), "services/default/old");
+        backend.claim("services/default/old", &owner).await.unwrap();
+        backend
+            .record_publication("services/default/old", &owner, &old.bytes())
+            .await
+            .unwrap();
+        // The service moves to a new target: its claim creates that target's record, but the
+        // registry's record of the old spec is not overwritten by it.
+        let new = Record::of(&crate::fixtures::service("b"), "services/default/b");
+        let claim = records
+            .claim(&backend, 1, "services/default/b", &owner, &new)
+            .await;
+        assert_eq!(claim.unwrap(), Claim::Owned);
+        assert_eq!(
+            backend.publication_record(&owner.uid).await.unwrap(),
+            Some(old.bytes())
+        );
     }
 
     #[tokio::test]

@@ -352,7 +352,12 @@ impl GrpcService {
         target: &str,
         owner: &Owner,
     ) -> Result<Result<Claim, registry::Error>> {
-        let claim = match ctx.backend.claim(target, owner).await {
+        let record = publication::Record::of(self, target);
+        let claimed = ctx
+            .published
+            .claim(ctx.backend.as_ref(), ctx.term(), target, owner, &record)
+            .await;
+        let claim = match claimed {
             Ok(claim) => claim,
             Err(e) => return Ok(Err(e)),
         };

@@ -184,6 +184,15 @@ impl Backend for MemoryBackend {
         ownership::claim(self, target, owner).await
     }
 
+    async fn claim_recording(
+        &self,
+        target: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<(Claim, bool)> {
+        ownership::claim_recording(self, target, owner, Some(record)).await
+    }
+
     async fn heartbeat(&self, instance: &str, beat: u64) -> Result<Vec<(String, u64)>> {
         let mut state = self.lock();
         state.writers.insert(instance.to_owned(), beat);
@@ -349,7 +358,12 @@ impl OwnerRecords for MemoryBackend {
         self.fence.claims()
     }
 
-    async fn create(&self, target: &str, owner: &Owner) -> Result<Created> {
+    async fn create(
+        &self,
+        target: &str,
+        owner: &Owner,
+        publication: Option<&[u8]>,
+    ) -> Result<Created> {
         let mut guard = self.writable("claim target")?;
         let state = &mut *guard;
         state.revision += 1;
@@ -373,6 +387,11 @@ impl OwnerRecords for MemoryBackend {
             entries: BTreeMap::new(),
         };
         state.targets.insert(target.to_owned(), record);
+        if let Some(publication) = publication {
+            state
+                .records
+                .insert(owner.uid.clone(), publication.to_vec());
+        }
         Ok(Created::Owned(state.revision))
     }
 

@@ -379,6 +379,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Backend failures.
     async fn claim(&self, target: &str, owner: &Owner) -> Result<Claim>;
 
+    /// As [`Backend::claim`]; when the claim creates the target's ownership record (nobody
+    /// owned it), `record` is written as `owner`'s publication record (see
+    /// [`Backend::record_publication`]) in the same request, so that a first start spends one
+    /// write on both. Returns the claim and whether `record` was written.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn claim_recording(
+        &self,
+        target: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<(Claim, bool)>;
+
     /// The owner recorded for `target`, read from the registry (not from this process's
     /// memory); `None` when nobody owns it or the record is not ours to read.
     ///

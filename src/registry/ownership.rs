@@ -22,7 +22,18 @@ const CLAIM_ATTEMPTS: usize = 3;
 /// claim costs no round trip in steady state. Cleared when this replica leads anew or is
 /// deposed (the next leader owns the claims), and when the entries were lost.
 #[derive(Clone, Debug, Default)]
-pub(super) struct Claims(Arc<Mutex<HashMap<String, (Owner, i64)>>>);
+pub(super) struct Claims(Arc<Mutex<HashMap<String, Claimed>>>);
+
+/// One claim this process holds.
+#[derive(Debug)]
+struct Claimed {
+    owner: Owner,
+    /// The ownership record's version.
+    version: i64,
+    /// This process created the record and has not synced the target since: nobody owned it
+    /// before, so nothing of ours is under it (see [`Claims::take_fresh`]).
+    fresh: bool,
+}
 
 impl Claims {
     /// The version of `owner`'s record for `target`, when this process claimed it.
@@ -31,16 +42,41 @@ impl Claims {
             .lock()
             .expect("lock")
             .get(target)
-            .filter(|(o, _)| o == owner)
-            .map(|(_, version)| *version)
+            .filter(|c| c.owner == *owner)
+            .map(|c| c.version)
     }
 
     /// Notes `target` as claimed by `owner` at `version`.
     pub(super) fn remember(&self, target: &str, owner: &Owner, version: i64) {
+        self.note(target, owner, version, false);
+    }
+
+    /// Notes `target` as claimed by `owner` at `version` with a record this process created.
+    fn created(&self, target: &str, owner: &Owner, version: i64) {
+        self.note(target, owner, version, true);
+    }
+
+    fn note(&self, target: &str, owner: &Owner, version: i64, fresh: bool) {
+        let claimed = Claimed {
+            owner: owner.clone(),
+            version,
+            fresh,
+        };
         self.0
             .lock()
             .expect("lock")
-            .insert(target.to_owned(), (owner.clone(), version));
+            .insert(target.to_owned(), claimed);
+    }
+
+    /// Whether `owner`'s claim of `target` created its record and this is the first time
+    /// asked since: a backend's first sync of a target that had no owner may then expect it
+    /// empty of its own entries (and must still check, in the same request, that it is).
+    pub(super) fn take_fresh(&self, target: &str, owner: &Owner) -> bool {
+        let mut claims = self.0.lock().expect("lock");
+        claims
+            .get_mut(target)
+            .filter(|c| c.owner == *owner)
+            .is_some_and(|c| std::mem::take(&mut c.fresh))
     }
 
     /// Forgets the claim of `target`: the next write reads the record again.
@@ -129,11 +165,17 @@ pub(super) trait OwnerRecords: Send + Sync {
     fn claims(&self) -> &Claims;
 
     /// Writes `owner`'s record for `target` when there is none, nor one for a target nested
-    /// in it or containing it (a sync of the outer one would delete the inner one's entries).
+    /// in it or containing it (a sync of the outer one would delete the inner one's entries);
+    /// with `publication`, writes it as `owner`'s publication record in the same request.
     ///
     /// # Errors
     /// Backend failures; [`Error::Fenced`].
-    async fn create(&self, target: &str, owner: &Owner) -> Result<Created>;
+    async fn create(
+        &self,
+        target: &str,
+        owner: &Owner,
+        publication: Option<&[u8]>,
+    ) -> Result<Created>;
 
     /// Rewrites `target`'s record for `owner` only while it is at `version` (and still nothing
     /// nests in it). Returns the new version, `None` when the record moved on.
@@ -163,28 +205,43 @@ pub(super) async fn claim<R: OwnerRecords + ?Sized>(
     target: &str,
     owner: &Owner,
 ) -> Result<Claim> {
+    Ok(claim_recording(records, target, owner, None).await?.0)
+}
+
+/// As [`claim`]; when the claim creates the target's ownership record, `publication` (if any)
+/// is written as `owner`'s publication record in the same request. Returns whether it was.
+///
+/// # Errors
+/// Backend failures; [`Error::Fenced`].
+pub(super) async fn claim_recording<R: OwnerRecords + ?Sized>(
+    records: &R,
+    target: &str,
+    owner: &Owner,
+    publication: Option<&[u8]>,
+) -> Result<(Claim, bool)> {
     if records.claims().version(target, owner).is_some() {
-        return Ok(Claim::Owned);
+        return Ok((Claim::Owned, false));
     }
     for _ in 0..CLAIM_ATTEMPTS {
-        let held = match records.create(target, owner).await? {
+        let held = match records.create(target, owner, publication).await? {
             Created::Owned(version) => {
                 info!(registry_target = target, uid = %owner.uid, revision = version, "claimed target");
-                records.claims().remember(target, owner, version);
-                return Ok(Claim::Owned);
+                records.claims().created(target, owner, version);
+                return Ok((Claim::Owned, publication.is_some()));
             }
             // Released between the failed create and the read: try again.
             Created::Held(None) => continue,
             Created::Held(Some(held)) => held,
         };
-        return match verdict(&held, target, owner) {
+        let claim = match verdict(&held, target, owner) {
             Verdict::Ours => {
                 records.claims().remember(target, owner, held.version);
-                Ok(Claim::Owned)
+                Claim::Owned
             }
-            Verdict::Refresh => take_over(records, target, owner, held.version).await,
-            Verdict::Conflict(conflict) => Ok(conflict),
+            Verdict::Refresh => take_over(records, target, owner, held.version).await?,
+            Verdict::Conflict(conflict) => conflict,
         };
+        return Ok((claim, false));
     }
     Err(records.kept_changing(target))
 }
@@ -311,7 +368,7 @@ mod tests {
         fn claims(&self) -> &Claims {
             &self.claims
         }
-        async fn create(&self, target: &str, _: &Owner) -> Result<Created> {
+        async fn create(&self, target: &str, _: &Owner, _: Option<&[u8]>) -> Result<Created> {
             *self.creates.lock().expect("lock") += 1;
             Ok(Created::Held(self.held.clone().map(|record| Held {
                 record,

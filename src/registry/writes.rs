@@ -220,7 +220,7 @@ mod tests {
         fn claims(&self) -> &Claims {
             &self.claims
         }
-        async fn create(&self, _: &str, _: &Owner) -> Result<Created> {
+        async fn create(&self, _: &str, _: &Owner, _: Option<&[u8]>) -> Result<Created> {
             unreachable!("no claim here")
         }
         async fn replace(&self, _: &str, _: &Owner, _: i64) -> Result<Option<i64>> {

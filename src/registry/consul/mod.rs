@@ -286,6 +286,15 @@ impl Backend for ConsulRegistry {
         shared::claim(self, target, owner).await
     }
 
+    async fn claim_recording(
+        &self,
+        target: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<(Claim, bool)> {
+        shared::claim_recording(self, target, owner, Some(record)).await
+    }
+
     async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
         ConsulRegistry::owner_of(self, target).await
     }

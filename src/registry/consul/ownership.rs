@@ -224,8 +224,18 @@ impl OwnerRecords for ConsulRegistry {
 
     /// A create-only CAS; when it fails, the record is read (Consul's service names are flat:
     /// no target nests in another, so only the service's own record can be in the way).
-    async fn create(&self, service: &str, owner: &Owner) -> Result<Created> {
-        let write = vec![TxnOp::kv_cas(&self.owner_key(service), &owner.record(), 0)];
+    async fn create(
+        &self,
+        service: &str,
+        owner: &Owner,
+        publication: Option<&[u8]>,
+    ) -> Result<Created> {
+        // The record last: its index is the claim's version (one txn, one index, either way).
+        let mut write: Vec<TxnOp> = publication
+            .map(|p| TxnOp::kv_set(&self.publication_key(&owner.uid), p))
+            .into_iter()
+            .collect();
+        write.push(TxnOp::kv_cas(&self.owner_key(service), &owner.record(), 0));
         if let Guarded::Committed(results) = self.guarded("claim target", vec![], write).await? {
             return Ok(Created::Owned(Self::cas_index(&results)));
         }

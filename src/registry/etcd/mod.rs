@@ -243,6 +243,15 @@ impl Backend for EtcdRegistry {
         EtcdRegistry::claim(self, target, owner).await
     }
 
+    async fn claim_recording(
+        &self,
+        target: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<(Claim, bool)> {
+        EtcdRegistry::claim_recording(self, target, owner, record).await
+    }
+
     async fn owner_of(&self, target: &str) -> Result<Option<Owner>> {
         EtcdRegistry::owner_of(self, target).await
     }

@@ -176,6 +176,20 @@ impl EtcdRegistry {
         ownership::claim(self, target, owner).await
     }
 
+    /// As [`Self::claim`]; when the claim creates the ownership record, `record` is written as
+    /// `owner`'s publication record in the same txn. Returns whether it was.
+    ///
+    /// # Errors
+    /// etcd failures.
+    pub async fn claim_recording(
+        &self,
+        target: &str,
+        owner: &Owner,
+        record: &[u8],
+    ) -> Result<(Claim, bool)> {
+        ownership::claim_recording(self, target, owner, Some(record)).await
+    }
+
     /// Takes over a target whose recorded owner is gone, guarded on the record's mod revision so
     /// that two claimants cannot both win.
     ///
@@ -302,7 +316,12 @@ impl OwnerRecords for EtcdRegistry {
 
     /// One txn: the record must not exist, nor any nesting one; when it fails, the records in
     /// the way are read in the same txn (the target's own first).
-    async fn create(&self, target: &str, owner: &Owner) -> Result<Created> {
+    async fn create(
+        &self,
+        target: &str,
+        owner: &Owner,
+        publication: Option<&[u8]>,
+    ) -> Result<Created> {
         let key = self.owner_key(target);
         let mut compares = vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)];
         compares.extend(self.no_nesting(target));
@@ -318,7 +337,10 @@ impl OwnerRecords for EtcdRegistry {
                 .into_iter()
                 .map(|a| TxnOp::get(self.owner_key(a), None)),
         );
-        let put = vec![TxnOp::put(key, owner.record(), None)];
+        let mut put = vec![TxnOp::put(key, owner.record(), None)];
+        put.extend(
+            publication.map(|p| TxnOp::put(self.publication_key(&owner.uid), p.to_vec(), None)),
+        );
         let resp = self
             .guarded("claim target", compares, put, on_failure)
             .await?;

@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tonic_etcd_resolver::format::watch_prefix;
 use tracing::warn;
 
 use super::lease::is_lease_not_found;
-use super::listed::{Basis, Listed};
+use super::listed::{Basis, Listed, Ticket};
 use super::{Current, EtcdRegistry, Op, diff};
-use crate::registry::batch::Limits;
+use crate::registry::batch::{Limits, batches};
 use crate::registry::error::timeout;
 use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
 use crate::registry::{Error, Owner, Result, SyncReport};
@@ -95,6 +95,22 @@ impl EtcdRegistry {
     pub async fn list(&self, target: &str) -> Result<Listing> {
         let started = Instant::now();
         let mut kv = self.inner.client.kv_client();
+        let resp = timeout(
+            "list target keys",
+            self.inner.config.op_timeout,
+            kv.txn(Txn::new().and_then(self.listing_reads(target))),
+        )
+        .await;
+        self.inner.metrics.observe_request("etcd", "range", started);
+        self.record("range", resp.as_ref().err());
+        let resp = resp?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(self.listing_of(revision, resp.op_responses()))
+    }
+
+    /// The reads of a listing of `target`: its keys, and with a cluster name every cluster's
+    /// lease markers.
+    fn listing_reads(&self, target: &str) -> Vec<TxnOp> {
         let prefix = GetOptions::new().with_prefix();
         let mut reads = vec![TxnOp::get(watch_prefix(target), Some(prefix.clone()))];
         if self.inner.config.cluster.is_some() {
@@ -103,17 +119,12 @@ impl EtcdRegistry {
                 Some(prefix.with_keys_only()),
             ));
         }
-        let resp = timeout(
-            "list target keys",
-            self.inner.config.op_timeout,
-            kv.txn(Txn::new().and_then(reads)),
-        )
-        .await;
-        self.inner.metrics.observe_request("etcd", "range", started);
-        self.record("range", resp.as_ref().err());
-        let resp = resp?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let mut ranges = resp.op_responses().into_iter().filter_map(|r| match r {
+        reads
+    }
+
+    /// The listing that the responses to [`Self::listing_reads`] read at `revision` make.
+    fn listing_of(&self, revision: i64, responses: Vec<TxnOpResponse>) -> Listing {
+        let mut ranges = responses.into_iter().filter_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g),
             _ => None,
         });
@@ -166,7 +177,56 @@ impl EtcdRegistry {
                 }
             }
         }
-        Ok(listing)
+        listing
+    }
+
+    /// The first sync of a target this process's claim just created (nobody owned it): every
+    /// desired key put in one txn guarded by the ownership record and by nothing being under
+    /// the target, instead of a listing and then the writes. When something is under it after
+    /// all (keys its servers registered themselves, or another cluster's), the same txn reads
+    /// the listing instead, and the sync goes on from it as usual. `None` when the puts need
+    /// more than one txn: the sync lists first.
+    ///
+    /// # Errors
+    /// [`Error::OwnershipLost`] (and the claim forgotten) when the record names another owner;
+    /// etcd failures; [`Error::Fenced`].
+    async fn write_first(&self, scope: &Scope<'_, Guard>, ops: &[Op]) -> Result<Option<First>> {
+        if batches(ops, scope.limits).map_or(true, |b| b.len() != 1) {
+            return Ok(None);
+        }
+        let empty =
+            Compare::create_revision(watch_prefix(scope.target), CompareOp::Equal, 0).with_prefix();
+        let on_lease = || Some(PutOptions::new().with_lease(scope.guard.lease));
+        let puts = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put { key, value } => Some(TxnOp::put(key.as_str(), value.clone(), on_lease())),
+                Op::Delete { .. } => None,
+            })
+            .collect();
+        let compares = vec![scope.guard.owner.clone(), empty];
+        let resp = self
+            .guarded(
+                "write registry batch",
+                compares,
+                puts,
+                self.listing_reads(scope.target),
+            )
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        if resp.succeeded() {
+            return Ok(Some(First::Written(revision)));
+        }
+        let listing = self.listing_of(revision, resp.op_responses());
+        if listing.current.is_empty() && listing.foreign.is_empty() && listing.unmarked.is_empty() {
+            // Nothing under the target at that revision: it was the ownership record that
+            // failed.
+            self.forget_claim(scope.target);
+            return Err(Error::OwnershipLost {
+                target: scope.target.to_owned(),
+            });
+        }
+        Ok(Some(First::Listed(listing)))
     }
 
     /// The key marking a lease as this cluster's, `<root>/leases/<cluster>/<lease-id>` (`None`:
@@ -301,11 +361,44 @@ impl EtcdRegistry {
         let basis = self.listing_basis(target, owner, lease_id);
         let (known, ticket) = self.inner.listings.take(target, basis, Instant::now());
         let trusted = known.is_some();
-        let (mut current, desired, revision, read_at) = match known {
+        let scope = self.scope(target, owner, lease_id);
+        let read_at = Instant::now();
+        let (current, desired, revision, read_at) = match known {
             Some(listed) => (listed.keys, desired, listed.revision, listed.read_at),
             None => {
-                let read_at = Instant::now();
-                let listing = self.list(target).await?;
+                let fresh =
+                    !desired.is_empty() && self.inner.fence.claims().take_fresh(target, owner);
+                let first = if fresh {
+                    let ops = diff(&BTreeMap::new(), &desired, lease_id);
+                    match self
+                        .lease_checked(ttl, self.write_first(&scope, &ops).await)
+                        .await?
+                    {
+                        Some(First::Written(revision)) => {
+                            let progress = Progress {
+                                puts: ops.len(),
+                                txns: 1,
+                                revision,
+                                ..Progress::default()
+                            };
+                            let wrote = Wrote {
+                                current: BTreeMap::new(),
+                                ops,
+                                read_at,
+                                progress,
+                            };
+                            return Ok(self.settle(&scope, basis, ticket, wrote, desired.len()));
+                        }
+                        Some(First::Listed(listing)) => Some(listing),
+                        None => None,
+                    }
+                } else {
+                    None
+                };
+                let listing = match first {
+                    Some(listing) => listing,
+                    None => self.list(target).await?,
+                };
                 let desired = left_to_others(target, desired, &listing.foreign);
                 let mut current = listing.current;
                 current.extend(
@@ -318,7 +411,6 @@ impl EtcdRegistry {
             }
         };
         let ops = diff(&current, &desired, lease_id);
-        let scope = self.scope(target, owner, lease_id);
         let mut progress = Progress {
             revision,
             ..Progress::default()
@@ -328,30 +420,56 @@ impl EtcdRegistry {
             // leader checks its guards in an empty txn, so that a deposed one still finds out.
             self.check_guards(&scope, &mut progress).await?;
         }
-        match sync_batches(self, &scope, &ops, &mut progress).await {
-            Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
-                // The keeper checks at once and, when the lease is gone, grants a new one and
-                // announces it; the reconcile that follows re-puts everything.
-                self.inner.leases.suspect(ttl).await;
-                return Err(Error::Etcd { op, cause });
-            }
-            // etcd refuses no write of a batch on its own: its puts and deletes are
-            // unconditional under the guard.
-            Err(error) | Ok(Some(error)) => return Err(error),
-            Ok(None) => {}
+        let synced = sync_batches(self, &scope, &ops, &mut progress).await;
+        // etcd refuses no write of a batch on its own: its puts and deletes are unconditional
+        // under the guard.
+        if let Some(error) = self.lease_checked(ttl, synced).await? {
+            return Err(error);
         }
+        let wrote = Wrote {
+            current,
+            ops,
+            read_at,
+            progress,
+        };
+        Ok(self.settle(&scope, basis, ticket, wrote, desired.len()))
+    }
+
+    /// `result` of a write; when etcd said the lease is not found, the keeper checks at once
+    /// and, when the lease is gone, grants a new one and announces it (the reconcile that
+    /// follows re-puts everything).
+    async fn lease_checked<T>(&self, ttl: Duration, result: Result<T>) -> Result<T> {
+        match result {
+            Err(Error::Etcd { op, cause }) if is_lease_not_found(&cause) => {
+                self.inner.leases.suspect(ttl).await;
+                Err(Error::Etcd { op, cause })
+            }
+            other => other,
+        }
+    }
+
+    /// The report of a sync whose every write committed; with a `basis`, what is under the
+    /// target now (`wrote`'s keys with its ops applied) is kept as known.
+    fn settle(
+        &self,
+        scope: &Scope<'_, Guard>,
+        basis: Option<Basis>,
+        ticket: Ticket,
+        wrote: Wrote,
+        registered: usize,
+    ) -> SyncReport {
+        let Wrote {
+            mut current,
+            ops,
+            read_at,
+            progress,
+        } = wrote;
+        let lease = scope.guard.lease;
         if let Some(basis) = basis {
-            // Every write committed: the keys are now `desired`, on the lease.
             for op in ops {
                 match op {
                     Op::Put { key, value } => {
-                        current.insert(
-                            key,
-                            Current {
-                                value,
-                                lease: lease_id,
-                            },
-                        );
+                        current.insert(key, Current { value, lease });
                     }
                     Op::Delete { key } => {
                         current.remove(&key);
@@ -363,10 +481,32 @@ impl EtcdRegistry {
                 revision: progress.revision,
                 read_at,
             };
-            self.inner.listings.keep(target, basis, listed, ticket);
+            self.inner
+                .listings
+                .keep(scope.target, basis, listed, ticket);
         }
-        Ok(progress.report(target, desired.len(), Some(lease_id)))
+        progress.report(scope.target, registered, Some(lease))
     }
+}
+
+/// What a sync found under its target and wrote there, every write committed.
+struct Wrote {
+    /// What was under the target, as listed or known.
+    current: BTreeMap<String, Current>,
+    /// The writes, in order.
+    ops: Vec<Op>,
+    /// When `current` was read.
+    read_at: Instant,
+    /// What the writes did.
+    progress: Progress,
+}
+
+/// How [`EtcdRegistry::write_first`] ended.
+enum First {
+    /// Every key was put, at this revision.
+    Written(i64),
+    /// Something was under the target after all: what, instead.
+    Listed(Listing),
 }
 
 /// `desired` without the keys another cluster's controller holds: another cluster's key is

@@ -511,3 +511,110 @@ async fn a_deposed_leader_writes_nothing_and_the_new_leaders_entries_stay() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_first_publication_writes_claim_record_and_entries_together_or_nothing_over_anything_in_the_way()
+ {
+    each(async |s: &Subject| {
+        let (held, nested, free) = (
+            (s.target)("held"),
+            (s.target)("free/inner"),
+            (s.target)("free"),
+        );
+        let (a, b, c) = (owner("a"), owner("b"), owner("c"));
+
+        // Another owner's target: nothing is written.
+        s.backend.claim(&held, &b).await.unwrap();
+        let refused = s
+            .backend
+            .publish_first(&publication(&held, &a, endpoints(3, "v1")), b"a's spec")
+            .await
+            .unwrap();
+        assert!(refused.is_none(), "{}", s.name);
+        assert_eq!(
+            s.backend.owner_of(&held).await.unwrap(),
+            Some(b.clone()),
+            "{}",
+            s.name
+        );
+        assert_eq!(
+            s.backend.publication_record(&a.uid).await.unwrap(),
+            None,
+            "{}",
+            s.name
+        );
+
+        // A free target: the claim, the record and every entry, or (a backend that cannot) none.
+        let first = s
+            .backend
+            .publish_first(&publication(&free, &a, endpoints(3, "v1")), b"a's spec")
+            .await
+            .unwrap();
+        match (&first, s.name) {
+            (None, "consul") => {
+                assert_eq!(s.backend.owner_of(&free).await.unwrap(), None);
+                assert_eq!(s.backend.claim(&free, &a).await.unwrap(), Claim::Owned);
+            }
+            (Some(report), _) => {
+                assert_eq!(
+                    (report.puts, report.deletes, report.registered, report.txns),
+                    (3, 0, 3, 1),
+                    "{}",
+                    s.name
+                );
+                assert_eq!(
+                    s.backend.owner_of(&free).await.unwrap(),
+                    Some(a.clone()),
+                    "{}",
+                    s.name
+                );
+                assert_eq!(
+                    s.backend
+                        .publication_record(&a.uid)
+                        .await
+                        .unwrap()
+                        .as_deref(),
+                    Some(&b"a's spec"[..]),
+                    "{}",
+                    s.name
+                );
+                assert_eq!(
+                    s.backend.claim(&free, &a).await.unwrap(),
+                    Claim::Owned,
+                    "{}",
+                    s.name
+                );
+            }
+            (None, name) => panic!("{name}: a free target was not published in one request"),
+        }
+        // The entries are there as a sync finds them: it changes only what changed.
+        let shrunk = s
+            .backend
+            .sync(&publication(&free, &a, endpoints(2, "v1")))
+            .await
+            .unwrap();
+        let expected = if first.is_some() { (0, 1) } else { (2, 0) };
+        assert_eq!((shrunk.puts, shrunk.deletes), expected, "{}", s.name);
+
+        // Once it is published, a second first publication is nothing, and nothing nests in it.
+        let again = s
+            .backend
+            .publish_first(&publication(&free, &a, endpoints(3, "v1")), b"again")
+            .await
+            .unwrap();
+        assert!(again.is_none(), "{}", s.name);
+        let inner = s
+            .backend
+            .publish_first(&publication(&nested, &c, endpoints(1, "v1")), b"c's spec")
+            .await
+            .unwrap();
+        assert!(inner.is_none(), "{}", s.name);
+        assert_eq!(
+            s.backend.publication_record(&c.uid).await.unwrap(),
+            None,
+            "{}",
+            s.name
+        );
+    })
+    .await;
+}

@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use grpc_registrar::desired::LogicalEndpoint;
 use grpc_registrar::metrics::Metrics;
-use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry};
-use grpc_registrar::registry::{Backend, Claim, Owner};
+use grpc_registrar::registry::etcd::{EtcdConfig, EtcdRegistry, Layout};
+use grpc_registrar::registry::{Backend, Claim, Owner, Publication};
 use test_support::{EtcdServer, eventually};
 use tonic_etcd_resolver::format::{self, Endpoint, ValueFormat};
 
@@ -813,18 +814,7 @@ async fn a_failed_ownership_guard_drops_the_known_listing_and_the_next_sync_list
     let (target, who) = ("services/default/greeter", owner("greeter"));
     claim_and_sync(&reg, target, &who, 3).await;
     let mut client = etcd.client().await;
-    client
-        .put(reg.owner_key(target), owner("intruder").record(), None)
-        .await
-        .unwrap();
-    let err = reg
-        .sync_entries(target, &who, TTL, entries(target, 2))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, grpc_registrar::registry::Error::OwnershipLost { .. }),
-        "{err}"
-    );
+    intruder_takes_the_record_and_the_next_sync_is_refused(&etcd, &reg, target, &who).await;
     // The intruder writes under the target, then hands it back.
     let intruded = format!("{target}/10.9.9.9:50051");
     client.put(intruded.as_str(), "x", None).await.unwrap();
@@ -1075,18 +1065,113 @@ async fn a_first_sync_whose_ownership_record_was_taken_meanwhile_writes_nothing(
     let (reg, _) = registry(&etcd).await;
     let (target, who) = ("services/default/greeter", owner("greeter"));
     assert_eq!(reg.claim(target, &who).await.unwrap(), Claim::Owned);
+    intruder_takes_the_record_and_the_next_sync_is_refused(&etcd, &reg, target, &who).await;
+    assert!(dump(&etcd, &format!("{target}/")).await.is_empty());
+}
+
+/// Another owner's record replaces `who`'s by hand: `who`'s next sync is ownership lost.
+async fn intruder_takes_the_record_and_the_next_sync_is_refused(
+    etcd: &EtcdServer,
+    reg: &EtcdRegistry,
+    target: &str,
+    who: &Owner,
+) {
     etcd.client()
         .await
         .put(reg.owner_key(target), owner("intruder").record(), None)
         .await
         .unwrap();
     let err = reg
-        .sync_entries(target, &who, TTL, entries(target, 3))
+        .sync_entries(target, who, TTL, entries(target, 2))
         .await
         .unwrap_err();
     assert!(
         matches!(err, grpc_registrar::registry::Error::OwnershipLost { .. }),
         "{err}"
     );
-    assert!(dump(&etcd, &format!("{target}/")).await.is_empty());
+}
+
+fn first_publication(target: &str, who: &Owner, n: usize) -> Publication {
+    let endpoints = (0..n)
+        .map(|i| LogicalEndpoint {
+            id: format!("pod-{i}"),
+            ip: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256)
+                .parse()
+                .unwrap(),
+            port: 50051,
+            node: None,
+            metadata: BTreeMap::new(),
+        })
+        .collect();
+    Publication::new(
+        Arc::new(Layout::default_for(target, ValueFormat::EtcdNaming)),
+        who.clone(),
+        TTL,
+        endpoints,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_first_publication_is_one_txn_and_what_it_wrote_is_known_to_the_next_sync() {
+    let etcd = EtcdServer::start().await;
+    let (reg, metrics) = registry(&etcd).await;
+    // The lease record is written once, by the first write of the process.
+    claim_and_sync(&reg, "services/default/other", &owner("other"), 1).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    let before = txns(&metrics);
+    let publication = first_publication(target, &who, 50);
+    let report = reg
+        .publish_first(&publication, b"spec")
+        .await
+        .unwrap()
+        .expect("a free target is published");
+    assert_eq!((report.puts, report.txns, report.registered), (50, 1, 50));
+    assert_eq!(txns(&metrics), before + 1);
+    assert_eq!(reg.owner_of(target).await.unwrap(), Some(who.clone()));
+    assert_eq!(
+        reg.publication_record(&who.uid).await.unwrap(),
+        Some(b"spec".to_vec())
+    );
+    let keys = dump(&etcd, &format!("{target}/")).await;
+    assert_eq!(keys.len(), 50);
+    assert!(keys.values().all(|(_, lease)| *lease != 0), "on the lease");
+
+    let ranges_before = ranges(&metrics);
+    assert_eq!(reg.claim(target, &who).await.unwrap(), Claim::Owned);
+    let again = reg
+        .sync_entries(target, &who, TTL, publication.entries.clone())
+        .await
+        .unwrap();
+    assert_eq!((again.puts, again.deletes), (0, 0));
+    assert_eq!(ranges(&metrics), ranges_before, "known: no range");
+}
+
+#[tokio::test]
+async fn a_first_publication_over_self_registered_keys_or_too_many_for_one_txn_writes_nothing() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    let registered = format!("{target}/10.9.9.9:50051");
+    etcd.client()
+        .await
+        .put(registered.as_str(), "self", None)
+        .await
+        .unwrap();
+    let published = reg
+        .publish_first(&first_publication(target, &who, 3), b"spec")
+        .await
+        .unwrap();
+    assert!(published.is_none());
+    assert_eq!(reg.owner_of(target).await.unwrap(), None);
+    assert_eq!(reg.publication_record(&who.uid).await.unwrap(), None);
+    assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 1);
+
+    let big = "services/default/big";
+    let published = reg
+        .publish_first(&first_publication(big, &who, 200), b"spec")
+        .await
+        .unwrap();
+    assert!(published.is_none(), "200 keys need two txns of 128");
+    assert_eq!(reg.owner_of(big).await.unwrap(), None);
 }

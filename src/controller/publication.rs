@@ -108,6 +108,15 @@ impl Term {
         }
     }
 
+    /// Whether the registry holds a record of `uid`, as far as is known (no copy of it).
+    fn holds(&self, uid: &str) -> Option<bool> {
+        match self.recorded.get(uid) {
+            Some(known) => Some(known.is_some()),
+            None if self.listed && !self.unsure.contains(uid) => Some(false),
+            None => None,
+        }
+    }
+
     /// Notes what the registry holds for `uid` now.
     fn learn(&mut self, uid: &str, bytes: Option<Vec<u8>>) {
         self.recorded.insert(uid.to_owned(), bytes);
@@ -204,14 +213,56 @@ impl Records {
         backend.publication_record(uid).await
     }
 
+    /// Whether the registry holds a record of the owner `uid` (known in `term`, listed, or
+    /// read).
+    ///
+    /// # Errors
+    /// Registry failures.
+    pub async fn holds(
+        &self,
+        backend: &dyn Backend,
+        term: i64,
+        uid: &str,
+    ) -> Result<bool, registry::Error> {
+        if let Some(held) = self.with(term, |t| t.holds(uid)) {
+            return Ok(held);
+        }
+        Ok(self.stored(backend, term, uid).await?.is_some())
+    }
+
     /// Notes `record` as the last valid spec seen of the owner `uid` in `term`.
     pub fn saw(&self, term: i64, uid: &str, record: Record) {
         self.with(term, |t| t.seen.insert(uid.to_owned(), record));
     }
 
+    /// Publishes `publication` in one request when the registry holds no record of its owner
+    /// (known here in this `term`, or read) and nobody has published under its target: see
+    /// [`Backend::publish_first`]. `None` when it did not, writing nothing.
+    ///
+    /// # Errors
+    /// Registry failures.
+    pub async fn publish_first(
+        &self,
+        backend: &dyn Backend,
+        term: i64,
+        publication: &registry::Publication,
+        record: &Record,
+    ) -> Result<Option<registry::SyncReport>, registry::Error> {
+        let uid = &publication.owner.uid;
+        if self.holds(backend, term, uid).await? {
+            return Ok(None);
+        }
+        let bytes = record.bytes();
+        let published = backend.publish_first(publication, &bytes).await?;
+        if published.is_some() {
+            self.with(term, |t| t.learn(uid, Some(bytes)));
+        }
+        Ok(published)
+    }
+
     /// Claims `target` for `owner`. When the registry holds no record of `owner` (known here
     /// in this `term`, or read) and the claim creates the target's ownership record, `record`
-    /// is written with it in one request: a first start records each service's spec without a
+    /// (made only then) is written with it in one request: a first start records each service's spec without a
     /// write of its own, and [`Self::keep`] then finds it recorded.
     ///
     /// # Errors
@@ -222,12 +273,12 @@ impl Records {
         term: i64,
         target: &str,
         owner: &Owner,
-        record: &Record,
+        record: impl FnOnce() -> Record + Send,
     ) -> Result<registry::Claim, registry::Error> {
-        if self.stored(backend, term, &owner.uid).await?.is_some() {
+        if self.holds(backend, term, &owner.uid).await? {
             return backend.claim(target, owner).await;
         }
-        let bytes = record.bytes();
+        let bytes = record().bytes();
         let (claim, recorded) = backend.claim_recording(target, owner, &bytes).await?;
         if recorded {
             self.with(term, |t| t.learn(&owner.uid, Some(bytes)));
@@ -364,7 +415,9 @@ mod tests {
         let records = Records::default();
         let (owner, target) = (owner(), "services/default/greeter");
         let record = Record::of(&crate::fixtures::service("greeter"), target);
-        let claim = records.claim(&backend, 1, target, &owner, &record).await;
+        let claim = records
+            .claim(&backend, 1, target, &owner, || record.clone())
+            .await;
         assert_eq!(claim.unwrap(), Claim::Owned);
         assert_eq!(
             backend.writes(),
@@ -381,7 +434,9 @@ mod tests {
         // A later spec is recorded by keeping it; the claim (already held) writes nothing.
         let mut later = record.clone();
         later.generation = Some(2);
-        let claim = records.claim(&backend, 1, target, &owner, &later).await;
+        let claim = records
+            .claim(&backend, 1, target, &owner, || later.clone())
+            .await;
         assert_eq!(claim.unwrap(), Claim::Owned);
         records.keep(&backend, 1, &owner, &later).await.unwrap();
         assert_eq!(backend.writes(), 2);
@@ -410,7 +465,7 @@ mod tests {
         // registry's record of the old spec is not overwritten by it.
         let new = Record::of(&crate::fixtures::service("b"), "services/default/b");
         let claim = records
-            .claim(&backend, 1, "services/default/b", &owner, &new)
+            .claim(&backend, 1, "services/default/b", &owner, || new.clone())
             .await;
         assert_eq!(claim.unwrap(), Claim::Owned);
         assert_eq!(

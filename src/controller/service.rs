@@ -117,12 +117,22 @@ impl GrpcService {
         if let Err(e) = self.free_previous(ctx, owner, plan).await {
             return self.failed(ctx, plan, want, e, invalid).await;
         }
-        if let Some(stop) = self.take(ctx, owner, plan, selected, want, invalid).await? {
-            return Ok(stop);
-        }
-        let report = match self.write(ctx, owner, plan, evaluation, invalid).await? {
-            Ok(report) => report,
-            Err(stop) => return Ok(stop),
+        let first = match invalid {
+            None => self.publish_first(ctx, owner, plan, evaluation).await,
+            Some(_) => Ok(None),
+        };
+        let report = match first {
+            Ok(Some(report)) => report,
+            Ok(None) => {
+                if let Some(stop) = self.take(ctx, owner, plan, selected, want, invalid).await? {
+                    return Ok(stop);
+                }
+                match self.write(ctx, owner, plan, evaluation, invalid).await? {
+                    Ok(report) => report,
+                    Err(stop) => return Ok(stop),
+                }
+            }
+            Err(e) => return self.failed(ctx, plan, want, e, invalid).await,
         };
         if report.puts + report.deletes > 0 {
             ctx.states.with(&owner.uid, |state| {
@@ -170,6 +180,50 @@ impl GrpcService {
             ctx.waiting.released(old);
         }
         Ok(())
+    }
+
+    /// A valid spec's service that the registry holds nothing of yet (no publication record,
+    /// nobody under its target), published in one request: the claim, the record and the
+    /// entries. `None` when anything is in the way: it is then claimed and synced as usual.
+    async fn publish_first(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+        plan: &Planned,
+        evaluation: &Evaluation,
+    ) -> Result<Option<registry::SyncReport>, registry::Error> {
+        let (backend, term) = (ctx.backend.as_ref(), ctx.term());
+        if !backend.reachable() || ctx.published.holds(backend, term, &owner.uid).await? {
+            return Ok(None);
+        }
+        let publication = self.publication(ctx, owner, plan, evaluation);
+        let record = publication::Record::of(self, plan.target());
+        let published = ctx
+            .published
+            .publish_first(backend, term, &publication, &record)
+            .await?;
+        if published.is_some() {
+            // It may have waited for the target's release after a conflict.
+            ctx.waiting.stop_waiting(&ObjectRef::from_obj(self));
+        }
+        Ok(published)
+    }
+
+    /// What `evaluation` publishes under `plan` for `owner`.
+    fn publication(
+        &self,
+        ctx: &Context,
+        owner: &Owner,
+        plan: &Planned,
+        evaluation: &Evaluation,
+    ) -> Publication {
+        Publication {
+            placement: plan.placement.clone(),
+            owner: owner.clone(),
+            ttl: self.ttl(ctx),
+            endpoints: evaluation.endpoints.clone(),
+            entries: evaluation.entries.clone(),
+        }
     }
 
     /// Claims `plan`'s target; `Some` with what to return when the reconcile stops here (a
@@ -240,13 +294,7 @@ impl GrpcService {
         invalid: Option<&SpecError>,
     ) -> Result<Result<registry::SyncReport, Action>> {
         let want = evaluation.want.as_ref();
-        let publication = Publication {
-            placement: plan.placement.clone(),
-            owner: owner.clone(),
-            ttl: self.ttl(ctx),
-            endpoints: evaluation.endpoints.clone(),
-            entries: evaluation.entries.clone(),
-        };
+        let publication = self.publication(ctx, owner, plan, evaluation);
         // Recorded in the registry first, so that any replica can keep publishing it once the
         // spec turns invalid, whatever became of the sync.
         let record = publication::Record::of(self, plan.target());
@@ -352,10 +400,10 @@ impl GrpcService {
         target: &str,
         owner: &Owner,
     ) -> Result<Result<Claim, registry::Error>> {
-        let record = publication::Record::of(self, target);
+        let record = || publication::Record::of(self, target);
         let claimed = ctx
             .published
-            .claim(ctx.backend.as_ref(), ctx.term(), target, owner, &record)
+            .claim(ctx.backend.as_ref(), ctx.term(), target, owner, record)
             .await;
         let claim = match claimed {
             Ok(claim) => claim,

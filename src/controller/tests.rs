@@ -53,10 +53,15 @@ async fn a_new_service_is_published_at_once_and_gets_its_finalizer_behind() {
         registry.clone(),
         |status| assert_eq!(status["registeredEndpoints"], 1),
     ));
+    let uid = svc.metadata.uid.clone().unwrap();
     let action = reconcile(Arc::new(svc), ctx).await.unwrap();
     server.await.unwrap();
     assert_eq!(action, Action::requeue(RESYNC));
     assert_eq!(keys(&registry, "services/default/greeter").len(), 1);
+    // Claimed, recorded and published in one registry write.
+    assert_eq!(registry.writes(), 1);
+    let record = crate::registry::Backend::publication_record(registry.as_ref(), &uid).await;
+    assert!(record.unwrap().is_some(), "the last valid spec is recorded");
 }
 
 #[tokio::test]

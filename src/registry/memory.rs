@@ -232,6 +232,50 @@ impl Backend for MemoryBackend {
         ownership::take_over(self, target, owner, version).await
     }
 
+    async fn publish_first(
+        &self,
+        publication: &Publication,
+        record: &[u8],
+    ) -> Result<Option<SyncReport>> {
+        let (target, owner) = (publication.target(), &publication.owner);
+        if self.fence.claims().version(target, owner).is_some() {
+            return Ok(None);
+        }
+        let mut guard = self.writable("publish target")?;
+        let state = &mut *guard;
+        let taken = state.records.contains_key(&owner.uid)
+            || state
+                .targets
+                .keys()
+                .any(|other| other == target || crate::registry::nested(target, other));
+        if taken {
+            return Ok(None);
+        }
+        state.revision += 1;
+        state.writes += 1;
+        let entries = publication.entries.as_ref().clone();
+        let registered = entries.len();
+        let version = state.revision;
+        state.targets.insert(
+            target.to_owned(),
+            Target {
+                owner: owner.clone(),
+                version,
+                entries,
+            },
+        );
+        state.records.insert(owner.uid.clone(), record.to_vec());
+        self.fence.claims().remember(target, owner, version);
+        Ok(Some(SyncReport {
+            puts: registered,
+            deletes: 0,
+            txns: 1,
+            registered,
+            revision: version,
+            lease: Some(self.lease_id),
+        }))
+    }
+
     async fn sync(&self, publication: &Publication) -> Result<SyncReport> {
         let entries = publication.entries.as_ref().clone();
         let mut state = self.writable("write registry batch")?;

@@ -436,6 +436,25 @@ pub trait Backend: Send + Sync + 'static {
     /// the layout cannot render the endpoints; backend failures.
     async fn sync(&self, publication: &Publication) -> Result<SyncReport>;
 
+    /// Publishes a service that nobody has published under its target yet in one request:
+    /// claims the target, writes `record` as its publication record (see
+    /// [`Backend::record_publication`]) and every entry, only while the target has no
+    /// ownership record, none nests with it, nothing is under it, and the owner has no
+    /// publication record. `None`, writing nothing,
+    /// when anything is in the way, when the entries need more than one request, or when the
+    /// backend cannot: the caller then claims and syncs as usual. A first start of a cluster is
+    /// so one write per service.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn publish_first(
+        &self,
+        _publication: &Publication,
+        _record: &[u8],
+    ) -> Result<Option<SyncReport>> {
+        Ok(None)
+    }
+
     /// Records what `owner` last published validly (opaque bytes, the controller's), guarded on
     /// its ownership of `target` and on the leader fence, so that any replica can publish it
     /// again after a restart or a failover while the spec is invalid. One record per owner

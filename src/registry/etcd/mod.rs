@@ -283,6 +283,14 @@ impl Backend for EtcdRegistry {
         .await
     }
 
+    async fn publish_first(
+        &self,
+        publication: &Publication,
+        record: &[u8],
+    ) -> Result<Option<SyncReport>> {
+        EtcdRegistry::publish_first(self, publication, record).await
+    }
+
     async fn record_publication(&self, target: &str, owner: &Owner, record: &[u8]) -> Result<()> {
         EtcdRegistry::record_publication(self, target, owner, record).await
     }

@@ -217,7 +217,7 @@ impl EtcdRegistry {
     /// The compares that keep `target` free of nesting: no record of a target nested in it
     /// (under `<key>/`) nor containing it (an ancestor's key), whose sync would delete the
     /// other's keys.
-    fn no_nesting(&self, target: &str) -> Vec<Compare> {
+    pub(super) fn no_nesting(&self, target: &str) -> Vec<Compare> {
         let children = format!("{}/", self.owner_key(target));
         let mut compares =
             vec![Compare::create_revision(children, CompareOp::Equal, 0).with_prefix()];

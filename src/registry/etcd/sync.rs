@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tonic_etcd_resolver::format::watch_prefix;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::lease::is_lease_not_found;
 use super::listed::{Basis, Listed, Ticket};
@@ -14,7 +14,7 @@ use super::{Current, EtcdRegistry, Op, diff};
 use crate::registry::batch::{Limits, batches};
 use crate::registry::error::timeout;
 use crate::registry::writes::{GuardedWrites, Progress, Scope, Written, sync_batches};
-use crate::registry::{Error, Owner, Result, SyncReport};
+use crate::registry::{Error, Owner, Publication, Result, SyncReport};
 
 /// What a write txn is guarded by, and the lease its puts go on.
 pub(in crate::registry) struct Guard {
@@ -227,6 +227,92 @@ impl EtcdRegistry {
             });
         }
         Ok(Some(First::Listed(listing)))
+    }
+
+    /// See [`crate::registry::Backend::publish_first`]: one txn creates the ownership record,
+    /// writes the publication record and puts every key, guarded by the target having no
+    /// record, nothing nesting with it, nothing under it, the owner having no publication
+    /// record (and the leader fence).
+    ///
+    /// # Errors
+    /// etcd failures; [`Error::Fenced`].
+    pub async fn publish_first(
+        &self,
+        publication: &Publication,
+        record: &[u8],
+    ) -> Result<Option<SyncReport>> {
+        let (target, owner, ttl) = (publication.target(), &publication.owner, publication.ttl);
+        if self.inner.fence.claims().version(target, owner).is_some() {
+            // Claimed already: the usual sync knows more.
+            return Ok(None);
+        }
+        let lease_id = self.inner.leases.lease(ttl).await?;
+        self.mark(lease_id, ttl).await?;
+        let key = self.owner_key(target);
+        let records = vec![
+            Op::Put {
+                key: key.clone(),
+                value: owner.record(),
+            },
+            Op::Put {
+                key: self.publication_key(&owner.uid),
+                value: record.to_vec(),
+            },
+        ];
+        let mut ops = diff(&BTreeMap::new(), &publication.entries, lease_id);
+        let entries = ops.len();
+        ops.splice(0..0, records);
+        let scope = self.scope(target, owner, lease_id);
+        if batches(&ops, scope.limits).map_or(true, |b| b.len() != 1) {
+            return Ok(None);
+        }
+        let (_, ticket) = self.inner.listings.take(target, None, Instant::now());
+        let read_at = Instant::now();
+        let on_lease = || Some(PutOptions::new().with_lease(lease_id));
+        let writes = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| match op {
+                // The two records live past the lease; the keys on it.
+                Op::Put { key, value } if i < 2 => {
+                    Some(TxnOp::put(key.as_str(), value.clone(), None))
+                }
+                Op::Put { key, value } => Some(TxnOp::put(key.as_str(), value.clone(), on_lease())),
+                Op::Delete { .. } => None,
+            })
+            .collect();
+        let mut compares = vec![
+            Compare::create_revision(key, CompareOp::Equal, 0),
+            Compare::create_revision(self.publication_key(&owner.uid), CompareOp::Equal, 0),
+        ];
+        compares.extend(self.no_nesting(target));
+        compares.push(
+            Compare::create_revision(watch_prefix(target), CompareOp::Equal, 0).with_prefix(),
+        );
+        let resp = self
+            .guarded("publish target", compares, writes, vec![])
+            .await;
+        let resp = self.lease_checked(ttl, resp).await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        info!(registry_target = target, uid = %owner.uid, revision, "claimed target");
+        self.inner.fence.claims().remember(target, owner, revision);
+        let progress = Progress {
+            puts: entries,
+            txns: 1,
+            revision,
+            ..Progress::default()
+        };
+        let wrote = Wrote {
+            current: BTreeMap::new(),
+            ops: ops.split_off(2),
+            read_at,
+            progress,
+        };
+        let basis = self.listing_basis(target, owner, lease_id);
+        Ok(Some(self.settle(&scope, basis, ticket, wrote, entries)))
     }
 
     /// The key marking a lease as this cluster's, `<root>/leases/<cluster>/<lease-id>` (`None`:

@@ -1175,3 +1175,51 @@ async fn a_first_publication_over_self_registered_keys_or_too_many_for_one_txn_w
     assert!(published.is_none(), "200 keys need two txns of 128");
     assert_eq!(reg.owner_of(big).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_first_publication_of_an_owner_the_registry_holds_a_record_of_writes_nothing() {
+    let etcd = EtcdServer::start().await;
+    let (reg, _) = registry(&etcd).await;
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    etcd.client()
+        .await
+        .put(reg.publication_key(&who.uid), "an older spec", None)
+        .await
+        .unwrap();
+    let published = reg
+        .publish_first(&first_publication(target, &who, 3), b"spec")
+        .await
+        .unwrap();
+    assert!(published.is_none());
+    assert_eq!(reg.owner_of(target).await.unwrap(), None);
+    assert_eq!(
+        reg.publication_record(&who.uid).await.unwrap(),
+        Some(b"an older spec".to_vec())
+    );
+    assert!(dump(&etcd, &format!("{target}/")).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_deposed_leaders_first_publication_is_refused_by_the_fence() {
+    let etcd = EtcdServer::start().await;
+    let (old, _) = registry(&etcd).await;
+    let (new, _) = registry(&etcd).await;
+    old.enable_fencing();
+    new.enable_fencing();
+    old.fence("old", 1, far()).await.unwrap();
+    new.fence("new", 2, far()).await.unwrap();
+    let (target, who) = ("services/default/greeter", owner("greeter"));
+    assert!(old.may_write(), "only etcd can stop it");
+    let err = old
+        .publish_first(&first_publication(target, &who, 3), b"spec")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, grpc_registrar::registry::Error::Fenced { .. }),
+        "{err}"
+    );
+    assert!(!old.may_write());
+    assert_eq!(old.owner_of(target).await.unwrap(), None);
+    assert_eq!(old.publication_record(&who.uid).await.unwrap(), None);
+    assert!(dump(&etcd, "services/").await.is_empty());
+}

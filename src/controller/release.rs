@@ -45,6 +45,12 @@ impl Waiting {
         waiting.retain(|_, services| !services.is_empty());
     }
 
+    /// Whether `service` waits for a target to be released (it met a conflict).
+    pub(super) fn is_waiting(&self, service: &ObjectRef<GrpcService>) -> bool {
+        let waiting = self.by_target.lock().expect("lock");
+        waiting.values().any(|services| services.contains(service))
+    }
+
     /// `target` was released: the services waiting for it are reconciled now.
     pub(super) fn released(&self, target: &str) {
         let woken = self.by_target.lock().expect("lock").remove(target);

@@ -193,7 +193,11 @@ impl GrpcService {
         evaluation: &Evaluation,
     ) -> Result<Option<registry::SyncReport>, registry::Error> {
         let (backend, term) = (ctx.backend.as_ref(), ctx.term());
-        if !backend.reachable() || ctx.published.holds(backend, term, &owner.uid).await? {
+        // A service in conflict rechecks its claim alone (its target is someone else's until
+        // released, which wakes it no longer waiting).
+        let waiting = ctx.waiting.is_waiting(&ObjectRef::from_obj(self));
+        if waiting || !backend.reachable() || ctx.published.holds(backend, term, &owner.uid).await?
+        {
             return Ok(None);
         }
         let publication = self.publication(ctx, owner, plan, evaluation);

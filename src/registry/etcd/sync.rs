@@ -452,8 +452,9 @@ impl EtcdRegistry {
         let (current, desired, revision, read_at) = match known {
             Some(listed) => (listed.keys, desired, listed.revision, listed.read_at),
             None => {
+                // Taken whatever is desired, so that it never outlives the first sync.
                 let fresh =
-                    !desired.is_empty() && self.inner.fence.claims().take_fresh(target, owner);
+                    self.inner.fence.claims().take_fresh(target, owner) && !desired.is_empty();
                 let first = if fresh {
                     let ops = diff(&BTreeMap::new(), &desired, lease_id);
                     match self

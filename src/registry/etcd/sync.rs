@@ -30,22 +30,36 @@ impl GuardedWrites for EtcdRegistry {
     type Guard = Guard;
 
     async fn write(&self, op: &'static str, guard: &Guard, batch: &[Op]) -> Result<Written> {
-        let on_lease = || Some(PutOptions::new().with_lease(guard.lease));
-        let txn_ops: Vec<TxnOp> = batch
-            .iter()
-            .map(|op| match op {
-                Op::Put { key, value } => TxnOp::put(key.as_str(), value.clone(), on_lease()),
-                Op::Delete { key } => TxnOp::delete(key.as_str(), None),
-            })
-            .collect();
         let resp = self
-            .guarded(op, vec![guard.owner.clone()], txn_ops, vec![])
+            .guarded(
+                op,
+                vec![guard.owner.clone()],
+                txn_ops(batch, guard.lease),
+                vec![],
+            )
             .await?;
         if !resp.succeeded() {
             return Ok(Written::GuardFailed);
         }
         Ok(Written::Committed(resp.header().map(|h| h.revision())))
     }
+}
+
+/// `batch` as txn ops, its puts on `lease`.
+fn txn_ops(batch: &[Op], lease: i64) -> Vec<TxnOp> {
+    let on_lease = || Some(PutOptions::new().with_lease(lease));
+    batch
+        .iter()
+        .map(|op| match op {
+            Op::Put { key, value } => TxnOp::put(key.as_str(), value.clone(), on_lease()),
+            Op::Delete { key } => TxnOp::delete(key.as_str(), None),
+        })
+        .collect()
+}
+
+/// The compare that nothing is under `target`.
+fn nothing_under(target: &str) -> Compare {
+    Compare::create_revision(watch_prefix(target), CompareOp::Equal, 0).with_prefix()
 }
 
 impl EtcdRegistry {
@@ -194,22 +208,12 @@ impl EtcdRegistry {
         if batches(ops, scope.limits).map_or(true, |b| b.len() != 1) {
             return Ok(None);
         }
-        let empty =
-            Compare::create_revision(watch_prefix(scope.target), CompareOp::Equal, 0).with_prefix();
-        let on_lease = || Some(PutOptions::new().with_lease(scope.guard.lease));
-        let puts = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Put { key, value } => Some(TxnOp::put(key.as_str(), value.clone(), on_lease())),
-                Op::Delete { .. } => None,
-            })
-            .collect();
-        let compares = vec![scope.guard.owner.clone(), empty];
+        let compares = vec![scope.guard.owner.clone(), nothing_under(scope.target)];
         let resp = self
             .guarded(
                 "write registry batch",
                 compares,
-                puts,
+                txn_ops(ops, scope.guard.lease),
                 self.listing_reads(scope.target),
             )
             .await?;
@@ -268,27 +272,22 @@ impl EtcdRegistry {
         }
         let (_, ticket) = self.inner.listings.take(target, None, Instant::now());
         let read_at = Instant::now();
-        let on_lease = || Some(PutOptions::new().with_lease(lease_id));
-        let writes = ops
+        let keys = ops.split_off(2);
+        // The two records live past the lease; the keys on it.
+        let mut writes: Vec<TxnOp> = ops
             .iter()
-            .enumerate()
-            .filter_map(|(i, op)| match op {
-                // The two records live past the lease; the keys on it.
-                Op::Put { key, value } if i < 2 => {
-                    Some(TxnOp::put(key.as_str(), value.clone(), None))
-                }
-                Op::Put { key, value } => Some(TxnOp::put(key.as_str(), value.clone(), on_lease())),
+            .filter_map(|op| match op {
+                Op::Put { key, value } => Some(TxnOp::put(key.as_str(), value.clone(), None)),
                 Op::Delete { .. } => None,
             })
             .collect();
+        writes.extend(txn_ops(&keys, lease_id));
         let mut compares = vec![
             Compare::create_revision(key, CompareOp::Equal, 0),
             Compare::create_revision(self.publication_key(&owner.uid), CompareOp::Equal, 0),
         ];
         compares.extend(self.no_nesting(target));
-        compares.push(
-            Compare::create_revision(watch_prefix(target), CompareOp::Equal, 0).with_prefix(),
-        );
+        compares.push(nothing_under(target));
         let resp = self
             .guarded("publish target", compares, writes, vec![])
             .await;
@@ -307,7 +306,7 @@ impl EtcdRegistry {
         };
         let wrote = Wrote {
             current: BTreeMap::new(),
-            ops: ops.split_off(2),
+            ops: keys,
             read_at,
             progress,
         };

@@ -155,7 +155,7 @@ fn start_controller(client: &kube::Client, ns: &str, backend: Arc<dyn Backend>, 
         Arc::new(Metrics::default()),
         Arc::new(AtomicBool::new(false)),
         grpc_registrar::leader::always_leader(),
-        controller::CONCURRENCY,
+        controller::Tuning::default(),
         std::future::pending(),
     ));
 }

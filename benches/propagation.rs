@@ -54,7 +54,7 @@ async fn main() {
         Arc::new(Metrics::default()),
         Arc::new(AtomicBool::new(false)),
         grpc_registrar::leader::always_leader(),
-        controller::CONCURRENCY,
+        controller::Tuning::default(),
         std::future::pending(),
     ));
 

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::controller::{self, Scope};
+use crate::controller::{self, Scope, Tuning};
 use crate::desired::Policy;
 use crate::http::{self, Health};
 use crate::leader::{ElectionConfig, Elector, Role};
@@ -76,8 +76,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Leader election, for more than one replica; `None` runs as the only writer.
     pub election: Option<ElectionConfig>,
-    /// Most services reconciled at once.
-    pub reconcile_concurrency: u16,
+    /// Reconciles at once, and how often one service's source changes may reconcile it.
+    pub tuning: Tuning,
 }
 
 /// Why the process could not run.
@@ -122,7 +122,7 @@ pub async fn run(
         scope,
         metrics_addr,
         election,
-        reconcile_concurrency,
+        tuning,
     } = config;
     if let Some(election) = &election {
         election
@@ -181,7 +181,7 @@ pub async fn run(
         metrics,
         ready,
         role,
-        reconcile_concurrency,
+        tuning,
         stopped(),
     )
     .await;

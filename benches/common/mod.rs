@@ -145,7 +145,8 @@ impl Controller {
         )
     }
 
-    fn start_with(
+    /// A controller with extra environment (flags by their env names).
+    pub fn start_with(
         plane: &ControlPlane,
         etcd: &str,
         ns: &str,

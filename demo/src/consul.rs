@@ -121,7 +121,7 @@ pub async fn run() -> anyhow::Result<()> {
         metrics,
         Arc::new(AtomicBool::new(false)),
         grpc_registrar::leader::always_leader(),
-        grpc_registrar::controller::CONCURRENCY,
+        grpc_registrar::controller::Tuning::default(),
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         },

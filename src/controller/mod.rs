@@ -10,6 +10,7 @@
 //! - [`status`]: the next status and its Event, purely.
 
 mod evaluation;
+mod pacing;
 pub mod publication;
 mod release;
 mod report;
@@ -75,6 +76,26 @@ pub const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
 /// throughput: it commits concurrent writes together, so more in flight is faster up to its
 /// limit.
 pub const CONCURRENCY: u16 = 1024;
+
+/// How the controller trades latency, throughput and CPU: the reconciles run at once, and how
+/// often one service's source changes may reconcile it (see [`pacing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Most services reconciled at once (`--reconcile-concurrency`).
+    pub concurrency: u16,
+    /// Least time between two source-triggered reconciles of one service
+    /// (`--min-sync-interval`); zero reconciles on every change.
+    pub min_sync_interval: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            concurrency: CONCURRENCY,
+            min_sync_interval: Duration::ZERO,
+        }
+    }
+}
 
 /// Everything a reconcile needs.
 pub struct Context {

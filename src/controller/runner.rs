@@ -15,10 +15,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
+use super::pacing::Pacing;
 use super::sources::{Sources, Watches};
 use super::watch::ServiceFeed;
 use super::{
-    Context, FIELD_MANAGER, Scope, api, error_policy, reconcile, sweep, vanished, writers,
+    Context, FIELD_MANAGER, Scope, Tuning, api, error_policy, reconcile, sweep, vanished, writers,
 };
 use crate::backoff::Backoff;
 use crate::crd::GrpcService;
@@ -42,7 +43,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     role: tokio::sync::watch::Receiver<Role>,
-    concurrency: u16,
+    tuning: Tuning,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     // A re-list of any source after a watch gap reconciles every service.
@@ -89,10 +90,12 @@ pub async fn run(
         rx.recv().await.map(|service| (service, rx))
     });
     let controller = Controller::for_stream(services.events, store.clone())
-        .with_config(Config::default().concurrency(concurrency))
+        .with_config(Config::default().concurrency(tuning.concurrency))
         .trigger_backoff(Backoff::watch());
+    let (pacing, released) = Pacing::new(tuning.min_sync_interval);
     let run = watches
-        .attach(controller)
+        .attach(controller, &pacing)
+        .reconcile_on(released)
         .reconcile_all_on(reconcile_all)
         .reconcile_on(freed)
         .graceful_shutdown_on(shutdown)

@@ -10,6 +10,7 @@ use kube::runtime::controller::Controller;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 
+use super::pacing::Pacing;
 use super::watch::{Mapper, Selections};
 use super::{Scope, api};
 use crate::backoff::Backoff;
@@ -145,7 +146,7 @@ impl Sources {
 }
 
 /// Hooks one source's watch stream into the controller.
-type Attach = Box<dyn FnOnce(Controller<GrpcService>) -> Controller<GrpcService> + Send>;
+type Attach = Box<dyn FnOnce(Controller<GrpcService>, Pacing) -> Controller<GrpcService> + Send>;
 
 /// The registered sources with their watches, before the controller is built.
 pub(super) struct Watches {
@@ -211,11 +212,17 @@ impl Watches {
         &self.sources
     }
 
-    /// Hooks every source's watch into `controller`.
-    pub(super) fn attach(self, controller: Controller<GrpcService>) -> Controller<GrpcService> {
+    /// Hooks every source's watch into `controller`, its triggers paced by `pacing`.
+    pub(super) fn attach(
+        self,
+        controller: Controller<GrpcService>,
+        pacing: &Pacing,
+    ) -> Controller<GrpcService> {
         self.attach
             .into_iter()
-            .fold(controller, |controller, attach| attach(controller))
+            .fold(controller, |controller, attach| {
+                attach(controller, pacing.clone())
+            })
     }
 }
 
@@ -258,8 +265,8 @@ impl Register for Watches {
         });
         let events = self.events(source.clone(), synced, current);
         let mapper = Mapper::new(source, selections);
-        self.attach.push(Box::new(move |controller| {
-            controller.watches_stream(events, move |object| mapper.map(&object))
+        self.attach.push(Box::new(move |controller, pacing| {
+            controller.watches_stream(events, move |object| pacing.pass(mapper.map(&object)))
         }));
     }
 }

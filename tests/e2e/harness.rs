@@ -188,7 +188,7 @@ impl Env {
             metrics.clone(),
             ready.clone(),
             grpc_registrar::leader::always_leader(),
-            grpc_registrar::controller::CONCURRENCY,
+            grpc_registrar::controller::Tuning::default(),
             async move {
                 let _ = stopped.wait_for(|s| *s).await;
             },

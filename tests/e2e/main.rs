@@ -102,6 +102,7 @@ fn main() {
         weights::the_service_weight_and_a_pod_annotation_reach_the_registry_and_a_bad_annotation_is_reported,
         operator::zero_endpoints_is_ready_false_with_a_warning_then_each_change_is_an_event,
         operator::the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once,
+        operator::with_a_min_sync_interval_a_burst_of_flips_is_published_in_one_write_ending_in_its_final_state,
         operator::sigterm_ends_the_process_promptly_when_the_api_server_was_never_reachable,
         operator::the_examples_for_a_real_cluster_are_accepted_by_the_api_server,
         operator::a_grpc_server_that_is_not_etcd_keeps_the_binary_unready_and_is_named_in_the_log,

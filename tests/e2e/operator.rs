@@ -160,6 +160,51 @@ pub async fn the_last_status_write_of_a_burst_carries_the_final_counts_and_revis
     env.shutdown().await;
 }
 
+pub async fn with_a_min_sync_interval_a_burst_of_flips_is_published_in_one_write_ending_in_its_final_state(
+    plane: Plane,
+    ns: String,
+) {
+    let env = Env::without_controller(plane.clone(), &ns).await;
+    let port = test_support::free_port();
+    let _controller = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
+        .args(&["--min-sync-interval", "2s"])
+        .metrics_port(port)
+        .start();
+    greeter_with_three_unready_pods(&env, 37).await;
+    eventually("the service is reconciled with no ready pods", || async {
+        env.condition("greeter", "Ready").await["reason"] == "NoReadyEndpoints"
+    })
+    .await;
+    let reconciles = || async {
+        let page = http_get(port, "/metrics").await.unwrap_or_default().1;
+        page.lines()
+            .find_map(|l| l.strip_prefix("grpc_registrar_reconciliations_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Quiet for the interval: the next change is published at once.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let before = reconciles().await;
+    env.set_ready("g-0", "10.37.0.1", true).await;
+    env.expect_keys("the first change, at once", &["greeter/10.37.0.1:50051"])
+        .await;
+    // Three more within the interval: held, then published together in their final state.
+    env.set_ready("g-1", "10.37.0.2", true).await;
+    env.set_ready("g-2", "10.37.0.3", true).await;
+    env.set_ready("g-0", "10.37.0.1", false).await;
+    env.expect_keys(
+        "the burst's final state",
+        &["greeter/10.37.0.2:50051", "greeter/10.37.0.3:50051"],
+    )
+    .await;
+    let spent = reconciles().await - before;
+    assert!(
+        spent <= 2.0,
+        "four flips took {spent} reconciles; the three within the interval should fold into one"
+    );
+    env.shutdown().await;
+}
+
 pub async fn the_binary_logs_flat_json_serves_its_metrics_and_reports_an_etcd_outage_once(
     plane: Plane,
     ns: String,

@@ -68,10 +68,13 @@ async fn main() {
     let prefix = format!("services/{ns}/greeter/");
     let mut probe = etcd.client().await;
     let mut rows = Vec::new();
-    for (rate, ms) in rates
-        .iter()
-        .zip(floor(&etcd.endpoint(), &rates, secs.min(20)))
-    {
+    let floor = {
+        let (endpoint, rates) = (etcd.endpoint(), rates.clone());
+        tokio::task::spawn_blocking(move || floor(&endpoint, &rates, secs.min(20)))
+            .await
+            .unwrap()
+    };
+    for (rate, ms) in rates.iter().zip(floor) {
         rows.push((
             format!("{rate} flips/s: floor: one bare etcd-client txn per flip, alone"),
             format!("{ms:.3} ms CPU per txn"),
@@ -118,18 +121,37 @@ async fn main() {
             &[("MIN_SYNC_INTERVAL", interval)],
         );
         controller.synced().await;
-        // The keys of the run before stay on the lease this controller adopts; it has
-        // reconciled once, and the registry holds the ready pods, before the clock starts.
+        // The keys of the run before stay on the lease this controller adopts. The clock starts
+        // once the registry holds the ready pods and the controller has reconciled, finished,
+        // and started nothing for a second.
         let ready = state.iter().filter(|r| **r).count() as i64;
-        while count(&mut probe, &prefix).await != ready
-            || controller
-                .metric("grpc_registrar_reconciliations_total")
-                .await
-                < 1.0
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let settled = async {
+            let mut quiet_since: Option<(f64, Instant)> = None;
+            loop {
+                let started = controller
+                    .metric("grpc_registrar_reconciliations_total")
+                    .await;
+                let running = controller
+                    .metric("grpc_registrar_reconciles_in_flight")
+                    .await;
+                let idle =
+                    started >= 1.0 && running == 0.0 && count(&mut probe, &prefix).await == ready;
+                quiet_since = match quiet_since {
+                    Some((n, at)) if idle && n == started => {
+                        if at.elapsed() >= Duration::from_secs(1) {
+                            break;
+                        }
+                        Some((n, at))
+                    }
+                    _ if idle => Some((started, Instant::now())),
+                    _ => None,
+                };
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), settled)
+            .await
+            .expect("the controller never settled on the ready pods");
         for &rate in &rates {
             let label = format!("{rate} flips/s, min sync {interval}");
             seen.lock().unwrap().clear();
@@ -284,8 +306,8 @@ async fn operations(controller: &Controller) -> [f64; 3] {
     ]
 }
 
-/// The floor: the CPU of one bare etcd-client txn per flip (a compare and a put on a lease, as
-/// the controller sends for one flip) at each rate for `secs`, measured in a child process
+/// The floor: the CPU of one bare etcd-client txn per flip (a compare and a put on a lease or a
+/// delete, as the controller sends for one flip) at each rate for `secs`, measured in a child process
 /// that does nothing else. Milliseconds of CPU per txn, per rate.
 fn floor(endpoint: &str, rates: &[u32], secs: u64) -> Vec<f64> {
     let rates_text: Vec<String> = rates.iter().map(u32::to_string).collect();
@@ -297,10 +319,16 @@ fn floor(endpoint: &str, rates: &[u32], secs: u64) -> Vec<f64> {
         output.status.success(),
         "the floor probe failed: {output:?}"
     );
-    String::from_utf8_lossy(&output.stdout)
+    let figures: Vec<f64> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| line.strip_prefix("floor ")?.parse().ok())
-        .collect()
+        .collect();
+    assert_eq!(
+        figures.len(),
+        rates.len(),
+        "one figure per rate: {output:?}"
+    );
+    figures
 }
 
 /// The child's side of [`floor`]: prints `floor <ms per txn>` per rate.
@@ -323,13 +351,21 @@ async fn floor_probe(spec: &str) {
         let before = common::cpu_seconds(me);
         for i in 0..txns {
             ticker.tick().await;
-            let txn = Txn::new()
-                .when([Compare::version("floor/fence", CompareOp::Greater, 0)])
-                .and_then([TxnOp::put(
-                    format!("floor/{}:50051", ip(usize::try_from(i).unwrap() % PODS)),
+            let i = usize::try_from(i).unwrap();
+            let key = format!("floor/{}:50051", ip(i % PODS));
+            // Each pod's key put, then deleted on its next turn, as flips alternate.
+            let op = if (i / PODS).is_multiple_of(2) {
+                TxnOp::put(
+                    key,
                     r#"{"Op":0,"Addr":"10.0.0.1:50051","Metadata":null}"#,
                     Some(PutOptions::new().with_lease(lease)),
-                )]);
+                )
+            } else {
+                TxnOp::delete(key, None)
+            };
+            let txn = Txn::new()
+                .when([Compare::version("floor/fence", CompareOp::Greater, 0)])
+                .and_then([op]);
             client.txn(txn).await.unwrap();
         }
         let cpu = common::cpu_seconds(me) - before;

@@ -74,12 +74,13 @@ struct Cli {
     /// registry's write throughput when enough are in flight; each in flight holds its memory.
     #[arg(long, env = "RECONCILE_CONCURRENCY", default_value_t = grpc_registrar::controller::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     reconcile_concurrency: u16,
-    /// Least time between two reconciles of one GrpcService for changes of its pods or
-    /// EndpointSlices, e.g. `100ms`. A change after a quiet interval is published at once; the
+    /// Least time between two reconciles of one GrpcService that changes of its pods or
+    /// EndpointSlices queue, counted from when each is queued, e.g. `100ms` (at most `60s`).
+    /// A change after a quiet interval is published at once; the
     /// changes that follow within it are published together when it ends, in one registry write
     /// (less CPU and fewer writes under heavy readiness churn, at up to this much latency).
     /// `0s` publishes every change at once.
-    #[arg(long, env = "MIN_SYNC_INTERVAL", default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, env = "MIN_SYNC_INTERVAL", default_value = "0s", value_parser = parse_sync_interval)]
     min_sync_interval: Duration,
 }
 
@@ -437,6 +438,20 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Parses `500ms`, `2s`, `1m` or bare seconds.
+/// The longest `--min-sync-interval`: a pacing longer than this is an outage, not a trade.
+const MAX_SYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+fn parse_sync_interval(s: &str) -> Result<Duration, String> {
+    let interval = parse_duration(s)?;
+    if interval > MAX_SYNC_INTERVAL {
+        return Err(format!(
+            "{s:?} is longer than {}s: a change would wait that long to be published",
+            MAX_SYNC_INTERVAL.as_secs()
+        ));
+    }
+    Ok(interval)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = s

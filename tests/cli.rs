@@ -53,3 +53,14 @@ fn a_configuration_error_exits_with_one_line_and_no_backtrace() {
         assert!(!stderr.contains("acktrace"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_min_sync_interval_over_a_minute_is_refused_with_the_reason() {
+    let (code, stderr) = run(&["--min-sync-interval", "5m"]);
+    assert_eq!(code, Some(2), "clap's usage error: {stderr}");
+    assert!(
+        stderr.contains("--min-sync-interval")
+            && stderr.contains("longer than 60s: a change would wait that long to be published"),
+        "{stderr}"
+    );
+}

@@ -6,8 +6,10 @@
 //! until the interval since the last sync has passed, and every change in between folds into
 //! that one reconcile: one registry write for a burst of readiness flips instead of one each.
 //! Nothing is dropped: the held reconcile reads the caches when it runs, so it writes the
-//! burst's final state. Only source events are paced; a spec edit, a deletion, a re-list and a
-//! takeover reconcile at once. Zero (the default) paces nothing.
+//! burst's final state. The interval counts from when a trigger is let through or released.
+//! Only source events are paced: a spec edit, a deletion, a re-list, a takeover, error retries
+//! and a reconcile's own requeues run as without pacing, and do not restart the interval.
+//! Zero (the default) paces nothing.
 //!
 //! [`Pacer`] decides (no I/O, no clock of its own); [`Pacing`] applies it to the mapped
 //! triggers of every source and releases the held ones on time.
@@ -50,6 +52,7 @@ pub(super) struct Pacer {
 const PRUNE_FLOOR: usize = 1024;
 
 impl Pacer {
+    /// A pacer of `interval`; zero holds nothing.
     pub(super) fn new(interval: Duration) -> Self {
         Self {
             interval,
@@ -67,10 +70,14 @@ impl Pacer {
         if self.held.contains(service) {
             return Admit::Covered;
         }
-        match self.last.get(service) {
-            Some(&last) if now < last + self.interval => {
+        match self
+            .last
+            .get(service)
+            .and_then(|last| last.checked_add(self.interval))
+        {
+            Some(due) if now < due => {
                 self.held.insert(service.clone());
-                Admit::At(last + self.interval)
+                Admit::At(due)
             }
             _ => {
                 self.synced(service.clone(), now);
@@ -106,6 +113,8 @@ impl Pacer {
 /// returns, and [`Pacing::released`] yields the held triggers when they are due.
 #[derive(Clone)]
 pub(super) struct Pacing {
+    /// Zero: every trigger passes untouched, with no lock and no clock read.
+    off: bool,
     pacer: Arc<Mutex<Pacer>>,
     held: tokio::sync::mpsc::UnboundedSender<(Service, Instant)>,
 }
@@ -116,11 +125,21 @@ impl Pacing {
         let pacer = Arc::new(Mutex::new(Pacer::new(interval)));
         let (held, rx) = tokio::sync::mpsc::unbounded_channel();
         let released = released(pacer.clone(), rx);
-        (Self { pacer, held }, released)
+        (
+            Self {
+                off: interval.is_zero(),
+                pacer,
+                held,
+            },
+            released,
+        )
     }
 
     /// The triggers of `services` to run now; the others are held or already covered.
     pub(super) fn pass(&self, services: Vec<Service>) -> Vec<Service> {
+        if self.off {
+            return services;
+        }
         let now = Instant::now();
         let mut pacer = self.pacer.lock().expect("pacer lock");
         services
@@ -224,7 +243,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn services_quiet_for_the_interval_are_forgotten() {
+    async fn services_quiet_for_the_interval_are_forgotten_and_recent_ones_kept() {
         let mut pacer = Pacer::new(INTERVAL);
         let t0 = Instant::now();
         for i in 0..PRUNE_FLOOR {
@@ -232,10 +251,23 @@ mod tests {
         }
         assert_eq!(pacer.remembered(), PRUNE_FLOOR);
         let later = t0 + INTERVAL;
+        // Synced just before the prune: still within its interval when it runs.
+        pacer.release(&svc("s1"), later - Duration::from_millis(1));
         pacer.admit(&svc("new"), later);
-        assert_eq!(pacer.remembered(), 1);
-        // Forgotten means quiet: its next change syncs at once.
-        assert_eq!(pacer.admit(&svc("s0"), later), Admit::Now);
+        assert_eq!(pacer.remembered(), 2);
+        // Kept: its next change still waits for its interval.
+        assert_eq!(
+            pacer.admit(&svc("s1"), later),
+            Admit::At(later - Duration::from_millis(1) + INTERVAL)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interval_too_large_to_add_to_the_clock_holds_nothing_rather_than_panic() {
+        let mut pacer = Pacer::new(Duration::MAX);
+        let now = Instant::now();
+        assert_eq!(pacer.admit(&svc("a"), now), Admit::Now);
+        assert_eq!(pacer.admit(&svc("a"), now), Admit::Now);
     }
 
     #[tokio::test(start_paused = true)]
@@ -245,7 +277,7 @@ mod tests {
         let start = Instant::now();
         assert_eq!(pacing.pass(vec![svc("a")]), vec![svc("a")]);
         tokio::time::advance(Duration::from_millis(30)).await;
-        assert!(pacing.pass(vec![svc("a"), svc("b")]) == vec![svc("b")]);
+        assert_eq!(pacing.pass(vec![svc("a"), svc("b")]), vec![svc("b")]);
         assert!(pacing.pass(vec![svc("a")]).is_empty());
         let next = released.next().await;
         assert_eq!(next, Some(svc("a")));

@@ -93,6 +93,9 @@ pub async fn run(
         .with_config(Config::default().concurrency(tuning.concurrency))
         .trigger_backoff(Backoff::watch());
     let (pacing, released) = Pacing::new(tuning.min_sync_interval);
+    // A service deleted while its trigger was held is not reconciled for it.
+    let known = store.clone();
+    let released = released.filter(move |service| future::ready(known.get(service).is_some()));
     let run = watches
         .attach(controller, &pacing)
         .reconcile_on(released)

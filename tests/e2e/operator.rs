@@ -1,7 +1,9 @@
 //! What an operator sees: the Ready condition, Events and status freshness, on the real API
 //! server.
 
-use etcd_client::GetOptions;
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde_json::json;
 
 use crate::Plane;
@@ -164,6 +166,7 @@ pub async fn with_a_min_sync_interval_a_burst_of_flips_is_published_in_one_write
     plane: Plane,
     ns: String,
 ) {
+    const INTERVAL: Duration = Duration::from_secs(2);
     let env = Env::without_controller(plane.clone(), &ns).await;
     let port = test_support::free_port();
     let _controller = ControllerProcess::builder(&plane, &env.etcd.endpoint(), &ns, 10)
@@ -176,22 +179,100 @@ pub async fn with_a_min_sync_interval_a_burst_of_flips_is_published_in_one_write
     })
     .await;
     let reconciles = || async {
-        let page = http_get(port, "/metrics").await.unwrap_or_default().1;
+        let page = http_get(port, "/metrics").await.expect("metrics scrape").1;
         page.lines()
             .find_map(|l| l.strip_prefix("grpc_registrar_reconciliations_total "))
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .expect("grpc_registrar_reconciliations_total")
     };
-    // Quiet for the interval: the next change is published at once.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let before = reconciles().await;
+    // The pods' creation queued changes too (some held): wait until no reconcile has started
+    // for two intervals, so that the service's next change finds it quiet.
+    let settled = async {
+        let (mut last, mut since) = (reconciles().await, Instant::now());
+        while since.elapsed() < INTERVAL * 2 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = reconciles().await;
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        last
+    };
+    let before = tokio::time::timeout(Duration::from_secs(60), settled)
+        .await
+        .expect("the controller kept reconciling");
+    let prefix = format!("services/{ns}/greeter/");
+    let mut client = env.etcd.client().await;
+    let mut watch = client
+        .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    // The next write's changes (the watch's creation notice carries none).
+    let mut next_write = async || {
+        let resp = loop {
+            let resp = tokio::time::timeout(Duration::from_secs(20), watch.message())
+                .await
+                .expect("no registry write within 20 s")
+                .unwrap()
+                .expect("the watch ended");
+            if !resp.events().is_empty() {
+                break resp;
+            }
+        };
+        let mut events: Vec<(String, bool, i64)> = resp
+            .events()
+            .iter()
+            .map(|e| {
+                let kv = e.kv().unwrap();
+                (
+                    String::from_utf8_lossy(kv.key())
+                        .trim_start_matches(&prefix)
+                        .to_owned(),
+                    e.event_type() == EventType::Put,
+                    kv.mod_revision(),
+                )
+            })
+            .collect();
+        events.sort();
+        (events, Instant::now())
+    };
+
+    // A change to a quiet service is published at once.
+    let sent = Instant::now();
     env.set_ready("g-0", "10.37.0.1", true).await;
-    env.expect_keys("the first change, at once", &["greeter/10.37.0.1:50051"])
-        .await;
-    // Three more within the interval: held, then published together in their final state.
+    let (first, first_at) = next_write().await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!((first[0].0.as_str(), first[0].1), ("10.37.0.1:50051", true));
+    assert!(
+        first_at - sent < INTERVAL / 2,
+        "the first change took {:?}: it was held",
+        first_at - sent
+    );
+    // Three more within the interval: held until it has passed, then published together, in
+    // one write, in their final state (nothing in between ever visible).
     env.set_ready("g-1", "10.37.0.2", true).await;
     env.set_ready("g-2", "10.37.0.3", true).await;
     env.set_ready("g-0", "10.37.0.1", false).await;
+    let (burst, burst_at) = next_write().await;
+    let changes: Vec<(&str, bool)> = burst.iter().map(|(k, put, _)| (k.as_str(), *put)).collect();
+    assert_eq!(
+        changes,
+        [
+            ("10.37.0.1:50051", false),
+            ("10.37.0.2:50051", true),
+            ("10.37.0.3:50051", true)
+        ],
+        "the burst in one write: {burst:?}"
+    );
+    assert!(
+        burst.iter().all(|(_, _, rev)| *rev == burst[0].2),
+        "one revision: {burst:?}"
+    );
+    assert!(
+        burst_at - first_at >= INTERVAL - Duration::from_millis(100),
+        "the burst was published {:?} after the first change, inside the interval",
+        burst_at - first_at
+    );
     env.expect_keys(
         "the burst's final state",
         &["greeter/10.37.0.2:50051", "greeter/10.37.0.3:50051"],

@@ -126,7 +126,7 @@ async fn main() {
         // and started nothing for a second.
         let ready = state.iter().filter(|r| **r).count() as i64;
         let settled = async {
-            let mut quiet_since: Option<(f64, Instant)> = None;
+            let (mut last, mut since) = (f64::NAN, Instant::now());
             loop {
                 let started = controller
                     .metric("grpc_registrar_reconciliations_total")
@@ -136,16 +136,11 @@ async fn main() {
                     .await;
                 let idle =
                     started >= 1.0 && running == 0.0 && count(&mut probe, &prefix).await == ready;
-                quiet_since = match quiet_since {
-                    Some((n, at)) if idle && n == started => {
-                        if at.elapsed() >= Duration::from_secs(1) {
-                            break;
-                        }
-                        Some((n, at))
-                    }
-                    _ if idle => Some((started, Instant::now())),
-                    _ => None,
-                };
+                if !idle || started != last {
+                    (last, since) = (started, Instant::now());
+                } else if since.elapsed() >= Duration::from_secs(1) {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };

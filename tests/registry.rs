@@ -1112,6 +1112,17 @@ fn first_publication(target: &str, who: &Owner, n: usize) -> Publication {
     .unwrap()
 }
 
+/// Tries a first publication of `n` endpoints that something in the way must refuse, and
+/// checks that it wrote no ownership record.
+async fn refused_first_publication(reg: &EtcdRegistry, target: &str, who: &Owner, n: usize) {
+    let published = reg
+        .publish_first(&first_publication(target, who, n), b"spec")
+        .await
+        .unwrap();
+    assert!(published.is_none(), "{n} endpoints under {target}: refused");
+    assert_eq!(reg.owner_of(target).await.unwrap(), None);
+}
+
 #[tokio::test]
 async fn a_first_publication_is_one_txn_and_what_it_wrote_is_known_to_the_next_sync() {
     let etcd = EtcdServer::start().await;
@@ -1158,22 +1169,12 @@ async fn a_first_publication_over_self_registered_keys_or_too_many_for_one_txn_w
         .put(registered.as_str(), "self", None)
         .await
         .unwrap();
-    let published = reg
-        .publish_first(&first_publication(target, &who, 3), b"spec")
-        .await
-        .unwrap();
-    assert!(published.is_none());
-    assert_eq!(reg.owner_of(target).await.unwrap(), None);
+    refused_first_publication(&reg, target, &who, 3).await;
     assert_eq!(reg.publication_record(&who.uid).await.unwrap(), None);
     assert_eq!(dump(&etcd, &format!("{target}/")).await.len(), 1);
 
-    let big = "services/default/big";
-    let published = reg
-        .publish_first(&first_publication(big, &who, 200), b"spec")
-        .await
-        .unwrap();
-    assert!(published.is_none(), "200 keys need two txns of 128");
-    assert_eq!(reg.owner_of(big).await.unwrap(), None);
+    // 200 keys need two txns of 128.
+    refused_first_publication(&reg, "services/default/big", &who, 200).await;
 }
 
 #[tokio::test]
@@ -1186,12 +1187,7 @@ async fn a_first_publication_of_an_owner_the_registry_holds_a_record_of_writes_n
         .put(reg.publication_key(&who.uid), "an older spec", None)
         .await
         .unwrap();
-    let published = reg
-        .publish_first(&first_publication(target, &who, 3), b"spec")
-        .await
-        .unwrap();
-    assert!(published.is_none());
-    assert_eq!(reg.owner_of(target).await.unwrap(), None);
+    refused_first_publication(&reg, target, &who, 3).await;
     assert_eq!(
         reg.publication_record(&who.uid).await.unwrap(),
         Some(b"an older spec".to_vec())
